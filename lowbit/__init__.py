@@ -1,0 +1,3 @@
+"""lowbit: a post-training quantization compiler."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Built-in models addressable as ``zoo:NAME``, each bundled with its data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache, partial
+
+import numpy as np
+from PIL import Image
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.images import (
+    ImageSplit,
+    calibration_and_heldout,
+    foolbox_imagenet_samples,
+    imagenet_preprocess,
+)
+from lowbit.models.mobilenet_v2 import mobilenet_v2
+from lowbit.models.small_cnn import SMALL_CNN_INPUT_SHAPE, small_cnn, smooth_noise
+
+ZOO_PREFIX = "zoo:"
+
+MOBILENET_CALIB_SIZE = 64
+MOBILENET_HELDOUT_SIZE = 192
+SMALL_CNN_CALIB_SIZE = 64
+SMALL_CNN_HELDOUT_SIZE = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZooEntry:
+    """A model plus everything needed to calibrate and evaluate it.
+
+    ``calibration(seed)`` and ``heldout(seed)`` return disjoint float32 batches
+    shaped ``(n, *input_shape[1:])``; ``labelled()`` returns ``(x, labels)`` if
+    the model has a labelled evaluation set. ``preprocess`` turns a PIL image
+    into one input sample (used for user-supplied image folders).
+    """
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    input_name: str = "input"
+    preprocess: Callable[[Image.Image], np.ndarray] | None = None
+    calibration: Callable[[int], np.ndarray]
+    heldout: Callable[[int], np.ndarray]
+    labelled: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+
+
+@lru_cache(maxsize=2)
+def _mobilenet_split(seed: int) -> ImageSplit:
+    # Cached so calibration(seed) and heldout(seed) share one crop pass; ~150 MB
+    # per seed, hence the small cache.
+    return calibration_and_heldout(MOBILENET_CALIB_SIZE, MOBILENET_HELDOUT_SIZE, seed)
+
+
+def _mobilenet_calibration(seed: int) -> np.ndarray:
+    return _mobilenet_split(seed).calib.copy()  # copy: callers may modify in place
+
+
+def _mobilenet_heldout(seed: int) -> np.ndarray:
+    return _mobilenet_split(seed).heldout.copy()
+
+
+def _small_cnn_calibration(seed: int) -> np.ndarray:
+    # Distinct SeedSequence streams keep calibration and held-out inputs independent.
+    return smooth_noise(
+        SMALL_CNN_CALIB_SIZE,
+        np.random.SeedSequence([seed, 1]),
+        SMALL_CNN_INPUT_SHAPE[1:],
+    )
+
+
+def _small_cnn_heldout(seed: int) -> np.ndarray:
+    return smooth_noise(
+        SMALL_CNN_HELDOUT_SIZE,
+        np.random.SeedSequence([seed, 2]),
+        SMALL_CNN_INPUT_SHAPE[1:],
+    )
+
+
+_ENTRIES: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            name="mobilenet_v2",
+            description=(
+                "MobileNetV2 1.0, ImageNet-pretrained (torchvision weights); calibrated on "
+                f"{MOBILENET_CALIB_SIZE} crops of bundled sample photos, evaluated on "
+                f"{MOBILENET_HELDOUT_SIZE} crops of other photos and 20 labelled ImageNet images"
+            ),
+            build=mobilenet_v2,
+            input_shape=(1, 3, 224, 224),
+            calibration=_mobilenet_calibration,
+            heldout=_mobilenet_heldout,
+            preprocess=imagenet_preprocess,
+            labelled=foolbox_imagenet_samples,
+        ),
+        ZooEntry(
+            name="small_cnn",
+            description=(
+                "tiny random-weight CNN covering common layer patterns (unit tests); "
+                "calibrated and evaluated on smooth random noise"
+            ),
+            build=small_cnn,
+            input_shape=SMALL_CNN_INPUT_SHAPE,
+            calibration=_small_cnn_calibration,
+            heldout=_small_cnn_heldout,
+            # Images are squashed to 32x32 with the same normalization as ImageNet models.
+            preprocess=partial(imagenet_preprocess, size=32, resize=32),
+            labelled=None,
+        ),
+    )
+}
+
+
+def zoo_names() -> list[str]:
+    """Names of all zoo models, sorted."""
+    return sorted(_ENTRIES)
+
+
+def get_zoo_entry(name: str) -> ZooEntry:
+    """Look up a zoo model by ``NAME`` or ``zoo:NAME``.
+
+    Raises LowbitError listing the available names if there is no such model.
+    """
+    key = name.removeprefix(ZOO_PREFIX)
+    try:
+        return _ENTRIES[key]
+    except KeyError:
+        available = ", ".join(ZOO_PREFIX + n for n in zoo_names())
+        raise LowbitError(f"unknown zoo model {name!r}; available: {available}") from None

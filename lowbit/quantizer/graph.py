@@ -1,0 +1,220 @@
+"""The captured float graph: the artifact every later stage reads.
+
+A `Graph` is a flat, topologically ordered list of `Node`s over a small op set
+(conv, linear, add, clamp, pad, pools, reshape, concat). Each node produces one
+tensor, named after the node. Batch norm is already folded into convs, and
+no-op layers (dropout, clone) are already removed, so every stage sees the
+same canonical model whatever checkpoint format it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Ops with weights: the layers that get a bit-width.
+QUANTIZABLE_OPS = ("conv", "linear")
+# Ops that only move or select values: their output shares the input's scale.
+SCALE_PRESERVING_OPS = ("pad", "maxpool", "reshape")
+OPS = ("input", *QUANTIZABLE_OPS, "add", "clamp", "pad", "maxpool", "avgpool", "reshape", "concat")
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list[str]
+    shape: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    macs: int = 0
+    # Where the op came from in the user's model (module path), for error messages.
+    source: str = ""
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    params: dict[str, torch.Tensor]
+    inputs: list[str]
+    outputs: list[str]
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+
+    # -- lookups ------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.params[f"{name}.weight"]
+
+    def bias(self, name: str) -> torch.Tensor:
+        return self.params[f"{name}.bias"]
+
+    @property
+    def layers(self) -> list[Node]:
+        """The quantizable layers (conv and linear), in execution order."""
+        return [n for n in self.nodes if n.op in QUANTIZABLE_OPS]
+
+    def consumers(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if name in n.inputs]
+
+    def producers(self, name: str) -> list[Node]:
+        return [self._by_name[i] for i in self._by_name[name].inputs]
+
+    def layer_producers(self, name: str) -> list[str]:
+        """Quantizable layers whose output reaches `name`'s input through non-quantizable ops."""
+        return sorted(self._walk(name, lambda n: [self._by_name[i] for i in n.inputs]))
+
+    def layer_consumers(self, name: str) -> list[str]:
+        """Quantizable layers that read `name`'s output through non-quantizable ops."""
+        return sorted(self._walk(name, lambda n: self.consumers(n.name)))
+
+    def _walk(self, name: str, step: Callable[[Node], list[Node]]) -> set[str]:
+        found: set[str] = set()
+        stack = list(step(self._by_name[name]))
+        seen: set[str] = set()
+        while stack:
+            n = stack.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.op in QUANTIZABLE_OPS:
+                found.add(n.name)
+            else:
+                stack.extend(step(n))
+        return found
+
+    def last_uses(self) -> dict[str, int]:
+        """Node name -> index of the last node that reads it."""
+        last = {n.name: i for i, n in enumerate(self.nodes)}
+        for i, n in enumerate(self.nodes):
+            for name in n.inputs:
+                last[name] = i
+        return last
+
+    def scale_groups(self) -> list[list[str]]:
+        """Tensors that meet in an add or a concat, so must share a scale (or be rescaled)."""
+        return [list(n.inputs) for n in self.nodes if n.op in ("add", "concat")]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(n.macs for n in self.nodes)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nodes": len(self.nodes),
+            "layers": len(self.layers),
+            "macs": self.total_macs,
+            "params": int(sum(p.numel() for p in self.params.values())),
+            "inputs": {i: list(self.node(i).shape) for i in self.inputs},
+            "outputs": {o: list(self.node(o).shape) for o in self.outputs},
+        }
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        """One row per quantizable layer: shapes, MACs, and its neighbours."""
+        return [
+            {
+                "name": n.name,
+                "op": n.op,
+                "source": n.source,
+                "weight_shape": list(self.weight(n.name).shape),
+                "output_shape": list(n.shape),
+                "groups": n.attrs.get("groups", 1),
+                "macs": n.macs,
+                "producers": self.layer_producers(n.name),
+                "consumers": self.layer_consumers(n.name),
+            }
+            for n in self.layers
+        ]
+
+    # -- serialization ------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "graph.json").write_text(json.dumps(self.to_json(), indent=1))
+        save_file({k: v.contiguous() for k, v in self.params.items()}, str(directory / "graph.safetensors"))
+
+    @classmethod
+    def load(cls, directory: Path) -> Graph:
+        from safetensors.torch import load_file
+
+        meta = json.loads((directory / "graph.json").read_text())
+        nodes = [Node(**{**n, "shape": tuple(n["shape"])}) for n in meta["nodes"]]
+        params = load_file(str(directory / "graph.safetensors"))
+        return cls(nodes, params, meta["inputs"], meta["outputs"], meta["name"])
+
+
+# -- float execution ---------------------------------------------------------------
+
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def run_node(graph: Graph, node: Node, args: list[torch.Tensor], weight: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Evaluate one node in float. `weight` and `bias` override the stored ones (for fake-quant)."""
+    a = node.attrs
+    if node.op in QUANTIZABLE_OPS:
+        w = graph.weight(node.name) if weight is None else weight
+        b = graph.bias(node.name) if bias is None else bias
+        if node.op == "conv":
+            return F.conv2d(args[0], w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+        return F.linear(args[0], w, b)
+    if node.op == "add":
+        return args[0] + args[1]
+    if node.op == "clamp":
+        return torch.clamp(args[0], a["min"], a["max"])
+    if node.op == "pad":
+        return F.pad(args[0], a["pads"])
+    if node.op == "maxpool":
+        return F.max_pool2d(args[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    if node.op == "avgpool":
+        return F.avg_pool2d(args[0], a["kernel"], a["stride"], a["padding"])
+    if node.op == "reshape":
+        return args[0].reshape(args[0].shape[0], *node.shape[1:])
+    if node.op == "concat":
+        return torch.cat(args, a["axis"])
+    raise ValueError(f"node {node.name}: no float implementation for op {node.op!r}")
+
+
+@torch.no_grad()
+def run_graph(
+    graph: Graph,
+    inputs: dict[str, torch.Tensor] | torch.Tensor,
+    on_output: TensorHook | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    biases: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the float graph; `on_output(name, t)` may observe or replace each node's output."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = {graph.inputs[0]: inputs}
+    weights, biases = weights or {}, biases or {}
+    last_use = graph.last_uses()
+    env: dict[str, torch.Tensor] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op == "input":
+            out = inputs[node.name]
+        else:
+            out = run_node(graph, node, [env[n] for n in node.inputs], weights.get(node.name), biases.get(node.name))
+        env[node.name] = on_output(node.name, out) if on_output else out
+        for name in node.inputs:  # free activations nobody reads any more
+            if last_use[name] == i and name not in graph.outputs:
+                del env[name]
+    return {o: env[o] for o in graph.outputs}

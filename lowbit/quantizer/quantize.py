@@ -1,0 +1,273 @@
+"""Quantize: Graph + calibration data + BitPlan -> QuantizedGraph (the integer IR).
+
+1. Calibrate every tensor's range (`calibrate`).
+2. Lower node by node: weights to per-channel symmetric integers, activations
+   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU),
+   clamps fused into the conv/linear/add that feeds them, and every change of
+   scale turned into a dyadic multiplier.
+3. Empirical bias correction: run the float graph and the fake-quant graph side
+   by side on calibration data and fold each layer's mean output error into its
+   int32 bias, layer by layer, so later layers see the corrected earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..errors import LowbitError
+from .calibrate import TensorStats, clip_threshold, collect_stats, weight_scales
+from .config import BitPlan, QuantConfig
+from .dyadic import dyadic
+from .graph import QUANTIZABLE_OPS, Graph, Node, run_node
+from .ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range
+from .simulate import dequantized_params, fake_quantizers
+
+Log = Callable[[str], None]
+CALIBRATION_BATCH = 16
+
+
+def _f32(x: float) -> float:
+    """Scales are float32 in every backend; keep the IR's copy exactly representable."""
+    return float(np.float32(x))
+
+
+def fusable_clamps(graph: Graph) -> dict[str, Node]:
+    """Producer name -> the clamp it can absorb (the clamp is its only consumer)."""
+    fused = {}
+    for n in graph.nodes:
+        if n.op in ("conv", "linear", "add") and n.name not in graph.outputs:
+            consumers = graph.consumers(n.name)
+            if len(consumers) == 1 and consumers[0].op == "clamp":
+                fused[n.name] = consumers[0]
+    return fused
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig):
+        self.graph, self.stats, self.plan, self.config = graph, stats, plan, config
+        self.values: dict[str, Value] = {}
+        self.ops: list[Op] = []
+        self.float_to_int: dict[str, str] = {}
+        self.fused = fusable_clamps(graph)
+
+    def ir_name(self, float_name: str) -> str:
+        return f"{float_name}_int" if float_name in self.graph.outputs else float_name
+
+    def input_value(self, node: Node, index: int = 0) -> Value:
+        return self.values[self.float_to_int[node.inputs[index]]]
+
+    def add_value(self, float_name: str, value: Value) -> Value:
+        self.values[value.name] = value
+        self.float_to_int[float_name] = value.name
+        return value
+
+    def like(self, float_name: str, src: Value, shape: tuple[int, ...]) -> Value:
+        """A value on the same integer grid as `src` (pad, maxpool, reshape, clamp)."""
+        return self.add_value(float_name, Value(self.ir_name(float_name), src.dtype, shape, src.scale))
+
+    def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None) -> tuple[Value, int, int]:
+        """A new int8/uint8 value for a float tensor, with its clamp range in integer units."""
+        st = self.stats[float_name]
+        lo = clamp.attrs["min"] if clamp else None
+        hi = clamp.attrs["max"] if clamp else None
+        unsigned = st.nonnegative or (lo is not None and lo >= 0)
+        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile)
+        if hi is not None and lo is not None:
+            t = min(t, max(abs(lo), abs(hi)))
+        t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
+        dtype = "uint8" if unsigned else "int8"
+        scale = _f32(t / (255 if unsigned else 127))
+        value = self.add_value(float_name, Value(self.ir_name(float_name), dtype, shape, scale))
+        qmin, qmax = DTYPE_RANGES[dtype]
+        if lo is not None:
+            qmin = max(qmin, round(lo / scale))
+        if hi is not None:
+            qmax = min(qmax, round(hi / scale))
+        return value, qmin, qmax
+
+    def emit(self, name: str, op: str, inputs: list[Value], output: Value, attrs: dict | None = None,
+             arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.ops.append(Op(name, op, [v.name for v in inputs], output.name, attrs or {}, arrays or {}))
+
+    # -- per-op lowering ------------------------------------------------------------
+    def lower(self, node: Node) -> None:
+        if node.op == "clamp" and any(c is node for c in self.fused.values()):
+            return  # already applied by its producer
+        getattr(self, f"_lower_{node.op}")(node)
+
+    def _lower_input(self, node: Node) -> None:
+        self.values[node.name] = Value(node.name, "float32", node.shape)
+        q, _, _ = self.activation(node.name, node.shape)
+        q.name = f"{node.name}_q"
+        self.values[q.name] = self.values.pop(node.name)
+        self.values[node.name] = Value(node.name, "float32", node.shape)
+        self.float_to_int[node.name] = q.name
+        self.emit(f"{node.name}_quantize", "quantize", [self.values[node.name]], q)
+
+    def _lower_layer(self, node: Node) -> None:
+        x = self.input_value(node)
+        bits = self.plan.bits[node.name]
+        w = self.graph.weight(node.name)
+        w_scale = weight_scales(w, bits, self.config.weight_method).numpy().astype(np.float32)
+        lo, hi = weight_range(bits)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w_int = np.clip(np.round(w.numpy() / w_scale.reshape(shape)), lo, hi).astype(np.int8)
+        acc_scale = np.float64(x.scale) * w_scale.astype(np.float64)
+        bias = np.round(self.graph.bias(node.name).numpy().astype(np.float64) / acc_scale)
+        bias = np.clip(bias, *DTYPE_RANGES["int32"]).astype(np.int32)
+        attrs = {k: node.attrs[k] for k in ("stride", "padding", "dilation", "groups") if k in node.attrs}
+        attrs.update(weight_bits=bits, weight_scale=w_scale.tolist(), input_scale=x.scale)
+        arrays = {"weight": w_int, "bias": bias}
+        clamp = self.fused.get(node.name)
+        channel_axis = 1 if node.op == "conv" else len(node.shape) - 1
+        if clamp is None and node.name in self.graph.outputs:
+            # A graph output keeps the int32 accumulator: no requantization error on logits.
+            scales = [_f32(s) for s in acc_scale]
+            out = self.add_value(node.name, Value(self.ir_name(node.name), "int32", node.shape, scales, 0,
+                                                  channel_axis))
+        else:
+            out, qmin, qmax = self.activation(clamp.name if clamp else node.name, node.shape, clamp)
+            mantissa, shift = dyadic(acc_scale / out.scale)
+            arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
+            attrs.update(qmin=qmin, qmax=qmax)
+        self.emit(node.name, node.op, [x], out, attrs, arrays)
+
+    _lower_conv = _lower_layer
+    _lower_linear = _lower_layer
+
+    def _lower_add(self, node: Node) -> None:
+        a, b = self.input_value(node, 0), self.input_value(node, 1)
+        clamp = self.fused.get(node.name)
+        out, qmin, qmax = self.activation(clamp.name if clamp else node.name, node.shape, clamp)
+        ratios = np.array([a.scale / out.scale, b.scale / out.scale])
+        _, shift = dyadic(ratios.max())
+        mantissas = np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32)
+        self.emit(node.name, "add", [a, b], out, {"qmin": qmin, "qmax": qmax},
+                  {"multiplier": mantissas, "shift": shift.astype(np.int32)})
+
+    def _lower_concat(self, node: Node) -> None:
+        parts = [self.input_value(node, i) for i in range(len(node.inputs))]
+        out, qmin, qmax = self.activation(node.name, node.shape)
+        mantissa, shift = dyadic(np.array([p.scale / out.scale for p in parts]))
+        self.emit(node.name, "concat", parts, out, {"axis": node.attrs["axis"], "qmin": qmin, "qmax": qmax},
+                  {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)})
+
+    def _lower_avgpool(self, node: Node) -> None:
+        x = self.input_value(node)
+        out, qmin, qmax = self.activation(node.name, node.shape)
+        window = node.attrs["kernel"][0] * node.attrs["kernel"][1]
+        mantissa, shift = dyadic(x.scale / (window * out.scale))
+        self.emit(node.name, "avgpool", [x], out, {**node.attrs, "qmin": qmin, "qmax": qmax},
+                  {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)})
+
+    def _lower_clamp(self, node: Node) -> None:
+        x = self.input_value(node)
+        out = self.like(node.name, x, node.shape)
+        qmin, qmax = DTYPE_RANGES[x.dtype]
+        if node.attrs["min"] is not None:
+            qmin = max(qmin, round(node.attrs["min"] / x.scale))
+        if node.attrs["max"] is not None:
+            qmax = min(qmax, round(node.attrs["max"] / x.scale))
+        self.emit(node.name, "clamp", [x], out, {"qmin": qmin, "qmax": qmax})
+
+    def _lower_pad(self, node: Node) -> None:
+        x = self.input_value(node)
+        self.emit(node.name, "pad", [x], self.like(node.name, x, node.shape), {"pads": node.attrs["pads"]})
+
+    def _lower_maxpool(self, node: Node) -> None:
+        x = self.input_value(node)
+        self.emit(node.name, "maxpool", [x], self.like(node.name, x, node.shape), dict(node.attrs))
+
+    def _lower_reshape(self, node: Node) -> None:
+        x = self.input_value(node)
+        self.emit(node.name, "reshape", [x], self.like(node.name, x, node.shape), {"shape": list(node.shape[1:])})
+
+    def finish(self) -> QuantizedGraph:
+        for name in self.graph.outputs:
+            src = self.values[self.float_to_int[name]]
+            out = Value(name, "float32", src.shape)
+            self.values[name] = out
+            self.emit(f"{name}_dequantize", "dequantize", [src], out)
+        return QuantizedGraph(self.values, self.ops, list(self.graph.inputs), list(self.graph.outputs),
+                              self.graph.name, self.float_to_int)
+
+
+def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig) -> QuantizedGraph:
+    lowering = _Lowering(graph, stats, plan, config)
+    for node in graph.nodes:
+        lowering.lower(node)
+    return lowering.finish()
+
+
+@torch.no_grad()
+def correct_biases(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, log: Log = lambda _: None) -> None:
+    """Fold each layer's mean output error (fake-quant vs float) into its int32 bias, in place."""
+    quantizers = fake_quantizers(qgraph)
+    weights, biases = dequantized_params(qgraph)
+    last_use = graph.last_uses()
+    float_env: dict[str, torch.Tensor] = {}
+    quant_env: dict[str, torch.Tensor] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op == "input":
+            f = q = x
+        else:
+            f = run_node(graph, node, [float_env[n] for n in node.inputs])
+            args = [quant_env[n] for n in node.inputs]
+            if node.op in QUANTIZABLE_OPS:
+                op = qgraph.op(node.name)
+                q = run_node(graph, node, args, weights[node.name], biases[node.name])
+                channel = 1 if node.op == "conv" else q.dim() - 1
+                dims = [d for d in range(q.dim()) if d != channel]
+                err = (q - f).mean(dims).double().numpy()
+                step = np.float64(op.attrs["input_scale"]) * np.asarray(op.attrs["weight_scale"], np.float64)
+                delta = np.round(err / step)
+                op.arrays["bias"] = np.clip(op.arrays["bias"] - delta, *DTYPE_RANGES["int32"]).astype(np.int32)
+                shape = [1] * q.dim()
+                shape[channel] = -1
+                q = q - torch.from_numpy(delta * step).float().reshape(shape)
+                log(f"bias correction: {node.name}")
+            else:
+                q = run_node(graph, node, args)
+        fq = quantizers.get(node.name)
+        float_env[node.name], quant_env[node.name] = f, (fq(q) if fq else q)
+        for name in node.inputs:
+            if last_use[name] == i:
+                del float_env[name], quant_env[name]
+
+
+def check_calibration_data(graph: Graph, calib: np.ndarray, where: str) -> None:
+    """Refuse empty, non-finite or wrongly shaped calibration data with a clear message."""
+    expected = graph.node(graph.inputs[0]).shape[1:]
+    if calib.ndim != len(expected) + 1 or tuple(calib.shape[1:]) != tuple(expected):
+        raise LowbitError(f"{where}: calibration data has shape {tuple(calib.shape)}, but the model takes "
+                          f"(N, {', '.join(map(str, expected))})")
+    if len(calib) == 0:
+        raise LowbitError(f"{where}: the calibration set is empty; give at least one sample")
+    bad = ~np.isfinite(calib)
+    if bad.any():
+        samples = sorted({int(i) for i in np.nonzero(bad)[0][:5]})
+        raise LowbitError(f"{where}: calibration data holds {int(bad.sum())} NaN/Inf values "
+                          f"(first in samples {samples}); clean the data")
+
+
+def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
+             log: Log = lambda _: None) -> QuantizedGraph:
+    """The quantize stage: float `Graph` -> integer `QuantizedGraph`."""
+    config = config or QuantConfig()
+    plan = plan or BitPlan.uniform(graph, config.bits)
+    plan.validate(graph)
+    check_calibration_data(graph, calib, "calibration")
+    calib = np.ascontiguousarray(calib, dtype=np.float32)
+
+    def batches():
+        for i in range(0, len(calib), CALIBRATION_BATCH):
+            yield torch.from_numpy(calib[i:i + CALIBRATION_BATCH])
+
+    stats = collect_stats(graph, batches, log)
+    qgraph = lower_to_integer(graph, stats, plan, config)
+    if config.bias_correction:
+        correct_biases(graph, qgraph, torch.from_numpy(calib[:config.bias_correction_samples]), log)
+    return qgraph

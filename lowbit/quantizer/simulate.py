@@ -1,0 +1,66 @@
+"""Fast fake-quant simulation of a `QuantizedGraph`, in float torch.
+
+It runs the float graph with dequantized integer weights and biases, and
+rounds every quantized tensor to its grid (clamped to its integer range). It
+differs from the integer reference only in requantization rounding (float vs
+dyadic), so it is the cheap accuracy estimate used during calibration and
+search; the reference executor stays the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .graph import Graph, run_graph
+from .ir import QuantizedGraph
+
+
+@dataclass
+class FakeQuant:
+    scale: float
+    qmin: int
+    qmax: int
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(t / self.scale), self.qmin, self.qmax) * self.scale
+
+
+def fake_quantizers(qgraph: QuantizedGraph) -> dict[str, FakeQuant]:
+    """Float tensor name -> its rounding to the integer grid (int32 accumulators are left exact)."""
+    out = {}
+    for float_name, value_name in qgraph.float_to_int.items():
+        v = qgraph.values[value_name]
+        if v.dtype == "int32":
+            continue
+        op = qgraph.producer(value_name)
+        qmin, qmax = v.qrange
+        if op is not None and "qmin" in op.attrs:
+            qmin, qmax = op.attrs["qmin"], op.attrs["qmax"]
+        out[float_name] = FakeQuant(float(v.scale), qmin, qmax)
+    return out
+
+
+def dequantized_params(qgraph: QuantizedGraph) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer: the float weight and bias the integer op really computes with."""
+    weights, biases = {}, {}
+    for op in qgraph.layers:
+        w_scale = torch.tensor(op.attrs["weight_scale"], dtype=torch.float32)
+        w = torch.from_numpy(op.arrays["weight"].astype(np.float32))
+        weights[op.name] = w * w_scale.reshape(-1, *[1] * (w.dim() - 1))
+        biases[op.name] = torch.from_numpy(op.arrays["bias"].astype(np.float32)) * w_scale * op.attrs["input_scale"]
+    return weights, biases
+
+
+def simulate(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fake-quant forward pass of the float graph `qgraph` was built from."""
+    quantizers = fake_quantizers(qgraph)
+    weights, biases = dequantized_params(qgraph)
+
+    def round_to_grid(name: str, t: torch.Tensor) -> torch.Tensor:
+        fq = quantizers.get(name)
+        return fq(t) if fq else t
+
+    return run_graph(graph, x, round_to_grid, weights, biases)

