@@ -18,8 +18,9 @@ class QuantConfig:
     calib_method: str = "mse"  # activation ranges: minmax | percentile | mse
     percentile: float = 99.99
     weight_method: str = "mse"  # per-channel weight ranges: minmax | mse
+    rounding: str = "gptq"  # weight rounding: nearest | gptq
     bias_correction: bool = True  # empirical bias correction (Nagel et al. 2019)
-    bias_correction_samples: int = 64
+    refine_samples: int = 64  # calibration samples used by GPTQ and bias correction
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -29,6 +30,8 @@ class QuantConfig:
             raise LowbitError(f"--calib-method {self.calib_method!r}: expected one of {', '.join(METHODS)}")
         if self.weight_method not in ("minmax", "mse"):
             raise LowbitError(f"weight_method {self.weight_method!r}: expected minmax or mse")
+        if self.rounding not in ("nearest", "gptq"):
+            raise LowbitError(f"rounding {self.rounding!r}: expected nearest or gptq")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"percentile {self.percentile} must be in (50, 100]")
 

@@ -5,9 +5,10 @@
    to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU),
    clamps fused into the conv/linear/add that feeds them, and every change of
    scale turned into a dyadic multiplier.
-3. Empirical bias correction: run the float graph and the fake-quant graph side
-   by side on calibration data and fold each layer's mean output error into its
-   int32 bias, layer by layer, so later layers see the corrected earlier ones.
+3. Refine layer by layer on calibration data, the float graph and the fake-quant
+   graph running side by side: GPTQ rounding of the weights (`rounding`), then
+   empirical bias correction (each layer's mean output error folded into its
+   int32 bias), so later layers see the refined earlier ones.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from .config import BitPlan, QuantConfig
 from .dyadic import dyadic
 from .graph import QUANTIZABLE_OPS, Graph, Node, run_node
 from .ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range
+from .rounding import HessianAccumulator, gptq_round, input_columns
 from .simulate import dequantized_params, fake_quantizers
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 16
+HESSIAN_CHUNK = 4  # images per unfold when accumulating a layer's Hessian
 
 
 def _f32(x: float) -> float:
@@ -202,14 +205,42 @@ def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan,
     return lowering.finish()
 
 
+def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
+    w = graph.weight(node.name)
+    groups = node.attrs.get("groups", 1)
+    attrs = {**node.attrs, "kernel": list(w.shape[2:])}
+    hessian = HessianAccumulator()
+    for chunk in torch.split(x, HESSIAN_CHUNK):
+        hessian.add(input_columns(chunk, node.op, attrs, groups))
+    w_grouped = w.reshape(groups, w.shape[0] // groups, -1)
+    scale = torch.tensor(op.attrs["weight_scale"], dtype=torch.float64).reshape(groups, -1)
+    qmin, qmax = weight_range(op.attrs["weight_bits"])
+    w_int = gptq_round(w_grouped, hessian.result(), scale, qmin, qmax).reshape(w.shape)
+    op.arrays["weight"] = w_int.numpy().astype(np.int8)
+    return (w_int * _channel_view(scale.reshape(-1), w.dim(), 0)).float()
+
+
 @torch.no_grad()
-def correct_biases(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, log: Log = lambda _: None) -> None:
-    """Fold each layer's mean output error (fake-quant vs float) into its int32 bias, in place."""
+def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
+                  log: Log = lambda _: None) -> None:
+    """Layer by layer, in place: GPTQ rounding, then empirical bias correction.
+
+    The float graph and the fake-quant graph run side by side on calibration data,
+    so each layer is refined on the inputs the already-refined layers before it give.
+    """
     quantizers = fake_quantizers(qgraph)
     weights, biases = dequantized_params(qgraph)
     last_use = graph.last_uses()
     float_env: dict[str, torch.Tensor] = {}
     quant_env: dict[str, torch.Tensor] = {}
+    layers_done, n_layers = 0, len(qgraph.layers)
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
             f = q = x
@@ -218,17 +249,13 @@ def correct_biases(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, log: L
             args = [quant_env[n] for n in node.inputs]
             if node.op in QUANTIZABLE_OPS:
                 op = qgraph.op(node.name)
+                if config.rounding == "gptq":
+                    weights[node.name] = _gptq_layer(graph, node, op, args[0])
                 q = run_node(graph, node, args, weights[node.name], biases[node.name])
-                channel = 1 if node.op == "conv" else q.dim() - 1
-                dims = [d for d in range(q.dim()) if d != channel]
-                err = (q - f).mean(dims).double().numpy()
-                step = np.float64(op.attrs["input_scale"]) * np.asarray(op.attrs["weight_scale"], np.float64)
-                delta = np.round(err / step)
-                op.arrays["bias"] = np.clip(op.arrays["bias"] - delta, *DTYPE_RANGES["int32"]).astype(np.int32)
-                shape = [1] * q.dim()
-                shape[channel] = -1
-                q = q - torch.from_numpy(delta * step).float().reshape(shape)
-                log(f"bias correction: {node.name}")
+                if config.bias_correction:
+                    q = _correct_bias(op, q, f, 1 if node.op == "conv" else q.dim() - 1)
+                layers_done += 1
+                log(f"refining layers ({config.rounding} rounding, bias correction): {layers_done}/{n_layers}")
             else:
                 q = run_node(graph, node, args)
         fq = quantizers.get(node.name)
@@ -236,6 +263,16 @@ def correct_biases(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, log: L
         for name in node.inputs:
             if last_use[name] == i:
                 del float_env[name], quant_env[name]
+
+
+def _correct_bias(op: Op, q: torch.Tensor, f: torch.Tensor, channel: int) -> torch.Tensor:
+    """Fold the mean output error per channel into the int32 bias; returns the corrected output."""
+    dims = [d for d in range(q.dim()) if d != channel]
+    err = (q - f).mean(dims).double().numpy()
+    step = np.float64(op.attrs["input_scale"]) * np.asarray(op.attrs["weight_scale"], np.float64)
+    delta = np.round(err / step)
+    op.arrays["bias"] = np.clip(op.arrays["bias"] - delta, *DTYPE_RANGES["int32"]).astype(np.int32)
+    return q - _channel_view(torch.from_numpy(delta * step).float(), q.dim(), channel)
 
 
 def check_calibration_data(graph: Graph, calib: np.ndarray, where: str) -> None:
@@ -268,6 +305,6 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
 
     stats = collect_stats(graph, batches, log)
     qgraph = lower_to_integer(graph, stats, plan, config)
-    if config.bias_correction:
-        correct_biases(graph, qgraph, torch.from_numpy(calib[:config.bias_correction_samples]), log)
+    if config.bias_correction or config.rounding != "nearest":
+        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, log)
     return qgraph

@@ -1,9 +1,11 @@
 """The reference executor: a plain interpreter of the integer IR, and the ground truth.
 
 Elementwise integer math is numpy int64. Convolutions, matmuls and window sums
-run in torch float64 on integer-valued tensors: every product and partial sum
-is an integer below 2^53, so float64 computes them exactly, whatever the
-summation order, and much faster than int64 loops would.
+run in torch floating point on integer-valued tensors: when every product and
+partial sum is an integer below 2^24 (float32) or 2^53 (float64), the float
+result is exact whatever the summation order, and much faster than int64 loops.
+Each layer picks float32 only when its worst-case partial sum
+(max |x| times the largest per-channel sum of |w|) stays below 2^24.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def _f64(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x, dtype=np.float64))
 
 
+def _exact_float(weight: np.ndarray, input_range: int) -> np.dtype:
+    """The narrowest float type in which this layer's integer sums are exact."""
+    worst = int(np.abs(weight.astype(np.int64)).reshape(weight.shape[0], -1).sum(1).max()) * input_range
+    return np.float32 if worst < 2**24 else np.float64
+
+
+def _as(x: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=dtype))
+
+
 def _to_int(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.int64)
 
@@ -50,13 +62,15 @@ def _requantize_layer(op: Op, acc: np.ndarray) -> np.ndarray:
 
 def run_op(op: Op, args: list[np.ndarray]) -> np.ndarray:
     a = op.attrs
-    if op.op == "conv":
-        acc = F.conv2d(_f64(args[0]), _f64(op.arrays["weight"]), None, a["stride"], a["padding"], a["dilation"],
-                       a["groups"])
-        acc = _to_int(acc) + op.arrays["bias"].astype(np.int64).reshape(1, -1, 1, 1)
-        return _requantize_layer(op, acc)
-    if op.op == "linear":
-        acc = _to_int(_f64(args[0]) @ _f64(op.arrays["weight"]).T) + op.arrays["bias"].astype(np.int64)
+    if op.op in ("conv", "linear"):
+        w = op.arrays["weight"]
+        dtype = _exact_float(w, int(np.abs(args[0]).max(initial=0)))
+        x, w = _as(args[0], dtype), _as(w, dtype)
+        if op.op == "conv":
+            acc = _to_int(F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"]))
+            acc += op.arrays["bias"].astype(np.int64).reshape(1, -1, 1, 1)
+        else:
+            acc = _to_int(x @ w.T) + op.arrays["bias"].astype(np.int64)
         return _requantize_layer(op, acc)
     if op.op == "add":
         m = op.arrays["multiplier"].astype(np.int64)

@@ -1,0 +1,1 @@
+"""The `lowbit` command line: `lowbit quantize` and the artifact directory it writes."""

@@ -1,0 +1,280 @@
+"""Fidelity of the quantized model on held-out inputs, and the report files (report.json, report.md).
+
+FP32 is the captured float `Graph`; INT8 is the reference executor on the integer
+IR, the ground truth every backend must match. Per-layer SQNR uses the fake-quant
+simulation (float ops on the integer grid), which is much cheaper than running
+the reference layer by layer and differs from it only in requantization rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..quantizer.graph import Graph, run_graph, run_node
+from ..quantizer.ir import QuantizedGraph
+from ..quantizer.reference import run_reference
+from ..quantizer.simulate import dequantized_params, fake_quantizers
+from .artifact import write_json
+
+EVAL_BATCH = 32
+PER_LAYER_SAMPLES = 32  # enough for a stable per-layer SQNR; the side-by-side simulation is slow
+EXACT_CHECK_SAMPLES = 32  # the integer ONNX model is slow in ONNX Runtime; a batch suffices to show bit-exactness
+
+Outputs = dict[str, np.ndarray]
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------------
+
+def sqnr_db(signal: float, noise: float) -> float | None:
+    """10 log10(signal / noise); None when the noise is exactly zero (infinite SQNR)."""
+    if noise == 0.0:
+        return None
+    # An all-zero float tensor with a nonzero error gets a hugely negative (but finite, JSON-safe) value.
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def output_fidelity(fp32: np.ndarray, int8: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement, mean KL(softmax fp32 || softmax int8) and SQNR of one output over a batch."""
+    f, q = fp32.astype(np.float64), int8.astype(np.float64)
+    result: dict[str, Any] = {
+        "samples": len(f),
+        "sqnr_db": sqnr_db(float(np.sum(f * f)), float(np.sum((f - q) ** 2))),
+        "max_abs_error": float(np.max(np.abs(f - q))),
+        "top1_agreement": None,
+        "mean_kl": None,
+    }
+    if f.ndim == 2:  # class scores: the classification metrics are meaningful
+        result["top1_agreement"] = float(np.mean(f.argmax(1) == q.argmax(1)))
+        lp, lq = _log_softmax(f), _log_softmax(q)
+        result["mean_kl"] = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+    return result
+
+
+# -- running the models ----------------------------------------------------------------------------------------------
+
+def reference_outputs(qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
+    """The integer reference executor's float outputs, `batch` samples at a time."""
+    parts = [run_reference(qgraph, x[i:i + batch]) for i in range(0, len(x), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.outputs}
+
+
+def _probe_points(graph: Graph, quantizers: dict[str, Any]) -> dict[str, str]:
+    """Tensor to measure -> layer: the layer's output as its consumers see it, i.e. after a fused clamp."""
+    probes = {}
+    for layer in graph.layers:
+        name = layer.name
+        consumers = graph.consumers(name)
+        if name not in quantizers and len(consumers) == 1 and consumers[0].op == "clamp":
+            name = consumers[0].name
+        probes[name] = layer.name
+    return probes
+
+
+@torch.no_grad()
+def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH,
+                                 layer_samples: int = PER_LAYER_SAMPLES) -> tuple[Outputs, dict[str, float | None]]:
+    """FP32 outputs on all of `x`, and each layer's output SQNR (fake-quant vs float) on its first samples."""
+    quantizers = fake_quantizers(qgraph)
+    weights, biases = dequantized_params(qgraph)
+    probes = _probe_points(graph, quantizers)
+    signal = dict.fromkeys(probes.values(), 0.0)
+    noise = dict.fromkeys(probes.values(), 0.0)
+    last_use = graph.last_uses()
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, len(x), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch]))
+        if start >= layer_samples:
+            parts.append(run_graph(graph, xb))
+            continue
+        # Float and fake-quant side by side, so every layer's error is measured without storing activations.
+        float_env: dict[str, torch.Tensor] = {}
+        quant_env: dict[str, torch.Tensor] = {}
+        for i, node in enumerate(graph.nodes):
+            if node.op == "input":
+                f = q = xb
+            else:
+                f = run_node(graph, node, [float_env[n] for n in node.inputs])
+                q = run_node(graph, node, [quant_env[n] for n in node.inputs], weights.get(node.name),
+                             biases.get(node.name))
+            fq = quantizers.get(node.name)
+            q = fq(q) if fq else q
+            if node.name in probes:
+                layer = probes[node.name]
+                # vector_norm: one accurate reduction pass, no float64 copies of large activations.
+                signal[layer] += float(torch.linalg.vector_norm(f)) ** 2
+                noise[layer] += float(torch.linalg.vector_norm(q - f)) ** 2
+            float_env[node.name], quant_env[node.name] = f, q
+            for name in node.inputs:
+                if last_use[name] == i and name not in graph.outputs:
+                    del float_env[name], quant_env[name]
+        parts.append({o: float_env[o] for o in graph.outputs})
+    outputs = {o: torch.cat([p[o] for p in parts]).numpy() for o in graph.outputs}
+    return outputs, {layer: sqnr_db(signal[layer], noise[layer]) for layer in signal}
+
+
+def labelled_scores(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, labels: np.ndarray,
+                    source: str) -> dict[str, Any]:
+    """Top-1 accuracy of FP32 and INT8 against true labels."""
+    output = graph.outputs[0]
+    fp32 = torch.cat([run_graph(graph, torch.from_numpy(x[i:i + EVAL_BATCH]))[output]
+                      for i in range(0, len(x), EVAL_BATCH)]).numpy()
+    int8 = reference_outputs(qgraph, x)[qgraph.outputs[0]]
+    return {
+        "samples": len(labels),
+        "source": source,
+        "top1_fp32": float(np.mean(fp32.argmax(1) == labels)),
+        "top1_int8": float(np.mean(int8.argmax(1) == labels)),
+    }
+
+
+def onnxruntime_checks(directory: Path, qgraph: QuantizedGraph, x: np.ndarray, reference: Outputs,
+                       batch: int = EVAL_BATCH) -> dict[str, Any]:
+    """Run both ONNX models in ONNX Runtime against the reference executor's outputs on `x`.
+
+    The integer model must match bit for bit (checked on the first EXACT_CHECK_SAMPLES);
+    the QDQ model runs ORT's own int8 kernels, so it is only close.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    results: dict[str, Any] = {}
+    for file, n in (("model.int.onnx", min(len(x), EXACT_CHECK_SAMPLES)), ("model.onnx", len(x))):
+        session = ort.InferenceSession(str(directory / file), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        parts = [session.run(qgraph.outputs, {input_name: x[i:min(i + batch, n)]}) for i in range(0, n, batch)]
+        got = {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(qgraph.outputs)}
+        first = qgraph.outputs[0]
+        results[file] = {
+            "samples": n,
+            "bit_exact": all(np.array_equal(got[o], reference[o][:n]) for o in qgraph.outputs),
+            "max_abs_diff": max(float(np.max(np.abs(got[o] - reference[o][:n]))) for o in qgraph.outputs),
+            "vs_reference": output_fidelity(reference[first][:n], got[first]),
+        }
+    return results
+
+
+# -- the report ------------------------------------------------------------------------------------------------------
+
+def layer_rows(graph: Graph, qgraph: QuantizedGraph, layer_sqnr: dict[str, float | None]) -> list[dict[str, Any]]:
+    bits = qgraph.bit_plan()
+    return [
+        {
+            "name": row["name"],
+            "op": row["op"],
+            "weight_shape": row["weight_shape"],
+            "groups": row["groups"],
+            "macs": row["macs"],
+            "bits": bits[row["name"]],
+            "sqnr_db": layer_sqnr.get(row["name"]),
+            "source": row["source"],
+        }
+        for row in graph.layer_table()
+    ]
+
+
+def model_sizes(graph: Graph, qgraph: QuantizedGraph) -> dict[str, Any]:
+    """Weights and biases of the quantizable layers, FP32 vs packed integers."""
+    fp32 = 4 * sum(graph.weight(n.name).numel() + graph.bias(n.name).numel() for n in graph.layers)
+    quantized = qgraph.weight_bytes()
+    return {"fp32_bytes": int(fp32), "quantized_bytes": int(quantized),
+            "compression": fp32 / quantized if quantized else None}
+
+
+def fmt_db(value: float | None) -> str:
+    return "inf (exact)" if value is None else f"{value:.1f} dB"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _bits_summary(bit_plan: dict[str, int]) -> str:
+    counts = Counter(bit_plan.values())
+    return ", ".join(f"{b}-bit ({n} layer{'s' if n != 1 else ''})" for b, n in sorted(counts.items(), reverse=True))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: a summary table first, then timings and the per-layer table."""
+    fid = report["fidelity"]
+    model, size = report["model"], report["size"]
+    rows: list[tuple[str, str]] = [
+        ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
+                  f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
+        ("weights / activations", f"{_bits_summary(report['bit_plan'])} / 8-bit"),
+        ("calibration", f"{report['config']['calib_method']}, {report['calibration']['samples']} samples: "
+                        f"{report['calibration']['source']}"),
+        ("held-out", f"{report['heldout']['samples']} samples: {report['heldout']['source']}"),
+        ("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"])),
+        ("mean KL(FP32 ‖ INT8)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
+        ("output SQNR", fmt_db(fid["sqnr_db"])),
+    ]
+    lab = report.get("labelled")
+    if lab:
+        rows.append((f"labelled top-1 ({lab['samples']} images)",
+                     f"FP32 {fmt_pct(lab['top1_fp32'])}, INT8 {fmt_pct(lab['top1_int8'])}"))
+    compression = f" ({size['compression']:.2f}x smaller)" if size["compression"] else ""
+    rows.append(("layer weights + biases",
+                 f"FP32 {fmt_bytes(size['fp32_bytes'])} → {fmt_bytes(size['quantized_bytes'])}{compression}"))
+    ort_checks = report.get("onnxruntime") or {}
+    if "model.int.onnx" in ort_checks:
+        c = ort_checks["model.int.onnx"]
+        verdict = "bit-exact" if c["bit_exact"] else f"NOT bit-exact (max diff {c['max_abs_diff']:.3g})"
+        rows.append(("model.int.onnx in ONNX Runtime", f"{verdict} vs the reference on {c['samples']} samples"))
+    if "model.onnx" in ort_checks:
+        c = ort_checks["model.onnx"]["vs_reference"]
+        rows.append(("model.onnx (QDQ) in ONNX Runtime",
+                     f"top-1 agreement with the reference {fmt_pct(c['top1_agreement'])}, "
+                     f"SQNR {fmt_db(c['sqnr_db'])}"))
+    if report.get("integer_only") is not None:
+        rows.append(("model.int.onnx integer-only", "yes" if report["integer_only"] else
+                     f"no: float tensors {', '.join(report['float_tensors_in_int_model'])}"))
+    rows.append(("total time", f"{report['timings']['total_s']:.1f} s"))
+
+    lines = [f"# lowbit quantization report: {model['name']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    notes = report.get("notes") or []
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["timings"]["stages"].items()]
+    for k, v in report["timings"]["steps"].items():
+        lines.append(f"| &nbsp;&nbsp;{k} | {v:.2f} |")
+    lines += ["", "## Layers", "",
+              f"SQNR: each layer's output, fake-quant vs FP32, on the first {report['per_layer_samples']} "
+              "held-out samples (errors of earlier layers included).", "",
+              "| # | layer | op | weight shape | groups | MACs | bits | SQNR |",
+              "|---:|---|---|---|---:|---:|---:|---:|"]
+    for i, row in enumerate(report["layers"]):
+        shape = "×".join(map(str, row["weight_shape"]))
+        lines.append(f"| {i} | `{row['name']}` | {row['op']} | {shape} | {row['groups']} | "
+                     f"{fmt_count(row['macs'])} | {row['bits']} | {fmt_db(row['sqnr_db'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(directory: Path, report: dict[str, Any]) -> None:
+    write_json(directory / "report.json", report)
+    (directory / "report.md").write_text(render_markdown(report))
+

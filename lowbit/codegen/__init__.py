@@ -1,0 +1,5 @@
+"""Backends that lower the integer IR to runnable artifacts."""
+
+from .onnx_export import export_integer, export_qdq, float_tensors_between
+
+__all__ = ["export_integer", "export_qdq", "float_tensors_between"]
