@@ -201,7 +201,7 @@ def _crops_round_robin(
     """``n`` crops spread as evenly as possible over ``sources``, interleaved by source."""
     counts = [n // len(sources) + (i < n % len(sources)) for i in range(len(sources))]
     per_source = [
-        random_crops(img, k, rng, size) for (_, img), k in zip(sources, counts)
+        random_crops(img, k, rng, size) for (_, img), k in zip(sources, counts, strict=True)
     ]
     ordered = [
         crops[j] for j in range(max(counts)) for crops in per_source if j < len(crops)

