@@ -58,6 +58,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Option defaults follow the quantizer's own, so the CLI never silently overrides them.
+DEFAULTS = QuantConfig()
 
 
 def user_errors(fn: F) -> F:
@@ -109,8 +111,8 @@ class QuantizeRequest:
                    "else the last 20% of the calibration data.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
-@click.option("--bits", type=int, default=8, show_default=True, help="Weight bit-width.")
-@click.option("--calib-method", type=click.Choice(METHODS), default="mse", show_default=True,
+@click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True, help="Weight bit-width.")
+@click.option("--calib-method", type=click.Choice(METHODS), default=DEFAULTS.calib_method, show_default=True,
               help="How activation ranges are chosen.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
@@ -239,8 +241,11 @@ def _interface(qgraph: QuantizedGraph) -> dict[str, Any]:
     integer_outputs = []
     for name in qgraph.int_outputs:
         v = qgraph.values[name]
-        integer_outputs.append({"name": name, "dtype": v.dtype, "shape": _symbolic(v.shape), "scale": v.scale,
-                                "zero_point": v.zero_point, "axis": v.axis})
+        # Per-channel scales (one per class for logits) would swamp the manifest; ir/ir.json has them.
+        scale = {"scale": v.scale} if v.axis is None else {"scale": None, "per_channel_axis": v.axis,
+                                                            "scales_in": "ir/ir.json"}
+        integer_outputs.append({"name": name, "dtype": v.dtype, "shape": _symbolic(v.shape),
+                                "zero_point": v.zero_point, **scale})
     return {"inputs": inputs, "outputs": outputs, "integer_outputs": integer_outputs}
 
 
@@ -284,9 +289,6 @@ def run_quantize(request: QuantizeRequest, progress: Progress) -> Path:
 
     with progress.stage("capture"):
         graph = capture(program, entry.name if entry else Path(spec).stem)
-        for node in graph.nodes:
-            # Programs with symbolic dims (TorchScript conversion makes H and W dynamic) can leave SymInt MACs.
-            node.macs = int(node.macs)
         check_calibration_data(graph, calib.x, calib.source)
         check_input_shape(heldout.x, graph.node(graph.inputs[0]).shape, heldout.source)
     s = graph.summary()

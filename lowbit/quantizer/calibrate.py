@@ -41,13 +41,19 @@ class TensorStats:
         return self.min >= 0.0
 
 
-def collect_stats(graph: Graph, batches: Callable[[], Iterable[torch.Tensor]],
+def collect_stats(graph: Graph, batches: Callable[[], Iterable[torch.Tensor]], names: set[str] | None = None,
                   log: Callable[[str], None] = lambda _: None) -> dict[str, TensorStats]:
-    """Statistics of every node output; `batches()` must yield the same data each time it is called."""
+    """Statistics of the outputs in `names` (default: all nodes).
+
+    `batches()` must yield the same data each time it is called.
+    """
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
+    wanted = names if names is not None else {n.name for n in graph.nodes}
 
     def observe_range(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in wanted:
+            return t
         lo[name] = min(lo.get(name, np.inf), float(t.min()))
         hi[name] = max(hi.get(name, -np.inf), float(t.max()))
         return t
@@ -59,6 +65,8 @@ def collect_stats(graph: Graph, batches: Callable[[], Iterable[torch.Tensor]],
     hists = {n: np.zeros(HIST_BINS, dtype=np.int64) for n in lo}
 
     def observe_hist(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in wanted:
+            return t
         top = max(abs(lo[name]), abs(hi[name]))
         if top > 0:
             hists[name] += torch.histc(t.abs().float(), HIST_BINS, 0.0, top).numpy().astype(np.int64)

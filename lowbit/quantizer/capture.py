@@ -133,7 +133,8 @@ class _Context:
             name += "_"
         self.names.add(name)
         shape = tuple(int(s) for s in fx.meta["val"].shape)
-        node = Node(name, op, inputs, shape, attrs or {}, macs, _where(fx))
+        # int(): programs converted from TorchScript carry symbolic (but hinted) sizes.
+        node = Node(name, op, inputs, shape, attrs or {}, int(macs), _where(fx))
         self.nodes.append(node)
         self.by_name[name] = node
         self.fx_of[name] = fx

@@ -22,7 +22,7 @@ from ..errors import LowbitError
 from .calibrate import TensorStats, clip_threshold, collect_stats, weight_scales
 from .config import BitPlan, QuantConfig
 from .dyadic import dyadic
-from .graph import QUANTIZABLE_OPS, Graph, Node, run_node
+from .graph import QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, Graph, Node, run_node
 from .ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range
 from .rounding import HessianAccumulator, gptq_round, input_columns
 from .simulate import dequantized_params, fake_quantizers
@@ -46,6 +46,12 @@ def fusable_clamps(graph: Graph) -> dict[str, Node]:
             if len(consumers) == 1 and consumers[0].op == "clamp":
                 fused[n.name] = consumers[0]
     return fused
+
+
+def scaled_tensors(graph: Graph) -> set[str]:
+    """The tensors that get a scale of their own (the others inherit their input's, or are fused away)."""
+    fused = fusable_clamps(graph)
+    return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused}
 
 
 class _Lowering:
@@ -303,7 +309,7 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
         for i in range(0, len(calib), CALIBRATION_BATCH):
             yield torch.from_numpy(calib[i:i + CALIBRATION_BATCH])
 
-    stats = collect_stats(graph, batches, log)
+    stats = collect_stats(graph, batches, scaled_tensors(graph), log)
     qgraph = lower_to_integer(graph, stats, plan, config)
     if config.bias_correction or config.rounding != "nearest":
         refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, log)
