@@ -314,14 +314,3 @@ def test_unsupported_ir_is_refused(qgraph: QuantizedGraph, out_dir: Path) -> Non
         export_integer(bad, out_dir / "bad.int.onnx")
     with pytest.raises(LowbitError, match="softmax"):
         export_qdq(bad, out_dir / "bad.onnx")
-
-
-# -- MobileNetV2 (slow) -----------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_mobilenet_v2_bit_exact(tmp_path: Path) -> None:
-    entry = get_zoo_entry("mobilenet_v2")
-    qg = quantize(capture(load_program("zoo:mobilenet_v2", None), "mobilenet_v2"), entry.calibration(0))
-    export_integer(qg, tmp_path / "model.int.onnx")
-    _assert_bit_exact(_session(tmp_path / "model.int.onnx"), qg, entry.heldout(0)[:20])
-    assert float_tensors_between(onnx.load(tmp_path / "model.int.onnx")) == []

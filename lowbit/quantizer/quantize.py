@@ -247,6 +247,7 @@ def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config:
     float_env: dict[str, torch.Tensor] = {}
     quant_env: dict[str, torch.Tensor] = {}
     layers_done, n_layers = 0, len(qgraph.layers)
+    steps = [f"{config.rounding} rounding"] + (["bias correction"] if config.bias_correction else [])
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
             f = q = x
@@ -261,7 +262,7 @@ def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config:
                 if config.bias_correction:
                     q = _correct_bias(op, q, f, 1 if node.op == "conv" else q.dim() - 1)
                 layers_done += 1
-                log(f"refining layers ({config.rounding} rounding, bias correction): {layers_done}/{n_layers}")
+                log(f"refining layers ({', '.join(steps)}): {layers_done}/{n_layers}")
             else:
                 q = run_node(graph, node, args)
         fq = quantizers.get(node.name)

@@ -1,0 +1,44 @@
+"""The real MobileNetV2, end to end through the CLI (slow: run by .ci/run with -m "slow or not slow")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from lowbit.cli.artifact import verify_manifest
+from lowbit.cli.main import lowbit
+from lowbit.codegen import float_tensors_between
+from lowbit.models import get_zoo_entry
+from lowbit.quantizer.ir import QuantizedGraph
+from lowbit.quantizer.reference import run_reference
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "mnv2"
+    result = CliRunner().invoke(lowbit, ["quantize", "zoo:mobilenet_v2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert verify_manifest(out) == []
+
+    report = json.loads((out / "report.json").read_text())
+    # Regression floors on the real model and real held-out photos, measured at 85% agreement
+    # and 19/20 labelled (FP32: 18/20). The issue's 97% goal is not met yet; see BENCHMARKS.md.
+    assert report["fidelity"]["top1_agreement"] >= 0.80
+    assert report["labelled"]["top1_int8"] >= report["labelled"]["top1_fp32"] - 0.05
+
+    # The integer-only ONNX equals the reference executor bit for bit, with no float inside.
+    model = onnx.load(out / "model.int.onnx")
+    assert float_tensors_between(model) == []
+    qgraph = QuantizedGraph.load(out / "ir")
+    x = get_zoo_entry("mobilenet_v2").heldout(0)[:24]
+    session = ort.InferenceSession(str(out / "model.int.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {qgraph.inputs[0]: x}), strict=True))
+    for name, expected in run_reference(qgraph, x, integer_outputs=True).items():
+        np.testing.assert_array_equal(got[name], expected)
