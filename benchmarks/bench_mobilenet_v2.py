@@ -1,0 +1,507 @@
+"""Benchmark lowbit INT8 against ONNX Runtime's own static quantization on pretrained MobileNetV2.
+
+Every contender sees the same 64 calibration crops and is scored on the same 192
+held-out crops (from disjoint source photos) and the 20 labelled foolbox ImageNet
+images. Accuracy is measured against FP32 PyTorch; latency is batch 1, all
+contenders timed in this one process in interleaved rounds so that background
+load shifts them alike. The result is a Markdown report (BENCHMARKS.md).
+
+    python benchmarks/bench_mobilenet_v2.py [--out BENCHMARKS.md] [--runs N] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+import lowbit
+from lowbit.codegen import export_integer, export_qdq
+from lowbit.models import calibration_and_heldout, get_zoo_entry
+from lowbit.models.loading import load_program
+from lowbit.quantizer.capture import capture
+from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.reference import run_reference
+
+MODEL = "mobilenet_v2"
+SEED = 0
+OPSET = 17
+EVAL_BATCH = 32
+ROUNDS = 3
+WARMUP_RUNS = 10
+LATENCY_BLOCK = 5  # timed calls per turn when contenders take turns
+PERCENTILE = 99.999
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- contenders --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Contender:
+    name: str
+    predict: Predict  # float32 batch -> logits
+    timed: bool = True
+    build_s: float | None = None  # time to produce the model (quantization, export)
+    heldout: np.ndarray | None = None  # logits on the held-out set
+    labelled: np.ndarray | None = None  # logits on the labelled set
+    latency_ms: float | None = None  # min over rounds of the median call
+    fastest_ms: float | None = None  # fastest single call
+
+
+def ort_session(path: Path, threads: int, fuse: bool = True) -> ort.InferenceSession:
+    """A CPU session; `fuse=False` disables graph optimizations, so QDQ models run as float ops on dequantized
+    values instead of ORT's fused int8 kernels."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # unused-initializer warnings etc. are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: ort.InferenceSession) -> Predict:
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name  # lowbit's integer model lists its float output first
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: x})[0]
+
+    return predict
+
+
+def torch_predict(model: torch.nn.Module) -> Predict:
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return predict
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds the calibration array to ORT one sample at a time (batching would not change min/max or histograms)."""
+
+    def __init__(self, x: np.ndarray, input_name: str):
+        self.x = x
+        self.input_name = input_name
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.input_name: self.x[self.i - 1:self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def export_fp32_onnx(model: torch.nn.Module, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+        )
+
+
+def preprocess_for_ort(fp32: Path, out: Path) -> tuple[Path, str]:
+    """ORT's recommended pre-quantization pass (shape inference + graph optimization), or the raw model if it fails."""
+    try:
+        quant_pre_process(str(fp32), str(out))
+        return out, "applied"
+    except Exception as e:  # any failure just means quantizing the raw export
+        log(f"quant_pre_process failed ({type(e).__name__}: {e}); quantizing the raw export")
+        return fp32, f"failed ({type(e).__name__}), raw export used"
+
+
+def ort_static(source: Path, out: Path, calib: np.ndarray, method: CalibrationMethod) -> None:
+    extra = {"CalibPercentile": PERCENTILE} if method == CalibrationMethod.Percentile else {}
+    quantize_static(
+        str(source), str(out), ArrayReader(calib, INPUT_NAME),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=method, extra_options=extra,
+    )
+
+
+def weight_storage(path: Path) -> tuple[int, int]:
+    """(uint8, int8) counts of weight tensors (rank >= 2 initializers read by DequantizeLinear)."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    counts = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: 0}
+    for node in model.graph.node:
+        t = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if t is not None and len(t.dims) >= 2 and t.data_type in counts:
+            counts[t.data_type] += 1
+    return counts[onnx.TensorProto.UINT8], counts[onnx.TensorProto.INT8]
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------------
+
+def batched(predict: Predict, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict(np.ascontiguousarray(x[i:i + EVAL_BATCH])) for i in range(0, len(x), EVAL_BATCH)])
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(softmax p || softmax q) over the batch."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+
+
+def measure_latency(contenders: Sequence[Contender], x: np.ndarray, runs: int, rounds: int) -> None:
+    """Batch-1 latency: the minimum over `rounds` rounds of each contender's median of `runs` calls.
+
+    Within a round the contenders take turns in blocks of LATENCY_BLOCK calls, so every contender's calls are
+    spread over the whole round and background load falls on all of them alike; each block starts with one
+    untimed call that wakes the runtime's threads and brings its weights back into cache. Rounds alternate
+    the order of turns.
+    """
+    timed = [c for c in contenders if c.timed]
+    for c in timed:
+        for _ in range(WARMUP_RUNS):
+            c.predict(x)
+    medians: dict[str, list[float]] = {c.name: [] for c in timed}
+    fastest: dict[str, float] = dict.fromkeys(medians, float("inf"))
+    for r in range(rounds):
+        log(f"latency round {r + 1}/{rounds} ({runs} runs per contender)")
+        times: dict[str, list[float]] = {c.name: [] for c in timed}
+        order = timed if r % 2 == 0 else timed[::-1]
+        for done in range(0, runs, LATENCY_BLOCK):
+            for c in order:
+                c.predict(x)
+                for _ in range(min(LATENCY_BLOCK, runs - done)):
+                    start = time.perf_counter()
+                    c.predict(x)
+                    times[c.name].append(time.perf_counter() - start)
+        for c in timed:
+            medians[c.name].append(statistics.median(times[c.name]))
+            fastest[c.name] = min(fastest[c.name], *times[c.name])
+    for c in timed:
+        c.latency_ms = 1000 * min(medians[c.name])
+        c.fastest_ms = 1000 * fastest[c.name]
+
+
+# -- the report --------------------------------------------------------------------------------------------------------
+
+def cpu_info() -> tuple[str, set[str]]:
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def lowbit_revision() -> str:
+    """The git commit of the lowbit checkout, marked when tracked files have uncommitted changes."""
+    root = Path(lowbit.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {commit}" + (" with uncommitted changes" if dirty else "")
+
+
+def fmt_kl(kl: float) -> str:
+    if kl == 0:
+        return "0"
+    return f"{kl:.4f}" if kl >= 1e-3 else f"{kl:.1e}"
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    return "—" if value is None or not base else f"{value / base:.2f}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def render_table(contenders: Sequence[Contender], fp32: Contender, ort_fp32: Contender, best_static: Contender,
+                 y_lab: np.ndarray) -> str:
+    ref_heldout = fp32.heldout.argmax(1)
+    lines = [
+        f"| Contender | Top-1 agreement with FP32 PyTorch ({len(ref_heldout)} held-out) "
+        f"| Labelled top-1 ({len(y_lab)}) | Mean KL(FP32 ‖ model) | Latency, batch 1, median (ms) "
+        f"| Fastest call (ms) | ÷ ORT FP32 | ÷ {best_static.name} | Build time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in contenders:
+        agree = int(np.sum(c.heldout.argmax(1) == ref_heldout))
+        correct = int(np.sum(c.labelled.argmax(1) == y_lab))
+        latency = "—" if c.latency_ms is None else f"{c.latency_ms:.2f}"
+        fastest = "—" if c.fastest_ms is None else f"{c.fastest_ms:.2f}"
+        build = "—" if c.build_s is None else f"{c.build_s:.1f}"
+        lines.append(
+            f"| {c.name} | {100 * agree / len(ref_heldout):.1f}% ({agree}/{len(ref_heldout)}) "
+            f"| {correct}/{len(y_lab)} | {fmt_kl(mean_kl(fp32.heldout, c.heldout))} | {latency} | {fastest} "
+            f"| {fmt_ratio(c.latency_ms, ort_fp32.latency_ms)} | {fmt_ratio(c.latency_ms, best_static.latency_ms)} "
+            f"| {build} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Data:
+    calib: np.ndarray
+    heldout: np.ndarray
+    x_lab: np.ndarray
+    y_lab: np.ndarray
+    calib_sources: list[str]
+    heldout_sources: list[str]
+
+
+def load_data() -> Data:
+    entry = get_zoo_entry(MODEL)
+    calib, heldout = entry.calibration(SEED), entry.heldout(SEED)
+    x_lab, y_lab = entry.labelled()
+    split = calibration_and_heldout(len(calib), len(heldout), SEED)  # for the source names
+    if not (np.array_equal(split.calib, calib) and np.array_equal(split.heldout, heldout)):
+        raise SystemExit("the zoo's data split differs from calibration_and_heldout(); the report would be wrong")
+    return Data(calib, heldout, x_lab, y_lab, split.calib_sources, split.heldout_sources)
+
+
+@dataclass
+class Results:
+    contenders: list[Contender]
+    fp32: Contender  # FP32 PyTorch: the accuracy baseline
+    ort_fp32: Contender
+    statics: dict[CalibrationMethod, Contender]  # ORT quantize_static per calibration method
+    unfused: dict[CalibrationMethod, tuple[np.ndarray, np.ndarray]]  # their logits with QDQ fusion off
+    lowbit_int: Contender
+    reference: Contender
+    pre_status: str  # outcome of quant_pre_process
+    uint8_weights: int  # weight tensors lowbit's model.onnx stores as uint8
+    int8_weights: int
+
+
+def run_benchmark(data: Data, tmp: Path, threads: int, runs: int) -> Results:
+    """Build every contender, score it on the held-out and labelled sets, then time them all."""
+    model = get_zoo_entry(MODEL).build().eval()
+    fp32 = Contender("FP32 PyTorch", torch_predict(model))
+
+    log("exporting FP32 ONNX")
+    start = time.perf_counter()
+    fp32_onnx = tmp / "fp32.onnx"
+    export_fp32_onnx(model, fp32_onnx)
+    ort_fp32 = Contender("FP32 ONNX Runtime", ort_predict(ort_session(fp32_onnx, threads)),
+                         build_s=time.perf_counter() - start)
+
+    start = time.perf_counter()
+    source, pre_status = preprocess_for_ort(fp32_onnx, tmp / "fp32.pre.onnx")
+    pre_s = time.perf_counter() - start
+    statics: dict[CalibrationMethod, Contender] = {}
+    static_paths: dict[CalibrationMethod, Path] = {}
+    for method in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile):
+        log(f"ORT quantize_static, {method.name} calibration")
+        start = time.perf_counter()
+        path = static_paths[method] = tmp / f"ort_{method.name.lower()}.onnx"
+        ort_static(source, path, data.calib, method)
+        label = f"{method.name} {PERCENTILE}" if method == CalibrationMethod.Percentile else method.name
+        statics[method] = Contender(f"ORT quantize_static ({label})", ort_predict(ort_session(path, threads)),
+                                    build_s=pre_s + time.perf_counter() - start)
+
+    log("lowbit: capture + quantize")
+    start = time.perf_counter()
+    qgraph = quantize(capture(load_program(f"zoo:{MODEL}", None), MODEL), data.calib)
+    quantize_s = time.perf_counter() - start
+    log("lowbit: export model.onnx and model.int.onnx")
+    lowbit_onnx: list[Contender] = []
+    for file, exporter, name in (("model.onnx", export_qdq, "lowbit INT8, model.onnx (QDQ) in ORT"),
+                                 ("model.int.onnx", export_integer, "lowbit INT8, model.int.onnx in ORT")):
+        start = time.perf_counter()
+        exporter(qgraph, tmp / file)
+        lowbit_onnx.append(Contender(name, ort_predict(ort_session(tmp / file, threads)),
+                                     build_s=quantize_s + time.perf_counter() - start))
+    output = qgraph.outputs[0]
+    reference = Contender("lowbit INT8, reference executor", lambda x: run_reference(qgraph, x)[output],
+                          timed=False, build_s=quantize_s)
+
+    contenders = [fp32, ort_fp32, *statics.values(), *lowbit_onnx, reference]
+    for c in contenders:
+        log(f"accuracy: {c.name}")
+        c.heldout = batched(c.predict, data.heldout)
+        c.labelled = batched(c.predict, data.x_lab)
+
+    # The same quantize_static models without fusion: float math on the same quantized values, so no int16
+    # saturation. Separates the quality of ORT's calibration from the effect of its AVX2 kernels.
+    unfused: dict[CalibrationMethod, tuple[np.ndarray, np.ndarray]] = {}
+    for method, path in static_paths.items():
+        log(f"accuracy without QDQ fusion: {statics[method].name}")
+        predict = ort_predict(ort_session(path, threads, fuse=False))
+        unfused[method] = batched(predict, data.heldout), batched(predict, data.x_lab)
+
+    log("latency")
+    measure_latency(contenders, np.ascontiguousarray(data.heldout[:1]), runs, ROUNDS)
+    return Results(contenders, fp32, ort_fp32, statics, unfused, lowbit_onnx[1], reference, pre_status,
+                   *weight_storage(tmp / "model.onnx"))
+
+
+def render_report(data: Data, r: Results, command: str, threads: int, runs: int,
+                  load_start: float, load_end: float) -> tuple[str, str]:
+    """The whole Markdown report, and the table alone (for stdout)."""
+    y_lab, ref_top1 = data.y_lab, r.fp32.heldout.argmax(1)
+    best_static = max(r.statics.values(), key=lambda c: (np.sum(c.heldout.argmax(1) == ref_top1),
+                                                         np.sum(c.labelled.argmax(1) == y_lab),
+                                                         -mean_kl(r.fp32.heldout, c.heldout)))
+    table = render_table(r.contenders, r.fp32, r.ort_fp32, best_static, y_lab)
+
+    exact = (np.array_equal(r.lowbit_int.heldout, r.reference.heldout)
+             and np.array_equal(r.lowbit_int.labelled, r.reference.labelled))
+    unfused = "".join(
+        f"\n  - {method.name}: {np.sum(h.argmax(1) == ref_top1)}/{len(ref_top1)} agreement, "
+        f"{np.sum(lab.argmax(1) == y_lab)}/{len(y_lab)} labelled, mean KL {fmt_kl(mean_kl(r.fp32.heldout, h))}"
+        for method, (h, lab) in r.unfused.items()
+    )
+    cpu, flags = cpu_info()
+    vnni = "avx512_vnni" in flags
+    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags) or "no AVX"
+    versions = {"lowbit": f"{lowbit.__version__} ({lowbit_revision()})", "torch": torch.__version__,
+                "onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__}
+
+    if vnni or "avx_vnni" in flags:
+        kernels = ("This CPU has VNNI, so ONNX Runtime's u8×s8 int8 kernels accumulate exactly in int32; "
+                   "lowbit's uint8 weight storage (below) is not needed here.")
+    else:
+        kernels = ("This CPU lacks VNNI (neither AVX-512 VNNI nor AVX-VNNI), so ONNX Runtime's u8×s8 int8 kernels\n"
+                   "  take the AVX2 path (vpmaddubsw), which adds pairs of u8×s8 products in *saturating* int16.\n"
+                   "  quantize_static's int8 weights (reduce_range=False, the default used here) can saturate "
+                   "there;\n  ORT's documentation suggests reduce_range or U8U8 when that costs accuracy.")
+    entropy = ""
+    if np.array_equal(r.statics[CalibrationMethod.Entropy].heldout, r.statics[CalibrationMethod.MinMax].heldout):
+        entropy = ("\n- ORT's Entropy calibration, as reached through quantize_static, gives the same model as "
+                   "MinMax: it uses\n  128 histogram bins and 128 quantized bins (its defaults, which quantize_static "
+                   "cannot change),\n  which leaves one candidate threshold: the full range.")
+
+    report = f"""# Benchmarks: MobileNetV2, lowbit vs ONNX Runtime static quantization
+
+Generated by `benchmarks/bench_mobilenet_v2.py`; do not edit by hand.
+
+- Command: `{command}`
+- Date: {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: {cpu}, {os.cpu_count()} logical CPUs ({simd}); AVX-512 VNNI: {"yes" if vnni else "no"};
+  1-minute load average {load_start:.2f} at start, {load_end:.2f} at end (other jobs included)
+- Versions: {", ".join(f"{k} {v}" for k, v in versions.items())}
+- Model: torchvision MobileNetV2 1.0, ImageNet-pretrained (`zoo:{MODEL}`), input 1×3×224×224
+- Data (seed {SEED}), identical for every contender:
+  - calibration: {len(data.calib)} crops of {len(data.calib_sources)} photos ({", ".join(data.calib_sources)})
+  - held-out: {len(data.heldout)} crops of {len(data.heldout_sources)} other photos \
+({", ".join(data.heldout_sources)})
+  - labelled: the {len(y_lab)} ImageNet images bundled with foolbox (resize 256, center crop 224)
+
+{table}
+
+Top-1 agreement and mean KL(softmax FP32 ‖ softmax model) are measured on the held-out crops against FP32 PyTorch;
+labelled top-1 counts correct predictions against the true ImageNet labels. Latency is batch 1 with {threads}
+intra-op threads (ORT `intra_op_num_threads`, `torch.set_num_threads`), all contenders in one process:
+{WARMUP_RUNS} warm-up calls each, then {ROUNDS} rounds of {runs} timed calls per contender, the contenders taking
+turns in blocks of {LATENCY_BLOCK} calls (each block after one untimed call) so that background load falls on all
+alike; the median column is the minimum of the per-round medians, and ratios are taken from it (below 1 is
+faster). The fastest single call shows the speed without interference, which matters when the machine is loaded.
+Build time is the wall time to make the model (ORT: pre-processing, calibration, quantization; lowbit: capture,
+calibration, quantization, export).
+
+Notes:
+
+- ORT quantize_static: QDQ format, per-channel, activations QUInt8, weights QInt8, calibrated on the same
+  {len(data.calib)} inputs through a `CalibrationDataReader`; percentile {PERCENTILE} via `CalibPercentile`.
+  `quant_pre_process` (symbolic shape inference + ORT graph optimization) before quantization: {r.pre_status}.
+  The FP32 ONNX model is the TorchScript export (`dynamo=False`), opset {OPSET}, dynamic batch.
+- {kernels}
+  With graph optimizations disabled (no QDQ fusion: float ops on the dequantized values, so no saturation)
+  the same quantize_static models score:{unfused}{entropy}
+- lowbit's `model.onnx` stores weight tensors with |w| > 64 as uint8 + zero point 128 (the same real values), so
+  ORT uses its exact u8×u8 kernels for them instead of the saturating u8×s8 ones: {r.uint8_weights} of
+  {r.uint8_weights + r.int8_weights} weight tensors here. It runs ORT's int8 kernels and is close to the reference
+  executor, not bit-exact.
+- lowbit's `model.int.onnx` is integer-only (ConvInteger/MatMulInteger, integer requantization) and matches the
+  reference executor bit for bit; outputs identical to it on all {len(data.heldout) + len(y_lab)} held-out and
+  labelled inputs here: {"yes" if exact else "**NO**"}. It is a correctness artifact, not the fast path (ORT runs
+  its requantization as separate integer ops); TVM codegen will be the fast path.
+- The reference executor is lowbit's ground-truth interpreter of the integer IR (numpy/torch); it is not timed.
+"""
+    return report, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path (default BENCHMARKS.md)")
+    parser.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per contender per round")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for ONNX Runtime and PyTorch")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.threads < 1:
+        parser.error("--runs and --threads must be at least 1")
+    command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    ort.set_default_logger_severity(3)
+
+    log("loading data")
+    data = load_data()
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        results = run_benchmark(data, Path(tmp), args.threads, args.runs)
+    report, table = render_report(data, results, command, args.threads, args.runs, load_start, os.getloadavg()[0])
+    write_atomic(args.out, report)
+    print(table)
+    log(f"wrote {args.out} in {time.perf_counter() - _START:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
