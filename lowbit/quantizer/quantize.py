@@ -77,7 +77,8 @@ class _Lowering:
         """A value on the same integer grid as `src` (pad, maxpool, reshape, clamp)."""
         return self.add_value(float_name, Value(self.ir_name(float_name), src.dtype, shape, src.scale))
 
-    def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None) -> tuple[Value, int, int]:
+    def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None,
+                   ir_name: str | None = None) -> tuple[Value, int, int]:
         """A new int8/uint8 value for a float tensor, with its clamp range in integer units."""
         st = self.stats[float_name]
         lo = clamp.attrs["min"] if clamp else None
@@ -89,7 +90,7 @@ class _Lowering:
         t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
         dtype = "uint8" if unsigned else "int8"
         scale = _f32(t / (255 if unsigned else 127))
-        value = self.add_value(float_name, Value(self.ir_name(float_name), dtype, shape, scale))
+        value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
         qmin, qmax = DTYPE_RANGES[dtype]
         if lo is not None:
             qmin = max(qmin, round(lo / scale))
@@ -108,13 +109,11 @@ class _Lowering:
         getattr(self, f"_lower_{node.op}")(node)
 
     def _lower_input(self, node: Node) -> None:
-        self.values[node.name] = Value(node.name, "float32", node.shape)
-        q, _, _ = self.activation(node.name, node.shape)
-        q.name = f"{node.name}_q"
-        self.values[q.name] = self.values.pop(node.name)
-        self.values[node.name] = Value(node.name, "float32", node.shape)
-        self.float_to_int[node.name] = q.name
-        self.emit(f"{node.name}_quantize", "quantize", [self.values[node.name]], q)
+        # The float input keeps the user's name; its quantized copy is `<name>_q`.
+        x = Value(node.name, "float32", node.shape)
+        q, _, _ = self.activation(node.name, node.shape, ir_name=f"{node.name}_q")
+        self.values[x.name] = x
+        self.emit(f"{node.name}_quantize", "quantize", [x], q)
 
     def _lower_layer(self, node: Node) -> None:
         x = self.input_value(node)
