@@ -113,9 +113,7 @@ def test_small_cnn_predictions_vary_with_input() -> None:
 
 
 def test_mobilenet_state_dict_matches_checkpoint() -> None:
-    checkpoint = torch.load(
-        pretrained_weights_path(), map_location="cpu", weights_only=True
-    )
+    checkpoint = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     ours = mobilenet_v2(pretrained=False).state_dict()
     assert list(ours) == list(checkpoint)
     assert all(ours[k].shape == checkpoint[k].shape for k in ours)
@@ -126,9 +124,7 @@ def test_mobilenet_state_dict_matches_checkpoint() -> None:
 
 def test_mobilenet_pretrained_loads(pretrained_mobilenet: nn.Module) -> None:
     assert not pretrained_mobilenet.training
-    checkpoint = torch.load(
-        pretrained_weights_path(), map_location="cpu", weights_only=True
-    )
+    checkpoint = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     loaded = pretrained_mobilenet.state_dict()["features.0.0.weight"]
     assert torch.equal(loaded, checkpoint["features.0.0.weight"])
 

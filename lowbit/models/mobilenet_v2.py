@@ -141,8 +141,6 @@ def mobilenet_v2(pretrained: bool = True) -> MobileNetV2:
     """Build MobileNetV2 in eval mode, with ImageNet weights unless ``pretrained=False``."""
     model = MobileNetV2()
     if pretrained:
-        state = torch.load(
-            pretrained_weights_path(), map_location="cpu", weights_only=True
-        )
+        state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     return model.eval()
