@@ -88,8 +88,7 @@ class UnsupportedAttr(Exception):
 
 
 class _Context:
-    def __init__(self, ep: torch.export.ExportedProgram):
-        self.ep = ep
+    def __init__(self) -> None:
         self.nodes: list[Node] = []
         self.params: dict[str, torch.Tensor] = {}
         self.values: dict[torch.fx.Node, Any] = {}
@@ -455,7 +454,7 @@ def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
     if problems:
         raise UnsupportedOpsError(problems)
     consts = _constant_inputs(ep)
-    ctx = _Context(ep)
+    ctx = _Context()
     user_inputs: list[str] = []
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     for n in ep.graph.nodes:

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 QUANTIZABLE_OPS = ("conv", "linear")
 # Ops that only move or select values: their output shares the input's scale.
 SCALE_PRESERVING_OPS = ("pad", "maxpool", "reshape")
-OPS = ("input", *QUANTIZABLE_OPS, "add", "clamp", "pad", "maxpool", "avgpool", "reshape", "concat")
 
 
 @dataclass
@@ -65,9 +64,6 @@ class Graph:
 
     def consumers(self, name: str) -> list[Node]:
         return [n for n in self.nodes if name in n.inputs]
-
-    def producers(self, name: str) -> list[Node]:
-        return [self._by_name[i] for i in self._by_name[name].inputs]
 
     def layer_producers(self, name: str) -> list[str]:
         """Quantizable layers whose output reaches `name`'s input through non-quantizable ops."""
@@ -117,6 +113,7 @@ class Graph:
             "params": int(sum(p.numel() for p in self.params.values())),
             "inputs": {i: list(self.node(i).shape) for i in self.inputs},
             "outputs": {o: list(self.node(o).shape) for o in self.outputs},
+            "scale_groups": self.scale_groups(),
         }
 
     def layer_table(self) -> list[dict[str, Any]]:
