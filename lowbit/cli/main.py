@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.calibrate import METHODS
-from ..quantizer.config import QuantConfig
+from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph
 from ..quantizer.ir import QuantizedGraph
 from . import report as reports
@@ -97,6 +97,7 @@ class QuantizeRequest:
     factory: str | None
     config: QuantConfig
     force: bool = False
+    plan: Path | None = None  # a plan.json from `lowbit search`
 
 
 @click.command("quantize")
@@ -111,7 +112,10 @@ class QuantizeRequest:
                    "else the last 20% of the calibration data.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
-@click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True, help="Weight bit-width.")
+@click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
+              help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path),
+              help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--calib-method", type=click.Choice(METHODS), default=DEFAULTS.calib_method, show_default=True,
               help="How activation ranges are chosen.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -119,14 +123,14 @@ class QuantizeRequest:
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, calib_method: str, seed: int, force: bool) -> None:
+                     bits: int, plan_path: Path | None, calib_method: str, seed: int, force: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
     state dict (.safetensors or .pt) with --factory.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
-    request = QuantizeRequest(model, output, calib, eval_path, factory, config, force)
+    request = QuantizeRequest(model, output, calib, eval_path, factory, config, force, plan_path)
     run_quantize(request, Progress())
 
 
@@ -258,14 +262,23 @@ def _data_summary(inputs: Inputs) -> dict[str, Any]:
             "sha256": hashlib.sha256(np.ascontiguousarray(inputs.x).tobytes()).hexdigest()}
 
 
-def run_quantize(request: QuantizeRequest, progress: Progress) -> Path:
-    """The whole `lowbit quantize` pipeline; returns the artifact directory."""
+@dataclass
+class Prepared:
+    """A captured model with its calibration and held-out data: what every command starts from."""
+
+    graph: Graph
+    calib: Inputs
+    heldout: Inputs
+    entry: ZooEntry | None
+
+
+def prepare(request: QuantizeRequest, progress: Progress) -> Prepared:
+    """Load data and model, and capture the float graph (shared by quantize, sensitivity and search)."""
     from ..quantizer.capture import capture
-    from ..quantizer.quantize import check_calibration_data, quantize
+    from ..quantizer.quantize import check_calibration_data
 
     check_output_dir(request.output, request.force)  # fail before the slow part, not after it
-    config = request.config
-    seed_everything(config.seed)
+    seed_everything(request.config.seed)
     spec = request.model
     entry = get_zoo_entry(spec) if spec.startswith(ZOO_PREFIX) else None
     if entry is None and request.calib is None:
@@ -295,11 +308,27 @@ def run_quantize(request: QuantizeRequest, progress: Progress) -> Path:
     progress.echo("capture", f"{s['nodes']} nodes, {s['layers']} quantizable layers, "
                              f"{reports.fmt_count(s['macs'])} MACs, {reports.fmt_count(s['params'])} parameters "
                              f"({progress.timings['capture']:.1f}s)")
+    return Prepared(graph, calib, heldout, entry)
 
+
+def run_quantize(request: QuantizeRequest, progress: Progress) -> Path:
+    """The whole `lowbit quantize` pipeline; returns the artifact directory."""
+    from ..quantizer.quantize import quantize
+
+    plan = BitPlan.load(request.plan) if request.plan else None  # a bad plan fails before the slow part
+    prepared = prepare(request, progress)
+    graph, calib, heldout, entry = prepared.graph, prepared.calib, prepared.heldout, prepared.entry
+    config = request.config
+    if plan is not None:
+        try:
+            plan.validate(graph)
+        except LowbitError as e:
+            raise LowbitError(f"{request.plan}: {e}") from None
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
-        qgraph = quantize(graph, calib.x, config, log=log)
+        qgraph = quantize(graph, calib.x, config, plan, log=log)
     steps = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in progress.steps.items())
-    progress.echo("quantize", f"{config.bits}-bit weights, {config.calib_method} activation ranges "
+    weights = reports.bits_summary(qgraph.bit_plan()) if plan else f"{config.bits}-bit weights"
+    progress.echo("quantize", f"{weights}, {config.calib_method} activation ranges "
                               f"({progress.timings['quantize']:.1f}s: {steps})")
 
     with atomic_directory(request.output, request.force) as tmp:
@@ -342,6 +371,8 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
         "heldout": _data_summary(heldout),
         **_interface(qgraph),
         "bit_plan": qgraph.bit_plan(),
+        "plan_file": None if request.plan is None else {"path": str(request.plan.resolve()),
+                                                        "sha256": sha256_file(request.plan)},
         "files": file_hashes(directory),
     })
     return report
@@ -436,3 +467,7 @@ def evaluate(request: QuantizeRequest, graph: Graph, qgraph: QuantizedGraph, cal
         "layers": reports.layer_rows(graph, qgraph, layer_sqnr),
         "notes": notes,
     }
+
+
+# `lowbit sensitivity` and `lowbit search` register themselves on the group; imported last, as they use the above.
+from . import search as _search_commands  # noqa: E402, F401

@@ -211,7 +211,7 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
-def _bits_summary(bit_plan: dict[str, int]) -> str:
+def bits_summary(bit_plan: dict[str, int]) -> str:
     counts = Counter(bit_plan.values())
     return ", ".join(f"{b}-bit ({n} layer{'s' if n != 1 else ''})" for b, n in sorted(counts.items(), reverse=True))
 
@@ -223,7 +223,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
                   f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
-        ("weights / activations", f"{_bits_summary(report['bit_plan'])} / 8-bit"),
+        ("weights / activations", f"{bits_summary(report['bit_plan'])} / 8-bit"),
         ("calibration", f"{report['config']['calib_method']}, {report['calibration']['samples']} samples: "
                         f"{report['calibration']['source']}"),
         ("held-out", f"{report['heldout']['samples']} samples: {report['heldout']['source']}"),

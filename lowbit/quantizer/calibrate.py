@@ -127,3 +127,17 @@ def weight_scales(w: torch.Tensor, bits: int, method: str) -> torch.Tensor:
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale.float()
+
+
+def round_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per-channel symmetric quantization: (integer values as float, per-channel scales)."""
+    q = 2 ** (bits - 1) - 1
+    scale = weight_scales(w, bits, method)
+    w_int = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -q, q)
+    return w_int, scale
+
+
+def weight_error(w: torch.Tensor, bits: int, method: str) -> torch.Tensor:
+    """Q_b(W) - W for round-to-nearest quantization at `bits`."""
+    w_int, scale = round_weight(w, bits, method)
+    return w_int * scale.reshape(-1, *[1] * (w.dim() - 1)) - w

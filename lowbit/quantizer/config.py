@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import LowbitError
@@ -10,6 +12,7 @@ from .calibrate import METHODS
 from .graph import Graph
 
 SUPPORTED_WEIGHT_BITS = (4, 8)
+PLAN_FORMAT = "lowbit-bitplan-v1"
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,21 @@ class BitPlan:
 
     def to_json(self) -> dict[str, int]:
         return dict(self.bits)
+
+    def save(self, path: Path, **info: Any) -> None:
+        """plan.json: the bits per layer, plus whatever the search wants to record beside them."""
+        path.write_text(json.dumps({"format": PLAN_FORMAT, "bits": self.to_json(), **info}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> BitPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"{path}: cannot read the bit plan: {e}") from e
+        bits = data.get("bits") if isinstance(data, dict) else None
+        if not isinstance(bits, dict) or data.get("format") != PLAN_FORMAT:
+            raise LowbitError(f"{path}: not a lowbit bit plan (expected {{\"format\": \"{PLAN_FORMAT}\", "
+                              '"bits": {layer: bits}}, as `lowbit search` writes)')
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in bits.values()):
+            raise LowbitError(f"{path}: bit-widths must be integers")
+        return cls(dict(bits))

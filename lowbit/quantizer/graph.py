@@ -191,15 +191,14 @@ def run_node(graph: Graph, node: Node, args: list[torch.Tensor], weight: torch.T
     raise ValueError(f"node {node.name}: no float implementation for op {node.op!r}")
 
 
-@torch.no_grad()
-def run_graph(
+def forward(
     graph: Graph,
     inputs: dict[str, torch.Tensor] | torch.Tensor,
     on_output: TensorHook | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     biases: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the float graph; `on_output(name, t)` may observe or replace each node's output."""
+    """Run the float graph, differentiably; `on_output(name, t)` may observe or replace each node's output."""
     if isinstance(inputs, torch.Tensor):
         inputs = {graph.inputs[0]: inputs}
     weights, biases = weights or {}, biases or {}
@@ -215,3 +214,7 @@ def run_graph(
             if last_use[name] == i and name not in graph.outputs:
                 del env[name]
     return {o: env[o] for o in graph.outputs}
+
+
+run_graph = torch.no_grad()(forward)
+run_graph.__doc__ = "`forward` without autograd: the way every stage but sensitivity runs the graph."

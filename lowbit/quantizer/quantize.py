@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
-from .calibrate import TensorStats, clip_threshold, collect_stats, weight_scales
+from .calibrate import TensorStats, clip_threshold, collect_stats, round_weight
 from .config import BitPlan, QuantConfig
 from .dyadic import dyadic
 from .graph import QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, Graph, Node, run_node
@@ -118,11 +118,8 @@ class _Lowering:
     def _lower_layer(self, node: Node) -> None:
         x = self.input_value(node)
         bits = self.plan.bits[node.name]
-        w = self.graph.weight(node.name)
-        w_scale = weight_scales(w, bits, self.config.weight_method).numpy().astype(np.float32)
-        lo, hi = weight_range(bits)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        w_int = np.clip(np.round(w.numpy() / w_scale.reshape(shape)), lo, hi).astype(np.int8)
+        w_int, w_scale = round_weight(self.graph.weight(node.name), bits, self.config.weight_method)
+        w_int, w_scale = w_int.numpy().astype(np.int8), w_scale.numpy().astype(np.float32)
         acc_scale = np.float64(x.scale) * w_scale.astype(np.float64)
         bias = np.round(self.graph.bias(node.name).numpy().astype(np.float64) / acc_scale)
         bias = np.clip(bias, *DTYPE_RANGES["int32"]).astype(np.int32)
@@ -296,12 +293,8 @@ def check_calibration_data(graph: Graph, calib: np.ndarray, where: str) -> None:
                           f"(first in samples {samples}); clean the data")
 
 
-def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
-             log: Log = lambda _: None) -> QuantizedGraph:
-    """The quantize stage: float `Graph` -> integer `QuantizedGraph`."""
-    config = config or QuantConfig()
-    plan = plan or BitPlan.uniform(graph, config.bits)
-    plan.validate(graph)
+def calibrate(graph: Graph, calib: np.ndarray, log: Log = lambda _: None) -> dict[str, TensorStats]:
+    """Activation statistics of every tensor that gets its own scale (independent of the bit plan)."""
     check_calibration_data(graph, calib, "calibration")
     calib = np.ascontiguousarray(calib, dtype=np.float32)
 
@@ -309,7 +302,21 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
         for i in range(0, len(calib), CALIBRATION_BATCH):
             yield torch.from_numpy(calib[i:i + CALIBRATION_BATCH])
 
-    stats = collect_stats(graph, batches, scaled_tensors(graph), log)
+    return collect_stats(graph, batches, scaled_tensors(graph), log)
+
+
+def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
+             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None) -> QuantizedGraph:
+    """The quantize stage: float `Graph` -> integer `QuantizedGraph`.
+
+    `stats` (from `calibrate` on the same data) skips calibration, e.g. when a search quantizes many plans.
+    """
+    config = config or QuantConfig()
+    plan = plan or BitPlan.uniform(graph, config.bits)
+    plan.validate(graph)
+    check_calibration_data(graph, calib, "calibration")
+    calib = np.ascontiguousarray(calib, dtype=np.float32)
+    stats = stats if stats is not None else calibrate(graph, calib, log)
     qgraph = lower_to_integer(graph, stats, plan, config)
     if config.bias_correction or config.rounding != "nearest":
         refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, log)
