@@ -37,6 +37,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from sections import write_section
 
 import lowbit
 from lowbit.codegen import export_integer, export_qdq
@@ -258,19 +259,6 @@ def fmt_kl(kl: float) -> str:
 
 def fmt_ratio(value: float | None, base: float | None) -> str:
     return "—" if value is None or not base else f"{value / base:.2f}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def render_table(contenders: Sequence[Contender], fp32: Contender, ort_fp32: Contender, best_static: Contender,
@@ -497,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         results = run_benchmark(data, Path(tmp), args.threads, args.runs)
     report, table = render_report(data, results, command, args.threads, args.runs, load_start, os.getloadavg()[0])
-    write_atomic(args.out, report)
+    write_section(args.out, "mobilenet_v2", report)
     print(table)
     log(f"wrote {args.out} in {time.perf_counter() - _START:.0f}s")
     return 0

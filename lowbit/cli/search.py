@@ -276,7 +276,8 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                                 f"top-1 agreement {100 * chosen.measured['top1_agreement']:.1f}%")
     assert chosen is not None
 
-    frontier = [{**p.to_json(), "chosen": p is chosen} for p in points]
+    unique = {frozenset(p.plan.items()): p for p in reversed(points)}  # each plan once, as first measured
+    frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan} for p in unique.values()]
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
                "max_drop": drop, "baseline": baseline.to_json(), "cross_terms": not no_cross_terms,
                "ties": not no_ties, "groups": problem.groups,

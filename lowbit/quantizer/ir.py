@@ -15,7 +15,8 @@ inputs (before `quantize`) and outputs (after `dequantize`) are float. Ops:
 
 Requantization follows `lowbit.quantizer.dyadic` exactly. All zero points are 0
 (symmetric), so padding inserts 0 and no zero-point corrections are needed.
-The IR serializes to `ir.json` (structure, scales) + `ir.safetensors` (arrays).
+The IR serializes to `ir.json` (structure, scales) + `ir.safetensors` (arrays);
+4-bit weights are stored packed, two per byte (`pack_int4`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,24 @@ def weight_range(bits: int) -> tuple[int, int]:
     """Symmetric (narrow) integer range of a `bits`-bit weight, e.g. [-127, 127] or [-7, 7]."""
     q = 2 ** (bits - 1) - 1
     return -q, q
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """Signed 4-bit values (in [-8, 7]) -> bytes, two per byte, the first in the low nibble; odd sizes pad a 0."""
+    flat = values.astype(np.int8).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError("int4 values must lie in [-8, 7]")
+    nibbles = (flat & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack_int4`: int8 values of `shape`."""
+    n = int(np.prod(shape))
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:n].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
 
 
 @dataclass
@@ -99,6 +118,10 @@ class QuantizedGraph:
                        for o in self.layers))
 
     # -- serialization ------------------------------------------------------------
+    def _packed(self, op: Op) -> dict[str, list[int]]:
+        """Arrays stored as packed int4: name -> shape."""
+        return {"weight": list(op.arrays["weight"].shape)} if op.attrs.get("weight_bits") == 4 else {}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ir_version": IR_VERSION,
@@ -107,7 +130,7 @@ class QuantizedGraph:
             "outputs": self.outputs,
             "values": [asdict(v) for v in self.values.values()],
             "ops": [{"name": o.name, "op": o.op, "inputs": o.inputs, "output": o.output, "attrs": o.attrs,
-                     "arrays": sorted(o.arrays)} for o in self.ops],
+                     "arrays": sorted(o.arrays), "int4_packed": self._packed(o)} for o in self.ops],
             "float_to_int": self.float_to_int,
         }
 
@@ -117,24 +140,31 @@ class QuantizedGraph:
         directory.mkdir(parents=True, exist_ok=True)
         meta, tensors = directory / "ir.json", directory / "ir.safetensors"
         meta.write_text(json.dumps(self.to_json(), indent=1))
-        save_file({f"{o.name}::{k}": np.ascontiguousarray(v) for o in self.ops for k, v in o.arrays.items()},
-                  str(tensors))
+        arrays = {}
+        for o in self.ops:
+            packed = self._packed(o)
+            for k, v in o.arrays.items():
+                arrays[f"{o.name}::{k}"] = pack_int4(v) if k in packed else np.ascontiguousarray(v)
+        save_file(arrays, str(tensors))
         return [meta, tensors]
 
     @classmethod
     def load(cls, directory: Path) -> QuantizedGraph:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
             meta = json.loads((directory / "ir.json").read_text())
             tensors = load_file(str(directory / "ir.safetensors"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise LowbitError(f"{directory}: cannot read the integer IR (ir.json, ir.safetensors): {e}") from e
         if meta.get("ir_version") != IR_VERSION:
             raise LowbitError(f"{directory}/ir.json: IR version {meta.get('ir_version')} is not {IR_VERSION}")
         values = {v["name"]: Value(**{**v, "shape": tuple(v["shape"])}) for v in meta["values"]}
         ops = []
         for o in meta["ops"]:
-            arrays = {k: tensors[f"{o['name']}::{k}"] for k in o["arrays"]}
+            packed = o.get("int4_packed", {})
+            arrays = {k: unpack_int4(tensors[f"{o['name']}::{k}"], tuple(packed[k])) if k in packed
+                      else tensors[f"{o['name']}::{k}"] for k in o["arrays"]}
             ops.append(Op(o["name"], o["op"], o["inputs"], o["output"], o["attrs"], arrays))
         return cls(values, ops, meta["inputs"], meta["outputs"], meta["name"], meta["float_to_int"])

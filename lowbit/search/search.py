@@ -186,28 +186,37 @@ def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evalu
                     log: Log = lambda _: None, echo: Log = lambda _: None) -> tuple[FrontierPoint, list[FrontierPoint]]:
     """Bisect the `metric` budget for the cheapest plan whose measured agreement drop is at most `max_drop`.
 
-    The drop is measured against `baseline`, the uniform highest-precision plan (the dearest
-    plan, so always within the band). The cheapest plan is tried first, then `steps` halvings
-    of the way between it and the dearest. Returns the chosen point and every point tried.
+    The drop is measured against `baseline`, the uniform highest-precision plan. The
+    budget ranges from the cheapest plan up to the problem's own `metric` budget (the
+    user's cap, or the dearest plan). Returns the chosen point and every point tried.
     """
     cheapest, dearest = budget_range(problem, metric)
-    best, tried = baseline, []
-    low, high = 0.0, 1.0  # fractions of the way from the cheapest to the dearest plan
-    for step in range(steps + 1):
-        f = 0.0 if step == 0 else (low + high) / 2
-        budgets = {**problem.budgets, metric: cheapest + f * (dearest - cheapest)}
+    cap = min(problem.budgets.get(metric, dearest), dearest)
+    tried: list[FrontierPoint] = []
+
+    def attempt(f: float, label: str) -> tuple[FrontierPoint, bool]:
+        budgets = {**problem.budgets, metric: cheapest + f * (cap - cheapest)}
         point = evaluate_point(problem, sens, costs, evaluator, budgets, cross_terms, log)
         tried.append(point)
         drop = baseline.measured["top1_agreement"] - point.measured["top1_agreement"]
         ok = drop <= max_drop + 1e-12
-        echo(f"step {step + 1}/{steps + 1}: {metric} <= {format_metric(metric, budgets[metric])} "
-             f"({100 * f:.1f}% of the way from the cheapest plan), bits {point.bit_counts}, top-1 agreement "
-             f"{100 * point.measured['top1_agreement']:.1f}% (drop {100 * drop:+.1f}%): "
+        echo(f"{label}: {metric} <= {format_metric(metric, budgets[metric])}, bits {point.bit_counts}, top-1 "
+             f"agreement {100 * point.measured['top1_agreement']:.1f}% (drop {100 * drop:+.1f}%): "
              f"{'within' if ok else 'outside'} the band")
+        return point, ok
+
+    best, ok = attempt(1.0, "largest budget")
+    if not ok:
+        raise LowbitError(f"no plan within {metric} <= {format_metric(metric, cap)} keeps the top-1 agreement drop "
+                          f"within {100 * max_drop:.2f}%; raise the budget or widen --max-drop")
+    point, ok = attempt(0.0, "cheapest plan")
+    if ok:
+        return point, tried
+    low, high = 0.0, 1.0  # fractions of the way from the cheapest plan to the cap
+    for step in range(steps):
+        f = (low + high) / 2
+        point, ok = attempt(f, f"step {step + 1}/{steps}")
         if ok and point.costs[metric] < best.costs[metric]:
             best = point
-        if step == 0 and ok:
-            break  # even the cheapest plan is within the band
-        if step > 0:
-            low, high = (low, f) if ok else (f, high)
+        low, high = (low, f) if ok else (f, high)
     return best, tried

@@ -116,13 +116,14 @@ class Sensitivity:
 
     @classmethod
     def load(cls, directory: Path) -> Sensitivity:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         meta_path = directory / "sensitivity.json"
         try:
             meta = json.loads(meta_path.read_text())
             tensors = load_file(str(directory / "sensitivity.safetensors"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise LowbitError(f"{directory}: cannot read a sensitivity artifact (sensitivity.json, "
                               f"sensitivity.safetensors): {e}; rerun `lowbit sensitivity`") from e
         if meta.get("sensitivity_version") != SENSITIVITY_VERSION:

@@ -1,0 +1,180 @@
+"""Mixed-precision search: the ILP, budgets, plans, int4 storage, and the commands end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lowbit.cli.main import lowbit
+from lowbit.errors import LowbitError
+from lowbit.models.loading import load_program
+from lowbit.quantizer.capture import capture
+from lowbit.quantizer.config import BitPlan
+from lowbit.quantizer.ir import QuantizedGraph, pack_int4, unpack_int4
+from lowbit.quantizer.reference import run_reference
+from lowbit.search.costs import LatencyTable, layer_costs
+from lowbit.search.ilp import Problem, refine, solve, tie_groups
+from lowbit.search.search import parse_budget, residual_ties
+
+
+def problem(budget: float) -> Problem:
+    # Three layers, bits [4, 8]: sensitivity at 4 bits 5, 1, 3 (0 at 8); sizes 4 vs 8 each, 10 vs 20 for the last.
+    cost = np.array([[5.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    size = np.array([[4.0, 8.0], [4.0, 8.0], [10.0, 20.0]])
+    return Problem([["a"], ["b"], ["c"]], [4, 8], cost, {"size": size}, {"size": budget})
+
+
+def brute_force(p: Problem) -> list[int]:
+    feasible = [c for c in itertools.product(range(2), repeat=3) if p.feasible(c)]
+    return list(min(feasible, key=lambda c: p.cost[np.arange(3), list(c)].sum()))
+
+
+@pytest.mark.parametrize("budget", [18.0, 22.0, 26.0, 30.0, 36.0])
+def test_ilp_is_optimal_and_within_budget(budget: float) -> None:
+    p = problem(budget)
+    choice = solve(p)
+    assert p.feasible(choice)
+    assert choice == brute_force(p)
+
+
+def test_ilp_hand_checked_instance() -> None:
+    # Budget 26: all-4 costs 18; raising c to 8 costs +10 (too much with anything else), a +4, b +4.
+    # Best: a and b at 8 (size 26, loss 3) beats c at 8 (size 28: infeasible).
+    assert problem(26.0).plan(solve(problem(26.0))) == {"a": 8, "b": 8, "c": 4}
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
+    with pytest.raises(LowbitError, match=r"smallest size any plan reaches is 18"):
+        solve(problem(17.0))
+
+
+def test_ilp_solves_mobilenet_sized_instances_fast() -> None:
+    rng = np.random.default_rng(0)
+    n = 53
+    cost = np.stack([rng.exponential(1.0, n), np.zeros(n)], 1)
+    size = np.stack([rng.integers(1, 100, n), np.zeros(n)], 1).astype(float)
+    size[:, 1] = 2 * size[:, 0]
+    p = Problem([[f"l{i}"] for i in range(n)], [4, 8], cost, {"size": size}, {"size": 0.75 * size[:, 1].sum()})
+    t0 = time.perf_counter()
+    choice = solve(p)
+    assert time.perf_counter() - t0 < 1.0
+    assert p.feasible(choice)
+
+
+def test_refine_never_worsens_and_stays_feasible() -> None:
+    p = problem(26.0)
+    pair = np.zeros((3, 3))
+    pair[0, 1] = pair[1, 0] = 10.0  # a and b both at 4 bits cost extra
+
+    def objective(c: list[int]) -> float:
+        low = np.array([b == 0 for b in c], dtype=float)
+        return float(p.cost[np.arange(3), c].sum() + low @ pair @ low / 2)
+
+    start = solve(p)
+    refined = refine(p, start, objective)
+    assert p.feasible(refined) and objective(refined) <= objective(start)
+
+
+def test_tie_groups_merge_overlapping_ties() -> None:
+    groups = tie_groups(["a", "b", "c", "d", "e"], [["b", "c"], ["c", "d"]])
+    assert groups == [["a"], ["b", "c", "d"], ["e"]]
+
+
+def test_budgets_parse_fractions_and_units() -> None:
+    assert parse_budget("size", "0.5x", 1000.0) == 500.0
+    assert parse_budget("size", "2.5MB", 0) == 2.5e6
+    assert parse_budget("bops", "150G", 0) == 150e9
+    assert parse_budget("latency", "3ms", 0) == 3.0
+    with pytest.raises(LowbitError, match="--size"):
+        parse_budget("size", "lots", 1.0)
+
+
+def test_plan_round_trips_and_bad_plans_are_refused(tmp_path: Path) -> None:
+    plan = BitPlan({"a": 4, "b": 8})
+    plan.save(tmp_path / "plan.json", note="x")
+    assert BitPlan.load(tmp_path / "plan.json") == plan
+    (tmp_path / "bad.json").write_text(json.dumps({"bits": {"a": 4}}))
+    with pytest.raises(LowbitError, match="not a lowbit bit plan"):
+        BitPlan.load(tmp_path / "bad.json")
+    (tmp_path / "trunc.json").write_text('{"format": ')
+    with pytest.raises(LowbitError, match="cannot read"):
+        BitPlan.load(tmp_path / "trunc.json")
+
+
+def test_latency_table_round_trips(tmp_path: Path) -> None:
+    table = LatencyTable("cpu", "test", {"a": {4: 0.5, 8: 1.0}})
+    (tmp_path / "t.json").write_text(json.dumps(table.to_json()))
+    assert LatencyTable.load(tmp_path / "t.json").get("a", 4) == 0.5
+    with pytest.raises(LowbitError, match="no entry for layer 'b'"):
+        table.get("b", 4)
+
+
+def test_int4_packs_two_per_byte() -> None:
+    values = np.random.default_rng(0).integers(-8, 8, (5, 3, 3)).astype(np.int8)  # odd count
+    packed = pack_int4(values)
+    assert packed.dtype == np.uint8 and packed.size == (values.size + 1) // 2
+    np.testing.assert_array_equal(unpack_int4(packed, values.shape), values)
+
+
+def test_small_cnn_residual_ties() -> None:
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    ties = residual_ties(graph)
+    assert ties and all(len(t) > 1 for t in ties)
+    costs = layer_costs(graph, [4, 8])
+    for node in graph.layers:
+        w = graph.weight(node.name).numel()
+        assert costs.size_bytes[node.name][8] - costs.size_bytes[node.name][4] == w / 2
+
+
+def _invoke(*args: object):
+    return CliRunner().invoke(lowbit, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
+    sens_dir, search_dir, out = tmp_path / "sens", tmp_path / "search", tmp_path / "q"
+    r = _invoke("sensitivity", "zoo:small_cnn", "-o", sens_dir, "--samples", 8, "--max-trace-seconds", 2,
+                "--check-configs", 6)
+    assert r.exit_code == 0, r.output
+    sens = json.loads((sens_dir / "sensitivity.json").read_text())
+    assert set(sens["check"]["spearman"]) == {"cross", "diagonal", "trace"}
+    for png in ("sensitivity_layers.png", "cross_terms_w4.png"):
+        assert (sens_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+    r = _invoke("search", "zoo:small_cnn", "--size", "0.8x", "--max-drop", "50%", "--sensitivity", sens_dir,
+                "--frontier-points", 2, "--bisect-steps", 2, "-o", search_dir)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((search_dir / "plan.json").read_text())
+    frontier = json.loads((search_dir / "frontier.json").read_text())
+    assert plan["costs"]["size"] <= frontier["budgets"]["size"] + 1e-6
+    assert frontier["baseline"]["measured"]["top1_agreement"] - plan["measured"]["top1_agreement"] <= 0.5
+    assert sum(p["chosen"] for p in frontier["points"]) == 1
+    assert (search_dir / "frontier.png").exists()
+
+    r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "-o", out)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bit_plan"] == plan["bits"]
+    qgraph = QuantizedGraph.load(out / "ir")
+    low = [name for name, b in plan["bits"].items() if b == 4]
+    for name in low:
+        assert np.abs(qgraph.op(name).arrays["weight"]).max() <= 7
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert run_reference(qgraph, x)[qgraph.outputs[0]].shape[0] == 1
+
+
+def test_search_refuses_bad_requests(tmp_path: Path) -> None:
+    r = _invoke("search", "zoo:small_cnn", "-o", tmp_path / "s")
+    assert r.exit_code == 2 and "give a budget" in r.output
+    r = _invoke("search", "zoo:small_cnn", "--size", "0.1x", "--bits", "4,8", "-o", tmp_path / "s",
+                "--sensitivity", tmp_path / "missing")
+    assert r.exit_code == 2 and "cannot read a sensitivity artifact" in r.output
+    (tmp_path / "plan.json").write_text(json.dumps({"format": "lowbit-bitplan-v1", "bits": {"nope": 4}}))
+    r = _invoke("quantize", "zoo:small_cnn", "--plan", tmp_path / "plan.json", "-o", tmp_path / "q")
+    assert r.exit_code == 2 and "unknown layers ['nope']" in r.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()

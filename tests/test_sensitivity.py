@@ -1,0 +1,120 @@
+"""Sensitivity: Hutchinson traces and the exact quadratic terms, checked against torch's exact Hessian."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowbit.models import get_zoo_entry
+from lowbit.models.loading import load_program
+from lowbit.quantizer.calibrate import weight_error
+from lowbit.quantizer.capture import capture
+from lowbit.quantizer.config import QuantConfig
+from lowbit.quantizer.graph import Graph, forward
+from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.simulate import fake_quantizers
+from lowbit.sensitivity.analyze import SensitivityConfig, check_predictions, compute_sensitivity
+from lowbit.sensitivity.artifact import Sensitivity, weight_key
+from lowbit.sensitivity.hessian import hutchinson_traces, kl_to_reference
+
+
+class Tiny(nn.Module):
+    """Small enough for torch.autograd.functional.hessian over every weight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.dw = nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3)
+        self.fc = nn.Linear(3 * 3 * 3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = torch.clamp(self.dw(x), 0.0, 6.0)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Graph, np.ndarray]:
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(12, 2, 6, 6)
+    graph = capture(torch.export.export(model, (x[:1],)), "tiny")
+    return graph, x.numpy()
+
+
+def exact_hessian(graph: Graph, x: np.ndarray) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """The full Hessian of the KL-to-FP32 loss over every layer's weights (float64), flattened in layer order."""
+    names = [n.name for n in graph.layers]
+    sizes = [graph.weight(n).numel() for n in names]
+    original = graph.params
+    graph.params = {k: v.double() for k, v in original.items()}
+    try:
+        xt = torch.from_numpy(x).double()
+        reference = forward(graph, xt)[graph.outputs[0]].detach()
+
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(flat, sizes)
+            weights = {n: p.reshape(graph.weight(n).shape) for n, p in zip(names, parts, strict=True)}
+            return kl_to_reference(forward(graph, xt, weights=weights)[graph.outputs[0]], reference)
+
+        flat = torch.cat([graph.weight(n).reshape(-1) for n in names])
+        h = torch.autograd.functional.hessian(loss, flat)
+    finally:
+        graph.params = original
+    return h, list(zip(names, sizes, strict=True))
+
+
+def test_hutchinson_traces_match_the_exact_hessian(tiny) -> None:
+    graph, x = tiny
+    h, layout = exact_hessian(graph, x)
+    traces, _ = hutchinson_traces(graph, torch.from_numpy(x), tolerance=0.03, min_draws=50, max_draws=4000)
+    start = 0
+    for name, size in layout:
+        exact = float(torch.diagonal(h[start:start + size, start:start + size]).sum())
+        est = traces[name]
+        assert est.relative_half_width <= 0.03
+        # The estimate is unbiased: the exact trace lies within a few of its confidence half-widths.
+        assert abs(est.mean - exact) <= 2 * est.half_width + 1e-9, (name, est, exact)
+        start += size
+
+
+def test_quadratic_terms_equal_the_exact_hessian(tiny) -> None:
+    graph, x = tiny
+    h, layout = exact_hessian(graph, x)
+    quantizers = fake_quantizers(quantize(graph, x, QuantConfig(rounding="nearest")))
+    sens = compute_sensitivity(graph, x, quantizers, SensitivityConfig(samples=len(x), max_draws=10))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        plan = {name: int(rng.choice([4, 8])) for name, _ in layout}
+        delta = torch.cat([weight_error(graph.weight(n), plan[n], "mse").reshape(-1) for n, _ in layout]).double()
+        exact = 0.5 * float(delta @ h @ delta)
+        assert sens.predict(plan, "cross") == pytest.approx(exact, rel=1e-4)
+    # Diagonal blocks alone are δ_iᵀ H_ii δ_i.
+    name, size = layout[0]
+    d = weight_error(graph.weight(name), 4, "mse").reshape(-1).double()
+    k = sens.keys.index(weight_key(name, 4))
+    assert sens.cross[k, k] == pytest.approx(float(d @ h[:size, :size] @ d), rel=1e-4)
+
+
+def test_sensitivity_round_trips_and_checks_predictions(tmp_path) -> None:
+    entry = get_zoo_entry("small_cnn")
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    calib = entry.calibration(0)
+    quantizers = fake_quantizers(quantize(graph, calib, QuantConfig(rounding="nearest")))
+    sens = compute_sensitivity(graph, calib, quantizers, SensitivityConfig(samples=8, max_draws=12))
+    assert [layer.name for layer in sens.layers] == [n.name for n in graph.layers]
+    for layer in sens.layers:
+        assert layer.trace > 0 and layer.activation_trace > 0
+        assert layer.omega(2) > layer.omega(4) > layer.omega(8) > 0  # fewer bits, more loss
+    sens.check = check_predictions(graph, sens, calib, configs=8)
+    assert set(sens.check["spearman"]) == {"cross", "diagonal", "trace"}
+    sens.save(tmp_path)
+    loaded = Sensitivity.load(tmp_path)
+    plan = {n.name: 4 for n in graph.layers}
+    assert loaded.predict(plan) == pytest.approx(sens.predict(plan))
+    assert loaded.check == sens.check
+    (tmp_path / "sensitivity.safetensors").write_bytes(b"truncated")
+    with pytest.raises(Exception, match="sensitivity"):
+        Sensitivity.load(tmp_path)
