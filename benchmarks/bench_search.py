@@ -3,8 +3,9 @@
 1. Sensitivity time (Hutchinson traces + exact quadratic terms for {4, 8} bits).
 2. Do the inter-layer terms help? Spearman correlation of predicted vs measured loss
    increase over random INT4/INT8 plans, with and without the cross terms.
-3. At equal size, the ILP plan's measured top-1 agreement vs a uniform plan (INT8 with
-   the largest layer at INT4), the mean of 5 random plans, and the reversed-sensitivity plan.
+3. At equal size, the ILP plan's measured top-1 agreement vs a uniform-style plan (INT8 with
+   the largest layers at INT4), the mean of 5 random plans, and the reversed-sensitivity plan.
+4. `--max-drop`: bisection for the smallest plan within a measured agreement band.
 
     python benchmarks/bench_search.py [--out BENCHMARKS.md] [--configs 30] [--threads 2]
 """
@@ -33,7 +34,14 @@ from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.quantize import calibrate, quantize
 from lowbit.quantizer.simulate import fake_quantizers
 from lowbit.search.costs import layer_costs
-from lowbit.search.search import PlanEvaluator, build_problem, plan_for_budget
+from lowbit.search.search import (
+    FrontierPoint,
+    PlanEvaluator,
+    all_costs,
+    bisect_max_drop,
+    build_problem,
+    plan_for_budget,
+)
 from lowbit.sensitivity.analyze import SensitivityConfig, check_predictions, compute_sensitivity
 
 _START = time.perf_counter()
@@ -44,7 +52,7 @@ def log(message: str) -> None:
 
 
 def fill_to_size(order: list[str], costs, budget: float, top: dict[str, int]) -> dict[str, int]:
-    """Lower layers to 4 bits in `order` until the plan fits `budget` (skipping any that overshoot needlessly)."""
+    """Lower layers to 4 bits, in `order`, until the plan fits `budget`."""
     plan = dict(top)
     for name in order:
         if costs.total("size", plan) <= budget:
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--configs", type=int, default=30, help="random plans for the Spearman check")
     parser.add_argument("--random-plans", type=int, default=5)
+    parser.add_argument("--max-drop", type=float, default=0.01, help="agreement band for the bisection")
+    parser.add_argument("--size", type=float, default=0.7, help="size budget, as a fraction of uniform INT8")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
@@ -84,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     costs = layer_costs(graph, [4, 8])
     top = {n.name: 8 for n in graph.layers}
-    largest = max(graph.layers, key=lambda n: graph.weight(n.name).numel()).name
-    uniform = {**top, largest: 4}
-    budget = costs.total("size", uniform)
+    budget = args.size * costs.total("size", top)
     problem = build_problem(graph, sens, costs, [4, 8], {"size": budget})
     t0 = time.perf_counter()
     ilp_plan = plan_for_budget(problem, sens, cross_terms=False)
@@ -94,14 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     refined_plan = plan_for_budget(problem, sens, cross_terms=True)
 
     names = [n.name for n in graph.layers]
+    # The uniform-style plan of the same size: INT8, with the largest layers at INT4 until it fits.
+    largest_first = fill_to_size(sorted(names, key=lambda n: -graph.weight(n).numel()), costs, budget, top)
     rng = np.random.default_rng(0)
     random_plans = [fill_to_size(list(rng.permutation(names)), costs, budget, top) for _ in range(args.random_plans)]
-    by_sensitivity = sorted(names, key=lambda n: -sens.predict({n: 4}) + sens.predict({n: 8}))
+    by_sensitivity = sorted(names, key=lambda n: sens.predict({n: 8}) - sens.predict({n: 4}))
     reversed_plan = fill_to_size(by_sensitivity, costs, budget, top)
 
     evaluator = PlanEvaluator(graph, calib, heldout, QuantConfig(), stats)
     rows = []
-    contenders = [("uniform INT8", top), (f"INT8, largest layer ({largest}) INT4", uniform),
+    contenders = [("uniform INT8 (reference, larger)", top), ("INT8, largest layers INT4 until it fits", largest_first),
                   ("ILP (exact per-group terms)", ilp_plan), ("ILP + cross-term refinement", refined_plan),
                   ("reversed sensitivity", reversed_plan)]
     contenders += [(f"random plan {i + 1}", p) for i, p in enumerate(random_plans)]
@@ -110,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         m = evaluator.measure(plan)
         rows.append((label, plan, m))
         log(f"{label}: {100 * m['top1_agreement']:.1f}%")
+    log(f"bisecting for the smallest plan within a {100 * args.max_drop:.1f}% drop")
+    baseline = FrontierPoint({}, top, sens.predict(top), rows[0][2], all_costs(costs, top))
+    chosen, tried = bisect_max_drop(build_problem(graph, sens, costs, [4, 8], {"size": costs.total("size", top)}),
+                                    sens, costs, evaluator, "size", args.max_drop, baseline, steps=4, echo=log)
     random_mean = float(np.mean([m["top1_agreement"] for label, _, m in rows if label.startswith("random")]))
 
     cpu = platform.processor() or "unknown CPU"
@@ -131,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "`lowbit quantize` does: GPTQ weights, 8-bit activations)", "",
         "## Sensitivity time", "",
         "| step | time |", "|---|---:|",
-        f"| Hutchinson traces ({sens.trace_draws} draws; 95% half-width median ±{100 * median:.1f}%, widest "
+        f"| Hutchinson traces (top-8 classes exact, then {sens.trace_draws} draws; 95% half-width median "
+        f"±{100 * median:.1f}%, widest "
         f"±{100 * widest:.1f}%) | {sens.timings['traces_s']:.1f} s |",
-        f"| exact quadratic terms ({len(sens.keys)} perturbations: 53 layers × {{4, 8}} bits + activations) | "
+        f"| exact quadratic terms ({len(sens.keys)} perturbations: {len(sens.layers)} layers × {{4, 8}} bits, "
+        "and each layer's activation noise) | "
         f"{sens.timings['quadratic_terms_s']:.1f} s |",
         f"| **total** | **{sens_seconds:.1f} s** |", "",
         f"## Do the inter-layer terms help? ({args.configs} random INT4/INT8 plans, RTN weights)", "",
@@ -141,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| ½ δᵀHδ with every inter-layer term | {rho['cross']:.3f} |",
         f"| exact per-layer blocks only (diagonal) | {rho['diagonal']:.3f} |",
         f"| HAWQ-V3 trace estimate, ½ Σ Tr(H_i)/n_i ‖ΔW_i‖² | {rho['trace']:.3f} |", "",
-        f"## Equal size: ILP vs other plans (budget: {budget / 1e6:.3f} MB of weights, "
-        f"= INT8 with the largest layer at INT4)", "",
+        f"## Equal size: ILP vs other plans (budget {budget / 1e6:.3f} MB of weights, {args.size:.2f}× uniform "
+        "INT8; every plan but the reference fits it)", "",
         "| plan | INT4 layers | weight size | top-1 agreement | SQNR |", "|---|---:|---:|---:|---:|",
     ]
     for label, plan, m in rows:
@@ -150,6 +166,19 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * m['top1_agreement']:.1f}% | {m['sqnr_db']:.1f} dB |")
     lines += [f"| mean of {args.random_plans} random plans | | | {100 * random_mean:.1f}% | |", "",
               f"ILP solve time: {1000 * ilp_seconds:.0f} ms ({len(problem.groups)} choices).", ""]
+    lines += [f"## Bisection: smallest plan within a {100 * args.max_drop:.1f}% agreement drop from uniform INT8", "",
+              "| step | size budget | INT4 layers | top-1 agreement | drop | within band |",
+              "|---|---:|---:|---:|---:|---|"]
+    base = rows[0][2]["top1_agreement"]
+    for i, p in enumerate(tried):
+        drop = base - p.measured["top1_agreement"]
+        lines.append(f"| {i + 1}{' (chosen)' if p is chosen else ''} | {p.budget['size'] / 1e6:.3f} MB | "
+                     f"{p.bit_counts.get(4, 0)} | {100 * p.measured['top1_agreement']:.1f}% | {100 * drop:+.1f}% | "
+                     f"{'yes' if drop <= args.max_drop + 1e-12 else 'no'} |")
+    ratio = chosen.costs["size"] / costs.total("size", top)
+    chosen_drop = base - chosen.measured["top1_agreement"]
+    lines += ["", f"Chosen: {chosen.costs['size'] / 1e6:.3f} MB ({ratio:.2f}× uniform INT8), measured drop "
+              f"{100 * chosen_drop:+.1f}%.", ""]
     write_section(args.out, "search", "\n".join(lines))
     log(f"wrote {args.out}")
     return 0
