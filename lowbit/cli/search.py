@@ -137,12 +137,12 @@ def sensitivity_markdown(sens: Sensitivity) -> str:
     return "\n".join(lines)
 
 
-def _sensitivity_config(samples: int, tolerance: float, max_trace_seconds: float, bits: str, pair_bits: str,
-                        seed: int) -> SensitivityConfig:
+def _sensitivity_config(samples: int, head_classes: int, tolerance: float, max_trace_seconds: float, bits: str,
+                        pair_bits: str, seed: int) -> SensitivityConfig:
     all_bits = (2, 3, 4, 5, 6, 7, 8)
     return SensitivityConfig(bits=_bit_list(bits, "--bits", all_bits), pair_bits=_bit_list(pair_bits, "--pair-bits",
-                             all_bits), samples=samples, tolerance=tolerance, max_trace_seconds=max_trace_seconds,
-                             seed=seed)
+                             all_bits), samples=samples, head_classes=head_classes, tolerance=tolerance,
+                             max_trace_seconds=max_trace_seconds, seed=seed)
 
 
 @lowbit.command("sensitivity")
@@ -154,8 +154,10 @@ def _sensitivity_config(samples: int, tolerance: float, max_trace_seconds: float
 @click.option("--bits", default="2,3,4,8", show_default=True, help="Weight bit-widths that get Ω_i(b).")
 @click.option("--pair-bits", default="4,8", show_default=True,
               help="Weight bit-widths that get exact inter-layer terms.")
+@click.option("--head-classes", type=int, default=SensitivityConfig.head_classes, show_default=True,
+              help="Classes per sample whose share of each trace is computed exactly (the rest is sampled).")
 @click.option("--tolerance", type=float, default=SensitivityConfig.tolerance, show_default=True,
-              help="Stop Hutchinson sampling once every 95%% interval is within this fraction of its trace.")
+              help="Stop Hutchinson sampling once every 95% interval is within this fraction of its trace.")
 @click.option("--max-trace-seconds", type=float, default=SensitivityConfig.max_trace_seconds, show_default=True,
               help="Time limit for Hutchinson sampling (the report gives the intervals reached).")
 @click.option("--check-configs", type=int, default=30, show_default=True,
@@ -163,11 +165,11 @@ def _sensitivity_config(samples: int, tolerance: float, max_trace_seconds: float
 @user_errors
 def sensitivity_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                         seed: int, force: bool, labels: Path | None, samples: int, bits: str, pair_bits: str,
-                        tolerance: float, max_trace_seconds: float, check_configs: int) -> None:
+                        head_classes: int, tolerance: float, max_trace_seconds: float, check_configs: int) -> None:
     """Measure how sensitive each layer of MODEL is to quantization (Hessian traces and inter-layer terms)."""
     from ..quantizer.quantize import calibrate
 
-    config = _sensitivity_config(samples, tolerance, max_trace_seconds, bits, pair_bits, seed)
+    config = _sensitivity_config(samples, head_classes, tolerance, max_trace_seconds, bits, pair_bits, seed)
     progress = Progress()
     request = QuantizeRequest(model, output, calib, eval_path, factory, QuantConfig(seed=seed), force)
     prepared = prepare(request, progress)

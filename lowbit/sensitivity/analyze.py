@@ -54,6 +54,9 @@ class SensitivityConfig:
             raise LowbitError(f"sensitivity bit-widths {bad}: weights take 2 to 8 bits")
         if self.samples < 1:
             raise LowbitError(f"sensitivity samples {self.samples}: need at least one")
+        if self.head_classes < 0 or self.tolerance <= 0 or self.min_draws < 2 or self.max_draws < self.min_draws:
+            raise LowbitError(f"sensitivity sampling settings are invalid: head_classes {self.head_classes} (>= 0), "
+                              f"tolerance {self.tolerance} (> 0), draws {self.min_draws}..{self.max_draws} (>= 2)")
 
 
 def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict[str, FakeQuant],
