@@ -160,6 +160,8 @@ def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["bit_plan"] == plan["bits"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"]  # mixed INT4/INT8, ORT == reference
     qgraph = QuantizedGraph.load(out / "ir")
     low = [name for name, b in plan["bits"].items() if b == 4]
     for name in low:
@@ -178,3 +180,22 @@ def test_search_refuses_bad_requests(tmp_path: Path) -> None:
     r = _invoke("quantize", "zoo:small_cnn", "--plan", tmp_path / "plan.json", "-o", tmp_path / "q")
     assert r.exit_code == 2 and "unknown layers ['nope']" in r.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+
+
+def test_latency_budget_from_a_table(tmp_path: Path) -> None:
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    table = LatencyTable("test-cpu", "hand-made", {n.name: {4: 0.5, 8: 1.0} for n in graph.layers})
+    (tmp_path / "table.json").write_text(json.dumps(table.to_json()))
+    r = _invoke("sensitivity", "zoo:small_cnn", "-o", tmp_path / "sens", "--samples", 4, "--max-trace-seconds", 1,
+                "--check-configs", 0)
+    assert r.exit_code == 0, r.output
+    r = _invoke("search", "zoo:small_cnn", "--latency", "0.75x", "--latency-table", tmp_path / "table.json",
+                "--sensitivity", tmp_path / "sens", "--frontier-points", 0, "-o", tmp_path / "search")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "search" / "plan.json").read_text())
+    assert plan["costs"]["latency"] <= 0.75 * len(graph.layers)
+    assert sum(b == 4 for b in plan["bits"].values()) >= 3
+    r = _invoke("search", "zoo:small_cnn", "--latency", "0.4x", "--latency-table", tmp_path / "table.json",
+                "--sensitivity", tmp_path / "sens", "-o", tmp_path / "s2")
+    assert r.exit_code == 2 and "smallest latency any plan reaches is 4.500 ms" in r.output
+    assert not (tmp_path / "s2").exists()
