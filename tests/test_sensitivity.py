@@ -132,3 +132,14 @@ def test_sensitivity_round_trips_and_checks_predictions(tmp_path) -> None:
     (tmp_path / "sensitivity.safetensors").write_bytes(b"truncated")
     with pytest.raises(Exception, match="sensitivity"):
         Sensitivity.load(tmp_path)
+
+
+def test_labels_switch_the_loss_and_add_first_order_terms(tiny) -> None:
+    graph, x = tiny
+    quantizers = fake_quantizers(quantize(graph, x, QuantConfig(rounding="nearest")))
+    labels = np.arange(len(x)) % 6
+    sens = compute_sensitivity(graph, x, quantizers, SensitivityConfig(samples=len(x), max_draws=4), labels=labels)
+    assert sens.loss == "cross_entropy"
+    assert np.abs(sens.gradient).max() > 0  # away from the FP32 optimum the gradient term matters
+    kl = compute_sensitivity(graph, x, quantizers, SensitivityConfig(samples=len(x), max_draws=4))
+    assert kl.loss == "kl" and not kl.gradient.any()

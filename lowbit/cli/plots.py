@@ -30,15 +30,15 @@ def sensitivity_bars(sens: Sensitivity, path: Path) -> None:
     top.bar(x, per_param, yerr=err, capsize=2, color="tab:blue", ecolor="black")
     top.set_yscale("log")
     top.set_ylabel("Tr(H) / n (95% CI)")
-    top.set_title(f"{sens.model}: Hessian trace per parameter ({sens.trace_draws} Hutchinson draws, "
-                  f"{sens.samples} samples)")
+    top.set_title(f"{sens.model}: Hessian trace per parameter (top-{sens.head_classes} classes exact + "
+                  f"{sens.trace_draws} Hutchinson draws, {sens.samples} samples)")
     width = 0.8 / len(sens.bits)
     for k, b in enumerate(sens.bits):
         bottom.bar(x + (k - (len(sens.bits) - 1) / 2) * width, [layer.omega(b) for layer in sens.layers], width,
                    label=f"{b}-bit")
     bottom.set_yscale("log")
     bottom.set_ylabel("Ω(b) = Tr(H)/n · ‖ΔW‖²")
-    bottom.legend()
+    bottom.legend(ncol=len(sens.bits), loc="upper right")
     bottom.set_xticks(x, names, rotation=90, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -117,7 +117,8 @@ def write_sensitivity(directory: Path, sens: Sensitivity) -> None:
 def sensitivity_markdown(sens: Sensitivity) -> str:
     lines = [f"# Sensitivity: {sens.model}", "",
              f"- loss: {sens.loss} (against the FP32 model's own predictions unless labels were given)",
-             f"- samples: {sens.samples}; Hutchinson draws: {sens.trace_draws}",
+             f"- samples: {sens.samples}; traces: top-{sens.head_classes} classes exact, then "
+             f"{sens.trace_draws} Hutchinson draws",
              "- timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in sens.timings.items()), ""]
     if sens.check:
         rho = sens.check["spearman"]

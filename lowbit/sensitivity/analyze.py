@@ -123,7 +123,8 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     return Sensitivity(
         model=graph.name, loss="kl" if labels is None else "cross_entropy", samples=n,
         bits=sorted(config.bits), pair_bits=sorted(config.pair_bits), layers=results,
-        trace_draws=max(t.draws for t in traces.values()), keys=keys, cross=cross, gradient=gradient,
+        trace_draws=max(t.draws for t in traces.values()), head_classes=config.head_classes, keys=keys,
+        cross=cross, gradient=gradient,
         timings=timings)
 
 

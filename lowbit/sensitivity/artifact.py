@@ -56,7 +56,8 @@ class Sensitivity:
     bits: list[int]  # weight bit-widths with an Ω
     pair_bits: list[int]  # weight bit-widths with exact quadratic terms
     layers: list[LayerSensitivity]
-    trace_draws: int
+    trace_draws: int  # Hutchinson draws after the exact head classes
+    head_classes: int  # classes per sample whose share of each trace was computed exactly
     # Perturbation keys (weight_key / activation_key) and their exact quadratic forms: cross[k, l] = δ_kᵀ H δ_l.
     keys: list[str]
     cross: np.ndarray
