@@ -98,7 +98,8 @@ def test_quadratic_terms_equal_the_exact_hessian(tiny) -> None:
     graph, x = tiny
     h, layout = exact_hessian(graph, x)
     quantizers = fake_quantizers(quantize(graph, x, QuantConfig(rounding="nearest")))
-    sens = compute_sensitivity(graph, x, quantizers, SensitivityConfig(samples=len(x), max_draws=10))
+    config = SensitivityConfig(samples=len(x), max_draws=10, rounding="nearest")  # δ = round-to-nearest error
+    sens = compute_sensitivity(graph, x, quantizers, config)
     rng = np.random.default_rng(0)
     for _ in range(5):
         plan = {name: int(rng.choice([4, 8])) for name, _ in layout}

@@ -213,20 +213,33 @@ def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
-    """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
+def layer_hessian(graph: Graph, node: Node, x: torch.Tensor) -> torch.Tensor:
+    """GPTQ's H = mean X Xᵀ of one layer's inputs `x`, per group: [groups, K, K]."""
     w = graph.weight(node.name)
     groups = node.attrs.get("groups", 1)
     attrs = {**node.attrs, "kernel": list(w.shape[2:])}
     hessian = HessianAccumulator()
     for chunk in torch.split(x, HESSIAN_CHUNK):
         hessian.add(input_columns(chunk, node.op, attrs, groups))
-    w_grouped = w.reshape(groups, w.shape[0] // groups, -1)
-    scale = torch.tensor(op.attrs["weight_scale"], dtype=torch.float64).reshape(groups, -1)
-    qmin, qmax = weight_range(op.attrs["weight_bits"])
-    w_int = gptq_round(w_grouped, hessian.result(), scale, qmin, qmax).reshape(w.shape)
+    return hessian.result()
+
+
+def gptq_weight(graph: Graph, node: Node, hessian: torch.Tensor, scale: np.ndarray | torch.Tensor,
+                bits: int) -> torch.Tensor:
+    """GPTQ-rounded integer weights of one layer, given its input Hessian and per-channel `scale`."""
+    w = graph.weight(node.name)
+    groups = hessian.shape[0]
+    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(groups, -1)
+    qmin, qmax = weight_range(bits)
+    return gptq_round(w.reshape(groups, w.shape[0] // groups, -1), hessian, scale, qmin, qmax).reshape(w.shape)
+
+
+def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
+    scale = np.asarray(op.attrs["weight_scale"], dtype=np.float64)
+    w_int = gptq_weight(graph, node, layer_hessian(graph, node, x), scale, op.attrs["weight_bits"])
     op.arrays["weight"] = w_int.numpy().astype(np.int8)
-    return (w_int * _channel_view(scale.reshape(-1), w.dim(), 0)).float()
+    return (w_int * _channel_view(torch.from_numpy(scale), w_int.dim(), 0)).float()
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
 """The search stage: Sensitivity + costs + budget -> BitPlan, a measured frontier, and bisection.
 
-- `plan_for_budget`: ILP on the exact per-group quadratic costs, then (optionally)
-  a local refinement with every cross term.
+- `plan_for_budget`: ILP on the exact per-group quadratic costs (tied layers' mutual
+  terms included), optionally refined with the cross terms between groups. Measured
+  on MobileNetV2 at 0.7x size, the refinement lowered predicted loss but also held-out
+  agreement (82.3% -> 76.6%), so it is off by default.
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
   calibration statistics shared) and measures top-1 agreement with FP32 on
   held-out data, with the fake-quant executor.
@@ -93,7 +95,7 @@ def build_problem(graph: Graph, sens: Sensitivity, costs: CostModel, bits: Seque
     return Problem(groups, bits, cost, metrics, budgets)
 
 
-def plan_for_budget(problem: Problem, sens: Sensitivity, cross_terms: bool = True) -> Plan:
+def plan_for_budget(problem: Problem, sens: Sensitivity, cross_terms: bool = False) -> Plan:
     choice = solve(problem, FORMATTERS)
     if cross_terms:
         choice = refine(problem, choice, lambda c: sens.predict(problem.plan(c)))
@@ -182,7 +184,7 @@ def budget_range(problem: Problem, metric: str) -> tuple[float, float]:
 
 
 def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evaluator: PlanEvaluator, metric: str,
-                    max_drop: float, baseline: FrontierPoint, steps: int = 6, cross_terms: bool = True,
+                    max_drop: float, baseline: FrontierPoint, steps: int = 6, cross_terms: bool = False,
                     log: Log = lambda _: None, echo: Log = lambda _: None) -> tuple[FrontierPoint, list[FrontierPoint]]:
     """Bisect the `metric` budget for the cheapest plan whose measured agreement drop is at most `max_drop`.
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
-from ..quantizer.calibrate import weight_error
+from ..quantizer.calibrate import weight_error, weight_scales
 from ..quantizer.graph import Graph, forward
+from ..quantizer.quantize import gptq_weight, layer_hessian
 from ..quantizer.simulate import FakeQuant
 from .artifact import LayerSensitivity, Sensitivity, activation_key, weight_key
 from .hessian import (
@@ -46,12 +47,16 @@ class SensitivityConfig:
     max_draws: int = 200
     max_trace_seconds: float = 120.0
     weight_method: str = "mse"
+    # The weight errors δ_i(b) whose effect is measured: GPTQ's, as `lowbit quantize` rounds, or nearest.
+    rounding: str = "gptq"
     seed: int = 0
 
     def __post_init__(self) -> None:
         bad = [b for b in (*self.bits, *self.pair_bits) if not 2 <= b <= 8]
         if bad:
             raise LowbitError(f"sensitivity bit-widths {bad}: weights take 2 to 8 bits")
+        if self.rounding not in ("gptq", "nearest"):
+            raise LowbitError(f"sensitivity rounding {self.rounding!r}: expected gptq or nearest")
         if self.samples < 1:
             raise LowbitError(f"sensitivity samples {self.samples}: need at least one")
         if self.head_classes < 0 or self.tolerance <= 0 or self.min_draws < 2 or self.max_draws < self.min_draws:
@@ -59,9 +64,30 @@ class SensitivityConfig:
                               f"tolerance {self.tolerance} (> 0), draws {self.min_draws}..{self.max_draws} (>= 2)")
 
 
+class WeightErrors:
+    """δ_i(b) = Q_b(W_i) - W_i per layer and bit-width, cached; GPTQ uses each layer's FP32 inputs."""
+
+    def __init__(self, graph: Graph, primals: dict[str, torch.Tensor], weight_method: str, rounding: str):
+        self.graph, self.weight_method, self.rounding = graph, weight_method, rounding
+        self.hessians = ({n.name: layer_hessian(graph, n, primals[n.inputs[0]]) for n in graph.layers}
+                         if rounding == "gptq" else {})
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, layer: str, bits: int) -> torch.Tensor:
+        if (layer, bits) not in self._cache:
+            w = self.graph.weight(layer)
+            if self.rounding == "gptq":
+                scale = weight_scales(w, bits, self.weight_method)
+                w_int = gptq_weight(self.graph, self.graph.node(layer), self.hessians[layer], scale, bits)
+                self._cache[layer, bits] = (w_int * scale.double().reshape(-1, *[1] * (w.dim() - 1))).float() - w
+            else:
+                self._cache[layer, bits] = weight_error(w, bits, self.weight_method)
+        return self._cache[layer, bits]
+
+
 def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict[str, FakeQuant],
                         config: SensitivityConfig | None = None, labels: np.ndarray | None = None,
-                        log: Log = lambda _: None) -> Sensitivity:
+                        log: Log = lambda _: None, errors: WeightErrors | None = None) -> Sensitivity:
     """Sensitivity of `graph` to weight and activation quantization, measured on `x` (first `config.samples`).
 
     `activation_quantizers` maps float tensor names to their 8-bit grids, as
@@ -85,13 +111,14 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     primals = float_activations(graph, xt)
     output = graph.outputs[0]
     curvature = OutputCurvature(primals[output])
+    errors = errors or WeightErrors(graph, primals, config.weight_method, config.rounding)
     keys: list[str] = []
     projected: list[torch.Tensor] = []  # Aᵀ (J δ) per perturbation, [n, classes]
     weight_deltas: dict[str, torch.Tensor] = {}
     results = []
     for i, node in enumerate(layers):
         w = graph.weight(node.name)
-        errors = {b: weight_error(w, b, config.weight_method) for b in sorted({*config.bits, *config.pair_bits})}
+        deltas = {b: errors(node.name, b) for b in sorted({*config.bits, *config.pair_bits})}
         x_in = primals[node.inputs[0]]
         grid = activation_quantizers.get(node.inputs[0])
         if grid is None:
@@ -100,8 +127,8 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
         act_error = grid(x_in) - x_in
         for b in config.pair_bits:
             keys.append(weight_key(node.name, b))
-            weight_deltas[keys[-1]] = errors[b]
-            change = layer_output_change(graph, node, primals, errors[b], None)
+            weight_deltas[keys[-1]] = deltas[b]
+            change = layer_output_change(graph, node, primals, deltas[b], None)
             projected.append(curvature.factor_t(push_tangent(graph, primals, node.name, change)))
         keys.append(activation_key(node.name))
         change = layer_output_change(graph, node, primals, None, act_error)
@@ -110,7 +137,7 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
         results.append(LayerSensitivity(
             name=node.name, params=w.numel(), trace=tr.mean, trace_half_width=tr.half_width,
             activation_elements=x_in.numel(), activation_trace=atr.mean, activation_trace_half_width=atr.half_width,
-            weight_error_sq={b: float(errors[b].double().pow(2).sum()) for b in config.bits},
+            weight_error_sq={b: float(deltas[b].double().pow(2).sum()) for b in config.bits},
             activation_error_sq=float(act_error.double().pow(2).sum())))
         log(f"quadratic terms: layer {i + 1}/{len(layers)}")
     flat = torch.stack(projected).reshape(len(projected), -1)
@@ -123,8 +150,8 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     return Sensitivity(
         model=graph.name, loss="kl" if labels is None else "cross_entropy", samples=n,
         bits=sorted(config.bits), pair_bits=sorted(config.pair_bits), layers=results,
-        trace_draws=max(t.draws for t in traces.values()), head_classes=config.head_classes, keys=keys,
-        cross=cross, gradient=gradient,
+        trace_draws=max(t.draws for t in traces.values()), head_classes=config.head_classes,
+        rounding=config.rounding, keys=keys, cross=cross, gradient=gradient,
         timings=timings)
 
 
@@ -139,25 +166,19 @@ def _first_order_terms(graph: Graph, x: torch.Tensor, labels: torch.Tensor, keys
 
 
 class LossProbe:
-    """Measures the real loss change of round-to-nearest weight plans (activations float) on fixed inputs."""
+    """Measures the real loss change of weight plans (weights rounded as `errors` says, activations float)."""
 
-    def __init__(self, graph: Graph, x: np.ndarray, weight_method: str = "mse", labels: np.ndarray | None = None):
-        self.graph, self.weight_method = graph, weight_method
+    def __init__(self, graph: Graph, x: np.ndarray, errors: WeightErrors, labels: np.ndarray | None = None):
+        self.graph, self.errors = graph, errors
         self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         with torch.no_grad():
             self.reference = forward(graph, self.x)[graph.outputs[0]]
             self.base = float(loss_of(self.reference, self.reference, self.labels))
-        self._errors: dict[tuple[str, int], torch.Tensor] = {}
-
-    def error(self, layer: str, bits: int) -> torch.Tensor:
-        if (layer, bits) not in self._errors:
-            self._errors[layer, bits] = weight_error(self.graph.weight(layer), bits, self.weight_method)
-        return self._errors[layer, bits]
 
     @torch.no_grad()
     def loss_increase(self, plan: dict[str, int]) -> float:
-        weights = {name: self.graph.weight(name) + self.error(name, bits) for name, bits in plan.items()}
+        weights = {name: self.graph.weight(name) + self.errors(name, bits) for name, bits in plan.items()}
         logits = forward(self.graph, self.x, weights=weights)[self.graph.outputs[0]]
         return float(loss_of(logits, self.reference, self.labels)) - self.base
 
@@ -167,7 +188,7 @@ PREDICTION_MODELS = ("cross", "diagonal", "trace")
 
 def check_predictions(graph: Graph, sens: Sensitivity, x: np.ndarray, configs: int = 30, bits: tuple[int, int] = (4, 8),
                       weight_method: str = "mse", labels: np.ndarray | None = None, seed: int = 0,
-                      log: Log = lambda _: None) -> dict[str, Any]:
+                      log: Log = lambda _: None, errors: WeightErrors | None = None) -> dict[str, Any]:
     """Random low/high-bit plans: measured loss increase vs each prediction, and their Spearman correlations.
 
     Each plan draws its share of low-bit layers uniformly from [5%, 50%], so plans
@@ -175,7 +196,11 @@ def check_predictions(graph: Graph, sens: Sensitivity, x: np.ndarray, configs: i
     on the samples the sensitivity was computed on.
     """
     rng = np.random.default_rng(seed)
-    probe = LossProbe(graph, x[:sens.samples], weight_method, None if labels is None else labels[:sens.samples])
+    xs = x[:sens.samples]
+    if errors is None:
+        primals = float_activations(graph, torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)))
+        errors = WeightErrors(graph, primals, weight_method, sens.rounding)
+    probe = LossProbe(graph, xs, errors, None if labels is None else labels[:sens.samples])
     names = [n.name for n in graph.layers]
     low, high = bits
     rows = []

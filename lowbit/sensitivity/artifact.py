@@ -36,7 +36,7 @@ class LayerSensitivity:
     activation_elements: int
     activation_trace: float  # Tr of the Hessian w.r.t. the layer's input activation (over the batch)
     activation_trace_half_width: float
-    weight_error_sq: dict[int, float]  # ‖Q_b(W) - W‖² per weight bit-width
+    weight_error_sq: dict[int, float]  # ‖Q_b(W) - W‖² per weight bit-width (Q_b rounds as `Sensitivity.rounding`)
     activation_error_sq: float  # ‖Q_8(x) - x‖² of the 8-bit input activation, over the batch
 
     def omega(self, bits: int) -> float:
@@ -58,6 +58,7 @@ class Sensitivity:
     layers: list[LayerSensitivity]
     trace_draws: int  # Hutchinson draws after the exact head classes
     head_classes: int  # classes per sample whose share of each trace was computed exactly
+    rounding: str  # how the weight errors δ_i(b) were rounded: "gptq" or "nearest"
     # Perturbation keys (weight_key / activation_key) and their exact quadratic forms: cross[k, l] = δ_kᵀ H δ_l.
     keys: list[str]
     cross: np.ndarray
