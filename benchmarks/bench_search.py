@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=int, default=30, help="random plans for the Spearman check")
     parser.add_argument("--random-plans", type=int, default=5)
     parser.add_argument("--max-drop", type=float, default=0.01, help="agreement band for the bisection")
+    parser.add_argument("--bisect-steps", type=int, default=4, help="bisection steps (0: skip the bisection)")
     parser.add_argument("--size", type=float, default=0.7, help="size budget, as a fraction of uniform INT8")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -120,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         m = evaluator.measure(plan)
         rows.append((label, plan, m))
         log(f"{label}: {100 * m['top1_agreement']:.1f}%")
-    log(f"bisecting for the smallest plan within a {100 * args.max_drop:.1f}% drop")
-    baseline = FrontierPoint({}, top, sens.predict(top), rows[0][2], all_costs(costs, top))
-    chosen, tried = bisect_max_drop(build_problem(graph, sens, costs, [4, 8], {"size": costs.total("size", top)}),
-                                    sens, costs, evaluator, "size", args.max_drop, baseline, steps=4, echo=log)
+    tried: list[FrontierPoint] = []
+    if args.bisect_steps > 0:
+        log(f"bisecting for the smallest plan within a {100 * args.max_drop:.1f}% drop")
+        baseline = FrontierPoint({}, top, sens.predict(top), rows[0][2], all_costs(costs, top))
+        problem_all = build_problem(graph, sens, costs, [4, 8], {"size": costs.total("size", top)})
+        chosen, tried = bisect_max_drop(problem_all, sens, costs, evaluator, "size", args.max_drop, baseline,
+                                        steps=args.bisect_steps, echo=log)
     random_mean = float(np.mean([m["top1_agreement"] for label, _, m in rows if label.startswith("random")]))
 
     cpu = platform.processor() or "unknown CPU"
@@ -166,22 +170,27 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * m['top1_agreement']:.1f}% | {m['sqnr_db']:.1f} dB |")
     lines += [f"| mean of {args.random_plans} random plans | | | {100 * random_mean:.1f}% | |", "",
               f"ILP solve time: {1000 * ilp_seconds:.0f} ms ({len(problem.groups)} choices).", ""]
-    lines += [f"## Bisection: smallest plan within a {100 * args.max_drop:.1f}% agreement drop from uniform INT8", "",
-              "| step | size budget | INT4 layers | top-1 agreement | drop | within band |",
-              "|---|---:|---:|---:|---:|---|"]
-    base = rows[0][2]["top1_agreement"]
+    if tried:
+        lines += bisection_lines(tried, chosen, rows[0][2]["top1_agreement"], args.max_drop, costs.total("size", top))
+    write_section(args.out, "search", "\n".join(lines))
+    log(f"wrote {args.out}")
+    return 0
+
+
+def bisection_lines(tried: list[FrontierPoint], chosen: FrontierPoint, base: float, max_drop: float,
+                    uniform_size: float) -> list[str]:
+    lines = [f"## Bisection: smallest plan within a {100 * max_drop:.1f}% agreement drop from uniform INT8", "",
+             "| step | size budget | INT4 layers | top-1 agreement | drop | within band |",
+             "|---|---:|---:|---:|---:|---|"]
     for i, p in enumerate(tried):
         drop = base - p.measured["top1_agreement"]
         lines.append(f"| {i + 1}{' (chosen)' if p is chosen else ''} | {p.budget['size'] / 1e6:.3f} MB | "
                      f"{p.bit_counts.get(4, 0)} | {100 * p.measured['top1_agreement']:.1f}% | {100 * drop:+.1f}% | "
-                     f"{'yes' if drop <= args.max_drop + 1e-12 else 'no'} |")
-    ratio = chosen.costs["size"] / costs.total("size", top)
+                     f"{'yes' if drop <= max_drop + 1e-12 else 'no'} |")
     chosen_drop = base - chosen.measured["top1_agreement"]
-    lines += ["", f"Chosen: {chosen.costs['size'] / 1e6:.3f} MB ({ratio:.2f}× uniform INT8), measured drop "
-              f"{100 * chosen_drop:+.1f}%.", ""]
-    write_section(args.out, "search", "\n".join(lines))
-    log(f"wrote {args.out}")
-    return 0
+    lines += ["", f"Chosen: {chosen.costs['size'] / 1e6:.3f} MB ({chosen.costs['size'] / uniform_size:.2f}× uniform "
+              f"INT8), measured drop {100 * chosen_drop:+.1f}%.", ""]
+    return lines
 
 
 if __name__ == "__main__":
