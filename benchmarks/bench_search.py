@@ -52,12 +52,19 @@ def log(message: str) -> None:
 
 
 def fill_to_size(order: list[str], costs, budget: float, top: dict[str, int]) -> dict[str, int]:
-    """Lower layers to 4 bits, in `order`, until the plan fits `budget`."""
+    """Lower layers to 4 bits, in `order`, until the plan fits `budget`; then raise back any that still fits,
+    so every plan ends as close to the budget as its order allows."""
     plan = dict(top)
+    lowered = []
     for name in order:
         if costs.total("size", plan) <= budget:
             break
         plan[name] = 4
+        lowered.append(name)
+    for name in reversed(lowered):
+        plan[name] = top[name]
+        if costs.total("size", plan) > budget:
+            plan[name] = 4
     return plan
 
 
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "and each layer's activation noise) | "
         f"{sens.timings['quadratic_terms_s']:.1f} s |",
         f"| **total** | **{sens_seconds:.1f} s** |", "",
-        f"## Do the inter-layer terms help? ({args.configs} random INT4/INT8 plans, RTN weights)", "",
+        f"## Do the inter-layer terms help? ({args.configs} random INT4/INT8 plans, {sens.rounding} weight errors)", "",
         "| prediction of the loss increase (KL to FP32) | Spearman vs measured |", "|---|---:|",
         f"| ½ δᵀHδ with every inter-layer term | {rho['cross']:.3f} |",
         f"| exact per-layer blocks only (diagonal) | {rho['diagonal']:.3f} |",
