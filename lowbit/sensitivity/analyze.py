@@ -114,7 +114,7 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     errors = errors or WeightErrors(graph, primals, config.weight_method, config.rounding)
     keys: list[str] = []
     projected: list[torch.Tensor] = []  # Aᵀ (J δ) per perturbation, [n, classes]
-    weight_deltas: dict[str, torch.Tensor] = {}
+    weight_deltas: dict[str, tuple[str, torch.Tensor]] = {}  # key -> (layer, δ)
     results = []
     for i, node in enumerate(layers):
         w = graph.weight(node.name)
@@ -127,7 +127,7 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
         act_error = grid(x_in) - x_in
         for b in config.pair_bits:
             keys.append(weight_key(node.name, b))
-            weight_deltas[keys[-1]] = deltas[b]
+            weight_deltas[keys[-1]] = (node.name, deltas[b])
             change = layer_output_change(graph, node, primals, deltas[b], None)
             projected.append(curvature.factor_t(push_tangent(graph, primals, node.name, change)))
         keys.append(activation_key(node.name))
@@ -156,12 +156,12 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
 
 
 def _first_order_terms(graph: Graph, x: torch.Tensor, labels: torch.Tensor, keys: list[str],
-                       weight_deltas: dict[str, torch.Tensor], reference: torch.Tensor) -> np.ndarray:
+                       weight_deltas: dict[str, tuple[str, torch.Tensor]], reference: torch.Tensor) -> np.ndarray:
     """gᵀ δ for weight perturbations (activation ones are left at zero: their gradient is per sample)."""
     weights = {n.name: graph.weight(n.name).detach().clone().requires_grad_(True) for n in graph.layers}
     loss = loss_of(forward(graph, x, weights=weights)[graph.outputs[0]], reference, labels)
     grads = dict(zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True))
-    return np.array([float((grads[k.split("@")[0]] * weight_deltas[k]).sum()) if k in weight_deltas else 0.0
+    return np.array([float((grads[weight_deltas[k][0]] * weight_deltas[k][1]).sum()) if k in weight_deltas else 0.0
                      for k in keys])
 
 
