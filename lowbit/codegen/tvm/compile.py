@@ -1,0 +1,96 @@
+"""Compile a `QuantizedGraph` with TVM and write the runtime's artifact (DIR/tvm/).
+
+    tvm/model.so    the compiled Relax VM executable (kernels + graph)
+    tvm/params.npz  the pre-packed constants `main` takes after the inputs
+    tvm/tvm.json    target, required instruction sets, interface, parameter order,
+                    and the sha256 of the two files above (checked by the runtime)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from ... import __version__
+from ...errors import LowbitError
+from ...quantizer.ir import QuantizedGraph
+from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file
+from .lower import Lowered, lower
+from .target import parse_target, required_features, target_string
+
+Log = Callable[[str], None]
+
+
+def layer_kernels(target: dict[str, Any]) -> tuple[Callable[..., Any] | None, Callable[..., Any] | None, str]:
+    """The conv and dense kernel builders for `target`, and a name for the report."""
+    if target["kind"] == "llvm" and "avx2" in required_features(target):
+        from . import fast_x86
+
+        return fast_x86.conv2d_nhwc, fast_x86.dense, "x86-avx2"
+    return None, None, "portable"
+
+
+def build(qgraph: QuantizedGraph, target: dict[str, Any]) -> tuple[tvm.runtime.Executable, Lowered, str]:
+    """Lower and compile; returns the executable, the lowered module (for its params) and the kernel set."""
+    conv2d, dense, kernel_set = layer_kernels(target)
+    lowered = lower(qgraph, conv2d, dense)
+    try:
+        executable = tvm.compile(lowered.mod, target=tvm.target.Target(target))
+    except Exception as e:  # TVM's errors carry the failing pass and IR
+        raise LowbitError(f"TVM failed to compile {qgraph.name} for {target_string(target)}: {e}") from e
+    return executable, lowered, kernel_set
+
+
+def _value_info(qgraph: QuantizedGraph, name: str) -> dict[str, Any]:
+    v = qgraph.values[name]
+    return {"name": name, "shape": list(v.shape), "dtype": v.dtype}
+
+
+def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: Log = lambda _: None) -> dict[str, Any]:
+    """Compile `qgraph` for `target_spec` into `directory / "tvm"`; returns what tvm.json records.
+
+    `directory / "tvm"` must not exist yet: callers build artifacts in a temporary directory.
+    """
+    target = parse_target(target_spec)
+    start = time.perf_counter()
+    log(f"lowering {len(qgraph.ops)} ops for {target_string(target)}")
+    executable, lowered, kernel_set = build(qgraph, target)
+    compile_s = time.perf_counter() - start
+    out = directory / TVM_DIR
+    out.mkdir(parents=False, exist_ok=False)
+    executable.export_library(str(out / "model.so"))
+    with open(out / "params.npz", "wb") as f:
+        np.savez(f, **{f"p{i}": a for i, a in enumerate(lowered.params.values())})
+    meta = {
+        "format": TVM_FORMAT,
+        "lowbit_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": target,
+        "target_string": target_string(target),
+        "required_features": required_features(target),
+        "kernels": kernel_set,
+        "inputs": [_value_info(qgraph, n) for n in lowered.inputs],
+        "outputs": [_value_info(qgraph, n) for n in lowered.outputs],
+        "params": list(lowered.params),
+        "compile_seconds": round(compile_s, 2),
+        "files": {name: sha256_file(out / name) for name in ("model.so", "params.npz")},
+    }
+    _write_json_atomic(out / TVM_META, meta)
+    log(f"compiled with {kernel_set} kernels in {compile_s:.1f}s")
+    return meta
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

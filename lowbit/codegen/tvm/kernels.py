@@ -1,0 +1,271 @@
+"""TE definitions of the integer IR's ops, NHWC, with the requantize epilogue fused in.
+
+Every kernel follows the rules of `lowbit.quantizer.dyadic` exactly: int32
+accumulation, then `(int64(acc) * b + 2^(c-1)) >> c`, saturate, cast. Each builder
+returns a scheduled `PrimFunc` with parameters `(inputs..., constants..., output)`
+plus the constant arrays the caller passes in that order.
+
+The layer kernels here (`conv2d_nhwc`, `dense`) are the portable path;
+`fast_x86` replaces them on x86 CPUs with register-blocked AVX2 kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx, topi
+from tvm.s_tir.schedule import ScheduleError
+
+from ...quantizer.dyadic import rounding_term
+
+Expr = tvm.ir.expr.Expr
+
+
+def _const(value: int | float, dtype: str) -> Expr:
+    return tirx.const(value, dtype)
+
+
+def requantize_expr(acc: Expr, mantissa: Expr | int, shift: Expr | int, qmin: int, qmax: int, dtype: str) -> Expr:
+    """clip((int64(acc) * b + 2^(c-1)) >> c, qmin, qmax) as `dtype`; b and c are scalars or per-channel loads."""
+    if isinstance(shift, int):
+        rounding: Expr | int = _const(int(rounding_term(np.int64(shift))), "int64")
+        shift = _const(shift, "int64")
+    else:
+        shift = shift.astype("int64")
+        rounding = tirx.shift_right(tirx.shift_left(_const(1, "int64"), shift), _const(1, "int64"))
+    mantissa = _const(mantissa, "int64") if isinstance(mantissa, int) else mantissa.astype("int64")
+    scaled = tirx.shift_right(acc.astype("int64") * mantissa + rounding, shift)
+    return tirx.max(tirx.min(scaled, _const(qmax, "int64")), _const(qmin, "int64")).astype(dtype)
+
+
+# -- scheduling -----------------------------------------------------------------------------------
+
+def schedule_elementwise(func: tirx.PrimFunc, vector: int = 16) -> tirx.PrimFunc:
+    """Inline every intermediate stage, then run the output block parallel and vectorized."""
+    sch = tvm.s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:  # a reduction stays where it is
+            pass
+    out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    loops = sch.get_loops(out)
+    if sch.get(out).reads and len(loops) > 0:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = int(sch.get(fused).extent)
+        if extent >= 4 * vector:
+            outer, inner = sch.split(fused, [None, vector])
+            sch.parallel(outer)
+            sch.vectorize(inner)
+        elif extent > 1:
+            sch.parallel(fused)
+    return sch.mod["main"]
+
+
+def _schedule_reduction(func: tirx.PrimFunc, block: str, spatial: int) -> tirx.PrimFunc:
+    """Portable layer schedule: parallel over the outer spatial loops, epilogue inlined into its store."""
+    sch = tvm.s_tir.Schedule(func)
+    for name in ("pad", "w_unpacked"):
+        try:
+            sch.compute_inline(sch.get_sblock(name))
+        except ScheduleError:
+            pass
+    acc = sch.get_sblock(block)
+    try:
+        epilogue = sch.get_sblock("requantize")
+    except ScheduleError:
+        epilogue = None
+    loops = sch.get_loops(acc)
+    sch.parallel(sch.fuse(*loops[: max(1, spatial - 1)]))
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, sch.get_loops(acc)[0])
+    return sch.mod["main"]
+
+
+# -- layers: portable path ------------------------------------------------------------------------
+
+def _epilogue(acc: te.Tensor, bias: te.Tensor, mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int,
+              qmax: int, out_dtype: str) -> tuple[te.Tensor, list[te.Tensor], list[np.ndarray]]:
+    """acc + bias, then requantized per output channel (the last axis), or left as int32 without a mantissa."""
+    if mantissa is None:
+        return te.compute(acc.shape, lambda *i: acc(*i) + bias[i[-1]], name="requantize"), [], []
+    channels = acc.shape[-1]
+    m = te.placeholder((channels,), "int32", name="mantissa")
+    c = te.placeholder((channels,), "int32", name="shift")
+    out = te.compute(acc.shape, lambda *i: requantize_expr(acc(*i) + bias[i[-1]], m[i[-1]], c[i[-1]], qmin, qmax,
+                                                           out_dtype), name="requantize")
+    return out, [m, c], [mantissa.astype(np.int32), shift.astype(np.int32)]
+
+
+def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.ndarray, stride: tuple[int, int],
+                padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, bias: np.ndarray,
+                mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
+                weight_bits: int) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """Grouped int8 conv, NHWC activations, weights [OC, IC/groups, KH, KW] as int8, epilogue fused."""
+    n, h, w, cin = x_shape
+    cout, cin_g, kh, kw = weight.shape
+    top, left, bottom, right = padding
+    oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cout_g = cout // groups
+    x = te.placeholder(x_shape, x_dtype, name="x")
+    wt = te.placeholder((kh, kw, cin_g, cout), "int8", name="w")  # HWIO: output channels innermost
+    b = te.placeholder((cout,), "int32", name="bias")
+    padded = topi.nn.pad(x, [0, top, left, 0], [0, bottom, right, 0], name="pad")
+    rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cin_g), "rc")
+    acc = te.compute(
+        (n, oh, ow, cout),
+        lambda i, y, z, o: te.sum(
+            padded[i, y * stride[0] + rh * dilation[0], z * stride[1] + rw * dilation[1], (o // cout_g) * cin_g + rc]
+            .astype("int32") * wt[rh, rw, rc, o].astype("int32"), axis=[rh, rw, rc]),
+        name="acc")
+    out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
+    func = te.create_prim_func([x, wt, b, *requant_args, out])
+    arrays = [np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.int8), bias.astype(np.int32)]
+    return _schedule_reduction(func, "acc", 3), arrays + requant_arrays
+
+
+def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.ndarray,
+          mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
+          weight_bits: int) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """int8 matmul x @ W^T + bias, weights [OUT, IN], epilogue fused."""
+    n, k = x_shape
+    cout = weight.shape[0]
+    x = te.placeholder(x_shape, x_dtype, name="x")
+    wt = te.placeholder((k, cout), "int8", name="w")
+    b = te.placeholder((cout,), "int32", name="bias")
+    r = te.reduce_axis((0, k), "r")
+    acc = te.compute((n, cout), lambda i, o: te.sum(x[i, r].astype("int32") * wt[r, o].astype("int32"), axis=r),
+                     name="acc")
+    out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
+    func = te.create_prim_func([x, wt, b, *requant_args, out])
+    arrays = [np.ascontiguousarray(weight.T).astype(np.int8), bias.astype(np.int32)]
+    return _schedule_reduction(func, "acc", 2), arrays + requant_arrays
+
+
+# -- the other ops ---------------------------------------------------------------------------------
+
+def quantize_nchw_to_nhwc(shape: tuple[int, ...], scale: float, zero_point: int, dtype: str,
+                          to_nhwc: bool) -> tirx.PrimFunc:
+    """float32 -> int as ONNX QuantizeLinear (x / scale, round half to even, saturate); 4-D goes NCHW -> NHWC."""
+    lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}[dtype]
+    x = te.placeholder(shape, "float32", name="x")
+    s, zp = _const(scale, "float32"), _const(float(zero_point), "float32")
+
+    def q(*i: Expr) -> Expr:
+        v = tirx.nearbyint(x(*i) / s) + zp
+        return tirx.max(tirx.min(v, _const(hi, "float32")), _const(lo, "float32")).astype(dtype)
+
+    if to_nhwc:
+        n, c, h, w = shape
+        out = te.compute((n, h, w, c), lambda i, y, z, ch: q(i, ch, y, z), name="quantize")
+    else:
+        out = te.compute(shape, q, name="quantize")
+    return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+def dequantize(shape: tuple[int, ...], dtype: str, scale: float | list[float], zero_point: int,
+               axis: int | None, from_nhwc: bool) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """int -> float32: (q - zero_point) * scale, per tensor or per channel; NHWC input returns NCHW."""
+    out_shape = shape
+    if from_nhwc:
+        n, h, w, c = shape
+        out_shape = (n, c, h, w)
+    q = te.placeholder(shape, dtype, name="q")
+
+    def load(*i: Expr) -> Expr:
+        return q(i[0], i[2], i[3], i[1]) if from_nhwc else q(*i)
+
+    args, arrays = [q], []
+    if axis is None:
+        s = _const(float(np.float32(scale)), "float32")
+        out = te.compute(out_shape, lambda *i: (load(*i).astype("float32") - _const(zero_point, "float32")) * s,
+                         name="dequantize")
+    else:
+        per_channel = te.placeholder((out_shape[axis],), "float32", name="scale")
+        args.append(per_channel)
+        arrays.append(np.asarray(scale, dtype=np.float32))
+        out = te.compute(out_shape, lambda *i: (load(*i).astype("float32") - _const(zero_point, "float32"))
+                         * per_channel[i[axis]], name="dequantize")
+    return schedule_elementwise(te.create_prim_func([*args, out])), arrays
+
+
+def add(shape: tuple[int, ...], dtypes: tuple[str, str], mantissas: tuple[int, int], shift: int, qmin: int,
+        qmax: int, out_dtype: str) -> tirx.PrimFunc:
+    a = te.placeholder(shape, dtypes[0], name="a")
+    b = te.placeholder(shape, dtypes[1], name="b")
+    m0, m1 = (_const(int(m), "int64") for m in mantissas)
+    out = te.compute(shape, lambda *i: requantize_expr(a(*i).astype("int64") * m0 + b(*i).astype("int64") * m1,
+                                                       1, shift, qmin, qmax, out_dtype), name="add")
+    return schedule_elementwise(te.create_prim_func([a, b, out]))
+
+
+def concat(shapes: list[tuple[int, ...]], dtypes: list[str], axis: int, mantissas: list[int], shifts: list[int],
+           qmin: int, qmax: int, out_dtype: str) -> tirx.PrimFunc:
+    """Each input requantized to the output scale, then joined along `axis`."""
+    inputs = [te.placeholder(s, d, name=f"x{i}") for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))]
+
+    def requantized(k: int) -> te.Tensor:
+        x, m, c = inputs[k], mantissas[k], shifts[k]
+        return te.compute(shapes[k], lambda *i: requantize_expr(x(*i), m, c, qmin, qmax, out_dtype),
+                          name=f"requantize{k}")
+
+    parts = [requantized(k) for k in range(len(inputs))]
+    out = topi.concatenate(parts, axis)
+    return schedule_elementwise(te.create_prim_func([*inputs, out]))
+
+
+def avgpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], out_hw: tuple[int, int], mantissa: int, shift: int, qmin: int, qmax: int,
+                 out_dtype: str) -> tirx.PrimFunc:
+    """Integer window sum (zero padding counts) and a dyadic divide."""
+    n, _, _, c = shape
+    x = te.placeholder(shape, dtype, name="x")
+    padded = topi.nn.pad(x, [0, padding[0], padding[1], 0], name="pad")
+    rh, rw = te.reduce_axis((0, kernel[0]), "rh"), te.reduce_axis((0, kernel[1]), "rw")
+    sums = te.compute((n, *out_hw, c), lambda i, y, z, ch: te.sum(
+        padded[i, y * stride[0] + rh, z * stride[1] + rw, ch].astype("int32"), axis=[rh, rw]), name="acc")
+    out = te.compute(sums.shape, lambda *i: requantize_expr(sums(*i), mantissa, shift, qmin, qmax, out_dtype),
+                     name="requantize")
+    return _schedule_reduction(te.create_prim_func([x, out]), "acc", 4)
+
+
+def maxpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int]) -> tirx.PrimFunc:
+    """Max over the window's positions inside the input (padding never wins, as in torch)."""
+    n, h, w, c = shape
+    x = te.placeholder(shape, dtype, name="x")
+    rh, rw = te.reduce_axis((0, kernel[0]), "rh"), te.reduce_axis((0, kernel[1]), "rw")
+
+    def at(i: Expr, y: Expr, z: Expr, ch: Expr) -> Expr:
+        hy = y * stride[0] - padding[0] + rh * dilation[0]
+        wz = z * stride[1] - padding[1] + rw * dilation[1]
+        inside = tirx.all(hy >= 0, hy < h, wz >= 0, wz < w)
+        return te.max(x[i, tirx.max(tirx.min(hy, h - 1), 0), tirx.max(tirx.min(wz, w - 1), 0), ch],
+                      axis=[rh, rw], where=inside)
+
+    out = te.compute((n, *out_hw, c), at, name="acc")
+    return _schedule_reduction(te.create_prim_func([x, out]), "acc", 4)
+
+
+def clamp(shape: tuple[int, ...], dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:
+    x = te.placeholder(shape, dtype, name="x")
+    out = te.compute(shape, lambda *i: tirx.max(tirx.min(x(*i), _const(qmax, dtype)), _const(qmin, dtype)),
+                     name="clamp")
+    return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+def pad_nhwc(shape: tuple[int, int, int, int], dtype: str, pads: tuple[int, int, int, int]) -> tirx.PrimFunc:
+    """Zero padding (the zero point); `pads` is (left, right, top, bottom) as in the IR."""
+    left, right, top, bottom = pads
+    x = te.placeholder(shape, dtype, name="x")
+    out = topi.nn.pad(x, [0, top, left, 0], [0, bottom, right, 0], name="padded")
+    return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+def to_nchw(shape: tuple[int, int, int, int], dtype: str) -> tirx.PrimFunc:
+    """NHWC -> NCHW, for the ops whose meaning depends on the IR's NCHW memory order (reshape)."""
+    x = te.placeholder(shape, dtype, name="x")
+    out = topi.transpose(x, (0, 3, 1, 2))
+    return schedule_elementwise(te.create_prim_func([x, out]))

@@ -1,0 +1,233 @@
+"""Lower lowbit's integer IR to a Relax module, one converter per op.
+
+The module's `main` takes the float input(s) and then one parameter per constant
+(pre-packed weights, bias, requantize mantissas and shifts) and returns the
+float output(s), computing exactly what `model.int.onnx` computes. Integer 4-D
+tensors live in NHWC between ops (channels innermost is what the vector kernels
+want); the IR's NCHW order only comes back for reshape and the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from ...errors import LowbitError
+from ...quantizer.ir import Op, QuantizedGraph
+from . import kernels
+
+LayerKernel = Callable[..., tuple[tirx.PrimFunc, list[np.ndarray]]]
+
+
+@dataclass
+class Lowered:
+    """A Relax module and the constants its `main` takes after the inputs, in order."""
+
+    mod: tvm.IRModule
+    params: dict[str, np.ndarray]
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclass
+class _Context:
+    qgraph: QuantizedGraph
+    bb: relax.BlockBuilder
+    conv2d: LayerKernel
+    dense: LayerKernel
+    env: dict[str, relax.Expr] = field(default_factory=dict)
+    nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
+    params: list[relax.Var] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        """The shape as held in the Relax module (NHWC for 4-D integer values)."""
+        shape = tuple(self.qgraph.values[value].shape)
+        return (shape[0], shape[2], shape[3], shape[1]) if value in self.nhwc else shape
+
+    def dtype(self, value: str) -> str:
+        return self.qgraph.values[value].dtype
+
+    def call(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr], arrays: list[np.ndarray],
+             out_shape: tuple[int, ...], out_dtype: str) -> relax.Expr:
+        """Add `func` to the module and call it on `args` plus `arrays` (as new parameters of main)."""
+        gv = self.bb.add_func(func.with_attr("global_symbol", _symbol(op.name)), _symbol(op.name))
+        consts = []
+        for i, array in enumerate(arrays):
+            name = f"{op.name}::{i}"
+            var = relax.Var(_symbol(name), relax.TensorType(array.shape, str(array.dtype)))
+            self.params.append(var)
+            self.arrays[name] = np.ascontiguousarray(array)
+            consts.append(var)
+        return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(out_shape, out_dtype)),
+                            name_hint=_symbol(op.output))
+
+    def arg(self, op: Op, index: int = 0, nhwc: bool = True) -> relax.Expr:
+        """Input `index` of `op`, converted to NHWC (or from it, with `nhwc=False`) if its layout differs."""
+        value = op.inputs[index]
+        if len(self.qgraph.values[value].shape) != 4 or (value in self.nhwc) == nhwc:
+            return self.env[value]
+        shape = tuple(self.qgraph.values[value].shape)
+        if nhwc:
+            raise LowbitError(f"op {op.name}: input {value} is NCHW where NHWC is expected; the TVM backend "
+                              "cannot convert it back (report this model)")
+        func = kernels.to_nchw(self.shape(value), self.dtype(value))
+        fake = Op(f"{op.name}_to_nchw", "layout", [value], f"{value}_nchw")
+        return self.call(fake, func, [self.env[value]], [], shape, self.dtype(value))
+
+
+def _symbol(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+Converter = Callable[[_Context, Op], relax.Expr]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converter(*ops: str) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        for op in ops:
+            CONVERTERS[op] = fn
+        return fn
+    return register
+
+
+@converter("conv")
+def _conv(ctx: _Context, op: Op) -> relax.Expr:
+    a, arr = op.attrs, op.arrays
+    ph, pw = a["padding"]
+    out_dtype = ctx.dtype(op.output)
+    func, arrays = ctx.conv2d(
+        ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), arr["weight"], tuple(a["stride"]), (ph, pw, ph, pw),
+        tuple(a["dilation"]), int(a["groups"]), arr["bias"], arr.get("multiplier"), arr.get("shift"),
+        a.get("qmin", 0), a.get("qmax", 0), out_dtype, int(a["weight_bits"]))
+    ctx.nhwc.add(op.output)
+    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), out_dtype)
+
+
+@converter("linear")
+def _linear(ctx: _Context, op: Op) -> relax.Expr:
+    a, arr = op.attrs, op.arrays
+    out_dtype = ctx.dtype(op.output)
+    func, arrays = ctx.dense(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), arr["weight"], arr["bias"],
+                             arr.get("multiplier"), arr.get("shift"), a.get("qmin", 0), a.get("qmax", 0), out_dtype,
+                             int(a["weight_bits"]))
+    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), out_dtype)
+
+
+def _same_layout(ctx: _Context, op: Op) -> None:
+    if len(ctx.qgraph.values[op.output].shape) == 4:
+        ctx.nhwc.add(op.output)
+
+
+@converter("add")
+def _add(ctx: _Context, op: Op) -> relax.Expr:
+    _same_layout(ctx, op)
+    m = [int(v) for v in op.arrays["multiplier"]]
+    func = kernels.add(ctx.shape(op.output), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])), (m[0], m[1]),
+                       int(op.arrays["shift"][0]), op.attrs["qmin"], op.attrs["qmax"], ctx.dtype(op.output))
+    return ctx.call(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)], [], ctx.shape(op.output), ctx.dtype(op.output))
+
+
+@converter("concat")
+def _concat(ctx: _Context, op: Op) -> relax.Expr:
+    _same_layout(ctx, op)
+    axis = op.attrs["axis"] % len(ctx.qgraph.values[op.output].shape)
+    if op.output in ctx.nhwc:
+        axis = {0: 0, 1: 3, 2: 1, 3: 2}[axis]
+    func = kernels.concat([ctx.shape(v) for v in op.inputs], [ctx.dtype(v) for v in op.inputs], axis,
+                          [int(v) for v in op.arrays["multiplier"]], [int(v) for v in op.arrays["shift"]],
+                          op.attrs["qmin"], op.attrs["qmax"], ctx.dtype(op.output))
+    args = [ctx.arg(op, i) for i in range(len(op.inputs))]
+    return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
+
+
+@converter("avgpool")
+def _avgpool(ctx: _Context, op: Op) -> relax.Expr:
+    a = op.attrs
+    _same_layout(ctx, op)
+    out_shape = ctx.shape(op.output)
+    func = kernels.avgpool_nhwc(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), tuple(a["kernel"]),
+                                tuple(a["stride"]), tuple(a["padding"]), out_shape[1:3],
+                                int(op.arrays["multiplier"][0]), int(op.arrays["shift"][0]), a["qmin"], a["qmax"],
+                                ctx.dtype(op.output))
+    return ctx.call(op, func, [ctx.arg(op)], [], out_shape, ctx.dtype(op.output))
+
+
+@converter("maxpool")
+def _maxpool(ctx: _Context, op: Op) -> relax.Expr:
+    a = op.attrs
+    _same_layout(ctx, op)
+    out_shape = ctx.shape(op.output)
+    func = kernels.maxpool_nhwc(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), tuple(a["kernel"]),
+                                tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), out_shape[1:3])
+    return ctx.call(op, func, [ctx.arg(op)], [], out_shape, ctx.dtype(op.output))
+
+
+@converter("clamp")
+def _clamp(ctx: _Context, op: Op) -> relax.Expr:
+    if op.inputs[0] in ctx.nhwc:
+        ctx.nhwc.add(op.output)
+    func = kernels.clamp(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), op.attrs["qmin"], op.attrs["qmax"])
+    return ctx.call(op, func, [ctx.env[op.inputs[0]]], [], ctx.shape(op.output), ctx.dtype(op.output))
+
+
+@converter("pad")
+def _pad(ctx: _Context, op: Op) -> relax.Expr:
+    _same_layout(ctx, op)
+    func = kernels.pad_nhwc(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), tuple(op.attrs["pads"]))
+    return ctx.call(op, func, [ctx.arg(op)], [], ctx.shape(op.output), ctx.dtype(op.output))
+
+
+@converter("reshape")
+def _reshape(ctx: _Context, op: Op) -> relax.Expr:
+    shape = ctx.qgraph.values[op.output].shape
+    if len(shape) == 4:
+        raise LowbitError(f"op {op.name}: the TVM backend does not reshape to 4-D tensors yet")
+    return ctx.bb.emit(relax.op.reshape(ctx.arg(op, nhwc=False), shape), name_hint=_symbol(op.output))
+
+
+@converter("quantize")
+def _quantize(ctx: _Context, op: Op) -> relax.Expr:
+    out = ctx.qgraph.values[op.output]
+    to_nhwc = len(out.shape) == 4
+    if to_nhwc:
+        ctx.nhwc.add(op.output)
+    func = kernels.quantize_nchw_to_nhwc(tuple(out.shape), float(out.scale), out.zero_point, out.dtype, to_nhwc)
+    return ctx.call(op, func, [ctx.env[op.inputs[0]]], [], ctx.shape(op.output), out.dtype)
+
+
+@converter("dequantize")
+def _dequantize(ctx: _Context, op: Op) -> relax.Expr:
+    v = ctx.qgraph.values[op.inputs[0]]
+    func, arrays = kernels.dequantize(ctx.shape(v.name), v.dtype, v.scale, v.zero_point, v.axis, v.name in ctx.nhwc)
+    return ctx.call(op, func, [ctx.env[v.name]], arrays, tuple(v.shape), "float32")
+
+
+def check_supported(qgraph: QuantizedGraph) -> None:
+    """Fail fast, naming every op the TVM backend cannot lower, not just the first."""
+    missing = [f"{o.name} ({o.op})" for o in qgraph.ops if o.op not in CONVERTERS]
+    if missing:
+        raise LowbitError(f"the TVM backend has no lowering for {len(missing)} op(s): {', '.join(missing)}")
+
+
+def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None) -> Lowered:
+    """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default)."""
+    check_supported(qgraph)
+    bb = relax.BlockBuilder()
+    ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense)
+    inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), "float32"))
+              for name in qgraph.inputs]
+    with bb.function("main"):
+        with bb.dataflow():
+            ctx.env.update(zip(qgraph.inputs, inputs, strict=True))
+            for op in qgraph.ops:
+                ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
+            outputs = [ctx.env[name] for name in qgraph.outputs]
+            result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
+        bb.emit_func_output(result, params=[*inputs, *ctx.params])
+    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs))

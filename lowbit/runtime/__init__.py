@@ -1,0 +1,9 @@
+"""The thin runtime: load a compiled lowbit artifact and run it with numpy in and out.
+
+Imports only numpy and the TVM runtime (never torch), so a deployment needs just
+`pip install apache-tvm numpy` and this package's runtime files.
+"""
+
+from .loader import CompiledModel, load
+
+__all__ = ["CompiledModel", "load"]

@@ -1,0 +1,175 @@
+"""`load(DIR)`: verify a compiled artifact (hashes, CPU features) and wrap its VM for numpy callers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LowbitError
+
+TVM_DIR = "tvm"
+TVM_META = "tvm.json"
+TVM_FORMAT = "lowbit-tvm-v1"
+MANIFEST = "manifest.json"
+# x86 instruction sets that decide whether compiled code can run here, as LLVM names them.
+X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
+                "avxvnni", "avx512bf16", "avx512fp16", "amx-int8", "amx-tile")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def host_features() -> list[str]:
+    """The instruction sets of this machine's CPU, as LLVM reports them."""
+    import tvm
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return [f for f in X86_FEATURES if tvm.target.codegen.target_has_features(f, host)]
+
+
+class CompiledModel:
+    """A compiled model: `.run(x)` returns what `model.int.onnx` returns in ONNX Runtime, bit for bit."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
+        import tvm
+        from tvm import relax
+
+        self.directory = directory
+        self.meta = meta
+        self.target = meta["target_string"]
+        self.device = tvm.cuda(0) if meta["target"]["kind"] == "cuda" else tvm.cpu(0)
+        library = tvm.runtime.load_module(str(directory / "model.so"))
+        self._vm = relax.VirtualMachine(library, self.device)
+        with np.load(directory / "params.npz", allow_pickle=False) as arrays:
+            self._params = [tvm.runtime.tensor(arrays[f"p{i}"], self.device) for i in range(len(meta["params"]))]
+        self.inputs: list[dict[str, Any]] = meta["inputs"]
+        self.outputs: list[dict[str, Any]] = meta["outputs"]
+
+    def _check(self, spec: dict[str, Any], x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        want = tuple(spec["shape"])
+        if x.ndim != len(want) or x.shape[1:] != want[1:] or x.shape[0] % want[0]:
+            raise LowbitError(f"input {spec['name']!r}: expected shape {want} (or a multiple of batch {want[0]}), "
+                              f"got {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise LowbitError(f"input {spec['name']!r}: expected float32 data, got {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def run(self, x: np.ndarray | None = None, **named: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """One input positionally (or all by name); one output as an array, several as a dict by name.
+
+        A batch larger than the compiled one runs in chunks of the compiled batch size.
+        """
+        import tvm
+
+        if x is not None:
+            if len(self.inputs) != 1 or named:
+                raise LowbitError(f"this model takes inputs {[i['name'] for i in self.inputs]}: pass them by name")
+            named = {self.inputs[0]["name"]: x}
+        missing = [i["name"] for i in self.inputs if i["name"] not in named]
+        extra = sorted(set(named) - {i["name"] for i in self.inputs})
+        if missing or extra:
+            raise LowbitError(f"inputs: missing {missing}, unexpected {extra}")
+        arrays = [self._check(spec, named[spec["name"]]) for spec in self.inputs]
+        batch = self.inputs[0]["shape"][0]
+        chunks = arrays[0].shape[0] // batch
+        results: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for c in range(chunks):
+            args = [tvm.runtime.tensor(a[c * batch:(c + 1) * batch], self.device) for a in arrays]
+            out = self._vm["main"](*args, *self._params)
+            outs = [out] if len(self.outputs) == 1 else list(out)
+            for k, o in enumerate(outs):
+                results[k].append(o.numpy())
+        joined = {spec["name"]: np.concatenate(r) for spec, r in zip(self.outputs, results, strict=True)}
+        return next(iter(joined.values())) if len(joined) == 1 else joined
+
+    def benchmark(self, x: np.ndarray | None = None, repeats: int = 200, warmup: int = 20) -> dict[str, float]:
+        """Latency of one call at the compiled batch size, in ms (median, mean, min, p90)."""
+        import tvm
+
+        rng = np.random.default_rng(0)
+        if x is None:
+            x = rng.standard_normal(self.inputs[0]["shape"]).astype(np.float32)
+        args = [tvm.runtime.tensor(self._check(self.inputs[0], x), self.device)]
+        args += [tvm.runtime.tensor(rng.standard_normal(i["shape"]).astype(np.float32), self.device)
+                 for i in self.inputs[1:]]
+        main = self._vm["main"]
+        for _ in range(warmup):
+            main(*args, *self._params)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            main(*args, *self._params)
+            self.device.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        t = np.asarray(times)
+        return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "min_ms": float(t.min()),
+                "p90_ms": float(np.percentile(t, 90)), "runs": repeats}
+
+
+def _read_meta(tvm_dir: Path) -> dict[str, Any]:
+    path = tvm_dir / TVM_META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LowbitError(f"{tvm_dir.parent}: no compiled model ({TVM_DIR}/{TVM_META} is missing); "
+                          f"run `lowbit compile {tvm_dir.parent}` first") from None
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{path}: cannot read: {e}") from e
+    needed = ("format", "target", "target_string", "required_features", "inputs", "outputs", "params", "files")
+    if not isinstance(meta, dict) or meta.get("format") != TVM_FORMAT or any(k not in meta for k in needed):
+        raise LowbitError(f"{path}: not a {TVM_FORMAT} description (recompile with `lowbit compile`)")
+    return meta
+
+
+def _verify(directory: Path, meta: dict[str, Any]) -> None:
+    tvm_dir = directory / TVM_DIR
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        try:
+            listed = json.loads(manifest.read_text())["files"][f"{TVM_DIR}/{TVM_META}"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LowbitError(f"{manifest}: does not list {TVM_DIR}/{TVM_META} ({e}); recompile the artifact") from e
+        if listed != sha256_file(tvm_dir / TVM_META):
+            raise LowbitError(f"{tvm_dir / TVM_META}: sha256 does not match {manifest}; the artifact was modified")
+    for name, digest in meta["files"].items():
+        path = tvm_dir / name
+        if not path.is_file():
+            raise LowbitError(f"{path}: missing from the compiled artifact")
+        if sha256_file(path) != digest:
+            raise LowbitError(f"{path}: sha256 does not match {TVM_META}; the artifact was modified or damaged")
+
+
+def _check_device(meta: dict[str, Any]) -> None:
+    import tvm
+
+    target = meta["target_string"]
+    if meta["target"]["kind"] == "cuda":
+        if not tvm.cuda(0).exist:
+            raise LowbitError(f"this artifact was compiled for {target!r}, but no CUDA GPU is visible here")
+        return
+    missing = sorted(set(meta["required_features"]) - set(host_features()))
+    if missing:
+        raise LowbitError(f"this artifact was compiled for {target!r}, which uses {', '.join(missing)}, and this "
+                          f"CPU lacks them; recompile for this machine: lowbit compile DIR --target "
+                          "'llvm -mcpu=native' --force")
+
+
+def load(directory: str | Path, verify: bool = True) -> CompiledModel:
+    """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first."""
+    directory = Path(directory)
+    meta = _read_meta(directory / TVM_DIR)
+    if verify:
+        _verify(directory, meta)
+    _check_device(meta)
+    return CompiledModel(directory / TVM_DIR, meta)
