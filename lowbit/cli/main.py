@@ -98,6 +98,7 @@ class QuantizeRequest:
     config: QuantConfig
     force: bool = False
     plan: Path | None = None  # a plan.json from `lowbit search`
+    target: str | None = None  # TVM target; None: no compiled model
 
 
 @click.command("quantize")
@@ -120,18 +121,39 @@ class QuantizeRequest:
               help="How activation ranges are chosen.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
+@click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
+                               'installed) or "cuda"; "none" skips compiling.')
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, calib_method: str, seed: int, force: bool) -> None:
+                     bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
+                     force: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
     state dict (.safetensors or .pt) with --factory.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
-    request = QuantizeRequest(model, output, calib, eval_path, factory, config, force, plan_path)
+    request = QuantizeRequest(model, output, calib, eval_path, factory, config, force, plan_path,
+                              resolve_target(target))
     run_quantize(request, Progress())
+
+
+def resolve_target(target: str | None) -> str | None:
+    """The TVM target to compile for: the native CPU by default when TVM is installed, none with "none"."""
+    from .compile import tvm_available
+
+    if target is not None and target.strip().lower() == "none":
+        return None
+    if not tvm_available():
+        if target is not None:
+            raise LowbitError(f"--target {target!r}: TVM is not installed (pip install 'lowbit[tvm]'), or pass "
+                              "--target none")
+        return None
+    from ..codegen.tvm.target import DEFAULT_TARGET, parse_target
+
+    parse_target(target or DEFAULT_TARGET)  # a bad target fails before the slow part
+    return target or DEFAULT_TARGET
 
 
 lowbit.add_command(quantize_command)
@@ -353,7 +375,20 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
     if integer_leaks:
         progress.echo("export", f"warning: model.int.onnx has float tensors inside: {', '.join(integer_leaks)}")
 
-    report = evaluate(request, graph, qgraph, calib, heldout, entry, directory, progress)
+    report, reference = evaluate(request, graph, qgraph, calib, heldout, entry, directory, progress)
+    if request.target is not None:
+        from .compile import compile_and_check
+
+        progress.echo("compile", f"TVM, target {request.target}")
+        with progress.stage("compile"):
+            report["tvm"] = compile_and_check(qgraph, directory, request.target, heldout.x,
+                                              lambda m: progress.echo("compile", m), reference)
+        t = report["tvm"]
+        latency = "" if t["latency_ms"] is None else f", {t['latency_ms']:.2f} ms at batch 1"
+        progress.echo("compile", f"{t['target']}: {'bit-exact' if t['bit_exact'] else 'NOT bit-exact'} with the "
+                                 f"reference on {_samples(t['samples'])}{latency} ({progress.timings['compile']:.1f}s)")
+        if not t["bit_exact"]:
+            report["notes"].append("the TVM-compiled model does not match the reference executor bit for bit")
     report["integer_only"] = not integer_leaks
     report["float_tensors_in_int_model"] = integer_leaks
     report["timings"] = {"stages": dict(progress.timings), "steps": dict(progress.steps),
@@ -371,6 +406,7 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
         "heldout": _data_summary(heldout),
         **_interface(qgraph),
         "bit_plan": qgraph.bit_plan(),
+        "tvm": report.get("tvm"),
         "plan_file": None if request.plan is None else {"path": str(request.plan.resolve()),
                                                         "sha256": sha256_file(request.plan)},
         "files": file_hashes(directory),
@@ -414,8 +450,11 @@ def _float_tensors_in(path: Path) -> list[str]:
 
 
 def evaluate(request: QuantizeRequest, graph: Graph, qgraph: QuantizedGraph, calib: Inputs, heldout: Inputs,
-             entry: ZooEntry | None, directory: Path, progress: Progress) -> dict[str, Any]:
-    """Everything report.json says about fidelity, size and the layers (timings are added by the caller)."""
+             entry: ZooEntry | None, directory: Path, progress: Progress) -> tuple[dict[str, Any], reports.Outputs]:
+    """Everything report.json says about fidelity, size and the layers (timings are added by the caller).
+
+    Also returns the reference executor's outputs on the held-out inputs, for the backends' checks.
+    """
     progress.echo("evaluate", f"FP32 and per-layer fake-quant on {_samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: fp32 + per-layer"):
         fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.x)
@@ -452,7 +491,7 @@ def evaluate(request: QuantizeRequest, graph: Graph, qgraph: QuantizedGraph, cal
     if not exact:
         notes.append("model.int.onnx does not match the reference executor bit for bit in ONNX Runtime")
 
-    return {
+    report = {
         "lowbit_version": __version__,
         "model": {"spec": request.model, **graph.summary()},
         "config": request.config.to_json(),
@@ -467,7 +506,9 @@ def evaluate(request: QuantizeRequest, graph: Graph, qgraph: QuantizedGraph, cal
         "layers": reports.layer_rows(graph, qgraph, layer_sqnr),
         "notes": notes,
     }
+    return report, int8
 
 
-# `lowbit sensitivity` and `lowbit search` register themselves on the group; imported last, as they use the above.
+# The other commands register themselves on the group; imported last, as they use the above.
+from . import compile as _compile_commands  # noqa: E402, F401
 from . import search as _search_commands  # noqa: E402, F401

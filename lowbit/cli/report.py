@@ -248,6 +248,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append(("model.onnx (QDQ) in ONNX Runtime",
                      f"top-1 agreement with the reference {fmt_pct(c['top1_agreement'])}, "
                      f"SQNR {fmt_db(c['sqnr_db'])}"))
+    tvm = report.get("tvm")
+    if tvm:
+        verdict = "bit-exact" if tvm["bit_exact"] else "NOT bit-exact"
+        latency = "" if tvm["latency_ms"] is None else f"; {tvm['latency_ms']:.2f} ms at batch 1"
+        rows.append((f"TVM ({tvm['target']}, {tvm['kernels']} kernels)",
+                     f"{verdict} vs the reference on {tvm['samples']} samples; compiled in "
+                     f"{tvm['compile_seconds']:.1f} s{latency}"))
     if report.get("integer_only") is not None:
         rows.append(("model.int.onnx integer-only", "yes" if report["integer_only"] else
                      f"no: float tensors {', '.join(report['float_tensors_in_int_model'])}"))
