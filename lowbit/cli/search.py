@@ -190,7 +190,10 @@ def sensitivity_command(model: str, output: Path, calib: Path | None, eval_path:
 @click.option("--bops", "bops_budget", help="BOPs budget: 0.6x or absolute, e.g. 150G.")
 @click.option("--latency", "latency_budget", help="Latency budget: 0.8x or absolute, e.g. 3ms.")
 @click.option("--latency-table", type=click.Path(path_type=Path),
-              help="Per-layer latency table (JSON) measured on the target; default: measure in ONNX Runtime.")
+              help="Per-layer latency table (JSON) measured on the target; default: measure (--latency-source).")
+@click.option("--latency-source", type=click.Choice(["auto", "tvm", "onnxruntime"]), default="auto", show_default=True,
+              help="Where to measure per-layer latency: TVM's kernels on this CPU (auto, when TVM is installed; it "
+                   "times 4-bit layers for real) or ONNX Runtime.")
 @click.option("--max-drop", help="Find the cheapest plan whose measured top-1 agreement is at most this much below "
                                  "the uniform highest-precision plan's, e.g. 1%.")
 @click.option("--bits", "bit_set", default="4,8", show_default=True, help="Bit-widths a layer may take.")
@@ -206,7 +209,8 @@ def sensitivity_command(model: str, output: Path, calib: Path | None, eval_path:
 @user_errors
 def search_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                    seed: int, force: bool, size_budget: str | None, bops_budget: str | None,
-                   latency_budget: str | None, latency_table: Path | None, max_drop: str | None, bit_set: str,
+                   latency_budget: str | None, latency_table: Path | None, latency_source: str,
+                   max_drop: str | None, bit_set: str,
                    sensitivity_dir: Path | None, cross_terms: bool, no_ties: bool, frontier_points: int,
                    bisect_steps: int) -> None:
     """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band."""
@@ -238,13 +242,22 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
 
     if "latency" in requested and table is None:
         from ..quantizer.quantize import quantize
+        from .compile import tvm_available
 
+        if latency_source == "auto":
+            latency_source = "tvm" if tvm_available() else "onnxruntime"
         with progress.stage("latency"), progress.steps_of("latency") as log:
             uniform = {b: quantize(graph, prepared.calib.x, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b),
                                    stats=stats) for b in bits}
-            table = measure_onnxruntime(uniform, log=log)
-        progress.echo("latency", f"per-layer latency measured in ONNX Runtime ({progress.timings['latency']:.1f}s); "
-                                 "it runs 4-bit weights on int8 kernels, so 4 and 8 bits time alike")
+            if latency_source == "tvm":
+                from ..codegen.tvm.latency import measure_layers
+
+                table = measure_layers(uniform, log=log)
+            else:
+                table = measure_onnxruntime(uniform, log=log)
+        caveat = "" if latency_source == "tvm" else "; it runs 4-bit weights on int8 kernels: 4 and 8 bits time alike"
+        progress.echo("latency", f"per-layer latency measured with {table.source} on {table.target} "
+                                 f"({progress.timings['latency']:.1f}s){caveat}")
     costs = layer_costs(graph, bits, table)
     top = {layer.name: max(bits) for layer in graph.layers}
     budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}

@@ -96,27 +96,26 @@ def converter(*ops: str) -> Callable[[Converter], Converter]:
     return register
 
 
-@converter("conv")
-def _conv(ctx: _Context, op: Op) -> relax.Expr:
+def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str, conv2d: LayerKernel,
+                 dense: LayerKernel) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv."""
     a, arr = op.attrs, op.arrays
+    common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
+                  qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
+    if op.op == "linear":
+        return dense(x_shape, x_dtype, arr["weight"], **common)
     ph, pw = a["padding"]
-    out_dtype = ctx.dtype(op.output)
-    func, arrays = ctx.conv2d(
-        ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), arr["weight"], tuple(a["stride"]), (ph, pw, ph, pw),
-        tuple(a["dilation"]), int(a["groups"]), arr["bias"], arr.get("multiplier"), arr.get("shift"),
-        a.get("qmin", 0), a.get("qmax", 0), out_dtype, int(a["weight_bits"]))
-    ctx.nhwc.add(op.output)
-    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), out_dtype)
+    return conv2d(x_shape, x_dtype, arr["weight"], stride=tuple(a["stride"]), padding=(ph, pw, ph, pw),
+                  dilation=tuple(a["dilation"]), groups=int(a["groups"]), **common)
 
 
-@converter("linear")
-def _linear(ctx: _Context, op: Op) -> relax.Expr:
-    a, arr = op.attrs, op.arrays
-    out_dtype = ctx.dtype(op.output)
-    func, arrays = ctx.dense(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), arr["weight"], arr["bias"],
-                             arr.get("multiplier"), arr.get("shift"), a.get("qmin", 0), a.get("qmax", 0), out_dtype,
-                             int(a["weight_bits"]))
-    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), out_dtype)
+@converter("conv", "linear")
+def _layer(ctx: _Context, op: Op) -> relax.Expr:
+    if op.op == "conv":
+        ctx.nhwc.add(op.output)
+    func, arrays = layer_kernel(op, ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), ctx.dtype(op.output),
+                                ctx.conv2d, ctx.dense)
+    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
 
 
 def _same_layout(ctx: _Context, op: Op) -> None:

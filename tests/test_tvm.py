@@ -1,0 +1,236 @@
+"""The TVM backend: every kernel bit-exact with the reference executor, the runtime, and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip install 'lowbit[tvm]')")
+
+from lowbit.cli.main import lowbit  # noqa: E402
+from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
+from lowbit.codegen.tvm.compile import layer_kernels  # noqa: E402
+from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.models import get_zoo_entry  # noqa: E402
+from lowbit.models.loading import load_program  # noqa: E402
+from lowbit.models.small_cnn import smooth_noise  # noqa: E402
+from lowbit.quantizer.capture import capture  # noqa: E402
+from lowbit.quantizer.config import BitPlan, QuantConfig  # noqa: E402
+from lowbit.quantizer.dyadic import dyadic  # noqa: E402
+from lowbit.quantizer.ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range  # noqa: E402
+from lowbit.quantizer.quantize import quantize  # noqa: E402
+from lowbit.quantizer.reference import run_reference  # noqa: E402
+from lowbit.runtime import load  # noqa: E402
+from lowbit.runtime import loader as runtime_loader  # noqa: E402
+
+TARGET = "llvm -mcpu=native"
+INPUT_STEP = 1 / 16  # float inputs are integers times this, so the input quantize recovers them exactly
+
+
+def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str = "fast") -> np.ndarray:
+    conv2d, dense, _ = layer_kernels(parse_target(TARGET)) if kernels == "fast" else (None, None, "portable")
+    lowered = lower(qgraph, conv2d, dense)
+    executable = tvm.compile(lowered.mod, target=tvm.target.Target(parse_target(TARGET)))
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
+    batch = qgraph.values[qgraph.inputs[0]].shape[0]
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + batch]), *params).numpy()
+                           for i in range(0, len(x), batch)])
+
+
+def _random_ints(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    lo, hi = DTYPE_RANGES[dtype]
+    return rng.integers(lo, hi + 1, shape)
+
+
+def _one_layer(op: str, x_shape: tuple[int, ...], x_dtype: str, weight_shape: tuple[int, ...], out_shape: tuple,
+               attrs: dict, bits: int, requantize: bool, out_dtype: str, rng: np.random.Generator) -> QuantizedGraph:
+    """quantize -> one conv/linear with random integer weights -> dequantize."""
+    lo, hi = weight_range(bits)
+    cout = weight_shape[0]
+    arrays = {"weight": rng.integers(lo, hi + 1, weight_shape).astype(np.int8),
+              "bias": rng.integers(-3000, 3000, cout).astype(np.int32)}
+    if requantize:
+        arrays["multiplier"], arrays["shift"] = dyadic(rng.uniform(2e-4, 5e-3, cout))
+        qmin, qmax = DTYPE_RANGES[out_dtype]
+        y_q = Value("y_q", out_dtype, out_shape, 0.05)
+    else:
+        qmin, qmax = 0, 0
+        out_dtype = "int32"
+        y_q = Value("y_q", "int32", out_shape, list(rng.uniform(1e-4, 1e-3, cout)), axis=1)
+    values = {"x": Value("x", "float32", x_shape), "x_q": Value("x_q", x_dtype, x_shape, INPUT_STEP),
+              "y_q": y_q, "y": Value("y", "float32", out_shape)}
+    ops = [Op("x_quantize", "quantize", ["x"], "x_q"),
+           Op("layer", op, ["x_q"], "y_q", {**attrs, "weight_bits": bits, "qmin": qmin, "qmax": qmax}, arrays),
+           Op("y_dequantize", "dequantize", ["y_q"], "y")]
+    return QuantizedGraph(values, ops, ["x"], ["y"], f"one_{op}")
+
+
+CONV_CASES = {
+    # name: (N, C, H, W, OC, kernel, stride, padding, dilation, groups, bits, input dtype, requantize)
+    "odd_shapes_stride2": (1, 3, 17, 13, 7, 3, 2, 1, 1, 1, 8, "uint8", True),
+    "depthwise_batch2": (2, 8, 9, 9, 8, 3, 1, 1, 1, 8, 8, "int8", True),
+    "depthwise_stride2_int4": (1, 16, 12, 11, 16, 3, 2, 1, 1, 16, 4, "uint8", True),
+    "grouped": (1, 6, 10, 10, 9, 3, 1, 0, 1, 3, 8, "int8", True),
+    "pointwise_int4_odd_channels": (1, 13, 8, 7, 11, 1, 1, 0, 1, 1, 4, "uint8", True),
+    "int4_int32_output": (1, 5, 7, 7, 3, 3, 1, 1, 1, 1, 4, "int8", False),
+    "dilated_5x5": (1, 4, 15, 15, 6, 5, 1, 2, 2, 1, 8, "int8", True),
+    "pointwise_wide": (1, 96, 14, 14, 40, 1, 1, 0, 1, 1, 8, "int8", True),
+}
+
+
+@pytest.mark.parametrize("kernels", ["fast", "portable"])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_kernels_match_the_reference(case: str, kernels: str) -> None:
+    n, c, h, w, oc, k, s, p, d, g, bits, x_dtype, requantize = CONV_CASES[case]
+    rng = np.random.default_rng(len(case))
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    attrs = {"stride": [s, s], "padding": [p, p], "dilation": [d, d], "groups": g}
+    out_dtype = "uint8" if x_dtype == "uint8" else "int8"
+    qgraph = _one_layer("conv", (n, c, h, w), x_dtype, (oc, c // g, k, k), (n, oc, oh, ow), attrs, bits, requantize,
+                        out_dtype, rng)
+    x = (_random_ints(rng, (3 * n, c, h, w), x_dtype) * INPUT_STEP).astype(np.float32)
+    np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["y"])
+
+
+@pytest.mark.parametrize("kernels", ["fast", "portable"])
+@pytest.mark.parametrize(("n", "k", "out", "bits", "requantize"), [(1, 37, 11, 4, True), (3, 64, 10, 8, False),
+                                                                   (1, 1280, 1000, 8, False)])
+def test_dense_kernels_match_the_reference(n: int, k: int, out: int, bits: int, requantize: bool,
+                                           kernels: str) -> None:
+    rng = np.random.default_rng(k)
+    qgraph = _one_layer("linear", (n, k), "uint8", (out, k), (n, out), {}, bits, requantize, "int8", rng)
+    x = (_random_ints(rng, (2 * n, k), "uint8") * INPUT_STEP).astype(np.float32)
+    np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["y"])
+
+
+# -- whole models ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_cnn() -> tuple:
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    return graph, get_zoo_entry("small_cnn").calibration(0)
+
+
+def test_small_cnn_int8_is_bit_exact_on_100_inputs(small_cnn: tuple) -> None:
+    """Every op kind (conv, depthwise, grouped, pad, add, max/avg pool, concat, reshape, linear) in one model."""
+    graph, calib = small_cnn
+    qgraph = quantize(graph, calib)
+    x = smooth_noise(100, 7)
+    np.testing.assert_array_equal(_run_compiled(qgraph, x), run_reference(qgraph, x)[qgraph.outputs[0]])
+
+
+def test_small_cnn_mixed_int4_int8_is_bit_exact_on_100_inputs(small_cnn: tuple) -> None:
+    graph, calib = small_cnn
+    plan = BitPlan({node.name: 4 if i % 2 else 8 for i, node in enumerate(graph.layers)})
+    qgraph = quantize(graph, calib, QuantConfig(rounding="nearest"), plan)
+    assert sorted(set(qgraph.bit_plan().values())) == [4, 8]
+    x = smooth_noise(100, 8)
+    np.testing.assert_array_equal(_run_compiled(qgraph, x), run_reference(qgraph, x)[qgraph.outputs[0]])
+
+
+def test_unsupported_ops_are_listed_at_once(small_cnn: tuple) -> None:
+    graph, calib = small_cnn
+    qgraph = quantize(graph, calib)
+    qgraph.ops[2].op = "softmax"
+    qgraph.ops[5].op = "gelu"
+    with pytest.raises(LowbitError, match=r"2 op\(s\).*\(softmax\).*\(gelu\)"):
+        lower(qgraph)
+
+
+def test_target_parsing() -> None:
+    target = parse_target("llvm -mcpu=native -num-cores=2")
+    assert target["kind"] == "llvm" and target["mcpu"] != "native" and target["num-cores"] == 2
+    for bad in ("x86", "llvm mcpu", "llvm -mcpu=notacpu"):
+        with pytest.raises(LowbitError, match="--target"):
+            parse_target(bad)
+
+
+def test_per_layer_latency_table(small_cnn: tuple) -> None:
+    graph, calib = small_cnn
+    uniform = {b: quantize(graph, calib, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b)) for b in (4, 8)}
+    table = measure_layers(uniform, repeats=2, min_ms=1)
+    assert sorted(table.ms) == sorted(n.name for n in graph.layers)
+    assert all(set(row) == {4, 8} and all(v > 0 for v in row.values()) for row in table.ms.values())
+    assert table.source.startswith("tvm")
+
+
+# -- artifact, runtime and CLI --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tvm") / "sc"
+    result = CliRunner().invoke(lowbit, ["quantize", "zoo:small_cnn", "-o", str(out), "--target", TARGET])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_quantize_compiles_and_checks_bit_exactness(artifact: Path) -> None:
+    report = json.loads((artifact / "report.json").read_text())
+    assert report["tvm"]["bit_exact"] and report["tvm"]["samples"] == 64
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert {"tvm/model.so", "tvm/params.npz", "tvm/tvm.json"} <= set(manifest["files"])
+    meta = json.loads((artifact / "tvm" / "tvm.json").read_text())
+    assert meta["target_string"] == manifest["tvm"]["target"] and "avx2" in meta["required_features"]
+
+
+def test_runtime_matches_onnxruntime_on_the_integer_model(artifact: Path) -> None:
+    import onnxruntime as ort
+
+    x = smooth_noise(5, 11)
+    session = ort.InferenceSession(str(artifact / "model.int.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    model = load(artifact)
+    np.testing.assert_array_equal(model.run(x), want)
+    stats = model.benchmark(repeats=5, warmup=1)
+    assert 0 < stats["min_ms"] <= stats["median_ms"]
+    with pytest.raises(LowbitError, match="expected shape"):
+        model.run(x[:, :2])
+
+
+def test_runtime_refuses_modified_files(artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    with open(copy / "tvm" / "params.npz", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(LowbitError, match="params.npz: sha256"):
+        load(copy)
+
+
+def test_runtime_refuses_a_cpu_without_the_targets_features(artifact: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = json.loads((artifact / "tvm" / "tvm.json").read_text())
+    meta["required_features"] = [*meta["required_features"], "avx512vnni"]
+    monkeypatch.setattr(runtime_loader, "host_features", lambda: ["sse4.2", "avx", "avx2", "fma"])
+    with pytest.raises(LowbitError, match="avx512vnni.*recompile"):
+        runtime_loader._check_device(meta)
+
+
+def test_cli_compile_run_and_bench(artifact: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(lowbit, ["compile", str(artifact)])
+    assert result.exit_code == 2 and "--force" in result.output
+    result = runner.invoke(lowbit, ["compile", str(artifact), "--force"])
+    assert result.exit_code == 0, result.output
+    assert "bit-exact with the reference" in result.output
+
+    x = smooth_noise(3, 12)
+    np.save(tmp_path / "x.npy", x)
+    result = runner.invoke(lowbit, ["run", str(artifact), "--input", str(tmp_path / "x.npy"),
+                                    "-o", str(tmp_path / "y.npy")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), load(artifact).run(x))
+
+    result = runner.invoke(lowbit, ["bench", str(artifact), "--repeats", "3", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.output)
+    assert set(bench["latency_ms"]) == {"tvm", "onnxruntime:model.onnx", "onnxruntime:model.int.onnx"}
+    assert bench["ratios"]["tvm / onnxruntime:model.onnx"] > 0
