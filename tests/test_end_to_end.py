@@ -43,6 +43,29 @@ def test_mobilenet_v2_end_to_end(tmp_path: Path) -> None:
     for name, expected in run_reference(qgraph, x, integer_outputs=True).items():
         np.testing.assert_array_equal(got[name], expected)
 
+    # The TVM-compiled model equals the reference on every held-out input (checked by quantize itself).
+    assert report["tvm"]["bit_exact"] and report["tvm"]["samples"] >= 100
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_mixed_int4_int8_compiles_bit_exact(tmp_path: Path) -> None:
+    pytest.importorskip("tvm")
+    from lowbit.codegen.tvm import compile_to
+    from lowbit.models.loading import load_program
+    from lowbit.quantizer.capture import capture
+    from lowbit.quantizer.config import BitPlan, QuantConfig
+    from lowbit.quantizer.quantize import quantize
+    from lowbit.runtime import load
+
+    entry = get_zoo_entry("mobilenet_v2")
+    graph = capture(load_program("zoo:mobilenet_v2", None), "mobilenet_v2")
+    # Pointwise and depthwise layers alternate between 4 and 8 bits; first and last stay at 8.
+    plan = BitPlan({n.name: 4 if 0 < i < len(graph.layers) - 1 and i % 2 else 8 for i, n in enumerate(graph.layers)})
+    qgraph = quantize(graph, entry.calibration(0)[:16], QuantConfig(rounding="nearest"), plan)
+    compile_to(qgraph, tmp_path, "llvm -mcpu=native")
+    x = entry.heldout(0)[:100]
+    np.testing.assert_array_equal(load(tmp_path, verify=False).run(x), run_reference(qgraph, x)[qgraph.outputs[0]])
+
 
 @pytest.mark.slow
 def test_mobilenet_v2_sensitivity(tmp_path: Path) -> None:
