@@ -1,0 +1,770 @@
+"""Fast, bit-exact int8 CPU kernels (TVM TIR) for x86 AVX2 (no VNNI / AVX-512).
+
+Public entry points
+-------------------
+``conv2d_nhwc(...)`` and ``dense(...)`` return ``(prim_func, constants)``.  The
+PrimFunc parameters are ``(x, *constants, out)``; ``constants`` are numpy arrays
+(prepacked weights, bias, requantization parameters) the caller passes as-is.
+
+Semantics (the contract)::
+
+    acc[n,oh,ow,oc] = bias[oc] + sum_{kh,kw,ic in group}
+                      int32(x[n, oh*sh-pt+kh*dh, ow*sw-pl+kw*dw, g*ICg+ic]) * int32(w[oc,ic,kh,kw])
+    y = clip((int64(acc) * mantissa[oc] + ((1 << shift[oc]) >> 1)) >> shift[oc], qmin, qmax)
+
+with out-of-range input positions reading 0.  If ``mantissa`` is None the
+output is ``acc`` (int32).
+
+Implementation
+--------------
+* GEMM path (pointwise, general/grouped conv, dense): activations are packed
+  (im2col when needed) into int32 words holding two int16 values
+  ``(x[k] & 0xffff) | (x[k+1] << 16)``; weights are prepacked as int16 pairs in
+  ``[G, OC/8, K/2, 8]`` int32 words.  The register-blocked micro-kernel
+  broadcasts one activation word and issues ``vpmaddwd`` (exact: int16*int16
+  products summed pairwise into int32) against 8 output channels.
+* Depthwise path: NHWC, vectorized over 16 channels; x*w is computed exactly in
+  int16 (|x*w| <= 255*127 < 2^15) and widened into int32 accumulators.
+* Requantization is fused on the accumulator tile and stays exact:
+  1. acc is clamped (int32) to a per-channel window [A_lo, A_hi] outside of
+     which the clipped result cannot change (y is monotone in acc, m >= 0);
+     inside the window |y| < 2^31.
+  2. p = acc*m via vpmuldq (even / odd lanes), |p| < 2^61.
+  3. the arithmetic shift is a logical shift of a biased value:
+     ``t = (p + r + 2^62) >>> s = y + 2^(62-s)`` (vpsrlvq), and the low 32 bits
+     of t minus the low 32 bits of 2^(62-s) give y exactly (|y| < 2^31).
+  4. int32 clip to [qmin, qmax] and narrow.
+* Parallel loops are chunked per thread (``NUM_THREADS`` tasks) so the
+  per-task accumulator scratch is allocated once per task: this TVM lowers all
+  ``local`` allocations to TVMBackendAllocWorkspace calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+__all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
+
+VEC = 8  # int32 lanes in a ymm register
+NUM_THREADS = 2  # parallel tasks per loop nest (machine has 2 cores)
+_PMADDWD = "llvm.x86.avx2.pmadd.wd"
+
+
+def target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------
+# requantization
+# ---------------------------------------------------------------------------
+
+
+def _requant_arrays(bias, mantissa, shift, qmin, qmax, n, n_pad):
+    """Per-channel constant arrays (padded to n_pad channels).
+
+    Returns dict with bias(int32), alo/ahi (int32 acc clamp window), mant (int32,
+    n_pad+8 long), c1 / sh (int64, even-odd interleaved per 8-channel block),
+    c2 (int32 low word of 2^(62-s)).
+    """
+    b = np.zeros(n_pad, np.int32)
+    b[:n] = np.asarray(bias, dtype=np.int64).reshape(-1)[:n]
+    out = {"bias": b}
+    if mantissa is None:
+        return out
+    m = [int(v) for v in np.asarray(mantissa, dtype=np.int64).reshape(-1)[:n]]
+    sh = [int(v) for v in np.asarray(shift, dtype=np.int64).reshape(-1)[:n]]
+    qmin, qmax = int(qmin), int(qmax)
+    if qmin > qmax:
+        raise ValueError("qmin > qmax")
+    imin, imax = -(1 << 31), (1 << 31) - 1
+    alo = np.zeros(n_pad, np.int32)
+    ahi = np.zeros(n_pad, np.int32)
+    mant = np.zeros(n_pad + VEC, np.int32)
+    c1 = np.zeros(n_pad, np.int64)
+    shv = np.zeros(n_pad, np.int64)
+    c2 = np.zeros(n_pad, np.int32)
+    for c in range(n):
+        mc, sc = m[c], sh[c]
+        if not (0 <= mc < (1 << 30)):
+            raise ValueError(f"mantissa[{c}]={mc} outside [0, 2^30)")
+        if not (0 <= sc <= 62):
+            raise ValueError(f"shift[{c}]={sc} outside [0, 62]")
+        r = (1 << sc) >> 1
+        if mc == 0:
+            lo = hi = 0
+        else:
+            # largest acc with y(acc) <= qmin; smallest acc with y(acc) >= qmax
+            lo = -((r - (qmin + 1) * (1 << sc)) // mc) - 1
+            hi = -((r - qmax * (1 << sc)) // mc)
+            lo = min(max(lo, imin), imax)
+            hi = min(max(hi, imin), imax)
+            lo = min(lo, hi)
+        alo[c], ahi[c], mant[c] = lo, hi, mc
+        c1[c] = r + (1 << 62)
+        shv[c] = sc
+        c2[c] = np.array([(1 << (62 - sc)) & 0xFFFFFFFF], np.uint32).view(np.int32)[0]
+    for c in range(n, n_pad):
+        c1[c] = 1 << 62
+        c2[c] = 0  # 2^62 has zero low word
+    # even/odd interleave within each block of 8 channels: [0,2,4,6,1,3,5,7]
+    perm = np.concatenate([np.arange(0, VEC, 2), np.arange(1, VEC, 2)])
+    idx = (np.arange(n_pad) // VEC) * VEC + np.tile(perm, n_pad // VEC)
+    out.update(alo=alo, ahi=ahi, mant=mant, c1=c1[idx].copy(), sh=shv[idx].copy(), c2=c2)
+    return out
+
+
+def _sx32(v):
+    """Sign-extend the low dword of each int64 lane (lets LLVM pick vpmuldq)."""
+    c = T.broadcast(T.int64(32), 4)
+    return T.shift_right(T.shift_left(v, c), c)
+
+
+def _rq_vec(accv, R, ch, qmin, qmax):
+    """Exact requantization of 8 int32 lanes (channels ch..ch+7); returns int32x8."""
+    ALO, AHI, MANT, C1, SH, C2 = R
+    a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
+    a64 = T.reinterpret("int64x4", a)
+    m64 = T.reinterpret("int64x4", MANT[T.ramp(ch, 1, VEC)])
+    c32 = T.broadcast(T.int64(32), 4)
+    pe = _sx32(a64) * _sx32(m64)
+    po = T.shift_right(a64, c32) * T.shift_right(m64, c32)
+    te = T.shift_right(T.Cast("uint64x4", pe + C1[T.ramp(ch, 1, 4)]), T.Cast("uint64x4", SH[T.ramp(ch, 1, 4)]))
+    to = T.shift_right(T.Cast("uint64x4", po + C1[T.ramp(ch + 4, 1, 4)]), T.Cast("uint64x4", SH[T.ramp(ch + 4, 1, 4)]))
+    comb = T.bitwise_or(
+        T.bitwise_and(te, T.broadcast(T.uint64(0xFFFFFFFF), 4)), T.shift_left(to, T.broadcast(T.uint64(32), 4))
+    )
+    y = T.reinterpret("int32x8", comb) - C2[T.ramp(ch, 1, VEC)]
+    return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+
+
+def _consts_list(ra, requant):
+    if requant:
+        return [ra["bias"], ra["alo"], ra["ahi"], ra["mant"], ra["c1"], ra["sh"], ra["c2"]]
+    n = ra["bias"].shape[0]
+    z32 = np.zeros(n, np.int32)
+    return [ra["bias"], z32, z32, np.zeros(n + VEC, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), z32]
+
+
+# ---------------------------------------------------------------------------
+# GEMM path (pointwise / general / grouped conv, dense)
+# ---------------------------------------------------------------------------
+
+
+def _choose_tile(M, OCB):
+    """(MR rows, NV int32x8 column vectors) of the register tile."""
+    if M <= 2:
+        return max(M, 1), max(1, min(OCB, 4))
+    if OCB == 1:
+        return 8, 1
+    if OCB % 2 != 0 and OCB % 3 == 0:
+        return 4, 3
+    return 6, 2
+
+
+def _gemm_func(
+    *,
+    N,
+    H,
+    W,
+    C,
+    x_dtype,
+    G,
+    ICg,
+    OCg,
+    KH,
+    KW,
+    sh,
+    sw,
+    pt,
+    pl,
+    dh,
+    dw,
+    OH,
+    OW,
+    requant,
+    qmin,
+    qmax,
+    out_dtype,
+    out_shape,
+    x_buf_shape,
+):
+    M = N * OH * OW
+    OC = G * OCg
+    KWIC = KW * ICg
+    KWICp = KWIC + (KWIC & 1)
+    KPr = KWICp // 2  # int16 pairs per kh row
+    KP = KH * KPr
+    OCB = _cdiv(OCg, VEC)
+    OCBP = OCB * VEC  # padded channels per group
+    NP = G * OCBP
+    MR, NV = _choose_tile(M, OCB)
+    NCT_FULL = OCB // NV
+    NV_TAIL = OCB - NCT_FULL * NV
+    NCT = NCT_FULL + (1 if NV_TAIL else 0)
+    LAST_LANES = OCg - (OCB - 1) * VEC
+    NRB = M // MR
+    MR_TAIL = M - NRB * MR
+    NT = NUM_THREADS
+    TOT = G * NRB * NCT
+    CH = _cdiv(TOT, NT) if TOT else 0
+    TOT_T = G * NCT
+    CH_T = _cdiv(TOT_T, NT)
+    out_vec = f"{out_dtype}x{VEC}"
+    is_pointwise = (
+        KH == 1 and KW == 1 and sh == 1 and sw == 1 and pt == 0 and pl == 0 and OH == H and OW == W and G == 1
+    )
+    need_pad = not (pt == 0 and pl == 0 and (OH - 1) * sh + (KH - 1) * dh < H and (OW - 1) * sw + (KW - 1) * dw < W)
+    HP = (OH - 1) * sh + (KH - 1) * dh + 1
+    WP = (OW - 1) * sw + (KW - 1) * dw + 1
+    # tile order: keep the larger operand streaming once
+    rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
+    unroll_im2col = KPr <= 24
+    PK_FULL = (C // 16) if is_pointwise else 0
+    PK_REM = KP - PK_FULL * 8
+
+    def tile_coords(t):
+        g = t // (NRB * NCT)
+        r = t % (NRB * NCT)
+        if rows_outer:
+            return g, r // NCT * MR, r % NCT
+        return g, r % NRB * MR, r // NRB
+
+    @T.macro
+    def micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, cv0, mr, nv, partial):
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * OCBP + (cv0 + v) * VEC, 1, VEC)]
+        for kp in T.serial(KP):
+            for r in T.unroll(mr):
+                for v in T.unroll(nv):
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
+                        T.ramp((r * nv + v) * VEC, 1, VEC)
+                    ] + T.call_llvm_pure_intrin(
+                        "int32x8",
+                        _PMADDWD,
+                        T.reinterpret("int16x16", T.broadcast(XP32[g, m0 + r, kp], VEC)),
+                        T.reinterpret("int16x16", W32[g, cv0 + v, kp, T.ramp(0, 1, VEC)]),
+                    )
+        for r in T.unroll(mr):
+            for v in T.unroll(nv - 1 if partial else nv):
+                if requant:
+                    OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = T.Cast(
+                        out_vec,
+                        _rq_vec(acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax),
+                    )
+                else:
+                    OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = acc[T.ramp((r * nv + v) * VEC, 1, VEC)]
+            if partial:
+                if requant:
+                    acc[T.ramp((r * nv + nv - 1) * VEC, 1, VEC)] = _rq_vec(
+                        acc[T.ramp((r * nv + nv - 1) * VEC, 1, VEC)], R, g * OCBP + (cv0 + nv - 1) * VEC, qmin, qmax
+                    )
+                for ln in T.unroll(LAST_LANES):
+                    OUT[m0 + r, g * OCg + (cv0 + nv - 1) * VEC + ln] = T.Cast(
+                        out_dtype, accs[(r * nv + nv - 1) * VEC + ln]
+                    )
+
+    @T.macro
+    def row_block(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct, mr):
+        if NV_TAIL == 0:
+            if LAST_LANES == VEC:
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * NV, mr, NV, False)
+            else:
+                if ct < NCT_FULL - 1:
+                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * NV, mr, NV, False)
+                else:
+                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * NV, mr, NV, True)
+        else:
+            if ct < NCT_FULL:
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * NV, mr, NV, False)
+            else:
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, NCT_FULL * NV, mr, NV_TAIL, LAST_LANES != VEC)
+
+    @T.macro
+    def im2col_pair(SRC, XP32, nh, ow, g, kh, jp):
+        XP32[g, nh * OW + ow, kh * KPr + jp] = T.bitwise_or(
+            T.bitwise_and(
+                T.Cast(
+                    "int32",
+                    SRC[nh // OH, nh % OH * sh + kh * dh, ow * sw + (2 * jp) // ICg * dw, g * ICg + (2 * jp) % ICg],
+                ),
+                0xFFFF,
+            ),
+            T.shift_left(
+                T.if_then_else(
+                    2 * jp + 1 < KWIC,
+                    T.Cast(
+                        "int32",
+                        SRC[
+                            nh // OH,
+                            nh % OH * sh + kh * dh,
+                            ow * sw + T.min(2 * jp + 1, KWIC - 1) // ICg * dw,
+                            g * ICg + T.min(2 * jp + 1, KWIC - 1) % ICg,
+                        ],
+                    ),
+                    0,
+                ),
+                16,
+            ),
+        )
+
+    @T.prim_func(private=True)
+    def func(
+        X: T.Buffer(x_buf_shape, x_dtype),
+        W32: T.Buffer((G, OCB, KP, VEC), "int32"),
+        BIAS: T.Buffer((NP,), "int32"),
+        ALO: T.Buffer((NP,), "int32"),
+        AHI: T.Buffer((NP,), "int32"),
+        MANT: T.Buffer((NP + VEC,), "int32"),
+        C1: T.Buffer((NP,), "int64"),
+        SH: T.Buffer((NP,), "int64"),
+        C2: T.Buffer((NP,), "int32"),
+        OUT: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2))
+        XP32 = T.alloc_buffer((G, M, KP), "int32")
+        Ov = T.decl_buffer((M, OC), out_dtype, data=OUT.data)
+        XS = T.decl_buffer((N, H, W, C), x_dtype, data=X.data)
+        # ---- pack activations (im2col) into int16 pairs ----
+        if is_pointwise:
+            X2 = T.decl_buffer((M, C), x_dtype, data=X.data)
+            for m in T.parallel(M):
+                for q in T.serial(PK_FULL):
+                    XP32[0, m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
+                        "int32x8", T.Cast("int16x16", X2[m, T.ramp(q * 16, 1, 16)])
+                    )
+                for q in T.serial(PK_REM):
+                    XP32[0, m, PK_FULL * 8 + q] = T.bitwise_or(
+                        T.bitwise_and(T.Cast("int32", X2[m, PK_FULL * 16 + q * 2]), 0xFFFF),
+                        T.shift_left(
+                            T.if_then_else(
+                                PK_FULL * 16 + q * 2 + 1 < C,
+                                T.Cast("int32", X2[m, T.min(PK_FULL * 16 + q * 2 + 1, C - 1)]),
+                                0,
+                            ),
+                            16,
+                        ),
+                    )
+        else:
+            XPAD = T.alloc_buffer((N, HP, WP, C), x_dtype)
+            if need_pad:
+                for nh in T.parallel(N * HP):
+                    for iw in T.serial(WP):
+                        for c in T.serial(C):
+                            XPAD[nh // HP, nh % HP, iw, c] = T.if_then_else(
+                                nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl,
+                                XS[nh // HP, T.max(T.min(nh % HP - pt, H - 1), 0), T.max(T.min(iw - pl, W - 1), 0), c],
+                                T.Cast(x_dtype, 0),
+                            )
+            for nh in T.parallel(N * OH):
+                for ow in T.serial(OW):
+                    for g in T.serial(G):
+                        for kh in T.serial(KH):
+                            if unroll_im2col:
+                                for jp in T.unroll(KPr):
+                                    if need_pad:
+                                        im2col_pair(XPAD, XP32, nh, ow, g, kh, jp)
+                                    else:
+                                        im2col_pair(XS, XP32, nh, ow, g, kh, jp)
+                            else:
+                                for jp in T.serial(KPr):
+                                    if need_pad:
+                                        im2col_pair(XPAD, XP32, nh, ow, g, kh, jp)
+                                    else:
+                                        im2col_pair(XS, XP32, nh, ow, g, kh, jp)
+        # ---- GEMM over register tiles; one accumulator scratch per task ----
+        if TOT > 0:
+            for tid in T.parallel(NT):
+                acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
+                accs = T.meta_var(acc)
+                for ti in T.serial(CH):
+                    if tid * CH + ti < TOT:
+                        gi, m0, ct = T.meta_var(tile_coords(tid * CH + ti))
+                        row_block(XP32, W32, BIAS, R, Ov, acc, accs, gi, m0, ct, MR)
+        if MR_TAIL > 0:
+            for tid in T.parallel(NT):
+                acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
+                accs = T.meta_var(acc)
+                for ti in T.serial(CH_T):
+                    if tid * CH_T + ti < TOT_T:
+                        row_block(
+                            XP32,
+                            W32,
+                            BIAS,
+                            R,
+                            Ov,
+                            acc,
+                            accs,
+                            (tid * CH_T + ti) // NCT,
+                            NRB * MR,
+                            (tid * CH_T + ti) % NCT,
+                            MR_TAIL,
+                        )
+
+    return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP)
+
+
+def _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, KWICp, KP, OCB):
+    w = np.asarray(weight).astype(np.int64)
+    wt = w.reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, KH, KW * ICg)
+    wp = np.zeros((G, OCB * VEC, KH, KWICp), np.int16)
+    wp[:, :OCg, :, : KW * ICg] = wt
+    wp = wp.reshape(G, OCB, VEC, KP, 2).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(wp).view(np.int32).reshape(G, OCB, KP, VEC)
+
+
+def _conv_geometry(x_shape, weight, stride, padding, dilation):
+    N, H, W, C = [int(v) for v in x_shape]
+    OC, ICg, KH, KW = [int(v) for v in weight.shape]
+    sh, sw = [int(v) for v in stride]
+    pt, pl, pb, pr = [int(v) for v in padding]
+    dh, dw = [int(v) for v in dilation]
+    OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError("empty conv output")
+    return N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW
+
+
+def _gemm_conv(
+    x_shape,
+    x_dtype,
+    weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    bias,
+    mantissa,
+    shift,
+    qmin,
+    qmax,
+    out_dtype,
+    out_shape=None,
+    x_buf_shape=None,
+):
+    N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
+        x_shape, weight, stride, padding, dilation
+    )
+    G = int(groups)
+    if C != ICg * G or OC % G:
+        raise ValueError("inconsistent groups / channels")
+    OCg = OC // G
+    requant = mantissa is not None
+    if not requant:
+        out_dtype = "int32"
+    if out_shape is None:
+        out_shape = (N, OH, OW, OC)
+    func, info = _gemm_func(
+        N=N,
+        H=H,
+        W=W,
+        C=C,
+        x_dtype=x_dtype,
+        G=G,
+        ICg=ICg,
+        OCg=OCg,
+        KH=KH,
+        KW=KW,
+        sh=sh,
+        sw=sw,
+        pt=pt,
+        pl=pl,
+        dh=dh,
+        dw=dw,
+        OH=OH,
+        OW=OW,
+        requant=requant,
+        qmin=int(qmin),
+        qmax=int(qmax),
+        out_dtype=out_dtype,
+        out_shape=tuple(out_shape),
+        x_buf_shape=tuple(x_buf_shape or (N, H, W, C)),
+    )
+    OCBP = info["OCBP"]
+    w32 = _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, info["KWICp"], info["KP"], info["OCB"])
+
+    # per-group channel padding: group g's channels live at [g*OCBP, g*OCBP+OCg)
+    def regroup(a):
+        return np.asarray(a).reshape(G, OCg)
+
+    ras = [
+        _requant_arrays(
+            regroup(bias)[g],
+            None if mantissa is None else regroup(mantissa)[g],
+            None if shift is None else regroup(shift)[g],
+            qmin,
+            qmax,
+            OCg,
+            OCBP,
+        )
+        for g in range(G)
+    ]
+    lists = [_consts_list(ra, requant) for ra in ras]
+    consts = [w32]
+    for i in range(len(lists[0])):
+        parts = [lst[i] for lst in lists]
+        if i == 3:  # mant has VEC trailing pad per group: drop it between groups
+            parts = [p_[:OCBP] for p_ in parts] + [np.zeros(VEC, np.int32)]
+        consts.append(np.ascontiguousarray(np.concatenate(parts)))
+    return func, consts
+
+
+# ---------------------------------------------------------------------------
+# depthwise path (groups == IC == OC)
+# ---------------------------------------------------------------------------
+
+DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
+
+
+def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype):
+    CB = _cdiv(C, DW_VEC)
+    CP = CB * DW_VEC
+    C_FULL = C // DW_VEC
+    LAST_LANES = C - (CB - 1) * DW_VEC
+    HP = (OH - 1) * sh + (KH - 1) * dh + 1
+    WP = (OW - 1) * sw + (KW - 1) * dw + 1
+    OWB = 4 if OW >= 4 else OW
+    NOWB = OW // OWB
+    OW_TAIL = OW - NOWB * OWB
+    out_vec = f"{out_dtype}x{VEC}"
+    unroll_taps = KH * KW <= 16
+    NT = NUM_THREADS
+    TOT = N * OH
+    CH = _cdiv(TOT, NT)
+    lo_idx = list(range(VEC))
+    hi_idx = list(range(VEC, 2 * VEC))
+
+    @T.macro
+    def tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb):
+        for j in T.unroll(owb):
+            prod = T.meta_var(
+                T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, (ow0 + j) * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
+                * W16[kh, kw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
+            )
+            acc[T.ramp((2 * j) * VEC, 1, VEC)] = acc[T.ramp((2 * j) * VEC, 1, VEC)] + T.Cast(
+                "int32x8", T.Shuffle([prod], lo_idx)
+            )
+            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] + T.Cast(
+                "int32x8", T.Shuffle([prod], hi_idx)
+            )
+
+    @T.macro
+    def store8(R, OUT, acc, accs, n, oh, ow, k, ch, nl):
+        # k: acc vector index, ch: first channel, nl: valid lanes (static)
+        if requant:
+            if nl == VEC:
+                OUT[n, oh, ow, T.ramp(ch, 1, VEC)] = T.Cast(
+                    out_vec, _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax)
+                )
+            else:
+                acc[T.ramp((k) * VEC, 1, VEC)] = _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax)
+                for ln in T.unroll(nl):
+                    OUT[n, oh, ow, ch + ln] = T.Cast(out_dtype, accs[k * VEC + ln])
+        else:
+            if nl == VEC:
+                OUT[n, oh, ow, T.ramp(ch, 1, VEC)] = acc[T.ramp((k) * VEC, 1, VEC)]
+            else:
+                for ln in T.unroll(nl):
+                    OUT[n, oh, ow, ch + ln] = accs[k * VEC + ln]
+
+    @T.macro
+    def micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, partial):
+        for j in T.unroll(owb):
+            acc[T.ramp((2 * j) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
+            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
+        if unroll_taps:
+            for kh in T.unroll(KH):
+                for kw in T.unroll(KW):
+                    tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+        else:
+            for kh in T.serial(KH):
+                for kw in T.serial(KW):
+                    tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+        for j in T.unroll(owb):
+            if partial:
+                if LAST_LANES > VEC:
+                    store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j, cb * DW_VEC, VEC)
+                    store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j + 1, cb * DW_VEC + VEC, LAST_LANES - VEC)
+                else:
+                    store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j, cb * DW_VEC, LAST_LANES)
+            else:
+                store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j, cb * DW_VEC, VEC)
+                store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j + 1, cb * DW_VEC + VEC, VEC)
+
+    @T.macro
+    def pixel_block(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, owb):
+        for cb in T.serial(C_FULL):
+            micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, False)
+        if LAST_LANES != DW_VEC:
+            micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, C_FULL, owb, True)
+
+    @T.prim_func(private=True)
+    def func(
+        X: T.Buffer((N, H, W, C), x_dtype),
+        W16: T.Buffer((KH, KW, CP), "int16"),
+        BIAS: T.Buffer((CP,), "int32"),
+        ALO: T.Buffer((CP,), "int32"),
+        AHI: T.Buffer((CP,), "int32"),
+        MANT: T.Buffer((CP + VEC,), "int32"),
+        C1: T.Buffer((CP,), "int64"),
+        SH: T.Buffer((CP,), "int64"),
+        C2: T.Buffer((CP,), "int32"),
+        OUT: T.Buffer((N, OH, OW, C), out_dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2))
+        XPAD = T.alloc_buffer((N, HP, WP, CP), x_dtype)
+        # ---- zero-padded copy of the input (spatial + channel padding) ----
+        for nh in T.parallel(N * HP):
+            for iw in T.serial(WP):
+                if nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl:
+                    for cv in T.serial(C_FULL):
+                        XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = X[
+                            nh // HP, nh % HP - pt, iw - pl, T.ramp(cv * DW_VEC, 1, DW_VEC)
+                        ]
+                    for c in T.serial(CP - C_FULL * DW_VEC):
+                        XPAD[nh // HP, nh % HP, iw, C_FULL * DW_VEC + c] = T.if_then_else(
+                            C_FULL * DW_VEC + c < C,
+                            X[nh // HP, nh % HP - pt, iw - pl, T.min(C_FULL * DW_VEC + c, C - 1)],
+                            T.Cast(x_dtype, 0),
+                        )
+                else:
+                    for cv in T.serial(CB):
+                        XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = T.broadcast(
+                            T.Cast(x_dtype, 0), DW_VEC
+                        )
+        # ---- main loop: rows of output pixels, chunked per task ----
+        for tid in T.parallel(NT):
+            acc = T.alloc_buffer((2 * OWB * VEC,), "int32", scope="local")
+            accs = T.meta_var(acc)
+            for ti in T.serial(CH):
+                if tid * CH + ti < TOT:
+                    for ob in T.serial(NOWB):
+                        pixel_block(
+                            XPAD,
+                            W16,
+                            BIAS,
+                            R,
+                            OUT,
+                            acc,
+                            accs,
+                            (tid * CH + ti) // OH,
+                            (tid * CH + ti) % OH,
+                            ob * OWB,
+                            OWB,
+                        )
+                    if OW_TAIL > 0:
+                        pixel_block(
+                            XPAD,
+                            W16,
+                            BIAS,
+                            R,
+                            OUT,
+                            acc,
+                            accs,
+                            (tid * CH + ti) // OH,
+                            (tid * CH + ti) % OH,
+                            NOWB * OWB,
+                            OW_TAIL,
+                        )
+
+    return func, CP
+
+
+def _dw_conv(x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype):
+    N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
+        x_shape, weight, stride, padding, dilation
+    )
+    requant = mantissa is not None
+    if not requant:
+        out_dtype = "int32"
+    func, CP = _dw_func(
+        N=N,
+        H=H,
+        W=W,
+        C=C,
+        x_dtype=x_dtype,
+        KH=KH,
+        KW=KW,
+        sh=sh,
+        sw=sw,
+        pt=pt,
+        pl=pl,
+        dh=dh,
+        dw=dw,
+        OH=OH,
+        OW=OW,
+        requant=requant,
+        qmin=int(qmin),
+        qmax=int(qmax),
+        out_dtype=out_dtype,
+    )
+    w16 = np.zeros((KH, KW, CP), np.int16)
+    w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
+    ra = _requant_arrays(bias, mantissa, shift, qmin, qmax, C, CP)
+    return func, [w16] + _consts_list(ra, requant)
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def conv2d_nhwc(
+    x_shape,
+    x_dtype,
+    weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    bias,
+    mantissa,
+    shift,
+    qmin,
+    qmax,
+    out_dtype,
+    weight_bits=8,
+):
+    """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts)."""
+    weight = np.asarray(weight)
+    C = int(x_shape[3])
+    if int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1:
+        return _dw_conv(
+            tuple(x_shape), x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype
+        )
+    return _gemm_conv(
+        tuple(x_shape), x_dtype, weight, stride, padding, dilation, groups, bias, mantissa, shift, qmin, qmax, out_dtype
+    )
+
+
+def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype, weight_bits=8):
+    """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts)."""
+    Nb, IN = [int(v) for v in x_shape]
+    OUT = int(weight.shape[0])
+    w4 = np.asarray(weight).reshape(OUT, IN, 1, 1)
+    return _gemm_conv(
+        (Nb, 1, 1, IN),
+        x_dtype,
+        w4,
+        (1, 1),
+        (0, 0, 0, 0),
+        (1, 1),
+        1,
+        bias,
+        mantissa,
+        shift,
+        qmin,
+        qmax,
+        out_dtype,
+        out_shape=(Nb, OUT),
+        x_buf_shape=(Nb, IN),
+    )
