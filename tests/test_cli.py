@@ -7,6 +7,7 @@ successful runs use a handful of calibration samples and minmax ranges to stay f
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from lowbit.quantizer.ir import QuantizedGraph
 
 EXPECTED_FILES = {"manifest.json", "model.onnx", "model.int.onnx", "ir/ir.json", "ir/ir.safetensors", "report.json",
                   "report.md"}
+if importlib.util.find_spec("tvm") is not None:  # quantize compiles by default when TVM is installed
+    EXPECTED_FILES |= {"tvm/model.so", "tvm/params.npz", "tvm/tvm.json"}
 FAST = ["--calib-method", "minmax"]
 
 
