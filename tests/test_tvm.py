@@ -234,3 +234,34 @@ def test_cli_compile_run_and_bench(artifact: Path, tmp_path: Path) -> None:
     bench = json.loads(result.output)
     assert set(bench["latency_ms"]) == {"tvm", "onnxruntime:model.onnx", "onnxruntime:model.int.onnx"}
     assert bench["ratios"]["tvm / onnxruntime:model.onnx"] > 0
+
+
+def test_tuning_records_are_reused_and_tuned_kernels_are_exact(small_cnn: tuple, tmp_path: Path) -> None:
+    """A record in the cache (here: the portable schedule's trace) is found again and gives exact kernels."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from lowbit.codegen.tvm import kernels, tune
+
+    graph, calib = small_cnn
+    qgraph = quantize(graph, calib)
+    target = parse_target(TARGET)
+    directory = tune.database_dir(tmp_path, target)
+    database = tune.open_database(directory)
+    for mod in tune.layer_workloads(qgraph).values():
+        sch = tvm.s_tir.Schedule(mod)
+        kernels.schedule_reduction(sch)
+        record = ms.database.TuningRecord(sch.trace, database.commit_workload(mod), [1e-4],
+                                          tvm.target.Target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+        database.commit_tuning_record(record)
+
+    reopened = tune.open_database(directory)  # records persist on disk
+    conv2d, dense, _ = layer_kernels(target)
+    tuned = tune.TunedKernels(reopened, target, conv2d, dense, min_speedup=0.0)
+    lowered = lower(qgraph, tuned.conv2d, tuned.dense)
+    assert [c["kernel"] for c in tuned.choices] == ["tuned"] * len(graph.layers)
+    executable = tvm.compile(lowered.mod, target=tvm.target.Target(target))
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
+    x = smooth_noise(8, 9)
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1]), *params).numpy() for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_reference(qgraph, x)[qgraph.outputs[0]])

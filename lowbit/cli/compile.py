@@ -25,6 +25,7 @@ from ..quantizer.ir import QuantizedGraph
 from ..runtime.loader import MANIFEST, TVM_DIR
 from .artifact import file_hashes
 from .main import lowbit, user_errors
+from .options import tuning_options
 from .progress import Progress
 
 EXACT_CHECK_INPUTS = 8
@@ -39,7 +40,8 @@ def tvm_available() -> bool:
 
 
 def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, x: np.ndarray,
-                      log: Callable[[str], None], want: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                      log: Callable[[str], None], want: dict[str, np.ndarray] | None = None,
+                      tune_trials: int | None = None, tuning_cache: Path | None = None) -> dict[str, Any]:
     """Compile into `directory/tvm` and check the runtime against the reference executor on `x`, bit for bit.
 
     `want` may hold the reference outputs on `x` when the caller has them already.
@@ -48,7 +50,7 @@ def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, x: n
     from ..quantizer.reference import run_reference
     from ..runtime import load
 
-    meta = compile_to(qgraph, directory, target, log)
+    meta = compile_to(qgraph, directory, target, log, tune_trials, tuning_cache)
     model = load(directory, verify=False)
     got = model.run(x)
     got = got if isinstance(got, dict) else {qgraph.outputs[0]: got}
@@ -56,8 +58,10 @@ def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, x: n
         want = run_reference(qgraph, x)
     exact = all(np.array_equal(got[name], want[name][:len(x)]) for name in qgraph.outputs)
     latency = model.benchmark(x[:1], repeats=30, warmup=5) if meta["target"]["kind"] == "llvm" else None
+    tuning = meta["tuning"] and {k: v for k, v in meta["tuning"].items() if k != "layers"}
     return {"target": meta["target_string"], "kernels": meta["kernels"], "compile_seconds": meta["compile_seconds"],
-            "bit_exact": exact, "samples": len(x), "latency_ms": None if latency is None else latency["median_ms"]}
+            "tuning": tuning, "bit_exact": exact, "samples": len(x),
+            "latency_ms": None if latency is None else latency["median_ms"]}
 
 
 def _update_manifest(directory: Path, tvm_summary: dict[str, Any]) -> None:
@@ -84,9 +88,11 @@ def _input_shape(qgraph: QuantizedGraph) -> tuple[int, ...]:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--target", default="llvm -mcpu=native", show_default=True,
               help='TVM target: "llvm -mcpu=NAME" (native = this CPU) or "cuda".')
+@tuning_options
 @click.option("--force", is_flag=True, help="Replace an existing DIR/tvm (once the new one is compiled and checked).")
 @user_errors
-def compile_command(directory: Path, target: str, force: bool) -> None:
+def compile_command(directory: Path, target: str, tune_trials: int | None, tuning_cache: Path | None,
+                    force: bool) -> None:
     """Compile the integer IR in DIRECTORY (a `lowbit quantize` output) with TVM into DIRECTORY/tvm."""
     if not tvm_available():
         raise LowbitError("TVM is not installed: pip install 'lowbit[tvm]' (apache-tvm)")
@@ -101,7 +107,8 @@ def compile_command(directory: Path, target: str, force: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tvm.tmp-", dir=directory))
     try:
         with progress.stage("compile"):
-            summary = compile_and_check(qgraph, tmp, target, x, lambda m: progress.echo("compile", m))
+            summary = compile_and_check(qgraph, tmp, target, x, lambda m: progress.echo("compile", m),
+                                        tune_trials=tune_trials, tuning_cache=tuning_cache)
         if not summary["bit_exact"]:
             raise LowbitError(f"the compiled model does not match the reference executor on {len(x)} random inputs; "
                               "nothing was replaced (please report this model)")

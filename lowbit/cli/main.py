@@ -52,6 +52,7 @@ from .data import (
     load_inputs,
     split_heldout,
 )
+from .options import tuning_options
 from .progress import Progress
 
 EXIT_USER_ERROR = 2
@@ -99,6 +100,8 @@ class QuantizeRequest:
     force: bool = False
     plan: Path | None = None  # a plan.json from `lowbit search`
     target: str | None = None  # TVM target; None: no compiled model
+    tune_trials: int | None = None  # MetaSchedule trials for the compiled model
+    tuning_cache: Path | None = None
 
 
 @click.command("quantize")
@@ -123,11 +126,12 @@ class QuantizeRequest:
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
                                'installed) or "cuda"; "none" skips compiling.')
+@tuning_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                      bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
-                     force: bool) -> None:
+                     tune_trials: int | None, tuning_cache: Path | None, force: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
@@ -135,7 +139,9 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
     request = QuantizeRequest(model, output, calib, eval_path, factory, config, force, plan_path,
-                              resolve_target(target))
+                              resolve_target(target), tune_trials, tuning_cache)
+    if tune_trials is not None and request.target is None:
+        raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")
     run_quantize(request, Progress())
 
 
@@ -382,7 +388,8 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
         progress.echo("compile", f"TVM, target {request.target}")
         with progress.stage("compile"):
             report["tvm"] = compile_and_check(qgraph, directory, request.target, heldout.x,
-                                              lambda m: progress.echo("compile", m), reference)
+                                              lambda m: progress.echo("compile", m), reference,
+                                              request.tune_trials, request.tuning_cache)
         t = report["tvm"]
         latency = "" if t["latency_ms"] is None else f", {t['latency_ms']:.2f} ms at batch 1"
         progress.echo("compile", f"{t['target']}: {'bit-exact' if t['bit_exact'] else 'NOT bit-exact'} with the "

@@ -38,10 +38,14 @@ def layer_kernels(target: dict[str, Any]) -> tuple[Callable[..., Any] | None, Ca
     return None, None, "portable"
 
 
-def build(qgraph: QuantizedGraph, target: dict[str, Any]) -> tuple[tvm.runtime.Executable, Lowered, str]:
-    """Lower and compile; returns the executable, the lowered module (for its params) and the kernel set."""
-    conv2d, dense, kernel_set = layer_kernels(target)
-    lowered = lower(qgraph, conv2d, dense)
+def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., Any] | None = None,
+          dense: Callable[..., Any] | None = None) -> tuple[tvm.runtime.Executable, Lowered, str]:
+    """Lower and compile; returns the executable, the lowered module (for its params) and the kernel set.
+
+    `conv2d`/`dense` override the target's layer kernels (tuned ones, say).
+    """
+    fast_conv2d, fast_dense, kernel_set = layer_kernels(target)
+    lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense)
     try:
         executable = tvm.compile(lowered.mod, target=tvm.target.Target(target))
     except Exception as e:  # TVM's errors carry the failing pass and IR
@@ -54,16 +58,40 @@ def _value_info(qgraph: QuantizedGraph, name: str) -> dict[str, Any]:
     return {"name": name, "shape": list(v.shape), "dtype": v.dtype}
 
 
-def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: Log = lambda _: None) -> dict[str, Any]:
+def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: Log = lambda _: None,
+               tune_trials: int | None = None, cache: Path | None = None) -> dict[str, Any]:
     """Compile `qgraph` for `target_spec` into `directory / "tvm"`; returns what tvm.json records.
 
+    With `tune_trials` (0 reuses the records already in the cache), MetaSchedule tunes the
+    layers first and each layer keeps whichever of its tuned and hand-written kernels is faster.
     `directory / "tvm"` must not exist yet: callers build artifacts in a temporary directory.
     """
     target = parse_target(target_spec)
+    tuning = None
+    conv2d = dense = None
+    if tune_trials is not None:
+        if target["kind"] != "llvm":
+            raise LowbitError("--tune-trials: tuning is implemented for CPU (llvm) targets only")
+        from . import tune
+
+        start = time.perf_counter()
+        directory_db = tune.database_dir(cache or tune.default_cache(), target)
+        database = tune.tune(qgraph, target, tune_trials, directory_db, log)
+        tuning_s = time.perf_counter() - start
+        fast_conv2d, fast_dense, _ = layer_kernels(target)
+        tuned = tune.TunedKernels(database, target, fast_conv2d, fast_dense)
+        conv2d, dense = tuned.conv2d, tuned.dense
     start = time.perf_counter()
     log(f"lowering {len(qgraph.ops)} ops for {target_string(target)}")
-    executable, lowered, kernel_set = build(qgraph, target)
+    executable, lowered, kernel_set = build(qgraph, target, conv2d, dense)
     compile_s = time.perf_counter() - start
+    if tune_trials is not None:
+        used = sum(c["kernel"] == "tuned" for c in tuned.choices)
+        tuning = {"trials": tune_trials, "seconds": round(tuning_s, 1), "database": str(directory_db),
+                  "layers_with_records": sum(c["tuned_ms"] is not None for c in tuned.choices),
+                  "layers_using_tuned_kernels": used,
+                  "layers": {op.name: c for op, c in zip(qgraph.layers, tuned.choices, strict=True)}}
+        log(f"{used} of {len(tuned.choices)} layers use a tuned kernel (faster than the hand-written one)")
     out = directory / TVM_DIR
     out.mkdir(parents=False, exist_ok=False)
     executable.export_library(str(out / "model.so"))
@@ -81,6 +109,7 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
         "outputs": [_value_info(qgraph, n) for n in lowered.outputs],
         "params": list(lowered.params),
         "compile_seconds": round(compile_s, 2),
+        "tuning": tuning,
         "files": {name: sha256_file(out / name) for name in ("model.so", "params.npz")},
     }
     _write_json_atomic(out / TVM_META, meta)

@@ -63,10 +63,10 @@ def schedule_elementwise(func: tirx.PrimFunc, vector: int = 16) -> tirx.PrimFunc
     return sch.mod["main"]
 
 
-def _schedule_reduction(func: tirx.PrimFunc, block: str, spatial: int) -> tirx.PrimFunc:
-    """Portable layer schedule: parallel over the outer spatial loops, epilogue inlined into its store."""
-    sch = tvm.s_tir.Schedule(func)
-    for name in ("pad", "w_unpacked"):
+def schedule_reduction(sch: tvm.s_tir.Schedule, block: str = "acc") -> None:
+    """Portable schedule of a window/layer reduction: padding inlined, parallel over the outer spatial
+    loops (all but the last two), the epilogue computed under the same parallel loop."""
+    for name in ("pad",):
         try:
             sch.compute_inline(sch.get_sblock(name))
         except ScheduleError:
@@ -76,10 +76,16 @@ def _schedule_reduction(func: tirx.PrimFunc, block: str, spatial: int) -> tirx.P
         epilogue = sch.get_sblock("requantize")
     except ScheduleError:
         epilogue = None
+    spatial = sum(int(iv.iter_type) == 0 for iv in sch.get(acc).iter_vars)  # 0: data-parallel
     loops = sch.get_loops(acc)
-    sch.parallel(sch.fuse(*loops[: max(1, spatial - 1)]))
+    sch.parallel(sch.fuse(*loops[: max(1, spatial - 2)]))
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, sch.get_loops(acc)[0])
+
+
+def _schedule_reduction(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = tvm.s_tir.Schedule(func)
+    schedule_reduction(sch)
     return sch.mod["main"]
 
 
@@ -101,8 +107,11 @@ def _epilogue(acc: te.Tensor, bias: te.Tensor, mantissa: np.ndarray | None, shif
 def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.ndarray, stride: tuple[int, int],
                 padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, bias: np.ndarray,
                 mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
-                weight_bits: int) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """Grouped int8 conv, NHWC activations, weights [OC, IC/groups, KH, KW] as int8, epilogue fused."""
+                weight_bits: int, schedule: bool = True) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """Grouped int8 conv, NHWC activations, weights [OC, IC/groups, KH, KW] as int8, epilogue fused.
+
+    `schedule=False` returns the plain loop nest, for MetaSchedule to tune.
+    """
     n, h, w, cin = x_shape
     cout, cin_g, kh, kw = weight.shape
     top, left, bottom, right = padding
@@ -123,13 +132,13 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
     out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
     func = te.create_prim_func([x, wt, b, *requant_args, out])
     arrays = [np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.int8), bias.astype(np.int32)]
-    return _schedule_reduction(func, "acc", 3), arrays + requant_arrays
+    return (_schedule_reduction(func) if schedule else func), arrays + requant_arrays
 
 
 def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.ndarray,
           mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
-          weight_bits: int) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """int8 matmul x @ W^T + bias, weights [OUT, IN], epilogue fused."""
+          weight_bits: int, schedule: bool = True) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """int8 matmul x @ W^T + bias, weights [OUT, IN], epilogue fused (`schedule=False`: the plain loop nest)."""
     n, k = x_shape
     cout = weight.shape[0]
     x = te.placeholder(x_shape, x_dtype, name="x")
@@ -141,7 +150,7 @@ def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.n
     out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
     func = te.create_prim_func([x, wt, b, *requant_args, out])
     arrays = [np.ascontiguousarray(weight.T).astype(np.int8), bias.astype(np.int32)]
-    return _schedule_reduction(func, "acc", 2), arrays + requant_arrays
+    return (_schedule_reduction(func) if schedule else func), arrays + requant_arrays
 
 
 # -- the other ops ---------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def avgpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int
         padded[i, y * stride[0] + rh, z * stride[1] + rw, ch].astype("int32"), axis=[rh, rw]), name="acc")
     out = te.compute(sums.shape, lambda *i: requantize_expr(sums(*i), mantissa, shift, qmin, qmax, out_dtype),
                      name="requantize")
-    return _schedule_reduction(te.create_prim_func([x, out]), "acc", 4)
+    return _schedule_reduction(te.create_prim_func([x, out]))
 
 
 def maxpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int, int], stride: tuple[int, int],
@@ -246,7 +255,7 @@ def maxpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int
                       axis=[rh, rw], where=inside)
 
     out = te.compute((n, *out_hw, c), at, name="acc")
-    return _schedule_reduction(te.create_prim_func([x, out]), "acc", 4)
+    return _schedule_reduction(te.create_prim_func([x, out]))
 
 
 def clamp(shape: tuple[int, ...], dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:

@@ -1,0 +1,153 @@
+"""MetaSchedule tuning of the layer kernels, with a persistent database shared across runs and models.
+
+Each conv/linear layer's plain loop nest (`kernels.conv2d_nhwc(..., schedule=False)`)
+is a tuning task; equal workloads are one task, weighted by how often they occur.
+Records go to a JSON database under the cache directory, keyed by target: MetaSchedule
+matches workloads structurally, so a record found for one model serves every model
+with the same layer shape. Records are appended as they are measured, so an
+interrupted tuning run keeps what it found.
+
+When building, `TunedKernels` times the best tuned schedule of each layer against the
+hand-written kernel and keeps the faster one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import tirx
+from tvm.s_tir import meta_schedule as ms
+
+from ...quantizer.ir import QuantizedGraph
+from . import kernels
+from .lower import LayerKernel, layer_kernel
+from .target import target_string
+
+Log = Callable[[str], None]
+BUILD_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 120
+
+
+def default_cache() -> Path:
+    """$LOWBIT_CACHE, else $XDG_CACHE_HOME/lowbit, else ~/.cache/lowbit."""
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lowbit"
+
+
+def database_dir(cache: Path, target: dict[str, Any]) -> Path:
+    """One database per target, named readably and by hash (the target string may hold any characters)."""
+    text = target_string(target)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in text)[:60]
+    return cache / "tvm-tuning" / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def open_database(directory: Path) -> ms.Database:
+    directory.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(directory))
+
+
+def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
+
+
+def _plain_conv(*args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    return kernels.conv2d_nhwc(*args, **kwargs, schedule=False)
+
+
+def _plain_dense(*args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    return kernels.dense(*args, **kwargs, schedule=False)
+
+
+def _module(func: tirx.PrimFunc) -> tvm.IRModule:
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def layer_workloads(qgraph: QuantizedGraph) -> dict[str, tvm.IRModule]:
+    """Layer name -> the plain loop nest MetaSchedule tunes."""
+    workloads = {}
+    for op in qgraph.layers:
+        x, out = qgraph.values[op.inputs[0]], qgraph.values[op.output]
+        func, _ = layer_kernel(op, _nhwc(tuple(x.shape)), x.dtype, out.dtype, _plain_conv, _plain_dense)
+        workloads[op.name] = _module(func)
+    return workloads
+
+
+def tune(qgraph: QuantizedGraph, target: dict[str, Any], trials: int, directory: Path, log: Log) -> ms.Database:
+    """Spend `trials` more measurements on the layers of `qgraph`; returns the (persistent) database."""
+    database = open_database(directory)
+    unique: dict[int, tuple[str, tvm.IRModule, int]] = {}
+    for name, mod in layer_workloads(qgraph).items():
+        key = tvm_ffi.structural_hash(mod)
+        first, first_mod, count = unique.get(key, (name, mod, 0))
+        unique[key] = (first, first_mod, count + 1)
+    if trials <= 0:
+        return database
+    t = tvm.target.Target(target)
+    tasks = [ms.ExtractedTask(name, mod, t, [mod], count) for name, mod, count in unique.values()]
+    log(f"tuning {len(tasks)} distinct layer workloads, {trials} trials in all; records in {directory}")
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(directory / "logs"), num_threads=int(target.get("num-cores", 1)))
+    cores = int(target.get("num-cores", 1))
+    # Generous timeouts: on a 2-core machine each builder process spends seconds importing TVM alone.
+    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(directory / "logs"),
+                       max_trials_global=trials, num_trials_per_iter=min(64, max(8, trials // max(1, len(tasks)))),
+                       builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S),
+                       runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), database=database)
+    log(f"tuning done: {len(database)} records for this target")
+    return database
+
+
+@dataclass
+class TunedKernels:
+    """Layer kernel builders that use a tuned schedule where it measures faster than the hand-written kernel."""
+
+    database: ms.Database
+    target: dict[str, Any]
+    conv2d_fast: LayerKernel
+    dense_fast: LayerKernel
+    min_speedup: float = 1.0  # a tuned kernel must be this much faster to be used (0: always use a record)
+    choices: list[dict[str, Any]] = field(default_factory=list)
+
+    def conv2d(self, *args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+        return self._pick(_plain_conv(*args, **kwargs), self.conv2d_fast(*args, **kwargs))
+
+    def dense(self, *args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+        return self._pick(_plain_dense(*args, **kwargs), self.dense_fast(*args, **kwargs))
+
+    def _pick(self, plain: tuple[tirx.PrimFunc, list[np.ndarray]],
+              fast: tuple[tirx.PrimFunc, list[np.ndarray]]) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+        t = tvm.target.Target(self.target)
+        schedule = ms.tir_integration.compile_tir(self.database, _module(plain[0]), t)
+        if schedule is None:
+            self.choices.append({"kernel": "hand-written", "tuned_ms": None})
+            return fast
+        tuned = (schedule.mod["main"], plain[1])
+        tuned_ms, fast_ms = _time(tuned, t), _time(fast, t)
+        use_tuned = tuned_ms * self.min_speedup < fast_ms
+        self.choices.append({"kernel": "tuned" if use_tuned else "hand-written", "tuned_ms": tuned_ms,
+                             "hand_written_ms": fast_ms})
+        return tuned if use_tuned else fast
+
+
+def _time(kernel: tuple[tirx.PrimFunc, list[np.ndarray]], target: tvm.target.Target) -> float:
+    """Median ms of one kernel call on random inputs of its parameter types."""
+    func, arrays = kernel
+    library = tvm.compile(_module(func), target=target).mod
+    device = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    infos = ms.arg_info.ArgInfo.from_prim_func(func)
+    x, out = infos[0], infos[-1]
+    args = [tvm.runtime.tensor(rng.integers(-100, 100, tuple(x.shape)).astype(x.dtype), device)]
+    args += [tvm.runtime.tensor(a, device) for a in arrays]
+    args.append(tvm.runtime.tensor(np.zeros(tuple(out.shape), out.dtype), device))
+    timer = library.time_evaluator("main", device, repeat=5, min_repeat_ms=10)
+    return float(np.median(timer(*args).results) * 1e3)
