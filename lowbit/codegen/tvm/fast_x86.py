@@ -1,4 +1,4 @@
-"""Fast, bit-exact int8 CPU kernels (TVM TIR) for x86 AVX2 (no VNNI / AVX-512).
+"""Fast, bit-exact int8 / int4-weight CPU kernels (TVM TIR) for x86 AVX2 (no VNNI / AVX-512).
 
 Public entry points
 -------------------
@@ -25,6 +25,21 @@ Implementation
   products summed pairwise into int32) against 8 output channels.
 * Depthwise path: NHWC, vectorized over 16 channels; x*w is computed exactly in
   int16 (|x*w| <= 255*127 < 2^15) and widened into int32 accumulators.
+* int4 weights (``weight_bits=4``, values in [-8, 7]) are stored packed, two per
+  byte, and unpacked in the kernel (bit-exact):
+  - GEMM: weights ``[G, OC/8, KB/8, 8]`` int32 (K flattened as (kh, kw, ic),
+    zero-padded to KB, a multiple of 8): byte b of the word for step q and
+    channel lane c holds ``w+8`` of K index 8q+b in its low nibble and 8q+4+b
+    in its high nibble.  Activations are packed as bytes ``x'`` (uint8: x
+    itself, read in place for pointwise convs with C % 8 == 0; int8: x+128,
+    the ``-128*sum_k w`` correction is folded into the bias), 4 per int32 word.
+    Per 8 K values: unpack ``(v & 0x0F0F0F0F) - 8`` and ``((v >> 4) & ...) - 8``
+    (int8 bytes), ``vpmaddubsw`` x' (u8) * w (s8) for both halves (pair sums in
+    [-4080, 3570], no saturation), ``vpaddw`` (|.| <= 8160), then ``vpmaddwd``
+    with ones into the int32 accumulators.
+  - Depthwise: int16 words ``[ceil(CB*KH*KW/4), 16]``; nibble t = cb*KH*KW +
+    kh*KW + kw of lane i (channel 16*cb+i) is at bits 4*(t%4) of word t//4,
+    stored two's complement, unpacked with a left and an arithmetic right shift.
 * Requantization is fused on the accumulator tile and stays exact:
   1. acc is clamped (int32) to a per-channel window [A_lo, A_hi] outside of
      which the clipped result cannot change (y is monotone in acc, m >= 0);
@@ -50,6 +65,7 @@ __all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
 VEC = 8  # int32 lanes in a ymm register
 NUM_THREADS = 2  # parallel tasks per loop nest (machine has 2 cores)
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
+_PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
 
 
 def target():
@@ -143,6 +159,45 @@ def _rq_vec(accv, R, ch, qmin, qmax):
     return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
 
 
+def _nib16(word, j):
+    """Signed nibble j (bits 4j..4j+3) of every int16 lane of ``word`` as int16x16 (shift up, arithmetic down)."""
+    v = T.reinterpret("int16x16", word)
+    return T.shift_right(T.shift_left(v, T.broadcast(T.Cast("int16", 12 - 4 * j), 16)), T.broadcast(T.int16(12), 16))
+
+
+def _nib8(word, hi):
+    """Signed nibbles (low: hi=0, high: hi=1) of every byte of ``word`` as int8x32 (stored as w+8)."""
+    v = T.reinterpret("int32x8", word)
+    if hi:
+        v = T.shift_right(v, T.broadcast(T.int32(4), VEC))
+    return T.reinterpret("int8x32", T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), VEC))) - T.broadcast(
+        T.int8(8), 32
+    )
+
+
+def _xbyte(x, x_dtype, lanes):
+    """Activation as the unsigned vpmaddubsw operand: uint8 as is, int8 biased by +128."""
+    t = "uint8" if lanes == 1 else f"uint8x{lanes}"
+    if x_dtype == "uint8":
+        return x
+    return T.bitwise_xor(T.reinterpret(t, x), T.broadcast(T.uint8(0x80), lanes) if lanes > 1 else T.uint8(0x80))
+
+
+def _word4(byte_at, k0, K, *args):
+    """int32 word of the 4 bytes byte_at(*args, k) for k = k0..k0+3 (uint8), zero for k >= K."""
+    w = T.int32(0)
+    for b in range(4):
+        byte = T.if_then_else(k0 + b < K, T.Cast("int32", byte_at(*args, k0 + b)), T.int32(0))
+        w = T.bitwise_or(w, T.shift_left(byte, 8 * b))
+    return w
+
+
+def _check_int4(weight):
+    w = np.asarray(weight)
+    if w.size and (int(w.min()) < -8 or int(w.max()) > 7):
+        raise ValueError("weight_bits=4 needs weights in [-8, 7]")
+
+
 def _consts_list(ra, requant):
     if requant:
         return [ra["bias"], ra["alo"], ra["ahi"], ra["mant"], ra["c1"], ra["sh"], ra["c2"]]
@@ -156,8 +211,10 @@ def _consts_list(ra, requant):
 # ---------------------------------------------------------------------------
 
 
-def _choose_tile(M, OCB):
+def _choose_tile(M, OCB, wbits=8):
     """(MR rows, NV int32x8 column vectors) of the register tile."""
+    if wbits == 4 and M > 2 and OCB > 1:
+        return 4, 2  # 8 accumulators + 4 unpacked weight vectors + broadcasts fit the 16 ymm registers
     if M <= 2:
         return max(M, 1), max(1, min(OCB, 4))
     if OCB == 1:
@@ -193,6 +250,7 @@ def _gemm_func(
     out_dtype,
     out_shape,
     x_buf_shape,
+    wbits=8,
 ):
     M = N * OH * OW
     OC = G * OCg
@@ -200,10 +258,16 @@ def _gemm_func(
     KWICp = KWIC + (KWIC & 1)
     KPr = KWICp // 2  # int16 pairs per kh row
     KP = KH * KPr
+    # int4: K flattened (kh, kw, ic), padded to KB; one int32 weight word per 8 K values (KQ2 steps)
+    K = KH * KWIC
+    KB = _cdiv(K, 8) * 8
+    KQ2 = KB // 8
+    WK = KQ2 if wbits == 4 else KP
+    XW = KB // 4 if wbits == 4 else KP  # int32 activation words per row
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
     NP = G * OCBP
-    MR, NV = _choose_tile(M, OCB)
+    MR, NV = _choose_tile(M, OCB, wbits)
     NCT_FULL = OCB // NV
     NV_TAIL = OCB - NCT_FULL * NV
     NCT = NCT_FULL + (1 if NV_TAIL else 0)
@@ -225,6 +289,8 @@ def _gemm_func(
     # tile order: keep the larger operand streaming once
     rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
     unroll_im2col = KPr <= 24
+    x_direct = wbits == 4 and is_pointwise and x_dtype == "uint8" and C % 8 == 0
+    XP_SHAPE = (1,) if x_direct else (G, M, XW)
     PK_FULL = (C // 16) if is_pointwise else 0
     PK_REM = KP - PK_FULL * 8
 
@@ -236,21 +302,49 @@ def _gemm_func(
         return g, r % NRB * MR, r // NRB
 
     @T.macro
+    def kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q):
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
+                    T.ramp((r * nv + v) * VEC, 1, VEC)
+                ] + T.call_llvm_pure_intrin(
+                    "int32x8",
+                    _PMADDWD,
+                    T.call_llvm_pure_intrin(
+                        "int16x16",
+                        _PMADDUBSW,
+                        T.reinterpret("int8x32", T.broadcast(XP32[g, m0 + r, 2 * q], VEC)),
+                        _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
+                    )
+                    + T.call_llvm_pure_intrin(
+                        "int16x16",
+                        _PMADDUBSW,
+                        T.reinterpret("int8x32", T.broadcast(XP32[g, m0 + r, 2 * q + 1], VEC)),
+                        _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
+                    ),
+                    T.broadcast(T.int16(1), 16),
+                )
+
+    @T.macro
     def micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, cv0, mr, nv, partial):
         for r in T.unroll(mr):
             for v in T.unroll(nv):
                 acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * OCBP + (cv0 + v) * VEC, 1, VEC)]
-        for kp in T.serial(KP):
-            for r in T.unroll(mr):
-                for v in T.unroll(nv):
-                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
-                        T.ramp((r * nv + v) * VEC, 1, VEC)
-                    ] + T.call_llvm_pure_intrin(
-                        "int32x8",
-                        _PMADDWD,
-                        T.reinterpret("int16x16", T.broadcast(XP32[g, m0 + r, kp], VEC)),
-                        T.reinterpret("int16x16", W32[g, cv0 + v, kp, T.ramp(0, 1, VEC)]),
-                    )
+        if wbits == 4:
+            for q in T.serial(KQ2):
+                kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+        else:
+            for kp in T.serial(KP):
+                for r in T.unroll(mr):
+                    for v in T.unroll(nv):
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
+                            T.ramp((r * nv + v) * VEC, 1, VEC)
+                        ] + T.call_llvm_pure_intrin(
+                            "int32x8",
+                            _PMADDWD,
+                            T.reinterpret("int16x16", T.broadcast(XP32[g, m0 + r, kp], VEC)),
+                            T.reinterpret("int16x16", W32[g, cv0 + v, kp, T.ramp(0, 1, VEC)]),
+                        )
         for r in T.unroll(mr):
             for v in T.unroll(nv - 1 if partial else nv):
                 if requant:
@@ -314,10 +408,25 @@ def _gemm_func(
             ),
         )
 
+    def pw_byte(X2, m, k):
+        return _xbyte(X2[m, T.min(k, C - 1)], x_dtype, 1)
+
+    def src_byte(SRC, nh, ow, g, k):
+        kk = T.min(k, K - 1)
+        return _xbyte(
+            SRC[nh // OH, nh % OH * sh + kk // KWIC * dh, ow * sw + kk % KWIC // ICg * dw, g * ICg + kk % ICg],
+            x_dtype,
+            1,
+        )
+
+    @T.macro
+    def im2col_word(SRC, XP, nh, ow, g, k):
+        XP[g, nh * OW + ow, k] = _word4(src_byte, 4 * k, K, SRC, nh, ow, g)
+
     @T.prim_func(private=True)
     def func(
         X: T.Buffer(x_buf_shape, x_dtype),
-        W32: T.Buffer((G, OCB, KP, VEC), "int32"),
+        W32: T.Buffer((G, OCB, WK, VEC), "int32"),
         BIAS: T.Buffer((NP,), "int32"),
         ALO: T.Buffer((NP,), "int32"),
         AHI: T.Buffer((NP,), "int32"),
@@ -329,11 +438,65 @@ def _gemm_func(
     ):
         T.func_attr({"tirx.noalias": True})
         R = T.meta_var((ALO, AHI, MANT, C1, SH, C2))
-        XP32 = T.alloc_buffer((G, M, KP), "int32")
+        XP32A = T.alloc_buffer(XP_SHAPE, "int32")
+        XD32 = T.decl_buffer((G, M, XW), "int32", data=X.data)
+        XP32 = T.meta_var(XD32 if x_direct else XP32A)
         Ov = T.decl_buffer((M, OC), out_dtype, data=OUT.data)
         XS = T.decl_buffer((N, H, W, C), x_dtype, data=X.data)
-        # ---- pack activations (im2col) into int16 pairs ----
-        if is_pointwise:
+        # ---- pack activations (im2col) ----
+        if wbits == 4:
+            # bytes x' (uint8: x, int8: x + 128), K zero-padded to KB
+            if x_direct:
+                T.evaluate(0)
+            elif is_pointwise:
+                X2 = T.decl_buffer((M, C), x_dtype, data=X.data)
+                for m in T.parallel(M):
+                    for q in T.serial(C // 32):
+                        XP32A[0, m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
+                            "int32x8", _xbyte(X2[m, T.ramp(q * 32, 1, 32)], x_dtype, 32)
+                        )
+                    if C % 32 >= 16:
+                        XP32A[0, m, T.ramp(C // 32 * 8, 1, 4)] = T.reinterpret(
+                            "int32x4", _xbyte(X2[m, T.ramp(C // 32 * 32, 1, 16)], x_dtype, 16)
+                        )
+                    for k in T.serial(C // 4 - C // 16 * 4):
+                        XP32A[0, m, C // 16 * 4 + k] = T.reinterpret(
+                            "int32", _xbyte(X2[m, T.ramp(C // 16 * 16 + 4 * k, 1, 4)], x_dtype, 4)
+                        )
+                    for k in T.serial(XW - C // 4):
+                        XP32A[0, m, C // 4 + k] = _word4(pw_byte, C // 4 * 4 + 4 * k, C, X2, m)
+            else:
+                XPAD = T.alloc_buffer((N, HP, WP, C), x_dtype)
+                if need_pad:
+                    for nh in T.parallel(N * HP):
+                        for iw in T.serial(WP):
+                            for c in T.serial(C):
+                                XPAD[nh // HP, nh % HP, iw, c] = T.if_then_else(
+                                    nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl,
+                                    XS[
+                                        nh // HP,
+                                        T.max(T.min(nh % HP - pt, H - 1), 0),
+                                        T.max(T.min(iw - pl, W - 1), 0),
+                                        c,
+                                    ],
+                                    T.Cast(x_dtype, 0),
+                                )
+                for nh in T.parallel(N * OH):
+                    for ow in T.serial(OW):
+                        for g in T.serial(G):
+                            if KB <= 64:
+                                for k in T.unroll(XW):
+                                    if need_pad:
+                                        im2col_word(XPAD, XP32A, nh, ow, g, k)
+                                    else:
+                                        im2col_word(XS, XP32A, nh, ow, g, k)
+                            else:
+                                for k in T.serial(XW):
+                                    if need_pad:
+                                        im2col_word(XPAD, XP32A, nh, ow, g, k)
+                                    else:
+                                        im2col_word(XS, XP32A, nh, ow, g, k)
+        elif is_pointwise:
             X2 = T.decl_buffer((M, C), x_dtype, data=X.data)
             for m in T.parallel(M):
                 for q in T.serial(PK_FULL):
@@ -408,16 +571,30 @@ def _gemm_func(
                             MR_TAIL,
                         )
 
-    return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP)
+    return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP, KB=KB)
 
 
 def _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, KWICp, KP, OCB):
     w = np.asarray(weight).astype(np.int64)
     wt = w.reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, KH, KW * ICg)
-    wp = np.zeros((G, OCB * VEC, KH, KWICp), np.int16)
+    wp = np.zeros((G, OCB * VEC, KH, KWICp), np.int64)
     wp[:, :OCg, :, : KW * ICg] = wt
-    wp = wp.reshape(G, OCB, VEC, KP, 2).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(wp).view(np.int32).reshape(G, OCB, KP, VEC)
+    wp = wp.reshape(G, OCB, VEC, KP, 2).transpose(0, 1, 3, 2, 4)  # [G, OCB, KP, VEC, 2]
+    return np.ascontiguousarray(wp.astype(np.int16)).view(np.int32).reshape(G, OCB, KP, VEC)
+
+
+def _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, KB, OCB):
+    """int4 GEMM weights [G, OCB, KB/8, 8] int32: byte b of the word for step q, lane c holds w+8 of
+    K index 8q+b (low nibble) and 8q+4+b (high nibble) of channel c (K order kh, kw, ic)."""
+    w = np.asarray(weight).astype(np.int64)
+    K = KH * KW * ICg
+    wt = w.reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, K)
+    wp = np.full((G, OCB * VEC, KB), 8, np.int64)  # padding: w=0
+    wp[:, :OCg, :K] = wt + 8
+    wp = wp.reshape(G, OCB, VEC, KB // 8, 2, 4)  # [g, ocb, lane, q, half, byte]
+    word = (wp[:, :, :, :, 0, :] | (wp[:, :, :, :, 1, :] << 4)) << (8 * np.arange(4))
+    word = word.sum(axis=-1).transpose(0, 1, 3, 2)  # [g, ocb, q, lane]
+    return np.ascontiguousarray(word.astype(np.uint32).view(np.int32))
 
 
 def _conv_geometry(x_shape, weight, stride, padding, dilation):
@@ -449,6 +626,7 @@ def _gemm_conv(
     out_dtype,
     out_shape=None,
     x_buf_shape=None,
+    wbits=8,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -487,9 +665,17 @@ def _gemm_conv(
         out_dtype=out_dtype,
         out_shape=tuple(out_shape),
         x_buf_shape=tuple(x_buf_shape or (N, H, W, C)),
+        wbits=wbits,
     )
     OCBP = info["OCBP"]
-    w32 = _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, info["KWICp"], info["KP"], info["OCB"])
+    if wbits == 4:
+        w32 = _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
+        if x_dtype == "int8":  # x' = x + 128: fold -128 * sum_k w into the bias
+            wsum = np.asarray(weight).astype(np.int64).reshape(OC, -1).sum(axis=1)
+            bias = np.asarray(bias, dtype=np.int64).reshape(-1)[:OC] - 128 * wsum
+            bias = ((bias + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+    else:
+        w32 = _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, info["KWICp"], info["KP"], info["OCB"])
 
     # per-group channel padding: group g's channels live at [g*OCBP, g*OCBP+OCg)
     def regroup(a):
@@ -524,8 +710,10 @@ def _gemm_conv(
 DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
 
 
-def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype):
+def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8):
     CB = _cdiv(C, DW_VEC)
+    NTAP = KH * KW
+    NQ = _cdiv(CB * NTAP, 4)  # int4: int16 words per channel lane (4 nibbles each)
     CP = CB * DW_VEC
     C_FULL = C // DW_VEC
     LAST_LANES = C - (CB - 1) * DW_VEC
@@ -539,15 +727,22 @@ def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, req
     NT = NUM_THREADS
     TOT = N * OH
     CH = _cdiv(TOT, NT)
+    W_SHAPE = (NQ, DW_VEC) if wbits == 4 else (KH, KW, CP)
     lo_idx = list(range(VEC))
     hi_idx = list(range(VEC, 2 * VEC))
+
+    def wvec(W16, cb, kh, kw):
+        if wbits == 4:
+            t = cb * NTAP + kh * KW + kw
+            return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
+        return W16[kh, kw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
 
     @T.macro
     def tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb):
         for j in T.unroll(owb):
             prod = T.meta_var(
                 T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, (ow0 + j) * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
-                * W16[kh, kw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
+                * wvec(W16, cb, kh, kw)
             )
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = acc[T.ramp((2 * j) * VEC, 1, VEC)] + T.Cast(
                 "int32x8", T.Shuffle([prod], lo_idx)
@@ -609,7 +804,7 @@ def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, req
     @T.prim_func(private=True)
     def func(
         X: T.Buffer((N, H, W, C), x_dtype),
-        W16: T.Buffer((KH, KW, CP), "int16"),
+        W16: T.Buffer(W_SHAPE, "int16"),
         BIAS: T.Buffer((CP,), "int32"),
         ALO: T.Buffer((CP,), "int32"),
         AHI: T.Buffer((CP,), "int32"),
@@ -679,7 +874,9 @@ def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, req
     return func, CP
 
 
-def _dw_conv(x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype):
+def _dw_conv(
+    x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8
+):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
     )
@@ -706,9 +903,19 @@ def _dw_conv(x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa
         qmin=int(qmin),
         qmax=int(qmax),
         out_dtype=out_dtype,
+        wbits=wbits,
     )
     w16 = np.zeros((KH, KW, CP), np.int16)
     w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
+    if wbits == 4:
+        # nibble t = cb*KH*KW + kh*KW + kw of lane i (channel cb*16+i) lives in word t//4, bits 4*(t%4)..
+        CB = CP // DW_VEC
+        nib = w16.reshape(KH * KW, CB, DW_VEC).transpose(1, 0, 2).reshape(CB * KH * KW, DW_VEC).astype(np.int64) & 0xF
+        NQ = _cdiv(CB * KH * KW, 4)
+        nq = np.zeros((NQ * 4, DW_VEC), np.int64)
+        nq[: nib.shape[0]] = nib
+        word = (nq.reshape(NQ, 4, DW_VEC) << (4 * np.arange(4)).reshape(1, 4, 1)).sum(axis=1)
+        w16 = np.ascontiguousarray(word.astype(np.uint16).view(np.int16))
     ra = _requant_arrays(bias, mantissa, shift, qmin, qmax, C, CP)
     return func, [w16] + _consts_list(ra, requant)
 
@@ -736,13 +943,41 @@ def conv2d_nhwc(
 ):
     """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts)."""
     weight = np.asarray(weight)
+    wbits = 4 if int(weight_bits) == 4 else 8
+    if wbits == 4:
+        _check_int4(weight)
     C = int(x_shape[3])
     if int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1:
         return _dw_conv(
-            tuple(x_shape), x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype
+            tuple(x_shape),
+            x_dtype,
+            weight,
+            stride,
+            padding,
+            dilation,
+            bias,
+            mantissa,
+            shift,
+            qmin,
+            qmax,
+            out_dtype,
+            wbits,
         )
     return _gemm_conv(
-        tuple(x_shape), x_dtype, weight, stride, padding, dilation, groups, bias, mantissa, shift, qmin, qmax, out_dtype
+        tuple(x_shape),
+        x_dtype,
+        weight,
+        stride,
+        padding,
+        dilation,
+        groups,
+        bias,
+        mantissa,
+        shift,
+        qmin,
+        qmax,
+        out_dtype,
+        wbits=wbits,
     )
 
 
@@ -750,6 +985,9 @@ def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype
     """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts)."""
     Nb, IN = [int(v) for v in x_shape]
     OUT = int(weight.shape[0])
+    wbits = 4 if int(weight_bits) == 4 else 8
+    if wbits == 4:
+        _check_int4(weight)
     w4 = np.asarray(weight).reshape(OUT, IN, 1, 1)
     return _gemm_conv(
         (Nb, 1, 1, IN),
@@ -767,4 +1005,5 @@ def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype
         out_dtype,
         out_shape=(Nb, OUT),
         x_buf_shape=(Nb, IN),
+        wbits=wbits,
     )
