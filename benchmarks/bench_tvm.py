@@ -78,13 +78,14 @@ def largest_first_plan(graph: Graph, fraction: float) -> BitPlan:
     return BitPlan(bits)
 
 
-def compiled_contender(name: str, qgraph: QuantizedGraph, tmp: Path, heldout: np.ndarray) -> tuple[Contender, dict]:
-    """Compile `qgraph` untuned, load it with the runtime, and check it against the reference on `heldout`."""
-    directory = tmp / name.replace(" ", "_").replace("/", "_")
+def compiled_contender(name: str, qgraph: QuantizedGraph, tmp: Path, heldout: np.ndarray,
+                       tune_trials: int | None = None, cache: Path | None = None) -> tuple[Contender, dict]:
+    """Compile `qgraph` (tuned with `tune_trials`), load it with the runtime, check it against the reference."""
+    directory = tmp / "".join(ch if ch.isalnum() else "_" for ch in name)
     directory.mkdir()
     log(f"compiling {name}")
     start = time.perf_counter()
-    meta = compile_to(qgraph, directory, TARGET, log)
+    meta = compile_to(qgraph, directory, TARGET, log, tune_trials, cache)
     compile_s = time.perf_counter() - start
     model = load(directory, verify=False)
     got = model.run(heldout)
@@ -93,7 +94,16 @@ def compiled_contender(name: str, qgraph: QuantizedGraph, tmp: Path, heldout: np
     contender = Contender(name, model.run, build_s=compile_s)
     contender.heldout = got
     return contender, {"compile_s": compile_s, "bit_exact": exact, "target": meta["target_string"],
-                       "kernels": meta["kernels"], "so_bytes": (directory / "tvm" / "model.so").stat().st_size}
+                       "kernels": meta["kernels"], "so_bytes": (directory / "tvm" / "model.so").stat().st_size,
+                       "params_bytes": (directory / "tvm" / "params.npz").stat().st_size, "tuning": meta["tuning"]}
+
+
+def _tuning_note(tuning: dict | None) -> str:
+    if not tuning:
+        return " (untuned)"
+    return (f" (including {tuning['seconds']:.0f} s of MetaSchedule tuning, {tuning['trials']} trials requested; "
+            f"{tuning['layers_using_tuned_kernels']} of {len(tuning['layers'])} layers run a tuned kernel, the rest "
+            "kept the hand-written one as faster)")
 
 
 def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8: Contender, checks: dict,
@@ -112,9 +122,10 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
                      f"| {build} |")
     cpu, flags = cpu_info()
     simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags) or "no AVX"
-    check_lines = [f"  - {name}: {c['target']}, {c['kernels']} kernels, compiled in {c['compile_s']:.1f} s, "
-                   f"library {c['so_bytes'] / 1e6:.1f} MB, bit-exact with the reference executor on "
-                   f"{len(ref)} held-out inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items()]
+    check_lines = [f"  - {name}: {c['target']}, {c['kernels']} kernels, built in {c['compile_s']:.1f} s"
+                   f"{_tuning_note(c['tuning'])}, library {c['so_bytes'] / 1e6:.1f} MB, constants "
+                   f"{c['params_bytes'] / 1e6:.2f} MB, bit-exact with the reference executor on {len(ref)} held-out "
+                   f"inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items()]
     return "\n".join([
         "## TVM-compiled MobileNetV2 against ONNX Runtime",
         "",
@@ -129,7 +140,7 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
         "",
         *lines,
         "",
-        "- Compiled models (untuned: lowbit's own AVX2 kernels, no MetaSchedule search):",
+        "- Compiled models (lowbit's own AVX2 kernels; tuned ones also search with MetaSchedule):",
         *check_lines,
         f"- INT4/INT8 plan: {plans['mixed']}",
         "",
@@ -141,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path (default BENCHMARKS.md)")
     parser.add_argument("--runs", type=int, default=200, help="timed batch-1 runs per contender per round")
     parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime, PyTorch and TVM")
+    parser.add_argument("--tune-trials", type=int, default=0,
+                        help="also compile INT8 tuned with this many MetaSchedule trials (0: skip)")
+    parser.add_argument("--tuning-cache", type=Path, help="tuning database directory (default: a fresh temp dir)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -172,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         mixed = quantize(graph, data.calib, plan=plan)
         tvm_int8, check8 = compiled_contender("lowbit INT8, TVM", int8, tmp, data.heldout)
         tvm_mixed, check_mixed = compiled_contender("lowbit INT4/INT8, TVM", mixed, tmp, data.heldout)
-
+        checks = {tvm_int8.name: check8, tvm_mixed.name: check_mixed}
         rows = [fp32, ort_fp32, ort_int8, lowbit_qdq, tvm_int8, tvm_mixed]
+        if args.tune_trials:
+            tuned, check_tuned = compiled_contender(f"lowbit INT8, TVM tuned ({args.tune_trials} trials)", int8, tmp,
+                                                    data.heldout, args.tune_trials, args.tuning_cache or tmp / "cache")
+            checks[tuned.name] = check_tuned
+            rows.append(tuned)
         for c in rows:
             if c.heldout is None:
                 c.heldout = batched(c.predict, data.heldout)
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     four = sum(b == 4 for b in plan.bits.values())
     plans = {"mixed": f"{four} of {len(plan.bits)} layers at INT4 (largest first), weights "
                       f"{mixed.weight_bytes() / int8.weight_bytes():.2f}× the INT8 size"}
-    report = render(rows, fp32, ort_fp32, ort_int8, {tvm_int8.name: check8, tvm_mixed.name: check_mixed}, plans,
+    report = render(rows, fp32, ort_fp32, ort_int8, checks, plans,
                     command, args.threads, args.runs, (load_start, os.getloadavg()[0]))
     write_section(args.out, "tvm", report)
     print(report)

@@ -98,8 +98,11 @@ def tune(qgraph: QuantizedGraph, target: dict[str, Any], trials: int, directory:
         tasks, str(directory / "logs"), num_threads=int(target.get("num-cores", 1)))
     cores = int(target.get("num-cores", 1))
     # Generous timeouts: on a 2-core machine each builder process spends seconds importing TVM alone.
+    # The cost model is random: MetaSchedule's learned ones need xgboost (or its MLP's extra packages),
+    # which would be a heavy dependency for a path that the hand-written kernels mostly win anyway.
     ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(directory / "logs"),
-                       max_trials_global=trials, num_trials_per_iter=min(64, max(8, trials // max(1, len(tasks)))),
+                       max_trials_global=trials, num_trials_per_iter=min(64, max(2, trials // len(tasks))),
+                       cost_model="random",
                        builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S),
                        runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), database=database)
     log(f"tuning done: {len(database)} records for this target")
