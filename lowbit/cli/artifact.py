@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -14,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LowbitError
+from ..runtime.loader import MANIFEST, sha256_file
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "atomic_directory", "check_output_dir", "file_hashes", "sha256_file", "verify_manifest",
+           "write_json"]
+
 ARTIFACT_FORMAT = "lowbit-artifact"
 ARTIFACT_VERSION = 1
 
@@ -71,14 +73,6 @@ def _move_into_place(tmp: Path, dest: Path, force: bool) -> None:
         os.rename(old, dest)  # put the previous artifact back
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
