@@ -148,7 +148,7 @@ def test_unsupported_ops_are_listed_at_once(small_cnn: tuple) -> None:
 def test_target_parsing() -> None:
     target = parse_target("llvm -mcpu=native -num-cores=2")
     assert target["kind"] == "llvm" and target["mcpu"] != "native" and target["num-cores"] == 2
-    for bad in ("x86", "llvm mcpu", "llvm -mcpu=notacpu"):
+    for bad in ("x86", "llvm mcpu", "llvm -mcpu=notacpu", "cuda"):
         with pytest.raises(LowbitError, match="--target"):
             parse_target(bad)
 

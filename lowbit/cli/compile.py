@@ -87,7 +87,7 @@ def _input_shape(qgraph: QuantizedGraph) -> tuple[int, ...]:
 @lowbit.command("compile")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--target", default="llvm -mcpu=native", show_default=True,
-              help='TVM target: "llvm -mcpu=NAME" (native = this CPU) or "cuda".')
+              help='TVM target: "llvm -mcpu=NAME" (native = this CPU; CPUs only so far).')
 @tuning_options
 @click.option("--force", is_flag=True, help="Replace an existing DIR/tvm (once the new one is compiled and checked).")
 @user_errors

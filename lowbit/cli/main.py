@@ -125,7 +125,7 @@ class QuantizeRequest:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
-                               'installed) or "cuda"; "none" skips compiling.')
+                               'installed); "none" skips compiling.')
 @tuning_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
 @user_errors

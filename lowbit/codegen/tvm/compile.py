@@ -70,8 +70,6 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
     tuning = None
     conv2d = dense = None
     if tune_trials is not None:
-        if target["kind"] != "llvm":
-            raise LowbitError("--tune-trials: tuning is implemented for CPU (llvm) targets only")
         from . import tune
 
         start = time.perf_counter()

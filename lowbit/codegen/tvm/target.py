@@ -1,4 +1,4 @@
-"""Targets: the familiar string form ("llvm -mcpu=native", "cuda") turned into TVM's dict form.
+"""Targets: the familiar string form ("llvm -mcpu=native -num-cores=2") turned into TVM's dict form.
 
 TVM 0.27 rejects target strings with flags, so lowbit parses them itself. "native"
 resolves to this machine's CPU name, so an artifact records the exact CPU it was
@@ -24,8 +24,11 @@ def parse_target(spec: str, threads: int | None = None) -> dict[str, Any]:
         words = shlex.split(spec)
     except ValueError as e:
         raise LowbitError(f"--target {spec!r}: {e}") from None
-    if not words or words[0] not in ("llvm", "cuda"):
-        raise LowbitError(f"--target {spec!r}: the kind must be 'llvm' (CPU) or 'cuda', e.g. 'llvm -mcpu=native'")
+    if words and words[0] == "cuda":
+        raise LowbitError(f"--target {spec!r}: lowbit compiles for CPUs (llvm) only so far; its CUDA kernels are not "
+                          "written yet")
+    if not words or words[0] != "llvm":
+        raise LowbitError(f"--target {spec!r}: the kind must be 'llvm' (a CPU), e.g. 'llvm -mcpu=native'")
     target: dict[str, Any] = {"kind": words[0]}
     for word in words[1:]:
         key, sep, value = word.lstrip("-").partition("=")
@@ -38,8 +41,6 @@ def parse_target(spec: str, threads: int | None = None) -> dict[str, Any]:
         if not tvm.target.codegen.llvm_is_valid_cpu(target["mcpu"], "x86_64-unknown-linux-gnu"):
             raise LowbitError(f"--target {spec!r}: LLVM does not know the CPU {target['mcpu']!r}")
         target.setdefault("num-cores", threads or _cpu_count())
-    elif target["kind"] == "cuda":
-        target.setdefault("arch", "sm_90")
     try:
         tvm.target.Target(target)
     except Exception as e:  # TVM raises several error types for bad attributes
