@@ -57,11 +57,11 @@ def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, x: n
     if want is None:
         want = run_reference(qgraph, x)
     exact = all(np.array_equal(got[name], want[name][:len(x)]) for name in qgraph.outputs)
-    latency = model.benchmark(x[:1], repeats=30, warmup=5) if meta["target"]["kind"] == "llvm" else None
+    latency = model.benchmark(x[:1], repeats=50, warmup=20)
     tuning = meta["tuning"] and {k: v for k, v in meta["tuning"].items() if k != "layers"}
     return {"target": meta["target_string"], "kernels": meta["kernels"], "compile_seconds": meta["compile_seconds"],
             "tuning": tuning, "bit_exact": exact, "samples": len(x),
-            "latency_ms": None if latency is None else latency["median_ms"]}
+            "latency_ms": latency["median_ms"]}
 
 
 def _update_manifest(directory: Path, tvm_summary: dict[str, Any]) -> None:
@@ -120,7 +120,7 @@ def compile_command(directory: Path, target: str, tune_trials: int | None, tunin
         _update_manifest(directory, summary)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    latency = "" if summary["latency_ms"] is None else f", {summary['latency_ms']:.2f} ms per batch"
+    latency = f", {summary['latency_ms']:.2f} ms per batch"
     progress.echo("done", f"{dest}: {summary['target']}, bit-exact with the reference on {len(x)} random inputs"
                           f"{latency} ({progress.elapsed():.1f}s)")
 

@@ -391,7 +391,7 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
                                               lambda m: progress.echo("compile", m), reference,
                                               request.tune_trials, request.tuning_cache)
         t = report["tvm"]
-        latency = "" if t["latency_ms"] is None else f", {t['latency_ms']:.2f} ms at batch 1"
+        latency = f", {t['latency_ms']:.2f} ms at batch 1"
         progress.echo("compile", f"{t['target']}: {'bit-exact' if t['bit_exact'] else 'NOT bit-exact'} with the "
                                  f"reference on {_samples(t['samples'])}{latency} ({progress.timings['compile']:.1f}s)")
         if not t["bit_exact"]:

@@ -251,7 +251,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     tvm = report.get("tvm")
     if tvm:
         verdict = "bit-exact" if tvm["bit_exact"] else "NOT bit-exact"
-        latency = "" if tvm["latency_ms"] is None else f"; {tvm['latency_ms']:.2f} ms at batch 1"
+        latency = f"; {tvm['latency_ms']:.2f} ms at batch 1"
         rows.append((f"TVM ({tvm['target']}, {tvm['kernels']} kernels)",
                      f"{verdict} vs the reference on {tvm['samples']} samples; compiled in "
                      f"{tvm['compile_seconds']:.1f} s{latency}"))
