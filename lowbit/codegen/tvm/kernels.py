@@ -66,11 +66,10 @@ def schedule_elementwise(func: tirx.PrimFunc, vector: int = 16) -> tirx.PrimFunc
 def schedule_reduction(sch: tvm.s_tir.Schedule, block: str = "acc") -> None:
     """Portable schedule of a window/layer reduction: padding inlined, parallel over the outer spatial
     loops (all but the last two), the epilogue computed under the same parallel loop."""
-    for name in ("pad",):
-        try:
-            sch.compute_inline(sch.get_sblock(name))
-        except ScheduleError:
-            pass
+    try:
+        sch.compute_inline(sch.get_sblock("pad"))
+    except ScheduleError:  # no padding stage
+        pass
     acc = sch.get_sblock(block)
     try:
         epilogue = sch.get_sblock("requantize")
