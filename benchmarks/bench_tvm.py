@@ -136,7 +136,8 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
         f"- Machine: {cpu} ({simd}), {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}; "
         f"{threads} threads for ONNX Runtime, PyTorch and TVM; load average {load_avg[0]:.2f} at start, "
         f"{load_avg[1]:.2f} at end",
-        f"- Latency: batch 1, each contender's median of {runs} calls, the minimum over 3 interleaved rounds.",
+        f"- Latency: batch 1, each contender's median of {runs} calls, the minimum over 3 interleaved rounds "
+        "(turns of 50 calls, each after a pause and 5 untimed calls; see bench_mobilenet_v2.measure_latency).",
         "",
         *lines,
         "",

@@ -14,7 +14,7 @@ tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip 
 
 from lowbit.cli.main import lowbit  # noqa: E402
 from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
-from lowbit.codegen.tvm.compile import layer_kernels  # noqa: E402
+from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.models import get_zoo_entry  # noqa: E402
@@ -33,8 +33,19 @@ TARGET = "llvm -mcpu=native"
 INPUT_STEP = 1 / 16  # float inputs are integers times this, so the input quantize recovers them exactly
 
 
-def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str = "fast") -> np.ndarray:
-    conv2d, dense, _ = layer_kernels(parse_target(TARGET)) if kernels == "fast" else (None, None, "portable")
+HAS_VNNI = layer_kernels(parse_target(TARGET))[2] == "x86-vnni"
+KERNEL_SETS = ["x86-avx2", pytest.param("x86-vnni", marks=pytest.mark.skipif(
+    not HAS_VNNI, reason="this CPU has no VNNI (AVX-512 VNNI or AVX-VNNI)")), "portable"]
+
+
+def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str | None = None) -> np.ndarray:
+    """Compile for this CPU with its best kernels (`kernels` None) or the named kernel set, and run."""
+    if kernels is None:
+        conv2d, dense, _ = layer_kernels(parse_target(TARGET))
+    elif kernels == "portable":
+        conv2d, dense = None, None
+    else:
+        conv2d, dense, _ = x86_layer_kernels(parse_target(TARGET), vnni=kernels == "x86-vnni")
     lowered = lower(qgraph, conv2d, dense)
     executable = tvm.compile(lowered.mod, target=tvm.target.Target(parse_target(TARGET)))
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
@@ -85,7 +96,7 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize("kernels", ["fast", "portable"])
+@pytest.mark.parametrize("kernels", KERNEL_SETS)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv_kernels_match_the_reference(case: str, kernels: str) -> None:
     n, c, h, w, oc, k, s, p, d, g, bits, x_dtype, requantize = CONV_CASES[case]
@@ -100,7 +111,7 @@ def test_conv_kernels_match_the_reference(case: str, kernels: str) -> None:
     np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["y"])
 
 
-@pytest.mark.parametrize("kernels", ["fast", "portable"])
+@pytest.mark.parametrize("kernels", KERNEL_SETS)
 @pytest.mark.parametrize(("n", "k", "out", "bits", "requantize"), [(1, 37, 11, 4, True), (3, 64, 10, 8, False),
                                                                    (1, 1280, 1000, 8, False)])
 def test_dense_kernels_match_the_reference(n: int, k: int, out: int, bits: int, requantize: bool,

@@ -248,13 +248,8 @@ def calibration_and_heldout(
     )
 
 
-def foolbox_imagenet_samples() -> tuple[np.ndarray, np.ndarray]:
-    """The 20 labelled ImageNet photos bundled with foolbox (which is not imported).
-
-    Files are ``foolbox/data/imagenet_<index>_<label>.jpg`` (mostly 512x512), so
-    the standard resize-256/center-crop-224 transform applies. Returns
-    ``(x, labels)``: float32 (20, 3, 224, 224) and int64 (20,) class indices.
-    """
+def _foolbox_imagenet_files() -> list[tuple[int, int, Path]]:
+    """(index, label, path) of foolbox's bundled ImageNet photos, sorted by index."""
     root = package_dir("foolbox")
     if root is None:
         raise ModuleNotFoundError(
@@ -267,7 +262,25 @@ def foolbox_imagenet_samples() -> tuple[np.ndarray, np.ndarray]:
             entries.append((int(match.group(1)), int(match.group(2)), path))
     if not entries:
         raise FileNotFoundError(f"no imagenet_*.jpg samples in {root / 'data'}")
-    entries.sort()
+    return sorted(entries)
+
+
+def foolbox_imagenet_crops(per_image: int = 10, seed: int = 0, size: int = 224) -> np.ndarray:
+    """``per_image`` random-resized crops of each of foolbox's 20 ImageNet photos: in-domain
+    evaluation inputs, disjoint from the calibration photos. Float32 (20 * per_image, 3, size, size)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    crops = [c for _, _, path in _foolbox_imagenet_files() for c in random_crops(_open_rgb(path), per_image, rng, size)]
+    return np.stack(crops).astype(np.float32, copy=False)
+
+
+def foolbox_imagenet_samples() -> tuple[np.ndarray, np.ndarray]:
+    """The 20 labelled ImageNet photos bundled with foolbox (which is not imported).
+
+    Files are ``foolbox/data/imagenet_<index>_<label>.jpg`` (mostly 512x512), so
+    the standard resize-256/center-crop-224 transform applies. Returns
+    ``(x, labels)``: float32 (20, 3, 224, 224) and int64 (20,) class indices.
+    """
+    entries = _foolbox_imagenet_files()
     x = np.stack([imagenet_preprocess(_open_rgb(path)) for _, _, path in entries])
     labels = np.array([label for _, label, _ in entries], dtype=np.int64)
     return x.astype(np.float32, copy=False), labels

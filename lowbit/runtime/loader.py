@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ class CompiledModel:
         self.meta = meta
         self.target = meta["target_string"]
         self.device = tvm.cuda(0) if meta["target"]["kind"] == "cuda" else tvm.cpu(0)
+        if meta["target"]["kind"] == "llvm":
+            use_threads(int(meta["target"].get("num-cores", 1)))
         library = tvm.runtime.load_module(str(directory / "model.so"))
         self._vm = relax.VirtualMachine(library, self.device)
         with np.load(directory / "params.npz", allow_pickle=False) as arrays:
@@ -148,6 +151,25 @@ def _verify(directory: Path, meta: dict[str, Any]) -> None:
             raise LowbitError(f"{path}: missing from the compiled artifact")
         if sha256_file(path) != digest:
             raise LowbitError(f"{path}: sha256 does not match {TVM_META}; the artifact was modified or damaged")
+
+
+_USER_THREADS = os.environ.get("TVM_NUM_THREADS")  # a user's setting always wins
+
+
+def use_threads(threads: int) -> None:
+    """Size TVM's CPU thread pool: `threads` (the target's cores), at most the CPUs this process may use.
+
+    Left alone, TVM takes half the logical CPUs, assuming the other half are hyper-threads; on a machine
+    without SMT that idles half the cores. TVM reads the count from $TVM_NUM_THREADS when it (re)builds its pool.
+    """
+    import tvm
+
+    if _USER_THREADS:
+        return
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(threads, available))
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
 
 
 def _check_device(meta: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -22,7 +23,7 @@ import tvm
 from ... import __version__
 from ...errors import LowbitError
 from ...quantizer.ir import QuantizedGraph
-from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file
+from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file, use_threads
 from .lower import Lowered, lower
 from .target import parse_target, required_features, target_string
 
@@ -31,11 +32,25 @@ Log = Callable[[str], None]
 
 def layer_kernels(target: dict[str, Any]) -> tuple[Callable[..., Any] | None, Callable[..., Any] | None, str]:
     """The conv and dense kernel builders for `target`, and a name for the report."""
-    if target["kind"] == "llvm" and "avx2" in required_features(target):
-        from . import fast_x86
-
-        return fast_x86.conv2d_nhwc, fast_x86.dense, "x86-avx2"
+    features = set(required_features(target))
+    if target["kind"] == "llvm" and "avx2" in features:
+        return x86_layer_kernels(target, vnni="avxvnni" in features or {"avx512vnni", "avx512vl"} <= features)
     return None, None, "portable"
+
+
+def x86_layer_kernels(target: dict[str, Any], vnni: bool) -> tuple[Callable[..., Any], Callable[..., Any], str]:
+    """lowbit's x86 kernels: VNNI dot products (vpdpbusd) where the CPU has them, else AVX2 (vpmaddwd)."""
+    from . import fast_x86
+
+    options = {"num_threads": int(target.get("num-cores", fast_x86.NUM_THREADS)), "vnni": vnni}
+    return (functools.partial(fast_x86.conv2d_nhwc, **options), functools.partial(fast_x86.dense, **options),
+            "x86-vnni" if vnni else "x86-avx2")
+
+
+def use_target_threads(target: dict[str, Any]) -> None:
+    """Give TVM's CPU thread pool the target's cores before anything is timed or checked."""
+    if target["kind"] == "llvm":
+        use_threads(int(target.get("num-cores", 1)))
 
 
 def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., Any] | None = None,
@@ -44,6 +59,7 @@ def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., 
 
     `conv2d`/`dense` override the target's layer kernels (tuned ones, say).
     """
+    use_target_threads(target)
     fast_conv2d, fast_dense, kernel_set = layer_kernels(target)
     lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense)
     try:
@@ -69,6 +85,7 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
     target = parse_target(target_spec)
     tuning = None
     conv2d = dense = None
+    use_target_threads(target)  # tuning's measurement processes inherit it
     if tune_trials is not None:
         from . import tune
 

@@ -63,9 +63,10 @@ from tvm.script import tirx as T
 __all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
 
 VEC = 8  # int32 lanes in a ymm register
-NUM_THREADS = 2  # parallel tasks per loop nest (machine has 2 cores)
+NUM_THREADS = 2  # default parallel tasks per loop nest; callers pass the target's core count
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
 _PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"  # AVX512-VNNI + VL (LLVM also emits it for AVX-VNNI)
 
 
 def target():
@@ -211,7 +212,7 @@ def _consts_list(ra, requant):
 # ---------------------------------------------------------------------------
 
 
-def _choose_tile(M, OCB, wbits=8):
+def _choose_tile(M, OCB, wbits=8, vnni=False):
     """(MR rows, NV int32x8 column vectors) of the register tile."""
     if wbits == 4 and M > 2 and OCB > 1:
         return 4, 2  # 8 accumulators + 4 unpacked weight vectors + broadcasts fit the 16 ymm registers
@@ -251,6 +252,8 @@ def _gemm_func(
     out_shape,
     x_buf_shape,
     wbits=8,
+    num_threads=NUM_THREADS,
+    vnni=False,
 ):
     M = N * OH * OW
     OC = G * OCg
@@ -262,19 +265,21 @@ def _gemm_func(
     K = KH * KWIC
     KB = _cdiv(K, 8) * 8
     KQ2 = KB // 8
-    WK = KQ2 if wbits == 4 else KP
-    XW = KB // 4 if wbits == 4 else KP  # int32 activation words per row
+    KQ = KB // 4  # VNNI int8: one int32 weight word per 4 K values
+    byte_x = wbits == 4 or vnni  # activations packed as bytes x' (4 per int32 word), not int16 pairs
+    WK = KQ2 if wbits == 4 else KQ if vnni else KP
+    XW = KB // 4 if byte_x else KP  # int32 activation words per row
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
     NP = G * OCBP
-    MR, NV = _choose_tile(M, OCB, wbits)
+    MR, NV = _choose_tile(M, OCB, wbits, vnni)
     NCT_FULL = OCB // NV
     NV_TAIL = OCB - NCT_FULL * NV
     NCT = NCT_FULL + (1 if NV_TAIL else 0)
     LAST_LANES = OCg - (OCB - 1) * VEC
     NRB = M // MR
     MR_TAIL = M - NRB * MR
-    NT = NUM_THREADS
+    NT = num_threads
     TOT = G * NRB * NCT
     CH = _cdiv(TOT, NT) if TOT else 0
     TOT_T = G * NCT
@@ -289,7 +294,7 @@ def _gemm_func(
     # tile order: keep the larger operand streaming once
     rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
     unroll_im2col = KPr <= 24
-    x_direct = wbits == 4 and is_pointwise and x_dtype == "uint8" and C % 8 == 0
+    x_direct = byte_x and is_pointwise and x_dtype == "uint8" and C % 8 == 0
     XP_SHAPE = (1,) if x_direct else (G, M, XW)
     PK_FULL = (C // 16) if is_pointwise else 0
     PK_REM = KP - PK_FULL * 8
@@ -300,6 +305,26 @@ def _gemm_func(
         if rows_outer:
             return g, r // NCT * MR, r % NCT
         return g, r % NRB * MR, r // NRB
+
+    def dpbusd(accv, x_word, w_bytes):
+        """accv + the sums of 4 u8*s8 products per int32 lane, exact (vpdpbusd)."""
+        return T.call_llvm_pure_intrin(
+            "int32x8", _VPDPBUSD, accv, T.reinterpret("int8x32", T.broadcast(x_word, VEC)), w_bytes
+        )
+
+    @T.macro
+    def kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q):
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
+                    dpbusd(
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
+                        XP32[g, m0 + r, 2 * q],
+                        _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
+                    ),
+                    XP32[g, m0 + r, 2 * q + 1],
+                    _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
+                )
 
     @T.macro
     def kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q):
@@ -332,7 +357,19 @@ def _gemm_func(
                 acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * OCBP + (cv0 + v) * VEC, 1, VEC)]
         if wbits == 4:
             for q in T.serial(KQ2):
-                kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+                if vnni:
+                    kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+                else:
+                    kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+        elif vnni:
+            for q in T.serial(KQ):
+                for r in T.unroll(mr):
+                    for v in T.unroll(nv):
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
+                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
+                            XP32[g, m0 + r, q],
+                            T.reinterpret("int8x32", W32[g, cv0 + v, q, T.ramp(0, 1, VEC)]),
+                        )
         else:
             for kp in T.serial(KP):
                 for r in T.unroll(mr):
@@ -444,7 +481,7 @@ def _gemm_func(
         Ov = T.decl_buffer((M, OC), out_dtype, data=OUT.data)
         XS = T.decl_buffer((N, H, W, C), x_dtype, data=X.data)
         # ---- pack activations (im2col) ----
-        if wbits == 4:
+        if byte_x:
             # bytes x' (uint8: x, int8: x + 128), K zero-padded to KB
             if x_direct:
                 T.evaluate(0)
@@ -583,6 +620,17 @@ def _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, KWICp, KP, OCB):
     return np.ascontiguousarray(wp.astype(np.int16)).view(np.int32).reshape(G, OCB, KP, VEC)
 
 
+def _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, KB, OCB):
+    """VNNI int8 GEMM weights [G, OCB, KB/4, 8] int32: byte b of the word for step q, lane c holds the
+    weight of K index 4q+b of channel c (K order kh, kw, ic; zero-padded to KB)."""
+    K = KH * KW * ICg
+    wt = np.asarray(weight).astype(np.int8).reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, K)
+    wp = np.zeros((G, OCB * VEC, KB), np.int8)
+    wp[:, :OCg, :K] = wt
+    wp = wp.reshape(G, OCB, VEC, KB // 4, 4).transpose(0, 1, 3, 2, 4)  # [g, ocb, q, lane, byte]
+    return np.ascontiguousarray(wp).view(np.int32).reshape(G, OCB, KB // 4, VEC)
+
+
 def _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, KB, OCB):
     """int4 GEMM weights [G, OCB, KB/8, 8] int32: byte b of the word for step q, lane c holds w+8 of
     K index 8q+b (low nibble) and 8q+4+b (high nibble) of channel c (K order kh, kw, ic)."""
@@ -627,6 +675,8 @@ def _gemm_conv(
     out_shape=None,
     x_buf_shape=None,
     wbits=8,
+    num_threads=NUM_THREADS,
+    vnni=False,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -666,10 +716,15 @@ def _gemm_conv(
         out_shape=tuple(out_shape),
         x_buf_shape=tuple(x_buf_shape or (N, H, W, C)),
         wbits=wbits,
+        num_threads=num_threads,
+        vnni=vnni,
     )
     OCBP = info["OCBP"]
-    if wbits == 4:
-        w32 = _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
+    if wbits == 4 or vnni:
+        if wbits == 4:
+            w32 = _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
+        else:
+            w32 = _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
         if x_dtype == "int8":  # x' = x + 128: fold -128 * sum_k w into the bias
             wsum = np.asarray(weight).astype(np.int64).reshape(OC, -1).sum(axis=1)
             bias = np.asarray(bias, dtype=np.int64).reshape(-1)[:OC] - 128 * wsum
@@ -710,7 +765,10 @@ def _gemm_conv(
 DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
 
 
-def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8):
+def _dw_func(
+    *, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8,
+    num_threads=NUM_THREADS,
+):
     CB = _cdiv(C, DW_VEC)
     NTAP = KH * KW
     NQ = _cdiv(CB * NTAP, 4)  # int4: int16 words per channel lane (4 nibbles each)
@@ -724,7 +782,7 @@ def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, req
     OW_TAIL = OW - NOWB * OWB
     out_vec = f"{out_dtype}x{VEC}"
     unroll_taps = KH * KW <= 16
-    NT = NUM_THREADS
+    NT = num_threads
     TOT = N * OH
     CH = _cdiv(TOT, NT)
     W_SHAPE = (NQ, DW_VEC) if wbits == 4 else (KH, KW, CP)
@@ -875,7 +933,8 @@ def _dw_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, req
 
 
 def _dw_conv(
-    x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8
+    x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8,
+    num_threads=NUM_THREADS,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -904,6 +963,7 @@ def _dw_conv(
         qmax=int(qmax),
         out_dtype=out_dtype,
         wbits=wbits,
+        num_threads=num_threads,
     )
     w16 = np.zeros((KH, KW, CP), np.int16)
     w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
@@ -940,8 +1000,12 @@ def conv2d_nhwc(
     qmax,
     out_dtype,
     weight_bits=8,
+    num_threads=NUM_THREADS,
+    vnni=False,
 ):
-    """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts)."""
+    """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts).
+
+    `vnni`: GEMM-shaped convs use vpdpbusd (AVX-512 VNNI with VL, or AVX-VNNI) on u8 x s8 bytes."""
     weight = np.asarray(weight)
     wbits = 4 if int(weight_bits) == 4 else 8
     if wbits == 4:
@@ -962,6 +1026,7 @@ def conv2d_nhwc(
             qmax,
             out_dtype,
             wbits,
+            num_threads,
         )
     return _gemm_conv(
         tuple(x_shape),
@@ -978,10 +1043,13 @@ def conv2d_nhwc(
         qmax,
         out_dtype,
         wbits=wbits,
+        num_threads=num_threads,
+        vnni=vnni,
     )
 
 
-def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype, weight_bits=8):
+def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype, weight_bits=8,
+          num_threads=NUM_THREADS, vnni=False):
     """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts)."""
     Nb, IN = [int(v) for v in x_shape]
     OUT = int(weight.shape[0])
@@ -1006,4 +1074,6 @@ def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype
         out_shape=(Nb, OUT),
         x_buf_shape=(Nb, IN),
         wbits=wbits,
+        num_threads=num_threads,
+        vnni=vnni,
     )

@@ -14,7 +14,7 @@ import tvm
 
 from ...quantizer.ir import QuantizedGraph
 from ...search.costs import LatencyTable
-from .compile import layer_kernels
+from .compile import layer_kernels, use_target_threads
 from .lower import layer_kernel
 from .target import DEFAULT_TARGET, parse_target, target_string
 
@@ -34,6 +34,7 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
     target = parse_target(target_spec)
     if target["kind"] != "llvm":
         raise NotImplementedError("per-layer latency is measured on CPU targets only")
+    use_target_threads(target)
     conv2d, dense, kernel_set = layer_kernels(target)
     device = tvm.cpu(0)
     rng = np.random.default_rng(0)
