@@ -15,6 +15,7 @@ tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip 
 from lowbit.cli.main import lowbit  # noqa: E402
 from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
 from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa: E402
+from lowbit.codegen.tvm.fast_x86 import f64_requant_is_exact  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.models import get_zoo_entry  # noqa: E402
@@ -61,14 +62,15 @@ def _random_ints(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -
 
 
 def _one_layer(op: str, x_shape: tuple[int, ...], x_dtype: str, weight_shape: tuple[int, ...], out_shape: tuple,
-               attrs: dict, bits: int, requantize: bool, out_dtype: str, rng: np.random.Generator) -> QuantizedGraph:
-    """quantize -> one conv/linear with random integer weights -> dequantize."""
+               attrs: dict, bits: int, requantize: bool, out_dtype: str, rng: np.random.Generator,
+               ratios: tuple[float, float] = (2e-4, 5e-3), max_bias: int = 3000) -> QuantizedGraph:
+    """quantize -> one conv/linear with random integer weights -> dequantize (`ratios`: requantize multipliers)."""
     lo, hi = weight_range(bits)
     cout = weight_shape[0]
     arrays = {"weight": rng.integers(lo, hi + 1, weight_shape).astype(np.int8),
-              "bias": rng.integers(-3000, 3000, cout).astype(np.int32)}
+              "bias": rng.integers(-max_bias, max_bias, cout).astype(np.int32)}
     if requantize:
-        arrays["multiplier"], arrays["shift"] = dyadic(rng.uniform(2e-4, 5e-3, cout))
+        arrays["multiplier"], arrays["shift"] = dyadic(rng.uniform(*ratios, cout))
         qmin, qmax = DTYPE_RANGES[out_dtype]
         y_q = Value("y_q", out_dtype, out_shape, 0.05)
     else:
@@ -120,6 +122,40 @@ def test_dense_kernels_match_the_reference(n: int, k: int, out: int, bits: int, 
     qgraph = _one_layer("linear", (n, k), "uint8", (out, k), (n, out), {}, bits, requantize, "int8", rng)
     x = (_random_ints(rng, (2 * n, k), "uint8") * INPUT_STEP).astype(np.float32)
     np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["y"])
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SETS)
+@pytest.mark.parametrize(("ratios", "max_bias", "float64_path"), [((2e-5, 1e-4), 3000, True),
+                                                                    ((1e-7, 3e-7), 300_000_000, False)])
+def test_both_requantize_paths_match_the_reference(ratios: tuple[float, float], max_bias: int, float64_path: bool,
+                                                   kernels: str) -> None:
+    """The x86 kernels requantize in float64 where that is exact, else with int64 arithmetic."""
+    rng = np.random.default_rng(5)
+    qgraph = _one_layer("linear", (2, 300), "uint8", (24, 300), (2, 24), {}, 8, True, "int8", rng, ratios, max_bias)
+    op = qgraph.op("layer")
+    assert f64_requant_is_exact(op.arrays["multiplier"], op.arrays["shift"], -128, 127) == float64_path
+    x = (_random_ints(rng, (8, 300), "uint8") * INPUT_STEP).astype(np.float32)
+    expected = run_reference(qgraph, x)["y"]
+    assert np.unique(expected).size > 10  # the outputs are not all clipped or zero
+    np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), expected)
+
+
+def test_float64_requantize_exactness_bound() -> None:
+    """Where f64_requant_is_exact says so, floor(acc * m/2^s + 1/2) in float64 equals the integer rule."""
+    rng = np.random.default_rng(0)
+    for ratio in np.exp(rng.uniform(np.log(1e-9), np.log(10.0), 300)):
+        (m,), (s,) = dyadic(np.array([ratio]))
+        m, s = int(m), int(s)
+        if not f64_requant_is_exact(np.array([m]), np.array([s]), -128, 127):
+            continue
+        acc = rng.integers(-(1 << 31), 1 << 31, 2000, dtype=np.int64)
+        exact = np.clip((acc * m + ((1 << s) >> 1)) >> s, -128, 127) if s < 32 else np.clip(
+            np.array([(int(a) * m + ((1 << s) >> 1)) >> s for a in acc]), -128, 127)
+        lo = -((((1 << s) >> 1) - (-127) * (1 << s)) // m) - 1
+        hi = -((((1 << s) >> 1) - 127 * (1 << s)) // m)
+        window = np.clip(acc, lo, hi).astype(np.float64)
+        approx = np.clip(np.floor(window * np.ldexp(float(m), -s) + 0.5), -128, 127)
+        np.testing.assert_array_equal(approx, exact)
 
 
 # -- whole models ---------------------------------------------------------------------------------------------------

@@ -82,16 +82,43 @@ def _cdiv(a, b):
 # ---------------------------------------------------------------------------
 
 
+def _acc_window(mc, sc, qmin, qmax):
+    """[lo, hi]: the int32 accumulators outside of which the clipped requantized value cannot change."""
+    imin, imax = -(1 << 31), (1 << 31) - 1
+    if mc == 0:
+        return 0, 0
+    r = (1 << sc) >> 1
+    # largest acc with y(acc) <= qmin; smallest acc with y(acc) >= qmax
+    lo = -((r - (qmin + 1) * (1 << sc)) // mc) - 1
+    hi = -((r - qmax * (1 << sc)) // mc)
+    lo = min(max(lo, imin), imax)
+    hi = min(max(hi, imin), imax)
+    return min(lo, hi), hi
+
+
+def f64_requant_is_exact(mantissa, shift, qmin, qmax):
+    """Whether floor(acc * (m / 2^s) + 1/2) in float64 equals the integer rule for every acc in the window:
+    it does when |acc| * m + 2^(s-1) < 2^53, since then every step is exact (products of integers below
+    2^53, scaling by powers of two, adding 1/2) and floor is exact."""
+    if mantissa is None:
+        return False
+    for mc, sc in zip(np.asarray(mantissa).reshape(-1).tolist(), np.asarray(shift).reshape(-1).tolist(), strict=True):
+        lo, hi = _acc_window(int(mc), int(sc), int(qmin), int(qmax))
+        if max(abs(lo), abs(hi)) * int(mc) + ((1 << int(sc)) >> 1) >= 1 << 53:
+            return False
+    return True
+
+
 def _requant_arrays(bias, mantissa, shift, qmin, qmax, n, n_pad):
     """Per-channel constant arrays (padded to n_pad channels).
 
     Returns dict with bias(int32), alo/ahi (int32 acc clamp window), mant (int32,
     n_pad+8 long), c1 / sh (int64, even-odd interleaved per 8-channel block),
-    c2 (int32 low word of 2^(62-s)).
+    c2 (int32 low word of 2^(62-s)), md (float64 m / 2^s, for the float64 path).
     """
     b = np.zeros(n_pad, np.int32)
     b[:n] = np.asarray(bias, dtype=np.int64).reshape(-1)[:n]
-    out = {"bias": b}
+    out = {"bias": b, "md": np.zeros(n_pad, np.float64)}
     if mantissa is None:
         return out
     m = [int(v) for v in np.asarray(mantissa, dtype=np.int64).reshape(-1)[:n]]
@@ -99,7 +126,6 @@ def _requant_arrays(bias, mantissa, shift, qmin, qmax, n, n_pad):
     qmin, qmax = int(qmin), int(qmax)
     if qmin > qmax:
         raise ValueError("qmin > qmax")
-    imin, imax = -(1 << 31), (1 << 31) - 1
     alo = np.zeros(n_pad, np.int32)
     ahi = np.zeros(n_pad, np.int32)
     mant = np.zeros(n_pad + VEC, np.int32)
@@ -113,16 +139,9 @@ def _requant_arrays(bias, mantissa, shift, qmin, qmax, n, n_pad):
         if not (0 <= sc <= 62):
             raise ValueError(f"shift[{c}]={sc} outside [0, 62]")
         r = (1 << sc) >> 1
-        if mc == 0:
-            lo = hi = 0
-        else:
-            # largest acc with y(acc) <= qmin; smallest acc with y(acc) >= qmax
-            lo = -((r - (qmin + 1) * (1 << sc)) // mc) - 1
-            hi = -((r - qmax * (1 << sc)) // mc)
-            lo = min(max(lo, imin), imax)
-            hi = min(max(hi, imin), imax)
-            lo = min(lo, hi)
-        alo[c], ahi[c], mant[c] = lo, hi, mc
+        alo[c], ahi[c] = _acc_window(mc, sc, qmin, qmax)
+        mant[c] = mc
+        out["md"][c] = np.ldexp(float(mc), -sc)
         c1[c] = r + (1 << 62)
         shv[c] = sc
         c2[c] = np.array([(1 << (62 - sc)) & 0xFFFFFFFF], np.uint32).view(np.int32)[0]
@@ -142,10 +161,17 @@ def _sx32(v):
     return T.shift_right(T.shift_left(v, c), c)
 
 
-def _rq_vec(accv, R, ch, qmin, qmax):
-    """Exact requantization of 8 int32 lanes (channels ch..ch+7); returns int32x8."""
-    ALO, AHI, MANT, C1, SH, C2 = R
+def _rq_vec(accv, R, ch, qmin, qmax, f64=False):
+    """Exact requantization of 8 int32 lanes (channels ch..ch+7); returns int32x8.
+
+    `f64` (only where `f64_requant_is_exact`): convert, multiply-add and floor in float64, a few
+    instructions instead of the int64 sequence."""
+    ALO, AHI, MANT, C1, SH, C2, MD = R
     a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
+    if f64:
+        d = T.Cast("float64x8", a) * MD[T.ramp(ch, 1, VEC)] + T.broadcast(T.float64(0.5), VEC)
+        y = T.Cast("int32x8", T.floor(d))
+        return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
     a64 = T.reinterpret("int64x4", a)
     m64 = T.reinterpret("int64x4", MANT[T.ramp(ch, 1, VEC)])
     c32 = T.broadcast(T.int64(32), 4)
@@ -201,10 +227,11 @@ def _check_int4(weight):
 
 def _consts_list(ra, requant):
     if requant:
-        return [ra["bias"], ra["alo"], ra["ahi"], ra["mant"], ra["c1"], ra["sh"], ra["c2"]]
+        return [ra["bias"], ra["alo"], ra["ahi"], ra["mant"], ra["c1"], ra["sh"], ra["c2"], ra["md"]]
     n = ra["bias"].shape[0]
     z32 = np.zeros(n, np.int32)
-    return [ra["bias"], z32, z32, np.zeros(n + VEC, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), z32]
+    return [ra["bias"], z32, z32, np.zeros(n + VEC, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), z32,
+            ra["md"]]
 
 
 # ---------------------------------------------------------------------------
@@ -254,6 +281,7 @@ def _gemm_func(
     wbits=8,
     num_threads=NUM_THREADS,
     vnni=False,
+    f64=False,
 ):
     M = N * OH * OW
     OC = G * OCg
@@ -387,14 +415,21 @@ def _gemm_func(
                 if requant:
                     OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = T.Cast(
                         out_vec,
-                        _rq_vec(acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax),
+                        _rq_vec(
+                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax, f64
+                        ),
                     )
                 else:
                     OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = acc[T.ramp((r * nv + v) * VEC, 1, VEC)]
             if partial:
                 if requant:
                     acc[T.ramp((r * nv + nv - 1) * VEC, 1, VEC)] = _rq_vec(
-                        acc[T.ramp((r * nv + nv - 1) * VEC, 1, VEC)], R, g * OCBP + (cv0 + nv - 1) * VEC, qmin, qmax
+                        acc[T.ramp((r * nv + nv - 1) * VEC, 1, VEC)],
+                        R,
+                        g * OCBP + (cv0 + nv - 1) * VEC,
+                        qmin,
+                        qmax,
+                        f64,
                     )
                 for ln in T.unroll(LAST_LANES):
                     OUT[m0 + r, g * OCg + (cv0 + nv - 1) * VEC + ln] = T.Cast(
@@ -471,10 +506,11 @@ def _gemm_func(
         C1: T.Buffer((NP,), "int64"),
         SH: T.Buffer((NP,), "int64"),
         C2: T.Buffer((NP,), "int32"),
+        MD: T.Buffer((NP,), "float64"),
         OUT: T.Buffer(out_shape, out_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2))
+        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
         XP32A = T.alloc_buffer(XP_SHAPE, "int32")
         XD32 = T.decl_buffer((G, M, XW), "int32", data=X.data)
         XP32 = T.meta_var(XD32 if x_direct else XP32A)
@@ -718,6 +754,7 @@ def _gemm_conv(
         wbits=wbits,
         num_threads=num_threads,
         vnni=vnni,
+        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
     )
     OCBP = info["OCBP"]
     if wbits == 4 or vnni:
@@ -767,7 +804,7 @@ DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
 
 def _dw_func(
     *, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8,
-    num_threads=NUM_THREADS,
+    num_threads=NUM_THREADS, f64=False,
 ):
     CB = _cdiv(C, DW_VEC)
     NTAP = KH * KW
@@ -815,10 +852,10 @@ def _dw_func(
         if requant:
             if nl == VEC:
                 OUT[n, oh, ow, T.ramp(ch, 1, VEC)] = T.Cast(
-                    out_vec, _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax)
+                    out_vec, _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64)
                 )
             else:
-                acc[T.ramp((k) * VEC, 1, VEC)] = _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax)
+                acc[T.ramp((k) * VEC, 1, VEC)] = _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64)
                 for ln in T.unroll(nl):
                     OUT[n, oh, ow, ch + ln] = T.Cast(out_dtype, accs[k * VEC + ln])
         else:
@@ -870,10 +907,11 @@ def _dw_func(
         C1: T.Buffer((CP,), "int64"),
         SH: T.Buffer((CP,), "int64"),
         C2: T.Buffer((CP,), "int32"),
+        MD: T.Buffer((CP,), "float64"),
         OUT: T.Buffer((N, OH, OW, C), out_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2))
+        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
         XPAD = T.alloc_buffer((N, HP, WP, CP), x_dtype)
         # ---- zero-padded copy of the input (spatial + channel padding) ----
         for nh in T.parallel(N * HP):
@@ -964,6 +1002,7 @@ def _dw_conv(
         out_dtype=out_dtype,
         wbits=wbits,
         num_threads=num_threads,
+        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
     )
     w16 = np.zeros((KH, KW, CP), np.int16)
     w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
