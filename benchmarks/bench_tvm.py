@@ -141,7 +141,7 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
         "",
         *lines,
         "",
-        "- Compiled models (lowbit's own AVX2 kernels; tuned ones also search with MetaSchedule):",
+        "- Compiled models (lowbit's own x86 kernels, VNNI or AVX2 by CPU; tuned ones also search with MetaSchedule):",
         *check_lines,
         f"- INT4/INT8 plan: {plans['mixed']}",
         "",

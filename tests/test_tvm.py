@@ -90,6 +90,7 @@ CONV_CASES = {
     "odd_shapes_stride2": (1, 3, 17, 13, 7, 3, 2, 1, 1, 1, 8, "uint8", True),
     "depthwise_batch2": (2, 8, 9, 9, 8, 3, 1, 1, 1, 8, 8, "int8", True),
     "depthwise_stride2_int4": (1, 16, 12, 11, 16, 3, 2, 1, 1, 16, 4, "uint8", True),
+    "depthwise_5x5_stride2_24ch": (1, 24, 11, 10, 24, 5, 2, 2, 1, 24, 8, "uint8", True),
     "grouped": (1, 6, 10, 10, 9, 3, 1, 0, 1, 3, 8, "int8", True),
     "pointwise_int4_odd_channels": (1, 13, 8, 7, 11, 1, 1, 0, 1, 1, 4, "uint8", True),
     "int4_int32_output": (1, 5, 7, 7, 3, 3, 1, 1, 1, 1, 4, "int8", False),

@@ -1,4 +1,4 @@
-"""Fast, bit-exact int8 / int4-weight CPU kernels (TVM TIR) for x86 AVX2 (no VNNI / AVX-512).
+"""Fast, bit-exact int8 / int4-weight CPU kernels (TVM TIR) for x86: AVX2, plus VNNI where the CPU has it.
 
 Public entry points
 -------------------
@@ -23,8 +23,15 @@ Implementation
   ``[G, OC/8, K/2, 8]`` int32 words.  The register-blocked micro-kernel
   broadcasts one activation word and issues ``vpmaddwd`` (exact: int16*int16
   products summed pairwise into int32) against 8 output channels.
-* Depthwise path: NHWC, vectorized over 16 channels; x*w is computed exactly in
-  int16 (|x*w| <= 255*127 < 2^15) and widened into int32 accumulators.
+  With VNNI (``vnni=True``) activations are packed as bytes x' (uint8: x,
+  int8: x+128 with ``-128*sum_k w`` folded into the bias), 4 per int32 word,
+  weights as ``[G, OC/8, KB/4, 8]`` int32 words of 4 int8 values, and the
+  micro-kernel issues ``vpdpbusd`` (u8*s8 quads summed exactly into int32).
+* Depthwise path: NHWC, vectorized over 16 channels.  int8 weights: taps go in
+  pairs; the int16 inputs of two taps are interleaved and ``vpmaddwd``
+  (``vpdpwssd`` with VNNI) sums both taps' products per channel exactly.  int4
+  weights: x*w is computed exactly in int16 (|x*w| <= 255*8 < 2^15) and widened
+  into int32 accumulators.
 * int4 weights (``weight_bits=4``, values in [-8, 7]) are stored packed, two per
   byte, and unpacked in the kernel (bit-exact):
   - GEMM: weights ``[G, OC/8, KB/8, 8]`` int32 (K flattened as (kh, kw, ic),
@@ -49,6 +56,9 @@ Implementation
      ``t = (p + r + 2^62) >>> s = y + 2^(62-s)`` (vpsrlvq), and the low 32 bits
      of t minus the low 32 bits of 2^(62-s) give y exactly (|y| < 2^31).
   4. int32 clip to [qmin, qmax] and narrow.
+  Where ``f64_requant_is_exact`` (every |acc| in the window times m, plus r,
+  is below 2^53, as for all but the odd layer), steps 2-3 are instead
+  ``floor(float64(acc) * (m / 2^s) + 0.5)``: every step is exact there.
 * Parallel loops are chunked per thread (``NUM_THREADS`` tasks) so the
   per-task accumulator scratch is allocated once per task: this TVM lowers all
   ``local`` allocations to TVMBackendAllocWorkspace calls.
@@ -800,14 +810,23 @@ def _gemm_conv(
 # ---------------------------------------------------------------------------
 
 DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
+_VPDPWSSD = "llvm.x86.avx512.vpdpwssd.256"  # AVX512-VNNI + VL: acc + pair sums of int16 products
+# int8 depthwise, taps in pairs: interleaving the int16 inputs of taps a and b (vpunpck{l,h}wd, which work
+# within 128-bit halves) puts channel pairs in these lane orders; weights are prepacked to match, and the
+# two accumulators hold channels [0-3, 8-11] and [4-7, 12-15] until they are put back in order at the end.
+_PAIR_LO = [0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27]
+_PAIR_HI = [4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31]
+_PAIR_CHANNELS = ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
 
 
 def _dw_func(
     *, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8,
-    num_threads=NUM_THREADS, f64=False,
+    num_threads=NUM_THREADS, f64=False, vnni=False,
 ):
     CB = _cdiv(C, DW_VEC)
     NTAP = KH * KW
+    pairs = wbits == 8  # int8 weights: two taps per multiply-add (vpmaddwd / vpdpwssd)
+    NPAIR = _cdiv(NTAP, 2)
     NQ = _cdiv(CB * NTAP, 4)  # int4: int16 words per channel lane (4 nibbles each)
     CP = CB * DW_VEC
     C_FULL = C // DW_VEC
@@ -822,7 +841,7 @@ def _dw_func(
     NT = num_threads
     TOT = N * OH
     CH = _cdiv(TOT, NT)
-    W_SHAPE = (NQ, DW_VEC) if wbits == 4 else (KH, KW, CP)
+    W_SHAPE = (NQ, DW_VEC) if wbits == 4 else (NPAIR, CB, 2, DW_VEC)
     lo_idx = list(range(VEC))
     hi_idx = list(range(VEC, 2 * VEC))
 
@@ -831,6 +850,43 @@ def _dw_func(
             t = cb * NTAP + kh * KW + kw
             return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
         return W16[kh, kw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
+
+    def xvec(XPAD, n, oh, ow, cb, t, zero=False):
+        """int16 inputs of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count)."""
+        if zero:
+            return T.broadcast(T.int16(0), DW_VEC)
+        kh, kw = t // KW, t % KW
+        return T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, ow * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
+
+    def pair_madd(accv, xs, w):
+        if vnni:
+            return T.call_llvm_pure_intrin("int32x8", _VPDPWSSD, accv, xs, w)
+        return accv + T.call_llvm_pure_intrin("int32x8", _PMADDWD, xs, w)
+
+    @T.macro
+    def tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, single):
+        for j in T.unroll(owb):
+            xa = T.meta_var(xvec(XPAD, n, oh, ow0 + j, cb, 2 * p))
+            xb = T.meta_var(xvec(XPAD, n, oh, ow0 + j, cb, 2 * p + 1, single))
+            acc[T.ramp((2 * j) * VEC, 1, VEC)] = pair_madd(
+                acc[T.ramp((2 * j) * VEC, 1, VEC)], T.Shuffle([xa, xb], _PAIR_LO), W16[p, cb, 0, T.ramp(0, 1, DW_VEC)]
+            )
+            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = pair_madd(
+                acc[T.ramp((2 * j + 1) * VEC, 1, VEC)],
+                T.Shuffle([xa, xb], _PAIR_HI),
+                W16[p, cb, 1, T.ramp(0, 1, DW_VEC)],
+            )
+
+    @T.macro
+    def unpair(BIAS, acc, cb, owb):
+        """Accumulators back in channel order, plus the bias."""
+        for j in T.unroll(owb):
+            lo = acc[T.ramp((2 * j) * VEC, 1, VEC)]  # bound once: both stores below read both
+            hi = acc[T.ramp((2 * j + 1) * VEC, 1, VEC)]
+            first = T.meta_var(T.Shuffle([lo, hi], [0, 1, 2, 3, 8, 9, 10, 11]))
+            second = T.meta_var(T.Shuffle([lo, hi], [4, 5, 6, 7, 12, 13, 14, 15]))
+            acc[T.ramp((2 * j) * VEC, 1, VEC)] = first + BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
+            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = second + BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
 
     @T.macro
     def tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb):
@@ -867,17 +923,30 @@ def _dw_func(
 
     @T.macro
     def micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, partial):
-        for j in T.unroll(owb):
-            acc[T.ramp((2 * j) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
-            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
-        if unroll_taps:
-            for kh in T.unroll(KH):
-                for kw in T.unroll(KW):
-                    tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+        if pairs:
+            for j in T.unroll(2 * owb):
+                acc[T.ramp(j * VEC, 1, VEC)] = T.broadcast(T.int32(0), VEC)
+            if unroll_taps:
+                for p in T.unroll(NTAP // 2):
+                    tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, False)
+            else:
+                for p in T.serial(NTAP // 2):
+                    tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, False)
+            if NTAP % 2 == 1:
+                tap_pair(XPAD, W16, acc, n, oh, ow0, cb, NTAP // 2, owb, True)
+            unpair(BIAS, acc, cb, owb)
         else:
-            for kh in T.serial(KH):
-                for kw in T.serial(KW):
-                    tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+            for j in T.unroll(owb):
+                acc[T.ramp((2 * j) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
+                acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
+            if unroll_taps:
+                for kh in T.unroll(KH):
+                    for kw in T.unroll(KW):
+                        tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+            else:
+                for kh in T.serial(KH):
+                    for kw in T.serial(KW):
+                        tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
         for j in T.unroll(owb):
             if partial:
                 if LAST_LANES > VEC:
@@ -970,9 +1039,21 @@ def _dw_func(
     return func, CP
 
 
+def _pack_depthwise_pairs(w):
+    """[taps, CB, 16] int16 -> [ceil(taps/2), CB, 2, 16]: per tap pair (a, b) and channel block, the vectors
+    (w_a, w_b interleaved) for the channels in _PAIR_CHANNELS order (a zero tap pads an odd count)."""
+    taps, cb, _ = w.shape
+    padded = np.zeros((2 * _cdiv(taps, 2), cb, DW_VEC), np.int16)
+    padded[:taps] = w
+    pairs = padded.reshape(-1, 2, cb, DW_VEC)  # [pair, a/b, CB, 16]
+    out = np.stack([pairs[:, :, :, ch].transpose(0, 2, 3, 1).reshape(-1, cb, DW_VEC) for ch in _PAIR_CHANNELS],
+                   axis=2)  # [pair, CB, half, 8 channels x (a, b)]
+    return np.ascontiguousarray(out)
+
+
 def _dw_conv(
     x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8,
-    num_threads=NUM_THREADS,
+    num_threads=NUM_THREADS, vnni=False,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -1003,6 +1084,7 @@ def _dw_conv(
         wbits=wbits,
         num_threads=num_threads,
         f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
+        vnni=vnni,
     )
     w16 = np.zeros((KH, KW, CP), np.int16)
     w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
@@ -1015,6 +1097,8 @@ def _dw_conv(
         nq[: nib.shape[0]] = nib
         word = (nq.reshape(NQ, 4, DW_VEC) << (4 * np.arange(4)).reshape(1, 4, 1)).sum(axis=1)
         w16 = np.ascontiguousarray(word.astype(np.uint16).view(np.int16))
+    else:
+        w16 = _pack_depthwise_pairs(w16.reshape(KH * KW, CP // DW_VEC, DW_VEC))
     ra = _requant_arrays(bias, mantissa, shift, qmin, qmax, C, CP)
     return func, [w16] + _consts_list(ra, requant)
 
@@ -1066,6 +1150,7 @@ def conv2d_nhwc(
             out_dtype,
             wbits,
             num_threads,
+            vnni,
         )
     return _gemm_conv(
         tuple(x_shape),
