@@ -17,6 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.models import (
     ImageSplit,
     calibration_and_heldout,
+    foolbox_imagenet_crops,
     foolbox_imagenet_samples,
     get_zoo_entry,
     imagenet_preprocess,
@@ -150,6 +151,14 @@ def test_mobilenet_foolbox_top1(pretrained_mobilenet: nn.Module) -> None:
         predicted = pretrained_mobilenet(torch.from_numpy(x)).argmax(dim=1).numpy()
     correct = int((predicted == labels).sum())
     assert correct >= 15, f"FP32 top-1 on the foolbox samples is only {correct}/20"
+
+
+def test_foolbox_crops_are_deterministic_crops_of_each_photo() -> None:
+    crops = foolbox_imagenet_crops(per_image=2, seed=0)
+    assert crops.shape == (40, 3, 224, 224) and crops.dtype == np.float32
+    np.testing.assert_array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=0))
+    assert not np.array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=1))
+    assert not np.array_equal(crops[0], crops[1])  # two different crops of the first photo
 
 
 # --- images ----------------------------------------------------------------

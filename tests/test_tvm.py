@@ -243,6 +243,14 @@ def test_runtime_matches_onnxruntime_on_the_integer_model(artifact: Path) -> Non
         model.run(x[:, :2])
 
 
+@pytest.mark.skipif(runtime_loader._USER_THREADS is not None, reason="TVM_NUM_THREADS is set by the user")
+def test_runtime_uses_the_targets_cores(artifact: Path) -> None:
+    """TVM alone would take half the logical CPUs; the runtime gives its pool the target's cores."""
+    model = load(artifact)
+    want = min(int(model.meta["target"]["num-cores"]), runtime_loader.available_cpus())
+    assert tvm.get_global_func("runtime.NumThreads")() == want
+
+
 def test_runtime_refuses_modified_files(artifact: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)

@@ -156,6 +156,11 @@ def _verify(directory: Path, meta: dict[str, Any]) -> None:
 _USER_THREADS = os.environ.get("TVM_NUM_THREADS")  # a user's setting always wins
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def use_threads(threads: int) -> None:
     """Size TVM's CPU thread pool: `threads` (the target's cores), at most the CPUs this process may use.
 
@@ -166,8 +171,7 @@ def use_threads(threads: int) -> None:
 
     if _USER_THREADS:
         return
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(threads, available))
+    threads = max(1, min(threads, available_cpus()))
     os.environ["TVM_NUM_THREADS"] = str(threads)
     tvm.get_global_func("runtime.config_threadpool")(1, threads)
 

@@ -13,7 +13,7 @@ from typing import Any
 import tvm
 
 from ...errors import LowbitError
-from ...runtime.loader import X86_FEATURES
+from ...runtime.loader import X86_FEATURES, available_cpus
 
 DEFAULT_TARGET = "llvm -mcpu=native"
 
@@ -40,18 +40,12 @@ def parse_target(spec: str, threads: int | None = None) -> dict[str, Any]:
             target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
         if not tvm.target.codegen.llvm_is_valid_cpu(target["mcpu"], "x86_64-unknown-linux-gnu"):
             raise LowbitError(f"--target {spec!r}: LLVM does not know the CPU {target['mcpu']!r}")
-        target.setdefault("num-cores", threads or _cpu_count())
+        target.setdefault("num-cores", threads or available_cpus())
     try:
         tvm.target.Target(target)
     except Exception as e:  # TVM raises several error types for bad attributes
         raise LowbitError(f"--target {spec!r}: TVM rejects it: {e}") from None
     return target
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def target_string(target: dict[str, Any]) -> str:
