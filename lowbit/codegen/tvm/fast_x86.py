@@ -249,7 +249,7 @@ def _consts_list(ra, requant):
 # ---------------------------------------------------------------------------
 
 
-def _choose_tile(M, OCB, wbits=8, vnni=False):
+def _choose_tile(M, OCB, wbits=8):
     """(MR rows, NV int32x8 column vectors) of the register tile."""
     if wbits == 4 and M > 2 and OCB > 1:
         return 4, 2  # 8 accumulators + 4 unpacked weight vectors + broadcasts fit the 16 ymm registers
@@ -310,7 +310,7 @@ def _gemm_func(
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
     NP = G * OCBP
-    MR, NV = _choose_tile(M, OCB, wbits, vnni)
+    MR, NV = _choose_tile(M, OCB, wbits)
     NCT_FULL = OCB // NV
     NV_TAIL = OCB - NCT_FULL * NV
     NCT = NCT_FULL + (1 if NV_TAIL else 0)
