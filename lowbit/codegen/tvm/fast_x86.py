@@ -814,9 +814,9 @@ _VPDPWSSD = "llvm.x86.avx512.vpdpwssd.256"  # AVX512-VNNI + VL: acc + pair sums 
 # int8 depthwise, taps in pairs: interleaving the int16 inputs of taps a and b (vpunpck{l,h}wd, which work
 # within 128-bit halves) puts channel pairs in these lane orders; weights are prepacked to match, and the
 # two accumulators hold channels [0-3, 8-11] and [4-7, 12-15] until they are put back in order at the end.
-_PAIR_LO = [0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27]
-_PAIR_HI = [4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31]
 _PAIR_CHANNELS = ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+# shuffle indices into concat(x_a, x_b): x_a[c], x_b[c] for each channel c of the half
+_PAIR_LO, _PAIR_HI = ([i for c in half for i in (c, c + DW_VEC)] for half in _PAIR_CHANNELS)
 
 
 def _dw_func(
@@ -845,11 +845,10 @@ def _dw_func(
     lo_idx = list(range(VEC))
     hi_idx = list(range(VEC, 2 * VEC))
 
-    def wvec(W16, cb, kh, kw):
-        if wbits == 4:
-            t = cb * NTAP + kh * KW + kw
-            return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
-        return W16[kh, kw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
+    def wvec4(W16, cb, kh, kw):
+        """int4 weights of tap (kh, kw) for 16 channels, unpacked to int16."""
+        t = cb * NTAP + kh * KW + kw
+        return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
 
     def xvec(XPAD, n, oh, ow, cb, t, zero=False):
         """int16 inputs of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count)."""
@@ -893,7 +892,7 @@ def _dw_func(
         for j in T.unroll(owb):
             prod = T.meta_var(
                 T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, (ow0 + j) * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
-                * wvec(W16, cb, kh, kw)
+                * wvec4(W16, cb, kh, kw)
             )
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = acc[T.ramp((2 * j) * VEC, 1, VEC)] + T.Cast(
                 "int32x8", T.Shuffle([prod], lo_idx)
@@ -1128,7 +1127,8 @@ def conv2d_nhwc(
 ):
     """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts).
 
-    `vnni`: GEMM-shaped convs use vpdpbusd (AVX-512 VNNI with VL, or AVX-VNNI) on u8 x s8 bytes."""
+    `vnni` (AVX-512 VNNI with VL, or AVX-VNNI): GEMM-shaped convs use vpdpbusd on u8 x s8 bytes,
+    int8 depthwise convs vpdpwssd on tap pairs."""
     weight = np.asarray(weight)
     wbits = 4 if int(weight_bits) == 4 else 8
     if wbits == 4:
