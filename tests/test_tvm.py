@@ -95,6 +95,11 @@ CONV_CASES = {
     "depthwise_batch2": (2, 8, 9, 9, 8, 3, 1, 1, 1, 8, 8, "int8", True),
     "depthwise_stride2_int4": (1, 16, 12, 11, 16, 3, 2, 1, 1, 16, 4, "uint8", True),
     "depthwise_5x5_stride2_24ch": (1, 24, 11, 10, 24, 5, 2, 2, 1, 24, 8, "uint8", True),
+    # channels that fill whole vectors: read in place, bounds-checked at the borders
+    "depthwise_in_place_dilated": (1, 32, 10, 9, 32, 3, 1, 2, 2, 32, 8, "int8", True),
+    "depthwise_in_place_no_interior": (1, 16, 2, 3, 16, 3, 1, 1, 1, 16, 8, "uint8", True),
+    # an RGB input at least 16 pixels wide is quantized 16 pixels at a time and interleaved into NHWC
+    "rgb_input_wide": (1, 3, 9, 37, 8, 3, 2, 1, 1, 1, 8, "int8", True),
     "grouped": (1, 6, 10, 10, 9, 3, 1, 0, 1, 3, 8, "int8", True),
     "pointwise_int4_odd_channels": (1, 13, 8, 7, 11, 1, 1, 0, 1, 1, 4, "uint8", True),
     "int4_int32_output": (1, 5, 7, 7, 3, 3, 1, 1, 1, 1, 4, "int8", False),

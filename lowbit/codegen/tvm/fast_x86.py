@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from tvm import tirx
 from tvm.script import tirx as T
 
 __all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
@@ -833,9 +834,19 @@ def _dw_func(
     LAST_LANES = C - (CB - 1) * DW_VEC
     HP = (OH - 1) * sh + (KH - 1) * dh + 1
     WP = (OW - 1) * sw + (KW - 1) * dw + 1
-    OWB = 4 if OW >= 4 else OW
-    NOWB = OW // OWB
-    OW_TAIL = OW - NOWB * OWB
+    # in place: read X itself, border pixels with bounds checks; otherwise (channels that do not fill whole
+    # vectors) from a zero-padded copy, where every read is in bounds
+    in_place = C % DW_VEC == 0
+    OFF_H, OFF_W = (pt, pl) if in_place else (0, 0)
+    # the output rows / columns whose taps all fall inside the input (all of them for the padded copy)
+    OH_LO, OH_HI = (_cdiv(pt, sh), max(_cdiv(pt, sh), min(OH, (H - 1 + pt - (KH - 1) * dh) // sh + 1))) \
+        if in_place else (0, OH)
+    OW_LO, OW_HI = (_cdiv(pl, sw), max(_cdiv(pl, sw), min(OW, (W - 1 + pl - (KW - 1) * dw) // sw + 1))) \
+        if in_place else (0, OW)
+    OWB = min(4, OW_HI - OW_LO)
+    XPAD_SHAPE = (1,) if in_place else (N, HP, WP, CP)
+    NOWB = (OW_HI - OW_LO) // OWB if OWB else 0
+    OW_TAIL = OW_HI - OW_LO - NOWB * OWB
     out_vec = f"{out_dtype}x{VEC}"
     unroll_taps = KH * KW <= 16
     NT = num_threads
@@ -850,12 +861,18 @@ def _dw_func(
         t = cb * NTAP + kh * KW + kw
         return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
 
-    def xvec(XPAD, n, oh, ow, cb, t, zero=False):
-        """int16 inputs of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count)."""
+    def xvec(SRC, n, oh, ow, cb, t, checked, zero=False):
+        """int16 inputs of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count).
+
+        `checked`: the tap may fall outside the input, where it reads zero."""
         if zero:
             return T.broadcast(T.int16(0), DW_VEC)
-        kh, kw = t // KW, t % KW
-        return T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, ow * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
+        ih, iw = oh * sh + t // KW * dh - OFF_H, ow * sw + t % KW * dw - OFF_W
+        if not checked:
+            return T.Cast("int16x16", SRC[n, ih, iw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
+        inside = tirx.all(ih >= 0, ih < H, iw >= 0, iw < W)
+        clamped = SRC[n, T.max(T.min(ih, H - 1), 0), T.max(T.min(iw, W - 1), 0), T.ramp(cb * DW_VEC, 1, DW_VEC)]
+        return tirx.Select(inside, T.Cast("int16x16", clamped), T.broadcast(T.int16(0), DW_VEC))
 
     def pair_madd(accv, xs, w):
         if vnni:
@@ -863,10 +880,10 @@ def _dw_func(
         return accv + T.call_llvm_pure_intrin("int32x8", _PMADDWD, xs, w)
 
     @T.macro
-    def tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, single):
+    def tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, single, checked):
         for j in T.unroll(owb):
-            xa = T.meta_var(xvec(XPAD, n, oh, ow0 + j, cb, 2 * p))
-            xb = T.meta_var(xvec(XPAD, n, oh, ow0 + j, cb, 2 * p + 1, single))
+            xa = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, 2 * p, checked))
+            xb = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, 2 * p + 1, checked, single))
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = pair_madd(
                 acc[T.ramp((2 * j) * VEC, 1, VEC)], T.Shuffle([xa, xb], _PAIR_LO), W16[p, cb, 0, T.ramp(0, 1, DW_VEC)]
             )
@@ -888,12 +905,9 @@ def _dw_func(
             acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = second + BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
 
     @T.macro
-    def tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb):
+    def tap(SRC, W16, acc, n, oh, ow0, cb, kh, kw, owb, checked):
         for j in T.unroll(owb):
-            prod = T.meta_var(
-                T.Cast("int16x16", XPAD[n, oh * sh + kh * dh, (ow0 + j) * sw + kw * dw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
-                * wvec4(W16, cb, kh, kw)
-            )
+            prod = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, kh * KW + kw, checked) * wvec4(W16, cb, kh, kw))
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = acc[T.ramp((2 * j) * VEC, 1, VEC)] + T.Cast(
                 "int32x8", T.Shuffle([prod], lo_idx)
             )
@@ -921,18 +935,18 @@ def _dw_func(
                     OUT[n, oh, ow, ch + ln] = accs[k * VEC + ln]
 
     @T.macro
-    def micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, partial):
+    def micro(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, partial, checked):
         if pairs:
             for j in T.unroll(2 * owb):
                 acc[T.ramp(j * VEC, 1, VEC)] = T.broadcast(T.int32(0), VEC)
             if unroll_taps:
                 for p in T.unroll(NTAP // 2):
-                    tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, False)
+                    tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, False, checked)
             else:
                 for p in T.serial(NTAP // 2):
-                    tap_pair(XPAD, W16, acc, n, oh, ow0, cb, p, owb, False)
+                    tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, False, checked)
             if NTAP % 2 == 1:
-                tap_pair(XPAD, W16, acc, n, oh, ow0, cb, NTAP // 2, owb, True)
+                tap_pair(SRC, W16, acc, n, oh, ow0, cb, NTAP // 2, owb, True, checked)
             unpair(BIAS, acc, cb, owb)
         else:
             for j in T.unroll(owb):
@@ -941,11 +955,11 @@ def _dw_func(
             if unroll_taps:
                 for kh in T.unroll(KH):
                     for kw in T.unroll(KW):
-                        tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+                        tap(SRC, W16, acc, n, oh, ow0, cb, kh, kw, owb, checked)
             else:
                 for kh in T.serial(KH):
                     for kw in T.serial(KW):
-                        tap(XPAD, W16, acc, n, oh, ow0, cb, kh, kw, owb)
+                        tap(SRC, W16, acc, n, oh, ow0, cb, kh, kw, owb, checked)
         for j in T.unroll(owb):
             if partial:
                 if LAST_LANES > VEC:
@@ -958,11 +972,36 @@ def _dw_func(
                 store8(R, OUT, acc, accs, n, oh, ow0 + j, 2 * j + 1, cb * DW_VEC + VEC, VEC)
 
     @T.macro
-    def pixel_block(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, owb):
+    def pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, owb, checked):
         for cb in T.serial(C_FULL):
-            micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, False)
+            micro(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, False, checked)
         if LAST_LANES != DW_VEC:
-            micro(XPAD, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, C_FULL, owb, True)
+            micro(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, C_FULL, owb, True, checked)
+
+    @T.macro
+    def output_row(SRC, W16, BIAS, R, OUT, acc, accs, n, oh):
+        if oh >= OH_LO and oh < OH_HI:
+            for ow in T.serial(OW_LO):  # left border
+                pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow, 1, True)
+            for ob in T.serial(NOWB):
+                pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, OW_LO + ob * OWB, OWB, False)
+            if OW_TAIL > 0:
+                pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, OW_LO + NOWB * OWB, OW_TAIL, False)
+            for ow in T.serial(OW - OW_HI):  # right border
+                pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, OW_HI + ow, 1, True)
+        else:  # top / bottom border rows
+            for ow in T.serial(OW):
+                pixel_block(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow, 1, True)
+
+    @T.macro
+    def all_rows(SRC, W16, BIAS, R, OUT):
+        """Rows of output pixels, chunked per task."""
+        for tid in T.parallel(NT):
+            acc = T.alloc_buffer((2 * max(OWB, 1) * VEC,), "int32", scope="local")
+            accs = T.meta_var(acc)
+            for ti in T.serial(CH):
+                if tid * CH + ti < TOT:
+                    output_row(SRC, W16, BIAS, R, OUT, acc, accs, (tid * CH + ti) // OH, (tid * CH + ti) % OH)
 
     @T.prim_func(private=True)
     def func(
@@ -980,60 +1019,31 @@ def _dw_func(
     ):
         T.func_attr({"tirx.noalias": True})
         R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
-        XPAD = T.alloc_buffer((N, HP, WP, CP), x_dtype)
-        # ---- zero-padded copy of the input (spatial + channel padding) ----
-        for nh in T.parallel(N * HP):
-            for iw in T.serial(WP):
-                if nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl:
-                    for cv in T.serial(C_FULL):
-                        XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = X[
-                            nh // HP, nh % HP - pt, iw - pl, T.ramp(cv * DW_VEC, 1, DW_VEC)
-                        ]
-                    for c in T.serial(CP - C_FULL * DW_VEC):
-                        XPAD[nh // HP, nh % HP, iw, C_FULL * DW_VEC + c] = T.if_then_else(
-                            C_FULL * DW_VEC + c < C,
-                            X[nh // HP, nh % HP - pt, iw - pl, T.min(C_FULL * DW_VEC + c, C - 1)],
-                            T.Cast(x_dtype, 0),
-                        )
-                else:
-                    for cv in T.serial(CB):
-                        XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = T.broadcast(
-                            T.Cast(x_dtype, 0), DW_VEC
-                        )
-        # ---- main loop: rows of output pixels, chunked per task ----
-        for tid in T.parallel(NT):
-            acc = T.alloc_buffer((2 * OWB * VEC,), "int32", scope="local")
-            accs = T.meta_var(acc)
-            for ti in T.serial(CH):
-                if tid * CH + ti < TOT:
-                    for ob in T.serial(NOWB):
-                        pixel_block(
-                            XPAD,
-                            W16,
-                            BIAS,
-                            R,
-                            OUT,
-                            acc,
-                            accs,
-                            (tid * CH + ti) // OH,
-                            (tid * CH + ti) % OH,
-                            ob * OWB,
-                            OWB,
-                        )
-                    if OW_TAIL > 0:
-                        pixel_block(
-                            XPAD,
-                            W16,
-                            BIAS,
-                            R,
-                            OUT,
-                            acc,
-                            accs,
-                            (tid * CH + ti) // OH,
-                            (tid * CH + ti) % OH,
-                            NOWB * OWB,
-                            OW_TAIL,
-                        )
+        XPAD = T.alloc_buffer(XPAD_SHAPE, x_dtype)
+        if not in_place:
+            # ---- zero-padded copy of the input (spatial + channel padding) ----
+            for nh in T.parallel(N * HP):
+                for iw in T.serial(WP):
+                    if nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl:
+                        for cv in T.serial(C_FULL):
+                            XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = X[
+                                nh // HP, nh % HP - pt, iw - pl, T.ramp(cv * DW_VEC, 1, DW_VEC)
+                            ]
+                        for c in T.serial(CP - C_FULL * DW_VEC):
+                            XPAD[nh // HP, nh % HP, iw, C_FULL * DW_VEC + c] = T.if_then_else(
+                                C_FULL * DW_VEC + c < C,
+                                X[nh // HP, nh % HP - pt, iw - pl, T.min(C_FULL * DW_VEC + c, C - 1)],
+                                T.Cast(x_dtype, 0),
+                            )
+                    else:
+                        for cv in T.serial(CB):
+                            XPAD[nh // HP, nh % HP, iw, T.ramp(cv * DW_VEC, 1, DW_VEC)] = T.broadcast(
+                                T.Cast(x_dtype, 0), DW_VEC
+                            )
+        if in_place:
+            all_rows(X, W16, BIAS, R, OUT)
+        else:
+            all_rows(XPAD, W16, BIAS, R, OUT)
 
     return func, CP
 

@@ -11,10 +11,13 @@ The layer kernels here (`conv2d_nhwc`, `dense`) are the portable path;
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tvm
 from tvm import te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
+from tvm.script import tirx as T
 
 from ...quantizer.dyadic import rounding_term
 
@@ -158,19 +161,55 @@ def quantize_nchw_to_nhwc(shape: tuple[int, ...], scale: float, zero_point: int,
                           to_nhwc: bool) -> tirx.PrimFunc:
     """float32 -> int as ONNX QuantizeLinear (x / scale, round half to even, saturate); 4-D goes NCHW -> NHWC."""
     lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}[dtype]
+
+    def q(v: Expr, lanes: int = 1) -> Expr:
+        s, zp = (_const(c, "float32") if lanes == 1 else tirx.Broadcast(_const(c, "float32"), lanes)
+                 for c in (scale, float(zero_point)))
+        low, high = (_const(c, "float32") if lanes == 1 else tirx.Broadcast(_const(c, "float32"), lanes)
+                     for c in (lo, hi))
+        v = tirx.nearbyint(v / s) + zp
+        return tirx.max(tirx.min(v, high), low).astype(dtype if lanes == 1 else f"{dtype}x{lanes}")
+
+    if to_nhwc and shape[1] <= _INTERLEAVE_MAX_CHANNELS and shape[3] >= _QUANTIZE_VECTOR:
+        return _quantize_interleaved(shape, q, dtype)
     x = te.placeholder(shape, "float32", name="x")
-    s, zp = _const(scale, "float32"), _const(float(zero_point), "float32")
-
-    def q(*i: Expr) -> Expr:
-        v = tirx.nearbyint(x(*i) / s) + zp
-        return tirx.max(tirx.min(v, _const(hi, "float32")), _const(lo, "float32")).astype(dtype)
-
     if to_nhwc:
         n, c, h, w = shape
-        out = te.compute((n, h, w, c), lambda i, y, z, ch: q(i, ch, y, z), name="quantize")
+        out = te.compute((n, h, w, c), lambda i, y, z, ch: q(x[i, ch, y, z]), name="quantize")
     else:
-        out = te.compute(shape, q, name="quantize")
+        out = te.compute(shape, lambda *i: q(x(*i)), name="quantize")
     return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+_QUANTIZE_VECTOR = 16  # pixels per step
+_INTERLEAVE_MAX_CHANNELS = 4  # images: the channel vectors are interleaved with one shuffle
+
+
+def _quantize_interleaved(shape: tuple[int, ...], q: Callable[[Expr, int], Expr], dtype: str) -> tirx.PrimFunc:
+    """NCHW float -> NHWC int for few channels: each channel's 16 pixels are read and quantized as one
+    vector, and the channel vectors are interleaved into 16 NHWC pixels with one shuffle (a TE schedule
+    would vectorize the strided stores one byte at a time)."""
+    n, c, h, w = shape
+    vec = _QUANTIZE_VECTOR
+    blocks = w // vec
+    interleave = [ch * vec + i for i in range(vec) for ch in range(c)]
+
+    def pixels(x: tirx.Buffer, image: Expr, row: Expr, col: Expr) -> Expr:
+        return tirx.Shuffle([q(x[image, ch, row, tirx.Ramp(col, 1, vec)], vec) for ch in range(c)], interleave)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x: T.Buffer((n, c, h, w), "float32"), out: T.Buffer((n, h, w, c), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):  # Relax's reshape analysis expects a root block
+            flat = T.decl_buffer((n * h * w * c,), dtype, data=out.data)
+            for nh in T.parallel(n * h):
+                for b in T.serial(blocks):
+                    flat[T.ramp((nh * w + b * vec) * c, 1, vec * c)] = pixels(x, nh // h, nh % h, b * vec)
+                for col in T.serial(w - blocks * vec):
+                    for ch in T.serial(c):
+                        out[nh // h, nh % h, blocks * vec + col, ch] = q(x[nh // h, ch, nh % h, blocks * vec + col])
+
+    return func
 
 
 def dequantize(shape: tuple[int, ...], dtype: str, scale: float | list[float], zero_point: int,
@@ -199,13 +238,14 @@ def dequantize(shape: tuple[int, ...], dtype: str, scale: float | list[float], z
     return schedule_elementwise(te.create_prim_func([*args, out])), arrays
 
 
-def add(shape: tuple[int, ...], dtypes: tuple[str, str], mantissas: tuple[int, int], shift: int, qmin: int,
-        qmax: int, out_dtype: str) -> tirx.PrimFunc:
-    a = te.placeholder(shape, dtypes[0], name="a")
-    b = te.placeholder(shape, dtypes[1], name="b")
+def add(numel: int, dtypes: tuple[str, str], mantissas: tuple[int, int], shift: int, qmin: int, qmax: int,
+        out_dtype: str) -> tirx.PrimFunc:
+    """Rescaled add of two tensors taken flat (`numel` elements): contiguous vector loads, whatever the shape."""
+    a = te.placeholder((numel,), dtypes[0], name="a")
+    b = te.placeholder((numel,), dtypes[1], name="b")
     m0, m1 = (_const(int(m), "int64") for m in mantissas)
-    out = te.compute(shape, lambda *i: requantize_expr(a(*i).astype("int64") * m0 + b(*i).astype("int64") * m1,
-                                                       1, shift, qmin, qmax, out_dtype), name="add")
+    out = te.compute((numel,), lambda i: requantize_expr(a[i].astype("int64") * m0 + b[i].astype("int64") * m1,
+                                                         1, shift, qmin, qmax, out_dtype), name="add")
     return schedule_elementwise(te.create_prim_func([a, b, out]))
 
 
@@ -257,9 +297,10 @@ def maxpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int
     return _schedule_reduction(te.create_prim_func([x, out]))
 
 
-def clamp(shape: tuple[int, ...], dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:
-    x = te.placeholder(shape, dtype, name="x")
-    out = te.compute(shape, lambda *i: tirx.max(tirx.min(x(*i), _const(qmax, dtype)), _const(qmin, dtype)),
+def clamp(numel: int, dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:
+    """Saturate a tensor taken flat (`numel` elements) to [qmin, qmax]."""
+    x = te.placeholder((numel,), dtype, name="x")
+    out = te.compute((numel,), lambda i: tirx.max(tirx.min(x[i], _const(qmax, dtype)), _const(qmin, dtype)),
                      name="clamp")
     return schedule_elementwise(te.create_prim_func([x, out]))
 

@@ -66,6 +66,13 @@ class _Context:
         return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(out_shape, out_dtype)),
                             name_hint=_symbol(op.output))
 
+    def call_flat(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr]) -> relax.Expr:
+        """Call an elementwise `func` on `args` taken flat (reshapes are views) and give the result its shape."""
+        numel = int(np.prod(self.shape(op.output)))
+        flat = [self.bb.emit(relax.op.reshape(arg, (numel,))) for arg in args]
+        out = self.call(op, func, flat, [], (numel,), self.dtype(op.output))
+        return self.bb.emit(relax.op.reshape(out, self.shape(op.output)), name_hint=_symbol(op.output))
+
     def arg(self, op: Op, index: int = 0, nhwc: bool = True) -> relax.Expr:
         """Input `index` of `op`, converted to NHWC (or from it, with `nhwc=False`) if its layout differs."""
         value = op.inputs[index]
@@ -127,9 +134,10 @@ def _same_layout(ctx: _Context, op: Op) -> None:
 def _add(ctx: _Context, op: Op) -> relax.Expr:
     _same_layout(ctx, op)
     m = [int(v) for v in op.arrays["multiplier"]]
-    func = kernels.add(ctx.shape(op.output), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])), (m[0], m[1]),
-                       int(op.arrays["shift"][0]), op.attrs["qmin"], op.attrs["qmax"], ctx.dtype(op.output))
-    return ctx.call(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)], [], ctx.shape(op.output), ctx.dtype(op.output))
+    func = kernels.add(int(np.prod(ctx.shape(op.output))), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])),
+                       (m[0], m[1]), int(op.arrays["shift"][0]), op.attrs["qmin"], op.attrs["qmax"],
+                       ctx.dtype(op.output))
+    return ctx.call_flat(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)])
 
 
 @converter("concat")
@@ -171,8 +179,9 @@ def _maxpool(ctx: _Context, op: Op) -> relax.Expr:
 def _clamp(ctx: _Context, op: Op) -> relax.Expr:
     if op.inputs[0] in ctx.nhwc:
         ctx.nhwc.add(op.output)
-    func = kernels.clamp(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), op.attrs["qmin"], op.attrs["qmax"])
-    return ctx.call(op, func, [ctx.env[op.inputs[0]]], [], ctx.shape(op.output), ctx.dtype(op.output))
+    func = kernels.clamp(int(np.prod(ctx.shape(op.output))), ctx.dtype(op.inputs[0]), op.attrs["qmin"],
+                         op.attrs["qmax"])
+    return ctx.call_flat(op, func, [ctx.env[op.inputs[0]]])
 
 
 @converter("pad")
