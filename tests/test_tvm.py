@@ -44,13 +44,13 @@ KERNEL_SETS = [
 
 
 def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str | None = None) -> np.ndarray:
-    """Compile for this CPU with its best kernels (`kernels` None) or the named kernel set, and run."""
-    if kernels is None:
-        conv2d, dense, _ = layer_kernels(parse_target(TARGET))
-    elif kernels == "portable":
+    """Compile for this CPU with its best kernels (`kernels` None or that set's name) or the named one, and run."""
+    if kernels == "portable":
         conv2d, dense = None, None
+    elif kernels == "x86-avx2":  # AVX2 only: no VNNI, no AVX-512 rounding conversions
+        conv2d, dense, _ = x86_layer_kernels(parse_target(TARGET), vnni=False)
     else:
-        conv2d, dense, _ = x86_layer_kernels(parse_target(TARGET), vnni=kernels == "x86-vnni")
+        conv2d, dense, _ = layer_kernels(parse_target(TARGET))
     lowered = lower(qgraph, conv2d, dense)
     executable = tvm.compile(lowered.mod, target=tvm.target.Target(parse_target(TARGET)))
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
@@ -151,7 +151,8 @@ def test_both_requantize_paths_match_the_reference(ratios: tuple[float, float], 
 
 
 def test_float64_requantize_exactness_bound() -> None:
-    """Where f64_requant_is_exact says so, floor(acc * m/2^s + 1/2) in float64 equals the integer rule."""
+    """Where f64_requant_is_exact says so, clip(floor(acc * m/2^s + 1/2)) in float64 equals the integer rule for
+    every int32 acc: inside the clamp window, at its edges, and far outside it (no clamp of acc needed)."""
     rng = np.random.default_rng(0)
     checked = 0
     for ratio in np.exp(rng.uniform(np.log(1e-9), np.log(10.0), 300)):
@@ -160,10 +161,11 @@ def test_float64_requantize_exactness_bound() -> None:
         if not f64_requant_is_exact(np.array([m]), np.array([s]), -128, 127):
             continue
         lo, hi = _acc_window(m, s, -128, 127)
-        # mostly inside the window, where the output is not clipped, plus both edges
-        acc = rng.integers(max(lo - 1000, -(1 << 31)), min(hi + 1000, (1 << 31) - 1), 2000, dtype=np.int64)
+        acc = np.concatenate([  # mostly inside the window, plus both edges and the whole int32 range
+            rng.integers(max(lo - 1000, -(1 << 31)), min(hi + 1000, (1 << 31) - 1), 2000, dtype=np.int64),
+            rng.integers(-(1 << 31), 1 << 31, 200, dtype=np.int64), np.array([-(1 << 31), (1 << 31) - 1])])
         exact = np.clip((acc * m + ((1 << s) >> 1)) >> s, -128, 127)  # |acc * m| < 2^61: no int64 overflow
-        approx = np.clip(np.floor(np.clip(acc, lo, hi).astype(np.float64) * np.ldexp(float(m), -s) + 0.5), -128, 127)
+        approx = np.clip(np.floor(acc.astype(np.float64) * np.ldexp(float(m), -s) + 0.5), -128, 127)
         np.testing.assert_array_equal(approx, exact)
         checked += 1
     assert checked > 100

@@ -34,15 +34,19 @@ def layer_kernels(target: dict[str, Any]) -> tuple[Callable[..., Any] | None, Ca
     """The conv and dense kernel builders for `target`, and a name for the report."""
     features = set(required_features(target))
     if target["kind"] == "llvm" and "avx2" in features:
-        return x86_layer_kernels(target, vnni="avxvnni" in features or {"avx512vnni", "avx512vl"} <= features)
+        return x86_layer_kernels(target, vnni="avxvnni" in features or {"avx512vnni", "avx512vl"} <= features,
+                                 avx512="avx512f" in features)
     return None, None, "portable"
 
 
-def x86_layer_kernels(target: dict[str, Any], vnni: bool) -> tuple[Callable[..., Any], Callable[..., Any], str]:
-    """lowbit's x86 kernels: VNNI dot products (vpdpbusd) where the CPU has them, else AVX2 (vpmaddwd)."""
+def x86_layer_kernels(target: dict[str, Any], vnni: bool,
+                      avx512: bool = False) -> tuple[Callable[..., Any], Callable[..., Any], str]:
+    """lowbit's x86 kernels: VNNI dot products (vpdpbusd) where the CPU has them, else AVX2 (vpmaddwd).
+
+    `avx512` lets the requantize epilogue convert float64 to int32 rounding down in one instruction."""
     from . import fast_x86
 
-    options = {"num_threads": int(target.get("num-cores", fast_x86.NUM_THREADS)), "vnni": vnni}
+    options = {"num_threads": int(target.get("num-cores", fast_x86.NUM_THREADS)), "vnni": vnni, "avx512": avx512}
     return (functools.partial(fast_x86.conv2d_nhwc, **options), functools.partial(fast_x86.dense, **options),
             "x86-vnni" if vnni else "x86-avx2")
 

@@ -78,6 +78,8 @@ NUM_THREADS = 2  # default parallel tasks per loop nest; callers pass the target
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
 _PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"  # AVX512-VNNI + VL (LLVM also emits it for AVX-VNNI)
+_CVTPD2DQ_512 = "llvm.x86.avx512.mask.cvtpd2dq.512"  # float64x8 -> int32x8 with an explicit rounding mode
+_ROUND_DOWN = 9  # _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC
 
 
 def target():
@@ -108,14 +110,17 @@ def _acc_window(mc, sc, qmin, qmax):
 
 
 def f64_requant_is_exact(mantissa, shift, qmin, qmax):
-    """Whether floor(acc * (m / 2^s) + 1/2) in float64 equals the integer rule for every acc in the window:
-    it does when |acc| * m + 2^(s-1) < 2^53, since then every step is exact (products of integers below
-    2^53, scaling by powers of two, adding 1/2) and floor is exact."""
+    """Whether y = clip(floor(acc * (m / 2^s) + 1/2), qmin, qmax), computed in float64 and converted to int32
+    before the clip, equals the integer rule for every int32 acc. It does when
+    - |acc| * m + 2^(s-1) < 2^53 for every acc in the window: there every step is exact (products of integers
+      below 2^53, scaling by powers of two, adding 1/2) and floor is exact;
+    - outside the window the float64 value is monotone in acc, so it clips as the integer rule does;
+    - m / 2^s < 1/2: no acc converts outside the int32 range."""
     if mantissa is None:
         return False
     for mc, sc in zip(np.asarray(mantissa).reshape(-1).tolist(), np.asarray(shift).reshape(-1).tolist(), strict=True):
         lo, hi = _acc_window(int(mc), int(sc), int(qmin), int(qmax))
-        if max(abs(lo), abs(hi)) * int(mc) + ((1 << int(sc)) >> 1) >= 1 << 53:
+        if max(abs(lo), abs(hi)) * int(mc) + ((1 << int(sc)) >> 1) >= 1 << 53 or 2 * int(mc) >= 1 << int(sc):
             return False
     return True
 
@@ -172,17 +177,22 @@ def _sx32(v):
     return T.shift_right(T.shift_left(v, c), c)
 
 
-def _rq_vec(accv, R, ch, qmin, qmax, f64=False):
+def _rq_vec(accv, R, ch, qmin, qmax, f64=False, avx512=False):
     """Exact requantization of 8 int32 lanes (channels ch..ch+7); returns int32x8.
 
-    `f64` (only where `f64_requant_is_exact`): convert, multiply-add and floor in float64, a few
-    instructions instead of the int64 sequence."""
+    `f64` (only where `f64_requant_is_exact`): floor(acc * m/2^s + 1/2) in float64, a few instructions
+    instead of the int64 sequence (`avx512`: the conversion to int32 rounds down itself)."""
     ALO, AHI, MANT, C1, SH, C2, MD = R
-    a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
     if f64:
-        d = T.Cast("float64x8", a) * MD[T.ramp(ch, 1, VEC)] + T.broadcast(T.float64(0.5), VEC)
-        y = T.Cast("int32x8", T.floor(d))
+        d = T.call_llvm_pure_intrin("float64x8", "llvm.fma.v8f64", T.Cast("float64x8", accv),
+                                    MD[T.ramp(ch, 1, VEC)], T.broadcast(T.float64(0.5), VEC))
+        if avx512:
+            y = T.call_llvm_pure_intrin("int32x8", _CVTPD2DQ_512, d, T.broadcast(T.int32(0), VEC), T.int8(-1),
+                                        T.int32(_ROUND_DOWN))
+        else:
+            y = T.Cast("int32x8", T.floor(d))
         return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+    a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
     a64 = T.reinterpret("int64x4", a)
     m64 = T.reinterpret("int64x4", MANT[T.ramp(ch, 1, VEC)])
     c32 = T.broadcast(T.int64(32), 4)
@@ -293,6 +303,7 @@ def _gemm_func(
     num_threads=NUM_THREADS,
     vnni=False,
     f64=False,
+    avx512=False,
 ):
     M = N * OH * OW
     OC = G * OCg
@@ -427,7 +438,8 @@ def _gemm_func(
                     OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = T.Cast(
                         out_vec,
                         _rq_vec(
-                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax, f64
+                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax, f64,
+                            avx512,
                         ),
                     )
                 else:
@@ -441,6 +453,7 @@ def _gemm_func(
                         qmin,
                         qmax,
                         f64,
+                        avx512,
                     )
                 for ln in T.unroll(LAST_LANES):
                     OUT[m0 + r, g * OCg + (cv0 + nv - 1) * VEC + ln] = T.Cast(
@@ -724,6 +737,7 @@ def _gemm_conv(
     wbits=8,
     num_threads=NUM_THREADS,
     vnni=False,
+    avx512=False,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -766,6 +780,7 @@ def _gemm_conv(
         num_threads=num_threads,
         vnni=vnni,
         f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
+        avx512=avx512,
     )
     OCBP = info["OCBP"]
     if wbits == 4 or vnni:
@@ -822,7 +837,7 @@ _PAIR_LO, _PAIR_HI = ([i for c in half for i in (c, c + DW_VEC)] for half in _PA
 
 def _dw_func(
     *, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8,
-    num_threads=NUM_THREADS, f64=False, vnni=False,
+    num_threads=NUM_THREADS, f64=False, vnni=False, avx512=False,
 ):
     CB = _cdiv(C, DW_VEC)
     NTAP = KH * KW
@@ -921,10 +936,12 @@ def _dw_func(
         if requant:
             if nl == VEC:
                 OUT[n, oh, ow, T.ramp(ch, 1, VEC)] = T.Cast(
-                    out_vec, _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64)
+                    out_vec, _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64, avx512)
                 )
             else:
-                acc[T.ramp((k) * VEC, 1, VEC)] = _rq_vec(acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64)
+                acc[T.ramp((k) * VEC, 1, VEC)] = _rq_vec(
+                    acc[T.ramp((k) * VEC, 1, VEC)], R, ch, qmin, qmax, f64, avx512
+                )
                 for ln in T.unroll(nl):
                     OUT[n, oh, ow, ch + ln] = T.Cast(out_dtype, accs[k * VEC + ln])
         else:
@@ -1062,7 +1079,7 @@ def _pack_depthwise_pairs(w):
 
 def _dw_conv(
     x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8,
-    num_threads=NUM_THREADS, vnni=False,
+    num_threads=NUM_THREADS, vnni=False, avx512=False,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -1094,6 +1111,7 @@ def _dw_conv(
         num_threads=num_threads,
         f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
         vnni=vnni,
+        avx512=avx512,
     )
     w16 = np.zeros((KH, KW, CP), np.int16)
     w16[:, :, :C] = np.asarray(weight).reshape(C, KH, KW).transpose(1, 2, 0)
@@ -1134,6 +1152,7 @@ def conv2d_nhwc(
     weight_bits=8,
     num_threads=NUM_THREADS,
     vnni=False,
+    avx512=False,
 ):
     """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts).
 
@@ -1161,6 +1180,7 @@ def conv2d_nhwc(
             wbits,
             num_threads,
             vnni,
+            avx512,
         )
     return _gemm_conv(
         tuple(x_shape),
@@ -1179,11 +1199,12 @@ def conv2d_nhwc(
         wbits=wbits,
         num_threads=num_threads,
         vnni=vnni,
+        avx512=avx512,
     )
 
 
 def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype, weight_bits=8,
-          num_threads=NUM_THREADS, vnni=False):
+          num_threads=NUM_THREADS, vnni=False, avx512=False):
     """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts)."""
     Nb, IN = [int(v) for v in x_shape]
     OUT = int(weight.shape[0])
@@ -1210,4 +1231,5 @@ def dense(x_shape, x_dtype, weight, bias, mantissa, shift, qmin, qmax, out_dtype
         wbits=wbits,
         num_threads=num_threads,
         vnni=vnni,
+        avx512=avx512,
     )
