@@ -311,12 +311,24 @@ def _gemm_func(
     KWICp = KWIC + (KWIC & 1)
     KPr = KWICp // 2  # int16 pairs per kh row
     KP = KH * KPr
-    # int4: K flattened (kh, kw, ic), padded to KB; one int32 weight word per 8 K values (KQ2 steps)
-    K = KH * KWIC
+    is_pointwise = (
+        KH == 1 and KW == 1 and sh == 1 and sw == 1 and pt == 0 and pl == 0 and OH == H and OW == W and G == 1
+    )
+    byte_x = wbits == 4 or vnni  # activations packed as bytes x' (4 per int32 word), not int16 pairs
+    # im2col by whole words where a kh row's K values come 4 bytes at a time from the input: its (kw, ic) run
+    # is contiguous (one group, no dilation) or channels come in fours. Rows are then zero-padded (zero
+    # weights) to whole words; a word may read up to 3 bytes past its row, which the zero weights cancel.
+    word_rows = byte_x and not is_pointwise and ((G == 1 and dw == 1) or ICg % 4 == 0)
+    KROW = _cdiv(KWIC, 4) * 4 if word_rows else KWIC  # K values per kh row
+    ROW_WORDS = KROW // 4
+    # im2col_rows loads 16 bytes (4 words) at a time where they are contiguous, the rest a word at a time
+    ROW_CHUNKS = ROW_WORDS // 4 if (G == 1 and dw == 1) or ICg % 16 == 0 else 0
+    ROW_SINGLES = ROW_WORDS - 4 * ROW_CHUNKS
+    # K flattened (kh, kw, ic), rows of KROW, padded to KB; int4: one int32 weight word per 8 K values (KQ2 steps)
+    K = KH * KROW
     KB = _cdiv(K, 8) * 8
     KQ2 = KB // 8
     KQ = KB // 4  # VNNI int8: one int32 weight word per 4 K values
-    byte_x = wbits == 4 or vnni  # activations packed as bytes x' (4 per int32 word), not int16 pairs
     WK = KQ2 if wbits == 4 else KQ if vnni else KP
     XW = KB // 4 if byte_x else KP  # int32 activation words per row
     OCB = _cdiv(OCg, VEC)
@@ -335,12 +347,15 @@ def _gemm_func(
     TOT_T = G * NCT
     CH_T = _cdiv(TOT_T, NT)
     out_vec = f"{out_dtype}x{VEC}"
-    is_pointwise = (
-        KH == 1 and KW == 1 and sh == 1 and sw == 1 and pt == 0 and pl == 0 and OH == H and OW == W and G == 1
-    )
     need_pad = not (pt == 0 and pl == 0 and (OH - 1) * sh + (KH - 1) * dh < H and (OW - 1) * sw + (KW - 1) * dw < W)
     HP = (OH - 1) * sh + (KH - 1) * dh + 1
     WP = (OW - 1) * sw + (KW - 1) * dw + 1
+    # a zero-padded copy of the input; also where words may read past a row, so reads stay in bounds
+    use_xpad = not is_pointwise and (need_pad or (word_rows and KWIC % 4 != 0))
+    XPAD_SIZE = N * HP * WP * C + 4 if use_xpad else 1
+    LZ = min(pl, WP)  # columns of a padded row: left zeros, copied input, right zeros
+    CW = max(0, min(W, WP - pl))
+    RZ = WP - LZ - CW
     # tile order: keep the larger operand streaming once
     rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
     unroll_im2col = KPr <= 24
@@ -519,6 +534,54 @@ def _gemm_func(
     def im2col_word(SRC, XP, nh, ow, g, k):
         XP[g, nh * OW + ow, k] = _word4(src_byte, 4 * k, K, SRC, nh, ow, g)
 
+    def src_words(SRCF, HS, WS, nh, ow, g, kh, k, words):
+        """`words` int32 words of x' from the flat input (HS x WS pixels): K values k.. of row kh."""
+        off = ((nh // OH * HS + nh % OH * sh + kh * dh) * WS + ow * sw + k // ICg * dw) * C + g * ICg + k % ICg
+        xb = _xbyte(SRCF[T.ramp(off, 1, 4 * words)], x_dtype, 4 * words)
+        return T.reinterpret("int32" if words == 1 else f"int32x{words}", xb)
+
+    @T.macro
+    def im2col_rows(SRCF, HS, WS, XP):
+        for nh in T.parallel(N * OH):
+            for ow in T.serial(OW):
+                for g in T.serial(G):
+                    for kh in T.serial(KH):
+                        for q in T.serial(ROW_CHUNKS):
+                            XP[g, nh * OW + ow, T.ramp(kh * ROW_WORDS + 4 * q, 1, 4)] = src_words(
+                                SRCF, HS, WS, nh, ow, g, kh, 16 * q, 4
+                            )
+                        for j in T.unroll(ROW_SINGLES):
+                            XP[g, nh * OW + ow, kh * ROW_WORDS + 4 * ROW_CHUNKS + j] = src_words(
+                                SRCF, HS, WS, nh, ow, g, kh, 16 * ROW_CHUNKS + 4 * j, 1
+                            )
+                    for j in T.serial(XW - KH * ROW_WORDS):
+                        XP[g, nh * OW + ow, KH * ROW_WORDS + j] = 0
+
+    @T.macro
+    def fill_zero(DST, start, count):
+        for q in T.serial(count // 32):
+            DST[T.ramp(start + 32 * q, 1, 32)] = T.broadcast(T.Cast(x_dtype, 0), 32)
+        for i in T.serial(count % 32):
+            DST[start + count // 32 * 32 + i] = T.Cast(x_dtype, 0)
+
+    @T.macro
+    def copy(DST, dst, SRCF, src, count):
+        for q in T.serial(count // 32):
+            DST[T.ramp(dst + 32 * q, 1, 32)] = SRCF[T.ramp(src + 32 * q, 1, 32)]
+        for i in T.serial(count % 32):
+            DST[dst + count // 32 * 32 + i] = SRCF[src + count // 32 * 32 + i]
+
+    @T.macro
+    def pad_copy(XF, XPADF):
+        """The zero-padded input, row by row: zeros, the input row, zeros (whole rows of zeros above and below)."""
+        for nh in T.parallel(N * HP):
+            if nh % HP >= pt and nh % HP < H + pt:
+                fill_zero(XPADF, nh * WP * C, LZ * C)
+                copy(XPADF, (nh * WP + LZ) * C, XF, (nh // HP * H + nh % HP - pt) * W * C, CW * C)
+                fill_zero(XPADF, (nh * WP + LZ + CW) * C, RZ * C)
+            else:
+                fill_zero(XPADF, nh * WP * C, WP * C)
+
     @T.prim_func(private=True)
     def func(
         X: T.Buffer(x_buf_shape, x_dtype),
@@ -540,6 +603,11 @@ def _gemm_func(
         XP32 = T.meta_var(XD32 if x_direct else XP32A)
         Ov = T.decl_buffer((M, OC), out_dtype, data=OUT.data)
         XS = T.decl_buffer((N, H, W, C), x_dtype, data=X.data)
+        XF = T.decl_buffer((N * H * W * C,), x_dtype, data=X.data)
+        XPADF = T.alloc_buffer((XPAD_SIZE,), x_dtype)
+        XPAD = T.meta_var(_View4(XPADF, HP, WP, C))
+        if use_xpad:
+            pad_copy(XF, XPADF)
         # ---- pack activations (im2col) ----
         if byte_x:
             # bytes x' (uint8: x, int8: x + 128), K zero-padded to KB
@@ -562,22 +630,12 @@ def _gemm_func(
                         )
                     for k in T.serial(XW - C // 4):
                         XP32A[0, m, C // 4 + k] = _word4(pw_byte, C // 4 * 4 + 4 * k, C, X2, m)
+            elif word_rows:
+                if use_xpad:
+                    im2col_rows(XPADF, HP, WP, XP32A)
+                else:
+                    im2col_rows(XF, H, W, XP32A)
             else:
-                XPAD = T.alloc_buffer((N, HP, WP, C), x_dtype)
-                if need_pad:
-                    for nh in T.parallel(N * HP):
-                        for iw in T.serial(WP):
-                            for c in T.serial(C):
-                                XPAD[nh // HP, nh % HP, iw, c] = T.if_then_else(
-                                    nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl,
-                                    XS[
-                                        nh // HP,
-                                        T.max(T.min(nh % HP - pt, H - 1), 0),
-                                        T.max(T.min(iw - pl, W - 1), 0),
-                                        c,
-                                    ],
-                                    T.Cast(x_dtype, 0),
-                                )
                 for nh in T.parallel(N * OH):
                     for ow in T.serial(OW):
                         for g in T.serial(G):
@@ -613,16 +671,6 @@ def _gemm_func(
                         ),
                     )
         else:
-            XPAD = T.alloc_buffer((N, HP, WP, C), x_dtype)
-            if need_pad:
-                for nh in T.parallel(N * HP):
-                    for iw in T.serial(WP):
-                        for c in T.serial(C):
-                            XPAD[nh // HP, nh % HP, iw, c] = T.if_then_else(
-                                nh % HP >= pt and nh % HP < H + pt and iw >= pl and iw < W + pl,
-                                XS[nh // HP, T.max(T.min(nh % HP - pt, H - 1), 0), T.max(T.min(iw - pl, W - 1), 0), c],
-                                T.Cast(x_dtype, 0),
-                            )
             for nh in T.parallel(N * OH):
                 for ow in T.serial(OW):
                     for g in T.serial(G):
@@ -668,7 +716,7 @@ def _gemm_func(
                             MR_TAIL,
                         )
 
-    return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP, KB=KB)
+    return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP, KB=KB, KROW=KROW)
 
 
 def _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, KWICp, KP, OCB):
@@ -680,29 +728,45 @@ def _pack_gemm_weight(weight, G, KH, KW, ICg, OCg, KWICp, KP, OCB):
     return np.ascontiguousarray(wp.astype(np.int16)).view(np.int32).reshape(G, OCB, KP, VEC)
 
 
-def _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, KB, OCB):
+def _gemm_k_order(weight, G, KH, KW, ICg, OCg, KROW):
+    """Weights [G, OCg, K] in the GEMM's K order: (kh, kw, ic), each kh row zero-padded to KROW values."""
+    wt = np.asarray(weight).astype(np.int64).reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2)
+    rows = np.zeros((G, OCg, KH, KROW), np.int64)
+    rows[..., : KW * ICg] = wt.reshape(G, OCg, KH, KW * ICg)
+    return rows.reshape(G, OCg, KH * KROW)
+
+
+def _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, KB, OCB, KROW):
     """VNNI int8 GEMM weights [G, OCB, KB/4, 8] int32: byte b of the word for step q, lane c holds the
-    weight of K index 4q+b of channel c (K order kh, kw, ic; zero-padded to KB)."""
-    K = KH * KW * ICg
-    wt = np.asarray(weight).astype(np.int8).reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, K)
+    weight of K index 4q+b of channel c (K order of _gemm_k_order, zero-padded to KB)."""
+    wt = _gemm_k_order(weight, G, KH, KW, ICg, OCg, KROW)
     wp = np.zeros((G, OCB * VEC, KB), np.int8)
-    wp[:, :OCg, :K] = wt
+    wp[:, :OCg, : wt.shape[2]] = wt
     wp = wp.reshape(G, OCB, VEC, KB // 4, 4).transpose(0, 1, 3, 2, 4)  # [g, ocb, q, lane, byte]
     return np.ascontiguousarray(wp).view(np.int32).reshape(G, OCB, KB // 4, VEC)
 
 
-def _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, KB, OCB):
+def _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, KB, OCB, KROW):
     """int4 GEMM weights [G, OCB, KB/8, 8] int32: byte b of the word for step q, lane c holds w+8 of
-    K index 8q+b (low nibble) and 8q+4+b (high nibble) of channel c (K order kh, kw, ic)."""
-    w = np.asarray(weight).astype(np.int64)
-    K = KH * KW * ICg
-    wt = w.reshape(G, OCg, ICg, KH, KW).transpose(0, 1, 3, 4, 2).reshape(G, OCg, K)
+    K index 8q+b (low nibble) and 8q+4+b (high nibble) of channel c (K order of _gemm_k_order)."""
+    wt = _gemm_k_order(weight, G, KH, KW, ICg, OCg, KROW)
     wp = np.full((G, OCB * VEC, KB), 8, np.int64)  # padding: w=0
-    wp[:, :OCg, :K] = wt + 8
+    wp[:, :OCg, : wt.shape[2]] = wt + 8
     wp = wp.reshape(G, OCB, VEC, KB // 8, 2, 4)  # [g, ocb, lane, q, half, byte]
     word = (wp[:, :, :, :, 0, :] | (wp[:, :, :, :, 1, :] << 4)) << (8 * np.arange(4))
     word = word.sum(axis=-1).transpose(0, 1, 3, 2)  # [g, ocb, q, lane]
     return np.ascontiguousarray(word.astype(np.uint32).view(np.int32))
+
+
+class _View4:
+    """A flat buffer read as [N, H, W, C] (no second buffer declared: it may go unused)."""
+
+    def __init__(self, flat, h, w, c):
+        self.flat, self.h, self.w, self.c = flat, h, w, c
+
+    def __getitem__(self, index):
+        n, y, x, ch = index
+        return self.flat[((n * self.h + y) * self.w + x) * self.c + ch]
 
 
 def _conv_geometry(x_shape, weight, stride, padding, dilation):
@@ -785,9 +849,9 @@ def _gemm_conv(
     OCBP = info["OCBP"]
     if wbits == 4 or vnni:
         if wbits == 4:
-            w32 = _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
+            w32 = _pack_gemm_weight4(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"], info["KROW"])
         else:
-            w32 = _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"])
+            w32 = _pack_gemm_weight_vnni(weight, G, KH, KW, ICg, OCg, info["KB"], info["OCB"], info["KROW"])
         if x_dtype == "int8":  # x' = x + 128: fold -128 * sum_k w into the bias
             wsum = np.asarray(weight).astype(np.int64).reshape(OC, -1).sum(axis=1)
             bias = np.asarray(bias, dtype=np.int64).reshape(-1)[:OC] - 128 * wsum
