@@ -891,10 +891,10 @@ def _gemm_conv(
 
 DW_VEC = 16  # channels per step: int16x16 products, 2 x int32x8 accumulators
 _VPDPWSSD = "llvm.x86.avx512.vpdpwssd.256"  # AVX512-VNNI + VL: acc + pair sums of int16 products
-# int8 depthwise, taps in pairs: interleaving the int16 inputs of taps a and b (vpunpck{l,h}wd, which work
-# within 128-bit halves) puts channel pairs in these lane orders; weights are prepacked to match, and the
-# two accumulators hold channels [0-3, 8-11] and [4-7, 12-15] until they are put back in order at the end.
-_PAIR_CHANNELS = ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+# int8 depthwise, taps in pairs: the input bytes of taps a and b are interleaved (channel by channel, the
+# first and second 8 channels of a block apart) and widened to int16, so that one vpmaddwd / vpdpwssd sums
+# both taps' products per channel; weights are prepacked as the matching (w_a, w_b) pairs.
+_PAIR_CHANNELS = (list(range(VEC)), list(range(VEC, DW_VEC)))
 # shuffle indices into concat(x_a, x_b): x_a[c], x_b[c] for each channel c of the half
 _PAIR_LO, _PAIR_HI = ([i for c in half for i in (c, c + DW_VEC)] for half in _PAIR_CHANNELS)
 
@@ -940,18 +940,18 @@ def _dw_func(
         t = cb * NTAP + kh * KW + kw
         return _nib16(W16[t // 4, T.ramp(0, 1, DW_VEC)], t % 4)
 
-    def xvec(SRC, n, oh, ow, cb, t, checked, zero=False):
-        """int16 inputs of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count).
+    def xbytes(SRC, n, oh, ow, cb, t, checked, zero=False):
+        """Input bytes of tap t for 16 channels (`zero`: the zero tap that pads an odd tap count).
 
         `checked`: the tap may fall outside the input, where it reads zero."""
         if zero:
-            return T.broadcast(T.int16(0), DW_VEC)
+            return T.broadcast(T.Cast(x_dtype, 0), DW_VEC)
         ih, iw = oh * sh + t // KW * dh - OFF_H, ow * sw + t % KW * dw - OFF_W
         if not checked:
-            return T.Cast("int16x16", SRC[n, ih, iw, T.ramp(cb * DW_VEC, 1, DW_VEC)])
+            return SRC[n, ih, iw, T.ramp(cb * DW_VEC, 1, DW_VEC)]
         inside = tirx.all(ih >= 0, ih < H, iw >= 0, iw < W)
         clamped = SRC[n, T.max(T.min(ih, H - 1), 0), T.max(T.min(iw, W - 1), 0), T.ramp(cb * DW_VEC, 1, DW_VEC)]
-        return tirx.Select(inside, T.Cast("int16x16", clamped), T.broadcast(T.int16(0), DW_VEC))
+        return tirx.Select(inside, clamped, T.broadcast(T.Cast(x_dtype, 0), DW_VEC))
 
     def pair_madd(accv, xs, w):
         if vnni:
@@ -961,32 +961,24 @@ def _dw_func(
     @T.macro
     def tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, single, checked):
         for j in T.unroll(owb):
-            xa = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, 2 * p, checked))
-            xb = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, 2 * p + 1, checked, single))
+            xa = T.meta_var(xbytes(SRC, n, oh, ow0 + j, cb, 2 * p, checked))
+            xb = T.meta_var(xbytes(SRC, n, oh, ow0 + j, cb, 2 * p + 1, checked, single))
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = pair_madd(
-                acc[T.ramp((2 * j) * VEC, 1, VEC)], T.Shuffle([xa, xb], _PAIR_LO), W16[p, cb, 0, T.ramp(0, 1, DW_VEC)]
+                acc[T.ramp((2 * j) * VEC, 1, VEC)],
+                T.Cast("int16x16", T.Shuffle([xa, xb], _PAIR_LO)),
+                W16[p, cb, 0, T.ramp(0, 1, DW_VEC)],
             )
             acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = pair_madd(
                 acc[T.ramp((2 * j + 1) * VEC, 1, VEC)],
-                T.Shuffle([xa, xb], _PAIR_HI),
+                T.Cast("int16x16", T.Shuffle([xa, xb], _PAIR_HI)),
                 W16[p, cb, 1, T.ramp(0, 1, DW_VEC)],
             )
 
     @T.macro
-    def unpair(BIAS, acc, cb, owb):
-        """Accumulators back in channel order, plus the bias."""
-        for j in T.unroll(owb):
-            lo = acc[T.ramp((2 * j) * VEC, 1, VEC)]  # bound once: both stores below read both
-            hi = acc[T.ramp((2 * j + 1) * VEC, 1, VEC)]
-            first = T.meta_var(T.Shuffle([lo, hi], [0, 1, 2, 3, 8, 9, 10, 11]))
-            second = T.meta_var(T.Shuffle([lo, hi], [4, 5, 6, 7, 12, 13, 14, 15]))
-            acc[T.ramp((2 * j) * VEC, 1, VEC)] = first + BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
-            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = second + BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
-
-    @T.macro
     def tap(SRC, W16, acc, n, oh, ow0, cb, kh, kw, owb, checked):
         for j in T.unroll(owb):
-            prod = T.meta_var(xvec(SRC, n, oh, ow0 + j, cb, kh * KW + kw, checked) * wvec4(W16, cb, kh, kw))
+            x16 = T.meta_var(T.Cast("int16x16", xbytes(SRC, n, oh, ow0 + j, cb, kh * KW + kw, checked)))
+            prod = T.meta_var(x16 * wvec4(W16, cb, kh, kw))
             acc[T.ramp((2 * j) * VEC, 1, VEC)] = acc[T.ramp((2 * j) * VEC, 1, VEC)] + T.Cast(
                 "int32x8", T.Shuffle([prod], lo_idx)
             )
@@ -1017,9 +1009,10 @@ def _dw_func(
 
     @T.macro
     def micro(SRC, W16, BIAS, R, OUT, acc, accs, n, oh, ow0, cb, owb, partial, checked):
+        for j in T.unroll(owb):
+            acc[T.ramp((2 * j) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
+            acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
         if pairs:
-            for j in T.unroll(2 * owb):
-                acc[T.ramp(j * VEC, 1, VEC)] = T.broadcast(T.int32(0), VEC)
             if unroll_taps:
                 for p in T.unroll(NTAP // 2):
                     tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, False, checked)
@@ -1028,11 +1021,7 @@ def _dw_func(
                     tap_pair(SRC, W16, acc, n, oh, ow0, cb, p, owb, False, checked)
             if NTAP % 2 == 1:
                 tap_pair(SRC, W16, acc, n, oh, ow0, cb, NTAP // 2, owb, True, checked)
-            unpair(BIAS, acc, cb, owb)
         else:
-            for j in T.unroll(owb):
-                acc[T.ramp((2 * j) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC, 1, VEC)]
-                acc[T.ramp((2 * j + 1) * VEC, 1, VEC)] = BIAS[T.ramp(cb * DW_VEC + VEC, 1, VEC)]
             if unroll_taps:
                 for kh in T.unroll(KH):
                     for kw in T.unroll(KW):
