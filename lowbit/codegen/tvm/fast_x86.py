@@ -343,9 +343,8 @@ def _gemm_func(
     MR_TAIL = M - NRB * MR
     NT = num_threads
     TOT = G * NRB * NCT
-    CH = _cdiv(TOT, NT) if TOT else 0
-    TOT_T = G * NCT
-    CH_T = _cdiv(TOT_T, NT)
+    TOT_T = G * NCT if MR_TAIL else 0  # tiles of the last MR_TAIL rows
+    CH = _cdiv(TOT + TOT_T, NT)  # tiles per task
     out_vec = f"{out_dtype}x{VEC}"
     need_pad = not (pt == 0 and pl == 0 and (OH - 1) * sh + (KH - 1) * dh < H and (OW - 1) * sw + (KW - 1) * dw < W)
     HP = (OH - 1) * sh + (KH - 1) * dh + 1
@@ -365,11 +364,12 @@ def _gemm_func(
     PK_REM = KP - PK_FULL * 8
 
     def tile_coords(t):
-        g = t // (NRB * NCT)
-        r = t % (NRB * NCT)
+        nrb = max(NRB, 1)  # (no full row blocks: never called)
+        g = t // (nrb * NCT)
+        r = t % (nrb * NCT)
         if rows_outer:
             return g, r // NCT * MR, r % NCT
-        return g, r % NRB * MR, r // NRB
+        return g, r % nrb * MR, r // nrb
 
     def dpbusd(accv, x_word, w_bytes):
         """accv + the sums of 4 u8*s8 products per int32 lane, exact (vpdpbusd)."""
@@ -687,34 +687,17 @@ def _gemm_func(
                                         im2col_pair(XPAD, XP32, nh, ow, g, kh, jp)
                                     else:
                                         im2col_pair(XS, XP32, nh, ow, g, kh, jp)
-        # ---- GEMM over register tiles; one accumulator scratch per task ----
-        if TOT > 0:
-            for tid in T.parallel(NT):
-                acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
-                accs = T.meta_var(acc)
-                for ti in T.serial(CH):
-                    if tid * CH + ti < TOT:
-                        gi, m0, ct = T.meta_var(tile_coords(tid * CH + ti))
-                        row_block(XP32, W32, BIAS, R, Ov, acc, accs, gi, m0, ct, MR)
-        if MR_TAIL > 0:
-            for tid in T.parallel(NT):
-                acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
-                accs = T.meta_var(acc)
-                for ti in T.serial(CH_T):
-                    if tid * CH_T + ti < TOT_T:
-                        row_block(
-                            XP32,
-                            W32,
-                            BIAS,
-                            R,
-                            Ov,
-                            acc,
-                            accs,
-                            (tid * CH_T + ti) // NCT,
-                            NRB * MR,
-                            (tid * CH_T + ti) % NCT,
-                            MR_TAIL,
-                        )
+        # ---- GEMM over register tiles, the MR_TAIL rows' tiles last; one accumulator scratch per task ----
+        for tid in T.parallel(NT):
+            acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
+            accs = T.meta_var(acc)
+            for ti in T.serial(CH):
+                if tid * CH + ti < TOT:
+                    gi, m0, ct = T.meta_var(tile_coords(tid * CH + ti))
+                    row_block(XP32, W32, BIAS, R, Ov, acc, accs, gi, m0, ct, MR)
+                elif tid * CH + ti < TOT + TOT_T:
+                    row_block(XP32, W32, BIAS, R, Ov, acc, accs, (tid * CH + ti - TOT) // NCT, NRB * MR,
+                              (tid * CH + ti - TOT) % NCT, MR_TAIL)
 
     return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP, KB=KB, KROW=KROW)
 
