@@ -98,6 +98,10 @@ CONV_CASES = {
     # channels that fill whole vectors: read in place, bounds-checked at the borders
     "depthwise_in_place_dilated": (1, 32, 10, 9, 32, 3, 1, 2, 2, 32, 8, "int8", True),
     "depthwise_in_place_no_interior": (1, 16, 2, 3, 16, 3, 1, 1, 1, 16, 8, "uint8", True),
+    # VNNI: 32 channels at a time, four taps per vpdpbusd; channel counts that are not a multiple of 32 overlap
+    "depthwise_quads_48ch_stride2": (1, 48, 11, 10, 48, 3, 2, 1, 1, 48, 8, "int8", True),
+    "depthwise_quads_5x5_40ch": (1, 40, 9, 12, 40, 5, 1, 2, 1, 40, 8, "uint8", True),
+    "depthwise_quads_int32_output": (2, 32, 6, 7, 32, 3, 1, 1, 1, 32, 8, "uint8", False),
     # an RGB input at least 16 pixels wide is quantized 16 pixels at a time and interleaved into NHWC
     "rgb_input_wide": (1, 3, 9, 37, 8, 3, 2, 1, 1, 1, 8, "int8", True),
     "grouped": (1, 6, 10, 10, 9, 3, 1, 0, 1, 3, 8, "int8", True),

@@ -1113,6 +1113,179 @@ def _pack_depthwise_pairs(w):
     return np.ascontiguousarray(out)
 
 
+# int8 depthwise with VNNI, 32 channels at a time: the input bytes of four neighbouring columns of a kernel row
+# are interleaved into quads (two in-lane byte unpacks, then two word unpacks; the pairs are shared between
+# neighbouring outputs) and one vpdpbusd sums four taps per channel (taps past the kernel width have zero
+# weights). Lane l of quad vector h holds channel _QUAD_CHANNELS[h][l]; the accumulators are put back in
+# channel order once per output pixel.
+DWQ_VEC = 32
+_QUAD_CHANNELS = ([0, 1, 2, 3, 16, 17, 18, 19], [4, 5, 6, 7, 20, 21, 22, 23], [8, 9, 10, 11, 24, 25, 26, 27],
+                  [12, 13, 14, 15, 28, 29, 30, 31])
+
+
+def _in_lane_interleave(unit, hi):
+    """Shuffle indices into concat(a, b) (32 bytes each) interleaving `unit`-byte elements of a and b within
+    each 128-bit lane, from the low (hi=0) or high half of the lane, as vpunpck{l,h}{bw,wd} do."""
+    per_half = 8 // unit
+    return [e * unit + byte + src
+            for lane in (0, 16 // unit)
+            for e in range(lane + hi * per_half, lane + (hi + 1) * per_half)
+            for src in (0, 32)
+            for byte in range(unit)]
+
+
+_BYTE_PAIRS = [_in_lane_interleave(1, hi) for hi in (0, 1)]
+_WORD_QUADS = [_in_lane_interleave(2, hi) for hi in (0, 1)]
+# natural channel order from two quad accumulators: their low (0) or high (1) four channels of each lane
+_UNQUAD = [[half * 4 + i for i in range(4)] + [VEC + half * 4 + i for i in range(4)] for half in (0, 1)]
+
+
+def _dw_quad_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, OH, OW, requant, qmin, qmax, out_dtype,
+                  num_threads, f64, avx512):
+    CB = _cdiv(C, DWQ_VEC)  # channel blocks; the last one starts at C - 32 (it overlaps the one before)
+    NQ = _cdiv(KW, 4)  # tap quads per kernel row
+    SPAN = 4 * NQ  # input columns a kernel row reads
+    OH_LO = _cdiv(pt, sh)
+    OH_HI = max(OH_LO, min(OH, (H - 1 + pt - (KH - 1) * dh) // sh + 1))
+    OW_LO = _cdiv(pl, sw)
+    OW_HI = max(OW_LO, min(OW, (W - 1 + pl - (SPAN - 1)) // sw + 1))
+    OWB = min(4, OW_HI - OW_LO)
+    NOWB = (OW_HI - OW_LO) // OWB if OWB else 0
+    OW_TAIL = OW_HI - OW_LO - NOWB * OWB
+    NT = num_threads
+    TOT = N * OH
+    CH = _cdiv(TOT, NT)
+    out_vec = f"{out_dtype}x{VEC}"
+
+    def first_channel(cb):
+        return T.min(cb * DWQ_VEC, C - DWQ_VEC)
+
+    def xcol(X, n, ih, iw, cb, checked):
+        """x' bytes (uint8x32; int8 biased by 128) of input pixel (ih, iw), zero (x = 0) outside if `checked`."""
+        ramp = T.ramp(first_channel(cb), 1, DWQ_VEC)
+        if not checked:
+            return _xbyte(X[n, ih, iw, ramp], x_dtype, DWQ_VEC)
+        inside = tirx.all(ih >= 0, ih < H, iw >= 0, iw < W)
+        v = X[n, T.max(T.min(ih, H - 1), 0), T.max(T.min(iw, W - 1), 0), ramp]
+        return _xbyte(tirx.Select(inside, v, T.broadcast(T.Cast(x_dtype, 0), DWQ_VEC)), x_dtype, DWQ_VEC)
+
+    def quad(X, n, ih, iw, cb, checked, h):
+        """Quad vector h of the four input columns iw..iw+3."""
+        cols = [xcol(X, n, ih, iw + i, cb, checked) for i in range(4)]
+        lo, hi = (T.Shuffle([cols[0], cols[1]], _BYTE_PAIRS[h // 2]), T.Shuffle([cols[2], cols[3]],
+                                                                                _BYTE_PAIRS[h // 2]))
+        return T.reinterpret("int8x32", T.Shuffle([lo, hi], _WORD_QUADS[h % 2]))
+
+    def dpbusd(accv, x_bytes, w_words):
+        return T.call_llvm_pure_intrin("int32x8", _VPDPBUSD, accv, x_bytes, T.reinterpret("int8x32", w_words))
+
+    @T.macro
+    def tap_quad(X, WQ, acc, n, oh, ow0, cb, kh, k, j, h, checked):
+        acc[T.ramp((4 * j + h) * VEC, 1, VEC)] = dpbusd(
+            acc[T.ramp((4 * j + h) * VEC, 1, VEC)],
+            quad(X, n, oh * sh - pt + kh * dh, (ow0 + j) * sw - pl + 4 * k, cb, checked, h),
+            WQ[cb, kh, k, h, T.ramp(0, 1, VEC)],
+        )
+
+    @T.macro
+    def taps(X, WQ, acc, n, oh, ow0, cb, owb, checked):
+        for kh in T.unroll(KH):
+            for k in T.unroll(NQ):
+                for j in T.unroll(owb):
+                    tap_quad(X, WQ, acc, n, oh, ow0, cb, kh, k, j, 0, checked)  # h: a Python int (it picks shuffles)
+                    tap_quad(X, WQ, acc, n, oh, ow0, cb, kh, k, j, 1, checked)
+                    tap_quad(X, WQ, acc, n, oh, ow0, cb, kh, k, j, 2, checked)
+                    tap_quad(X, WQ, acc, n, oh, ow0, cb, kh, k, j, 3, checked)
+
+    @T.macro
+    def store_vector(R, OUT, acc, n, oh, ow, j, cb, q):
+        """Channels 8q..8q+7 of the block of output pixel j, back in channel order, requantized and stored
+        (the overlapping last block stores some channels again, with the same values)."""
+        # channels 0-7: the low halves of quads 0, 1; 8-15: of quads 2, 3; 16-23 and 24-31: their high halves
+        lo = T.meta_var(acc[T.ramp((4 * j + q % 2 * 2) * VEC, 1, VEC)])
+        hi = T.meta_var(acc[T.ramp((4 * j + q % 2 * 2 + 1) * VEC, 1, VEC)])
+        v = T.meta_var(T.Shuffle([lo, hi], _UNQUAD[q // 2]))
+        if requant:
+            OUT[n, oh, ow, T.ramp(first_channel(cb) + 8 * q, 1, VEC)] = T.Cast(
+                out_vec, _rq_vec(v, R, first_channel(cb) + 8 * q, qmin, qmax, f64, avx512)
+            )
+        else:
+            OUT[n, oh, ow, T.ramp(first_channel(cb) + 8 * q, 1, VEC)] = v
+
+    @T.macro
+    def store(R, OUT, acc, n, oh, ow, j, cb):
+        store_vector(R, OUT, acc, n, oh, ow, j, cb, 0)
+        store_vector(R, OUT, acc, n, oh, ow, j, cb, 1)
+        store_vector(R, OUT, acc, n, oh, ow, j, cb, 2)
+        store_vector(R, OUT, acc, n, oh, ow, j, cb, 3)
+
+    @T.macro
+    def pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, ow0, owb, checked):
+        for cb in T.serial(CB):
+            for j in T.unroll(owb):
+                for h in T.unroll(4):
+                    acc[T.ramp((4 * j + h) * VEC, 1, VEC)] = BIASQ[T.ramp(cb * DWQ_VEC + h * VEC, 1, VEC)]
+            taps(X, WQ, acc, n, oh, ow0, cb, owb, checked)
+            for j in T.unroll(owb):
+                store(R, OUT, acc, n, oh, ow0 + j, j, cb)
+
+    @T.macro
+    def output_row(X, WQ, BIASQ, R, OUT, acc, n, oh):
+        if oh >= OH_LO and oh < OH_HI:
+            for ow in T.serial(OW_LO):  # left border
+                pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, ow, 1, True)
+            for ob in T.serial(NOWB):
+                pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, OW_LO + ob * OWB, OWB, False)
+            if OW_TAIL > 0:
+                pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, OW_LO + NOWB * OWB, OW_TAIL, False)
+            for ow in T.serial(OW - OW_HI):  # right border
+                pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, OW_HI + ow, 1, True)
+        else:  # top / bottom border rows
+            for ow in T.serial(OW):
+                pixel_block(X, WQ, BIASQ, R, OUT, acc, n, oh, ow, 1, True)
+
+    @T.prim_func(private=True)
+    def func(
+        X: T.Buffer((N, H, W, C), x_dtype),
+        WQ: T.Buffer((CB, KH, NQ, 4, VEC), "int32"),
+        BIASQ: T.Buffer((CB * DWQ_VEC,), "int32"),
+        ALO: T.Buffer((C,), "int32"),
+        AHI: T.Buffer((C,), "int32"),
+        MANT: T.Buffer((C + VEC,), "int32"),
+        C1: T.Buffer((C,), "int64"),
+        SH: T.Buffer((C,), "int64"),
+        C2: T.Buffer((C,), "int32"),
+        MD: T.Buffer((C,), "float64"),
+        OUT: T.Buffer((N, OH, OW, C), out_dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
+        for tid in T.parallel(NT):
+            acc = T.alloc_buffer((4 * max(OWB, 1) * VEC,), "int32", scope="local")
+            for ti in T.serial(CH):
+                if tid * CH + ti < TOT:
+                    output_row(X, WQ, BIASQ, R, OUT, acc, (tid * CH + ti) // OH, (tid * CH + ti) % OH)
+
+    return func
+
+
+def _quad_channels(C):
+    """[blocks, 4, 8]: the channel in lane l of quad vector h of each 32-channel block (the last block starts at
+    C - 32)."""
+    starts = np.minimum(np.arange(_cdiv(C, DWQ_VEC)) * DWQ_VEC, C - DWQ_VEC)
+    return starts.reshape(-1, 1, 1) + np.array(_QUAD_CHANNELS).reshape(1, 4, VEC)
+
+
+def _pack_depthwise_quads(weight, C, KH, KW):
+    """[blocks, KH, ceil(KW/4), 4, 8] int32: the word for block b, row kh, tap quad k, vector h, lane l holds the
+    weights of taps 4k..4k+3 (zero past KW) of channel _quad_channels(C)[b, h, l]."""
+    nq = _cdiv(KW, 4)
+    w = np.zeros((C, KH, 4 * nq), np.int8)
+    w[:, :, :KW] = np.asarray(weight).reshape(C, KH, KW)
+    quads = w[_quad_channels(C)].reshape(-1, 4, VEC, KH, nq, 4)  # [b, h, l, kh, k, tap]
+    return np.ascontiguousarray(quads.transpose(0, 3, 4, 1, 2, 5)).view(np.int32)[..., 0]
+
+
 def _dw_conv(
     x_shape, x_dtype, weight, stride, padding, dilation, bias, mantissa, shift, qmin, qmax, out_dtype, wbits=8,
     num_threads=NUM_THREADS, vnni=False, avx512=False,
@@ -1123,6 +1296,18 @@ def _dw_conv(
     requant = mantissa is not None
     if not requant:
         out_dtype = "int32"
+    f64 = f64_requant_is_exact(mantissa, shift, qmin, qmax)
+    if vnni and wbits == 8 and C % VEC == 0 and C >= DWQ_VEC and dw == 1:
+        func = _dw_quad_func(N=N, H=H, W=W, C=C, x_dtype=x_dtype, KH=KH, KW=KW, sh=sh, sw=sw, pt=pt, pl=pl, dh=dh,
+                             OH=OH, OW=OW, requant=requant, qmin=int(qmin), qmax=int(qmax), out_dtype=out_dtype,
+                             num_threads=num_threads, f64=f64, avx512=avx512)
+        bias = np.asarray(bias, dtype=np.int64).reshape(-1)[:C]
+        if x_dtype == "int8":  # x' = x + 128: fold -128 * sum of the taps' weights into the bias
+            bias = bias - 128 * np.asarray(weight).astype(np.int64).reshape(C, -1).sum(axis=1)
+        ra = _requant_arrays(bias, mantissa, shift, qmin, qmax, C, C)
+        consts = _consts_list(ra, requant)
+        consts[0] = np.ascontiguousarray(consts[0][_quad_channels(C).reshape(-1)])  # accumulator order
+        return func, [_pack_depthwise_quads(weight, C, KH, KW)] + consts
     func, CP = _dw_func(
         N=N,
         H=H,
@@ -1145,7 +1330,7 @@ def _dw_conv(
         out_dtype=out_dtype,
         wbits=wbits,
         num_threads=num_threads,
-        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
+        f64=f64,
         vnni=vnni,
         avx512=avx512,
     )
