@@ -260,8 +260,14 @@ def _consts_list(ra, requant):
 # ---------------------------------------------------------------------------
 
 
-def _choose_tile(M, OCB, wbits=8):
-    """(MR rows, NV int32x8 column vectors) of the register tile."""
+def _choose_tile(M, OCB, wbits=8, registers=16):
+    """(MR rows, NV int32x8 column vectors) of the register tile; AVX-512 has 32 vector registers, not 16."""
+    if registers == 32 and wbits == 8 and M > 2 and OCB > 1:
+        if OCB % 4 == 0:
+            return 6, 4  # 24 accumulators + 4 weight vectors + a broadcast
+        if OCB % 3 == 0:
+            return 8, 3
+        return 12, 2
     if wbits == 4 and M > 2 and OCB > 1:
         return 4, 2  # 8 accumulators + 4 unpacked weight vectors + broadcasts fit the 16 ymm registers
     if M <= 2:
@@ -334,7 +340,7 @@ def _gemm_func(
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
     NP = G * OCBP
-    MR, NV = _choose_tile(M, OCB, wbits)
+    MR, NV = _choose_tile(M, OCB, wbits, 32 if avx512 else 16)
     NCT_FULL = OCB // NV
     NV_TAIL = OCB - NCT_FULL * NV
     NCT = NCT_FULL + (1 if NV_TAIL else 0)
