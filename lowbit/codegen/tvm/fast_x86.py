@@ -27,11 +27,20 @@ Implementation
   int8: x+128 with ``-128*sum_k w`` folded into the bias), 4 per int32 word,
   weights as ``[G, OC/8, KB/4, 8]`` int32 words of 4 int8 values, and the
   micro-kernel issues ``vpdpbusd`` (u8*s8 quads summed exactly into int32).
-* Depthwise path: NHWC, vectorized over 16 channels.  int8 weights: taps go in
-  pairs; the int16 inputs of two taps are interleaved and ``vpmaddwd``
-  (``vpdpwssd`` with VNNI) sums both taps' products per channel exactly.  int4
-  weights: x*w is computed exactly in int16 (|x*w| <= 255*8 < 2^15) and widened
-  into int32 accumulators.
+  Where a kh row's (kw, ic) run is contiguous or channels come in fours, im2col
+  copies whole 4-byte words (each kh row of K zero-padded to a word).  With
+  AVX-512 (32 vector registers) the register tiles are larger.
+* Depthwise path, NHWC; channels that fill whole vectors are read in place
+  (border pixels bounds-checked), others through a zero-padded copy.
+  - int8 weights with VNNI, >= 32 channels (a multiple of 8): 32 channels at a
+    time; the input bytes of four neighbouring columns are interleaved into
+    quads and ``vpdpbusd`` sums four taps per channel (taps past the kernel
+    width have zero weights).
+  - other int8 weights: 16 channels at a time; taps go in pairs, their input
+    bytes interleaved and widened to int16, and ``vpmaddwd`` (``vpdpwssd`` with
+    VNNI) sums both taps' products per channel exactly.
+  - int4 weights: x*w is computed exactly in int16 (|x*w| <= 255*8 < 2^15) and
+    widened into int32 accumulators.
 * int4 weights (``weight_bits=4``, values in [-8, 7]) are stored packed, two per
   byte, and unpacked in the kernel (bit-exact):
   - GEMM: weights ``[G, OC/8, KB/8, 8]`` int32 (K flattened as (kh, kw, ic),
@@ -57,8 +66,10 @@ Implementation
      of t minus the low 32 bits of 2^(62-s) give y exactly (|y| < 2^31).
   4. int32 clip to [qmin, qmax] and narrow.
   Where ``f64_requant_is_exact`` (every |acc| in the window times m, plus r,
-  is below 2^53, as for all but the odd layer), steps 2-3 are instead
-  ``floor(float64(acc) * (m / 2^s) + 0.5)``: every step is exact there.
+  is below 2^53, and m / 2^s < 1/2, as for all but the odd layer), it is
+  instead ``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one
+  round-down conversion with AVX-512), then clipped: exact inside the window,
+  monotone outside it, and never outside the int32 range.
 * Parallel loops are chunked per thread (``NUM_THREADS`` tasks) so the
   per-task accumulator scratch is allocated once per task: this TVM lowers all
   ``local`` allocations to TVMBackendAllocWorkspace calls.
