@@ -549,7 +549,7 @@ Notes:
 - lowbit's `model.int.onnx` is integer-only (ConvInteger/MatMulInteger, integer requantization) and matches the
   reference executor bit for bit; outputs identical to it on all {len(data.heldout) + len(y_lab)} held-out and
   labelled inputs here: {"yes" if exact else "**NO**"}. It is a correctness artifact, not the fast path (ORT runs
-  its requantization as separate integer ops); TVM codegen will be the fast path.
+  its requantization as separate integer ops); the fast path is the TVM-compiled model (see the TVM section).
 - The reference executor is lowbit's ground-truth interpreter of the integer IR (numpy/torch); it is not timed.
 
 ## How much agreement this data allows
