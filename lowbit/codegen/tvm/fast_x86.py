@@ -899,6 +899,19 @@ _PAIR_CHANNELS = (list(range(VEC)), list(range(VEC, DW_VEC)))
 _PAIR_LO, _PAIR_HI = ([i for c in half for i in (c, c + DW_VEC)] for half in _PAIR_CHANNELS)
 
 
+def _inside(size, out, pad, stride, reach):
+    """[lo, hi): the outputs whose taps (input offsets 0..reach from out * stride - pad) all fall inside the input."""
+    lo = _cdiv(pad, stride)
+    return lo, max(lo, min(out, (size - 1 + pad - reach) // stride + 1))
+
+
+def _column_blocks(lo, hi, width=4):
+    """(block width, full blocks, tail columns) of the output columns [lo, hi)."""
+    width = min(width, hi - lo)
+    blocks = (hi - lo) // width if width else 0
+    return width, blocks, hi - lo - blocks * width
+
+
 def _dw_func(
     *, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, requant, qmin, qmax, out_dtype, wbits=8,
     num_threads=NUM_THREADS, f64=False, vnni=False, avx512=False,
@@ -918,14 +931,10 @@ def _dw_func(
     in_place = C % DW_VEC == 0
     OFF_H, OFF_W = (pt, pl) if in_place else (0, 0)
     # the output rows / columns whose taps all fall inside the input (all of them for the padded copy)
-    OH_LO, OH_HI = (_cdiv(pt, sh), max(_cdiv(pt, sh), min(OH, (H - 1 + pt - (KH - 1) * dh) // sh + 1))) \
-        if in_place else (0, OH)
-    OW_LO, OW_HI = (_cdiv(pl, sw), max(_cdiv(pl, sw), min(OW, (W - 1 + pl - (KW - 1) * dw) // sw + 1))) \
-        if in_place else (0, OW)
-    OWB = min(4, OW_HI - OW_LO)
+    OH_LO, OH_HI = _inside(H, OH, pt, sh, (KH - 1) * dh) if in_place else (0, OH)
+    OW_LO, OW_HI = _inside(W, OW, pl, sw, (KW - 1) * dw) if in_place else (0, OW)
+    OWB, NOWB, OW_TAIL = _column_blocks(OW_LO, OW_HI)
     XPAD_SHAPE = (1,) if in_place else (N, HP, WP, CP)
-    NOWB = (OW_HI - OW_LO) // OWB if OWB else 0
-    OW_TAIL = OW_HI - OW_LO - NOWB * OWB
     out_vec = f"{out_dtype}x{VEC}"
     unroll_taps = KH * KW <= 16
     NT = num_threads
@@ -1162,13 +1171,9 @@ def _dw_quad_func(*, N, H, W, C, x_dtype, KH, KW, sh, sw, pt, pl, dh, OH, OW, re
     CB = _cdiv(C, DWQ_VEC)  # channel blocks; the last one starts at C - 32 (it overlaps the one before)
     NQ = _cdiv(KW, 4)  # tap quads per kernel row
     SPAN = 4 * NQ  # input columns a kernel row reads
-    OH_LO = _cdiv(pt, sh)
-    OH_HI = max(OH_LO, min(OH, (H - 1 + pt - (KH - 1) * dh) // sh + 1))
-    OW_LO = _cdiv(pl, sw)
-    OW_HI = max(OW_LO, min(OW, (W - 1 + pl - (SPAN - 1)) // sw + 1))
-    OWB = min(4, OW_HI - OW_LO)
-    NOWB = (OW_HI - OW_LO) // OWB if OWB else 0
-    OW_TAIL = OW_HI - OW_LO - NOWB * OWB
+    OH_LO, OH_HI = _inside(H, OH, pt, sh, (KH - 1) * dh)
+    OW_LO, OW_HI = _inside(W, OW, pl, sw, SPAN - 1)
+    OWB, NOWB, OW_TAIL = _column_blocks(OW_LO, OW_HI)
     NT = num_threads
     TOT = N * OH
     CH = _cdiv(TOT, NT)
