@@ -622,7 +622,7 @@ def _gemm_func(
         XS = T.decl_buffer((N, H, W, C), x_dtype, data=X.data)
         XF = T.decl_buffer((N * H * W * C,), x_dtype, data=X.data)
         XPADF = T.alloc_buffer((XPAD_SIZE,), x_dtype)
-        XPAD = T.meta_var(_View4(XPADF, HP, WP, C))
+        SRC = T.meta_var(_View4(XPADF, HP, WP, C) if use_xpad else XS)  # the [N, H, W, C] input im2col reads
         if use_xpad:
             pad_copy(XF, XPADF)
         # ---- pack activations (im2col) ----
@@ -658,16 +658,10 @@ def _gemm_func(
                         for g in T.serial(G):
                             if KB <= 64:
                                 for k in T.unroll(XW):
-                                    if need_pad:
-                                        im2col_word(XPAD, XP32A, nh, ow, g, k)
-                                    else:
-                                        im2col_word(XS, XP32A, nh, ow, g, k)
+                                    im2col_word(SRC, XP32A, nh, ow, g, k)
                             else:
                                 for k in T.serial(XW):
-                                    if need_pad:
-                                        im2col_word(XPAD, XP32A, nh, ow, g, k)
-                                    else:
-                                        im2col_word(XS, XP32A, nh, ow, g, k)
+                                    im2col_word(SRC, XP32A, nh, ow, g, k)
         elif is_pointwise:
             X2 = T.decl_buffer((M, C), x_dtype, data=X.data)
             for m in T.parallel(M):
@@ -694,16 +688,10 @@ def _gemm_func(
                         for kh in T.serial(KH):
                             if unroll_im2col:
                                 for jp in T.unroll(KPr):
-                                    if need_pad:
-                                        im2col_pair(XPAD, XP32, nh, ow, g, kh, jp)
-                                    else:
-                                        im2col_pair(XS, XP32, nh, ow, g, kh, jp)
+                                    im2col_pair(SRC, XP32, nh, ow, g, kh, jp)
                             else:
                                 for jp in T.serial(KPr):
-                                    if need_pad:
-                                        im2col_pair(XPAD, XP32, nh, ow, g, kh, jp)
-                                    else:
-                                        im2col_pair(XS, XP32, nh, ow, g, kh, jp)
+                                    im2col_pair(SRC, XP32, nh, ow, g, kh, jp)
         # ---- GEMM over register tiles, the MR_TAIL rows' tiles last; one accumulator scratch per task ----
         for tid in T.parallel(NT):
             acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")

@@ -163,12 +163,11 @@ def quantize_nchw_to_nhwc(shape: tuple[int, ...], scale: float, zero_point: int,
     lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}[dtype]
 
     def q(v: Expr, lanes: int = 1) -> Expr:
-        s, zp = (_const(c, "float32") if lanes == 1 else tirx.Broadcast(_const(c, "float32"), lanes)
-                 for c in (scale, float(zero_point)))
-        low, high = (_const(c, "float32") if lanes == 1 else tirx.Broadcast(_const(c, "float32"), lanes)
-                     for c in (lo, hi))
-        v = tirx.nearbyint(v / s) + zp
-        return tirx.max(tirx.min(v, high), low).astype(dtype if lanes == 1 else f"{dtype}x{lanes}")
+        def const(c: float) -> Expr:
+            return _const(c, "float32") if lanes == 1 else tirx.Broadcast(_const(c, "float32"), lanes)
+
+        v = tirx.nearbyint(v / const(scale)) + const(float(zero_point))
+        return tirx.max(tirx.min(v, const(hi)), const(lo)).astype(dtype if lanes == 1 else f"{dtype}x{lanes}")
 
     if to_nhwc and shape[1] <= _INTERLEAVE_MAX_CHANNELS and shape[3] >= _QUANTIZE_VECTOR:
         return _quantize_interleaved(shape, q, dtype)
