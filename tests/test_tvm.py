@@ -105,6 +105,7 @@ CONV_CASES = {
     # an RGB input at least 16 pixels wide is quantized 16 pixels at a time and interleaved into NHWC
     "rgb_input_wide": (1, 3, 9, 37, 8, 3, 2, 1, 1, 1, 8, "int8", True),
     "grouped": (1, 6, 10, 10, 9, 3, 1, 0, 1, 3, 8, "int8", True),
+    "grouped_padded_dilated": (1, 6, 9, 9, 9, 3, 1, 1, 2, 3, 8, "int8", True),  # byte-wise im2col from the padded copy
     "pointwise_int4_odd_channels": (1, 13, 8, 7, 11, 1, 1, 0, 1, 1, 4, "uint8", True),
     "int4_int32_output": (1, 5, 7, 7, 3, 3, 1, 1, 1, 1, 4, "int8", False),
     "dilated_5x5": (1, 4, 15, 15, 6, 5, 1, 2, 2, 1, 8, "int8", True),
