@@ -26,6 +26,7 @@ from torch import nn
 from lowbit.cli.artifact import verify_manifest
 from lowbit.cli.data import Inputs, check_disjoint, load_array_file, load_inputs, split_heldout, validate_inputs
 from lowbit.cli.main import lowbit
+from lowbit.codegen.onnx_export import u8s8_exact_here
 from lowbit.errors import LowbitError
 from lowbit.models import get_zoo_entry, small_cnn
 from lowbit.quantizer.ir import QuantizedGraph
@@ -107,6 +108,8 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     assert fidelity["top1_agreement"] >= 0.8 and fidelity["sqnr_db"] > 10 and fidelity["mean_kl"] >= 0
     assert report["onnxruntime"]["model.int.onnx"]["bit_exact"]
     assert report["integer_only"]
+    assert report["onnx_weights"] == {"requested": "auto",
+                                      "stored": "int8" if u8s8_exact_here() else "saturation-safe"}
     assert len(report["layers"]) == 9 and all(row["bits"] == 8 for row in report["layers"])
     assert report["size"]["quantized_bytes"] < report["size"]["fp32_bytes"]
     assert {"load", "capture", "quantize", "export"} <= set(report["timings"]["stages"])
@@ -188,9 +191,13 @@ def test_state_dict_with_factory_is_deterministic_and_force_replaces(tmp_path: P
 def test_torchscript_model(tmp_path: Path, calib_npy: Path) -> None:
     torch.jit.script(small_cnn()).save(str(tmp_path / "small_cnn.ts"))
     out = tmp_path / "out"
-    result = invoke(tmp_path / "small_cnn.ts", "--calib", calib_npy, "-o", out, *FAST)
+    result = invoke(tmp_path / "small_cnn.ts", "--calib", calib_npy, "-o", out, "--onnx-weights", "safe", *FAST)
     assert result.exit_code == 0, result.output
     assert files_in(out) == EXPECTED_FILES and verify_manifest(out) == []
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx_weights"] == {"requested": "safe", "stored": "saturation-safe"}
+    weights = [t for t in onnx.load(str(out / "model.onnx")).graph.initializer if t.name.endswith("/weight")]
+    assert any(t.data_type == onnx.TensorProto.UINT8 for t in weights)
 
 
 # -- bad inputs: exit 2, a message naming the problem, and nothing written -------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from lowbit.codegen import export_integer, export_qdq, float_tensors_between
+from lowbit.codegen import export_integer, export_qdq, float_tensors_between, onnx_export
 from lowbit.codegen.onnx_export import INTEGER_CONVERTERS, QDQ_CONVERTERS, _Builder, _requantize
 from lowbit.errors import LowbitError
 from lowbit.models import get_zoo_entry
@@ -162,8 +162,9 @@ def test_qdq_model_agrees_with_reference(qgraph: QuantizedGraph, qdq_path: Path,
     assert fused["QLinearConv"] >= 6
 
 
-def test_qdq_weight_format(qgraph: QuantizedGraph, qdq_path: Path, out_dir: Path) -> None:
-    inits = {t.name: t for t in onnx.load(qdq_path).graph.initializer}
+def test_qdq_weight_format(qgraph: QuantizedGraph, out_dir: Path) -> None:
+    assert export_qdq(qgraph, out_dir / "safe.onnx", weights="safe")
+    inits = {t.name: t for t in onnx.load(out_dir / "safe.onnx").graph.initializer}
     for op in qgraph.layers:
         # Weights that could saturate u8 x s8 kernels without VNNI (|w| > 64) are stored as uint8 w + 128.
         w = inits[f"{op.name}/weight"]
@@ -172,9 +173,31 @@ def test_qdq_weight_format(qgraph: QuantizedGraph, qdq_path: Path, out_dir: Path
         offset = 128 if big else 0
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(w).astype(np.int16) - offset, op.arrays["weight"])
         assert inits[f"{op.name}/bias"].data_type == TensorProto.INT32
-    export_qdq(qgraph, out_dir / "fast.onnx", saturation_safe=False)
+    assert any(np.abs(op.arrays["weight"]).max() > 64 for op in qgraph.layers)  # the case above was reached
+    assert not export_qdq(qgraph, out_dir / "fast.onnx", weights="int8")
     inits = {t.name: t for t in onnx.load(out_dir / "fast.onnx").graph.initializer}
     assert all(inits[f"{op.name}/weight"].data_type == TensorProto.INT8 for op in qgraph.layers)
+    with pytest.raises(LowbitError, match="expected one of auto, int8, safe"):
+        export_qdq(qgraph, out_dir / "bad.onnx", weights="uint8")
+
+
+@pytest.mark.parametrize(("machine", "flags", "exact"), [
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", True),
+    ("x86_64", "fpu avx2 avx_vnni", True),
+    ("x86_64", "fpu avx2 avx512f", False),
+    ("x86_64", None, False),  # flags unreadable: assume the worst
+    ("aarch64", None, True),
+])
+def test_auto_onnx_weights_follow_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: str,
+                                          flags: str | None, exact: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(onnx_export.platform, "machine", lambda: machine)
+    assert onnx_export.u8s8_exact_here(cpuinfo) is exact
+    monkeypatch.setattr(onnx_export, "u8s8_exact_here", lambda: exact)
+    assert onnx_export.saturation_safe_weights("auto") is not exact
+    assert onnx_export.saturation_safe_weights("safe") and not onnx_export.saturation_safe_weights("int8")
 
 
 # -- int4 weights ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..codegen.onnx_export import ONNX_WEIGHTS
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.calibrate import METHODS
@@ -102,6 +103,7 @@ class QuantizeRequest:
     target: str | None = None  # TVM target; None: no compiled model
     tune_trials: int | None = None  # MetaSchedule trials for the compiled model
     tuning_cache: Path | None = None
+    onnx_weights: str = "auto"  # how model.onnx stores weights: onnx_export.ONNX_WEIGHTS
 
 
 @click.command("quantize")
@@ -127,11 +129,16 @@ class QuantizeRequest:
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
                                'installed); "none" skips compiling.')
 @tuning_options
+@click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
+              help="How model.onnx stores weights for ONNX Runtime. int8: its fast u8 x s8 kernels, exact on x86 "
+                   "CPUs with VNNI and on ARM, but they may saturate on older x86 CPUs; safe: weights above 64 in "
+                   "magnitude as uint8, exact everywhere and about half as fast; auto: int8 if this CPU is exact "
+                   "with it. Pick safe when model.onnx will run on x86 CPUs without VNNI.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                      bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
-                     tune_trials: int | None, tuning_cache: Path | None, force: bool) -> None:
+                     tune_trials: int | None, tuning_cache: Path | None, onnx_weights: str, force: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
@@ -139,7 +146,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
     request = QuantizeRequest(model, output, calib, eval_path, factory, config, force, plan_path,
-                              resolve_target(target), tune_trials, tuning_cache)
+                              resolve_target(target), tune_trials, tuning_cache, onnx_weights)
     if tune_trials is not None and request.target is None:
         raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")
     run_quantize(request, Progress())
@@ -373,11 +380,13 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
     from ..codegen.onnx_export import export_integer, export_qdq
 
     with progress.stage("export"):
-        export_qdq(qgraph, directory / "model.onnx")
+        saturation_safe = export_qdq(qgraph, directory / "model.onnx", weights=request.onnx_weights)
         export_integer(qgraph, directory / "model.int.onnx")
         qgraph.save(directory / "ir")
         integer_leaks = _float_tensors_in(directory / "model.int.onnx")
-    progress.echo("export", f"model.onnx (QDQ), model.int.onnx (integer-only), ir/ ({progress.timings['export']:.1f}s)")
+    qdq_weights = "saturation-safe" if saturation_safe else "int8"
+    progress.echo("export", f"model.onnx (QDQ, {qdq_weights} weights), model.int.onnx (integer-only), ir/ "
+                            f"({progress.timings['export']:.1f}s)")
     if integer_leaks:
         progress.echo("export", f"warning: model.int.onnx has float tensors inside: {', '.join(integer_leaks)}")
 
@@ -396,6 +405,7 @@ def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgra
                                  f"reference on {_samples(t['samples'])}{latency} ({progress.timings['compile']:.1f}s)")
         if not t["bit_exact"]:
             report["notes"].append("the TVM-compiled model does not match the reference executor bit for bit")
+    report["onnx_weights"] = {"requested": request.onnx_weights, "stored": qdq_weights}
     report["integer_only"] = not integer_leaks
     report["float_tensors_in_int_model"] = integer_leaks
     report["timings"] = {"stages": dict(progress.timings), "steps": dict(progress.steps),

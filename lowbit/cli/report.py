@@ -245,9 +245,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append(("model.int.onnx in ONNX Runtime", f"{verdict} vs the reference on {c['samples']} samples"))
     if "model.onnx" in ort_checks:
         c = ort_checks["model.onnx"]["vs_reference"]
+        weights = report.get("onnx_weights")
+        stored = f"; {weights['stored']} weights" if weights else ""
         rows.append(("model.onnx (QDQ) in ONNX Runtime",
                      f"top-1 agreement with the reference {fmt_pct(c['top1_agreement'])}, "
-                     f"SQNR {fmt_db(c['sqnr_db'])}"))
+                     f"SQNR {fmt_db(c['sqnr_db'])}{stored}"))
     tvm = report.get("tvm")
     if tvm:
         verdict = "bit-exact" if tvm["bit_exact"] else "NOT bit-exact"

@@ -11,10 +11,13 @@ Two models come out of one IR:
   pairs around float ops (the "QDQ" format), which ONNX Runtime fuses into its own
   int8 kernels. It is the portable, fast model; it is close to the IR, not exact.
 
-Both avoid one ONNX Runtime pitfall: on x86 CPUs without VNNI (AVX2, AVX-512F), its
+Both mind one ONNX Runtime pitfall: on x86 CPUs without VNNI (AVX2, AVX-512F), its
 u8 x s8 integer kernels add pairs of products in saturating int16 (vpmaddubsw), so
-an int8 weight paired with uint8 data is stored as uint8 (w + 128, zero point 128)
-where it could saturate: ORT's u8 x u8 kernels widen first and are exact.
+an int8 weight paired with uint8 data may be stored as uint8 (w + 128, zero point
+128) where it could saturate: ORT's u8 x u8 kernels widen first and are exact.
+`model.int.onnx` always does this (it must be exact everywhere). `model.onnx` does
+it only for CPUs that need it (`ONNX_WEIGHTS`): the u8 x u8 kernels are about twice
+as slow, and on a VNNI CPU the u8 x s8 ones are exact.
 
 Each exporter is a registry of small converters, one per IR op. Tensor and node
 names are derived from IR names only, so the same IR always gives the same bytes.
@@ -22,6 +25,7 @@ names are derived from IR names only, so the same IR always gives the same bytes
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -47,6 +51,30 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, Tens
 _OFFSET_BITS = 62
 # Largest |w| for which u8 x s8 pair sums fit int16: 2 * 255 * 64 = 32640 <= 32767.
 _U8S8_SAFE_WEIGHT = 64
+# How model.onnx stores weights: "int8" (ORT's fast u8 x s8 kernels; exact on CPUs with VNNI and on ARM),
+# "safe" (uint8 where |w| > 64: exact on every CPU, slower), "auto" (int8 if this machine's CPU computes it exactly).
+ONNX_WEIGHTS = ("auto", "int8", "safe")
+
+
+def u8s8_exact_here(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ONNX Runtime's u8 x s8 kernels are exact on this machine: not x86, or x86 with VNNI.
+
+    An x86 machine whose flags cannot be read (no /proc/cpuinfo) counts as not exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def saturation_safe_weights(choice: str) -> bool:
+    """`ONNX_WEIGHTS` choice -> whether model.onnx stores its saturation-prone weights as uint8."""
+    if choice not in ONNX_WEIGHTS:
+        raise LowbitError(f"ONNX weight format {choice!r}: expected one of {', '.join(ONNX_WEIGHTS)}")
+    return choice == "safe" or (choice == "auto" and not u8s8_exact_here())
 
 
 # -- shared graph building ------------------------------------------------------------------------------------------
@@ -520,19 +548,25 @@ def _qdq_reshape(b: _QdqBuilder, op: Op) -> None:
     _activation(b, op.output, _reshape(b, op, b.float_of[op.inputs[0]], f"{op.name}/reshape"))
 
 
-def _qdq_model(qgraph: QuantizedGraph, saturation_safe: bool = True) -> ModelProto:
+def _qdq_model(qgraph: QuantizedGraph, saturation_safe: bool) -> ModelProto:
     _check_ir(qgraph, QDQ_CONVERTERS, "QDQ ONNX")
     outputs = [_value_info(n, "float32", qgraph.values[n].shape) for n in qgraph.outputs]
-    doc = "lowbit QDQ model: QuantizeLinear/DequantizeLinear around float ops, for ONNX Runtime's int8 kernels."
+    weights = ("weights above 64 in magnitude stored as uint8 (exact on every CPU)" if saturation_safe else
+               "int8 weights (exact on x86 CPUs with VNNI and on ARM; older x86 CPUs may saturate)")
+    doc = (f"lowbit QDQ model: QuantizeLinear/DequantizeLinear around float ops, for ONNX Runtime's int8 kernels; "
+           f"{weights}.")
     return _build(_QdqBuilder(qgraph, saturation_safe), QDQ_CONVERTERS, outputs, doc)
 
 
-def export_qdq(qgraph: QuantizedGraph, path: Path, *, saturation_safe: bool = True) -> None:
+def export_qdq(qgraph: QuantizedGraph, path: Path, *, weights: str = "auto") -> bool:
     """Write the QDQ ONNX model (`model.onnx`): float ops between QuantizeLinear/DequantizeLinear pairs, which
     ONNX Runtime runs with int8 kernels. Close to the reference executor, not bit-exact.
 
-    `saturation_safe` (default) stores layers with weights above 64 in magnitude as uint8 with zero point 128, so
-    CPUs without VNNI compute them exactly (see `_weight_dq`). False keeps every weight int8: ORT's u8 x s8 fast
-    path, exact only on CPUs with VNNI (or ARM dot-product) instructions.
+    `weights` (`ONNX_WEIGHTS`): "safe" stores layers with weights above 64 in magnitude as uint8 with zero point
+    128, so CPUs without VNNI compute them exactly (see `_weight_dq`), on ORT's u8 x u8 kernels (about half as
+    fast). "int8" keeps every weight int8: ORT's u8 x s8 fast path, exact only on CPUs with VNNI (or ARM).
+    "auto" picks int8 where this machine computes it exactly. Returns whether the weights are saturation-safe.
     """
+    saturation_safe = saturation_safe_weights(weights)
     _save(_qdq_model(qgraph, saturation_safe), path)
+    return saturation_safe

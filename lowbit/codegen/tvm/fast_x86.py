@@ -25,7 +25,8 @@ Implementation
   products summed pairwise into int32) against 8 output channels.
   With VNNI (``vnni=True``) activations are packed as bytes x' (uint8: x,
   int8: x+128 with ``-128*sum_k w`` folded into the bias), 4 per int32 word,
-  weights as ``[G, OC/8, KB/4, 8]`` int32 words of 4 int8 values, and the
+  weights as ``[G, OC/8, KB/4, 8]`` int32 words of 4 int8 values (K padded to
+  KB, a multiple of 4), and the
   micro-kernel issues ``vpdpbusd`` (u8*s8 quads summed exactly into int32).
   Where a kh row's (kw, ic) run is contiguous or channels come in fours, im2col
   copies whole 4-byte words (each kh row of K zero-padded to a word).  With
@@ -341,9 +342,10 @@ def _gemm_func(
     # im2col_rows loads 16 bytes (4 words) at a time where they are contiguous, the rest a word at a time
     ROW_CHUNKS = ROW_WORDS // 4 if (G == 1 and dw == 1) or ICg % 16 == 0 else 0
     ROW_SINGLES = ROW_WORDS - 4 * ROW_CHUNKS
-    # K flattened (kh, kw, ic), rows of KROW, padded to KB; int4: one int32 weight word per 8 K values (KQ2 steps)
+    # K flattened (kh, kw, ic), rows of KROW, padded to KB: whole int32 words of 4 K values (VNNI int8), or
+    # whole int4 weight words of 8 K values (KQ2 steps)
     K = KH * KROW
-    KB = _cdiv(K, 8) * 8
+    KB = _cdiv(K, 8) * 8 if wbits == 4 else _cdiv(K, 4) * 4
     KQ2 = KB // 8
     KQ = KB // 4  # VNNI int8: one int32 weight word per 4 K values
     WK = KQ2 if wbits == 4 else KQ if vnni else KP
