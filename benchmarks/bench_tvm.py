@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
         log("lowbit quantize: INT8")
         int8 = quantize(graph, data.calib)
-        export_qdq(int8, tmp / "lowbit.onnx")
-        lowbit_qdq = Contender("lowbit INT8 model.onnx in ORT", ort_predict(ort_session(tmp / "lowbit.onnx",
-                                                                                         args.threads)))
+        weights = "saturation-safe" if export_qdq(int8, tmp / "lowbit.onnx") else "int8"
+        lowbit_qdq = Contender(f"lowbit INT8 model.onnx in ORT ({weights} weights)",
+                               ort_predict(ort_session(tmp / "lowbit.onnx", args.threads)))
         plan = largest_first_plan(graph, MIXED_SIZE)
         log(f"lowbit quantize: INT4/INT8 ({sum(b == 4 for b in plan.bits.values())} layers at 4 bits)")
         mixed = quantize(graph, data.calib, plan=plan)

@@ -51,7 +51,7 @@ def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str | None = N
         conv2d, dense, _ = x86_layer_kernels(parse_target(TARGET), vnni=False)
     else:
         conv2d, dense, _ = layer_kernels(parse_target(TARGET))
-    lowered = lower(qgraph, conv2d, dense)
+    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable")
     executable = tvm.compile(lowered.mod, target=tvm.target.Target(parse_target(TARGET)))
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
@@ -126,6 +126,44 @@ def test_conv_kernels_match_the_reference(case: str, kernels: str) -> None:
                         out_dtype, rng)
     x = (_random_ints(rng, (3 * n, c, h, w), x_dtype) * INPUT_STEP).astype(np.float32)
     np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["y"])
+
+
+def _conv_then_add(channels: int, y_first: bool, skip_dtype: str, out_dtype: str,
+                   rng: np.random.Generator) -> QuantizedGraph:
+    """quantize -> pointwise conv -> add(conv output, the conv's input) -> dequantize, with random integers."""
+    shape = (1, channels, 7, 9)
+    lo, hi = weight_range(8)
+    conv = {"weight": rng.integers(lo, hi + 1, (channels, channels, 1, 1)).astype(np.int8),
+            "bias": rng.integers(-3000, 3000, channels).astype(np.int32)}
+    conv["multiplier"], conv["shift"] = dyadic(rng.uniform(2e-4, 5e-3, channels))
+    ratios = rng.uniform(0.3, 1.5, 2)
+    _, shift = dyadic(ratios.max())
+    add = {"multiplier": np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32), "shift": shift.astype(np.int32)}
+    values = {"x": Value("x", "float32", shape), "x_q": Value("x_q", skip_dtype, shape, INPUT_STEP),
+              "y_q": Value("y_q", "int8", shape, 0.05), "z_q": Value("z_q", out_dtype, shape, 0.05),
+              "z": Value("z", "float32", shape)}
+    qmin, qmax = DTYPE_RANGES[out_dtype]
+    ops = [Op("x_quantize", "quantize", ["x"], "x_q"),
+           Op("conv", "conv", ["x_q"], "y_q", {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                                               "weight_bits": 8, "qmin": -128, "qmax": 127}, conv),
+           Op("add", "add", ["y_q", "x_q"] if y_first else ["x_q", "y_q"], "z_q", {"qmin": qmin, "qmax": qmax}, add),
+           Op("z_dequantize", "dequantize", ["z_q"], "z")]
+    return QuantizedGraph(values, ops, ["x"], ["z"], "conv_add")
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SETS)
+@pytest.mark.parametrize(("channels", "y_first", "skip_dtype", "out_dtype"),
+                         [(16, True, "int8", "int8"), (24, False, "uint8", "uint8"), (12, True, "int8", "int8")])
+def test_residual_add_fused_into_the_conv_matches_the_reference(channels: int, y_first: bool, skip_dtype: str,
+                                                                out_dtype: str, kernels: str) -> None:
+    rng = np.random.default_rng(channels)
+    qgraph = _conv_then_add(channels, y_first, skip_dtype, out_dtype, rng)
+    x = (_random_ints(rng, (3, *qgraph.values["x"].shape[1:]), skip_dtype) * INPUT_STEP).astype(np.float32)
+    np.testing.assert_array_equal(_run_compiled(qgraph, x, kernels), run_reference(qgraph, x)["z"])
+    # lowbit's x86 kernels compute the add in the conv's epilogue where its channels fill whole vectors of 8
+    conv2d = None if kernels == "portable" else layer_kernels(parse_target(TARGET))[0]
+    functions = {gv.name_hint for gv in lower(qgraph, conv2d, fuse_residuals=conv2d is not None).mod.functions}
+    assert ("add" not in functions) == (kernels != "portable" and channels % 8 == 0), functions
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SETS)

@@ -83,6 +83,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ...quantizer.ir import DTYPE_RANGES
+
 __all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
 
 VEC = 8  # int32 lanes in a ymm register
@@ -194,16 +196,10 @@ def _rq_vec(accv, R, ch, qmin, qmax, f64=False, avx512=False):
 
     `f64` (only where `f64_requant_is_exact`): floor(acc * m/2^s + 1/2) in float64, a few instructions
     instead of the int64 sequence (`avx512`: the conversion to int32 rounds down itself)."""
-    ALO, AHI, MANT, C1, SH, C2, MD = R
+    ALO, AHI, MANT, C1, SH, C2, MD = R[:7]
     if f64:
-        d = T.call_llvm_pure_intrin("float64x8", "llvm.fma.v8f64", T.Cast("float64x8", accv),
-                                    MD[T.ramp(ch, 1, VEC)], T.broadcast(T.float64(0.5), VEC))
-        if avx512:
-            y = T.call_llvm_pure_intrin("int32x8", _CVTPD2DQ_512, d, T.broadcast(T.int32(0), VEC), T.int8(-1),
-                                        T.int32(_ROUND_DOWN))
-        else:
-            y = T.Cast("int32x8", T.floor(d))
-        return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+        return _floor_clip(_fma(T.Cast("float64x8", accv), MD[T.ramp(ch, 1, VEC)], T.broadcast(T.float64(0.5), VEC)),
+                           qmin, qmax, avx512)
     a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
     a64 = T.reinterpret("int64x4", a)
     m64 = T.reinterpret("int64x4", MANT[T.ramp(ch, 1, VEC)])
@@ -217,6 +213,42 @@ def _rq_vec(accv, R, ch, qmin, qmax, f64=False, avx512=False):
     )
     y = T.reinterpret("int32x8", comb) - C2[T.ramp(ch, 1, VEC)]
     return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+
+
+def _fma(a, b, c):
+    return T.call_llvm_pure_intrin("float64x8", "llvm.fma.v8f64", a, b, c)
+
+
+def _floor_clip(d, qmin, qmax, avx512):
+    """clip(floor(d), qmin, qmax) of float64x8 `d` as int32x8 (`avx512`: the conversion rounds down itself)."""
+    if avx512:
+        y = T.call_llvm_pure_intrin("int32x8", _CVTPD2DQ_512, d, T.broadcast(T.int32(0), VEC), T.int8(-1),
+                                    T.int32(_ROUND_DOWN))
+    else:
+        y = T.Cast("int32x8", T.floor(d))
+    return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+
+
+def residual_is_exact(residual, y_range):
+    """Whether the fused add (`_residual_vec`) is exact in float64 for conv outputs y in `y_range` and every skip
+    value of its dtype: each sum y*m_y + skip*m_skip + 2^(s-1) is an integer below 2^53 (so every fma step is
+    exact and floor is exact), and the result converts to int32."""
+    if min(residual.y_multiplier, residual.skip_multiplier) < 0 or not 0 <= residual.shift <= 62:
+        return False
+    skip_lo, skip_hi = DTYPE_RANGES[residual.skip_dtype]
+    bound = (max(abs(v) for v in y_range) * residual.y_multiplier
+             + max(-skip_lo, skip_hi) * residual.skip_multiplier + ((1 << residual.shift) >> 1))
+    return bound < 1 << 53 and bound >> residual.shift < 1 << 30
+
+
+def _residual_vec(y, skip, residual, avx512):
+    """The add fused into a conv's epilogue, on int32x8 conv outputs `y` and the 8 skip values `skip`:
+    clip(floor((y * m_y + skip * m_skip) / 2^s + 1/2), qmin, qmax), exact where `residual_is_exact`."""
+    scale = 2.0 ** -residual.shift
+    inner = _fma(T.Cast("float64x8", skip), T.broadcast(T.float64(residual.skip_multiplier * scale), VEC),
+                 T.broadcast(T.float64(0.5), VEC))
+    d = _fma(T.Cast("float64x8", y), T.broadcast(T.float64(residual.y_multiplier * scale), VEC), inner)
+    return _floor_clip(d, residual.qmin, residual.qmax, avx512)
 
 
 def _nib16(word, j):
@@ -322,6 +354,7 @@ def _gemm_func(
     vnni=False,
     f64=False,
     avx512=False,
+    residual=None,
 ):
     M = N * OH * OW
     OC = G * OCg
@@ -352,6 +385,8 @@ def _gemm_func(
     XW = KB // 4 if byte_x else KP  # int32 activation words per row
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
+    if residual is not None and not (G == 1 and OCg % VEC == 0 and requant and f64):
+        raise ValueError("a fused residual add needs one group, whole vectors of channels and the float64 epilogue")
     NP = G * OCBP
     MR, NV = _choose_tile(M, OCB, wbits, 32 if avx512 else 16)
     NCT_FULL = OCB // NV
@@ -377,7 +412,9 @@ def _gemm_func(
     # tile order: keep the larger operand streaming once
     rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
     unroll_im2col = KPr <= 24
-    x_direct = byte_x and is_pointwise and x_dtype == "uint8" and C % 8 == 0
+    # pointwise convs read the input's words in place (no packing pass); int8 ones flip each word to x + 128
+    x_direct = byte_x and is_pointwise and C == KB
+    x_flip = x_direct and x_dtype == "int8"
     XP_SHAPE = (1,) if x_direct else (G, M, XW)
     PK_FULL = (C // 16) if is_pointwise else 0
     PK_REM = KP - PK_FULL * 8
@@ -389,6 +426,18 @@ def _gemm_func(
         if rows_outer:
             return g, r // NCT * MR, r % NCT
         return g, r % nrb * MR, r // nrb
+
+    def requantized(accv, R, ch, m, col):
+        """Output row m, columns col.. (8 channels, constants at ch..): requantized, plus the fused add if any."""
+        y = _rq_vec(accv, R, ch, qmin, qmax, f64, avx512)
+        if residual is None:
+            return y
+        return _residual_vec(y, T.Cast("int32x8", R[7][m, T.ramp(col, 1, VEC)]), residual, avx512)
+
+    def x_word(XP32, g, m, q):
+        """Activation word q of row m as the u8 operand: bytes x' (see x_flip)."""
+        word = XP32[g, m, q]
+        return T.bitwise_xor(word, T.int32(-0x7F7F7F80)) if x_flip else word  # 0x80808080: +128 per byte
 
     def dpbusd(accv, x_word, w_bytes):
         """accv + the sums of 4 u8*s8 products per int32 lane, exact (vpdpbusd)."""
@@ -403,10 +452,10 @@ def _gemm_func(
                 acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
                     dpbusd(
                         acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
-                        XP32[g, m0 + r, 2 * q],
+                        x_word(XP32, g, m0 + r, 2 * q),
                         _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
                     ),
-                    XP32[g, m0 + r, 2 * q + 1],
+                    x_word(XP32, g, m0 + r, 2 * q + 1),
                     _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
                 )
 
@@ -422,13 +471,13 @@ def _gemm_func(
                     T.call_llvm_pure_intrin(
                         "int16x16",
                         _PMADDUBSW,
-                        T.reinterpret("int8x32", T.broadcast(XP32[g, m0 + r, 2 * q], VEC)),
+                        T.reinterpret("int8x32", T.broadcast(x_word(XP32, g, m0 + r, 2 * q), VEC)),
                         _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
                     )
                     + T.call_llvm_pure_intrin(
                         "int16x16",
                         _PMADDUBSW,
-                        T.reinterpret("int8x32", T.broadcast(XP32[g, m0 + r, 2 * q + 1], VEC)),
+                        T.reinterpret("int8x32", T.broadcast(x_word(XP32, g, m0 + r, 2 * q + 1), VEC)),
                         _nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
                     ),
                     T.broadcast(T.int16(1), 16),
@@ -451,7 +500,7 @@ def _gemm_func(
                     for v in T.unroll(nv):
                         acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
                             acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
-                            XP32[g, m0 + r, q],
+                            x_word(XP32, g, m0 + r, q),
                             T.reinterpret("int8x32", W32[g, cv0 + v, q, T.ramp(0, 1, VEC)]),
                         )
         else:
@@ -471,9 +520,9 @@ def _gemm_func(
                 if requant:
                     OUT[m0 + r, T.ramp(g * OCg + (cv0 + v) * VEC, 1, VEC)] = T.Cast(
                         out_vec,
-                        _rq_vec(
-                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, qmin, qmax, f64,
-                            avx512,
+                        requantized(
+                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)], R, g * OCBP + (cv0 + v) * VEC, m0 + r,
+                            g * OCg + (cv0 + v) * VEC,
                         ),
                     )
                 else:
@@ -601,22 +650,8 @@ def _gemm_func(
             else:
                 fill_zero(XPADF, nh * WP * C, WP * C)
 
-    @T.prim_func(private=True)
-    def func(
-        X: T.Buffer(x_buf_shape, x_dtype),
-        W32: T.Buffer((G, OCB, WK, VEC), "int32"),
-        BIAS: T.Buffer((NP,), "int32"),
-        ALO: T.Buffer((NP,), "int32"),
-        AHI: T.Buffer((NP,), "int32"),
-        MANT: T.Buffer((NP + VEC,), "int32"),
-        C1: T.Buffer((NP,), "int64"),
-        SH: T.Buffer((NP,), "int64"),
-        C2: T.Buffer((NP,), "int32"),
-        MD: T.Buffer((NP,), "float64"),
-        OUT: T.Buffer(out_shape, out_dtype),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
+    @T.macro
+    def body(X, W32, BIAS, R, OUT):
         XP32A = T.alloc_buffer(XP_SHAPE, "int32")
         XD32 = T.decl_buffer((G, M, XW), "int32", data=X.data)
         XP32 = T.meta_var(XD32 if x_direct else XP32A)
@@ -706,6 +741,48 @@ def _gemm_func(
                     row_block(XP32, W32, BIAS, R, Ov, acc, accs, (tid * CH + ti - TOT) // NCT, NRB * MR,
                               (tid * CH + ti - TOT) % NCT, MR_TAIL)
 
+    if residual is None:
+
+        @T.prim_func(private=True)
+        def func(
+            X: T.Buffer(x_buf_shape, x_dtype),
+            W32: T.Buffer((G, OCB, WK, VEC), "int32"),
+            BIAS: T.Buffer((NP,), "int32"),
+            ALO: T.Buffer((NP,), "int32"),
+            AHI: T.Buffer((NP,), "int32"),
+            MANT: T.Buffer((NP + VEC,), "int32"),
+            C1: T.Buffer((NP,), "int64"),
+            SH: T.Buffer((NP,), "int64"),
+            C2: T.Buffer((NP,), "int32"),
+            MD: T.Buffer((NP,), "float64"),
+            OUT: T.Buffer(out_shape, out_dtype),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
+            body(X, W32, BIAS, R, OUT)
+
+    else:
+
+        @T.prim_func(private=True)
+        def func(
+            X: T.Buffer(x_buf_shape, x_dtype),
+            SKIP: T.Buffer(out_shape, residual.skip_dtype),
+            W32: T.Buffer((G, OCB, WK, VEC), "int32"),
+            BIAS: T.Buffer((NP,), "int32"),
+            ALO: T.Buffer((NP,), "int32"),
+            AHI: T.Buffer((NP,), "int32"),
+            MANT: T.Buffer((NP + VEC,), "int32"),
+            C1: T.Buffer((NP,), "int64"),
+            SH: T.Buffer((NP,), "int64"),
+            C2: T.Buffer((NP,), "int32"),
+            MD: T.Buffer((NP,), "float64"),
+            OUT: T.Buffer(out_shape, out_dtype),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            SKIPv = T.decl_buffer((M, OC), residual.skip_dtype, data=SKIP.data)
+            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD, SKIPv))
+            body(X, W32, BIAS, R, OUT)
+
     return func, dict(KP=KP, KWICp=KWICp, OCB=OCB, OCBP=OCBP, KB=KB, KROW=KROW)
 
 
@@ -792,6 +869,7 @@ def _gemm_conv(
     num_threads=NUM_THREADS,
     vnni=False,
     avx512=False,
+    residual=None,
 ):
     N, H, W, C, OC, ICg, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW = _conv_geometry(
         x_shape, weight, stride, padding, dilation
@@ -835,6 +913,7 @@ def _gemm_conv(
         vnni=vnni,
         f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
         avx512=avx512,
+        residual=residual,
     )
     OCBP = info["OCBP"]
     if wbits == 4 or vnni:
@@ -1386,17 +1465,29 @@ def conv2d_nhwc(
     num_threads=NUM_THREADS,
     vnni=False,
     avx512=False,
+    residual=None,
 ):
     """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts).
 
     `vnni` (AVX-512 VNNI with VL, or AVX-VNNI): GEMM-shaped convs use vpdpbusd on u8 x s8 bytes,
-    int8 depthwise convs vpdpwssd on tap pairs."""
+    int8 depthwise convs vpdpwssd on tap pairs.
+
+    `residual` (fields skip_dtype, y_multiplier, skip_multiplier, shift, qmin, qmax) fuses a rescaled add
+    into the epilogue: the PrimFunc is then (x, skip, *consts, out), skip and out of the conv output's
+    shape, out = clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax) with
+    y the conv's output and `out_dtype` the add's. Returns None where this kernel cannot fuse it exactly
+    (depthwise or grouped convs, channels not in whole vectors, no float64 epilogue)."""
     weight = np.asarray(weight)
     wbits = 4 if int(weight_bits) == 4 else 8
     if wbits == 4:
         _check_int4(weight)
     C = int(x_shape[3])
-    if int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1:
+    depthwise = int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1
+    if residual is not None and (depthwise or int(groups) != 1 or int(weight.shape[0]) % VEC
+                                 or not f64_requant_is_exact(mantissa, shift, qmin, qmax)
+                                 or not residual_is_exact(residual, (int(qmin), int(qmax)))):
+        return None
+    if depthwise:
         return _dw_conv(
             tuple(x_shape),
             x_dtype,
@@ -1433,6 +1524,7 @@ def conv2d_nhwc(
         num_threads=num_threads,
         vnni=vnni,
         avx512=avx512,
+        residual=residual,
     )
 
 

@@ -33,12 +33,27 @@ class Lowered:
     outputs: list[str]
 
 
+@dataclass(frozen=True)
+class Residual:
+    """A rescaled add fused into the epilogue of the conv that makes one of its inputs (y; the other is skip):
+    clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax)."""
+
+    skip_dtype: str
+    y_multiplier: int
+    skip_multiplier: int
+    shift: int
+    qmin: int
+    qmax: int
+
+
 @dataclass
 class _Context:
     qgraph: QuantizedGraph
     bb: relax.BlockBuilder
     conv2d: LayerKernel
     dense: LayerKernel
+    residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
+    fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
     params: list[relax.Var] = field(default_factory=list)
@@ -104,25 +119,80 @@ def converter(*ops: str) -> Callable[[Converter], Converter]:
 
 
 def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str, conv2d: LayerKernel,
-                 dense: LayerKernel) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv."""
+                 dense: LayerKernel, residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
+
+    With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
+    where `conv2d` cannot fuse it."""
     a, arr = op.attrs, op.arrays
     common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
                   qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
     if op.op == "linear":
         return dense(x_shape, x_dtype, arr["weight"], **common)
+    if residual is not None:
+        common["residual"] = residual
     ph, pw = a["padding"]
     return conv2d(x_shape, x_dtype, arr["weight"], stride=tuple(a["stride"]), padding=(ph, pw, ph, pw),
                   dilation=tuple(a["dilation"]), groups=int(a["groups"]), **common)
+
+
+def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
+    """conv name -> (add, k) for each add whose input k only a conv reads, and whose other input exists before
+    that conv runs: the add can be computed in the conv's epilogue (the skip connections of residual blocks)."""
+    position = {name: -1 for name in qgraph.inputs}
+    readers: dict[str, int] = {name: 1 for name in qgraph.outputs}
+    for i, op in enumerate(qgraph.ops):
+        position[op.output] = i
+        for name in op.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {op.output: op for op in qgraph.ops}
+    fusions: dict[str, tuple[Op, int]] = {}
+    for add in qgraph.ops:
+        if add.op != "add" or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+            continue
+        for k in (0, 1):
+            y, skip = add.inputs[k], add.inputs[1 - k]
+            conv = producer.get(y)
+            if (conv is not None and conv.op == "conv" and readers[y] == 1 and conv.name not in fusions
+                    and position[skip] < position[y]):
+                fusions[conv.name] = (add, k)
+                break
+    return fusions
 
 
 @converter("conv", "linear")
 def _layer(ctx: _Context, op: Op) -> relax.Expr:
     if op.op == "conv":
         ctx.nhwc.add(op.output)
+        if op.name in ctx.residual_adds:
+            fused = _conv_with_residual(ctx, op, *ctx.residual_adds[op.name])
+            if fused is not None:
+                return fused
     func, arrays = layer_kernel(op, ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), ctx.dtype(op.output),
                                 ctx.conv2d, ctx.dense)
     return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
+
+
+def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr | None:
+    """One kernel for `conv` and the `add` of its output (input k) and a skip tensor; None if it cannot fuse.
+
+    Returns the add's result, bound to the add's output (the conv's own output has no other reader)."""
+    skip = add.inputs[1 - k]
+    if skip not in ctx.nhwc:
+        return None
+    m = [int(v) for v in add.arrays["multiplier"]]
+    residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(add.arrays["shift"][0]), add.attrs["qmin"],
+                        add.attrs["qmax"])
+    kernel = layer_kernel(conv, ctx.shape(conv.inputs[0]), ctx.dtype(conv.inputs[0]), ctx.dtype(add.output),
+                          ctx.conv2d, ctx.dense, residual)
+    if kernel is None:
+        return None
+    func, arrays = kernel
+    ctx.nhwc.add(add.output)
+    ctx.fused.add(add.name)
+    out = ctx.call(conv, func, [ctx.arg(conv), ctx.env[skip]], arrays, ctx.shape(add.output), ctx.dtype(add.output))
+    ctx.env[add.output] = out
+    return out
 
 
 def _same_layout(ctx: _Context, op: Op) -> None:
@@ -223,18 +293,23 @@ def check_supported(qgraph: QuantizedGraph) -> None:
         raise LowbitError(f"the TVM backend has no lowering for {len(missing)} op(s): {', '.join(missing)}")
 
 
-def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None) -> Lowered:
-    """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default)."""
+def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None,
+          fuse_residuals: bool = False) -> Lowered:
+    """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
+
+    `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
-    ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense)
+    ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
+                   residual_adds(qgraph) if fuse_residuals else {})
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), "float32"))
               for name in qgraph.inputs]
     with bb.function("main"):
         with bb.dataflow():
             ctx.env.update(zip(qgraph.inputs, inputs, strict=True))
             for op in qgraph.ops:
-                ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
+                if op.name not in ctx.fused:
+                    ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
             outputs = [ctx.env[name] for name in qgraph.outputs]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result, params=[*inputs, *ctx.params])

@@ -120,7 +120,13 @@ class TunedKernels:
     min_speedup: float = 1.0  # a tuned kernel must be this much faster to be used (0: always use a record)
     choices: list[dict[str, Any]] = field(default_factory=list)
 
-    def conv2d(self, *args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    def conv2d(self, *args: Any, residual: Any = None,
+               **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
+        if residual is not None:  # only the hand-written kernel fuses a residual add (None: it cannot)
+            fused = self.conv2d_fast(*args, residual=residual, **kwargs)
+            if fused is not None:
+                self.choices.append({"kernel": "hand-written (add fused)", "tuned_ms": None})
+            return fused
         return self._pick(_plain_conv(*args, **kwargs), self.conv2d_fast(*args, **kwargs))
 
     def dense(self, *args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
