@@ -48,8 +48,10 @@ Implementation
     zero-padded to KB, a multiple of 8): byte b of the word for step q and
     channel lane c holds ``w+8`` of K index 8q+b in its low nibble and 8q+4+b
     in its high nibble.  Activations are packed as bytes ``x'`` (uint8: x
-    itself, read in place for pointwise convs with C % 8 == 0; int8: x+128,
-    the ``-128*sum_k w`` correction is folded into the bias), 4 per int32 word.
+    itself; int8: x+128, the ``-128*sum_k w`` correction is folded into the
+    bias), 4 per int32 word.  Pointwise convs whose channels fill whole words
+    read them in place (int8 ones with >= 64 channels flip each word's sign
+    bits as they read it; fewer channels are packed first).
     Per 8 K values: unpack ``(v & 0x0F0F0F0F) - 8`` and ``((v >> 4) & ...) - 8``
     (int8 bytes), ``vpmaddubsw`` x' (u8) * w (s8) for both halves (pair sums in
     [-4080, 3570], no saturation), ``vpaddw`` (|.| <= 8160), then ``vpmaddwd``
@@ -71,6 +73,10 @@ Implementation
   instead ``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one
   round-down conversion with AVX-512), then clipped: exact inside the window,
   monotone outside it, and never outside the int32 range.
+* A residual add (``residual``) can be fused into a GEMM conv's epilogue:
+  ``floor(fma(y, m_y / 2^s, fma(skip, m_skip / 2^s, 0.5)))`` in float64 on the
+  requantized conv output y and the skip tensor's values, then clipped; exact
+  where ``residual_is_exact`` (every integer sum below 2^53).
 * Parallel loops are chunked per thread (``NUM_THREADS`` tasks) so the
   per-task accumulator scratch is allocated once per task: this TVM lowers all
   ``local`` allocations to TVMBackendAllocWorkspace calls.
@@ -412,8 +418,9 @@ def _gemm_func(
     # tile order: keep the larger operand streaming once
     rows_outer = G * OCBP * KP <= G * M * KP or NRB <= 2
     unroll_im2col = KPr <= 24
-    # pointwise convs read the input's words in place (no packing pass); int8 ones flip each word to x + 128
-    x_direct = byte_x and is_pointwise and C == KB
+    # pointwise convs read the input's words in place (no packing pass); int8 ones flip each word to x + 128,
+    # two more instructions per word and row: below 64 channels the packing pass costs less (measured)
+    x_direct = byte_x and is_pointwise and C == KB and (x_dtype == "uint8" or C >= 64)
     x_flip = x_direct and x_dtype == "int8"
     XP_SHAPE = (1,) if x_direct else (G, M, XW)
     PK_FULL = (C // 16) if is_pointwise else 0
