@@ -15,7 +15,7 @@ tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip 
 from lowbit.cli.main import lowbit  # noqa: E402
 from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
 from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa: E402
-from lowbit.codegen.tvm.fast_x86 import _acc_window, f64_requant_is_exact  # noqa: E402
+from lowbit.codegen.tvm.fast_x86 import _acc_window, acc_bound, f64_requant_is_exact  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.models import get_zoo_entry  # noqa: E402
@@ -212,6 +212,21 @@ def test_float64_requantize_exactness_bound() -> None:
         np.testing.assert_array_equal(approx, exact)
         checked += 1
     assert checked > 100
+
+
+def test_float64_requantize_counts_only_reachable_accumulators() -> None:
+    """A tiny multiplier has a huge clamp window; what the weights, bias and input can reach decides instead."""
+    weight = np.full((2, 3, 3, 3), 127, np.int8)
+    bias = np.array([1000, -1000], np.int32)
+    bound = acc_bound(weight, bias, "int8")
+    np.testing.assert_array_equal(bound, 1000 + 27 * 127 * 128)
+    m, s = np.array([804361747, 804361747]), np.array([46, 46])  # from MobileNetV2's first conv: window ~2^24
+    assert not f64_requant_is_exact(m, s, -128, 127)
+    assert f64_requant_is_exact(m, s, -128, 127, bound)
+    acc = np.arange(-int(bound[0]), int(bound[0]) + 1, dtype=np.int64)
+    exact = np.clip((acc * int(m[0]) + (1 << 45)) >> 46, -128, 127)
+    approx = np.clip(np.floor(acc.astype(np.float64) * np.ldexp(float(m[0]), -46) + 0.5), -128, 127)
+    np.testing.assert_array_equal(approx, exact)
 
 
 # -- whole models ---------------------------------------------------------------------------------------------------

@@ -68,9 +68,10 @@ Implementation
      ``t = (p + r + 2^62) >>> s = y + 2^(62-s)`` (vpsrlvq), and the low 32 bits
      of t minus the low 32 bits of 2^(62-s) give y exactly (|y| < 2^31).
   4. int32 clip to [qmin, qmax] and narrow.
-  Where ``f64_requant_is_exact`` (every |acc| in the window times m, plus r,
-  is below 2^53, and m / 2^s < 1/2, as for all but the odd layer), it is
-  instead ``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one
+  Where ``f64_requant_is_exact`` (every |acc| in the window that the weights,
+  bias and input dtype can reach, times m, plus r, is below 2^53, and
+  m / 2^s < 1/2, as for all but the odd layer), it is instead
+  ``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one
   round-down conversion with AVX-512), then clipped: exact inside the window,
   monotone outside it, and never outside the int32 range.
 * A residual add (``residual``) can be fused into a GEMM conv's epilogue:
@@ -129,20 +130,31 @@ def _acc_window(mc, sc, qmin, qmax):
     return min(lo, hi), hi
 
 
-def f64_requant_is_exact(mantissa, shift, qmin, qmax):
+def f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound=None):
     """Whether y = clip(floor(acc * (m / 2^s) + 1/2), qmin, qmax), computed in float64 and converted to int32
-    before the clip, equals the integer rule for every int32 acc. It does when
+    before the clip, equals the integer rule for every int32 acc (every |acc| <= acc_bound[c], where given:
+    see `acc_bound`). It does when
     - |acc| * m + 2^(s-1) < 2^53 for every acc in the window: there every step is exact (products of integers
       below 2^53, scaling by powers of two, adding 1/2) and floor is exact;
     - outside the window the float64 value is monotone in acc, so it clips as the integer rule does;
     - m / 2^s < 1/2: no acc converts outside the int32 range."""
     if mantissa is None:
         return False
-    for mc, sc in zip(np.asarray(mantissa).reshape(-1).tolist(), np.asarray(shift).reshape(-1).tolist(), strict=True):
+    mantissa, shift = np.asarray(mantissa).reshape(-1).tolist(), np.asarray(shift).reshape(-1).tolist()
+    bounds = [None] * len(mantissa) if acc_bound is None else np.asarray(acc_bound).reshape(-1).tolist()
+    for mc, sc, bound in zip(mantissa, shift, bounds, strict=True):
         lo, hi = _acc_window(int(mc), int(sc), int(qmin), int(qmax))
-        if max(abs(lo), abs(hi)) * int(mc) + ((1 << int(sc)) >> 1) >= 1 << 53 or 2 * int(mc) >= 1 << int(sc):
+        reach = max(abs(lo), abs(hi)) if bound is None else min(max(abs(lo), abs(hi)), int(bound))
+        if reach * int(mc) + ((1 << int(sc)) >> 1) >= 1 << 53 or 2 * int(mc) >= 1 << int(sc):
             return False
     return True
+
+
+def acc_bound(weight, bias, x_dtype):
+    """Per output channel, the largest |acc| = |bias + sum_k x w| any input of `x_dtype` can give (int64)."""
+    w = np.abs(np.asarray(weight).astype(np.int64)).reshape(np.asarray(weight).shape[0], -1).sum(axis=1)
+    x_max = max(abs(v) for v in DTYPE_RANGES[x_dtype])
+    return np.abs(np.asarray(bias, np.int64).reshape(-1)[: w.shape[0]]) + x_max * w
 
 
 def _requant_arrays(bias, mantissa, shift, qmin, qmax, n, n_pad):
@@ -918,7 +930,7 @@ def _gemm_conv(
         wbits=wbits,
         num_threads=num_threads,
         vnni=vnni,
-        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax),
+        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound(weight, bias, x_dtype)),
         avx512=avx512,
         residual=residual,
     )
@@ -1394,7 +1406,7 @@ def _dw_conv(
     requant = mantissa is not None
     if not requant:
         out_dtype = "int32"
-    f64 = f64_requant_is_exact(mantissa, shift, qmin, qmax)
+    f64 = f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound(weight, bias, x_dtype))
     if vnni and wbits == 8 and C % VEC == 0 and C >= DWQ_VEC and dw == 1:
         func = _dw_quad_func(N=N, H=H, W=W, C=C, x_dtype=x_dtype, KH=KH, KW=KW, sh=sh, sw=sw, pt=pt, pl=pl, dh=dh,
                              OH=OH, OW=OW, requant=requant, qmin=int(qmin), qmax=int(qmax), out_dtype=out_dtype,
@@ -1491,7 +1503,8 @@ def conv2d_nhwc(
     C = int(x_shape[3])
     depthwise = int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1
     if residual is not None and (depthwise or int(groups) != 1 or int(weight.shape[0]) % VEC
-                                 or not f64_requant_is_exact(mantissa, shift, qmin, qmax)
+                                 or not f64_requant_is_exact(mantissa, shift, qmin, qmax,
+                                                             acc_bound(weight, bias, x_dtype))
                                  or not residual_is_exact(residual, (int(qmin), int(qmax)))):
         return None
     if depthwise:
