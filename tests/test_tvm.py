@@ -110,6 +110,8 @@ CONV_CASES = {
     "int4_int32_output": (1, 5, 7, 7, 3, 3, 1, 1, 1, 1, 4, "int8", False),
     "dilated_5x5": (1, 4, 15, 15, 6, 5, 1, 2, 2, 1, 8, "int8", True),
     "pointwise_wide": (1, 96, 14, 14, 40, 1, 1, 0, 1, 1, 8, "int8", True),
+    # more weights than activations: column tiles outer, the input packed in its own pass
+    "pointwise_columns_outer": (1, 24, 5, 6, 48, 1, 1, 0, 1, 1, 8, "int8", True),
 }
 
 

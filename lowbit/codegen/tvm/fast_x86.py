@@ -390,7 +390,7 @@ def _gemm_func(
     word_rows = byte_x and not is_pointwise and ((G == 1 and dw == 1) or ICg % 4 == 0)
     KROW = _cdiv(KWIC, 4) * 4 if word_rows else KWIC  # K values per kh row
     ROW_WORDS = KROW // 4
-    # im2col_rows loads 16 bytes (4 words) at a time where they are contiguous, the rest a word at a time
+    # im2col_row loads 16 bytes (4 words) at a time where they are contiguous, the rest a word at a time
     ROW_CHUNKS = ROW_WORDS // 4 if (G == 1 and dw == 1) or ICg % 16 == 0 else 0
     ROW_SINGLES = ROW_WORDS - 4 * ROW_CHUNKS
     # K flattened (kh, kw, ic), rows of KROW, padded to KB: whole int32 words of 4 K values (VNNI int8), or
@@ -434,6 +434,12 @@ def _gemm_func(
     # two more instructions per word and row: below 64 channels the packing pass costs less (measured)
     x_direct = byte_x and is_pointwise and C == KB and (x_dtype == "uint8" or C >= 64)
     x_flip = x_direct and x_dtype == "int8"
+    # Where each task's tiles cover whole row blocks (rows outer), it packs its own rows first: no separate
+    # parallel pass (each costs a launch and a barrier) and the rows are still in cache for the GEMM.
+    pack_in_tasks = byte_x and not x_direct and (is_pointwise or word_rows) and rows_outer and G == 1
+    if pack_in_tasks:
+        RB = _cdiv(NRB + (1 if MR_TAIL else 0), NT)  # row blocks per task, the MR_TAIL rows' block last
+        CH = RB * NCT
     XP_SHAPE = (1,) if x_direct else (G, M, XW)
     PK_FULL = (C // 16) if is_pointwise else 0
     PK_REM = KP - PK_FULL * 8
@@ -606,8 +612,8 @@ def _gemm_func(
             ),
         )
 
-    def pw_byte(X2, m, k):
-        return _xbyte(X2[m, T.min(k, C - 1)], x_dtype, 1)
+    def pw_byte(XF, m, k):
+        return _xbyte(XF[m * C + T.min(k, C - 1)], x_dtype, 1)
 
     def src_byte(SRC, nh, ow, g, k):
         kk = T.min(k, K - 1)
@@ -628,21 +634,48 @@ def _gemm_func(
         return T.reinterpret("int32" if words == 1 else f"int32x{words}", xb)
 
     @T.macro
-    def im2col_rows(SRCF, HS, WS, XP):
-        for nh in T.parallel(N * OH):
-            for ow in T.serial(OW):
-                for g in T.serial(G):
-                    for kh in T.serial(KH):
-                        for q in T.serial(ROW_CHUNKS):
-                            XP[g, nh * OW + ow, T.ramp(kh * ROW_WORDS + 4 * q, 1, 4)] = src_words(
-                                SRCF, HS, WS, nh, ow, g, kh, 16 * q, 4
-                            )
-                        for j in T.unroll(ROW_SINGLES):
-                            XP[g, nh * OW + ow, kh * ROW_WORDS + 4 * ROW_CHUNKS + j] = src_words(
-                                SRCF, HS, WS, nh, ow, g, kh, 16 * ROW_CHUNKS + 4 * j, 1
-                            )
-                    for j in T.serial(XW - KH * ROW_WORDS):
-                        XP[g, nh * OW + ow, KH * ROW_WORDS + j] = 0
+    def im2col_row(SRCF, HS, WS, XP, nh, ow):
+        for g in T.serial(G):
+            for kh in T.serial(KH):
+                for q in T.serial(ROW_CHUNKS):
+                    XP[g, nh * OW + ow, T.ramp(kh * ROW_WORDS + 4 * q, 1, 4)] = src_words(
+                        SRCF, HS, WS, nh, ow, g, kh, 16 * q, 4
+                    )
+                for j in T.unroll(ROW_SINGLES):
+                    XP[g, nh * OW + ow, kh * ROW_WORDS + 4 * ROW_CHUNKS + j] = src_words(
+                        SRCF, HS, WS, nh, ow, g, kh, 16 * ROW_CHUNKS + 4 * j, 1
+                    )
+            for j in T.serial(XW - KH * ROW_WORDS):
+                XP[g, nh * OW + ow, KH * ROW_WORDS + j] = 0
+
+    @T.macro
+    def pack_row(XF, XP, m):
+        """Row m of a pointwise conv's input as words of bytes x', K zero-padded to KB."""
+        for q in T.serial(C // 32):
+            XP[0, m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
+                "int32x8", _xbyte(XF[T.ramp(m * C + q * 32, 1, 32)], x_dtype, 32)
+            )
+        if C % 32 >= 16:
+            XP[0, m, T.ramp(C // 32 * 8, 1, 4)] = T.reinterpret(
+                "int32x4", _xbyte(XF[T.ramp(m * C + C // 32 * 32, 1, 16)], x_dtype, 16)
+            )
+        for k in T.serial(C // 4 - C // 16 * 4):
+            XP[0, m, C // 16 * 4 + k] = T.reinterpret(
+                "int32", _xbyte(XF[T.ramp(m * C + C // 16 * 16 + 4 * k, 1, 4)], x_dtype, 4)
+            )
+        for k in T.serial(XW - C // 4):
+            XP[0, m, C // 4 + k] = _word4(pw_byte, C // 4 * 4 + 4 * k, C, XF, m)
+
+    @T.macro
+    def pack_rows(XF, XPADF, XP, lo, hi):
+        """Rows lo..hi-1 of the packed input: a pointwise conv's bytes, or im2col by words."""
+        for m in T.serial(lo, hi):
+            if is_pointwise:
+                pack_row(XF, XP, m)
+            elif use_xpad:
+                im2col_row(XPADF, HP, WP, XP, m // OW, m % OW)
+            else:
+                im2col_row(XF, H, W, XP, m // OW, m % OW)
 
     @T.macro
     def fill_zero(DST, start, count):
@@ -684,30 +717,11 @@ def _gemm_func(
         # ---- pack activations (im2col) ----
         if byte_x:
             # bytes x' (uint8: x, int8: x + 128), K zero-padded to KB
-            if x_direct:
+            if x_direct or pack_in_tasks:
                 T.evaluate(0)
-            elif is_pointwise:
-                X2 = T.decl_buffer((M, C), x_dtype, data=X.data)
+            elif is_pointwise or word_rows:
                 for m in T.parallel(M):
-                    for q in T.serial(C // 32):
-                        XP32A[0, m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
-                            "int32x8", _xbyte(X2[m, T.ramp(q * 32, 1, 32)], x_dtype, 32)
-                        )
-                    if C % 32 >= 16:
-                        XP32A[0, m, T.ramp(C // 32 * 8, 1, 4)] = T.reinterpret(
-                            "int32x4", _xbyte(X2[m, T.ramp(C // 32 * 32, 1, 16)], x_dtype, 16)
-                        )
-                    for k in T.serial(C // 4 - C // 16 * 4):
-                        XP32A[0, m, C // 16 * 4 + k] = T.reinterpret(
-                            "int32", _xbyte(X2[m, T.ramp(C // 16 * 16 + 4 * k, 1, 4)], x_dtype, 4)
-                        )
-                    for k in T.serial(XW - C // 4):
-                        XP32A[0, m, C // 4 + k] = _word4(pw_byte, C // 4 * 4 + 4 * k, C, X2, m)
-            elif word_rows:
-                if use_xpad:
-                    im2col_rows(XPADF, HP, WP, XP32A)
-                else:
-                    im2col_rows(XF, H, W, XP32A)
+                    pack_rows(XF, XPADF, XP32A, m, m + 1)
             else:
                 for nh in T.parallel(N * OH):
                     for ow in T.serial(OW):
@@ -752,6 +766,8 @@ def _gemm_func(
         for tid in T.parallel(NT):
             acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
             accs = T.meta_var(acc)
+            if pack_in_tasks:
+                pack_rows(XF, XPADF, XP32A, T.min(tid * RB * MR, M), T.min((tid + 1) * RB * MR, M))
             for ti in T.serial(CH):
                 if tid * CH + ti < TOT:
                     gi, m0, ct = T.meta_var(tile_coords(tid * CH + ti))
