@@ -119,7 +119,8 @@ def converter(*ops: str) -> Callable[[Converter], Converter]:
 
 
 def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str, conv2d: LayerKernel,
-                 dense: LayerKernel, residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+                 dense: LayerKernel,
+                 residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
     """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
 
     With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
