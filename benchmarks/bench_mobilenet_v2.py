@@ -542,8 +542,9 @@ Notes:
 - {kernels}
   With graph optimizations disabled (no QDQ fusion: float ops on the dequantized values, so no saturation)
   the same quantize_static models score:{unfused}{entropy}
-- lowbit's `model.onnx` stores weight tensors with |w| > 64 as uint8 + zero point 128 (the same real values), so
-  ORT uses its exact u8×u8 kernels for them instead of the saturating u8×s8 ones: {r.uint8_weights} of
+- lowbit's `model.onnx` (`--onnx-weights auto`) keeps int8 weights where this CPU's u8×s8 kernels are exact (VNNI);
+  elsewhere it stores weight tensors with |w| > 64 as uint8 + zero point 128 (the same real values), so that ORT
+  uses its exact but slower u8×u8 kernels for them: {r.uint8_weights} of
   {r.uint8_weights + r.int8_weights} weight tensors here. It runs ORT's int8 kernels and is close to the reference
   executor, not bit-exact.
 - lowbit's `model.int.onnx` is integer-only (ConvInteger/MatMulInteger, integer requantization) and matches the
