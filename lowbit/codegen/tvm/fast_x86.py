@@ -403,8 +403,6 @@ def _gemm_func(
     XW = KB // 4 if byte_x else KP  # int32 activation words per row
     OCB = _cdiv(OCg, VEC)
     OCBP = OCB * VEC  # padded channels per group
-    if residual is not None and not (G == 1 and OCg % VEC == 0 and requant and f64):
-        raise ValueError("a fused residual add needs one group, whole vectors of channels and the float64 epilogue")
     NP = G * OCBP
     MR, NV = _choose_tile(M, OCB, wbits, 32 if avx512 else 16)
     NCT_FULL = OCB // NV
@@ -919,6 +917,10 @@ def _gemm_conv(
         out_dtype = "int32"
     if out_shape is None:
         out_shape = (N, OH, OW, OC)
+    f64 = f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound(weight, bias, x_dtype))
+    if residual is not None and not (G == 1 and OCg % VEC == 0 and f64
+                                     and residual_is_exact(residual, (int(qmin), int(qmax)))):
+        return None
     func, info = _gemm_func(
         N=N,
         H=H,
@@ -947,7 +949,7 @@ def _gemm_conv(
         wbits=wbits,
         num_threads=num_threads,
         vnni=vnni,
-        f64=f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound(weight, bias, x_dtype)),
+        f64=f64,
         avx512=avx512,
         residual=residual,
     )
@@ -1519,12 +1521,9 @@ def conv2d_nhwc(
         _check_int4(weight)
     C = int(x_shape[3])
     depthwise = int(groups) == C and int(weight.shape[0]) == C and int(weight.shape[1]) == 1 and C > 1
-    if residual is not None and (depthwise or int(groups) != 1 or int(weight.shape[0]) % VEC
-                                 or not f64_requant_is_exact(mantissa, shift, qmin, qmax,
-                                                             acc_bound(weight, bias, x_dtype))
-                                 or not residual_is_exact(residual, (int(qmin), int(qmax)))):
-        return None
     if depthwise:
+        if residual is not None:
+            return None
         return _dw_conv(
             tuple(x_shape),
             x_dtype,

@@ -20,6 +20,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
 from ...quantizer.dyadic import rounding_term
+from ...quantizer.ir import DTYPE_RANGES
 
 Expr = tvm.ir.expr.Expr
 
@@ -160,7 +161,7 @@ def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.n
 def quantize_nchw_to_nhwc(shape: tuple[int, ...], scale: float, zero_point: int, dtype: str,
                           to_nhwc: bool) -> tirx.PrimFunc:
     """float32 -> int as ONNX QuantizeLinear (x / scale, round half to even, saturate); 4-D goes NCHW -> NHWC."""
-    lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}[dtype]
+    lo, hi = DTYPE_RANGES[dtype]
 
     def q(v: Expr, lanes: int = 1) -> Expr:
         def const(c: float) -> Expr:

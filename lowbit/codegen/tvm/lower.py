@@ -191,7 +191,8 @@ def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr 
     func, arrays = kernel
     ctx.nhwc.add(add.output)
     ctx.fused.add(add.name)
-    out = ctx.call(conv, func, [ctx.arg(conv), ctx.env[skip]], arrays, ctx.shape(add.output), ctx.dtype(add.output))
+    out = ctx.call(conv, func, [ctx.arg(conv), ctx.arg(add, 1 - k)], arrays, ctx.shape(add.output),
+                   ctx.dtype(add.output))
     ctx.env[add.output] = out
     return out
 
