@@ -42,11 +42,11 @@ from sections import write_section
 
 import lowbit
 from lowbit.codegen import export_integer, export_qdq
+from lowbit.ir import QuantizedGraph
 from lowbit.models import calibration_and_heldout, foolbox_imagenet_crops, get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.graph import Graph, run_graph
-from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
 from lowbit.quantizer.simulate import dequantized_params, fake_quantizers

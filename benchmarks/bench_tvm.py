@@ -50,12 +50,12 @@ from sections import write_section
 import lowbit
 from lowbit.codegen import export_qdq
 from lowbit.codegen.tvm import compile_to
+from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import BitPlan
 from lowbit.quantizer.graph import Graph
-from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
 from lowbit.runtime import load

@@ -26,10 +26,10 @@ from torch import nn
 from lowbit.cli.artifact import verify_manifest
 from lowbit.cli.data import Inputs, check_disjoint, load_array_file, load_inputs, split_heldout, validate_inputs
 from lowbit.cli.main import lowbit
-from lowbit.codegen.onnx_export import u8s8_exact_here
+from lowbit.codegen.onnx import u8s8_exact_here
 from lowbit.errors import LowbitError
+from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry, small_cnn
-from lowbit.quantizer.ir import QuantizedGraph
 
 EXPECTED_FILES = {"manifest.json", "model.onnx", "model.int.onnx", "ir/ir.json", "ir/ir.safetensors", "report.json",
                   "report.md"}
@@ -328,7 +328,7 @@ def test_interrupt_during_export_leaves_nothing(tmp_path: Path, monkeypatch: pyt
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lowbit.codegen.onnx_export.export_integer", interrupted)
+    monkeypatch.setattr("lowbit.codegen.onnx.export_integer", interrupted)
     out = tmp_path / "out"
     result = invoke(*fast_run, "-o", out)
     assert result.exit_code == 130, result.output

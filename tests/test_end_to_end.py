@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from lowbit.cli.artifact import verify_manifest
 from lowbit.cli.main import lowbit
 from lowbit.codegen import float_tensors_between
+from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry
-from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.quantizer.reference import run_reference
 
 

@@ -1,4 +1,4 @@
-"""Tests for lowbit.codegen.onnx_export: the integer-only ONNX model (bit-exact) and the QDQ model (close)."""
+"""Tests for lowbit.codegen.onnx: the integer-only ONNX model (bit-exact) and the QDQ model (close)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from lowbit.codegen import export_integer, export_qdq, float_tensors_between, onnx_export
-from lowbit.codegen.onnx_export import INTEGER_CONVERTERS, QDQ_CONVERTERS, _Builder, _requantize
+from lowbit.codegen import export_integer, export_qdq, float_tensors_between
+from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, qdq
+from lowbit.codegen.onnx.builder import Builder
+from lowbit.codegen.onnx.integer import requantize as emit_requantize
 from lowbit.errors import LowbitError
+from lowbit.ir import Op, QuantizedGraph, Value
+from lowbit.ir.dtypes import qrange
+from lowbit.ir.dyadic import requantize
+from lowbit.ir.requantizer import Requantizer
 from lowbit.models import get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.models.small_cnn import smooth_noise
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import BitPlan, QuantConfig
-from lowbit.quantizer.dyadic import requantize
 from lowbit.quantizer.graph import Graph
-from lowbit.quantizer.ir import DTYPE_RANGES, Op, QuantizedGraph, Value
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import quantize_input, run_reference
 
@@ -193,11 +197,11 @@ def test_auto_onnx_weights_follow_the_cpu(tmp_path: Path, monkeypatch: pytest.Mo
     cpuinfo = tmp_path / "cpuinfo"
     if flags is not None:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(onnx_export.platform, "machine", lambda: machine)
-    assert onnx_export.u8s8_exact_here(cpuinfo) is exact
-    monkeypatch.setattr(onnx_export, "u8s8_exact_here", lambda: exact)
-    assert onnx_export.saturation_safe_weights("auto") is not exact
-    assert onnx_export.saturation_safe_weights("safe") and not onnx_export.saturation_safe_weights("int8")
+    monkeypatch.setattr(qdq.platform, "machine", lambda: machine)
+    assert qdq.u8s8_exact_here(cpuinfo) is exact
+    monkeypatch.setattr(qdq, "u8s8_exact_here", lambda: exact)
+    assert qdq.saturation_safe_weights("auto") is not exact
+    assert qdq.saturation_safe_weights("safe") and not qdq.saturation_safe_weights("int8")
 
 
 # -- int4 weights ---------------------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def test_integer_kernels_exact_at_extremes(kind: str, in_dtype: str, out_dir: Pa
     shape = (1, k, 5, 5) if kind == "conv" else (1, k)
     weight = rng.choice(np.array([-127, 127], np.int8), (16, k, 3, 3) if kind == "conv" else (16, k))
     ir = _single_layer_ir(kind, in_dtype, weight, shape)
-    lo, hi = DTYPE_RANGES[in_dtype]
+    lo, hi = qrange(in_dtype)
     x = rng.choice(np.array([lo, hi], np.float32), (8, *shape[1:]))
     path = out_dir / f"single_{kind}_{in_dtype}.int.onnx"
     export_integer(ir, path)
@@ -301,9 +305,9 @@ def test_integer_kernels_exact_at_extremes(kind: str, in_dtype: str, out_dir: Pa
 
 def _requantize_session(mantissa: np.ndarray, shift: np.ndarray) -> ort.InferenceSession:
     """A model of just the requantization chain, int32 (N, C) -> int32, per-channel constants, no clipping."""
-    b = _Builder(QuantizedGraph({}, [], [], []))
-    lo, hi = DTYPE_RANGES["int32"]
-    _requantize(b, "rq", "acc", mantissa, shift, lo, hi, "int32", "out")
+    b = Builder(QuantizedGraph({}, [], [], []))
+    lo, hi = qrange("int32")
+    emit_requantize(b, "rq", "acc", Requantizer(mantissa, shift, lo, hi, "int32", axis=1), 2, "out")
     channels = len(shift)
     graph = helper.make_graph(b.nodes, "rq", [helper.make_tensor_value_info("acc", TensorProto.INT32, ["N", channels])],
                               [helper.make_tensor_value_info("out", TensorProto.INT32, ["N", channels])],
@@ -313,8 +317,8 @@ def _requantize_session(mantissa: np.ndarray, shift: np.ndarray) -> ort.Inferenc
 
 
 def test_requantize_chain_matches_dyadic_at_extremes() -> None:
-    """The BitShift-based rounding shift against quantizer.dyadic, for every shift 0..62 and extreme values."""
-    lo, hi = DTYPE_RANGES["int32"]
+    """The BitShift-based rounding shift against ir.dyadic, for every shift 0..62 and extreme values."""
+    lo, hi = qrange("int32")
     rng = np.random.default_rng(2)
     shift = np.arange(63, dtype=np.int64)
     mantissa = rng.integers(1 << 29, 1 << 30, shift.shape)

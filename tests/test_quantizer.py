@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.ir import QuantizedGraph
+from lowbit.ir.dyadic import dyadic, requantize
+from lowbit.ir.ops import _layer
 from lowbit.models import get_zoo_entry, small_cnn
 from lowbit.models.loading import load_program
-from lowbit.quantizer import reference
 from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, clip_threshold, weight_scales
 from lowbit.quantizer.capture import UnsupportedOpsError, capture
 from lowbit.quantizer.config import BitPlan, QuantConfig
-from lowbit.quantizer.dyadic import dyadic, requantize
 from lowbit.quantizer.graph import Graph, run_graph
-from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
 from lowbit.quantizer.rounding import HessianAccumulator, gptq_round, input_columns
@@ -180,7 +180,7 @@ def test_ir_is_integer_and_round_trips(qgraph: QuantizedGraph, data, tmp_path) -
 def test_reference_fast_path_is_exact(qgraph: QuantizedGraph, data, monkeypatch) -> None:
     x = data[1][:16] * 4  # large inputs: saturation everywhere
     fast = run_reference(qgraph, x, integer_outputs=True)
-    monkeypatch.setattr(reference, "_exact_float", lambda *_: np.float64)
+    monkeypatch.setattr(_layer, "exact_float", lambda *_: np.float64)
     slow = run_reference(qgraph, x, integer_outputs=True)
     for k in fast:
         np.testing.assert_array_equal(fast[k], slow[k])

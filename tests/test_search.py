@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 from lowbit.cli.main import lowbit
 from lowbit.errors import LowbitError
+from lowbit.ir import QuantizedGraph
+from lowbit.ir.weights import pack_int4, unpack_int4
 from lowbit.models.loading import load_program
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import BitPlan
-from lowbit.quantizer.ir import QuantizedGraph, pack_int4, unpack_int4
 from lowbit.quantizer.reference import run_reference
 from lowbit.search.costs import LatencyTable, layer_costs
 from lowbit.search.ilp import Problem, refine, solve, tie_groups

@@ -18,13 +18,15 @@ from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa:
 from lowbit.codegen.tvm.fast_x86 import _acc_window, acc_bound, f64_requant_is_exact  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.ir import Op, QuantizedGraph, Value  # noqa: E402
+from lowbit.ir.dtypes import qrange  # noqa: E402
+from lowbit.ir.dyadic import dyadic  # noqa: E402
+from lowbit.ir.weights import weight_range  # noqa: E402
 from lowbit.models import get_zoo_entry  # noqa: E402
 from lowbit.models.loading import load_program  # noqa: E402
 from lowbit.models.small_cnn import smooth_noise  # noqa: E402
 from lowbit.quantizer.capture import capture  # noqa: E402
 from lowbit.quantizer.config import BitPlan, QuantConfig  # noqa: E402
-from lowbit.quantizer.dyadic import dyadic  # noqa: E402
-from lowbit.quantizer.ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range  # noqa: E402
 from lowbit.quantizer.quantize import quantize  # noqa: E402
 from lowbit.quantizer.reference import run_reference  # noqa: E402
 from lowbit.runtime import load  # noqa: E402
@@ -61,7 +63,7 @@ def _run_compiled(qgraph: QuantizedGraph, x: np.ndarray, kernels: str | None = N
 
 
 def _random_ints(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    lo, hi = DTYPE_RANGES[dtype]
+    lo, hi = qrange(dtype)
     return rng.integers(lo, hi + 1, shape)
 
 
@@ -75,7 +77,7 @@ def _one_layer(op: str, x_shape: tuple[int, ...], x_dtype: str, weight_shape: tu
               "bias": rng.integers(-max_bias, max_bias, cout).astype(np.int32)}
     if requantize:
         arrays["multiplier"], arrays["shift"] = dyadic(rng.uniform(*ratios, cout))
-        qmin, qmax = DTYPE_RANGES[out_dtype]
+        qmin, qmax = qrange(out_dtype)
         y_q = Value("y_q", out_dtype, out_shape, 0.05)
     else:
         qmin, qmax = 0, 0
@@ -144,7 +146,7 @@ def _conv_then_add(channels: int, y_first: bool, skip_dtype: str, out_dtype: str
     values = {"x": Value("x", "float32", shape), "x_q": Value("x_q", skip_dtype, shape, INPUT_STEP),
               "y_q": Value("y_q", "int8", shape, 0.05), "z_q": Value("z_q", out_dtype, shape, 0.05),
               "z": Value("z", "float32", shape)}
-    qmin, qmax = DTYPE_RANGES[out_dtype]
+    qmin, qmax = qrange(out_dtype)
     ops = [Op("x_quantize", "quantize", ["x"], "x_q"),
            Op("conv", "conv", ["x_q"], "y_q", {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
                                                "weight_bits": 8, "qmin": -128, "qmax": 127}, conv),

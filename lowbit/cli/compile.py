@@ -21,7 +21,7 @@ import click
 import numpy as np
 
 from ..errors import LowbitError
-from ..quantizer.ir import QuantizedGraph
+from ..ir import QuantizedGraph
 from ..runtime.loader import MANIFEST, TVM_DIR
 from .artifact import file_hashes
 from .main import lowbit, user_errors

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..codegen.onnx_export import ONNX_WEIGHTS
+from ..codegen.onnx import ONNX_WEIGHTS
 from ..errors import LowbitError
+from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.calibrate import METHODS
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph
-from ..quantizer.ir import QuantizedGraph
 from . import report as reports
 from .artifact import (
     ARTIFACT_FORMAT,
@@ -377,7 +377,7 @@ def run_quantize(request: QuantizeRequest, progress: Progress) -> Path:
 def write_artifact(directory: Path, request: QuantizeRequest, graph: Graph, qgraph: QuantizedGraph, calib: Inputs,
                    heldout: Inputs, entry: ZooEntry | None, progress: Progress) -> dict[str, Any]:
     """Export, evaluate and describe the quantized model in `directory`; returns the report."""
-    from ..codegen.onnx_export import export_integer, export_qdq
+    from ..codegen.onnx import export_integer, export_qdq
 
     with progress.stage("export"):
         saturation_safe = export_qdq(qgraph, directory / "model.onnx", weights=request.onnx_weights)
@@ -461,7 +461,7 @@ def _load(spec: str, example: torch.Tensor | None, factory: str | None,
 def _float_tensors_in(path: Path) -> list[str]:
     import onnx
 
-    from ..codegen.onnx_export import float_tensors_between
+    from ..codegen.onnx.check import float_tensors_between
 
     return float_tensors_between(onnx.load(str(path)))
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ir import QuantizedGraph
 from ..quantizer.graph import Graph, run_graph, run_node
-from ..quantizer.ir import QuantizedGraph
 from ..quantizer.reference import run_reference
 from ..quantizer.simulate import dequantized_params, fake_quantizers
 from .artifact import write_json

@@ -1,7 +1,7 @@
 """The captured float graph: the artifact every later stage reads.
 
-A `Graph` is a flat, topologically ordered list of `Node`s over a small op set
-(conv, linear, add, clamp, pad, pools, reshape, concat). Each node produces one
+A `Graph` is a flat, topologically ordered list of `Node`s over the ops of
+`lowbit.ir.ops` (conv, linear, add, clamp, pad, pools, reshape, concat...). Each node produces one
 tensor, named after the node. Batch norm is already folded into convs, and
 no-op layers (dropout, clone) are already removed, so every stage sees the
 same canonical model whatever checkpoint format it came from.
@@ -16,12 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-# Ops with weights: the layers that get a bit-width.
-QUANTIZABLE_OPS = ("conv", "linear")
-# Ops that only move or select values: their output shares the input's scale.
-SCALE_PRESERVING_OPS = ("pad", "maxpool", "reshape")
+from ..ir.ops import OPS, QUANTIZABLE_OPS, op_def
 
 
 @dataclass
@@ -98,7 +94,7 @@ class Graph:
 
     def scale_groups(self) -> list[list[str]]:
         """Tensors that meet in an add or a concat, so must share a scale (or be rescaled)."""
-        return [list(n.inputs) for n in self.nodes if n.op in ("add", "concat")]
+        return [list(n.inputs) for n in self.nodes if OPS[n.op].joins_inputs]
 
     @property
     def total_macs(self) -> int:
@@ -167,28 +163,12 @@ TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
 def run_node(graph: Graph, node: Node, args: list[torch.Tensor], weight: torch.Tensor | None = None,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """Evaluate one node in float. `weight` and `bias` override the stored ones (for fake-quant)."""
-    a = node.attrs
-    if node.op in QUANTIZABLE_OPS:
-        w = graph.weight(node.name) if weight is None else weight
-        b = graph.bias(node.name) if bias is None else bias
-        if node.op == "conv":
-            return F.conv2d(args[0], w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
-        return F.linear(args[0], w, b)
-    if node.op == "add":
-        return args[0] + args[1]
-    if node.op == "clamp":
-        return torch.clamp(args[0], a["min"], a["max"])
-    if node.op == "pad":
-        return F.pad(args[0], a["pads"])
-    if node.op == "maxpool":
-        return F.max_pool2d(args[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
-    if node.op == "avgpool":
-        return F.avg_pool2d(args[0], a["kernel"], a["stride"], a["padding"])
-    if node.op == "reshape":
-        return args[0].reshape(args[0].shape[0], *node.shape[1:])
-    if node.op == "concat":
-        return torch.cat(args, a["axis"])
-    raise ValueError(f"node {node.name}: no float implementation for op {node.op!r}")
+    op = op_def(node.op)
+    if op.evaluate is None:
+        raise ValueError(f"node {node.name}: no float implementation for op {node.op!r}")
+    overrides = {"weight": weight, "bias": bias}
+    params = {k: graph.params[f"{node.name}.{k}"] if overrides.get(k) is None else overrides[k] for k in op.weights}
+    return op.evaluate(node, args, params)
 
 
 def forward(

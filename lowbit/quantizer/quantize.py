@@ -19,11 +19,15 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+from ..ir import Op, QuantizedGraph, Value
+from ..ir.dtypes import activation_dtype, qrange, steps
+from ..ir.ops import OPS, QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, op_def
+from ..ir.ops._layer import f32
+from ..ir.ops.clamp import integer_bounds
+from ..ir.weights import weight_range
 from .calibrate import TensorStats, clip_threshold, collect_stats, round_weight
 from .config import BitPlan, QuantConfig
-from .dyadic import dyadic
-from .graph import QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, Graph, Node, run_node
-from .ir import DTYPE_RANGES, Op, QuantizedGraph, Value, weight_range
+from .graph import Graph, Node, run_node
 from .rounding import HessianAccumulator, gptq_round, input_columns
 from .simulate import dequantized_params, fake_quantizers
 
@@ -32,16 +36,11 @@ CALIBRATION_BATCH = 16
 HESSIAN_CHUNK = 4  # images per unfold when accumulating a layer's Hessian
 
 
-def _f32(x: float) -> float:
-    """Scales are float32 in every backend; keep the IR's copy exactly representable."""
-    return float(np.float32(x))
-
-
 def fusable_clamps(graph: Graph) -> dict[str, Node]:
     """Producer name -> the clamp it can absorb (the clamp is its only consumer)."""
     fused = {}
     for n in graph.nodes:
-        if n.op in ("conv", "linear", "add") and n.name not in graph.outputs:
+        if OPS[n.op].absorbs_clamp and n.name not in graph.outputs:
             consumers = graph.consumers(n.name)
             if len(consumers) == 1 and consumers[0].op == "clamp":
                 fused[n.name] = consumers[0]
@@ -54,7 +53,9 @@ def scaled_tensors(graph: Graph) -> set[str]:
     return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused}
 
 
-class _Lowering:
+class Lowering:
+    """The state of one lowering pass; each op's `lower` (in `lowbit.ir.ops`) calls these helpers."""
+
     def __init__(self, graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig):
         self.graph, self.stats, self.plan, self.config = graph, stats, plan, config
         self.values: dict[str, Value] = {}
@@ -73,13 +74,25 @@ class _Lowering:
         self.float_to_int[float_name] = value.name
         return value
 
+    def float_value(self, name: str, shape: tuple[int, ...]) -> Value:
+        """A float32 value of the IR (a graph input)."""
+        self.values[name] = Value(name, "float32", shape)
+        return self.values[name]
+
     def like(self, float_name: str, src: Value, shape: tuple[int, ...]) -> Value:
         """A value on the same integer grid as `src` (pad, maxpool, reshape, clamp)."""
         return self.add_value(float_name, Value(self.ir_name(float_name), src.dtype, shape, src.scale))
 
+    def accumulator(self, node: Node, scales: list[float], axis: int) -> Value:
+        """An int32 value with per-channel scales along `axis` (a layer's raw accumulator, as a graph output)."""
+        return self.add_value(node.name, Value(self.ir_name(node.name), "int32", node.shape, scales, 0, axis))
+
+    def is_fused_clamp(self, node: Node) -> bool:
+        return any(c is node for c in self.fused.values())
+
     def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None,
                    ir_name: str | None = None) -> tuple[Value, int, int]:
-        """A new int8/uint8 value for a float tensor, with its clamp range in integer units."""
+        """A new 8-bit value for a float tensor, with its clamp range in integer units."""
         st = self.stats[float_name]
         lo = clamp.attrs["min"] if clamp else None
         hi = clamp.attrs["max"] if clamp else None
@@ -88,107 +101,26 @@ class _Lowering:
         if hi is not None and lo is not None:
             t = min(t, max(abs(lo), abs(hi)))
         t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
-        dtype = "uint8" if unsigned else "int8"
-        scale = _f32(t / (255 if unsigned else 127))
+        dtype = activation_dtype(8, unsigned)
+        scale = f32(t / steps(dtype))
         value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
-        qmin, qmax = DTYPE_RANGES[dtype]
-        if lo is not None:
-            qmin = max(qmin, round(lo / scale))
-        if hi is not None:
-            qmax = min(qmax, round(hi / scale))
+        qmin, qmax = integer_bounds(lo, hi, scale, *qrange(dtype))
         return value, qmin, qmax
+
+    def round_weight(self, node: Node, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """Round-to-nearest integer weights (int8 array) and per-channel float32 scales of a layer."""
+        w_int, w_scale = round_weight(self.graph.weight(node.name), bits, self.config.weight_method)
+        return w_int.numpy().astype(np.int8), w_scale.numpy().astype(np.float32)
 
     def emit(self, name: str, op: str, inputs: list[Value], output: Value, attrs: dict | None = None,
              arrays: dict[str, np.ndarray] | None = None) -> None:
         self.ops.append(Op(name, op, [v.name for v in inputs], output.name, attrs or {}, arrays or {}))
 
-    # -- per-op lowering ------------------------------------------------------------
     def lower(self, node: Node) -> None:
-        if node.op == "clamp" and any(c is node for c in self.fused.values()):
-            return  # already applied by its producer
-        getattr(self, f"_lower_{node.op}")(node)
-
-    def _lower_input(self, node: Node) -> None:
-        # The float input keeps the user's name; its quantized copy is `<name>_q`.
-        x = Value(node.name, "float32", node.shape)
-        q, _, _ = self.activation(node.name, node.shape, ir_name=f"{node.name}_q")
-        self.values[x.name] = x
-        self.emit(f"{node.name}_quantize", "quantize", [x], q)
-
-    def _lower_layer(self, node: Node) -> None:
-        x = self.input_value(node)
-        bits = self.plan.bits[node.name]
-        w_int, w_scale = round_weight(self.graph.weight(node.name), bits, self.config.weight_method)
-        w_int, w_scale = w_int.numpy().astype(np.int8), w_scale.numpy().astype(np.float32)
-        acc_scale = np.float64(x.scale) * w_scale.astype(np.float64)
-        bias = np.round(self.graph.bias(node.name).numpy().astype(np.float64) / acc_scale)
-        bias = np.clip(bias, *DTYPE_RANGES["int32"]).astype(np.int32)
-        attrs = {k: node.attrs[k] for k in ("stride", "padding", "dilation", "groups") if k in node.attrs}
-        attrs.update(weight_bits=bits, weight_scale=w_scale.tolist(), input_scale=x.scale)
-        arrays = {"weight": w_int, "bias": bias}
-        clamp = self.fused.get(node.name)
-        channel_axis = 1 if node.op == "conv" else len(node.shape) - 1
-        if clamp is None and node.name in self.graph.outputs:
-            # A graph output keeps the int32 accumulator: no requantization error on logits.
-            scales = [_f32(s) for s in acc_scale]
-            out = self.add_value(node.name, Value(self.ir_name(node.name), "int32", node.shape, scales, 0,
-                                                  channel_axis))
-        else:
-            out, qmin, qmax = self.activation(clamp.name if clamp else node.name, node.shape, clamp)
-            mantissa, shift = dyadic(acc_scale / out.scale)
-            arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
-            attrs.update(qmin=qmin, qmax=qmax)
-        self.emit(node.name, node.op, [x], out, attrs, arrays)
-
-    _lower_conv = _lower_layer
-    _lower_linear = _lower_layer
-
-    def _lower_add(self, node: Node) -> None:
-        a, b = self.input_value(node, 0), self.input_value(node, 1)
-        clamp = self.fused.get(node.name)
-        out, qmin, qmax = self.activation(clamp.name if clamp else node.name, node.shape, clamp)
-        ratios = np.array([a.scale / out.scale, b.scale / out.scale])
-        _, shift = dyadic(ratios.max())
-        mantissas = np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32)
-        self.emit(node.name, "add", [a, b], out, {"qmin": qmin, "qmax": qmax},
-                  {"multiplier": mantissas, "shift": shift.astype(np.int32)})
-
-    def _lower_concat(self, node: Node) -> None:
-        parts = [self.input_value(node, i) for i in range(len(node.inputs))]
-        out, qmin, qmax = self.activation(node.name, node.shape)
-        mantissa, shift = dyadic(np.array([p.scale / out.scale for p in parts]))
-        self.emit(node.name, "concat", parts, out, {"axis": node.attrs["axis"], "qmin": qmin, "qmax": qmax},
-                  {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)})
-
-    def _lower_avgpool(self, node: Node) -> None:
-        x = self.input_value(node)
-        out, qmin, qmax = self.activation(node.name, node.shape)
-        window = node.attrs["kernel"][0] * node.attrs["kernel"][1]
-        mantissa, shift = dyadic(x.scale / (window * out.scale))
-        self.emit(node.name, "avgpool", [x], out, {**node.attrs, "qmin": qmin, "qmax": qmax},
-                  {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)})
-
-    def _lower_clamp(self, node: Node) -> None:
-        x = self.input_value(node)
-        out = self.like(node.name, x, node.shape)
-        qmin, qmax = DTYPE_RANGES[x.dtype]
-        if node.attrs["min"] is not None:
-            qmin = max(qmin, round(node.attrs["min"] / x.scale))
-        if node.attrs["max"] is not None:
-            qmax = min(qmax, round(node.attrs["max"] / x.scale))
-        self.emit(node.name, "clamp", [x], out, {"qmin": qmin, "qmax": qmax})
-
-    def _lower_pad(self, node: Node) -> None:
-        x = self.input_value(node)
-        self.emit(node.name, "pad", [x], self.like(node.name, x, node.shape), {"pads": node.attrs["pads"]})
-
-    def _lower_maxpool(self, node: Node) -> None:
-        x = self.input_value(node)
-        self.emit(node.name, "maxpool", [x], self.like(node.name, x, node.shape), dict(node.attrs))
-
-    def _lower_reshape(self, node: Node) -> None:
-        x = self.input_value(node)
-        self.emit(node.name, "reshape", [x], self.like(node.name, x, node.shape), {"shape": list(node.shape[1:])})
+        op = op_def(node.op)
+        if op.lower is None:
+            raise LowbitError(f"node {node.name}: op {node.op!r} has no lowering to integers")
+        op.lower(self, node)
 
     def finish(self) -> QuantizedGraph:
         for name in self.graph.outputs:
@@ -201,7 +133,7 @@ class _Lowering:
 
 
 def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig) -> QuantizedGraph:
-    lowering = _Lowering(graph, stats, plan, config)
+    lowering = Lowering(graph, stats, plan, config)
     for node in graph.nodes:
         lowering.lower(node)
     return lowering.finish()
@@ -287,7 +219,7 @@ def _correct_bias(op: Op, q: torch.Tensor, f: torch.Tensor, channel: int) -> tor
     err = (q - f).mean(dims).double().numpy()
     step = np.float64(op.attrs["input_scale"]) * np.asarray(op.attrs["weight_scale"], np.float64)
     delta = np.round(err / step)
-    op.arrays["bias"] = np.clip(op.arrays["bias"] - delta, *DTYPE_RANGES["int32"]).astype(np.int32)
+    op.arrays["bias"] = np.clip(op.arrays["bias"] - delta, *qrange("int32")).astype(np.int32)
     return q - _channel_view(torch.from_numpy(delta * step).float(), q.dim(), channel)
 
 

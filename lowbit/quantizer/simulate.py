@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ir import QuantizedGraph
+from ..ir.ops._layer import weights_of
 from .graph import Graph, run_graph
-from .ir import QuantizedGraph
 
 
 @dataclass
@@ -44,12 +45,11 @@ def fake_quantizers(qgraph: QuantizedGraph) -> dict[str, FakeQuant]:
 
 
 def dequantized_params(qgraph: QuantizedGraph) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per layer: the float weight and bias the integer op really computes with."""
+    """Per layer: the float weight and bias the integer op really computes with (as its weight format says)."""
     weights, biases = {}, {}
     for op in qgraph.layers:
         w_scale = torch.tensor(op.attrs["weight_scale"], dtype=torch.float32)
-        w = torch.from_numpy(op.arrays["weight"].astype(np.float32))
-        weights[op.name] = w * w_scale.reshape(-1, *[1] * (w.dim() - 1))
+        weights[op.name] = torch.from_numpy(weights_of(op).dequantize())
         biases[op.name] = torch.from_numpy(op.arrays["bias"].astype(np.float32)) * w_scale * op.attrs["input_scale"]
     return weights, biases
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LowbitError
+from ..ir import Op, QuantizedGraph, Value
+from ..ir.weights import PerChannelWeights
 from ..quantizer.graph import Graph
-from ..quantizer.ir import Op, QuantizedGraph, Value
 
 ACTIVATION_BITS = 8
 FLOAT_BITS = 32
@@ -91,9 +92,8 @@ def layer_costs(graph: Graph, bits: Iterable[int], latency: LatencyTable | None 
     size: dict[str, dict[int, float]] = {}
     bops: dict[str, dict[int, float]] = {}
     for node in graph.layers:
-        n_weights = graph.weight(node.name).numel()
-        n_bias = graph.bias(node.name).numel()
-        size[node.name] = {b: n_weights * b / 8 + 4 * n_bias for b in bits}
+        shape = tuple(graph.weight(node.name).shape)
+        size[node.name] = {b: PerChannelWeights.bytes_for(shape, b) for b in bits}
         bops[node.name] = {b: float(node.macs * b * ACTIVATION_BITS) for b in bits}
     return CostModel(size, bops, latency)
 
@@ -126,7 +126,7 @@ def measure_onnxruntime(qgraphs: dict[int, QuantizedGraph], repeats: int = 30, t
 
     import onnxruntime as ort
 
-    from ..codegen.onnx_export import export_qdq
+    from ..codegen.onnx import export_qdq
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

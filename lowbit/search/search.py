@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+from ..ir.ops import QUANTIZABLE_OPS
 from ..quantizer.calibrate import TensorStats
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph, run_graph
@@ -77,7 +78,7 @@ def residual_ties(graph: Graph) -> list[list[str]]:
         layers: set[str] = set()
         for t in tensors:
             node = graph.node(t)
-            layers |= {t} if node.op in ("conv", "linear") else set(graph.layer_producers(t))
+            layers |= {t} if node.op in QUANTIZABLE_OPS else set(graph.layer_producers(t))
         if len(layers) > 1:
             ties.append(sorted(layers))
     return ties

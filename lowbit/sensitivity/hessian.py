@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quantizer.graph import QUANTIZABLE_OPS, Graph, Node, forward, run_graph, run_node
+from ..ir.ops import QUANTIZABLE_OPS
+from ..quantizer.graph import Graph, Node, forward, run_graph, run_node
 
 Log = Callable[[str], None]
 Z_95 = 1.959964  # two-sided 95% normal quantile

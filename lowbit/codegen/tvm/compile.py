@@ -22,7 +22,7 @@ import tvm
 
 from ... import __version__
 from ...errors import LowbitError
-from ...quantizer.ir import QuantizedGraph
+from ...ir import QuantizedGraph
 from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file, use_threads
 from .lower import Lowered, lower
 from .target import parse_target, required_features, target_string

@@ -90,7 +90,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ...quantizer.ir import DTYPE_RANGES
+from ...ir.dtypes import qrange
 
 __all__ = ["conv2d_nhwc", "dense", "target", "NUM_THREADS"]
 
@@ -153,7 +153,7 @@ def f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound=None):
 def acc_bound(weight, bias, x_dtype):
     """Per output channel, the largest |acc| = |bias + sum_k x w| any input of `x_dtype` can give (int64)."""
     w = np.abs(np.asarray(weight).astype(np.int64)).reshape(np.asarray(weight).shape[0], -1).sum(axis=1)
-    x_max = max(abs(v) for v in DTYPE_RANGES[x_dtype])
+    x_max = max(abs(v) for v in qrange(x_dtype))
     return np.abs(np.asarray(bias, np.int64).reshape(-1)[: w.shape[0]]) + x_max * w
 
 
@@ -253,7 +253,7 @@ def residual_is_exact(residual, y_range):
     exact and floor is exact), and the result converts to int32."""
     if min(residual.y_multiplier, residual.skip_multiplier) < 0 or not 0 <= residual.shift <= 62:
         return False
-    skip_lo, skip_hi = DTYPE_RANGES[residual.skip_dtype]
+    skip_lo, skip_hi = qrange(residual.skip_dtype)
     bound = (max(abs(v) for v in y_range) * residual.y_multiplier
              + max(-skip_lo, skip_hi) * residual.skip_multiplier + ((1 << residual.shift) >> 1))
     return bound < 1 << 53 and bound >> residual.shift < 1 << 30

@@ -1,6 +1,6 @@
 """TE definitions of the integer IR's ops, NHWC, with the requantize epilogue fused in.
 
-Every kernel follows the rules of `lowbit.quantizer.dyadic` exactly: int32
+Every kernel follows the rules of `lowbit.ir.dyadic` exactly: int32
 accumulation, then `(int64(acc) * b + 2^(c-1)) >> c`, saturate, cast. Each builder
 returns a scheduled `PrimFunc` with parameters `(inputs..., constants..., output)`
 plus the constant arrays the caller passes in that order.
@@ -19,8 +19,8 @@ from tvm import te, tirx, topi
 from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
-from ...quantizer.dyadic import rounding_term
-from ...quantizer.ir import DTYPE_RANGES
+from ...ir.dtypes import qrange
+from ...ir.dyadic import rounding_term
 
 Expr = tvm.ir.expr.Expr
 
@@ -161,7 +161,7 @@ def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.n
 def quantize_nchw_to_nhwc(shape: tuple[int, ...], scale: float, zero_point: int, dtype: str,
                           to_nhwc: bool) -> tirx.PrimFunc:
     """float32 -> int as ONNX QuantizeLinear (x / scale, round half to even, saturate); 4-D goes NCHW -> NHWC."""
-    lo, hi = DTYPE_RANGES[dtype]
+    lo, hi = qrange(dtype)
 
     def q(v: Expr, lanes: int = 1) -> Expr:
         def const(c: float) -> Expr:

@@ -12,13 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 
-from ...quantizer.ir import QuantizedGraph
+from ...ir import QuantizedGraph
+from ...ir.dtypes import dtype
 from ...search.costs import LatencyTable
 from .compile import layer_kernels, use_target_threads
 from .lower import layer_kernel
 from .target import DEFAULT_TARGET, parse_target, target_string
-
-_NP = {"int8": np.int8, "uint8": np.uint8, "int32": np.int32}
 
 
 def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -49,9 +48,9 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             library = tvm.compile(module, target=tvm.target.Target(target)).mod
             lo, hi = x_value.qrange
-            args = [tvm.runtime.tensor(rng.integers(lo, hi + 1, x_shape).astype(_NP[x_value.dtype]), device)]
+            args = [tvm.runtime.tensor(rng.integers(lo, hi + 1, x_shape).astype(dtype(x_value.dtype).numpy), device)]
             args += [tvm.runtime.tensor(a, device) for a in arrays]
-            args.append(tvm.runtime.tensor(np.zeros(out_shape, _NP[out_value.dtype]), device))
+            args.append(tvm.runtime.tensor(np.zeros(out_shape, dtype(out_value.dtype).numpy), device))
             timer = library.time_evaluator("main", device, repeat=repeats, min_repeat_ms=int(min_ms))
             ms.setdefault(op.name, {})[bits] = float(np.median(timer(*args).results) * 1e3)
         log(f"latency (tvm): layer {i + 1}/{len(layers)}")

@@ -17,7 +17,9 @@ import tvm
 from tvm import relax, tirx
 
 from ...errors import LowbitError
-from ...quantizer.ir import Op, QuantizedGraph
+from ...ir import Op, QuantizedGraph
+from ...ir.ops import add as add_op
+from ...ir.ops import check_backend
 from . import kernels
 
 LayerKernel = Callable[..., tuple[tirx.PrimFunc, list[np.ndarray]]]
@@ -181,9 +183,9 @@ def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr 
     skip = add.inputs[1 - k]
     if skip not in ctx.nhwc:
         return None
-    m = [int(v) for v in add.arrays["multiplier"]]
-    residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(add.arrays["shift"][0]), add.attrs["qmin"],
-                        add.attrs["qmax"])
+    m = add_op.input_mantissas(add)
+    rq = add_op.requantizer(add, ctx.qgraph)
+    residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(rq.shift[0]), rq.qmin, rq.qmax)
     kernel = layer_kernel(conv, ctx.shape(conv.inputs[0]), ctx.dtype(conv.inputs[0]), ctx.dtype(add.output),
                           ctx.conv2d, ctx.dense, residual)
     if kernel is None:
@@ -205,10 +207,10 @@ def _same_layout(ctx: _Context, op: Op) -> None:
 @converter("add")
 def _add(ctx: _Context, op: Op) -> relax.Expr:
     _same_layout(ctx, op)
-    m = [int(v) for v in op.arrays["multiplier"]]
+    m = add_op.input_mantissas(op)
+    rq = add_op.requantizer(op, ctx.qgraph)
     func = kernels.add(int(np.prod(ctx.shape(op.output))), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])),
-                       (m[0], m[1]), int(op.arrays["shift"][0]), op.attrs["qmin"], op.attrs["qmax"],
-                       ctx.dtype(op.output))
+                       (m[0], m[1]), int(rq.shift[0]), rq.qmin, rq.qmax, rq.dtype)
     return ctx.call_flat(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)])
 
 
@@ -290,9 +292,7 @@ def _dequantize(ctx: _Context, op: Op) -> relax.Expr:
 
 def check_supported(qgraph: QuantizedGraph) -> None:
     """Fail fast, naming every op the TVM backend cannot lower, not just the first."""
-    missing = [f"{o.name} ({o.op})" for o in qgraph.ops if o.op not in CONVERTERS]
-    if missing:
-        raise LowbitError(f"the TVM backend has no lowering for {len(missing)} op(s): {', '.join(missing)}")
+    check_backend(qgraph, CONVERTERS, "TVM")
 
 
 def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None,

@@ -26,7 +26,7 @@ import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import meta_schedule as ms
 
-from ...quantizer.ir import QuantizedGraph
+from ...ir import QuantizedGraph
 from . import kernels
 from .lower import LayerKernel, layer_kernel
 from .target import target_string

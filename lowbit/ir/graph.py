@@ -1,22 +1,14 @@
 """The integer IR (`QuantizedGraph`): what every backend lowers from.
 
 Values are integer tensors with scale and zero-point metadata; only the graph's
-inputs (before `quantize`) and outputs (after `dequantize`) are float. Ops:
+inputs (before `quantize`) and outputs (after `dequantize`) are float. The ops and
+their exact integer semantics are defined in `lowbit.ir.ops`, one module each;
+`python -m lowbit.ir.ops` prints the list (`registry.ir_spec`).
 
-- `quantize`   float -> int8/uint8: round half to even (as ONNX QuantizeLinear), saturate.
-- `conv`, `linear`  int8/uint8 x int8 weights (int4 values when `weight_bits` is 4),
-  int32 accumulation, int32 bias, then either a dyadic requantize (per output
-  channel) to int8/uint8 or, for a graph output, the raw int32 accumulator.
-- `add`        two int8/uint8 inputs, each scaled by its own mantissa, one shared shift.
-- `concat`     each input requantized to the output scale, then concatenated.
-- `avgpool`    integer window sum (zero padding counts) and a dyadic divide.
-- `clamp`, `pad`, `maxpool`, `reshape`  integer, scale unchanged.
-- `dequantize` int -> float: q * scale (per tensor, or per channel on `axis`).
-
-Requantization follows `lowbit.quantizer.dyadic` exactly. All zero points are 0
+Requantization follows `lowbit.ir.dyadic` exactly. All zero points are 0
 (symmetric), so padding inserts 0 and no zero-point corrections are needed.
 The IR serializes to `ir.json` (structure, scales) + `ir.safetensors` (arrays);
-4-bit weights are stored packed, two per byte (`pack_int4`).
+weights are stored as their format says (`lowbit.ir.weights`: int4 packed two per byte).
 """
 
 from __future__ import annotations
@@ -29,33 +21,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import LowbitError
+from .dtypes import qrange
+from .ops import QUANTIZABLE_OPS
+from .ops._layer import weights_of
+from .weights import PerChannelWeights
 
-DTYPE_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1)}
 IR_VERSION = 1
-
-
-def weight_range(bits: int) -> tuple[int, int]:
-    """Symmetric (narrow) integer range of a `bits`-bit weight, e.g. [-127, 127] or [-7, 7]."""
-    q = 2 ** (bits - 1) - 1
-    return -q, q
-
-
-def pack_int4(values: np.ndarray) -> np.ndarray:
-    """Signed 4-bit values (in [-8, 7]) -> bytes, two per byte, the first in the low nibble; odd sizes pad a 0."""
-    flat = values.astype(np.int8).reshape(-1)
-    if flat.size and (flat.min() < -8 or flat.max() > 7):
-        raise ValueError("int4 values must lie in [-8, 7]")
-    nibbles = (flat & 0x0F).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return nibbles[0::2] | (nibbles[1::2] << 4)
-
-
-def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of `pack_int4`: int8 values of `shape`."""
-    n = int(np.prod(shape))
-    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:n].astype(np.int8)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
 
 
 @dataclass
@@ -71,7 +42,7 @@ class Value:
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return DTYPE_RANGES[self.dtype]
+        return qrange(self.dtype)
 
 
 @dataclass
@@ -102,7 +73,8 @@ class QuantizedGraph:
 
     @property
     def layers(self) -> list[Op]:
-        return [o for o in self.ops if o.op in ("conv", "linear")]
+        """The ops with weights (those that get a bit-width), in execution order."""
+        return [o for o in self.ops if o.op in QUANTIZABLE_OPS]
 
     @property
     def int_outputs(self) -> list[str]:
@@ -113,9 +85,8 @@ class QuantizedGraph:
         return {o.name: int(o.attrs["weight_bits"]) for o in self.layers}
 
     def weight_bytes(self) -> int:
-        """Packed weight storage: bits/8 per weight plus 4 bytes per int32 bias."""
-        return int(sum(o.arrays["weight"].size * o.attrs["weight_bits"] / 8 + 4 * o.arrays["bias"].size
-                       for o in self.layers))
+        """Stored weight bytes (as each layer's weight format counts them) plus 4 bytes per int32 bias."""
+        return int(sum(weights_of(o).nbytes for o in self.layers))
 
     # -- serialization ------------------------------------------------------------
     def _packed(self, op: Op) -> dict[str, list[int]]:
@@ -140,11 +111,9 @@ class QuantizedGraph:
         directory.mkdir(parents=True, exist_ok=True)
         meta, tensors = directory / "ir.json", directory / "ir.safetensors"
         meta.write_text(json.dumps(self.to_json(), indent=1))
-        arrays = {}
-        for o in self.ops:
-            packed = self._packed(o)
-            for k, v in o.arrays.items():
-                arrays[f"{o.name}::{k}"] = pack_int4(v) if k in packed else np.ascontiguousarray(v)
+        arrays = {f"{o.name}::{k}": np.ascontiguousarray(v) for o in self.ops for k, v in o.arrays.items()}
+        for o in self.layers:  # weights as their format stores them
+            arrays[f"{o.name}::weight"] = weights_of(o).stored()
         save_file(arrays, str(tensors))
         return [meta, tensors]
 
@@ -164,7 +133,7 @@ class QuantizedGraph:
         ops = []
         for o in meta["ops"]:
             packed = o.get("int4_packed", {})
-            arrays = {k: unpack_int4(tensors[f"{o['name']}::{k}"], tuple(packed[k])) if k in packed
+            arrays = {k: PerChannelWeights.unstored(tensors[f"{o['name']}::{k}"], tuple(packed[k]), 4) if k in packed
                       else tensors[f"{o['name']}::{k}"] for k in o["arrays"]}
             ops.append(Op(o["name"], o["op"], o["inputs"], o["output"], o["attrs"], arrays))
         return cls(values, ops, meta["inputs"], meta["outputs"], meta["name"], meta["float_to_int"])

@@ -1,0 +1,99 @@
+"""What conv and linear share: weights per output channel, an int32 accumulator, bias, a requantizer.
+
+Reference semantics: acc = bias + sum(x * w) exactly (int32 accumulation), then the
+op's requantizer, or for a graph output the raw int32 accumulator. The sums run in
+torch floating point on integer-valued tensors: when every product and partial sum
+is an integer below 2^24 (float32) or 2^53 (float64) the float result is exact
+whatever the summation order, and much faster than int64 loops. Each layer picks
+float32 only when its worst-case partial sum (max |x| times the largest
+per-channel sum of |w|) stays below 2^24.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..dtypes import qrange
+from ..dyadic import dyadic
+from ..requantizer import Requantizer
+from ..weights import PerChannelWeights
+
+if TYPE_CHECKING:
+    from ...quantizer.graph import Node
+    from ...quantizer.quantize import Lowering
+    from ..graph import Op, QuantizedGraph
+
+LAYER_WEIGHTS = ("weight", "bias")
+
+
+def f32(x: float) -> float:
+    """Scales are float32 in every backend; keep the IR's copy exactly representable."""
+    return float(np.float32(x))
+
+
+def channel_axis(op_kind: str, ndim: int) -> int:
+    """The output-channel axis of a layer's output: 1 for conv (NCHW), the last for linear."""
+    return 1 if op_kind == "conv" else ndim - 1
+
+
+def weights_of(op: Op) -> PerChannelWeights:
+    """The layer's weight format."""
+    return PerChannelWeights(op.arrays["weight"], np.asarray(op.attrs["weight_scale"], np.float32),
+                             int(op.attrs["weight_bits"]))
+
+
+def requantizer(op: Op, qgraph: QuantizedGraph) -> Requantizer | None:
+    """The layer's per-channel requantizer, or None for an int32 (accumulator) output."""
+    if "multiplier" not in op.arrays:
+        return None
+    out = qgraph.values[op.output]
+    return Requantizer(op.arrays["multiplier"].astype(np.int64), op.arrays["shift"].astype(np.int64),
+                       op.attrs["qmin"], op.attrs["qmax"], out.dtype, channel_axis(op.op, len(out.shape)))
+
+
+def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
+    """Weights to per-channel symmetric integers, bias to int32 at the accumulator's scale, then a
+    requantizer to the output's grid (with a following clamp folded in), or int32 for a graph output."""
+    x = lw.input_value(node)
+    bits = lw.plan.bits[node.name]
+    w_int, w_scale = lw.round_weight(node, bits)
+    acc_scale = np.float64(x.scale) * w_scale.astype(np.float64)
+    bias = np.round(lw.graph.bias(node.name).numpy().astype(np.float64) / acc_scale)
+    bias = np.clip(bias, *qrange("int32")).astype(np.int32)
+    attrs: dict[str, Any] = {k: node.attrs[k] for k in attr_names}
+    attrs.update(weight_bits=bits, weight_scale=w_scale.tolist(), input_scale=x.scale)
+    arrays = {"weight": w_int, "bias": bias}
+    clamp = lw.fused.get(node.name)
+    axis = channel_axis(node.op, len(node.shape))
+    if clamp is None and node.name in lw.graph.outputs:
+        # A graph output keeps the int32 accumulator: no requantization error on logits.
+        out = lw.accumulator(node, [f32(s) for s in acc_scale], axis)
+    else:
+        out, qmin, qmax = lw.activation(clamp.name if clamp else node.name, node.shape, clamp)
+        mantissa, shift = dyadic(acc_scale / out.scale)
+        arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
+        attrs.update(qmin=qmin, qmax=qmax)
+    lw.emit(node.name, node.op, [x], out, attrs, arrays)
+
+
+def exact_float(weight: np.ndarray, input_range: int) -> type:
+    """The narrowest float type in which this layer's integer sums are exact."""
+    worst = int(np.abs(weight.astype(np.int64)).reshape(weight.shape[0], -1).sum(1).max()) * input_range
+    return np.float32 if worst < 2**24 else np.float64
+
+
+def as_float(x: np.ndarray, dtype: type) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=dtype))
+
+
+def to_int(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().astype(np.int64)
+
+
+def finish(op: Op, acc: np.ndarray, qgraph: QuantizedGraph) -> np.ndarray:
+    """acc (bias included) -> the requantized output, or acc itself for an int32 output."""
+    rq = requantizer(op, qgraph)
+    return acc if rq is None else rq.apply(acc)
