@@ -22,7 +22,7 @@ from onnx import ModelProto, TensorProto
 from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
 from ...ir.dyadic import rounding_term
-from ...ir.ops import _layer, add, avgpool, concat
+from ...ir.ops import _layer, add, avgpool, concat, lut
 from ...ir.requantizer import Requantizer
 from .builder import (
     Builder,
@@ -182,6 +182,14 @@ def _int_avgpool(b: Builder, op: Op) -> None:
         sums = b.node("ConvInteger", [x, ones], f"{op.name}/sums", kernel_shape=a["kernel"], strides=a["stride"],
                       pads=pads(a["padding"]), group=channels)
     requantize(b, op.name, sums, avgpool.requantizer(op, b.qgraph), 4, op.output)
+
+
+@_integer("lut")
+def _int_lut(b: Builder, op: Op) -> None:
+    index = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
+    index = b.node("Add", [index, b.const(f"{op.name}/offset", np.int32(lut.index_offset(op, b.qgraph)))],
+                   f"{op.name}/index")
+    b.node("Gather", [b.const(f"{op.name}/table", op.arrays["table"]), index], op.output, axis=0)
 
 
 @_integer("maxpool")

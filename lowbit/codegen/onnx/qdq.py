@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
@@ -188,6 +188,16 @@ def _qdq_avgpool(b: _QdqBuilder, op: Op) -> None:
         y = b.node("AveragePool", [x], f"{op.name}/pool", kernel_shape=a["kernel"], strides=a["stride"],
                    pads=pads(a["padding"]), count_include_pad=1)
     _activation(b, op.output, _clamp_float(b, op, y))
+
+
+@_qdq("lut")
+def _qdq_lut(b: _QdqBuilder, op: Op) -> None:
+    # The stored (uint8) integer of the input, as `_activation` names it, is the table index itself: int8
+    # values are stored with zero point 128, that is x + 128 = x - qmin. The table's entries go back to float.
+    index = b.node("Cast", [op.inputs[0]], f"{op.name}/index", to=TensorProto.INT32)
+    table = (op.arrays["table"].astype(np.float32) * np.float32(b.value(op.output).scale)).astype(np.float32)
+    y = b.node("Gather", [b.const(f"{op.name}/table", table), index], f"{op.name}/lut", axis=0)
+    _activation(b, op.output, y)
 
 
 @_qdq("maxpool")

@@ -305,6 +305,14 @@ def clamp(numel: int, dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:
     return schedule_elementwise(te.create_prim_func([x, out]))
 
 
+def lut(numel: int, dtype: str, table_size: int, offset: int, out_dtype: str) -> tirx.PrimFunc:
+    """Table lookup on a tensor taken flat: out[i] = table[x[i] + offset] (the table is the kernel's constant)."""
+    x = te.placeholder((numel,), dtype, name="x")
+    table = te.placeholder((table_size,), out_dtype, name="table")
+    out = te.compute((numel,), lambda i: table[x[i].astype("int32") + offset], name="lut")
+    return schedule_elementwise(te.create_prim_func([x, table, out]))
+
+
 def pad_nhwc(shape: tuple[int, int, int, int], dtype: str, pads: tuple[int, int, int, int]) -> tirx.PrimFunc:
     """Zero padding (the zero point); `pads` is (left, right, top, bottom) as in the IR."""
     left, right, top, bottom = pads

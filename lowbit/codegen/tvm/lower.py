@@ -20,6 +20,7 @@ from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
 from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
+from ...ir.ops import lut as lut_op
 from . import kernels
 
 LayerKernel = Callable[..., tuple[tirx.PrimFunc, list[np.ndarray]]]
@@ -83,11 +84,12 @@ class _Context:
         return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(out_shape, out_dtype)),
                             name_hint=_symbol(op.output))
 
-    def call_flat(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr]) -> relax.Expr:
+    def call_flat(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr],
+                  arrays: list[np.ndarray] | None = None) -> relax.Expr:
         """Call an elementwise `func` on `args` taken flat (reshapes are views) and give the result its shape."""
         numel = int(np.prod(self.shape(op.output)))
         flat = [self.bb.emit(relax.op.reshape(arg, (numel,))) for arg in args]
-        out = self.call(op, func, flat, [], (numel,), self.dtype(op.output))
+        out = self.call(op, func, flat, arrays or [], (numel,), self.dtype(op.output))
         return self.bb.emit(relax.op.reshape(out, self.shape(op.output)), name_hint=_symbol(op.output))
 
     def arg(self, op: Op, index: int = 0, nhwc: bool = True) -> relax.Expr:
@@ -258,6 +260,16 @@ def _clamp(ctx: _Context, op: Op) -> relax.Expr:
     return ctx.call_flat(op, func, [ctx.env[op.inputs[0]]])
 
 
+@converter("lut")
+def _lut(ctx: _Context, op: Op) -> relax.Expr:
+    if op.inputs[0] in ctx.nhwc:
+        ctx.nhwc.add(op.output)
+    table = op.arrays["table"]
+    func = kernels.lut(int(np.prod(ctx.shape(op.output))), ctx.dtype(op.inputs[0]), len(table),
+                       lut_op.index_offset(op, ctx.qgraph), ctx.dtype(op.output))
+    return ctx.call_flat(op, func, [ctx.env[op.inputs[0]]], [table])
+
+
 @converter("pad")
 def _pad(ctx: _Context, op: Op) -> relax.Expr:
     _same_layout(ctx, op)
@@ -296,10 +308,12 @@ def check_supported(qgraph: QuantizedGraph) -> None:
 
 
 def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None,
-          fuse_residuals: bool = False) -> Lowered:
+          fuse_residuals: bool = False, integer_outputs: bool = False) -> Lowered:
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 
-    `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues."""
+    `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues.
+    `integer_outputs`: `main` returns the integer values before the final dequantize (`qgraph.int_outputs`, in
+    the IR's NCHW order), to be compared with the reference executor as integers."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
@@ -312,7 +326,11 @@ def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: Laye
             for op in qgraph.ops:
                 if op.name not in ctx.fused:
                     ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
-            outputs = [ctx.env[name] for name in qgraph.outputs]
+            if integer_outputs:
+                outputs = [ctx.arg(qgraph.producer(name), 0, nhwc=False) for name in qgraph.outputs]
+            else:
+                outputs = [ctx.env[name] for name in qgraph.outputs]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result, params=[*inputs, *ctx.params])
-    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs))
+    names = qgraph.int_outputs if integer_outputs else qgraph.outputs
+    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(names))

@@ -11,12 +11,15 @@ from . import (  # noqa: F401  (imported to register)
     clamp,
     concat,
     conv,
+    hardswish,
     identity,
     linear,
+    lut,
     maxpool,
     pad,
     quantize,
     reshape,
+    sigmoid,
 )
 from .registry import (
     ATEN_CONVERTERS,

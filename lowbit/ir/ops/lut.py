@@ -1,0 +1,63 @@
+"""lut: an elementwise function of an 8-bit integer as a 256-entry table, the primitive of integer activations.
+
+Any float function f of an int8/uint8 tensor x with scale s_x, requantized to an
+output grid s_out, takes at most 256 values, so it can be computed exactly in
+advance: table[i] = clip(round(f((i + qmin_x) * s_x) / s_out)). At run time the
+op is one gather, integer in and integer out. Float ops such as hardswish or
+sigmoid lower to it (`lower_elementwise`), so a new elementwise op is one module
+with no backend work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..dtypes import dtype, qrange
+from .registry import OpDef, register
+
+if TYPE_CHECKING:
+    from ...quantizer.graph import Node
+    from ..graph import Op, QuantizedGraph
+
+TABLE_INPUT_DTYPES = ("int8", "uint8")
+
+
+def table_for(fn: Callable[[np.ndarray], np.ndarray], in_dtype: str, in_scale: float, out_scale: float,
+              qmin: int, qmax: int, out_dtype: str) -> np.ndarray:
+    """The table of `fn` (float64 -> float64, elementwise) from the input grid to the output grid."""
+    lo, hi = qrange(in_dtype)
+    x = np.arange(lo, hi + 1, dtype=np.float64) * np.float64(in_scale)
+    q = np.rint(fn(x) / np.float64(out_scale))  # half to even, as the fake-quant simulation rounds
+    return np.clip(q, qmin, qmax).astype(dtype(out_dtype).numpy)
+
+
+def lower_elementwise(lw: Any, node: Node, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Lower a float node y = fn(x) to a `lut` on its quantized input (a clamp after it folds into the table)."""
+    x = lw.input_value(node)
+    if x.dtype not in TABLE_INPUT_DTYPES:
+        raise ValueError(f"node {node.name}: a table lookup needs an 8-bit input, not {x.dtype}")
+    clamp = lw.fused.get(node.name)
+    out, qmin, qmax = lw.activation(clamp.name if clamp else node.name, node.shape, clamp)
+    table = table_for(fn, x.dtype, x.scale, out.scale, qmin, qmax, out.dtype)
+    lw.emit(node.name, "lut", [x], out, {"qmin": qmin, "qmax": qmax}, {"table": table})
+
+
+def index_offset(op: Op, qgraph: QuantizedGraph) -> int:
+    """What is added to the input to index the table: -qmin of the input dtype (128 for int8, 0 for uint8)."""
+    return -qrange(qgraph.values[op.inputs[0]].dtype)[0]
+
+
+def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.ndarray:
+    index = np.asarray(args[0], dtype=np.int64) + index_offset(op, qgraph)
+    return op.arrays["table"].astype(np.int64)[index]
+
+
+LUT = register(OpDef(
+    "lut",
+    "table lookup: out = table[x - qmin(x's dtype)] for an int8/uint8 input, a 256-entry table of the output "
+    "dtype (an elementwise function precomputed on the integer grid).",
+    reference=_reference,
+))

@@ -1,0 +1,249 @@
+"""The op conformance suite: every integer op of the registry, on random and saturating integers, gives the same
+integers in the reference executor, in `model.int.onnx` under ONNX Runtime, and in the TVM build.
+
+Each case is a tiny IR: quantize (scale 1, so the float inputs are the integers themselves, or saturate) -> the
+op -> dequantize. A registered op without a case here, or a backend without a converter for it, fails.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, export_integer
+from lowbit.ir import Op, QuantizedGraph, Value
+from lowbit.ir.dtypes import qrange
+from lowbit.ir.dyadic import dyadic
+from lowbit.ir.ops import OPS, primitives
+from lowbit.ir.weights import weight_range
+from lowbit.quantizer.reference import run_reference
+
+Case = Callable[[np.random.Generator, str], QuantizedGraph]
+DTYPES = ("int8", "uint8")
+
+
+def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, attrs: dict,
+           arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: str,
+           out_axis: int | None = None) -> QuantizedGraph:
+    """quantize each float input (scale 1) -> `op` -> dequantize."""
+    values, ops = {}, []
+    for x, (shape, dtype) in inputs.items():
+        values[x] = Value(x, "float32", shape)
+        values[f"{x}_q"] = Value(f"{x}_q", dtype, shape, 1.0)
+        ops.append(Op(f"{x}_quantize", "quantize", [x], f"{x}_q"))
+    scale: float | list[float] = 1.0 if out_axis is None else [1.0] * out_shape[out_axis]
+    values["y_q"] = Value("y_q", out_dtype, out_shape, scale, 0, out_axis)
+    values["y"] = Value("y", "float32", out_shape)
+    ops += [Op("op", op, [f"{x}_q" for x in inputs], "y_q", attrs, arrays),
+            Op("y_dequantize", "dequantize", ["y_q"], "y")]
+    return QuantizedGraph(values, ops, list(inputs), ["y"], f"conformance_{name}")
+
+
+def _requant(rng: np.random.Generator, n: int, lo: float = 1e-3, hi: float = 0.5) -> dict[str, np.ndarray]:
+    mantissa, shift = dyadic(rng.uniform(lo, hi, n))
+    return {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)}
+
+
+def _other(dtype: str) -> str:
+    return "uint8" if dtype == "int8" else "int8"
+
+
+def _layer_arrays(rng: np.random.Generator, weight_shape: tuple[int, ...], bits: int) -> dict[str, np.ndarray]:
+    lo, hi = weight_range(bits)
+    return {"weight": rng.integers(lo, hi + 1, weight_shape).astype(np.int8),
+            "bias": rng.integers(-5000, 5000, weight_shape[0]).astype(np.int32)}
+
+
+def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
+    attrs = {"stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "weight_bits": bits,
+             "weight_scale": [1.0] * 8, "input_scale": 1.0}
+    arrays = _layer_arrays(rng, (8, 5, 3, 3), bits)
+    if not requantize:
+        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", attrs, arrays, (1, 8, 5, 4), "int32", 1)
+    lo, hi = qrange(dtype)
+    return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, "qmin": lo + 3, "qmax": hi},
+                  {**arrays, **_requant(rng, 8, 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
+
+
+def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
+    attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
+    arrays = _layer_arrays(rng, (6, 20), bits)
+    if not requantize:
+        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", attrs, arrays, (1, 6), "int32", 1)
+    lo, hi = qrange(_other(dtype))
+    return _graph("linear", {"x": ((1, 20), dtype)}, "linear", {**attrs, "qmin": lo, "qmax": hi},
+                  {**arrays, **_requant(rng, 6, 1e-3, 5e-2)}, (1, 6), _other(dtype))
+
+
+def _add(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    shape = (1, 4, 5, 6)
+    ratios = rng.uniform(0.3, 1.5, 2)
+    _, shift = dyadic(ratios.max())
+    mantissas = np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32)
+    lo, hi = qrange(dtype)
+    return _graph("add", {"a": (shape, dtype), "b": (shape, _other(dtype))}, "add", {"qmin": lo, "qmax": hi},
+                  {"multiplier": mantissas, "shift": shift.astype(np.int32)}, shape, dtype)
+
+
+def _concat(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    lo, hi = qrange(dtype)
+    return _graph("concat", {"a": ((1, 3, 4, 5), dtype), "b": ((1, 2, 4, 5), _other(dtype))}, "concat",
+                  {"axis": 1, "qmin": lo, "qmax": hi}, _requant(rng, 2, 0.2, 1.9), (1, 5, 4, 5), dtype)
+
+
+def _avgpool(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    lo, hi = qrange(dtype)
+    attrs = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "qmin": lo, "qmax": hi}
+    return _graph("avgpool", {"x": ((1, 4, 7, 6), dtype)}, "avgpool", attrs, _requant(rng, 1, 0.05, 0.2),
+                  (1, 4, 4, 3), dtype)
+
+
+def _maxpool(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    attrs = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "ceil_mode": False}
+    return _graph("maxpool", {"x": ((1, 4, 7, 6), dtype)}, "maxpool", attrs, {}, (1, 4, 4, 3), dtype)
+
+
+def _clamp(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    lo, hi = qrange(dtype)
+    return _graph("clamp", {"x": ((1, 3, 4, 5), dtype)}, "clamp", {"qmin": lo + 20, "qmax": hi - 30}, {},
+                  (1, 3, 4, 5), dtype)
+
+
+def _pad(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    return _graph("pad", {"x": ((1, 3, 4, 5), dtype)}, "pad", {"pads": [1, 2, 0, 3]}, {}, (1, 3, 7, 8), dtype)
+
+
+def _reshape(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    return _graph("reshape", {"x": ((1, 3, 4, 5), dtype)}, "reshape", {"shape": [60]}, {}, (1, 60), dtype)
+
+
+def _lut(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    lo, hi = qrange(_other(dtype))
+    table = rng.integers(lo, hi + 1, 256).astype(np.uint8 if _other(dtype) == "uint8" else np.int8)
+    return _graph("lut", {"x": ((1, 3, 4, 5), dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
+                  (1, 3, 4, 5), _other(dtype))
+
+
+def _quantize(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    return _clamp(rng, dtype)  # quantize (and dequantize) begin and end every case; this one adds nothing else
+
+
+CASES: dict[str, list[Case]] = {
+    "conv": [_conv, lambda rng, d: _conv(rng, d, bits=4), lambda rng, d: _conv(rng, d, requantize=False)],
+    "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False)],
+    "add": [_add], "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp],
+    "pad": [_pad], "reshape": [_reshape], "lut": [_lut], "quantize": [_quantize], "dequantize": [_quantize],
+}
+PARAMS = [pytest.param(op, i, dtype, id=f"{op}-{i}-{dtype}")
+          for op in sorted(CASES) for i in range(len(CASES[op])) for dtype in DTYPES]
+
+
+def _inputs(qgraph: QuantizedGraph, rng: np.random.Generator, samples: int = 6) -> dict[str, np.ndarray]:
+    """Random integers over each input's whole range, with its extremes, and values beyond them that saturate."""
+    found = {}
+    for name in qgraph.inputs:
+        q = next(o.output for o in qgraph.ops if o.op == "quantize" and o.inputs[0] == name)
+        lo, hi = qrange(qgraph.values[q].dtype)
+        shape = (samples, *qgraph.values[name].shape[1:])
+        x = rng.integers(lo, hi + 1, shape).astype(np.float32)
+        x[0], x[1] = lo, hi
+        x[2] = rng.choice(np.array([lo - 1000, hi + 1000], np.float32), shape[1:])
+        found[name] = x
+    return found
+
+
+def test_every_registered_integer_op_has_a_case_and_every_backend_supports_it() -> None:
+    from lowbit.codegen.tvm.lower import CONVERTERS as TVM_CONVERTERS
+
+    assert set(CASES) == set(primitives()), "add a conformance case for each new integer op"
+    for backend, converters in (("model.int.onnx", INTEGER_CONVERTERS), ("model.onnx", QDQ_CONVERTERS),
+                                ("TVM", TVM_CONVERTERS)):
+        missing = sorted(set(primitives()) - set(converters))
+        assert not missing, f"the {backend} backend lacks {missing}"
+    # Float-only ops lower to primitives; they never reach a backend.
+    assert all(OPS[name].lower is not None for name in OPS if not OPS[name].is_primitive)
+
+
+def _ort_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    export_integer(qgraph, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [np.concatenate([session.run(qgraph.int_outputs, {k: v[i:i + 1] for k, v in x.items()})[j]
+                            for i in range(len(next(iter(x.values()))))]) for j in range(len(qgraph.int_outputs))]
+
+
+@pytest.mark.parametrize(("op", "index", "dtype"), PARAMS)
+def test_op_is_bit_exact_in_every_backend(op: str, index: int, dtype: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(zlib.crc32(f"{op}-{index}-{dtype}".encode()))
+    qgraph = CASES[op][index](rng, dtype)
+    x = _inputs(qgraph, rng)
+    reference = run_reference(qgraph, x, integer_outputs=True)
+    expected = [reference[name] for name in qgraph.int_outputs]
+    for got, want in zip(_ort_integers(qgraph, x, tmp_path / "m.int.onnx"), expected, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want, err_msg="model.int.onnx in ONNX Runtime")
+    for got, want in zip(_tvm_integers(qgraph, x), expected, strict=True):
+        np.testing.assert_array_equal(got.astype(want.dtype), want, err_msg="TVM")
+        assert got.dtype == want.dtype
+
+
+def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+    tvm = pytest.importorskip("tvm")
+    from lowbit.codegen.tvm.compile import layer_kernels
+    from lowbit.codegen.tvm.lower import lower
+    from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
+
+    target = parse_target(DEFAULT_TARGET)
+    conv2d, dense, kernels = layer_kernels(target)
+    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
+    vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
+    samples = len(next(iter(x.values())))
+    outs = []
+    for i in range(samples):
+        result = vm["main"](*[tvm.runtime.tensor(x[name][i:i + 1]) for name in qgraph.inputs], *params)
+        outs.append([result.numpy()] if len(lowered.outputs) == 1 else [r.numpy() for r in result])
+    return [np.concatenate([o[j] for o in outs]) for j in range(len(lowered.outputs))]
+
+
+class _Activations(torch.nn.Module):
+    """Float-only ops (lowered to `lut`) between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.hardswish(self.conv1(x))
+        return torch.sigmoid(self.conv2(y))
+
+
+def test_float_activations_lower_to_tables_that_every_backend_runs_exactly(tmp_path: Path) -> None:
+    from lowbit.quantizer.capture import capture
+    from lowbit.quantizer.config import QuantConfig
+    from lowbit.quantizer.quantize import quantize
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(16, 3, 6, 7)).astype(np.float32)
+    model = _Activations().eval()
+    program = torch.export.export(model, (torch.from_numpy(calib[:1]),))
+    graph = capture(program, "activations")
+    assert [n.op for n in graph.nodes] == ["input", "conv", "hardswish", "conv", "sigmoid"]
+    qgraph = quantize(graph, calib, QuantConfig(rounding="nearest"))
+    assert [o.op for o in qgraph.ops] == ["quantize", "conv", "lut", "conv", "lut", "dequantize"]
+    x = {"x": rng.normal(size=(4, 3, 6, 7)).astype(np.float32) * 3}
+    expected = run_reference(qgraph, x, integer_outputs=True)[qgraph.int_outputs[0]]
+    np.testing.assert_array_equal(_ort_integers(qgraph, x, tmp_path / "m.int.onnx")[0], expected)
+    np.testing.assert_array_equal(_tvm_integers(qgraph, x)[0], expected)
+    # The tables are the float functions on the integer grid: on calibration data, a few output steps from FP32.
+    with torch.no_grad():
+        fp32 = model(torch.from_numpy(calib)).numpy()
+    step = qgraph.values[qgraph.int_outputs[0]].scale
+    assert np.abs(run_reference(qgraph, calib)["sigmoid"] - fp32).max() < 4 * step
