@@ -8,8 +8,8 @@ max, the second fills a histogram of |x| over [0, max|x|]. From the histogram:
 - `mse`:        T minimizing the expected squared error of quantize-dequantize
                 (rounding noise s^2/12 inside the range, clipping error outside).
 
-Quantization is symmetric: an unsigned tensor covers [0, T] in 255 steps, a
-signed one [-T, T] in 127 steps each side.
+Quantization is symmetric: an unsigned tensor covers [0, T] in qmax steps (255 for
+uint8), a signed one [-T, T] in qmax steps each side (127 for int8); `lowbit.ir.dtypes`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ir.dtypes import activation_dtype, steps
 from .graph import Graph, run_graph
 
 METHODS = ("minmax", "percentile", "mse")
@@ -78,8 +79,8 @@ def collect_stats(graph: Graph, batches: Callable[[], Iterable[torch.Tensor]], n
     return {n: TensorStats(lo[n], hi[n], hists[n]) for n in lo}
 
 
-def clip_threshold(stats: TensorStats, method: str, signed: bool, percentile: float = 99.99) -> float:
-    """The clipping threshold T the method chooses for this tensor."""
+def clip_threshold(stats: TensorStats, method: str, signed: bool, percentile: float = 99.99, bits: int = 8) -> float:
+    """The clipping threshold T the method chooses for this tensor, quantized to `bits`-bit integers."""
     top = stats.absmax
     total = stats.hist.sum()
     if top == 0 or total == 0 or method == "minmax":
@@ -90,7 +91,7 @@ def clip_threshold(stats: TensorStats, method: str, signed: bool, percentile: fl
         idx = int(np.searchsorted(cdf, percentile / 100.0))
         return float(edges[min(idx + 1, HIST_BINS)])
     if method == "mse":
-        return _mse_threshold(stats.hist, edges, 127 if signed else 255)
+        return _mse_threshold(stats.hist, edges, steps(activation_dtype(bits, unsigned=not signed)))
     raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
 
 

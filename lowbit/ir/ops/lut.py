@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ..dtypes import dtype, qrange
 from .registry import OpDef, register
@@ -61,3 +62,23 @@ LUT = register(OpDef(
     "dtype (an elementwise function precomputed on the integer grid).",
     reference=_reference,
 ))
+
+
+def elementwise_op(name: str, summary: str, numpy_fn: Callable[[np.ndarray], np.ndarray],
+                   torch_fn: Callable[[torch.Tensor], torch.Tensor], aten_targets: tuple[Any, ...],
+                   absorbs_clamp: bool = False) -> OpDef:
+    """Register a float elementwise op y = f(x) that lowers to `lut`: its float semantics (`torch_fn`), the same
+    function in float64 numpy for the table (`numpy_fn`), and the ATen ops captured as it."""
+
+    def convert(ctx: Any, fx: Any) -> Any:
+        return ctx.emit(fx, name, [ctx.tensor(fx, 0, "input")])
+
+    def evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch_fn(args[0])
+
+    return register(OpDef(
+        name, f"{summary}; lowered to `lut`.",
+        aten=dict.fromkeys(aten_targets, convert), described_as=name,
+        evaluate=evaluate, lower=lambda lw, node: lower_elementwise(lw, node, numpy_fn),
+        absorbs_clamp=absorbs_clamp,
+    ))
