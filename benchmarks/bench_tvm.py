@@ -10,7 +10,12 @@ rounds (see bench_mobilenet_v2.measure_latency):
 The compiled models are also checked bit for bit against the reference executor on
 the held-out set. Writes the "tvm" section of BENCHMARKS.md.
 
-    python benchmarks/bench_tvm.py [--out BENCHMARKS.md] [--runs N] [--threads 2]
+    python benchmarks/bench_tvm.py [--out BENCHMARKS.md] [--runs N] [--threads 2] [--baseline DIR]
+
+`--baseline DIR` also times the models that another lowbit revision compiled
+(DIR/int8 and DIR/mixed, each with its tvm/ folder and a `revision` file), in the
+same interleaved rounds, and checks that their outputs equal this revision's bit for
+bit: how a refactoring shows it changed neither results nor speed.
 """
 
 from __future__ import annotations
@@ -98,6 +103,23 @@ def compiled_contender(name: str, qgraph: QuantizedGraph, tmp: Path, heldout: np
                        "params_bytes": (directory / "tvm" / "params.npz").stat().st_size, "tuning": meta["tuning"]}
 
 
+def baseline_contenders(directory: Path, current: dict[str, Contender], checks: dict,
+                        heldout: np.ndarray) -> list[Contender]:
+    """Another revision's compiled models, each checked to give exactly this revision's outputs."""
+    found = []
+    for key, now in current.items():
+        revision = (directory / "revision").read_text().strip() if (directory / "revision").exists() else "?"
+        model = load(directory / key, verify=False)
+        contender = Contender(f"{now.name} (baseline {revision})", model.run)
+        contender.heldout = model.run(heldout)
+        identical = bool(np.array_equal(contender.heldout, now.heldout))
+        log(f"{contender.name}: outputs identical to this revision's on {len(contender.heldout)} inputs: {identical}")
+        checks[contender.name] = {**checks[now.name], "bit_exact": identical, "compile_s": float("nan"),
+                                  "baseline": True}
+        found.append(contender)
+    return found
+
+
 def _tuning_note(tuning: dict | None) -> str:
     if not tuning:
         return " (untuned)"
@@ -125,7 +147,10 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
     check_lines = [f"  - {name}: {c['target']}, {c['kernels']} kernels, built in {c['compile_s']:.1f} s"
                    f"{_tuning_note(c['tuning'])}, library {c['so_bytes'] / 1e6:.1f} MB, constants "
                    f"{c['params_bytes'] / 1e6:.2f} MB, bit-exact with the reference executor on {len(ref)} held-out "
-                   f"inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items()]
+                   f"inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items() if not c.get("baseline")]
+    check_lines += [f"  - {name}: compiled by that revision; outputs identical to this revision's on {len(ref)} "
+                    f"held-out inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items()
+                    if c.get("baseline")]
     return "\n".join([
         "## TVM-compiled MobileNetV2 against ONNX Runtime",
         "",
@@ -156,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="also compile INT8 tuned with this many MetaSchedule trials (0: skip)")
     parser.add_argument("--tuning-cache", type=Path, help="tuning database directory (default: a fresh temp dir)")
+    parser.add_argument("--baseline", type=Path,
+                        help="compiled INT8 and INT4/INT8 models of another revision (DIR/int8, DIR/mixed) to time "
+                             "side by side")
     args = parser.parse_args(argv)
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -194,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     data.heldout, args.tune_trials, args.tuning_cache or tmp / "cache")
             checks[tuned.name] = check_tuned
             rows.append(tuned)
+        if args.baseline:
+            rows += baseline_contenders(args.baseline, {"int8": tvm_int8, "mixed": tvm_mixed}, checks, data.heldout)
         for c in rows:
             if c.heldout is None:
                 c.heldout = batched(c.predict, data.heldout)
