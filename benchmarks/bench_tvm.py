@@ -147,7 +147,8 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
     check_lines = [f"  - {name}: {c['target']}, {c['kernels']} kernels, built in {c['compile_s']:.1f} s"
                    f"{_tuning_note(c['tuning'])}, library {c['so_bytes'] / 1e6:.1f} MB, constants "
                    f"{c['params_bytes'] / 1e6:.2f} MB, bit-exact with the reference executor on {len(ref)} held-out "
-                   f"inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items() if not c.get("baseline")]
+                   f"inputs: {'yes' if c['bit_exact'] else 'NO'}"
+                   for name, c in checks.items() if not c.get("baseline")]
     check_lines += [f"  - {name}: compiled by that revision; outputs identical to this revision's on {len(ref)} "
                     f"held-out inputs: {'yes' if c['bit_exact'] else 'NO'}" for name, c in checks.items()
                     if c.get("baseline")]
