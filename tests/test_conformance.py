@@ -247,3 +247,22 @@ def test_float_activations_lower_to_tables_that_every_backend_runs_exactly(tmp_p
         fp32 = model(torch.from_numpy(calib)).numpy()
     step = qgraph.values[qgraph.int_outputs[0]].scale
     assert np.abs(run_reference(qgraph, calib)["sigmoid"] - fp32).max() < 4 * step
+
+
+def test_loading_an_ir_with_an_unknown_op_or_a_bad_requantizer_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from lowbit.errors import LowbitError
+
+    qgraph = _conv(np.random.default_rng(0), "int8")
+    qgraph.save(tmp_path)
+    assert QuantizedGraph.load(tmp_path).requantizers(qgraph.op("op"))[0].axis == 1
+    meta = json.loads((tmp_path / "ir.json").read_text())
+    meta["ops"][1]["attrs"]["qmax"] = 300  # beyond int8
+    (tmp_path / "ir.json").write_text(json.dumps(meta))
+    with pytest.raises(LowbitError, match="op op .conv. has an invalid requantizer"):
+        QuantizedGraph.load(tmp_path)
+    meta["ops"][1]["op"] = "softmax"
+    (tmp_path / "ir.json").write_text(json.dumps(meta))
+    with pytest.raises(LowbitError, match="unknown integer ops softmax"):
+        QuantizedGraph.load(tmp_path)

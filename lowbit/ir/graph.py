@@ -22,8 +22,9 @@ import numpy as np
 
 from ..errors import LowbitError
 from .dtypes import qrange
-from .ops import QUANTIZABLE_OPS
+from .ops import OPS, QUANTIZABLE_OPS
 from .ops._layer import weights_of
+from .requantizer import Requantizer
 from .weights import PerChannelWeights
 
 IR_VERSION = 1
@@ -81,6 +82,11 @@ class QuantizedGraph:
         """The integer values that the output dequantize ops read: what backends must match bit for bit."""
         return [self.producer(o).inputs[0] for o in self.outputs]
 
+    def requantizers(self, op: Op) -> list[Requantizer]:
+        """The typed requantizers lowering attached to `op` (validated: ranges, shifts, mantissas)."""
+        reader = OPS[op.op].requantizers
+        return [] if reader is None else reader(op, self)
+
     def bit_plan(self) -> dict[str, int]:
         return {o.name: int(o.attrs["weight_bits"]) for o in self.layers}
 
@@ -136,4 +142,18 @@ class QuantizedGraph:
             arrays = {k: PerChannelWeights.unstored(tensors[f"{o['name']}::{k}"], tuple(packed[k]), 4) if k in packed
                       else tensors[f"{o['name']}::{k}"] for k in o["arrays"]}
             ops.append(Op(o["name"], o["op"], o["inputs"], o["output"], o["attrs"], arrays))
-        return cls(values, ops, meta["inputs"], meta["outputs"], meta["name"], meta["float_to_int"])
+        qgraph = cls(values, ops, meta["inputs"], meta["outputs"], meta["name"], meta["float_to_int"])
+        qgraph.validate(f"{directory}/ir.json")
+        return qgraph
+
+    def validate(self, where: str) -> None:
+        """Refuse an IR no backend could run: unknown ops, or requantizers out of their integer ranges."""
+        unknown = sorted({o.op for o in self.ops if o.op not in OPS or not OPS[o.op].is_primitive})
+        if unknown:
+            raise LowbitError(f"{where}: unknown integer ops {', '.join(unknown)}; this lowbit knows "
+                              f"{', '.join(o for o in OPS if OPS[o].is_primitive)}")
+        for op in self.ops:
+            try:
+                self.requantizers(op)
+            except (KeyError, ValueError) as e:
+                raise LowbitError(f"{where}: op {op.name} ({op.op}) has an invalid requantizer: {e}") from e

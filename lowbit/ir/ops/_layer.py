@@ -54,6 +54,11 @@ def requantizer(op: Op, qgraph: QuantizedGraph) -> Requantizer | None:
                        op.attrs["qmin"], op.attrs["qmax"], out.dtype, channel_axis(op.op, len(out.shape)))
 
 
+def requantizers(op: Op, qgraph: QuantizedGraph) -> list[Requantizer]:
+    rq = requantizer(op, qgraph)
+    return [] if rq is None else [rq]
+
+
 def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     """Weights to per-channel symmetric integers, bias to int32 at the accumulator's scale, then a
     requantizer to the output's grid (with a following clamp folded in), or int32 for a graph output."""

@@ -66,5 +66,6 @@ ADD = register(OpDef(
     aten={aten.add.Tensor: _add, aten.add_.Tensor: _add},
     described_as="add",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    requantizers=lambda op, qgraph: [requantizer(op, qgraph)],
     absorbs_clamp=True, joins_inputs=True,
 ))

@@ -106,4 +106,5 @@ AVGPOOL = register(OpDef(
           aten._adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean},
     described_as="avg pool, adaptive avg pool, mean over H and W",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    requantizers=lambda op, qgraph: [requantizer(op, qgraph)],
 ))

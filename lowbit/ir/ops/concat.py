@@ -57,6 +57,6 @@ CONCAT = register(OpDef(
     "each input requantized to the output scale (its own mantissa and shift), then concatenated along `axis`.",
     aten={aten.cat.default: _cat},
     described_as="cat",
-    evaluate=_evaluate, lower=_lower, reference=_reference,
+    evaluate=_evaluate, lower=_lower, reference=_reference, requantizers=requantizers,
     joins_inputs=True,
 ))

@@ -89,5 +89,6 @@ CONV = register(OpDef(
     aten={aten.conv2d.default: _conv2d, aten.convolution.default: _convolution},
     described_as="conv2d",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    requantizers=_layer.requantizers,
     weights=_layer.LAYER_WEIGHTS, absorbs_clamp=True,
 ))

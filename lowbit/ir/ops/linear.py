@@ -63,5 +63,6 @@ LINEAR = register(OpDef(
     aten={aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _mm},
     described_as="linear",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    requantizers=_layer.requantizers,
     weights=_layer.LAYER_WEIGHTS, absorbs_clamp=True,
 ))

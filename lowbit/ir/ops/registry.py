@@ -7,6 +7,7 @@ An `OpDef` holds everything the pipeline needs to know about an op, in one place
 - `evaluate`: its float semantics (calibration, simulation, sensitivity);
 - `lower`: how a float node becomes integer ops (with their requantizers);
 - `reference`: its integer semantics, the ground truth every backend must match;
+- `requantizers`: the typed requantizer(s) its lowering attached, as backends read them;
 - `weights`: which of its inputs are weights (the layers that get a bit-width).
 
 An op may have only some of these. A float-only op (say hardswish) lowers to
@@ -30,10 +31,12 @@ if TYPE_CHECKING:
 
     from ...quantizer.graph import Node
     from ..graph import Op, QuantizedGraph
+    from ..requantizer import Requantizer
 
 FloatEval = Callable[["Node", list["torch.Tensor"], dict[str, "torch.Tensor"]], "torch.Tensor"]
 Lowerer = Callable[[Any, "Node"], None]  # (quantizer.quantize.Lowering, node)
 Reference = Callable[["Op", list["np.ndarray"], "QuantizedGraph"], "np.ndarray"]
+Requantizers = Callable[["Op", "QuantizedGraph"], list["Requantizer"]]
 Converter = Callable[[Any, Any], Any]  # (capture context, torch.fx.Node) -> captured value
 
 
@@ -51,6 +54,7 @@ class OpDef:
     evaluate: FloatEval | None = None
     lower: Lowerer | None = None
     reference: Reference | None = None
+    requantizers: Requantizers | None = None  # the typed requantizers lowering attached (read from the op)
     weights: tuple[str, ...] = ()  # float params that are weights: the op gets a bit-width
     scale_preserving: bool = False  # output is on the input's integer grid (moves or selects values)
     absorbs_clamp: bool = False  # a clamp right after it folds into its requantizer's range
