@@ -28,7 +28,7 @@ from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.sensitivity.artifact import Sensitivity
 
 FAST = ["--target", "none", "--calib-method", "minmax"]
-# The extra options each command needs to run at all.
+# Per command: what it needs (search: a budget) and what keeps it quick.
 COMMANDS = {"quantize": FAST, "sensitivity": ["--samples", "4", "--check-configs", "0"], "search": ["--size", "0.8x"]}
 
 
