@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,31 +55,84 @@ def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
         solve(problem(17.0))
 
 
-def test_ilp_solves_mobilenet_sized_instances_fast() -> None:
+def knapsack_optimum(cost: np.ndarray, size: np.ndarray, budget: float) -> float:
+    """The least total cost of a two-bit-width problem, by dynamic programming over integer sizes.
+
+    Every layer starts at its cheaper bit-width (index 0); raising layer i takes size[i, 1] - size[i, 0]
+    more bytes and saves cost[i, 0] - cost[i, 1]: a 0/1 knapsack.
+    """
+    capacity = int(budget - size[:, 0].sum())
+    saved = np.zeros(capacity + 1)  # saved[w]: the most cost saved within w extra bytes
+    for extra, gain in zip((size[:, 1] - size[:, 0]).astype(int), cost[:, 0] - cost[:, 1], strict=True):
+        if extra <= capacity:
+            saved[extra:] = np.maximum(saved[extra:], saved[:capacity + 1 - extra] + gain)
+    return float(cost[:, 0].sum() - saved[capacity])
+
+
+def test_ilp_is_optimal_on_a_mobilenet_sized_instance() -> None:
+    # 53 layers, as MobileNetV2: too many for brute force, so a knapsack DP gives the optimum.
     rng = np.random.default_rng(0)
     n = 53
     cost = np.stack([rng.exponential(1.0, n), np.zeros(n)], 1)
     size = np.stack([rng.integers(1, 100, n), np.zeros(n)], 1).astype(float)
     size[:, 1] = 2 * size[:, 0]
     p = Problem([[f"l{i}"] for i in range(n)], [4, 8], cost, {"size": size}, {"size": 0.75 * size[:, 1].sum()})
-    t0 = time.perf_counter()
     choice = solve(p)
-    assert time.perf_counter() - t0 < 1.0
     assert p.feasible(choice)
+    assert 0 < sum(choice) < n  # the budget binds: neither uniform plan is the answer
+    assert cost[np.arange(n), choice].sum() == pytest.approx(knapsack_optimum(cost, size, p.budgets["size"]))
 
 
-def test_refine_never_worsens_and_stays_feasible() -> None:
-    p = problem(26.0)
-    pair = np.zeros((3, 3))
-    pair[0, 1] = pair[1, 0] = 10.0  # a and b both at 4 bits cost extra
+def cross_term_objective(p: Problem, pair: np.ndarray) -> Callable[[list[int]], float]:
+    """The ILP's per-group costs plus a pairwise term for every two groups both at 4 bits (index 0)."""
 
     def objective(c: list[int]) -> float:
         low = np.array([b == 0 for b in c], dtype=float)
-        return float(p.cost[np.arange(3), c].sum() + low @ pair @ low / 2)
+        return float(p.cost[np.arange(len(c)), c].sum() + low @ pair @ low / 2)
 
+    return objective
+
+
+def test_refine_uses_cross_terms_the_ilp_cannot_see() -> None:
+    # Budget 26 admits all-4 (size 18, cost 9), a at 8 (22, 4), b at 8 (22, 8) and a, b at 8 (26, 3); c at 8 never
+    # fits. The ILP sees only the per-group costs and picks a, b at 8. A cross term of -7 between a and b at 4 bits
+    # (their errors cancel) makes all-4 cost 2: better, but reached only by changing a and b together.
+    p = problem(26.0)
+    pair = np.zeros((3, 3))
+    pair[0, 1] = pair[1, 0] = -7.0
+    objective = cross_term_objective(p, pair)
     start = solve(p)
+    assert start == [1, 1, 0] and objective(start) == 3.0
     refined = refine(p, start, objective)
-    assert p.feasible(refined) and objective(refined) <= objective(start)
+    assert p.feasible(refined)
+    assert objective(refined) < objective(start)  # a refine that does nothing fails here
+    feasible = [list(c) for c in itertools.product(range(2), repeat=3) if p.feasible(c)]
+    assert refined == min(feasible, key=objective) == [0, 0, 0]
+    # Everything at 8 bits costs 0, less still, but is over budget: refine must not take it.
+    assert objective([1, 1, 1]) < objective(refined) and not p.feasible([1, 1, 1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_refine_never_worsens_and_stays_feasible(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 6
+    cost = np.stack([rng.exponential(1.0, n), np.zeros(n)], 1)
+    size = np.stack([rng.integers(1, 20, n), np.zeros(n)], 1).astype(float)
+    size[:, 1] = 2 * size[:, 0]
+    p = Problem([[f"l{i}"] for i in range(n)], [4, 8], cost, {"size": size}, {"size": 0.7 * size[:, 1].sum()})
+    pair = rng.normal(0.0, 1.0, (n, n))
+    pair = (pair + pair.T) / 2
+    np.fill_diagonal(pair, 0.0)
+    objective = cross_term_objective(p, pair)
+    moves = [*itertools.combinations(range(n), 1), *itertools.combinations(range(n), 2)]
+    for start in (solve(p), [0] * n):  # the ILP's plan, and the cheapest one
+        refined = refine(p, start, objective)
+        assert p.feasible(refined) and objective(refined) <= objective(start)
+        # A local optimum: no single change or pair of changes within budget does better.
+        for move in moves:
+            candidate = [1 - b if g in move else b for g, b in enumerate(refined)]
+            if p.feasible(candidate):
+                assert objective(candidate) >= objective(refined) - 1e-9, (start, refined, candidate)
 
 
 def test_tie_groups_merge_overlapping_ties() -> None:
@@ -147,14 +200,26 @@ def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
     for png in ("sensitivity_layers.png", "cross_terms_w4.png"):
         assert (sens_dir / png).read_bytes()[:4] == b"\x89PNG"
 
-    r = _invoke("search", "zoo:small_cnn", "--size", "0.8x", "--max-drop", "50%", "--sensitivity", sens_dir,
-                "--frontier-points", 2, "--bisect-steps", 2, "-o", search_dir)
+    # On small_cnn's 64 held-out inputs, all-INT4 drops about 14% below uniform INT8 and the plans bisection tries
+    # between it and the 0.8x cap drop about 2-11%: a 9% band rules out the cheapest plan and keeps some others.
+    max_drop = 0.09
+    r = _invoke("search", "zoo:small_cnn", "--size", "0.8x", "--max-drop", f"{100 * max_drop:g}%",
+                "--sensitivity", sens_dir, "--frontier-points", 2, "--bisect-steps", 2, "-o", search_dir)
     assert r.exit_code == 0, r.output
     plan = json.loads((search_dir / "plan.json").read_text())
     frontier = json.loads((search_dir / "frontier.json").read_text())
-    assert plan["costs"]["size"] <= frontier["budgets"]["size"] + 1e-6
-    assert frontier["baseline"]["measured"]["top1_agreement"] - plan["measured"]["top1_agreement"] <= 0.5
+    budget = frontier["budgets"]["size"]
+    assert plan["costs"]["size"] <= budget + 1e-6
+    baseline = frontier["baseline"]["measured"]["top1_agreement"]
+    assert baseline - plan["measured"]["top1_agreement"] <= max_drop
     assert sum(p["chosen"] for p in frontier["points"]) == 1
+    # The band binds: the cheapest plan (what bisection returns when the band is loose) is outside it, and the
+    # chosen plan lies strictly between it and the largest plan measured within the cap.
+    cheapest = min(frontier["points"], key=lambda p: p["costs"]["size"])
+    assert set(cheapest["plan"].values()) == {4} and not cheapest["chosen"]
+    assert baseline - cheapest["measured"]["top1_agreement"] > max_drop
+    largest_within_cap = max(p["costs"]["size"] for p in frontier["points"] if p["costs"]["size"] <= budget + 1e-6)
+    assert cheapest["costs"]["size"] < plan["costs"]["size"] < largest_within_cap
     assert (search_dir / "frontier.png").exists()
 
     r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "-o", out)

@@ -29,6 +29,11 @@ def check_output_dir(dest: Path, force: bool) -> None:
             raise LowbitError(f"{dest}: exists and is not a directory; choose another output path")
         if not force:
             raise LowbitError(f"{dest}: output directory already exists; pass --force to replace it")
+        return
+    # DIR's parents are created at the end: a file in their place would fail only then, after the slow part.
+    existing = next(parent for parent in dest.parents if parent.exists())
+    if not existing.is_dir():
+        raise LowbitError(f"{dest}: cannot be created, as {existing} is a file; choose another output path")
 
 
 def _publish_permissions(directory: Path) -> None:

@@ -74,10 +74,14 @@ def _update_manifest(directory: Path, tvm_summary: dict[str, Any]) -> None:
     manifest["tvm"] = tvm_summary
     manifest["files"] = file_hashes(directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a stray file would fail the artifact's own hash check
+        raise
 
 
 def _input_shape(qgraph: QuantizedGraph) -> tuple[int, ...]:
@@ -115,9 +119,15 @@ def compile_command(directory: Path, target: str, tune_trials: int | None, tunin
         old = directory / f".tvm.old-{secrets.token_hex(4)}"
         if dest.exists():
             os.rename(dest, old)
-        os.rename(tmp / TVM_DIR, dest)
+        try:
+            os.rename(tmp / TVM_DIR, dest)
+            _update_manifest(directory, summary)
+        except BaseException:  # Ctrl-C included: put the old tvm/ back, which the manifest still describes
+            shutil.rmtree(dest, ignore_errors=True)
+            if old.exists():
+                os.rename(old, dest)
+            raise
         shutil.rmtree(old, ignore_errors=True)
-        _update_manifest(directory, summary)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     latency = f", {summary['latency_ms']:.2f} ms per batch"

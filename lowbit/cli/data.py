@@ -17,6 +17,8 @@ from ..models.images import imagenet_preprocess, load_image_folder
 ARRAY_SUFFIXES = (".npy", ".npz")
 # Array names looked for in an .npz that holds more than one array.
 NPZ_KEYS = ("x", "calib")
+# How a .npy array, a pickle (protocol 2 and later) and an .npz (zip) archive begin.
+PICKLE_OR_ARRAY_MAGIC = (b"\x93NUMPY", b"\x80", b"PK\x03\x04")
 
 Preprocess = Callable[[Image.Image], np.ndarray]
 
@@ -34,6 +36,11 @@ class Inputs:
 
 def is_array_file(path: Path) -> bool:
     return path.suffix.lower() in ARRAY_SUFFIXES
+
+
+def _starts_with(path: Path, prefixes: tuple[bytes, ...]) -> bool:
+    with open(path, "rb") as f:
+        return f.read(max(map(len, prefixes))).startswith(prefixes)
 
 
 def load_array_file(path: Path) -> np.ndarray:
@@ -54,7 +61,8 @@ def load_array_file(path: Path) -> np.ndarray:
     except LowbitError:
         raise
     except ValueError as e:
-        if "allow_pickle" in str(e):
+        # numpy reads a file without the .npy magic as a pickle: random bytes would be called "Python objects".
+        if "allow_pickle" in str(e) and _starts_with(path, PICKLE_OR_ARRAY_MAGIC):
             raise LowbitError(f"{path}: holds Python objects, not a numeric array; pickled data is refused "
                               "because loading it can run arbitrary code. Save a float32 array instead.") from e
         raise LowbitError(f"{path}: cannot read the array (corrupt or truncated?): {e}") from e

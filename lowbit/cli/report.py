@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import LowbitError
 from ..ir import QuantizedGraph
 from ..quantizer.graph import Graph, run_graph, run_node
 from ..quantizer.reference import run_reference
@@ -284,6 +285,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_reports(directory: Path, report: dict[str, Any]) -> None:
-    write_json(directory / "report.json", report)
-    (directory / "report.md").write_text(render_markdown(report))
+    path = directory / "report.json"
+    try:
+        write_json(path, report)
+        path = directory / "report.md"
+        path.write_text(render_markdown(report))
+    except OSError as e:  # disk full, quota, permissions: a clear error, not a traceback
+        raise LowbitError(f"{path}: cannot write the report: {e.strerror or e}") from e
 

@@ -63,7 +63,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        # "Unsupported operand": not a pickle at all (random or damaged bytes), so not a refusal.
+        pickled_objects = "Weights only load failed" in text or "Unsupported global" in text
+        if pickled_objects and "Unsupported operand" not in text:
             raise LowbitError(
                 f"{path}: refused to load: the file holds pickled Python objects, not just tensors, and "
                 "unpickling untrusted files can run arbitrary code. Save a plain state dict instead "
@@ -89,6 +91,12 @@ def _is_torchscript(path: Path) -> bool:
             return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def _starts_like_zip(path: Path) -> bool:
+    """A zip local-file header: TorchScript (and torch.save) archives start with one, even when truncated."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def load_program(
@@ -129,9 +137,15 @@ def load_program(
                 f"{path}: cannot convert the TorchScript model: {e}"
             ) from e
     if path.suffix not in STATE_DICT_SUFFIXES:
+        if _starts_like_zip(path):
+            raise LowbitError(
+                f"{path}: a zip archive that cannot be opened as TorchScript (corrupt or truncated?); "
+                "save the model again with torch.jit.save"
+            )
         raise LowbitError(
             f"{path}: unknown model format {path.suffix!r}; expected .pt2, TorchScript, "
-            f"or a state dict ({', '.join(STATE_DICT_SUFFIXES)}) with --factory"
+            f"or a state dict ({', '.join(STATE_DICT_SUFFIXES)}) with --factory (a TorchScript "
+            "file is a zip archive; this file is not one)"
         )
     state = _read_state_dict(path)
     if factory is None:

@@ -19,7 +19,7 @@ PLAN_FORMAT = "lowbit-bitplan-v1"
 class QuantConfig:
     bits: int = 8  # default weight bit-width, when no BitPlan is given
     # Defaults measured on MobileNetV2 (held-out top-1 agreement, fake-quant): percentile 99.99
-    # beats mse and minmax; GPTQ lifts weight-only agreement from 86% to 94%; bias correction,
+    # beats mse and minmax; GPTQ rounding beats round-to-nearest; bias correction,
     # estimated on a small calibration set, hurt held-out agreement, so it is off.
     calib_method: str = "percentile"  # activation ranges: minmax | percentile | mse
     percentile: float = 99.99

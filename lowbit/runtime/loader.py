@@ -58,13 +58,12 @@ class CompiledModel:
         self.inputs: list[dict[str, Any]] = meta["inputs"]
         self.outputs: list[dict[str, Any]] = meta["outputs"]
         # One device buffer per input, refilled by each call: a fresh one would cost an allocation and its page
-        # faults every call (~0.1 ms for a 224x224 image); a VM is not for concurrent callers anyway. `main` is
+        # faults every call; a VM is not for concurrent callers anyway. `main` is
         # bound to those buffers and the params once: passing hundreds of arguments per call costs time too.
         self._input_buffers = [tvm.runtime.empty(tuple(i["shape"]), "float32", self.device) for i in self.inputs]
         self._vm.save_function("main", "lowbit_main_bound", *self._input_buffers, *self._params)
         self._main = self._vm["lowbit_main_bound"]
-        # On the CPU, numpy views of the buffers (DLPack) copy in and out several times faster than
-        # Tensor.copyfrom/.numpy.
+        # On the CPU, numpy views of the buffers (DLPack) copy in and out faster than Tensor.copyfrom/.numpy.
         self._on_cpu = self.device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
         self._input_views = [np.from_dlpack(b) for b in self._input_buffers] if self._on_cpu else []
 

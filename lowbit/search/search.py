@@ -1,9 +1,10 @@
 """The search stage: Sensitivity + costs + budget -> BitPlan, a measured frontier, and bisection.
 
 - `plan_for_budget`: ILP on the exact per-group quadratic costs (tied layers' mutual
-  terms included), optionally refined with the cross terms between groups. Measured
-  on MobileNetV2 at 0.7x size, the refinement lowered predicted loss but also held-out
-  agreement (82.3% -> 76.6%), so it is off by default.
+  terms included), optionally refined with the cross terms between groups. On
+  MobileNetV2 at 0.7x size the refinement lowered predicted loss but also held-out
+  agreement (BENCHMARKS.md, search section, from benchmarks/bench_search.py), so it is
+  off by default.
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
   calibration statistics shared) and measures top-1 agreement with FP32 on
   held-out data, with the fake-quant executor.
