@@ -22,9 +22,9 @@ from lowbit.cli.artifact import verify_manifest
 from lowbit.cli.main import lowbit
 from lowbit.cli.report import write_reports
 from lowbit.errors import LowbitError
+from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry, small_cnn
 from lowbit.quantizer.config import BitPlan
-from lowbit.quantizer.ir import QuantizedGraph
 from lowbit.sensitivity.artifact import Sensitivity
 
 FAST = ["--target", "none", "--calib-method", "minmax"]
