@@ -11,6 +11,7 @@ from torch import nn
 from lowbit.ir import QuantizedGraph
 from lowbit.ir.dyadic import dyadic, requantize
 from lowbit.ir.ops import _layer
+from lowbit.ir.ops.linear import LINEAR
 from lowbit.models import get_zoo_entry, small_cnn
 from lowbit.models.loading import load_program
 from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, clip_threshold, weight_scales
@@ -19,7 +20,7 @@ from lowbit.quantizer.config import BitPlan, QuantConfig
 from lowbit.quantizer.graph import Graph, run_graph
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
-from lowbit.quantizer.rounding import HessianAccumulator, gptq_round, input_columns
+from lowbit.quantizer.rounding import HessianAccumulator, gptq_round
 from lowbit.quantizer.simulate import simulate
 
 
@@ -154,7 +155,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs() -> None:
     x = torch.randn(4096, 32) @ mix  # strongly correlated input features
     w = torch.randn(16, 32)
     acc = HessianAccumulator()
-    acc.add(input_columns(x, "linear", {}, 1))
+    acc.add(LINEAR.input_columns({}, tuple(w.shape), x))
     scale = w.abs().amax(1) / 7
     q_gptq = gptq_round(w.unsqueeze(0), acc.result(), scale.unsqueeze(0).double(), -7, 7)[0].float()
     q_rtn = torch.clamp(torch.round(w / scale[:, None]), -7, 7)

@@ -22,13 +22,13 @@ from ..errors import LowbitError
 from ..ir import Op, QuantizedGraph, Value
 from ..ir.dtypes import activation_dtype, qrange, steps
 from ..ir.ops import OPS, QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, op_def
-from ..ir.ops._layer import f32
+from ..ir.ops._layer import channel_axis, f32
 from ..ir.ops.clamp import integer_bounds
 from ..ir.weights import weight_range
 from .calibrate import TensorStats, clip_threshold, collect_stats, round_weight
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_node
-from .rounding import HessianAccumulator, gptq_round, input_columns
+from .rounding import HessianAccumulator, gptq_round
 from .simulate import dequantized_params, fake_quantizers
 
 Log = Callable[[str], None]
@@ -147,12 +147,11 @@ def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 def layer_hessian(graph: Graph, node: Node, x: torch.Tensor) -> torch.Tensor:
     """GPTQ's H = mean X Xᵀ of one layer's inputs `x`, per group: [groups, K, K]."""
-    w = graph.weight(node.name)
-    groups = node.attrs.get("groups", 1)
-    attrs = {**node.attrs, "kernel": list(w.shape[2:])}
+    columns = op_def(node.op).input_columns
+    weight_shape = tuple(graph.weight(node.name).shape)
     hessian = HessianAccumulator()
     for chunk in torch.split(x, HESSIAN_CHUNK):
-        hessian.add(input_columns(chunk, node.op, attrs, groups))
+        hessian.add(columns(node.attrs, weight_shape, chunk))
     return hessian.result()
 
 
@@ -201,7 +200,7 @@ def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config:
                     weights[node.name] = _gptq_layer(graph, node, op, args[0])
                 q = run_node(graph, node, args, weights[node.name], biases[node.name])
                 if config.bias_correction:
-                    q = _correct_bias(op, q, f, 1 if node.op == "conv" else q.dim() - 1)
+                    q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))
                 layers_done += 1
                 log(f"refining layers ({', '.join(steps)}): {layers_done}/{n_layers}")
             else:

@@ -7,29 +7,17 @@ weighted by the inverse Hessian of the layer's output error, H = X Xᵀ (X: the
 layer's inputs on calibration data). The per-channel scales stay as chosen;
 only the rounding changes, so the integer format is the same.
 
-Everything is batched over groups, so a depthwise conv (one tiny K=9 problem
+The layer's inputs arrive as the columns its weight multiplies ([groups, K,
+samples]), which each op with weights defines (`OpDef.input_columns`), so this
+module knows nothing about convolutions. Everything is batched over groups, so a depthwise conv (one tiny K=9 problem
 per channel) costs the same nine steps as a dense layer costs K steps.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added for numerical stability
-
-
-def input_columns(x: torch.Tensor, op: str, attrs: dict, groups: int) -> torch.Tensor:
-    """The layer's input as columns the weight multiplies: [groups, K, samples]."""
-    if op == "linear":
-        return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
-    kernel = attrs["kernel"]
-    if kernel == [1, 1] and attrs["stride"] == [1, 1] and attrs["padding"] == [0, 0]:
-        cols = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1)
-    else:
-        cols = F.unfold(x, kernel, attrs["dilation"], attrs["padding"], attrs["stride"])  # [N, C*kh*kw, L]
-        cols = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
-    return cols.reshape(groups, cols.shape[0] // groups, cols.shape[1])
 
 
 class HessianAccumulator:

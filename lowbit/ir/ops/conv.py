@@ -68,6 +68,17 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return F.conv2d(args[0], params["weight"], params["bias"], a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
+def _input_columns(attrs: dict[str, Any], weight_shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """im2col: [groups, C/groups * kh * kw, N * OH * OW]."""
+    kernel, groups = list(weight_shape[2:]), attrs["groups"]
+    if kernel == [1, 1] and attrs["stride"] == [1, 1] and attrs["padding"] == [0, 0]:
+        cols = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1)
+    else:
+        cols = F.unfold(x, kernel, attrs["dilation"], attrs["padding"], attrs["stride"])  # [N, C*kh*kw, L]
+        cols = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
+    return cols.reshape(groups, cols.shape[0] // groups, cols.shape[1])
+
+
 def _lower(lw: Any, node: Node) -> None:
     _layer.lower_layer(lw, node, ("stride", "padding", "dilation", "groups"))
 
@@ -90,5 +101,5 @@ CONV = register(OpDef(
     described_as="conv2d",
     evaluate=_evaluate, lower=_lower, reference=_reference,
     requantizers=_layer.requantizers,
-    weights=_layer.LAYER_WEIGHTS, absorbs_clamp=True,
+    weights=_layer.LAYER_WEIGHTS, input_columns=_input_columns, absorbs_clamp=True,
 ))

@@ -44,6 +44,11 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return F.linear(args[0], params["weight"], params["bias"])
 
 
+def _input_columns(attrs: dict[str, Any], weight_shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """Every row of every sample is one column: [1, in_features, rows]."""
+    return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
+
+
 def _lower(lw: Any, node: Node) -> None:
     _layer.lower_layer(lw, node, ())
 
@@ -64,5 +69,5 @@ LINEAR = register(OpDef(
     described_as="linear",
     evaluate=_evaluate, lower=_lower, reference=_reference,
     requantizers=_layer.requantizers,
-    weights=_layer.LAYER_WEIGHTS, absorbs_clamp=True,
+    weights=_layer.LAYER_WEIGHTS, input_columns=_input_columns, absorbs_clamp=True,
 ))

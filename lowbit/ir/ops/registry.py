@@ -8,7 +8,8 @@ An `OpDef` holds everything the pipeline needs to know about an op, in one place
 - `lower`: how a float node becomes integer ops (with their requantizers);
 - `reference`: its integer semantics, the ground truth every backend must match;
 - `requantizers`: the typed requantizer(s) its lowering attached, as backends read them;
-- `weights`: which of its inputs are weights (the layers that get a bit-width).
+- `weights`: which of its inputs are weights (the layers that get a bit-width), and `input_columns`,
+  how its weight sees its input (for GPTQ's Hessian).
 
 An op may have only some of these. A float-only op (say hardswish) lowers to
 integer primitives defined elsewhere, so backends never see it; an integer-only
@@ -37,6 +38,7 @@ FloatEval = Callable[["Node", list["torch.Tensor"], dict[str, "torch.Tensor"]], 
 Lowerer = Callable[[Any, "Node"], None]  # (quantizer.quantize.Lowering, node)
 Reference = Callable[["Op", list["np.ndarray"], "QuantizedGraph"], "np.ndarray"]
 Requantizers = Callable[["Op", "QuantizedGraph"], list["Requantizer"]]
+InputColumns = Callable[[dict[str, Any], tuple[int, ...], "torch.Tensor"], "torch.Tensor"]
 Converter = Callable[[Any, Any], Any]  # (capture context, torch.fx.Node) -> captured value
 
 
@@ -56,6 +58,9 @@ class OpDef:
     reference: Reference | None = None
     requantizers: Requantizers | None = None  # the typed requantizers lowering attached (read from the op)
     weights: tuple[str, ...] = ()  # float params that are weights: the op gets a bit-width
+    # (attrs, weight shape, input) -> the input as the columns the weight multiplies, [groups, K, samples]:
+    # what GPTQ's Hessian H = X Xᵀ and the sensitivity analysis see.
+    input_columns: InputColumns | None = None
     scale_preserving: bool = False  # output is on the input's integer grid (moves or selects values)
     absorbs_clamp: bool = False  # a clamp right after it folds into its requantizer's range
     joins_inputs: bool = False  # inputs meet on one grid (add, concat): their producers are tied
