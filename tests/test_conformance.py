@@ -266,3 +266,10 @@ def test_loading_an_ir_with_an_unknown_op_or_a_bad_requantizer_is_refused(tmp_pa
     (tmp_path / "ir.json").write_text(json.dumps(meta))
     with pytest.raises(LowbitError, match="unknown integer ops softmax"):
         QuantizedGraph.load(tmp_path)
+
+
+def test_the_ir_documentation_is_generated_from_the_registry() -> None:
+    from lowbit.ir.ops import ir_spec
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "IR.md"
+    assert doc.read_text() == ir_spec(), "regenerate it: python -m lowbit.ir.ops > docs/IR.md"

@@ -2,4 +2,4 @@
 
 from . import ir_spec
 
-print(ir_spec())
+print(ir_spec(), end="")

@@ -136,6 +136,12 @@ def check_backend(qgraph: QuantizedGraph, supported: Mapping[str, Any] | set[str
 
 
 def ir_spec() -> str:
-    """The IR's op list, as markdown: each integer primitive and its semantics."""
-    lines = [f"- `{name}`: {OPS[name].summary}" for name in primitives()]
-    return "\n".join(lines)
+    """The IR specification as markdown: each integer op and its semantics, then the float ops lowered to them.
+
+    `docs/IR.md` is this text (`python -m lowbit.ir.ops > docs/IR.md`; a test keeps the two equal)."""
+    integer = [f"- `{name}`: {OPS[name].summary}" for name in sorted(primitives())]
+    lowered = [f"- `{name}`: {op.summary}" for name, op in sorted(OPS.items()) if not op.is_primitive]
+    return "\n".join(["# lowbit's integer IR", "",
+                      "Generated from the op registry (`lowbit/ir/ops`) by `python -m lowbit.ir.ops`.", "",
+                      "## Integer ops (every backend implements these)", "", *integer, "",
+                      "## Float ops that lower to the integer ops above", "", *lowered, ""])
