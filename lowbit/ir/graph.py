@@ -3,7 +3,7 @@
 Values are integer tensors with scale and zero-point metadata; only the graph's
 inputs (before `quantize`) and outputs (after `dequantize`) are float. The ops and
 their exact integer semantics are defined in `lowbit.ir.ops`, one module each;
-`python -m lowbit.ir.ops` prints the list (`registry.ir_spec`).
+`docs/IR.md` lists them (generated: `python -m lowbit.ir.ops`).
 
 Requantization follows `lowbit.ir.dyadic` exactly. All zero points are 0
 (symmetric), so padding inserts 0 and no zero-point corrections are needed.
