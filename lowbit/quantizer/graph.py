@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LowbitError
 from ..ir.ops import OPS, QUANTIZABLE_OPS, op_def
 
 
@@ -151,6 +152,11 @@ class Graph:
 
         meta = json.loads((directory / "graph.json").read_text())
         nodes = [Node(**{**n, "shape": tuple(n["shape"])}) for n in meta["nodes"]]
+        for node in nodes:  # each node's op is known and its attributes are that op's
+            try:
+                op_def(node.op).typed_attrs(node.attrs)
+            except TypeError as e:
+                raise LowbitError(f"{directory}/graph.json: node {node.name} ({node.op}): bad attributes: {e}") from e
         params = load_file(str(directory / "graph.safetensors"))
         return cls(nodes, params, meta["inputs"], meta["outputs"], meta["name"])
 
