@@ -15,8 +15,8 @@ tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip 
 from lowbit.cli.main import lowbit  # noqa: E402
 from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
 from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa: E402
-from lowbit.codegen.tvm.fast_x86 import _acc_window, acc_bound, f64_requant_is_exact  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
+from lowbit.codegen.tvm.x86.requant import _acc_window, acc_bound, f64_requant_is_exact  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.ir import Op, QuantizedGraph, Value  # noqa: E402
 from lowbit.ir.dtypes import qrange  # noqa: E402

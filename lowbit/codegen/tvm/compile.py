@@ -44,10 +44,10 @@ def x86_layer_kernels(target: dict[str, Any], vnni: bool,
     """lowbit's x86 kernels: VNNI dot products (vpdpbusd) where the CPU has them, else AVX2 (vpmaddwd).
 
     `avx512` lets the requantize epilogue convert float64 to int32 rounding down in one instruction."""
-    from . import fast_x86
+    from . import x86
 
-    options = {"num_threads": int(target.get("num-cores", fast_x86.NUM_THREADS)), "vnni": vnni, "avx512": avx512}
-    return (functools.partial(fast_x86.conv2d_nhwc, **options), functools.partial(fast_x86.dense, **options),
+    options = {"num_threads": int(target.get("num-cores", x86.NUM_THREADS)), "vnni": vnni, "avx512": avx512}
+    return (functools.partial(x86.conv2d_nhwc, **options), functools.partial(x86.dense, **options),
             "x86-vnni" if vnni else "x86-avx2")
 
 

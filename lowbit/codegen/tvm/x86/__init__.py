@@ -1,0 +1,51 @@
+"""Fast, bit-exact int8 / int4-weight CPU kernels (TVM TIR) for x86: AVX2, plus VNNI where the target has it.
+
+Public entry points
+-------------------
+``conv2d_nhwc(...)`` and ``dense(...)`` (the `kernel_api` interface, plus ``num_threads``, ``vnni``,
+``avx512`` and, for convs, ``residual``) return ``(prim_func, constants)``. The PrimFunc parameters are
+``(x, *constants, out)``; ``constants`` are numpy arrays (prepacked weights, bias, requantization parameters)
+the caller passes as-is.
+
+Semantics (the contract)::
+
+    acc[n,oh,ow,oc] = bias[oc] + sum_{kh,kw,ic in group}
+                      int32(x[n, oh*sh-pt+kh*dh, ow*sw-pl+kw*dw, g*ICg+ic]) * int32(w[oc,ic,kh,kw])
+    y = clip((int64(acc) * mantissa[oc] + ((1 << shift[oc]) >> 1)) >> shift[oc], qmin, qmax)
+
+with out-of-range input positions reading 0.  If ``mantissa`` is None the output is ``acc`` (int32).
+
+Modules
+-------
+- `plans`: the frozen plans (geometry, tiles, choices) every kernel reads; `isa`: instruction-set features and
+  the LLVM intrinsics; `packing`: operand layouts and numpy weight packers (no TVM);
+- `requant`: the requantizer's constants and exactness checks (no TVM); `epilogue`: it as TIR, fused on the
+  accumulator tile (exact int64 lanes, or float64 where `f64_requant_is_exact`; a residual add in float64 where
+  `residual_is_exact`);
+- `gemm` + `im2col`: pointwise, general and grouped convs, dense; `depthwise`: depthwise convs;
+- `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family.
+
+Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
+alone; `conv2d_nhwc` and `dense` import the TIR builders when first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .requant import acc_bound, f64_requant_is_exact, residual_is_exact
+
+__all__ = ["NUM_THREADS", "acc_bound", "conv2d_nhwc", "dense", "f64_requant_is_exact", "residual_is_exact"]
+
+
+def __getattr__(name: str) -> Any:
+    """The TVM-dependent names, imported on first use (PEP 562)."""
+    if name in ("conv2d_nhwc", "dense"):
+        from . import layers
+
+        return getattr(layers, name)
+    if name == "NUM_THREADS":
+        from .plans import NUM_THREADS
+
+        return NUM_THREADS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

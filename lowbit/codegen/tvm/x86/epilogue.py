@@ -1,0 +1,45 @@
+"""The requantize epilogue as TIR on 8 int32 accumulator lanes (the constants and exactness proofs: `requant`)."""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .isa import Expr, floor_clip, fma, sx32
+from .packing import VEC
+from .requant import ResidualAdd
+
+
+def requantize_vec(accv: Expr, R: tuple, ch: Expr, qmin: int, qmax: int, f64: bool = False,
+                   avx512: bool = False) -> Expr:
+    """Exact requantization of 8 int32 lanes (channels ch..ch+7); returns int32x8.
+
+    `f64` (only where `f64_requant_is_exact`): floor(acc * m/2^s + 1/2) in float64, a few instructions
+    instead of the int64 sequence (`avx512`: the conversion to int32 rounds down itself)."""
+    ALO, AHI, MANT, C1, SH, C2, MD = R[:7]
+    if f64:
+        return floor_clip(fma(T.Cast("float64x8", accv), MD[T.ramp(ch, 1, VEC)], T.broadcast(T.float64(0.5), VEC)),
+                           qmin, qmax, avx512)
+    a = T.max(T.min(accv, AHI[T.ramp(ch, 1, VEC)]), ALO[T.ramp(ch, 1, VEC)])
+    a64 = T.reinterpret("int64x4", a)
+    m64 = T.reinterpret("int64x4", MANT[T.ramp(ch, 1, VEC)])
+    c32 = T.broadcast(T.int64(32), 4)
+    pe = sx32(a64) * sx32(m64)
+    po = T.shift_right(a64, c32) * T.shift_right(m64, c32)
+    te = T.shift_right(T.Cast("uint64x4", pe + C1[T.ramp(ch, 1, 4)]), T.Cast("uint64x4", SH[T.ramp(ch, 1, 4)]))
+    to = T.shift_right(T.Cast("uint64x4", po + C1[T.ramp(ch + 4, 1, 4)]), T.Cast("uint64x4", SH[T.ramp(ch + 4, 1, 4)]))
+    comb = T.bitwise_or(
+        T.bitwise_and(te, T.broadcast(T.uint64(0xFFFFFFFF), 4)), T.shift_left(to, T.broadcast(T.uint64(32), 4))
+    )
+    y = T.reinterpret("int32x8", comb) - C2[T.ramp(ch, 1, VEC)]
+    return T.max(T.min(y, T.broadcast(T.int32(qmax), VEC)), T.broadcast(T.int32(qmin), VEC))
+
+
+
+def residual_vec(y: Expr, skip: Expr, residual: ResidualAdd, avx512: bool) -> Expr:
+    """The add fused into a conv's epilogue, on int32x8 conv outputs `y` and the 8 skip values `skip`:
+    clip(floor((y * m_y + skip * m_skip) / 2^s + 1/2), qmin, qmax), exact where `residual_is_exact`."""
+    scale = 2.0 ** -residual.shift
+    inner = fma(T.Cast("float64x8", skip), T.broadcast(T.float64(residual.skip_multiplier * scale), VEC),
+                 T.broadcast(T.float64(0.5), VEC))
+    d = fma(T.Cast("float64x8", y), T.broadcast(T.float64(residual.y_multiplier * scale), VEC), inner)
+    return floor_clip(d, residual.qmin, residual.qmax, avx512)
