@@ -46,7 +46,6 @@ BATCH_DIM = "N"
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
                "int32": TensorProto.INT32}
 _NP_TYPES = {"int8": np.int8, "uint8": np.uint8, "int32": np.int32}
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 # Requantization adds 2^62 so the value is non-negative for the unsigned-only BitShift (see _shift_round_clip).
 _OFFSET_BITS = 62
 # Largest |w| for which u8 x s8 pair sums fit int16: 2 * 255 * 64 = 32640 <= 32767.
@@ -378,28 +377,6 @@ def export_integer(qgraph: QuantizedGraph, path: Path) -> None:
     Outputs are the IR's float outputs and its integer outputs before dequantize.
     """
     _save(_integer_model(qgraph), path)
-
-
-def float_tensors_between(model: ModelProto) -> list[str]:
-    """Names of float tensors that are neither graph inputs nor graph outputs.
-
-    Scales read by QuantizeLinear/DequantizeLinear are parameters, not data, and
-    are not counted. A tensor whose type shape inference cannot tell is counted,
-    since it cannot be shown to be an integer.
-    """
-    graph = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True).graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output, *graph.value_info]}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    boundary = {vi.name for vi in [*graph.input, *graph.output]}
-    found: list[str] = []
-    for node in graph.node:
-        for index, name in enumerate([*node.input, *node.output]):
-            is_scale = node.op_type in ("QuantizeLinear", "DequantizeLinear") and index == 1
-            if not name or is_scale or name in boundary or name in found:
-                continue
-            if types.get(name, TensorProto.UNDEFINED) in _FLOAT_TYPES | {TensorProto.UNDEFINED}:
-                found.append(name)
-    return found
 
 
 # -- the QDQ model ----------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class Lowered:
     params: dict[str, np.ndarray]
     inputs: list[str]
     outputs: list[str]
+    integer_outputs: list[str] = field(default_factory=list)  # returned after `outputs`
 
 
 @dataclass(frozen=True)
@@ -296,10 +297,11 @@ def check_supported(qgraph: QuantizedGraph) -> None:
 
 
 def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None,
-          fuse_residuals: bool = False) -> Lowered:
+          fuse_residuals: bool = False, integer_outputs: bool = False) -> Lowered:
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 
-    `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues."""
+    `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues.
+    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
@@ -313,6 +315,9 @@ def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: Laye
                 if op.name not in ctx.fused:
                     ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
             outputs = [ctx.env[name] for name in qgraph.outputs]
+            # The integer values under the final dequantize (in NCHW), for checks that compare integers.
+            int_outputs = qgraph.int_outputs if integer_outputs else []
+            outputs += [ctx.arg(qgraph.producer(name), nhwc=False) for name in qgraph.outputs if integer_outputs]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result, params=[*inputs, *ctx.params])
-    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs))
+    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs), int_outputs)
