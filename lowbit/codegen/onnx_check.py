@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
+from ..errors import LowbitError
+
 # Every floating-point element type ONNX has, the 8- and 4-bit ones included, derived from the enum so
 # that a float type added by a later onnx release is caught too. Complex numbers are floats as well.
 FLOAT_TYPES = frozenset(value for name, value in TensorProto.DataType.items()
@@ -52,7 +54,11 @@ def float_tensors_between(model: ModelProto) -> list[str]:
     included), and tensors inside If/Loop/Scan bodies, named `node/attribute/tensor`. A tensor
     whose type shape inference cannot tell is counted too, since it cannot be shown to be an integer.
     """
-    graph = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True).graph
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True).graph
+    except onnx.shape_inference.InferenceError as e:
+        raise LowbitError(f"the integer ONNX model fails ONNX shape inference, so its tensor types cannot be "
+                          f"checked: {e}") from e
     types: dict[str, int] = {}
     _element_types(graph, types)
     readers: dict[str, list[tuple[NodeProto, int]]] = {}
