@@ -461,6 +461,27 @@ def test_tvm_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert_nothing_written(out)
 
 
+# -- the library API: the same pipeline without the command line -----------------------------------------------
+
+def test_library_quantize_and_save_without_click(tmp_path: Path, calib_npy: Path) -> None:
+    import lowbit
+    from lowbit.pipeline import Progress
+    from lowbit.quantizer.config import QuantConfig
+
+    lines: list[str] = []
+    calib = np.load(calib_npy)
+    artifact = lowbit.quantize("zoo:small_cnn", calib[:4], QuantConfig(calib_method="minmax"), heldout=calib[4:],
+                               progress=Progress(write=lines.append))
+    report = artifact.save(tmp_path / "out", target=None, progress=Progress(write=lines.append))
+    assert files_in(tmp_path / "out") == EXPECTED_FILES - {"tvm/model.so", "tvm/params.npz", "tvm/tvm.json"}
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"] and report["calibration"]["samples"] == 4
+    assert any("quantize:" in line for line in lines) and any("done:" in line for line in lines)
+    # The pipeline needs no click; the runtime needs neither torch nor click.
+    code = ("import sys, lowbit.runtime; assert not {'torch', 'click'} & set(sys.modules); "
+            "import lowbit.pipeline; assert 'click' not in sys.modules, 'the pipeline imported click'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # -- data loading helpers --------------------------------------------------------------------------------------------
 
 def test_array_files(tmp_path: Path) -> None:

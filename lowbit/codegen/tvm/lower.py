@@ -315,9 +315,9 @@ def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: Laye
                 if op.name not in ctx.fused:
                     ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
             outputs = [ctx.env[name] for name in qgraph.outputs]
-            # The integer values under the final dequantize (in NCHW), for checks that compare integers.
-            int_outputs = qgraph.int_outputs if integer_outputs else []
-            outputs += [ctx.arg(qgraph.producer(name), nhwc=False) for name in qgraph.outputs if integer_outputs]
+            if integer_outputs:  # the integer values under the final dequantize (NCHW), for bit-exact checks
+                outputs += [ctx.arg(qgraph.producer(name), nhwc=False) for name in qgraph.outputs]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result, params=[*inputs, *ctx.params])
-    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs), int_outputs)
+    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs),
+                   qgraph.int_outputs if integer_outputs else [])
