@@ -18,12 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from lowbit.cli.artifact import verify_manifest
 from lowbit.cli.main import lowbit
-from lowbit.cli.report import write_reports
 from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry, small_cnn
+from lowbit.pipeline.artifact import verify_manifest
+from lowbit.pipeline.report import write_reports
 from lowbit.quantizer.config import BitPlan
 from lowbit.sensitivity.artifact import Sensitivity
 
@@ -221,10 +221,10 @@ def fake_compile(marker: str):
 @pytest.fixture
 def compiled(tmp_path: Path, artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the artifact, "compiled" once (TVM replaced by `fake_compile`)."""
-    monkeypatch.setattr("lowbit.cli.compile.tvm_available", lambda: True)
+    monkeypatch.setattr("lowbit.pipeline.checks.tvm_available", lambda: True)
     directory = tmp_path / "artifact"
     shutil.copytree(artifact, directory)
-    monkeypatch.setattr("lowbit.cli.compile.compile_and_check", fake_compile("old"))
+    monkeypatch.setattr("lowbit.pipeline.checks.compile_and_check", fake_compile("old"))
     result = invoke("compile", directory)
     assert result.exit_code == 0, result.output
     assert (directory / "tvm" / "model.so").read_text() == "old" and verify_manifest(directory) == []
@@ -247,10 +247,10 @@ def test_interrupted_compile_keeps_the_old_compiled_model(compiled: Path, monkey
                                                           when: str) -> None:
     before = snapshot(compiled)
     if when == "while compiling":
-        monkeypatch.setattr("lowbit.cli.compile.compile_and_check", interrupted_compile("new"))
+        monkeypatch.setattr("lowbit.pipeline.checks.compile_and_check", interrupted_compile("new"))
     else:  # the new tvm/ is already in place when the manifest is re-hashed
-        monkeypatch.setattr("lowbit.cli.compile.compile_and_check", fake_compile("new"))
-        monkeypatch.setattr("lowbit.cli.compile.file_hashes", interrupt)
+        monkeypatch.setattr("lowbit.pipeline.checks.compile_and_check", fake_compile("new"))
+        monkeypatch.setattr("lowbit.pipeline.artifact.file_hashes", interrupt)
     assert_interrupted(invoke("compile", compiled, "--force"))
     assert snapshot(compiled) == before  # old tvm/ and manifest as they were, no temporary files
     assert verify_manifest(compiled) == []
@@ -258,12 +258,12 @@ def test_interrupted_compile_keeps_the_old_compiled_model(compiled: Path, monkey
 
 def test_interrupted_first_compile_leaves_the_artifact_as_it_was(tmp_path: Path, artifact: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lowbit.cli.compile.tvm_available", lambda: True)
+    monkeypatch.setattr("lowbit.pipeline.checks.tvm_available", lambda: True)
     directory = tmp_path / "artifact"
     shutil.copytree(artifact, directory)
     before = snapshot(directory)
-    monkeypatch.setattr("lowbit.cli.compile.compile_and_check", fake_compile("new"))
-    monkeypatch.setattr("lowbit.cli.compile.file_hashes", interrupt)
+    monkeypatch.setattr("lowbit.pipeline.checks.compile_and_check", fake_compile("new"))
+    monkeypatch.setattr("lowbit.pipeline.artifact.file_hashes", interrupt)
     assert_interrupted(invoke("compile", directory))
     assert snapshot(directory) == before and verify_manifest(directory) == []
 

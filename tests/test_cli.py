@@ -23,13 +23,13 @@ from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.cli.artifact import verify_manifest
-from lowbit.cli.data import Inputs, check_disjoint, load_array_file, load_inputs, split_heldout, validate_inputs
 from lowbit.cli.main import lowbit
 from lowbit.codegen.onnx import u8s8_exact_here
 from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.models import get_zoo_entry, small_cnn
+from lowbit.pipeline.artifact import verify_manifest
+from lowbit.pipeline.data import Inputs, check_disjoint, load_array_file, load_inputs, split_heldout, validate_inputs
 
 EXPECTED_FILES = {"manifest.json", "model.onnx", "model.int.onnx", "ir/ir.json", "ir/ir.safetensors", "report.json",
                   "report.md"}
@@ -106,8 +106,13 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     assert {"top1_agreement", "mean_kl", "sqnr_db"} <= set(fidelity)
     assert fidelity["samples"] == 64 and report["calibration"]["samples"] == 64
     assert fidelity["top1_agreement"] >= 0.8 and fidelity["sqnr_db"] > 10 and fidelity["mean_kl"] >= 0
-    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"]
-    assert report["integer_only"]
+    # Every backend gives the reference's integers on held-out, random and saturating inputs.
+    int_check = report["onnxruntime"]["model.int.onnx"]
+    assert int_check["bit_exact"] and int_check["first_difference"] is None
+    assert int_check["inputs"] == {"total": 80, "heldout": 64, "random": 8, "saturating": 8}
+    if "tvm/model.so" in EXPECTED_FILES:
+        assert report["tvm"]["bit_exact"] and report["tvm"]["inputs"] == int_check["inputs"]
+    assert report["integer_only"] and report["mismatches"] == []
     assert report["onnx_weights"] == {"requested": "auto",
                                       "stored": "int8" if u8s8_exact_here() else "saturation-safe"}
     assert len(report["layers"]) == 9 and all(row["bits"] == 8 for row in report["layers"])
@@ -117,6 +122,8 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# lowbit quantization report: small_cnn")
     assert "top-1 agreement FP32 vs INT8" in markdown and "| `fc2` | linear |" in markdown
+    assert "bit-exact vs the reference on 80 inputs (64 held-out, 8 random, 8 saturating)" in markdown
+    assert "allow-mismatch" not in markdown
 
     # The ONNX models declare a float32 input with a symbolic batch dimension.
     model = onnx.load(str(out / "model.onnx"))
@@ -303,7 +310,16 @@ def test_wrong_input_shape(tmp_path: Path) -> None:
 
 def test_non_zoo_model_needs_calibration_data(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert_user_error(invoke(tmp_path / "model.pt2", "-o", out), "--calib")
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"not read: the missing data is found first")
+    assert_user_error(invoke(model, "-o", out), "--calib")
+    assert_nothing_written(out)
+
+
+def test_missing_model_file_is_named_before_missing_data(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stderr = assert_user_error(invoke(tmp_path / "nosuch.pt2", "-o", out), "nosuch.pt2", "no such file")
+    assert "calibration" not in stderr
     assert_nothing_written(out)
 
 
@@ -320,7 +336,7 @@ def fast_run(monkeypatch: pytest.MonkeyPatch, artifact: tuple[Path, Result], cal
     monkeypatch.setattr("lowbit.quantizer.quantize.quantize", lambda *args, **kwargs: QuantizedGraph.load(ir_dir))
     eval_npy = tmp_path / "eval.npy"
     np.save(eval_npy, get_zoo_entry("small_cnn").heldout(0)[:2])
-    return ["zoo:small_cnn", "--calib", calib_npy, "--eval", eval_npy]
+    return ["zoo:small_cnn", "--calib", calib_npy, "--eval", eval_npy, "--target", "none"]
 
 
 def test_interrupt_during_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -341,10 +357,9 @@ def test_failure_while_writing_report_leaves_nothing(tmp_path: Path, monkeypatch
     def broken(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("lowbit.cli.report.write_reports", broken)
+    monkeypatch.setattr("lowbit.pipeline.report.write_reports", broken)
     out = tmp_path / "out"
-    result = invoke(*fast_run, "-o", out)
-    assert result.exit_code != 0 and isinstance(result.exception, OSError)
+    assert_user_error(invoke(*fast_run, "-o", out), str(out), "cannot write", "disk full")
     assert_nothing_written(out)
 
 
@@ -357,12 +372,114 @@ def test_failed_force_keeps_the_old_artifact(tmp_path: Path, monkeypatch: pytest
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lowbit.cli.report.write_reports", interrupted)
+    monkeypatch.setattr("lowbit.pipeline.report.write_reports", interrupted)
     result = invoke(*fast_run, "-o", out, "--force")
     assert result.exit_code == 130, result.output
     assert {name: (out / name).read_bytes() for name in EXPECTED_FILES} == before
     assert files_in(out) == EXPECTED_FILES
     assert temp_leftovers(out) == []
+
+
+# -- checks that refuse: a backend that differs from the reference, or a float inside model.int.onnx -------------
+
+def _off_by_one(outputs: dict[str, np.ndarray], sample: int = 40, element: int = 3) -> dict[str, np.ndarray]:
+    """The same integer outputs with one element of the first one changed by one (sample 40 is a saturating input)."""
+    changed = {name: a.copy() for name, a in outputs.items()}
+    first = changed[next(iter(changed))]
+    first[sample, element] += 1
+    return changed
+
+
+def _assert_names_the_difference(stderr: str, backend: str) -> None:
+    """The error names the backend, the output, the sample, the element and both integer values."""
+    for needle in (backend, "fc2", "sample 40, element [3]", "nothing was written", "--allow-mismatch",
+                   "64 inputs (2 held-out, 31 random, 31 saturating)"):
+        assert needle in stderr, f"{needle!r} not in {stderr!r}"
+
+
+def test_onnxruntime_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         fast_run: list[object]) -> None:
+    from lowbit.pipeline import checks
+
+    real = checks.onnx_integers
+    monkeypatch.setattr(checks, "onnx_integers", lambda *args: _off_by_one(real(*args)))
+    out = tmp_path / "out"
+    stderr = assert_user_error(invoke(*fast_run, "-o", out), "model.int.onnx in ONNX Runtime")
+    _assert_names_the_difference(stderr, "ONNX Runtime gives")
+    assert_nothing_written(out)
+
+
+def test_allow_mismatch_keeps_the_artifact_and_says_so_at_the_top(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 fast_run: list[object]) -> None:
+    from lowbit.pipeline import checks
+
+    real = checks.onnx_integers
+    monkeypatch.setattr(checks, "onnx_integers", lambda *args: _off_by_one(real(*args)))
+    out = tmp_path / "out"
+    result = invoke(*fast_run, "-o", out, "--allow-mismatch")
+    assert result.exit_code == 0, result.output
+    assert verify_manifest(out) == []
+    report = json.loads((out / "report.json").read_text())
+    assert not report["onnxruntime"]["model.int.onnx"]["bit_exact"]
+    assert len(report["mismatches"]) == 1 and "sample 40, element [3]" in report["mismatches"][0]
+    head = (out / "report.md").read_text().splitlines()[:5]
+    assert head[0].startswith("# lowbit quantization report") and "--allow-mismatch" in head[2], head
+
+
+def test_float_tensor_in_the_integer_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      fast_run: list[object]) -> None:
+    from lowbit.codegen import onnx as onnx_export
+
+    real = onnx_export.export_integer
+
+    def leaky(qgraph: QuantizedGraph, path: Path) -> None:
+        """The real export plus a float16 copy of the integer logits as an extra graph output."""
+        real(qgraph, path)
+        model = onnx.load(str(path))
+        name = qgraph.int_outputs[0]
+        model.graph.node.append(onnx.helper.make_node("Cast", [name], ["leak"], to=onnx.TensorProto.FLOAT16))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT16, None))
+        onnx.save(model, str(path))
+
+    monkeypatch.setattr(onnx_export, "export_integer", leaky)
+    out = tmp_path / "out"
+    assert_user_error(invoke(*fast_run, "-o", out), "model.int.onnx has float tensors inside: leak",
+                      "nothing was written")
+    assert_nothing_written(out)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="needs apache-tvm")
+def test_tvm_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_run: list[object]) -> None:
+    from lowbit.runtime.loader import CompiledModel
+
+    real = CompiledModel.run_integers
+    monkeypatch.setattr(CompiledModel, "run_integers", lambda self, x: _off_by_one(real(self, x)))
+    out = tmp_path / "out"
+    args = [*fast_run[:-2], "-o", out]  # compile for this CPU: drop --target none
+    stderr = assert_user_error(invoke(*args), "the TVM-compiled model")
+    _assert_names_the_difference(stderr, "TVM gives")
+    assert_nothing_written(out)
+
+
+# -- the library API: the same pipeline without the command line -----------------------------------------------
+
+def test_library_quantize_and_save_without_click(tmp_path: Path, calib_npy: Path) -> None:
+    import lowbit
+    from lowbit.pipeline import Progress
+    from lowbit.quantizer.config import QuantConfig
+
+    lines: list[str] = []
+    calib = np.load(calib_npy)
+    artifact = lowbit.quantize("zoo:small_cnn", calib[:4], QuantConfig(calib_method="minmax"), heldout=calib[4:],
+                               progress=Progress(write=lines.append))
+    report = artifact.save(tmp_path / "out", target=None, progress=Progress(write=lines.append))
+    assert files_in(tmp_path / "out") == EXPECTED_FILES - {"tvm/model.so", "tvm/params.npz", "tvm/tvm.json"}
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"] and report["calibration"]["samples"] == 4
+    assert any("quantize:" in line for line in lines) and any("done:" in line for line in lines)
+    # The pipeline needs no click; the runtime needs neither torch nor click.
+    code = ("import sys, lowbit.runtime; assert not {'torch', 'click'} & set(sys.modules); "
+            "import lowbit.pipeline; assert 'click' not in sys.modules, 'the pipeline imported click'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # -- data loading helpers --------------------------------------------------------------------------------------------

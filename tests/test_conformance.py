@@ -203,12 +203,10 @@ def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.n
     lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
     vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
-    samples = len(next(iter(x.values())))
-    outs = []
-    for i in range(samples):
-        result = vm["main"](*[tvm.runtime.tensor(x[name][i:i + 1]) for name in qgraph.inputs], *params)
-        outs.append([result.numpy()] if len(lowered.outputs) == 1 else [r.numpy() for r in result])
-    return [np.concatenate([o[j] for o in outs]) for j in range(len(lowered.outputs))]
+    samples, first = len(next(iter(x.values()))), len(lowered.outputs)  # the integers follow the float outputs
+    outs = [vm["main"](*[tvm.runtime.tensor(x[name][i:i + 1]) for name in qgraph.inputs], *params)
+            for i in range(samples)]
+    return [np.concatenate([o[first + j].numpy() for o in outs]) for j in range(len(lowered.integer_outputs))]
 
 
 class _Activations(torch.nn.Module):

@@ -296,7 +296,8 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quantize_compiles_and_checks_bit_exactness(artifact: Path) -> None:
     report = json.loads((artifact / "report.json").read_text())
-    assert report["tvm"]["bit_exact"] and report["tvm"]["samples"] == 64
+    assert report["tvm"]["bit_exact"] and report["tvm"]["inputs"] == {"total": 80, "heldout": 64, "random": 8,
+                                                                       "saturating": 8}
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert {"tvm/model.so", "tvm/params.npz", "tvm/tvm.json"} <= set(manifest["files"])
     meta = json.loads((artifact / "tvm" / "tvm.json").read_text())

@@ -1,12 +1,38 @@
-"""Options shared by several commands."""
+"""What the commands share: error handling, common options, and parsing of option text."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+
+from ..errors import LowbitError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Report `LowbitError` as `error: ...` (exit 2) and Ctrl-C as exit 130, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except LowbitError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; nothing was written", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def tuning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -17,3 +43,41 @@ def tuning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--tune-trials", type=click.IntRange(min=0),
                         help="Tune the layer kernels with MetaSchedule for N more trials (0: only reuse the records "
                              "in the cache); each layer keeps the faster of its tuned and hand-written kernels.")(fn)
+
+
+def model_and_data_options(fn: Any) -> Any:
+    """MODEL, -o, --calib, --eval, --factory, --seed and --force, shared by `sensitivity` and `search`."""
+    for decorator in reversed([
+        click.argument("model"),
+        click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+                     help="Directory to create (must not exist unless --force)."),
+        click.option("--calib", type=click.Path(path_type=Path), help="Calibration data (as for `lowbit quantize`)."),
+        click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+                     help="Held-out data for measuring plans (as for `lowbit quantize`)."),
+        click.option("--factory", metavar="MODULE:FUNCTION", help="Builds the model for a state-dict MODEL."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds data and random draws."),
+        click.option("--force", is_flag=True, help="Replace an existing output directory."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def bit_list(text: str, option: str, allowed: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        bits = ()
+    if not bits or any(b not in allowed for b in bits):
+        raise LowbitError(f"{option} {text!r}: expected comma-separated bit-widths from {list(allowed)}")
+    return bits
+
+
+def fraction(text: str, option: str) -> float:
+    s = text.strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise LowbitError(f"{option} {text!r}: expected a percentage such as 1% (or a fraction such as 0.01)") from None
+    if not 0 <= value < 1:
+        raise LowbitError(f"{option} {text!r}: must be between 0% and 100%")
+    return value

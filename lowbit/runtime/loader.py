@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ class CompiledModel:
             self._params = [tvm.runtime.tensor(arrays[f"p{i}"], self.device) for i in range(len(meta["params"]))]
         self.inputs: list[dict[str, Any]] = meta["inputs"]
         self.outputs: list[dict[str, Any]] = meta["outputs"]
+        # `main` returns these after the float outputs (artifacts from before they were added have none).
+        self.integer_outputs: list[dict[str, Any]] = meta.get("integer_outputs", [])
         # One device buffer per input, refilled by each call: a fresh one would cost an allocation and its page
         # faults every call; a VM is not for concurrent callers anyway. `main` is
         # bound to those buffers and the params once: passing hundreds of arguments per call costs time too.
@@ -82,6 +85,21 @@ class CompiledModel:
 
         A batch larger than the compiled one runs in chunks of the compiled batch size.
         """
+        joined = self._run_all(self._named(x, named))
+        floats = {spec["name"]: joined[spec["name"]] for spec in self.outputs}
+        return next(iter(floats.values())) if len(floats) == 1 else floats
+
+    def run_integers(self, x: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
+        """The integer outputs before the final dequantize, by name: what the backends must match bit for bit.
+
+        (Float32 outputs cannot show it: above 2^24 distinct int32 values round to one float.)"""
+        if not self.integer_outputs:
+            raise LowbitError(f"{self.directory}: compiled without integer outputs (an older lowbit); recompile "
+                              "with `lowbit compile DIR --force`")
+        joined = self._run_all(self._named(x, named))
+        return {spec["name"]: joined[spec["name"]] for spec in self.integer_outputs}
+
+    def _named(self, x: np.ndarray | None, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if x is not None:
             if len(self.inputs) != 1 or named:
                 raise LowbitError(f"this model takes inputs {[i['name'] for i in self.inputs]}: pass them by name")
@@ -90,18 +108,22 @@ class CompiledModel:
         extra = sorted(set(named) - {i["name"] for i in self.inputs})
         if missing or extra:
             raise LowbitError(f"inputs: missing {missing}, unexpected {extra}")
+        return named
+
+    def _run_all(self, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output `main` returns (float outputs, then integer ones), by name, batch by batch."""
         arrays = [self._check(spec, named[spec["name"]]) for spec in self.inputs]
         batch = self.inputs[0]["shape"][0]
         chunks = arrays[0].shape[0] // batch
-        results: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        returned = [*self.outputs, *self.integer_outputs]
+        results: list[list[np.ndarray]] = [[] for _ in returned]
         for c in range(chunks):
             self._fill_inputs([a[c * batch:(c + 1) * batch] for a in arrays])
             out = self._main()
-            outs = [out] if len(self.outputs) == 1 else list(out)
+            outs = [out] if len(returned) == 1 else list(out)
             for k, o in enumerate(outs):
                 results[k].append(np.from_dlpack(o).copy() if self._on_cpu else o.numpy())
-        joined = {spec["name"]: np.concatenate(r) for spec, r in zip(self.outputs, results, strict=True)}
-        return next(iter(joined.values())) if len(joined) == 1 else joined
+        return {spec["name"]: np.concatenate(r) for spec, r in zip(returned, results, strict=True)}
 
     def _fill_inputs(self, arrays: list[np.ndarray]) -> None:
         if self._on_cpu:
@@ -120,17 +142,33 @@ class CompiledModel:
         arrays = [self._check(self.inputs[0], x)[:self.inputs[0]["shape"][0]]]
         arrays += [rng.standard_normal(i["shape"]).astype(np.float32) for i in self.inputs[1:]]
         self._fill_inputs(arrays)
-        for _ in range(warmup):
-            self._main()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._main()
-            self.device.sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        t = np.asarray(times)
+        t = time_calls_ms(self._main, repeats, warmup, sync=self.device.sync)
         return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "min_ms": float(t.min()),
                 "p90_ms": float(np.percentile(t, 90)), "runs": repeats}
+
+
+def time_calls_ms(fn: Callable[[], object], repeats: int, warmup: int = 0,
+                  sync: Callable[[], object] | None = None) -> np.ndarray:
+    """Wall-clock milliseconds of each of `repeats` calls of `fn`, after `warmup` untimed ones.
+
+    `sync` waits for the device to finish, so asynchronous work is inside the timing. The one timing
+    loop of lowbit (it lives here because the runtime must import nothing else of lowbit).
+    """
+    for _ in range(warmup):
+        fn()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times[i] = (time.perf_counter() - start) * 1e3
+    return times
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """Median wall-clock milliseconds of a call of `fn` (see `time_calls_ms`)."""
+    return float(np.median(time_calls_ms(fn, repeats, warmup)))
 
 
 def _read_meta(tvm_dir: Path) -> dict[str, Any]:

@@ -8,8 +8,8 @@ measures its own kernels and fills the same `LatencyTable`.
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from ..errors import LowbitError
 from ..ir import Op, QuantizedGraph, Value
 from ..ir.weights import PerChannelWeights
 from ..quantizer.graph import Graph
+from ..runtime.loader import median_ms
 
 ACTIVATION_BITS = 8
 FLOAT_BITS = 32
@@ -142,18 +143,9 @@ def measure_onnxruntime(qgraphs: dict[int, QuantizedGraph], repeats: int = 30, t
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 shape = (1, *qgraph.values[op.inputs[0]].shape[1:])
                 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-                ms.setdefault(op.name, {})[bits] = _median_ms(lambda s=session, x=x: s.run(None, {"x": x}), repeats)
+                run = functools.partial(session.run, None, {"x": x})
+                ms.setdefault(op.name, {})[bits] = median_ms(run, repeats, warmup=3)
             log(f"latency (onnxruntime): layer {i + 1}/{len(any_graph.layers)}")
     return LatencyTable("onnxruntime-cpu", "onnxruntime per-layer QDQ", ms,
                         {"threads": threads, "repeats": repeats, "batch": 1})
 
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):  # warm-up
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)

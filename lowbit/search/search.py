@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LowbitError
 from ..ir.ops import QUANTIZABLE_OPS
+from ..metrics import sqnr_db, top1_agreement
 from ..quantizer.calibrate import TensorStats
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph, run_graph
@@ -136,9 +137,8 @@ class PlanEvaluator:
         t0 = time.perf_counter()
         qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats)
         logits = self._logits(lambda x: simulate(self.graph, qgraph, x))
-        agreement = float(np.mean(logits.argmax(-1) == self.reference.argmax(-1)))
-        noise = float(np.sum((logits - self.reference) ** 2))
-        sqnr = 10 * np.log10(float(np.sum(self.reference ** 2)) / noise) if noise > 0 else None
+        agreement = top1_agreement(self.reference, logits)
+        sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((logits - self.reference) ** 2)))
         return {"top1_agreement": agreement, "sqnr_db": sqnr, "weight_bytes": qgraph.weight_bytes(),
                 "seconds": time.perf_counter() - t0}
 

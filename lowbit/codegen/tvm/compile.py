@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +19,7 @@ import tvm
 
 from ... import __version__
 from ...errors import LowbitError
+from ...io import write_json
 from ...ir import QuantizedGraph
 from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file, use_threads
 from .lower import Lowered, lower
@@ -58,15 +56,18 @@ def use_target_threads(target: dict[str, Any]) -> None:
 
 
 def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., Any] | None = None,
-          dense: Callable[..., Any] | None = None) -> tuple[tvm.runtime.Executable, Lowered, str]:
+          dense: Callable[..., Any] | None = None,
+          integer_outputs: bool = False) -> tuple[tvm.runtime.Executable, Lowered, str]:
     """Lower and compile; returns the executable, the lowered module (for its params) and the kernel set.
 
-    `conv2d`/`dense` override the target's layer kernels (tuned ones, say).
+    `conv2d`/`dense` override the target's layer kernels (tuned ones, say). `integer_outputs`: `main` also
+    returns the integer values under the final dequantize, for bit-exact checks.
     """
     use_target_threads(target)
     fast_conv2d, fast_dense, kernel_set = layer_kernels(target)
     # lowbit's x86 conv kernels (and TunedKernels, which falls back to them) fuse residual adds
-    lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense, fuse_residuals=kernel_set != "portable")
+    lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense, fuse_residuals=kernel_set != "portable",
+                    integer_outputs=integer_outputs)
     try:
         executable = tvm.compile(lowered.mod, target=tvm.target.Target(target))
     except Exception as e:  # TVM's errors carry the failing pass and IR
@@ -103,7 +104,7 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
         conv2d, dense = tuned.conv2d, tuned.dense
     start = time.perf_counter()
     log(f"lowering {len(qgraph.ops)} ops for {target_string(target)}")
-    executable, lowered, kernel_set = build(qgraph, target, conv2d, dense)
+    executable, lowered, kernel_set = build(qgraph, target, conv2d, dense, integer_outputs=True)
     compile_s = time.perf_counter() - start
     if tune_trials is not None:
         used = sum(c["kernel"] == "tuned" for c in tuned.choices)
@@ -127,20 +128,14 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
         "kernels": kernel_set,
         "inputs": [_value_info(qgraph, n) for n in lowered.inputs],
         "outputs": [_value_info(qgraph, n) for n in lowered.outputs],
+        # Returned after the outputs; the runtime's run_integers gives them, for checks.
+        "integer_outputs": [_value_info(qgraph, n) for n in lowered.integer_outputs],
         "params": list(lowered.params),
         "compile_seconds": round(compile_s, 2),
         "tuning": tuning,
         "files": {name: sha256_file(out / name) for name in ("model.so", "params.npz")},
     }
-    _write_json_atomic(out / TVM_META, meta)
+    write_json(out / TVM_META, meta)
     log(f"compiled with {kernel_set} kernels in {compile_s:.1f}s")
     return meta
 
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)

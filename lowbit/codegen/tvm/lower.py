@@ -34,6 +34,7 @@ class Lowered:
     params: dict[str, np.ndarray]
     inputs: list[str]
     outputs: list[str]
+    integer_outputs: list[str] = field(default_factory=list)  # returned after `outputs`
 
 
 @dataclass(frozen=True)
@@ -312,8 +313,7 @@ def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: Laye
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 
     `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues.
-    `integer_outputs`: `main` returns the integer values before the final dequantize (`qgraph.int_outputs`, in
-    the IR's NCHW order), to be compared with the reference executor as integers."""
+    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
@@ -326,11 +326,10 @@ def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: Laye
             for op in qgraph.ops:
                 if op.name not in ctx.fused:
                     ctx.env[op.output] = CONVERTERS[op.op](ctx, op)
-            if integer_outputs:
-                outputs = [ctx.arg(qgraph.producer(name), 0, nhwc=False) for name in qgraph.outputs]
-            else:
-                outputs = [ctx.env[name] for name in qgraph.outputs]
+            outputs = [ctx.env[name] for name in qgraph.outputs]
+            if integer_outputs:  # the integer values under the final dequantize (NCHW), for bit-exact checks
+                outputs += [ctx.arg(qgraph.producer(name), nhwc=False) for name in qgraph.outputs]
             result = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(result, params=[*inputs, *ctx.params])
-    names = qgraph.int_outputs if integer_outputs else qgraph.outputs
-    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(names))
+    return Lowered(bb.get(), ctx.arrays, list(qgraph.inputs), list(qgraph.outputs),
+                   qgraph.int_outputs if integer_outputs else [])

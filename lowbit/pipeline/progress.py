@@ -1,13 +1,15 @@
-"""Stage messages on stderr, with timings that also go into the report."""
+"""Stage messages (on stderr by default), with timings that also go into the report.
+
+The pipeline reports progress only through a `Progress`; pass one with another `write`
+(a logger's method, say) to send the lines elsewhere, or `Progress(write=lambda _: None)` for silence.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-import click
 
 # Without a terminal to redraw on, repeated progress lines of one kind are shown at most this often.
 THROTTLE_SECONDS = 10.0
@@ -16,21 +18,30 @@ THROTTLE_SECONDS = 10.0
 class Progress:
     """Prints `[elapsed] stage: message` lines to stderr and records how long each stage took."""
 
-    def __init__(self, tty: bool | None = None) -> None:
+    def __init__(self, tty: bool | None = None, write: Callable[[str], object] | None = None) -> None:
+        """`write(text)` receives the text to show, newlines included (default: sys.stderr, looked up per call)."""
+        self._write = write
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
         # Time per kind of inner step (e.g. "calibration pass 1/2 (ranges)"), from the step logs.
         self.steps: dict[str, float] = {}
-        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.tty = (write is None and sys.stderr.isatty()) if tty is None else tty
         self._pending: str | None = None  # a thinned-out step line still to be shown
         self._open_line = False  # a redrawn terminal line written without its newline
+
+    def write(self, text: str, newline: bool = True) -> None:
+        if self._write is not None:
+            self._write(text + ("\n" if newline else ""))
+            return
+        sys.stderr.write(text + ("\n" if newline else ""))
+        sys.stderr.flush()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def echo(self, stage: str, message: str) -> None:
         self.flush()
-        click.echo(self._line(stage, message), err=True)
+        self.write(self._line(stage, message))
 
     @contextmanager
     def stage(self, key: str) -> Iterator[None]:
@@ -55,9 +66,9 @@ class Progress:
         """Show the last thinned-out step line, and end a redrawn terminal line."""
         if self._pending is not None:
             line, self._pending = self._pending, None
-            click.echo(line, err=True)
+            self.write(line)
         if self._open_line:
-            click.echo("", err=True)
+            self.write("")
             self._open_line = False
 
     def _line(self, stage: str, message: str) -> str:
@@ -88,11 +99,11 @@ class StepLog:
             self.kind, self.kind_start, self.last_shown = kind, now, -float("inf")
         line = p._line(self.stage, message)
         if p.tty:
-            click.echo(f"\r\x1b[K{line}", err=True, nl=False)
+            p.write(f"\r\x1b[K{line}", newline=False)
             p._open_line = True
         elif now - self.last_shown >= THROTTLE_SECONDS:
             p._pending = None
-            click.echo(line, err=True)
+            p.write(line)
             self.last_shown = now
         else:
             p._pending = line

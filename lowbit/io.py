@@ -1,4 +1,8 @@
-"""The artifact directory: written atomically, described and checksummed by `manifest.json`."""
+"""Atomic writes: a file or a whole directory appears complete, or not at all.
+
+Every writer in lowbit that publishes a file (manifests, tvm.json, `lowbit run -o`) or an
+output directory (`quantize`, `sensitivity`, `search`) goes through here.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,49 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ..errors import LowbitError
-from ..runtime.loader import MANIFEST, sha256_file
+from .errors import LowbitError
 
-__all__ = ["MANIFEST", "atomic_directory", "check_output_dir", "file_hashes", "sha256_file", "verify_manifest",
-           "write_json"]
+__all__ = ["atomic_directory", "atomic_file", "check_output_dir", "publish_permissions", "write_json"]
 
-ARTIFACT_FORMAT = "lowbit-artifact"
-ARTIFACT_VERSION = 1
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def publish_permissions(path: Path) -> None:
+    """Give `path` (and everything under it) the usual permissions: mkstemp/mkdtemp create private 0600/0700 ones."""
+    umask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to `path` for writing; on success it replaces `path` in one rename.
+
+    On any failure, KeyboardInterrupt included, the temporary file is deleted and `path` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        publish_permissions(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON (NaN refused: it is not JSON), written atomically."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def check_output_dir(dest: Path, force: bool) -> None:
@@ -36,14 +73,6 @@ def check_output_dir(dest: Path, force: bool) -> None:
         raise LowbitError(f"{dest}: cannot be created, as {existing} is a file; choose another output path")
 
 
-def _publish_permissions(directory: Path) -> None:
-    """Give the artifact the usual permissions: mkdtemp (and some writers) create private, 0600/0700 entries."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 @contextmanager
 def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory next to `dest`; on success it becomes `dest` in one rename.
@@ -58,7 +87,7 @@ def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        _publish_permissions(tmp)
+        publish_permissions(tmp)
         _move_into_place(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,33 +107,3 @@ def _move_into_place(tmp: Path, dest: Path, force: bool) -> None:
         os.rename(old, dest)  # put the previous artifact back
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def file_hashes(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
-    """Relative POSIX path -> {sha256, bytes} for every file under `directory`, sorted by path."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    hashes = {}
-    for path in files:
-        rel = path.relative_to(directory).as_posix()
-        if rel not in exclude:
-            hashes[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return hashes
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-def verify_manifest(directory: Path) -> list[str]:
-    """Problems found checking the files against `manifest.json` (empty when everything matches)."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        return [f"{directory / MANIFEST}: cannot read: {e}"]
-    expected = manifest.get("files", {})
-    actual = file_hashes(directory)
-    problems = [f"{name}: missing" for name in sorted(set(expected) - set(actual))]
-    problems += [f"{name}: not listed in the manifest" for name in sorted(set(actual) - set(expected))]
-    problems += [f"{name}: sha256 mismatch" for name in sorted(set(expected) & set(actual))
-                 if expected[name]["sha256"] != actual[name]["sha256"]]
-    return problems

@@ -1,0 +1,1 @@
+"""One module per `lowbit` command; `lowbit.cli.main` registers them on the group."""

@@ -1,0 +1,91 @@
+"""`lowbit quantize MODEL -o DIR`: load, capture, quantize, export, evaluate, compile and check, into one DIR.
+
+The work is `lowbit.pipeline.quantize`; this module only turns options into its arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ...codegen.onnx import ONNX_WEIGHTS
+from ...errors import LowbitError
+from ...io import check_output_dir
+from ...pipeline.checks import tvm_available
+from ...pipeline.progress import Progress
+from ...pipeline.quantize import quantize
+from ...quantizer.calibrate import METHODS
+from ...quantizer.config import QuantConfig
+from ..options import tuning_options, user_errors
+
+# Option defaults follow the quantizer's own, so the CLI never silently overrides them.
+DEFAULTS = QuantConfig()
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to create (must not exist unless --force).")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration data: an image folder, or a preprocessed (N, C, H, W) float .npy/.npz. "
+                   "Default for zoo models: the zoo's calibration set.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+              help="Held-out data for the report (same formats). Default: the zoo's held-out set, "
+                   "else the last 20% of the calibration data.")
+@click.option("--factory", metavar="MODULE:FUNCTION",
+              help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
+@click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
+              help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path),
+              help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
+@click.option("--calib-method", type=click.Choice(METHODS), default=DEFAULTS.calib_method, show_default=True,
+              help="How activation ranges are chosen.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
+@click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
+                               'installed); "none" skips compiling.')
+@tuning_options
+@click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
+              help="How model.onnx stores weights for ONNX Runtime. int8: its fast u8 x s8 kernels, exact on x86 "
+                   "CPUs with VNNI and on ARM, but they may saturate on older x86 CPUs; safe: weights above 64 in "
+                   "magnitude as uint8, exact everywhere and about half as fast; auto: int8 if this CPU is exact "
+                   "with it. Pick safe when model.onnx will run on x86 CPUs without VNNI.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is done).")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Keep the artifact even when a check fails (a backend differing from the reference executor, or "
+                   "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
+@user_errors
+def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
+                     bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
+                     tune_trials: int | None, tuning_cache: Path | None, onnx_weights: str, force: bool,
+                     allow_mismatch: bool) -> None:
+    """Quantize MODEL to integers and write an artifact directory.
+
+    MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
+    state dict (.safetensors or .pt) with --factory.
+    """
+    config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
+    target = resolve_target(target)
+    if tune_trials is not None and target is None:
+        raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")
+    check_output_dir(output, force)  # fail before the slow part, not after it
+    progress = Progress()
+    artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path, progress=progress)
+    artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
+                  onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress)
+
+
+def resolve_target(target: str | None) -> str | None:
+    """The TVM target to compile for: the native CPU by default when TVM is installed, none with "none"."""
+    if target is not None and target.strip().lower() == "none":
+        return None
+    if not tvm_available():
+        if target is not None:
+            raise LowbitError(f"--target {target!r}: TVM is not installed (pip install 'lowbit[tvm]'), or pass "
+                              "--target none")
+        return None
+    from ...codegen.tvm.target import DEFAULT_TARGET, parse_target
+
+    parse_target(target or DEFAULT_TARGET)  # a bad target fails before the slow part
+    return target or DEFAULT_TARGET

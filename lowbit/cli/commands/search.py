@@ -1,0 +1,60 @@
+"""`lowbit search MODEL --size 0.75x -o DIR`: per-layer bit-widths (plan.json, frontier.json/.png, report.md);
+apply the plan with `lowbit quantize MODEL --plan DIR/plan.json -o OUT`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ...errors import LowbitError
+from ...io import check_output_dir
+from ...pipeline.prepare import Source
+from ...pipeline.progress import Progress
+from ...pipeline.search import SearchOptions, search
+from ...quantizer.config import SUPPORTED_WEIGHT_BITS
+from ..options import bit_list, fraction, model_and_data_options, user_errors
+
+
+@click.command("search")
+@model_and_data_options
+@click.option("--size", "size_budget", help="Weight-size budget: 0.75x (of all layers at the highest bit-width) "
+                                            "or absolute, e.g. 2.5MB.")
+@click.option("--bops", "bops_budget", help="BOPs budget: 0.6x or absolute, e.g. 150G.")
+@click.option("--latency", "latency_budget", help="Latency budget: 0.8x or absolute, e.g. 3ms.")
+@click.option("--latency-table", type=click.Path(path_type=Path),
+              help="Per-layer latency table (JSON) measured on the target; default: measure (--latency-source).")
+@click.option("--latency-source", type=click.Choice(["auto", "tvm", "onnxruntime"]), default="auto", show_default=True,
+              help="Where to measure per-layer latency: TVM's kernels on this CPU (auto, when TVM is installed; it "
+                   "times 4-bit layers for real) or ONNX Runtime.")
+@click.option("--max-drop", help="Find the cheapest plan whose measured top-1 agreement is at most this much below "
+                                 "the uniform highest-precision plan's, e.g. 1%.")
+@click.option("--bits", "bit_set", default="4,8", show_default=True, help="Bit-widths a layer may take.")
+@click.option("--sensitivity", "sensitivity_dir", type=click.Path(path_type=Path),
+              help="Reuse a `lowbit sensitivity` output instead of measuring again.")
+@click.option("--cross-terms", is_flag=True,
+              help="Refine the ILP's plan with the inter-layer terms between groups (lower predicted loss; on "
+                   "MobileNetV2 it measured worse, so it is off by default).")
+@click.option("--no-ties", is_flag=True, help="Let the layers feeding one residual add take different bit-widths.")
+@click.option("--frontier-points", type=int, default=3, show_default=True,
+              help="Budgets measured for the frontier, evenly spaced from the cheapest plan (plus the uniform plan).")
+@click.option("--bisect-steps", type=int, default=5, show_default=True, help="Bisection steps for --max-drop.")
+@user_errors
+def search_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
+                   seed: int, force: bool, size_budget: str | None, bops_budget: str | None,
+                   latency_budget: str | None, latency_table: Path | None, latency_source: str,
+                   max_drop: str | None, bit_set: str,
+                   sensitivity_dir: Path | None, cross_terms: bool, no_ties: bool, frontier_points: int,
+                   bisect_steps: int) -> None:
+    """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band."""
+    bits = bit_list(bit_set, "--bits", SUPPORTED_WEIGHT_BITS)
+    if len(bits) < 2:
+        raise LowbitError(f"--bits {bit_set!r}: a search needs at least two bit-widths")
+    budgets = {m: t for m, t in (("size", size_budget), ("bops", bops_budget), ("latency", latency_budget)) if t}
+    drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
+    if not budgets and drop is None:
+        raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, cross_terms,
+                            not no_ties, frontier_points, bisect_steps)
+    check_output_dir(output, force)  # fail before the slow part, not after it
+    search(Source(model, calib, eval_path, factory, seed), options, output, force, Progress())

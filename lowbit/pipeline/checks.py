@@ -1,0 +1,133 @@
+"""Checks that refuse what fails: every backend must give the reference executor's integers, bit for bit.
+
+The checks compare the integer outputs under the final dequantize (`QuantizedGraph.int_outputs`), not
+the float outputs: float32 maps distinct int32 values above 2^24 to one float. They run on at least
+CHECK_INPUTS inputs: held-out data, random data like it, and saturating inputs far outside its range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..ir import QuantizedGraph
+from ..metrics import first_difference
+from ..quantizer.reference import run_reference
+
+CHECK_INPUTS = 64
+MIN_RANDOM = 16  # random inputs in every check, half of them saturating: held-out data never saturates
+SATURATION = 1e3  # saturating inputs are this many times the largest magnitude in the data
+EVAL_BATCH = 32
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CheckInputs:
+    """The inputs the backends are checked on, and what they are (for the report)."""
+
+    x: np.ndarray
+    heldout: int
+    random: int
+    saturating: int
+
+    def describe(self) -> str:
+        return (f"{len(self.x)} inputs ({self.heldout} held-out, {self.random} random, "
+                f"{self.saturating} saturating)")
+
+    def to_json(self) -> dict[str, int]:
+        return {"total": len(self.x), "heldout": self.heldout, "random": self.random, "saturating": self.saturating}
+
+
+def check_inputs(shape: tuple[int, ...], data: np.ndarray | None = None, seed: int = 0,
+                 total: int = CHECK_INPUTS) -> CheckInputs:
+    """All of the held-out `data`, then random inputs of `shape` (batch ignored): MIN_RANDOM, or up to `total`.
+
+    Random inputs follow the data's mean and spread (standard normal without data); saturating
+    ones are ±SATURATION times the data's largest magnitude, so every input value clips.
+    """
+    rng = np.random.default_rng(seed)
+    sample_shape = tuple(shape[1:])
+    heldout = np.empty((0, *sample_shape), np.float32) if data is None else data
+    n_random = max(MIN_RANDOM, total - len(heldout))
+    mean, std = (0.0, 1.0) if data is None or not data.size else (float(data.mean()), float(data.std()) or 1.0)
+    n_saturating = n_random // 2
+    normal = rng.standard_normal((n_random - n_saturating, *sample_shape)) * std + mean
+    big = SATURATION * (1.0 if data is None or not data.size else max(float(np.abs(data).max()), 1.0))
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(n_saturating, *sample_shape))
+    saturating = signs * big * rng.uniform(0.5, 1.0, size=signs.shape)
+    x = np.concatenate([heldout, normal, saturating]).astype(np.float32)
+    return CheckInputs(x, len(heldout), len(normal), n_saturating)
+
+
+def reference_integers(qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
+    """The reference executor's integer outputs (before the final dequantize), `batch` samples at a time."""
+    parts = [run_reference(qgraph, x[i:i + batch], integer_outputs=True) for i in range(0, len(x), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.int_outputs}
+
+
+def compare(backend: str, got: Outputs, want: Outputs, inputs: CheckInputs) -> dict[str, Any]:
+    """The record of one backend's check: bit-exact or not, and if not, where it first differs."""
+    difference = first_difference(got, want)
+    return {"samples": len(inputs.x), "inputs": inputs.to_json(), "bit_exact": difference is None,
+            "first_difference": None if difference is None else difference.describe(backend, "the reference")}
+
+
+def failure_message(what: str, record: dict[str, Any], inputs: CheckInputs) -> str:
+    return (f"{what} does not match the reference executor bit for bit on {inputs.describe()}: "
+            f"{record['first_difference']}")
+
+
+def onnx_integers(path: Path, qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
+    """`model.int.onnx`'s integer outputs in ONNX Runtime."""
+    session = ort_session(path)
+    input_name = session.get_inputs()[0].name
+    names = qgraph.int_outputs
+    parts = [session.run(names, {input_name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+
+
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session, quiet about unused initializers and the like."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def tvm_available() -> bool:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, inputs: CheckInputs,
+                      log: Callable[[str], None], want: Outputs | None = None, tune_trials: int | None = None,
+                      tuning_cache: Path | None = None) -> dict[str, Any]:
+    """Compile into `directory/tvm` and compare the runtime's integer outputs with the reference's on `inputs`.
+
+    `want` may hold the reference's integer outputs on `inputs` when the caller has them already.
+    The result says whether they are bit-exact; refusing a mismatch is the caller's decision.
+    """
+    from ..codegen.tvm import compile_to
+    from ..runtime import load
+
+    meta = compile_to(qgraph, directory, target, log, tune_trials, tuning_cache)
+    model = load(directory, verify=False)
+    got = model.run_integers(inputs.x)
+    if want is None:
+        want = reference_integers(qgraph, inputs.x)
+    latency = model.benchmark(inputs.x[:1], repeats=50, warmup=20)
+    tuning = meta["tuning"] and {k: v for k, v in meta["tuning"].items() if k != "layers"}
+    return {"target": meta["target_string"], "kernels": meta["kernels"], "compile_seconds": meta["compile_seconds"],
+            "tuning": tuning, **compare("TVM", got, want, inputs), "latency_ms": latency["median_ms"]}

@@ -1,0 +1,65 @@
+"""What report.json says about a quantized model's fidelity, size and layers, measured on held-out data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..ir import QuantizedGraph
+from ..metrics import output_fidelity
+from ..models.zoo import ZOO_PREFIX
+from ..quantizer.config import QuantConfig
+from . import report as reports
+from .prepare import Prepared, samples
+from .progress import Progress
+
+
+def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
+             progress: Progress) -> tuple[dict[str, Any], reports.Outputs]:
+    """The report's fidelity, size and layer sections (the backends' checks and timings are added by the caller).
+
+    Also returns the reference executor's float outputs on the held-out inputs.
+    """
+    graph, calib, heldout, entry = prepared.graph, prepared.calib, prepared.heldout, prepared.entry
+    progress.echo("evaluate", f"FP32 and per-layer fake-quant on {samples(len(heldout), 'held-out sample')}")
+    with progress.stage("evaluate: fp32 + per-layer"):
+        fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.x)
+    progress.echo("evaluate", f"INT8 reference executor on {samples(len(heldout), 'held-out sample')}")
+    with progress.stage("evaluate: int8 reference"):
+        int8 = reports.reference_outputs(qgraph, heldout.x)
+    per_output = {o: output_fidelity(fp32[o], int8[o]) for o in graph.outputs}
+    fidelity = {"output": graph.outputs[0], **per_output[graph.outputs[0]], "per_output": per_output}
+    t = progress.timings
+    progress.echo("evaluate", f"top-1 agreement {reports.fmt_pct(fidelity['top1_agreement'])}, output SQNR "
+                              f"{reports.fmt_db(fidelity['sqnr_db'])} (FP32 {t['evaluate: fp32 + per-layer']:.1f}s, "
+                              f"reference {t['evaluate: int8 reference']:.1f}s)")
+
+    notes = []
+    labelled = None
+    if entry is not None and entry.labelled is not None:
+        with progress.stage("evaluate: labelled"):
+            try:
+                x, labels = entry.labelled()
+            except (ImportError, OSError) as e:  # optional data package missing
+                notes.append(f"labelled evaluation skipped: {e}")
+            else:
+                labelled = reports.labelled_scores(graph, qgraph, x, labels, f"{ZOO_PREFIX}{entry.name} labelled set")
+        if labelled:
+            progress.echo("evaluate", f"labelled top-1: FP32 {reports.fmt_pct(labelled['top1_fp32'])}, "
+                                      f"INT8 {reports.fmt_pct(labelled['top1_int8'])} ({labelled['samples']} images)")
+
+    report = {
+        "lowbit_version": __version__,
+        "model": {"spec": prepared.source.model, **graph.summary()},
+        "config": config.to_json(),
+        "bit_plan": qgraph.bit_plan(),
+        "calibration": {"method": config.calib_method, "samples": len(calib), "source": calib.source},
+        "heldout": {"samples": len(heldout), "source": heldout.source},
+        "fidelity": fidelity,
+        "labelled": labelled,
+        "size": reports.model_sizes(graph, qgraph),
+        "per_layer_samples": min(len(heldout), reports.PER_LAYER_SAMPLES),
+        "layers": reports.layer_rows(graph, qgraph, layer_sqnr),
+        "notes": notes,
+    }
+    return report, int8

@@ -1,0 +1,247 @@
+"""`quantize(model, calib, config) -> Artifact`, and `Artifact.save(dir)`: the whole `lowbit quantize`.
+
+    artifact = lowbit.quantize("zoo:small_cnn", calib=None, config=QuantConfig(bits=8))
+    artifact.save("out/", target=None)   # export, evaluate, check, report; atomically
+
+`save` refuses an artifact whose checks fail (a float tensor in model.int.onnx, or
+model.int.onnx in ONNX Runtime or the TVM build differing from the reference executor):
+it raises LowbitError naming the first difference, and leaves nothing behind, unless
+`allow_mismatch`, which keeps it with a warning at the top of report.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import LowbitError
+from ..io import atomic_directory, write_json
+from ..ir import QuantizedGraph
+from ..models.zoo import ZOO_PREFIX
+from ..quantizer.config import BitPlan, QuantConfig
+from . import checks
+from . import report as reports
+from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, file_hashes, sha256_file
+from .data import Inputs
+from .evaluate import evaluate
+from .prepare import Data, Prepared, Source, prepare
+from .progress import Progress
+
+
+@dataclass
+class Artifact:
+    """A quantized model with everything its artifact directory is made from; `save` writes it."""
+
+    prepared: Prepared
+    qgraph: QuantizedGraph
+    config: QuantConfig
+    plan_file: Path | None = None  # the plan.json it was quantized with, recorded in the manifest
+
+    def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
+             tuning_cache: Path | None = None, onnx_weights: str = "auto", force: bool = False,
+             allow_mismatch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+        """Export, evaluate, compile (with a TVM `target`) and check into `directory`, atomically; returns the report.
+
+        Either the complete directory appears or nothing does (with `force`, an existing one is replaced
+        only once the new one is complete). A failed check raises LowbitError unless `allow_mismatch`.
+        """
+        directory = Path(directory)
+        progress = progress or Progress()
+        options = _SaveOptions(target, tune_trials, tuning_cache, onnx_weights, allow_mismatch)
+        try:
+            with atomic_directory(directory, force) as tmp:
+                report = _write_artifact(tmp, self, options, progress)
+        except OSError as e:  # a full disk or a vanished folder: say which artifact, not a traceback
+            raise LowbitError(f"{directory}: cannot write the artifact ({e}); nothing was written") from e
+        size = report["size"]
+        sizes = f"{reports.fmt_bytes(size['fp32_bytes'])} -> {reports.fmt_bytes(size['quantized_bytes'])}"
+        progress.echo("done", f"wrote {directory} in {progress.elapsed():.1f}s; layer weights {sizes}")
+        return report
+
+
+@dataclass(frozen=True)
+class _SaveOptions:
+    target: str | None
+    tune_trials: int | None
+    tuning_cache: Path | None
+    onnx_weights: str
+    allow_mismatch: bool
+
+
+def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig | None = None, *,
+             heldout: Data | None = None, factory: str | None = None, plan: BitPlan | Path | None = None,
+             progress: Progress | None = None) -> Artifact:
+    """Quantize MODEL (zoo:NAME, a .pt2, TorchScript, or a state dict with `factory`) to integers.
+
+    `calib`/`heldout`: an image folder, a .npy/.npz, or an (N, C, H, W) float array; None for a zoo
+    model's own sets (held-out data defaults to the last 20% of `calib` otherwise). `plan`: weight
+    bits per layer (a BitPlan, or a plan.json from `lowbit search`); default `config.bits` everywhere.
+    """
+    from ..quantizer.quantize import quantize as quantize_graph
+
+    config = config or QuantConfig()
+    progress = progress or Progress()
+    plan_file = Path(plan) if isinstance(plan, str | Path) else None
+    bit_plan = BitPlan.load(plan_file) if plan_file else plan  # a bad plan fails before the slow part
+    prepared = prepare(Source(str(model), calib, heldout, factory, config.seed), progress)
+    if bit_plan is not None:
+        try:
+            bit_plan.validate(prepared.graph)
+        except LowbitError as e:
+            raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
+    with progress.stage("quantize"), progress.steps_of("quantize") as log:
+        qgraph = quantize_graph(prepared.graph, prepared.calib.x, config, bit_plan, log=log)
+    steps = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in progress.steps.items())
+    weights = reports.bits_summary(qgraph.bit_plan()) if bit_plan else f"{config.bits}-bit weights"
+    progress.echo("quantize", f"{weights}, {config.calib_method} activation ranges "
+                              f"({progress.timings['quantize']:.1f}s: {steps})")
+    return Artifact(prepared, qgraph, config, plan_file)
+
+
+def _refuse_or_note(problem: str, mismatches: list[str], options: _SaveOptions) -> None:
+    """A failed check: an error (the atomic directory then leaves nothing), or with --allow-mismatch a warning."""
+    if not options.allow_mismatch:
+        raise LowbitError(f"{problem}; nothing was written (pass --allow-mismatch to keep the artifact for "
+                          "debugging, and please report this model)")
+    mismatches.append(problem)
+
+
+def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, progress: Progress) -> dict[str, Any]:
+    """Export, evaluate, check and describe the quantized model in `directory`; returns the report."""
+    import onnx
+
+    from ..codegen.onnx import export_integer, export_qdq
+    from ..codegen.onnx.check import float_tensors_between
+
+    prepared, qgraph = artifact.prepared, artifact.qgraph
+    mismatches: list[str] = []
+    with progress.stage("export"):
+        saturation_safe = export_qdq(qgraph, directory / "model.onnx", weights=options.onnx_weights)
+        export_integer(qgraph, directory / "model.int.onnx")
+        qgraph.save(directory / "ir")
+        integer_leaks = float_tensors_between(onnx.load(str(directory / "model.int.onnx")))
+    qdq_weights = "saturation-safe" if saturation_safe else "int8"
+    progress.echo("export", f"model.onnx (QDQ, {qdq_weights} weights), model.int.onnx (integer-only), ir/ "
+                            f"({progress.timings['export']:.1f}s)")
+    if integer_leaks:
+        _refuse_or_note(f"model.int.onnx has float tensors inside: {', '.join(integer_leaks)}", mismatches, options)
+
+    report, reference = evaluate(prepared, qgraph, artifact.config, progress)
+    inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
+                                 artifact.config.seed)
+    with progress.stage("check: reference"):
+        want = checks.reference_integers(qgraph, inputs.x)
+    with progress.stage("onnxruntime"):
+        got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.x)
+        int_check = checks.compare("ONNX Runtime", got, want, inputs)
+        report["onnxruntime"] = {"model.int.onnx": int_check,
+                                 "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,
+                                                                 reference)}
+    exact = int_check["bit_exact"]
+    progress.echo("onnxruntime", f"model.int.onnx {'is' if exact else 'is NOT'} bit-exact with the reference on "
+                                 f"{inputs.describe()} ({progress.timings['onnxruntime']:.1f}s)")
+    if not exact:
+        problem = checks.failure_message("model.int.onnx in ONNX Runtime", int_check, inputs)
+        _refuse_or_note(problem, mismatches, options)
+
+    if options.target is not None:
+        progress.echo("compile", f"TVM, target {options.target}")
+        with progress.stage("compile"):
+            report["tvm"] = checks.compile_and_check(qgraph, directory, options.target, inputs,
+                                                     lambda m: progress.echo("compile", m), want,
+                                                     options.tune_trials, options.tuning_cache)
+        t = report["tvm"]
+        progress.echo("compile", f"{t['target']}: {'bit-exact' if t['bit_exact'] else 'NOT bit-exact'} with the "
+                                 f"reference on {inputs.describe()}, {t['latency_ms']:.2f} ms at batch 1 "
+                                 f"({progress.timings['compile']:.1f}s)")
+        if not t["bit_exact"]:
+            _refuse_or_note(checks.failure_message("the TVM-compiled model", t, inputs), mismatches, options)
+    report["mismatches"] = mismatches
+    report["onnx_weights"] = {"requested": options.onnx_weights, "stored": qdq_weights}
+    report["integer_only"] = not integer_leaks
+    report["float_tensors_in_int_model"] = integer_leaks
+    report["timings"] = {"stages": dict(progress.timings), "steps": dict(progress.steps),
+                         "total_s": progress.elapsed()}
+    reports.write_reports(directory, report)
+    # Written last, so that it can list the hash of every other file.
+    write_json(directory / MANIFEST, _manifest(directory, artifact, report))
+    return report
+
+
+def _manifest(directory: Path, artifact: Artifact, report: dict[str, Any]) -> dict[str, Any]:
+    prepared, qgraph = artifact.prepared, artifact.qgraph
+    return {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "model": _model_description(prepared),
+        "config": artifact.config.to_json(),
+        "calibration": _data_summary(prepared.calib),
+        "heldout": _data_summary(prepared.heldout),
+        **_interface(qgraph),
+        "bit_plan": qgraph.bit_plan(),
+        "tvm": report.get("tvm"),
+        "plan_file": None if artifact.plan_file is None else {"path": str(artifact.plan_file.resolve()),
+                                                              "sha256": sha256_file(artifact.plan_file)},
+        "files": file_hashes(directory),
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {"lowbit": __version__, "python": platform.python_version()}
+    for package in ("torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _model_description(prepared: Prepared) -> dict[str, Any]:
+    source = prepared.source
+    described: dict[str, Any] = {"spec": source.model, "factory": source.factory, "name": prepared.graph.name}
+    path = Path(source.model)
+    if not source.model.startswith(ZOO_PREFIX) and path.is_file():
+        described.update(file=str(path.resolve()), sha256=sha256_file(path), bytes=path.stat().st_size)
+    return described
+
+
+def _symbolic(shape: tuple[int, ...]) -> list[Any]:
+    return ["N", *shape[1:]]
+
+
+def _interface(qgraph: QuantizedGraph) -> dict[str, Any]:
+    """Inputs and outputs of the exported models: float32, symbolic batch dimension "N"."""
+    inputs = []
+    for name in qgraph.inputs:
+        quantize_op = next(o for o in qgraph.ops if o.op == "quantize" and o.inputs[0] == name)
+        q = qgraph.values[quantize_op.output]
+        inputs.append({"name": name, "dtype": "float32", "shape": _symbolic(qgraph.values[name].shape),
+                       "quantization": {"dtype": q.dtype, "scale": q.scale, "zero_point": q.zero_point}})
+    outputs = [{"name": name, "dtype": "float32", "shape": _symbolic(qgraph.values[name].shape)}
+               for name in qgraph.outputs]
+    integer_outputs = []
+    for name in qgraph.int_outputs:
+        v = qgraph.values[name]
+        # Per-channel scales (one per class for logits) would swamp the manifest; ir/ir.json has them.
+        scale = {"scale": v.scale} if v.axis is None else {"scale": None, "per_channel_axis": v.axis,
+                                                            "scales_in": "ir/ir.json"}
+        integer_outputs.append({"name": name, "dtype": v.dtype, "shape": _symbolic(v.shape),
+                                "zero_point": v.zero_point, **scale})
+    return {"inputs": inputs, "outputs": outputs, "integer_outputs": integer_outputs}
+
+
+def _data_summary(inputs: Inputs) -> dict[str, Any]:
+    return {"samples": len(inputs), "source": inputs.source,
+            "sha256": hashlib.sha256(np.ascontiguousarray(inputs.x).tobytes()).hexdigest()}
+
+

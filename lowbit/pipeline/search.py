@@ -1,0 +1,160 @@
+"""`lowbit search`: per-layer bit-widths under size/BOPs/latency budgets, or within an accuracy band."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LowbitError
+from ..io import atomic_directory, atomic_file, write_json
+from ..quantizer.config import BitPlan, QuantConfig
+from ..sensitivity.analyze import SensitivityConfig
+from ..sensitivity.artifact import Sensitivity
+from . import plots
+from .prepare import Source, prepare
+from .progress import Progress
+from .sensitivity import run_sensitivity, write_sensitivity
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What `lowbit search` was asked for (see its --help for each)."""
+
+    bits: tuple[int, ...] = (4, 8)
+    budgets: dict[str, str] | None = None  # metric ("size", "bops", "latency") -> budget text, e.g. "0.75x"
+    max_drop: float | None = None  # a fraction, e.g. 0.01
+    latency_table: Path | None = None
+    latency_source: str = "auto"
+    sensitivity_dir: Path | None = None
+    cross_terms: bool = False
+    ties: bool = True
+    frontier_points: int = 3
+    bisect_steps: int = 5
+
+
+def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """The whole `lowbit search`: writes plan.json, frontier.json/.png and report.md to `output` (atomically).
+
+    Returns the summary that frontier.json holds, without its points."""
+    from ..quantizer.quantize import calibrate
+    from ..search import search as s
+    from ..search.costs import LatencyTable, layer_costs, measure_onnxruntime
+
+    bits, requested, drop, latency_source = o.bits, o.budgets or {}, o.max_drop, o.latency_source
+    cross_terms, sensitivity_dir = o.cross_terms, o.sensitivity_dir
+    if len(bits) < 2:
+        raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths")
+    if not requested and drop is None:
+        raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    table = LatencyTable.load(o.latency_table) if o.latency_table else None
+    sens = Sensitivity.load(sensitivity_dir) if sensitivity_dir else None
+
+    progress = progress or Progress()
+    seed = source.seed
+    config = QuantConfig(seed=seed)
+    prepared = prepare(source, progress)
+    graph = prepared.graph
+    if sens is not None and sorted(layer.name for layer in sens.layers) != sorted(n.name for n in graph.layers):
+        raise LowbitError(f"{sensitivity_dir}: measured on a different model ({sens.model}); its layers do not match")
+    with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
+        stats = calibrate(graph, prepared.calib.x, log)
+    sensitivity_written = sens is None
+    if sens is None:
+        sens = run_sensitivity(prepared, stats, SensitivityConfig(pair_bits=bits, seed=seed), None, 0, progress)
+
+    if "latency" in requested and table is None:
+        from ..quantizer.quantize import quantize
+        from .checks import tvm_available
+
+        if latency_source == "auto":
+            latency_source = "tvm" if tvm_available() else "onnxruntime"
+        with progress.stage("latency"), progress.steps_of("latency") as log:
+            uniform = {b: quantize(graph, prepared.calib.x, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b),
+                                   stats=stats) for b in bits}
+            if latency_source == "tvm":
+                from ..codegen.tvm.latency import measure_layers
+
+                table = measure_layers(uniform, log=log)
+            else:
+                table = measure_onnxruntime(uniform, log=log)
+        caveat = "" if latency_source == "tvm" else "; it runs 4-bit weights on int8 kernels: 4 and 8 bits time alike"
+        progress.echo("latency", f"per-layer latency measured with {table.source} on {table.target} "
+                                 f"({progress.timings['latency']:.1f}s){caveat}")
+    costs = layer_costs(graph, bits, table)
+    top = {layer.name: max(bits) for layer in graph.layers}
+    budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}
+    metric = next(iter(budgets), "size")
+    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: costs.total(metric, top)}, o.ties)
+    progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
+                            f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
+
+    evaluator = s.PlanEvaluator(graph, prepared.calib.x, prepared.heldout.x, config, stats)
+    points: list[s.FrontierPoint] = []
+
+    def measure(budget: dict[str, float], what: str) -> s.FrontierPoint:
+        with progress.stage("measure"), progress.steps_of("measure") as log:
+            point = s.evaluate_point(problem, sens, costs, evaluator, budget, cross_terms, log)
+        points.append(point)
+        progress.echo("measure", f"{what}: bits {point.bit_counts}, {s.format_metric(metric, point.costs[metric])}, "
+                                 f"top-1 agreement {100 * point.measured['top1_agreement']:.1f}% "
+                                 f"({point.measured['seconds']:.0f}s)")
+        return point
+
+    cheapest, dearest = s.budget_range(problem, metric)
+    baseline = measure({**problem.budgets, metric: dearest}, f"uniform {max(bits)}-bit")
+    chosen = measure(budgets, "requested budget") if budgets else None
+    for k in range(o.frontier_points):
+        f = k / max(o.frontier_points, 1)
+        measure({**problem.budgets, metric: cheapest + f * (dearest - cheapest)}, f"frontier {100 * f:.0f}%")
+    if drop is not None:
+        with progress.stage("bisect"):
+            chosen, tried = s.bisect_max_drop(problem, sens, costs, evaluator, metric, drop, baseline, o.bisect_steps,
+                                              cross_terms, echo=lambda m: progress.echo("bisect", m))
+        points += tried
+        progress.echo("bisect", f"cheapest plan within {100 * drop:.2f}%: "
+                                f"{s.format_metric(metric, chosen.costs[metric])}, "
+                                f"top-1 agreement {100 * chosen.measured['top1_agreement']:.1f}%")
+    assert chosen is not None
+
+    unique = {frozenset(p.plan.items()): p for p in reversed(points)}  # each plan once, as first measured
+    frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan} for p in unique.values()]
+    summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
+               "max_drop": drop, "baseline": baseline.to_json(), "cross_terms": cross_terms,
+               "ties": o.ties, "groups": problem.groups,
+               "latency_table": None if table is None else table.to_json()}
+    with atomic_directory(output, force) as tmp:
+        BitPlan(chosen.plan).save(tmp / "plan.json", model=graph.name, budgets=budgets, max_drop=drop,
+                                  predicted_loss=chosen.predicted_loss, measured=chosen.measured, costs=chosen.costs)
+        write_json(tmp / "frontier.json", {**summary, "points": frontier})
+        plots.pareto_plot(frontier, metric, tmp / "frontier.png", f"{graph.name}: measured plans ({metric})")
+        with atomic_file(tmp / "report.md") as f:
+            f.write(search_markdown(summary, frontier, metric))
+        if sensitivity_written:
+            write_sensitivity(tmp / "sensitivity", sens)
+    progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
+                          f"`lowbit quantize {source.model} --plan {output / 'plan.json'} -o OUT`")
+    return summary
+
+
+def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metric: str) -> str:
+    from ..search.search import format_metric
+
+    lines = [f"# Bit-width search: {summary['model']}", "",
+             f"- bit-widths: {summary['bits']}; budgets: " +
+             (", ".join(f"{m} <= {format_metric(m, v)}" for m, v in summary["budgets"].items()) or "none") +
+             (f"; max drop {100 * summary['max_drop']:.2f}%" if summary["max_drop"] is not None else ""),
+             "- objective: exact per-group Hessian terms"
+             + (", refined with every cross term" if summary["cross_terms"] else ""),
+             "- fidelity: top-1 agreement with FP32 on held-out data, fake-quant executor, plans quantized as "
+             "`lowbit quantize` does", "",
+             f"| plan | {metric} | bits | predicted loss increase | top-1 agreement | SQNR |",
+             "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: p["costs"][metric]):
+        sqnr = p["measured"]["sqnr_db"]
+        lines.append(f"| {'**chosen**' if p['chosen'] else ''} | {format_metric(metric, p['costs'][metric])} | "
+                     f"{p['bit_counts']} | {p['predicted_loss']:.4g} | {100 * p['measured']['top1_agreement']:.1f}% | "
+                     f"{'-' if sqnr is None else f'{sqnr:.1f} dB'} |")
+    lines += ["", "Plot: `frontier.png`. Plan: `plan.json` (apply with `lowbit quantize MODEL --plan plan.json`).", ""]
+    return "\n".join(lines)
