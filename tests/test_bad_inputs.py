@@ -185,14 +185,16 @@ def reuse_ir(monkeypatch: pytest.MonkeyPatch, artifact: Path) -> None:
 
 def test_a_failed_report_write_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 data: tuple[Path, Path], reuse_ir: None) -> None:
-    write_text = Path.write_text
+    from lowbit.pipeline import report
 
-    def disk_full(self: Path, *args: object, **kwargs: object) -> int:
-        if self.name == "report.md":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return write_text(self, *args, **kwargs)
+    atomic_file = report.atomic_file
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    def disk_full(path: Path, *args: object, **kwargs: object):
+        if path.name == "report.md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return atomic_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "atomic_file", disk_full)
     out = tmp_path / "out"
     result = invoke("quantize", "zoo:small_cnn", *data_args(data), "-o", out, *FAST)
     assert_user_error(result, "report.md: cannot write the report", os.strerror(errno.ENOSPC))
@@ -200,8 +202,9 @@ def test_a_failed_report_write_is_a_clear_error(tmp_path: Path, monkeypatch: pyt
 
 
 def test_write_reports_names_the_file_it_cannot_write(tmp_path: Path) -> None:
-    with pytest.raises(LowbitError, match=r"missing/report\.json: cannot write the report"):
-        write_reports(tmp_path / "missing", {"notes": []})
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(LowbitError, match=r"a_file/report\.json: cannot write the report"):
+        write_reports(tmp_path / "a_file", {"notes": []})
 
 
 # -- an interrupted `lowbit compile` ---------------------------------------------------------------------------------
