@@ -23,10 +23,11 @@ Modules
   accumulator tile (exact int64 lanes, or float64 where `f64_requant_is_exact`; a residual add in float64 where
   `residual_is_exact`);
 - `gemm` + `im2col`: pointwise, general and grouped convs, dense; `depthwise`: depthwise convs;
-- `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family.
+- `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family;
+- `matmul`: `matmul_nt`, a batched int8 matmul of two run-time tensors (attention), VNNI only so far.
 
 Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
-alone; `conv2d_nhwc` and `dense` import the TIR builders when first used.
+alone; `conv2d_nhwc`, `dense` and `matmul_nt` import the TIR builders when first used.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any
 
 from .requant import acc_bound, f64_requant_is_exact, residual_is_exact
 
-__all__ = ["NUM_THREADS", "acc_bound", "conv2d_nhwc", "dense", "f64_requant_is_exact", "residual_is_exact"]
+__all__ = ["NUM_THREADS", "acc_bound", "conv2d_nhwc", "dense", "f64_requant_is_exact", "matmul_nt",
+           "residual_is_exact"]
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from . import layers
 
         return getattr(layers, name)
+    if name == "matmul_nt":
+        from .matmul import matmul_nt
+
+        return matmul_nt
     if name == "NUM_THREADS":
         from .plans import NUM_THREADS
 

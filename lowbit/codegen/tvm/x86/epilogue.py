@@ -1,4 +1,21 @@
-"""The requantize epilogue as TIR on 8 int32 accumulator lanes (the constants and exactness proofs: `requant`)."""
+"""The requantize epilogue as TIR on 8 int32 accumulator lanes (the constants and exactness proofs: `requant`).
+
+Requantization is fused on the accumulator tile and stays exact:
+1. acc is clamped (int32) to a per-channel window [A_lo, A_hi] outside of which the clipped result cannot
+   change (y is monotone in acc, m >= 0); inside the window |y| < 2^31.
+2. p = acc*m via vpmuldq (even / odd lanes), |p| < 2^61.
+3. the arithmetic shift is a logical shift of a biased value: ``t = (p + r + 2^62) >>> s = y + 2^(62-s)``
+   (vpsrlvq), and the low 32 bits of t minus the low 32 bits of 2^(62-s) give y exactly (|y| < 2^31).
+4. int32 clip to [qmin, qmax] and narrow.
+Where ``f64_requant_is_exact`` (every |acc| in the window that the weights, bias and input dtype can reach,
+times m, plus r, is below 2^53, and m / 2^s < 1/2, as for all but the odd layer), it is instead
+``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one round-down conversion with AVX-512), then
+clipped: exact inside the window, monotone outside it, and never outside the int32 range.
+
+A residual add can be fused into a GEMM conv's epilogue: ``floor(fma(y, m_y / 2^s, fma(skip, m_skip / 2^s,
+0.5)))`` in float64 on the requantized conv output y and the skip tensor's values, then clipped; exact where
+``residual_is_exact`` (every integer sum below 2^53).
+"""
 
 from __future__ import annotations
 

@@ -12,9 +12,18 @@ it into 8 output channels per vector:
 The requantize epilogue (and a fused residual add) runs on the accumulator tile (`epilogue`). Parallel loops are
 chunked per thread (`num_threads` tasks) so the per-task accumulator scratch is allocated once per task.
 
-`gemm_func` reads only its `GemmPlan`. It does not assume the weights are constants: W32 is a parameter of the
-PrimFunc like X, in the layout of `packing.pack_gemm_weight`, so a kernel whose second operand is another
-activation needs only a pass that packs it at run time (see `packing.pack_k_major_vnni` for the VNNI layout).
+`gemm_func` reads only its `GemmPlan`, which holds shapes and choices, never weight values: W32 and BIAS are
+PrimFunc parameters like X. Attention's Q.K^T and A.V (two activation operands) have their own kernel for now,
+`matmul.matmul_nt`, which packs its second operand at run time into these words (VNNI) but has no register
+tiles or requantize epilogue. What still ties this GEMM to constant weights, and what reusing it needs:
+- the weight words are packed in numpy (`packing.pack_gemm_weight`): a run-time operand needs a TIR pass that
+  packs it into the same words (`packing.pack_k_major_vnni` is that layout from [G, N, K] values);
+- int8 activations are fed as x + 128, and -128 * sum_k w is folded into BIAS in numpy: with a run-time operand
+  that sum is a per-(batch, column) sum computed in the same packing pass;
+- the float64 epilogue is chosen from `acc_bound(weight, ...)`: with a run-time operand, bound |acc| by
+  K * max|x| * max|y| from the two dtypes instead;
+- batch maps onto the G groups (each has its own packed operand and output columns), but the activation and
+  output indexing assume channels-last rows ([M, G*K] in, [M, G*N] out), not [B, M, K] / [B, M, N].
 """
 
 from __future__ import annotations
