@@ -6,7 +6,7 @@ returns a scheduled `PrimFunc` with parameters `(inputs..., constants..., output
 plus the constant arrays the caller passes in that order.
 
 The layer kernels here (`conv2d_nhwc`, `dense`) are the portable path;
-`fast_x86` replaces them on x86 CPUs with register-blocked AVX2 kernels.
+`x86` (lowbit/codegen/tvm/x86) replaces them on x86 CPUs with register-blocked AVX2 kernels.
 """
 
 from __future__ import annotations
