@@ -22,8 +22,7 @@ from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
 from ...ir.ops import lut as lut_op
 from . import kernels
-
-LayerKernel = Callable[..., tuple[tirx.PrimFunc, list[np.ndarray]]]
+from .kernel_api import ConvKernel, DenseKernel
 
 
 @dataclass
@@ -54,8 +53,8 @@ class Residual:
 class _Context:
     qgraph: QuantizedGraph
     bb: relax.BlockBuilder
-    conv2d: LayerKernel
-    dense: LayerKernel
+    conv2d: ConvKernel
+    dense: DenseKernel
     residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
@@ -123,8 +122,8 @@ def converter(*ops: str) -> Callable[[Converter], Converter]:
     return register
 
 
-def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str, conv2d: LayerKernel,
-                 dense: LayerKernel,
+def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str, conv2d: ConvKernel,
+                 dense: DenseKernel,
                  residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
     """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
 
@@ -308,7 +307,7 @@ def check_supported(qgraph: QuantizedGraph) -> None:
     check_backend(qgraph, CONVERTERS, "TVM")
 
 
-def lower(qgraph: QuantizedGraph, conv2d: LayerKernel | None = None, dense: LayerKernel | None = None,
+def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: DenseKernel | None = None,
           fuse_residuals: bool = False, integer_outputs: bool = False) -> Lowered:
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 

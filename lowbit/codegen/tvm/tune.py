@@ -28,7 +28,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from ...ir import QuantizedGraph
 from . import kernels
-from .lower import LayerKernel, layer_kernel
+from .kernel_api import ConvKernel, DenseKernel
+from .lower import layer_kernel
 from .target import target_string
 
 Log = Callable[[str], None]
@@ -115,8 +116,8 @@ class TunedKernels:
 
     database: ms.Database
     target: dict[str, Any]
-    conv2d_fast: LayerKernel
-    dense_fast: LayerKernel
+    conv2d_fast: ConvKernel
+    dense_fast: DenseKernel
     min_speedup: float = 1.0  # a tuned kernel must be this much faster to be used (0: always use a record)
     choices: list[dict[str, Any]] = field(default_factory=list)
 
