@@ -4,6 +4,7 @@ with parameters (x, *constants, out) plus the constant arrays to pass in that or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -12,6 +13,19 @@ if TYPE_CHECKING:
     from tvm import tirx
 
     KernelResult = tuple[tirx.PrimFunc, list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A rescaled add fused into the epilogue of the conv that makes one of its inputs (y; the other is skip):
+    clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax)."""
+
+    skip_dtype: str
+    y_multiplier: int
+    skip_multiplier: int
+    shift: int
+    qmin: int
+    qmax: int
 
 
 class ConvKernel(Protocol):

@@ -22,7 +22,7 @@ from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
 from ...ir.ops import lut as lut_op
 from . import kernels
-from .kernel_api import ConvKernel, DenseKernel
+from .kernel_api import ConvKernel, DenseKernel, Residual
 
 
 @dataclass
@@ -34,19 +34,6 @@ class Lowered:
     inputs: list[str]
     outputs: list[str]
     integer_outputs: list[str] = field(default_factory=list)  # returned after `outputs`
-
-
-@dataclass(frozen=True)
-class Residual:
-    """A rescaled add fused into the epilogue of the conv that makes one of its inputs (y; the other is skip):
-    clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax)."""
-
-    skip_dtype: str
-    y_multiplier: int
-    skip_multiplier: int
-    shift: int
-    qmin: int
-    qmax: int
 
 
 @dataclass

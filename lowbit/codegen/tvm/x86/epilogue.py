@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..kernel_api import Residual
 from .isa import Expr, floor_clip, fma, sx32
 from .packing import VEC
-from .requant import ResidualAdd
 
 
 def requantize_vec(accv: Expr, R: tuple, ch: Expr, qmin: int, qmax: int, f64: bool = False,
@@ -52,7 +52,7 @@ def requantize_vec(accv: Expr, R: tuple, ch: Expr, qmin: int, qmax: int, f64: bo
 
 
 
-def residual_vec(y: Expr, skip: Expr, residual: ResidualAdd, avx512: bool) -> Expr:
+def residual_vec(y: Expr, skip: Expr, residual: Residual, avx512: bool) -> Expr:
     """The add fused into a conv's epilogue, on int32x8 conv outputs `y` and the 8 skip values `skip`:
     clip(floor((y * m_y + skip * m_skip) / 2^s + 1/2), qmin, qmax), exact where `residual_is_exact`."""
     scale = 2.0 ** -residual.shift

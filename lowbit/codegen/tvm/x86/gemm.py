@@ -32,13 +32,13 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_api import Residual
 from .epilogue import requantize_vec, residual_vec
 from .im2col import View4, activation_macros
 from .isa import PMADDUBSW, PMADDWD, VPDPBUSD, Isa, nib8
 from .packing import VEC, pack_gemm_weight
 from .plans import NUM_THREADS, ConvGeometry, Epilogue, GemmPlan
 from .requant import (
-    ResidualAdd,
     acc_bound,
     epilogue_constants,
     f64_requant_is_exact,
@@ -273,7 +273,7 @@ def gemm_conv(x_shape: tuple[int, ...], x_dtype: str, weight: np.ndarray, stride
               mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
               out_shape: tuple[int, ...] | None = None, x_buf_shape: tuple[int, ...] | None = None, wbits: int = 8,
               num_threads: int = NUM_THREADS, isa: Isa | None = None,
-              residual: ResidualAdd | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
+              residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
     """A GEMM-shaped conv's (PrimFunc, constants); None where `residual` cannot be fused exactly."""
     geo = ConvGeometry.of(x_shape, weight.shape, stride, padding, dilation)
     G = int(groups)

@@ -6,19 +6,19 @@ from __future__ import annotations
 import numpy as np
 from tvm import tirx
 
+from ..kernel_api import Residual
 from .depthwise import depthwise_conv
 from .gemm import gemm_conv
 from .isa import Isa
 from .packing import check_int4
 from .plans import NUM_THREADS
-from .requant import ResidualAdd
 
 
 def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.ndarray, stride: tuple[int, int],
                 padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, bias: np.ndarray,
                 mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
                 weight_bits: int = 8, num_threads: int = NUM_THREADS, vnni: bool = False, avx512: bool = False,
-                residual: ResidualAdd | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
+                residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
     """Quantized NHWC conv2d.  Returns (PrimFunc(x, *consts, out), consts).
 
     `vnni` (AVX-512 VNNI with VL, or AVX-VNNI): GEMM-shaped convs use vpdpbusd on u8 x s8 bytes,

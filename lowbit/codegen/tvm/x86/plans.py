@@ -71,7 +71,7 @@ class ConvGeometry:
 class Epilogue:
     """The fused requantization: y = clip((acc * m + 2^(s-1)) >> s, qmin, qmax) as `out_dtype`, or acc itself
     (int32) where not `requant`; `f64` where `f64_requant_is_exact` (the float64 form is then used);
-    `residual` a fused add (GEMM only; fields as `requant.ResidualAdd`)."""
+    `residual` a fused add (GEMM only; fields as `kernel_api.Residual`)."""
 
     requant: bool
     qmin: int

@@ -7,24 +7,11 @@ kernels compute it (see `epilogue`) either exactly in int64 lanes, on accumulato
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 
 from ....ir.dtypes import qrange
+from ..kernel_api import Residual
 from .packing import VEC
-
-
-class ResidualAdd(Protocol):
-    """A rescaled add fused into a conv's epilogue (`lower.Residual`):
-    clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax)."""
-
-    skip_dtype: str
-    y_multiplier: int
-    skip_multiplier: int
-    shift: int
-    qmin: int
-    qmax: int
 
 
 def _acc_window(mc: int, sc: int, qmin: int, qmax: int) -> tuple[int, int]:
@@ -69,7 +56,7 @@ def acc_bound(weight: np.ndarray, bias: np.ndarray, x_dtype: str) -> np.ndarray:
     return np.abs(np.asarray(bias, np.int64).reshape(-1)[: w.shape[0]]) + x_max * w
 
 
-def residual_is_exact(residual: ResidualAdd, y_range: tuple[int, int]) -> bool:
+def residual_is_exact(residual: Residual, y_range: tuple[int, int]) -> bool:
     """Whether the fused add (`epilogue.residual_vec`) is exact in float64 for conv outputs y in `y_range` and
     every skip value of its dtype: each sum y*m_y + skip*m_skip + 2^(s-1) is an integer below 2^53 (so every
     fma step is exact and floor is exact), and the result converts to int32."""
