@@ -225,7 +225,7 @@ def test_int4_weights(graph: Graph, calib: np.ndarray, inputs: np.ndarray, out_d
 
 class _Extras(nn.Module):
     """IR cases small_cnn lacks: a standalone clamp, padded ceil-mode maxpool, padded avgpool, an int8 graph
-    output and a linear layer on a 3-D tensor."""
+    output, a linear layer on a 3-D tensor and a table lookup (sigmoid)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -237,7 +237,7 @@ class _Extras(nn.Module):
         y = F.max_pool2d(self.conv(x), 3, 2, 1, ceil_mode=True)
         y = torch.clamp(y, -0.5, 0.5)  # a maxpool cannot absorb it: stays a clamp op
         y = F.avg_pool2d(y, 3, 2, 1)
-        return self.fc(y.flatten(1)), self.seq(y.flatten(2)), y
+        return self.fc(y.flatten(1)), torch.sigmoid(self.seq(y.flatten(2))), y
 
 
 @pytest.fixture(scope="module")
