@@ -1,7 +1,7 @@
 """Every op lowbit knows, one module each, collected in `registry.OPS` (see `registry` for what an op holds).
 
-Importing this package registers them all; the order here is the order of the IR
-specification and of the unsupported-op message.
+Importing this package registers them all. A new op is a new module here plus its
+line below; see README.md ("Ops: one module each").
 """
 
 from . import (  # noqa: F401  (imported to register)
