@@ -129,7 +129,7 @@ def _tuning_note(tuning: dict | None) -> str:
 
 
 def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8: Contender, checks: dict,
-           plans: dict, command: str, threads: int, runs: int, load_avg: tuple[float, float]) -> str:
+           plans: dict, command: str, threads: int, runs: int, rounds: int, load_avg: tuple[float, float]) -> str:
     ref = fp32.heldout.argmax(1)
     lines = [
         f"| Contender | Top-1 agreement with FP32 ({len(ref)} held-out) | Latency, batch 1, median (ms) "
@@ -162,7 +162,7 @@ def render(rows: list[Contender], fp32: Contender, ort_fp32: Contender, ort_int8
         f"- Machine: {cpu} ({simd}), {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}; "
         f"{threads} threads for ONNX Runtime, PyTorch and TVM; load average {load_avg[0]:.2f} at start, "
         f"{load_avg[1]:.2f} at end",
-        f"- Latency: batch 1, each contender's median of {runs} calls, the minimum over 3 interleaved rounds "
+        f"- Latency: batch 1, each contender's median of {runs} calls, the minimum over {rounds} interleaved rounds "
         "(turns of 50 calls, each after a pause and 5 untimed calls; see bench_mobilenet_v2.measure_latency).",
         "",
         *lines,
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path (default BENCHMARKS.md)")
     parser.add_argument("--runs", type=int, default=200, help="timed batch-1 runs per contender per round")
     parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime, PyTorch and TVM")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the minimum is reported)")
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="also compile INT8 tuned with this many MetaSchedule trials (0: skip)")
     parser.add_argument("--tuning-cache", type=Path, help="tuning database directory (default: a fresh temp dir)")
@@ -229,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             if c.heldout is None:
                 c.heldout = batched(c.predict, data.heldout)
         log("timing")
-        measure_latency(rows, x1, args.runs, 3)
+        measure_latency(rows, x1, args.runs, args.rounds)
     four = sum(b == 4 for b in plan.bits.values())
     plans = {"mixed": f"{four} of {len(plan.bits)} layers at INT4 (largest first), weights "
                       f"{mixed.weight_bytes() / int8.weight_bytes():.2f}× the INT8 size"}
     report = render(rows, fp32, ort_fp32, ort_int8, checks, plans,
-                    command, args.threads, args.runs, (load_start, os.getloadavg()[0]))
+                    command, args.threads, args.runs, args.rounds, (load_start, os.getloadavg()[0]))
     write_section(args.out, "tvm", report)
     print(report)
     return 0

@@ -85,8 +85,7 @@ class CompiledModel:
 
         A batch larger than the compiled one runs in chunks of the compiled batch size.
         """
-        joined = self._run_all(self._named(x, named))
-        floats = {spec["name"]: joined[spec["name"]] for spec in self.outputs}
+        floats = self._run_all(self._named(x, named), self.outputs)
         return next(iter(floats.values())) if len(floats) == 1 else floats
 
     def run_integers(self, x: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,8 +95,7 @@ class CompiledModel:
         if not self.integer_outputs:
             raise LowbitError(f"{self.directory}: compiled without integer outputs (an older lowbit); recompile "
                               "with `lowbit compile DIR --force`")
-        joined = self._run_all(self._named(x, named))
-        return {spec["name"]: joined[spec["name"]] for spec in self.integer_outputs}
+        return self._run_all(self._named(x, named), self.integer_outputs)
 
     def _named(self, x: np.ndarray | None, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if x is not None:
@@ -110,20 +108,22 @@ class CompiledModel:
             raise LowbitError(f"inputs: missing {missing}, unexpected {extra}")
         return named
 
-    def _run_all(self, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every output `main` returns (float outputs, then integer ones), by name, batch by batch."""
+    def _run_all(self, named: dict[str, np.ndarray], wanted: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The `wanted` outputs (of those `main` returns: float outputs, then integer ones), batch by batch."""
         arrays = [self._check(spec, named[spec["name"]]) for spec in self.inputs]
         batch = self.inputs[0]["shape"][0]
         chunks = arrays[0].shape[0] // batch
-        returned = [*self.outputs, *self.integer_outputs]
-        results: list[list[np.ndarray]] = [[] for _ in returned]
+        returned = [spec["name"] for spec in [*self.outputs, *self.integer_outputs]]
+        picked = [returned.index(spec["name"]) for spec in wanted]
+        results: list[list[np.ndarray]] = [[] for _ in wanted]
         for c in range(chunks):
             self._fill_inputs([a[c * batch:(c + 1) * batch] for a in arrays])
             out = self._main()
-            outs = [out] if len(returned) == 1 else list(out)
-            for k, o in enumerate(outs):
+            outs = [out] if len(returned) == 1 else out
+            for k, index in enumerate(picked):  # copy out only what was asked for
+                o = outs[index]
                 results[k].append(np.from_dlpack(o).copy() if self._on_cpu else o.numpy())
-        return {spec["name"]: np.concatenate(r) for spec, r in zip(returned, results, strict=True)}
+        return {spec["name"]: np.concatenate(r) for spec, r in zip(wanted, results, strict=True)}
 
     def _fill_inputs(self, arrays: list[np.ndarray]) -> None:
         if self._on_cpu:
