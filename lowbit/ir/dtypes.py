@@ -42,8 +42,6 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("int64", np.int64, 7, 64, True),
     DType("float32", np.float32, 1, 32, True, is_float=True),
 )}
-# Types an activation (a quantized tensor between ops) may have.
-ACTIVATION_DTYPES = ("int8", "uint8", "int16")
 
 
 def dtype(name: str) -> DType:

@@ -41,10 +41,6 @@ class Requantizer:
             if m.size and (m.min() < 0 or m.max() >= 1 << MANTISSA_BITS):  # keeps |acc * m| < 2^61
                 raise ValueError(f"requantizer mantissa outside [0, 2^{MANTISSA_BITS}): {m.ravel()}")
 
-    @property
-    def per_channel(self) -> bool:
-        return self.axis is not None
-
     def broadcast(self, values: np.ndarray, ndim: int) -> np.ndarray:
         """`values` (mantissa or shift) shaped to broadcast against an accumulator of `ndim` dims."""
         values = np.asarray(values, dtype=np.int64)
