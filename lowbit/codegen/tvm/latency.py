@@ -3,11 +3,19 @@
 The result is the search's `LatencyTable`, so `lowbit search --latency` can budget
 what the compiled model will spend, 4-bit layers included (ONNX Runtime has no
 int4 kernels, so its table cannot tell 4 from 8 bits).
+
+With an `RpcTarget`, the kernels are compiled here and timed on the devices under the
+tracker's key, every device in parallel (`remote.run_on_devices`); the table is complete
+or an error, never partial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -15,31 +23,35 @@ import tvm
 from ...ir import QuantizedGraph
 from ...ir.dtypes import dtype
 from ...search.costs import LatencyTable
+from . import kernels
 from .compile import layer_kernels, use_target_threads
 from .lower import layer_kernel
+from .remote import Device, RpcTarget, run_on_devices, time_function
 from .target import DEFAULT_TARGET, parse_target, target_string
+
+Log = Callable[[str], None]
 
 
 def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
 
 
-def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAULT_TARGET, repeats: int = 5,
-                   min_ms: int = 20, log: Callable[[str], None] = lambda _: None) -> LatencyTable:
-    """Median ms of every layer of `qgraphs` (one uniform quantization per bit-width), batch as quantized.
+@dataclass
+class LayerKernel:
+    """One layer at one bit-width, compiled alone, with arguments to time it on: input, constants, output."""
 
-    Each measurement repeats the kernel for at least `min_ms`, `repeats` times, and keeps the median.
-    """
-    target = parse_target(target_spec)
-    if target["kind"] != "llvm":
-        raise NotImplementedError("per-layer latency is measured on CPU targets only")
-    use_target_threads(target)
-    conv2d, dense, kernel_set = layer_kernels(target)
-    device = tvm.cpu(0)
+    layer: str
+    bits: int
+    library: tvm.runtime.Module
+    args: list[np.ndarray]
+
+
+def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any]) -> Iterator[LayerKernel]:
+    """Every layer of `qgraphs` (one uniform quantization per bit-width), layer by layer, bit-widths ascending."""
+    conv2d, dense, _ = layer_kernels(target)
+    conv2d, dense = conv2d or kernels.conv2d_nhwc, dense or kernels.dense  # None: the portable kernels
     rng = np.random.default_rng(0)
-    layers = next(iter(qgraphs.values())).layers
-    ms: dict[str, dict[int, float]] = {}
-    for i, first in enumerate(layers):
+    for first in next(iter(qgraphs.values())).layers:
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
@@ -48,12 +60,93 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             library = tvm.compile(module, target=tvm.target.Target(target)).mod
             lo, hi = x_value.qrange
-            args = [tvm.runtime.tensor(rng.integers(lo, hi + 1, x_shape).astype(dtype(x_value.dtype).numpy), device)]
-            args += [tvm.runtime.tensor(a, device) for a in arrays]
-            args.append(tvm.runtime.tensor(np.zeros(out_shape, dtype(out_value.dtype).numpy), device))
-            timer = library.time_evaluator("main", device, repeat=repeats, min_repeat_ms=int(min_ms))
-            ms.setdefault(op.name, {})[bits] = float(np.median(timer(*args).results) * 1e3)
-        log(f"latency (tvm): layer {i + 1}/{len(layers)}")
-    batch = next(iter(qgraphs.values())).values[layers[0].inputs[0]].shape[0]
+            x = rng.integers(lo, hi + 1, x_shape).astype(dtype(x_value.dtype).numpy)
+            out = np.zeros(out_shape, dtype(out_value.dtype).numpy)
+            yield LayerKernel(op.name, bits, library, [x, *arrays, out])
+
+
+def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAULT_TARGET, repeats: int = 5,
+                   min_ms: int = 20, log: Log = lambda _: None, rpc: RpcTarget | None = None) -> LatencyTable:
+    """Median ms of every layer of `qgraphs` (one uniform quantization per bit-width), batch as quantized.
+
+    Each measurement repeats the kernel for at least `min_ms`, `repeats` times, and keeps the median.
+    With `rpc`, the kernels run on the devices under its key (`target_spec` then describes them).
+    """
+    target = parse_target(target_spec)
+    if target["kind"] != "llvm":
+        raise NotImplementedError("per-layer latency is measured on CPU targets only")
+    kernel_set = layer_kernels(target)[2]
+    layers = next(iter(qgraphs.values())).layers
+    if rpc is not None:
+        with tempfile.TemporaryDirectory(prefix="lowbit-rpc-") as tmp:
+            return time_on_devices(compile_layers(qgraphs, target, Path(tmp), log), rpc, repeats, min_ms, log)
+    use_target_threads(target)
+    device = tvm.cpu(0)
+    ms: dict[str, dict[int, float]] = {}
+    for kernel in layer_kernels_to_time(qgraphs, target):
+        args = [tvm.runtime.tensor(a, device) for a in kernel.args]
+        ms.setdefault(kernel.layer, {})[kernel.bits] = float(
+            np.median(time_function(kernel.library, "main", device, args, repeats, min_ms)))
+        if kernel.bits == max(qgraphs):
+            log(f"latency (tvm): layer {len(ms)}/{len(layers)}")
     return LatencyTable(target_string(target), f"tvm per-layer kernels ({kernel_set})", ms,
-                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": batch})
+                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": _batch(qgraphs)})
+
+
+def _batch(qgraphs: dict[int, QuantizedGraph]) -> int:
+    qgraph = next(iter(qgraphs.values()))
+    return qgraph.values[qgraph.layers[0].inputs[0]].shape[0]
+
+
+@dataclass
+class CompiledLayers:
+    """Every layer kernel exported to a library file in `directory`, ready to upload: layer -> [(bits, file,
+    arguments)]. Compiled once, it can be timed on several devices or trackers."""
+
+    target: dict[str, Any]
+    kernel_set: str
+    batch: int
+    rows: dict[str, list[tuple[int, Path, list[np.ndarray]]]]
+
+
+def compile_layers(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any], directory: Path,
+                   log: Log = lambda _: None) -> CompiledLayers:
+    """Compile every layer at every bit-width here and export each to `directory` (which must outlive the result)."""
+    total = len(next(iter(qgraphs.values())).layers)
+    rows: dict[str, list[tuple[int, Path, list[np.ndarray]]]] = {}
+    for kernel in layer_kernels_to_time(qgraphs, target):
+        path = directory / f"layer{len(rows)}-w{kernel.bits}.so"
+        kernel.library.export_library(str(path))
+        rows.setdefault(kernel.layer, []).append((kernel.bits, path, kernel.args))
+        if kernel.bits == max(qgraphs):
+            log(f"latency (tvm-rpc): compiled layer {len(rows)}/{total}")
+    return CompiledLayers(target, layer_kernels(target)[2], _batch(qgraphs), rows)
+
+
+def time_on_devices(compiled: CompiledLayers, rpc: RpcTarget, repeats: int = 5, min_ms: int = 20,
+                    log: Log = lambda _: None) -> LatencyTable:
+    """Time compiled layer kernels on the devices under `rpc`'s key, in parallel, one job per layer (all its
+    bit-widths on one device, so a row is measured under the same conditions); complete or a `LowbitError`.
+
+    `measure_layers` compiles everything before timing anything: the compiler then never competes for
+    the CPU with devices that share this machine (localhost servers)."""
+    threads = int(compiled.target.get("num-cores", 1))
+
+    def job(row: list[tuple[int, Path, list[np.ndarray]]]) -> Callable[[Device], dict[int, float]]:
+        def run(device: Device) -> dict[int, float]:
+            device.use_threads(threads)
+            times = {}
+            for bits, path, arrays in row:
+                library = device.load(path)
+                args = [device.tensor(a) for a in arrays]
+                times[bits] = float(np.median(time_function(library, "main", device.cpu, args, repeats, min_ms)))
+            return times
+        return run
+
+    done = run_on_devices(rpc, {layer: job(row) for layer, row in compiled.rows.items()}, "layer",
+                          lambda m: log(f"latency (tvm-rpc): {m}"))
+    ms = {layer: done.results[layer] for layer in compiled.rows}  # the graph's layer order
+    meta = done.meta(rpc)
+    return LatencyTable(target_string(compiled.target), f"tvm per-layer kernels ({compiled.kernel_set}) over RPC, "
+                                                        f"key {rpc.key!r}, {meta['devices']} device(s)", ms,
+                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": compiled.batch, "rpc": meta})

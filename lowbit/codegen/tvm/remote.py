@@ -1,0 +1,363 @@
+"""Remote targets through TVM's RPC: a tracker hands out sessions on the devices registered under a key.
+
+    python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190 --port-end 9290        (anywhere)
+    python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY                       (on each device)
+
+lowbit compiles here, uploads the library to a device, runs or times it there with TVM's time
+evaluator, and brings the results back. `run_on_devices` spreads independent jobs (the layers of a
+latency table) over every device under the key, one session and one thread per device; a device
+that fails or is too slow is dropped and its job retried on another one, a bounded number of times,
+so a result is either complete or a `LowbitError`, never partial.
+
+The tracker is spoken to directly (its protocol is four JSON messages, `tvm.rpc.base`) rather than
+through `tvm.rpc.connect_tracker`: that retries a refused connection for a minute, waits for a free
+device forever, and does not say which device it handed out, which an error message must name.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import tvm
+from tvm import rpc
+from tvm.rpc import base
+
+from ...errors import LowbitError
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+SERVER_HINT = "python -m tvm.exec.rpc_server --tracker {tracker} --key {key}"
+
+
+@dataclass(frozen=True)
+class RpcTarget:
+    """Where the devices are: a TVM RPC tracker and the key their servers registered under."""
+
+    host: str
+    port: int
+    key: str
+    # The server kills a session older than this (TVM's `session_timeout`): a hung device cannot hold a session
+    # forever. A latency table keeps one session per device for all its layers: MobileNetV2's takes about 30 s.
+    session_timeout_s: float = 600.0
+    # One job (upload, load, time one layer at every bit-width) slower than this marks its device slow: the job
+    # goes to another device. A layer takes well under a second on a CPU; uploads are a few MB at most.
+    job_timeout_s: float = 120.0
+    # How long to wait for the tracker to answer and hand out a free device.
+    wait_s: float = 30.0
+    # A job whose device failed is tried again on another device at most this many times.
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() for c in self.host):
+            raise LowbitError(f"--rpc-tracker: bad host {self.host!r}; expected HOST:PORT, e.g. 127.0.0.1:9190")
+        if not 0 < self.port < 65536:
+            raise LowbitError(f"--rpc-tracker: port {self.port} is out of range; expected HOST:PORT, e.g. "
+                              "127.0.0.1:9190")
+        if not self.key or any(c.isspace() for c in self.key) or ":" in self.key:
+            raise LowbitError(f"--rpc-key {self.key!r}: expected the key the servers registered with (--key), "
+                              "without spaces or ':'")
+        for name in ("session_timeout_s", "job_timeout_s", "wait_s"):
+            if not getattr(self, name) > 0:
+                raise LowbitError(f"RpcTarget.{name} must be positive, got {getattr(self, name)!r}")
+        if self.retries < 0:
+            raise LowbitError(f"RpcTarget.retries must be at least 0, got {self.retries}")
+
+    @classmethod
+    def parse(cls, tracker: str, key: str, **options: Any) -> RpcTarget:
+        """"HOST:PORT" (an IPv6 host in brackets: "[::1]:9190") and the key -> an `RpcTarget`."""
+        host, sep, port = tracker.strip().rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit():
+            raise LowbitError(f"--rpc-tracker {tracker!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+        return cls(host, int(port), key, **options)
+
+    @property
+    def tracker(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        return f"key {self.key!r} at tracker {self.tracker}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tracker": self.tracker, "key": self.key}
+
+
+def rpc_target(tracker: str | None, key: str | None) -> RpcTarget | None:
+    """The CLI's --rpc-tracker and --rpc-key: both (a remote target) or neither (this machine)."""
+    if tracker is None and key is None:
+        return None
+    if tracker is None or key is None:
+        given, missing = ("--rpc-tracker", "--rpc-key") if key is None else ("--rpc-key", "--rpc-tracker")
+        raise LowbitError(f"{given} needs {missing} too: the tracker HOST:PORT and the key its servers registered "
+                          "with, e.g. --rpc-tracker 127.0.0.1:9190 --rpc-key my-board")
+    return RpcTarget.parse(tracker, key)
+
+
+# -- the tracker ----------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _tracker(target: RpcTarget, timeout_s: float) -> Iterator[socket.socket]:
+    """A connection to the tracker whose reads give up after `timeout_s`."""
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout=min(timeout_s, target.wait_s))
+    except OSError as e:
+        raise LowbitError(f"cannot reach the RPC tracker at {target.tracker}: {e}; start one with `python -m "
+                          f"tvm.exec.rpc_tracker --host 0.0.0.0 --port {target.port} --port-end "
+                          f"{target.port + 100}`, or fix --rpc-tracker") from None
+    try:
+        sock.settimeout(timeout_s)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+        if magic != base.RPC_TRACKER_MAGIC:
+            raise LowbitError(f"{target.tracker} answered, but is not a TVM RPC tracker")
+        yield sock
+    except (OSError, EOFError) as e:  # EOFError: tvm.rpc.base.recvall's "connection reset"
+        raise LowbitError(f"the RPC tracker at {target.tracker} stopped answering: {e}") from None
+    finally:
+        sock.close()
+
+
+def tracker_summary(target: RpcTarget) -> dict[str, Any]:
+    """What the tracker reports: {"server_info": [{"key": "server:KEY", "addr": [host, port]}], "queue_info":
+    {KEY: {"free": n, "pending": n}}}."""
+    with _tracker(target, target.wait_s) as sock:
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        code, summary = base.recvjson(sock)
+    if code != base.TrackerCode.SUCCESS:
+        raise LowbitError(f"the RPC tracker at {target.tracker} refused a summary: {summary}")
+    return summary
+
+
+def registered_devices(target: RpcTarget) -> list[str]:
+    """HOST:PORT of every server registered under the key, busy or free."""
+    servers = tracker_summary(target).get("server_info", [])
+    return sorted(":".join(map(str, s["addr"])) for s in servers if s.get("key") == f"server:{target.key}")
+
+
+def free_devices(target: RpcTarget) -> int:
+    """How many devices under the key the tracker could hand out now."""
+    return int(tracker_summary(target).get("queue_info", {}).get(target.key, {}).get("free", 0))
+
+
+def _no_device_message(target: RpcTarget) -> str:
+    return (f"no RPC server is registered under {target.describe()}; start one on the device with "
+            f"`{SERVER_HINT.format(tracker=target.tracker, key=target.key)}`")
+
+
+# -- sessions -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Device:
+    """One session on one device: upload libraries, load them, time or run their functions there."""
+
+    name: str  # the server's HOST:PORT, as the tracker knows it
+    session: Any  # tvm.rpc.RPCSession
+    _uploads: int = 0
+
+    @property
+    def cpu(self) -> Any:
+        return self.session.cpu(0)
+
+    def use_threads(self, threads: int) -> None:
+        """Size the device's thread pool, as `runtime.loader.use_threads` does for this machine."""
+        self.session.get_function("runtime.config_threadpool")(1, max(1, int(threads)))
+
+    def load(self, path: Path) -> tvm.runtime.Module:
+        """Upload a library (`export_library`'s .so) and load it on the device."""
+        self._uploads += 1
+        remote_name = f"lowbit{self._uploads}-{path.name}"  # unique: a server may cache a loaded file by name
+        self.session.upload(str(path), remote_name)
+        return self.session.load_module(remote_name)
+
+    def tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(array, self.cpu)
+
+    def close(self) -> None:
+        self.session = None  # dropping the last reference ends the session; the server then registers again
+
+
+def request_device(target: RpcTarget) -> Device:
+    """A session on one free device under the key, waiting at most `wait_s` for one."""
+    with _tracker(target, target.wait_s) as sock:
+        base.sendjson(sock, [base.TrackerCode.REQUEST, target.key, "", 1])
+        try:
+            code, answer = base.recvjson(sock)
+        except TimeoutError:
+            registered = registered_devices(target)
+            if not registered:
+                raise LowbitError(_no_device_message(target)) from None
+            raise LowbitError(f"no device under {target.describe()} became free within {target.wait_s:.0f}s "
+                              f"({len(registered)} registered, all busy)") from None
+    if code != base.TrackerCode.SUCCESS:
+        raise LowbitError(f"the RPC tracker at {target.tracker} refused a session for key {target.key!r}: {answer}")
+    host, port, match_key = answer
+    name = f"{host}:{port}"
+    try:
+        session = rpc.connect(host, port, match_key, session_timeout=target.session_timeout_s)
+    except Exception as e:  # TVM raises its own error types for refused or reset connections
+        raise LowbitError(f"the tracker handed out device {name} under key {target.key!r}, but it cannot be "
+                          f"reached: {e}") from None
+    return Device(name, session)
+
+
+@contextmanager
+def device_session(target: RpcTarget) -> Iterator[Device]:
+    """`request_device`, closed afterwards."""
+    device = request_device(target)
+    try:
+        yield device
+    finally:
+        device.close()
+
+
+def time_function(library: tvm.runtime.Module, function: str, device: Any, args: list[Any], repeats: int,
+                  min_ms: float, number: int = 10) -> list[float]:
+    """Milliseconds of each of `repeats` timed runs of `library[function](*args)` on `device`, local or remote.
+
+    Each repeat runs the function `number` times, or more until it lasts `min_ms`; TVM's time evaluator
+    runs where the device is, so a remote device's timings never include the network.
+    """
+    timer = library.time_evaluator(function, device, number=number, repeat=repeats, min_repeat_ms=int(min_ms))
+    return [float(t) * 1e3 for t in timer(*args).results]
+
+
+def _last_line(error: Exception) -> str:
+    """An error in one line: TVM's carry a C++ traceback first and the message last."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+# -- jobs spread over the devices -----------------------------------------------------------------------------------
+
+@dataclass
+class _Worker:
+    """The coordinator's view of one device's thread."""
+
+    device: str | None = None
+    job: str | None = None
+    started: float = 0.0
+    alive: bool = True
+
+
+@dataclass
+class DeviceRun(Generic[T]):
+    """Every job's result, and how it went: which device measured which job, which devices were dropped."""
+
+    results: dict[str, T]
+    devices: list[str]
+    ran_on: dict[str, str]
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+    def meta(self, target: RpcTarget) -> dict[str, Any]:
+        return {**target.to_json(), "devices": len(self.devices), "device_names": self.devices,
+                "dropped": self.dropped, "ran_on": self.ran_on}
+
+
+def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], what: str = "job",
+                   log: Log = lambda _: None) -> DeviceRun[T]:
+    """Run every job on some device under the key, all devices in parallel, one session each.
+
+    A job that raises, or that runs past `job_timeout_s`, drops its device and goes back in the queue for
+    another device, at most `retries` times. Returns every job's result, or raises `LowbitError` naming
+    the job, the devices it failed on and why: a partial result never leaves this function.
+    """
+    registered = registered_devices(target)
+    if not registered:
+        raise LowbitError(_no_device_message(target))
+    todo: queue.Queue[str | None] = queue.Queue()
+    for name in jobs:
+        todo.put(name)
+    events: queue.Queue[tuple[int, str, Any]] = queue.Queue()
+    workers = [_Worker() for _ in range(min(len(registered), len(jobs)))]
+
+    def work(index: int) -> None:
+        try:
+            device = request_device(target)
+        except LowbitError as e:
+            events.put((index, "no-session", str(e)))
+            return
+        events.put((index, "ready", device.name))
+        try:
+            while (name := todo.get()) is not None:
+                events.put((index, "start", name))
+                try:
+                    result = jobs[name](device)
+                except Exception as e:  # whatever the device or the link raised: the coordinator decides
+                    events.put((index, "failed", _last_line(e)))
+                    return
+                events.put((index, "done", result))
+        finally:
+            device.close()
+
+    # Daemon threads: one stuck in a slow device's call must not keep the process alive; the server's session
+    # timeout ends that session.
+    for index in range(len(workers)):
+        threading.Thread(target=work, args=(index,), name=f"lowbit-rpc-{index}", daemon=True).start()
+
+    results: dict[str, T] = {}
+    ran_on: dict[str, str] = {}
+    failures: dict[str, list[str]] = {}
+    dropped: list[dict[str, str]] = []
+    used: list[str] = []
+    no_session: list[str] = []
+
+    def drop(worker: _Worker, reason: str) -> None:
+        worker.alive = False
+        job = worker.job
+        assert job is not None
+        dropped.append({"device": str(worker.device), "job": job, "reason": reason})
+        failures.setdefault(job, []).append(f"{worker.device}: {reason}")
+        log(f"device {worker.device} dropped ({what} {job}: {reason})")
+        if len(failures[job]) > target.retries:
+            raise LowbitError(f"{what} {job} failed on {len(failures[job])} devices under {target.describe()} "
+                              f"({'; '.join(failures[job])}); nothing was measured in part")
+        todo.put(job)
+
+    try:
+        while len(results) < len(jobs):
+            if not any(w.alive for w in workers):
+                lost = "; ".join(f"{d['device']} ({d['job']}: {d['reason']})" for d in dropped) or "; ".join(
+                    no_session)
+                raise LowbitError(f"every device under {target.describe()} was lost with "
+                                  f"{len(jobs) - len(results)} of {len(jobs)} {what}s left: {lost}; nothing was "
+                                  "measured in part")
+            try:
+                index, kind, value = events.get(timeout=1.0)
+            except queue.Empty:
+                index, kind, value = -1, "tick", None
+            now = time.monotonic()
+            if index >= 0 and workers[index].alive:
+                worker = workers[index]
+                if kind == "no-session":
+                    worker.alive = False
+                    no_session.append(value)
+                elif kind == "ready":
+                    worker.device = value
+                    used.append(value)
+                elif kind == "start":
+                    worker.job, worker.started = value, now
+                elif kind == "failed":
+                    drop(worker, value)
+                elif kind == "done":
+                    assert worker.job is not None
+                    results[worker.job] = value
+                    ran_on[worker.job] = str(worker.device)
+                    log(f"{what} {len(results)}/{len(jobs)} ({worker.job}) on {worker.device}")
+                    worker.job = None
+            for worker in workers:  # a device past its deadline is dropped, and its thread abandoned
+                if worker.alive and worker.job is not None and now - worker.started > target.job_timeout_s:
+                    drop(worker, f"no result after {target.job_timeout_s:.0f}s")
+    finally:
+        for _ in workers:
+            todo.put(None)  # stops the idle threads; abandoned ones end with their session
+    return DeviceRun(results, used, ran_on, dropped)
