@@ -45,6 +45,28 @@ def tuning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "in the cache); each layer keeps the faster of its tuned and hand-written kernels.")(fn)
 
 
+def rpc_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--rpc-tracker and --rpc-key, shared by `compile`, `bench`, `search` and `quantize`: run or time on the devices
+    a TVM RPC tracker knows under a key (`rpc_target` turns them into an `RpcTarget`)."""
+    fn = click.option("--rpc-key", metavar="KEY",
+                      help="The key the device's RPC servers registered with (python -m tvm.exec.rpc_server "
+                           "--tracker HOST:PORT --key KEY); needs --rpc-tracker.")(fn)
+    return click.option("--rpc-tracker", metavar="HOST:PORT",
+                        help="A TVM RPC tracker: compiled code is uploaded to the devices under --rpc-key and run "
+                             "and timed there (--target must then describe those devices).")(fn)
+
+
+def rpc_target(tracker: str | None, key: str | None) -> Any:
+    """The `RpcTarget` that --rpc-tracker and --rpc-key name, or None when neither is given."""
+    if tracker is None and key is None:
+        return None
+    try:
+        from ..codegen.tvm.remote import rpc_target as parse
+    except ImportError as e:
+        raise LowbitError(f"--rpc-tracker needs TVM: pip install 'lowbit[tvm]' ({e})") from None
+    return parse(tracker, key)
+
+
 def model_and_data_options(fn: Any) -> Any:
     """MODEL, -o, --calib, --eval, --factory, --seed and --force, shared by `sensitivity` and `search`."""
     for decorator in reversed([

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file, write_json
@@ -15,6 +15,11 @@ from . import plots
 from .prepare import Source, prepare
 from .progress import Progress
 from .sensitivity import run_sensitivity, write_sensitivity
+
+if TYPE_CHECKING:
+    from ..codegen.tvm.remote import RpcTarget
+
+LATENCY_SOURCES = ("auto", "tvm", "tvm-rpc", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class SearchOptions:
     ties: bool = True
     frontier_points: int = 3
     bisect_steps: int = 5
+    target: str | None = None  # TVM target of the latency table (default: this CPU; with `rpc`, the remote devices')
+    rpc: RpcTarget | None = None  # time the latency table on the devices under this tracker's key
 
 
 def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
@@ -48,6 +55,7 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
         raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths")
     if not requested and drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    latency_source = _latency_source(o, needed="latency" in requested and o.latency_table is None)
     table = LatencyTable.load(o.latency_table) if o.latency_table else None
     sens = Sensitivity.load(sensitivity_dir) if sensitivity_dir else None
 
@@ -73,13 +81,15 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
         with progress.stage("latency"), progress.steps_of("latency") as log:
             uniform = {b: quantize(graph, prepared.calib.x, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b),
                                    stats=stats) for b in bits}
-            if latency_source == "tvm":
+            if latency_source in ("tvm", "tvm-rpc"):
                 from ..codegen.tvm.latency import measure_layers
+                from ..codegen.tvm.target import DEFAULT_TARGET
 
-                table = measure_layers(uniform, log=log)
+                table = measure_layers(uniform, o.target or DEFAULT_TARGET, log=log, rpc=o.rpc)
             else:
                 table = measure_onnxruntime(uniform, log=log)
-        caveat = "" if latency_source == "tvm" else "; it runs 4-bit weights on int8 kernels: 4 and 8 bits time alike"
+        caveat = ("" if latency_source != "onnxruntime" else
+                  "; it runs 4-bit weights on int8 kernels: 4 and 8 bits time alike")
         progress.echo("latency", f"per-layer latency measured with {table.source} on {table.target} "
                                  f"({progress.timings['latency']:.1f}s){caveat}")
     costs = layer_costs(graph, bits, table)
@@ -136,6 +146,31 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
                           f"`lowbit quantize {source.model} --plan {output / 'plan.json'} -o OUT`")
     return summary
+
+
+def _latency_source(o: SearchOptions, needed: bool) -> str:
+    """The latency source to use, checked against --rpc-tracker before anything slow runs."""
+    if o.latency_source not in LATENCY_SOURCES:
+        raise LowbitError(f"--latency-source {o.latency_source!r}: expected one of {list(LATENCY_SOURCES)}")
+    if o.target is not None and needed and o.latency_source != "onnxruntime":
+        from ..codegen.tvm.target import parse_target
+
+        parse_target(o.target)  # a bad target fails now, not after sensitivity
+    if o.rpc is None:
+        if o.latency_source == "tvm-rpc":
+            raise LowbitError("--latency-source tvm-rpc needs --rpc-tracker HOST:PORT and --rpc-key KEY")
+        return o.latency_source
+    if o.latency_source not in ("auto", "tvm-rpc"):
+        raise LowbitError(f"--rpc-tracker times layers on the remote devices, but --latency-source is "
+                          f"{o.latency_source}: use --latency-source tvm-rpc (or leave it at auto)")
+    if not needed:
+        raise LowbitError("--rpc-tracker is used to measure the latency table: give a --latency budget (and no "
+                          "--latency-table)")
+    from ..codegen.tvm.remote import registered_devices
+
+    if not registered_devices(o.rpc):  # an unreachable tracker or no device fails now, not after sensitivity
+        raise LowbitError(f"no RPC server is registered under {o.rpc.describe()}")
+    return "tvm-rpc"
 
 
 def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metric: str) -> str:

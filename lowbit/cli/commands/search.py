@@ -11,9 +11,9 @@ from ...errors import LowbitError
 from ...io import check_output_dir
 from ...pipeline.prepare import Source
 from ...pipeline.progress import Progress
-from ...pipeline.search import SearchOptions, search
+from ...pipeline.search import LATENCY_SOURCES, SearchOptions, search
 from ...quantizer.config import SUPPORTED_WEIGHT_BITS
-from ..options import bit_list, fraction, model_and_data_options, user_errors
+from ..options import bit_list, fraction, model_and_data_options, rpc_options, rpc_target, user_errors
 
 
 @click.command("search")
@@ -24,9 +24,14 @@ from ..options import bit_list, fraction, model_and_data_options, user_errors
 @click.option("--latency", "latency_budget", help="Latency budget: 0.8x or absolute, e.g. 3ms.")
 @click.option("--latency-table", type=click.Path(path_type=Path),
               help="Per-layer latency table (JSON) measured on the target; default: measure (--latency-source).")
-@click.option("--latency-source", type=click.Choice(["auto", "tvm", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--latency-source", type=click.Choice(LATENCY_SOURCES), default="auto", show_default=True,
               help="Where to measure per-layer latency: TVM's kernels on this CPU (auto, when TVM is installed; it "
-                   "times 4-bit layers for real) or ONNX Runtime.")
+                   "times 4-bit layers for real), on the devices under --rpc-key (tvm-rpc; auto with "
+                   "--rpc-tracker), or ONNX Runtime.")
+@click.option("--target", help='TVM target the latency table is measured for (default "llvm -mcpu=native"; with '
+                               '--rpc-tracker, describe the remote devices, e.g. "llvm -mcpu=cascadelake '
+                               '-num-cores=4").')
+@rpc_options
 @click.option("--max-drop", help="Find the cheapest plan whose measured top-1 agreement is at most this much below "
                                  "the uniform highest-precision plan's, e.g. 1%.")
 @click.option("--bits", "bit_set", default="4,8", show_default=True, help="Bit-widths a layer may take.")
@@ -43,6 +48,7 @@ from ..options import bit_list, fraction, model_and_data_options, user_errors
 def search_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                    seed: int, force: bool, size_budget: str | None, bops_budget: str | None,
                    latency_budget: str | None, latency_table: Path | None, latency_source: str,
+                   target: str | None, rpc_tracker: str | None, rpc_key: str | None,
                    max_drop: str | None, bit_set: str,
                    sensitivity_dir: Path | None, cross_terms: bool, no_ties: bool, frontier_points: int,
                    bisect_steps: int) -> None:
@@ -55,6 +61,6 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
     if not budgets and drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
     options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, cross_terms,
-                            not no_ties, frontier_points, bisect_steps)
+                            not no_ties, frontier_points, bisect_steps, target, rpc_target(rpc_tracker, rpc_key))
     check_output_dir(output, force)  # fail before the slow part, not after it
     search(Source(model, calib, eval_path, factory, seed), options, output, force, Progress())
