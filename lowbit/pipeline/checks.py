@@ -113,21 +113,35 @@ def tvm_available() -> bool:
 
 def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, inputs: CheckInputs,
                       log: Callable[[str], None], want: Outputs | None = None, tune_trials: int | None = None,
-                      tuning_cache: Path | None = None) -> dict[str, Any]:
+                      tuning_cache: Path | None = None, rpc: Any = None) -> dict[str, Any]:
     """Compile into `directory/tvm` and compare the runtime's integer outputs with the reference's on `inputs`.
 
     `want` may hold the reference's integer outputs on `inputs` when the caller has them already.
     The result says whether they are bit-exact; refusing a mismatch is the caller's decision.
+    With `rpc` (a `codegen.tvm.remote.RpcTarget`), the model runs and is timed on a device under its key.
     """
     from ..codegen.tvm import compile_to
     from ..runtime import load
+    from ..runtime.loader import TVM_DIR
 
-    meta = compile_to(qgraph, directory, target, log, tune_trials, tuning_cache)
-    model = load(directory, verify=False)
-    got = model.run_integers(inputs.x)
+    meta = compile_to(qgraph, directory, target, log, tune_trials, tuning_cache, rpc)
     if want is None:
         want = reference_integers(qgraph, inputs.x)
-    latency = model.benchmark(inputs.x[:1], repeats=50, warmup=20)
+    where: dict[str, Any] = {}
+    if rpc is None:
+        model = load(directory, verify=False)
+        got = model.run_integers(inputs.x)
+        latency = model.benchmark(inputs.x[:1], repeats=50, warmup=20)["median_ms"]
+    else:
+        from ..codegen.tvm.remote import device_session
+        from ..codegen.tvm.remote_model import RemoteModel
+
+        with device_session(rpc) as device:
+            log(f"checking and timing on device {device.name} ({rpc.describe()})")
+            remote = RemoteModel(directory / TVM_DIR, meta, device)
+            got = remote.run_integers(inputs.x)
+            latency = remote.benchmark(repeats=50)["median_ms"]
+            where = {"rpc": {**rpc.to_json(), "device": device.name}}
     tuning = meta["tuning"] and {k: v for k, v in meta["tuning"].items() if k != "layers"}
     return {"target": meta["target_string"], "kernels": meta["kernels"], "compile_seconds": meta["compile_seconds"],
-            "tuning": tuning, **compare("TVM", got, want, inputs), "latency_ms": latency["median_ms"]}
+            "tuning": tuning, **compare("TVM", got, want, inputs), "latency_ms": latency, **where}

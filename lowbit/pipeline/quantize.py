@@ -47,15 +47,18 @@ class Artifact:
 
     def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
              tuning_cache: Path | None = None, onnx_weights: str = "auto", force: bool = False,
-             allow_mismatch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             allow_mismatch: bool = False, progress: Progress | None = None, rpc: Any = None) -> dict[str, Any]:
         """Export, evaluate, compile (with a TVM `target`) and check into `directory`, atomically; returns the report.
+
+        With `rpc` (a `codegen.tvm.remote.RpcTarget`), the compiled model is checked and timed on a remote device
+        (and tuning measures there); `target` then describes that device.
 
         Either the complete directory appears or nothing does (with `force`, an existing one is replaced
         only once the new one is complete). A failed check raises LowbitError unless `allow_mismatch`.
         """
         directory = Path(directory)
         progress = progress or Progress()
-        options = _SaveOptions(target, tune_trials, tuning_cache, onnx_weights, allow_mismatch)
+        options = _SaveOptions(target, tune_trials, tuning_cache, onnx_weights, allow_mismatch, rpc)
         try:
             with atomic_directory(directory, force) as tmp:
                 report = _write_artifact(tmp, self, options, progress)
@@ -74,6 +77,7 @@ class _SaveOptions:
     tuning_cache: Path | None
     onnx_weights: str
     allow_mismatch: bool
+    rpc: Any = None  # codegen.tvm.remote.RpcTarget: check, time (and tune) on a remote device
 
 
 def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig | None = None, *,
@@ -157,7 +161,7 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         with progress.stage("compile"):
             report["tvm"] = checks.compile_and_check(qgraph, directory, options.target, inputs,
                                                      lambda m: progress.echo("compile", m), want,
-                                                     options.tune_trials, options.tuning_cache)
+                                                     options.tune_trials, options.tuning_cache, options.rpc)
         t = report["tvm"]
         progress.echo("compile", f"{t['target']}: {'bit-exact' if t['bit_exact'] else 'NOT bit-exact'} with the "
                                  f"reference on {inputs.describe()}, {t['latency_ms']:.2f} ms at batch 1 "

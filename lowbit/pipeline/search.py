@@ -166,10 +166,9 @@ def _latency_source(o: SearchOptions, needed: bool) -> str:
     if not needed:
         raise LowbitError("--rpc-tracker is used to measure the latency table: give a --latency budget (and no "
                           "--latency-table)")
-    from ..codegen.tvm.remote import registered_devices
+    from ..codegen.tvm.remote import require_devices
 
-    if not registered_devices(o.rpc):  # an unreachable tracker or no device fails now, not after sensitivity
-        raise LowbitError(f"no RPC server is registered under {o.rpc.describe()}")
+    require_devices(o.rpc)  # an unreachable tracker or no device fails now, not after sensitivity
     return "tvm-rpc"
 
 

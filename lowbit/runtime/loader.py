@@ -242,11 +242,18 @@ def _check_device(meta: dict[str, Any]) -> None:
                           "'llvm -mcpu=native' --force")
 
 
-def load(directory: str | Path, verify: bool = True) -> CompiledModel:
-    """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first."""
+def read_verified_meta(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """DIR/tvm/tvm.json, after checking the files' hashes against it and the manifest (`verify`)."""
     directory = Path(directory)
     meta = _read_meta(directory / TVM_DIR)
     if verify:
         _verify(directory, meta)
+    return meta
+
+
+def load(directory: str | Path, verify: bool = True) -> CompiledModel:
+    """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first."""
+    directory = Path(directory)
+    meta = read_verified_meta(directory, verify)
     _check_device(meta)
     return CompiledModel(directory / TVM_DIR, meta)

@@ -20,21 +20,27 @@ from ...pipeline import checks
 from ...pipeline.artifact import update_manifest
 from ...pipeline.progress import Progress
 from ...runtime.loader import MANIFEST, TVM_DIR
-from ..options import tuning_options, user_errors
+from ..options import rpc_options, rpc_target, tuning_options, user_errors
 
 
 @click.command("compile")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--target", default="llvm -mcpu=native", show_default=True,
-              help='TVM target: "llvm -mcpu=NAME" (native = this CPU; CPUs only so far).')
+              help='TVM target: "llvm -mcpu=NAME" (native = this CPU; CPUs only so far; with --rpc-tracker, the '
+                   "remote devices' CPU).")
 @tuning_options
+@rpc_options
 @click.option("--force", is_flag=True, help="Replace an existing DIR/tvm (once the new one is compiled and checked).")
 @user_errors
 def compile_command(directory: Path, target: str, tune_trials: int | None, tuning_cache: Path | None,
-                    force: bool) -> None:
-    """Compile the integer IR in DIRECTORY (a `lowbit quantize` output) with TVM into DIRECTORY/tvm."""
+                    rpc_tracker: str | None, rpc_key: str | None, force: bool) -> None:
+    """Compile the integer IR in DIRECTORY (a `lowbit quantize` output) with TVM into DIRECTORY/tvm.
+
+    With --rpc-tracker/--rpc-key, the compiled model is checked and timed on a remote device, and tuning
+    measures there."""
     if not checks.tvm_available():
         raise LowbitError("TVM is not installed: pip install 'lowbit[tvm]' (apache-tvm)")
+    rpc = rpc_target(rpc_tracker, rpc_key)
     if not (directory / MANIFEST).is_file():
         raise LowbitError(f"{directory}: not a lowbit artifact (no {MANIFEST}); create one with `lowbit quantize`")
     dest = directory / TVM_DIR
@@ -47,7 +53,7 @@ def compile_command(directory: Path, target: str, tune_trials: int | None, tunin
     try:
         with progress.stage("compile"):
             summary = checks.compile_and_check(qgraph, tmp, target, inputs, lambda m: progress.echo("compile", m),
-                                               tune_trials=tune_trials, tuning_cache=tuning_cache)
+                                               tune_trials=tune_trials, tuning_cache=tuning_cache, rpc=rpc)
         if not summary["bit_exact"]:
             raise LowbitError(f"{checks.failure_message('the compiled model', summary, inputs)}; nothing was "
                               "replaced (please report this model)")
@@ -66,5 +72,7 @@ def compile_command(directory: Path, target: str, tune_trials: int | None, tunin
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     latency = f", {summary['latency_ms']:.2f} ms per batch"
+    if rpc is not None:
+        latency += f" on {summary['rpc']['device']} ({rpc.describe()})"
     progress.echo("done", f"{dest}: {summary['target']}, bit-exact with the reference on {inputs.describe()}"
                           f"{latency} ({progress.elapsed():.1f}s)")

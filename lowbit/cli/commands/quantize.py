@@ -17,7 +17,7 @@ from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.calibrate import METHODS
 from ...quantizer.config import QuantConfig
-from ..options import tuning_options, user_errors
+from ..options import rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
@@ -46,6 +46,7 @@ DEFAULTS = QuantConfig()
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
                                'installed); "none" skips compiling.')
 @tuning_options
+@rpc_options
 @click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
               help="How model.onnx stores weights for ONNX Runtime. int8: its fast u8 x s8 kernels, exact on x86 "
                    "CPUs with VNNI and on ARM, but they may saturate on older x86 CPUs; safe: weights above 64 in "
@@ -58,8 +59,8 @@ DEFAULTS = QuantConfig()
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                      bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
-                     tune_trials: int | None, tuning_cache: Path | None, onnx_weights: str, force: bool,
-                     allow_mismatch: bool) -> None:
+                     tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
+                     rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
@@ -69,11 +70,19 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     target = resolve_target(target)
     if tune_trials is not None and target is None:
         raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")
+    rpc = rpc_target(rpc_tracker, rpc_key)
+    if rpc is not None and target is None:
+        raise LowbitError("--rpc-tracker checks and times the compiled model remotely: it needs a compile target "
+                          "(TVM installed, and not --target none)")
+    if rpc is not None:
+        from ...codegen.tvm.remote import require_devices
+
+        require_devices(rpc)
     check_output_dir(output, force)  # fail before the slow part, not after it
     progress = Progress()
     artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path, progress=progress)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
-                  onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress)
+                  onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
 
 def resolve_target(target: str | None) -> str | None:

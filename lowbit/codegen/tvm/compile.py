@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -81,11 +82,12 @@ def _value_info(qgraph: QuantizedGraph, name: str) -> dict[str, Any]:
 
 
 def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: Log = lambda _: None,
-               tune_trials: int | None = None, cache: Path | None = None) -> dict[str, Any]:
+               tune_trials: int | None = None, cache: Path | None = None, rpc: Any = None) -> dict[str, Any]:
     """Compile `qgraph` for `target_spec` into `directory / "tvm"`; returns what tvm.json records.
 
     With `tune_trials` (0 reuses the records already in the cache), MetaSchedule tunes the
     layers first and each layer keeps whichever of its tuned and hand-written kernels is faster.
+    With `rpc` (a `remote.RpcTarget`), both are measured on the devices under its key.
     `directory / "tvm"` must not exist yet: callers build artifacts in a temporary directory.
     """
     target = parse_target(target_spec)
@@ -97,14 +99,19 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
 
         start = time.perf_counter()
         directory_db = tune.database_dir(cache or tune.default_cache(), target)
-        database = tune.tune(qgraph, target, tune_trials, directory_db, log)
+        database = tune.tune(qgraph, target, tune_trials, directory_db, log, rpc)
         tuning_s = time.perf_counter() - start
         fast_conv2d, fast_dense, _ = layer_kernels(target)
         tuned = tune.TunedKernels(database, target, fast_conv2d, fast_dense)
         conv2d, dense = tuned.conv2d, tuned.dense
     start = time.perf_counter()
     log(f"lowering {len(qgraph.ops)} ops for {target_string(target)}")
-    executable, lowered, kernel_set = build(qgraph, target, conv2d, dense, integer_outputs=True)
+    with contextlib.ExitStack() as stack:
+        if tune_trials is not None and rpc is not None:  # tuned kernels race the hand-written ones there
+            from .remote import device_session
+
+            tuned.device = stack.enter_context(device_session(rpc))
+        executable, lowered, kernel_set = build(qgraph, target, conv2d, dense, integer_outputs=True)
     compile_s = time.perf_counter() - start
     if tune_trials is not None:
         used = sum(c["kernel"] == "tuned" for c in tuned.choices)

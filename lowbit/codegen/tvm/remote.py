@@ -5,7 +5,7 @@
 
 lowbit compiles here, uploads the library to a device, runs or times it there with TVM's time
 evaluator, and brings the results back. `run_on_devices` spreads independent jobs (the layers of a
-latency table) over every device under the key, one session and one thread per device; a device
+latency table) over every device under the key, one session and one process per device; a device
 that fails or is too slow is dropped and its job retried on another one, a bounded number of times,
 so a result is either complete or a `LowbitError`, never partial.
 
@@ -16,10 +16,10 @@ device forever, and does not say which device it handed out, which an error mess
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,6 +144,14 @@ def registered_devices(target: RpcTarget) -> list[str]:
     return sorted(":".join(map(str, s["addr"])) for s in servers if s.get("key") == f"server:{target.key}")
 
 
+def require_devices(target: RpcTarget) -> list[str]:
+    """`registered_devices`, or a `LowbitError` when there are none: callers check before their slow part."""
+    devices = registered_devices(target)
+    if not devices:
+        raise LowbitError(_no_device_message(target))
+    return devices
+
+
 def free_devices(target: RpcTarget) -> int:
     """How many devices under the key the tracker could hand out now."""
     return int(tracker_summary(target).get("queue_info", {}).get(target.key, {}).get("free", 0))
@@ -238,15 +246,41 @@ def _last_line(error: Exception) -> str:
 
 
 # -- jobs spread over the devices -----------------------------------------------------------------------------------
+#
+# One worker *process* per device, forked from this one (so the jobs need no pickling; only results travel back).
+# Threads were tried first: a call into a device that stops answering can block while holding the GIL (TVM frees
+# remote objects through the RPC link in a destructor), and then the coordinator cannot even notice the deadline.
+# A process can also be killed, which closes its session at once.
+
 
 @dataclass
 class _Worker:
-    """The coordinator's view of one device's thread."""
+    """The coordinator's view of one device's process."""
 
+    process: Any
     device: str | None = None
     job: str | None = None
     started: float = 0.0
     alive: bool = True
+
+
+def _work(index: int, target: RpcTarget, jobs: dict[str, Callable[[Device], Any]], todo: Any, events: Any) -> None:
+    """A worker process: one session, then jobs from `todo` until None or a failure."""
+    try:
+        device = request_device(target)
+    except LowbitError as e:
+        events.put((index, "no-session", str(e)))
+        return
+    events.put((index, "ready", device.name))
+    while (name := todo.get()) is not None:
+        events.put((index, "start", name))
+        try:
+            result = jobs[name](device)
+        except Exception as e:  # whatever the device or the link raised: the coordinator decides
+            events.put((index, "failed", _last_line(e)))
+            return
+        events.put((index, "done", result))
+    device.close()
 
 
 @dataclass
@@ -265,44 +299,22 @@ class DeviceRun(Generic[T]):
 
 def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], what: str = "job",
                    log: Log = lambda _: None) -> DeviceRun[T]:
-    """Run every job on some device under the key, all devices in parallel, one session each.
+    """Run every job on some device under the key, all devices in parallel, one session (and process) each.
 
     A job that raises, or that runs past `job_timeout_s`, drops its device and goes back in the queue for
     another device, at most `retries` times. Returns every job's result, or raises `LowbitError` naming
     the job, the devices it failed on and why: a partial result never leaves this function.
+    Results must be picklable; jobs need not be (the workers are forked).
     """
-    registered = registered_devices(target)
-    if not registered:
-        raise LowbitError(_no_device_message(target))
-    todo: queue.Queue[str | None] = queue.Queue()
+    registered = require_devices(target)
+    context = multiprocessing.get_context("fork")
+    todo, events = context.Queue(), context.Queue()
     for name in jobs:
         todo.put(name)
-    events: queue.Queue[tuple[int, str, Any]] = queue.Queue()
-    workers = [_Worker() for _ in range(min(len(registered), len(jobs)))]
-
-    def work(index: int) -> None:
-        try:
-            device = request_device(target)
-        except LowbitError as e:
-            events.put((index, "no-session", str(e)))
-            return
-        events.put((index, "ready", device.name))
-        try:
-            while (name := todo.get()) is not None:
-                events.put((index, "start", name))
-                try:
-                    result = jobs[name](device)
-                except Exception as e:  # whatever the device or the link raised: the coordinator decides
-                    events.put((index, "failed", _last_line(e)))
-                    return
-                events.put((index, "done", result))
-        finally:
-            device.close()
-
-    # Daemon threads: one stuck in a slow device's call must not keep the process alive; the server's session
-    # timeout ends that session.
-    for index in range(len(workers)):
-        threading.Thread(target=work, args=(index,), name=f"lowbit-rpc-{index}", daemon=True).start()
+    workers = [_Worker(context.Process(target=_work, args=(i, target, jobs, todo, events), daemon=True,
+                                       name=f"lowbit-rpc-{i}")) for i in range(min(len(registered), len(jobs)))]
+    for worker in workers:
+        worker.process.start()
 
     results: dict[str, T] = {}
     ran_on: dict[str, str] = {}
@@ -313,6 +325,7 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
 
     def drop(worker: _Worker, reason: str) -> None:
         worker.alive = False
+        worker.process.kill()  # ends its session too
         job = worker.job
         assert job is not None
         dropped.append({"device": str(worker.device), "job": job, "reason": reason})
@@ -332,7 +345,7 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
                                   f"{len(jobs) - len(results)} of {len(jobs)} {what}s left: {lost}; nothing was "
                                   "measured in part")
             try:
-                index, kind, value = events.get(timeout=1.0)
+                index, kind, value = events.get(timeout=0.5)
             except queue.Empty:
                 index, kind, value = -1, "tick", None
             now = time.monotonic()
@@ -354,10 +367,23 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
                     ran_on[worker.job] = str(worker.device)
                     log(f"{what} {len(results)}/{len(jobs)} ({worker.job}) on {worker.device}")
                     worker.job = None
-            for worker in workers:  # a device past its deadline is dropped, and its thread abandoned
+            for worker in workers:
                 if worker.alive and worker.job is not None and now - worker.started > target.job_timeout_s:
                     drop(worker, f"no result after {target.job_timeout_s:.0f}s")
+                elif worker.alive and worker.job is None and not worker.process.is_alive():
+                    worker.alive = False  # died between jobs (killed from outside): its device is gone
     finally:
-        for _ in workers:
-            todo.put(None)  # stops the idle threads; abandoned ones end with their session
+        _stop(workers, todo)
     return DeviceRun(results, used, ran_on, dropped)
+
+
+def _stop(workers: list[_Worker], todo: Any) -> None:
+    """Let idle workers close their sessions; kill whatever has not ended within a few seconds."""
+    for _ in workers:
+        todo.put(None)
+    deadline = time.monotonic() + 5
+    for worker in workers:
+        worker.process.join(max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()

@@ -9,12 +9,16 @@ interrupted tuning run keeps what it found.
 
 When building, `TunedKernels` times the best tuned schedule of each layer against the
 hand-written kernel and keeps the faster one.
+
+With an `RpcTarget`, both measurements run on the remote devices: MetaSchedule's RPC runner
+(one worker per device under the key) for the trials, one session for the comparison.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from ...ir import QuantizedGraph
 from . import kernels
 from .kernel_api import ConvKernel, DenseKernel
 from .lower import layer_kernel
+from .remote import Device, RpcTarget, registered_devices, time_function
 from .target import target_string
 
 Log = Callable[[str], None]
@@ -82,8 +87,19 @@ def layer_workloads(qgraph: QuantizedGraph) -> dict[str, tvm.IRModule]:
     return workloads
 
 
-def tune(qgraph: QuantizedGraph, target: dict[str, Any], trials: int, directory: Path, log: Log) -> ms.Database:
-    """Spend `trials` more measurements on the layers of `qgraph`; returns the (persistent) database."""
+def _runner(rpc: RpcTarget | None) -> ms.runner.Runner:
+    """Where trials are timed: here, or on every device under the RPC key (one runner worker per device)."""
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                 session_timeout_sec=int(rpc.job_timeout_s))
+    return ms.runner.RPCRunner(config, max_workers=max(1, len(registered_devices(rpc))))
+
+
+def tune(qgraph: QuantizedGraph, target: dict[str, Any], trials: int, directory: Path, log: Log,
+         rpc: RpcTarget | None = None) -> ms.Database:
+    """Spend `trials` more measurements on the layers of `qgraph` (on the devices under `rpc`'s key, if given);
+    returns the (persistent) database."""
     database = open_database(directory)
     unique: dict[int, tuple[str, tvm.IRModule, int]] = {}
     for name, mod in layer_workloads(qgraph).items():
@@ -105,7 +121,7 @@ def tune(qgraph: QuantizedGraph, target: dict[str, Any], trials: int, directory:
                        max_trials_global=trials, num_trials_per_iter=min(64, max(2, trials // len(tasks))),
                        cost_model="random",
                        builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S),
-                       runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), database=database)
+                       runner=_runner(rpc), database=database)
     log(f"tuning done: {len(database)} records for this target")
     return database
 
@@ -120,6 +136,7 @@ class TunedKernels:
     dense_fast: DenseKernel
     min_speedup: float = 1.0  # a tuned kernel must be this much faster to be used (0: always use a record)
     choices: list[dict[str, Any]] = field(default_factory=list)
+    device: Device | None = None  # time both kernels on this remote device (None: here)
 
     def conv2d(self, *args: Any, residual: Any = None,
                **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
@@ -141,23 +158,28 @@ class TunedKernels:
             self.choices.append({"kernel": "hand-written", "tuned_ms": None})
             return fast
         tuned = (schedule.mod["main"], plain[1])
-        tuned_ms, fast_ms = _time(tuned, t), _time(fast, t)
+        tuned_ms, fast_ms = _time(tuned, t, self.device), _time(fast, t, self.device)
         use_tuned = tuned_ms * self.min_speedup < fast_ms
         self.choices.append({"kernel": "tuned" if use_tuned else "hand-written", "tuned_ms": tuned_ms,
                              "hand_written_ms": fast_ms})
         return tuned if use_tuned else fast
 
 
-def _time(kernel: tuple[tirx.PrimFunc, list[np.ndarray]], target: tvm.target.Target) -> float:
-    """Median ms of one kernel call on random inputs of its parameter types."""
+def _time(kernel: tuple[tirx.PrimFunc, list[np.ndarray]], target: tvm.target.Target,
+          remote: Device | None = None) -> float:
+    """Median ms of one kernel call on random inputs of its parameter types, here or on a `remote` device."""
     func, arrays = kernel
     library = tvm.compile(_module(func), target=target).mod
-    device = tvm.cpu(0)
     rng = np.random.default_rng(0)
     infos = ms.arg_info.ArgInfo.from_prim_func(func)
     x, out = infos[0], infos[-1]
-    args = [tvm.runtime.tensor(rng.integers(-100, 100, tuple(x.shape)).astype(x.dtype), device)]
-    args += [tvm.runtime.tensor(a, device) for a in arrays]
-    args.append(tvm.runtime.tensor(np.zeros(tuple(out.shape), out.dtype), device))
-    timer = library.time_evaluator("main", device, repeat=5, min_repeat_ms=10)
-    return float(np.median(timer(*args).results) * 1e3)
+    host = [rng.integers(-100, 100, tuple(x.shape)).astype(x.dtype), *arrays, np.zeros(tuple(out.shape), out.dtype)]
+    if remote is None:
+        device = tvm.cpu(0)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lowbit-tune-") as tmp:
+            library.export_library(f"{tmp}/kernel.so")
+            library = remote.load(Path(tmp) / "kernel.so")
+        device = remote.cpu
+    args = [tvm.runtime.tensor(a, device) for a in host]
+    return float(np.median(time_function(library, "main", device, args, repeats=5, min_ms=10)))
