@@ -78,18 +78,19 @@ class Cluster:
             time.sleep(0.2)
         raise RuntimeError(f"{name} did not start: {(self.directory / f'{name}.log').read_text()}")
 
-    def start_server(self, slot: int) -> None:
-        port = _free_port()
-        name = f"server{slot}-{port}"
-        process = self._start(name, ["tvm.exec.rpc_server", "--tracker", self.rpc.tracker, "--key", KEY,
-                                     "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 50)])
-        self.servers[slot] = (process, self._bound(process, name))
-
     def ensure(self, count: int = 2) -> list[str]:
-        """Start the servers that are missing or dead, and wait until the tracker lists `count` of them."""
+        """Start the servers that are missing or dead (together: each spends seconds importing TVM), and wait until
+        the tracker lists exactly them."""
+        started = {}
         for slot in range(count):
             if slot not in self.servers or self.servers[slot][0].poll() is not None:
-                self.start_server(slot)
+                port = _free_port()
+                name = f"server{slot}-{port}"
+                started[slot] = (name, self._start(name, [
+                    "tvm.exec.rpc_server", "--tracker", self.rpc.tracker, "--key", KEY, "--host", "127.0.0.1",
+                    "--port", str(port), "--port-end", str(port + 50)]))
+        for slot, (name, process) in started.items():
+            self.servers[slot] = (process, self._bound(process, name))
         deadline = time.monotonic() + STARTUP_S
         while (devices := registered_devices(self.rpc)) != sorted(a for _, a in self.servers.values()):
             if time.monotonic() > deadline:
@@ -162,6 +163,77 @@ def test_table_through_two_servers_has_every_entry(cluster: Cluster, compiled: C
     assert sorted(set(rpc["ran_on"].values())) == devices and rpc["dropped"] == []
 
 
+def test_retries_are_bounded_and_the_error_names_layer_and_device(cluster: Cluster) -> None:
+    devices = cluster.ensure(2)
+
+    def fails(device) -> None:
+        raise RuntimeError(f"kernel crashed on {device.name}")
+
+    rpc = RpcTarget(cluster.rpc.host, cluster.rpc.port, KEY, retries=0, wait_s=20)
+    with pytest.raises(LowbitError, match=r"layer conv1 failed on 1 devices under key .*127\.0\.0\.1:\d+: "
+                                          r"RuntimeError: kernel crashed on 127\.0\.0\.1:\d+"):
+        run_on_devices(rpc, {"conv1": fails}, "layer")
+    done = run_on_devices(cluster.rpc, {"a": lambda d: d.name, "b": lambda d: d.name}, "layer")
+    assert set(done.results) == {"a", "b"} and set(done.results.values()) <= set(devices)
+
+
+def _invoke(*args: object):
+    return CliRunner().invoke(lowbit, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--rpc-tracker", "localhost", "--rpc-key", "k"], "--rpc-tracker 'localhost': expected HOST:PORT"),
+    (["--rpc-tracker", "localhost:port", "--rpc-key", "k"], "expected HOST:PORT, e.g. 127.0.0.1:9190"),
+    (["--rpc-tracker", "127.0.0.1:70000", "--rpc-key", "k"], "port 70000 is out of range"),
+    (["--rpc-tracker", "127.0.0.1:9190"], "--rpc-tracker needs --rpc-key too"),
+    (["--rpc-key", "k"], "--rpc-key needs --rpc-tracker too"),
+    (["--rpc-tracker", "127.0.0.1:9190", "--rpc-key", "two words"], "--rpc-key 'two words': expected the key"),
+    (["--latency-source", "tvm-rpc"], "--latency-source tvm-rpc needs --rpc-tracker"),
+])
+def test_bad_rpc_options_are_clear_errors(options: list[str], message: str, tmp_path: Path) -> None:
+    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "-o", tmp_path / "s", *options)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unreachable_tracker_fails_before_the_slow_part(tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "-o", tmp_path / "s", "--rpc-tracker",
+                f"127.0.0.1:{port}", "--rpc-key", "k")
+    assert r.exit_code == 2 and f"cannot reach the RPC tracker at 127.0.0.1:{port}" in r.output, r.output
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_search_with_a_latency_budget_measured_over_rpc(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.ensure(2)
+    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "--latency-source", "tvm-rpc", "--target", TARGET,
+                "--rpc-tracker", cluster.rpc.tracker, "--rpc-key", KEY, "--frontier-points", 0, "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    frontier = json.loads((tmp_path / "s" / "frontier.json").read_text())
+    table = frontier["latency_table"]
+    assert f"key {KEY!r}, 2 device(s)" in table["source"] and table["meta"]["rpc"]["devices"] == 2
+    assert all(set(row) == {"4", "8"} for row in table["ms"].values()) and len(table["ms"]) == 9
+    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert plan["costs"]["latency"] <= frontier["budgets"]["latency"] + 1e-9
+
+
+@pytest.mark.slow
+def test_quantize_checks_and_times_on_the_device_and_bench_runs_there(cluster: Cluster, tmp_path: Path) -> None:
+    devices = cluster.ensure(2)
+    out = tmp_path / "q"
+    r = _invoke("quantize", "zoo:small_cnn", "--target", TARGET, "--rpc-tracker", cluster.rpc.tracker, "--rpc-key",
+                KEY, "-o", out)
+    assert r.exit_code == 0, r.output
+    tvm_report = json.loads((out / "report.json").read_text())["tvm"]
+    assert tvm_report["bit_exact"] and tvm_report["rpc"]["device"] in devices and tvm_report["latency_ms"] > 0
+    r = _invoke("bench", out, "--rpc-tracker", cluster.rpc.tracker, "--rpc-key", KEY, "--repeats", 5, "--rounds", 1)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["rpc"]["device"] in devices and result["latency_ms"]["tvm-rpc"] > 0
+
+
 def test_a_server_killed_mid_table_is_retried_on_the_other(cluster: Cluster, compiled: CompiledLayers,
                                                            small_cnn: dict) -> None:
     cluster.ensure(2)
@@ -172,8 +244,8 @@ def test_a_server_killed_mid_table_is_retried_on_the_other(cluster: Cluster, com
     dropped = table.meta["rpc"]["dropped"]
     assert [d["device"] for d in dropped] == killed
     survivor = cluster.servers[1][1]
-    assert all(device == survivor for layer, device in table.meta["rpc"]["ran_on"].items()
-               if layer not in list(table.ms)[:1])
+    ran_on = list(table.meta["rpc"]["ran_on"].values())
+    assert set(ran_on) <= {killed[0], survivor} and ran_on.count(killed[0]) <= 2  # what it finished before
 
 
 def test_a_stopped_server_is_dropped_after_the_job_timeout(cluster: Cluster, compiled: CompiledLayers,
@@ -202,58 +274,3 @@ def test_no_server_left_raises_and_never_returns_a_partial_table(cluster: Cluste
     with pytest.raises(LowbitError, match=rf"every device under key '{KEY}' at tracker .* was lost with \d+ of "
                                           r"9 layers left.*nothing was measured in part"):
         time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5, log=_after_first_layer(kill_both))
-
-
-def test_retries_are_bounded_and_the_error_names_layer_and_device(cluster: Cluster) -> None:
-    devices = cluster.ensure(2)
-
-    def fails(device) -> None:
-        raise RuntimeError(f"kernel crashed on {device.name}")
-
-    rpc = RpcTarget(cluster.rpc.host, cluster.rpc.port, KEY, retries=0, wait_s=20)
-    with pytest.raises(LowbitError, match=r"layer conv1 failed on 1 devices under key .*127\.0\.0\.1:\d+: "
-                                          r"RuntimeError: kernel crashed on 127\.0\.0\.1:\d+"):
-        run_on_devices(rpc, {"conv1": fails}, "layer")
-    done = run_on_devices(cluster.rpc, {"a": lambda d: d.name, "b": lambda d: d.name}, "layer")
-    assert set(done.results) == {"a", "b"} and set(done.results.values()) <= set(devices)
-
-
-def _invoke(*args: object):
-    return CliRunner().invoke(lowbit, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.mark.parametrize(("options", "message"), [
-    (["--rpc-tracker", "localhost"], "--rpc-tracker 'localhost': expected HOST:PORT"),
-    (["--rpc-tracker", "localhost:port", "--rpc-key", "k"], "expected HOST:PORT, e.g. 127.0.0.1:9190"),
-    (["--rpc-tracker", "127.0.0.1:70000", "--rpc-key", "k"], "port 70000 is out of range"),
-    (["--rpc-tracker", "127.0.0.1:9190"], "--rpc-tracker needs --rpc-key too"),
-    (["--rpc-key", "k"], "--rpc-key needs --rpc-tracker too"),
-    (["--rpc-tracker", "127.0.0.1:9190", "--rpc-key", "two words"], "--rpc-key 'two words': expected the key"),
-    (["--latency-source", "tvm-rpc"], "--latency-source tvm-rpc needs --rpc-tracker"),
-])
-def test_bad_rpc_options_are_clear_errors(options: list[str], message: str, tmp_path: Path) -> None:
-    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "-o", tmp_path / "s", *options)
-    assert r.exit_code == 2 and message in r.output, r.output
-    assert not (tmp_path / "s").exists()
-
-
-def test_an_unreachable_tracker_fails_before_the_slow_part(tmp_path: Path) -> None:
-    port = _free_port()  # nothing listens there
-    start = time.monotonic()
-    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "-o", tmp_path / "s", "--rpc-tracker",
-                f"127.0.0.1:{port}", "--rpc-key", "k")
-    assert r.exit_code == 2 and f"cannot reach the RPC tracker at 127.0.0.1:{port}" in r.output, r.output
-    assert time.monotonic() - start < 30
-
-
-def test_search_with_a_latency_budget_measured_over_rpc(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.ensure(2)
-    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "--latency-source", "tvm-rpc", "--target", TARGET,
-                "--rpc-tracker", cluster.rpc.tracker, "--rpc-key", KEY, "--frontier-points", 0, "-o", tmp_path / "s")
-    assert r.exit_code == 0, r.output
-    frontier = json.loads((tmp_path / "s" / "frontier.json").read_text())
-    table = frontier["latency_table"]
-    assert f"key {KEY!r}, 2 device(s)" in table["source"] and table["meta"]["rpc"]["devices"] == 2
-    assert all(set(row) == {"4", "8"} for row in table["ms"].values()) and len(table["ms"]) == 9
-    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
-    assert plan["costs"]["latency"] <= frontier["budgets"]["latency"] + 1e-9

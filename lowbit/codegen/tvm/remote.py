@@ -16,8 +16,9 @@ device forever, and does not say which device it handed out, which an error mess
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
-import queue
+import multiprocessing.connection
 import socket
 import struct
 import time
@@ -255,31 +256,36 @@ def _last_line(error: Exception) -> str:
 
 @dataclass
 class _Worker:
-    """The coordinator's view of one device's process."""
+    """The coordinator's view of one device's process, and its end of their private pipe (a shared queue would
+    not do: killing a process that holds a shared queue's lock blocks every other writer)."""
 
     process: Any
+    conn: Any
     device: str | None = None
     job: str | None = None
     started: float = 0.0
     alive: bool = True
 
+    def assign(self, job: str) -> None:
+        self.conn.send(job)
+        self.job, self.started = job, time.monotonic()
 
-def _work(index: int, target: RpcTarget, jobs: dict[str, Callable[[Device], Any]], todo: Any, events: Any) -> None:
-    """A worker process: one session, then jobs from `todo` until None or a failure."""
+
+def _work(target: RpcTarget, jobs: dict[str, Callable[[Device], Any]], conn: Any) -> None:
+    """A worker process: one session, then the jobs it is sent until None or a failure."""
     try:
         device = request_device(target)
     except LowbitError as e:
-        events.put((index, "no-session", str(e)))
+        conn.send(("no-session", str(e)))
         return
-    events.put((index, "ready", device.name))
-    while (name := todo.get()) is not None:
-        events.put((index, "start", name))
+    conn.send(("ready", device.name))
+    while (name := conn.recv()) is not None:
         try:
             result = jobs[name](device)
         except Exception as e:  # whatever the device or the link raised: the coordinator decides
-            events.put((index, "failed", _last_line(e)))
+            conn.send(("failed", _last_line(e)))
             return
-        events.put((index, "done", result))
+        conn.send(("done", result))
     device.close()
 
 
@@ -308,14 +314,15 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
     """
     registered = require_devices(target)
     context = multiprocessing.get_context("fork")
-    todo, events = context.Queue(), context.Queue()
-    for name in jobs:
-        todo.put(name)
-    workers = [_Worker(context.Process(target=_work, args=(i, target, jobs, todo, events), daemon=True,
-                                       name=f"lowbit-rpc-{i}")) for i in range(min(len(registered), len(jobs)))]
-    for worker in workers:
-        worker.process.start()
+    workers = []
+    for i in range(min(len(registered), len(jobs))):
+        mine, theirs = context.Pipe()
+        process = context.Process(target=_work, args=(target, jobs, theirs), daemon=True, name=f"lowbit-rpc-{i}")
+        process.start()
+        theirs.close()
+        workers.append(_Worker(process, mine))
 
+    todo = collections.deque(jobs)
     results: dict[str, T] = {}
     ran_on: dict[str, str] = {}
     failures: dict[str, list[str]] = {}
@@ -327,38 +334,45 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
         worker.alive = False
         worker.process.kill()  # ends its session too
         job = worker.job
-        assert job is not None
+        if job is None:
+            return
         dropped.append({"device": str(worker.device), "job": job, "reason": reason})
         failures.setdefault(job, []).append(f"{worker.device}: {reason}")
         log(f"device {worker.device} dropped ({what} {job}: {reason})")
         if len(failures[job]) > target.retries:
             raise LowbitError(f"{what} {job} failed on {len(failures[job])} devices under {target.describe()} "
                               f"({'; '.join(failures[job])}); nothing was measured in part")
-        todo.put(job)
+        todo.appendleft(job)  # the next idle device takes it: never the dropped one
 
     try:
         while len(results) < len(jobs):
-            if not any(w.alive for w in workers):
+            alive = [w for w in workers if w.alive]
+            if not alive:
                 lost = "; ".join(f"{d['device']} ({d['job']}: {d['reason']})" for d in dropped) or "; ".join(
                     no_session)
                 raise LowbitError(f"every device under {target.describe()} was lost with "
                                   f"{len(jobs) - len(results)} of {len(jobs)} {what}s left: {lost}; nothing was "
                                   "measured in part")
-            try:
-                index, kind, value = events.get(timeout=0.5)
-            except queue.Empty:
-                index, kind, value = -1, "tick", None
-            now = time.monotonic()
-            if index >= 0 and workers[index].alive:
-                worker = workers[index]
+            for worker in alive:  # idle devices take the next jobs
+                if worker.device is not None and worker.job is None and todo:
+                    worker.assign(todo.popleft())
+            ready = multiprocessing.connection.wait([w.conn for w in alive], timeout=0.5)
+            for worker in alive:
+                if worker.conn not in ready:
+                    if worker.job is not None and time.monotonic() - worker.started > target.job_timeout_s:
+                        drop(worker, f"no result after {target.job_timeout_s:.0f}s")
+                    continue
+                try:
+                    kind, value = worker.conn.recv()
+                except (EOFError, OSError):  # the process died without a word (killed from outside)
+                    drop(worker, "its worker process died")
+                    continue
                 if kind == "no-session":
                     worker.alive = False
                     no_session.append(value)
                 elif kind == "ready":
                     worker.device = value
                     used.append(value)
-                elif kind == "start":
-                    worker.job, worker.started = value, now
                 elif kind == "failed":
                     drop(worker, value)
                 elif kind == "done":
@@ -367,20 +381,19 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
                     ran_on[worker.job] = str(worker.device)
                     log(f"{what} {len(results)}/{len(jobs)} ({worker.job}) on {worker.device}")
                     worker.job = None
-            for worker in workers:
-                if worker.alive and worker.job is not None and now - worker.started > target.job_timeout_s:
-                    drop(worker, f"no result after {target.job_timeout_s:.0f}s")
-                elif worker.alive and worker.job is None and not worker.process.is_alive():
-                    worker.alive = False  # died between jobs (killed from outside): its device is gone
     finally:
-        _stop(workers, todo)
+        _stop(workers)
     return DeviceRun(results, used, ran_on, dropped)
 
 
-def _stop(workers: list[_Worker], todo: Any) -> None:
+def _stop(workers: list[_Worker]) -> None:
     """Let idle workers close their sessions; kill whatever has not ended within a few seconds."""
-    for _ in workers:
-        todo.put(None)
+    for worker in workers:
+        if worker.alive:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
     deadline = time.monotonic() + 5
     for worker in workers:
         worker.process.join(max(0.0, deadline - time.monotonic()))
