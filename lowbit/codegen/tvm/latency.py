@@ -46,12 +46,14 @@ class LayerKernel:
     args: list[np.ndarray]
 
 
-def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any]) -> Iterator[LayerKernel]:
-    """Every layer of `qgraphs` (one uniform quantization per bit-width), layer by layer, bit-widths ascending."""
+def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any],
+                          layers: int | None = None) -> Iterator[LayerKernel]:
+    """Every layer of `qgraphs` (one uniform quantization per bit-width), or the first `layers`, layer by layer,
+    bit-widths ascending."""
     conv2d, dense, _ = layer_kernels(target)
     conv2d, dense = conv2d or kernels.conv2d_nhwc, dense or kernels.dense  # None: the portable kernels
     rng = np.random.default_rng(0)
-    for first in next(iter(qgraphs.values())).layers:
+    for first in next(iter(qgraphs.values())).layers[:layers]:
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
@@ -110,17 +112,30 @@ class CompiledLayers:
 
 
 def compile_layers(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any], directory: Path,
-                   log: Log = lambda _: None) -> CompiledLayers:
-    """Compile every layer at every bit-width here and export each to `directory` (which must outlive the result)."""
-    total = len(next(iter(qgraphs.values())).layers)
+                   log: Log = lambda _: None, layers: int | None = None) -> CompiledLayers:
+    """Compile every layer (or the first `layers`) at every bit-width here and export each to `directory` (which
+    must outlive the result)."""
+    total = len(next(iter(qgraphs.values())).layers[:layers])
     rows: dict[str, list[tuple[int, Path, list[np.ndarray]]]] = {}
-    for kernel in layer_kernels_to_time(qgraphs, target):
+    for kernel in layer_kernels_to_time(qgraphs, target, layers):
         path = directory / f"layer{len(rows)}-w{kernel.bits}.so"
         kernel.library.export_library(str(path))
         rows.setdefault(kernel.layer, []).append((kernel.bits, path, kernel.args))
         if kernel.bits == max(qgraphs):
             log(f"latency (tvm-rpc): compiled layer {len(rows)}/{total}")
     return CompiledLayers(target, layer_kernels(target)[2], _batch(qgraphs), rows)
+
+
+def time_here(compiled: CompiledLayers, repeats: int = 5, min_ms: int = 20) -> LatencyTable:
+    """The same library files timed on this machine: the local half of a local-versus-remote comparison."""
+    use_target_threads(compiled.target)
+    device = tvm.cpu(0)
+    ms = {layer: {bits: float(np.median(time_function(tvm.runtime.load_module(str(path)), "main", device,
+                                                      [tvm.runtime.tensor(a, device) for a in arrays], repeats,
+                                                      min_ms)))
+                  for bits, path, arrays in row} for layer, row in compiled.rows.items()}
+    return LatencyTable(target_string(compiled.target), f"tvm per-layer kernels ({compiled.kernel_set})", ms,
+                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": compiled.batch})
 
 
 def time_on_devices(compiled: CompiledLayers, rpc: RpcTarget, repeats: int = 5, min_ms: int = 20,
