@@ -142,12 +142,13 @@ def _complete(table, small_cnn: dict) -> None:
     assert all(set(row) == {4, 8} and all(v > 0 for v in row.values()) for row in table.ms.values())
 
 
-def _after_first_layer(action: Callable[[], None]) -> Callable[[str], None]:
-    """A log callback that runs `action` once, when the first layer's result arrives."""
+def _after_a_layer(action: Callable[[], None], on: str = "") -> Callable[[str], None]:
+    """A log callback that runs `action` once, when the first layer measured on device `on` (any: "") arrives:
+    that device has a session then, and jobs are left for it to fail."""
     fired = []
 
     def log(message: str) -> None:
-        if not fired and re.search(r"layer 1/\d+", message):
+        if not fired and re.search(rf"layer \d+/\d+ \(\S+\) on {re.escape(on)}", message):
             fired.append(message)
             action()
     return log
@@ -208,8 +209,14 @@ def test_an_unreachable_tracker_fails_before_the_slow_part(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_search_with_a_latency_budget_measured_over_rpc(cluster: Cluster, tmp_path: Path) -> None:
     cluster.ensure(2)
-    r = _invoke("search", "zoo:small_cnn", "--latency", "0.8x", "--latency-source", "tvm-rpc", "--target", TARGET,
-                "--rpc-tracker", cluster.rpc.tracker, "--rpc-key", KEY, "--frontier-points", 0, "-o", tmp_path / "s")
+    r = _invoke("sensitivity", "zoo:small_cnn", "-o", tmp_path / "sens", "--samples", 4, "--max-trace-seconds", 1,
+                "--check-configs", 0)
+    assert r.exit_code == 0, r.output
+    # The portable kernels time 4 and 8 bits alike, so a relative latency budget may be infeasible: the size
+    # budget makes the choice, the latency one (absolute, loose) makes the search measure the table.
+    r = _invoke("search", "zoo:small_cnn", "--size", "0.8x", "--latency", "1000ms", "--latency-source", "tvm-rpc",
+                "--target", TARGET, "--rpc-tracker", cluster.rpc.tracker, "--rpc-key", KEY, "--sensitivity",
+                tmp_path / "sens", "--frontier-points", 0, "-o", tmp_path / "s")
     assert r.exit_code == 0, r.output
     frontier = json.loads((tmp_path / "s" / "frontier.json").read_text())
     table = frontier["latency_table"]
@@ -239,13 +246,14 @@ def test_a_server_killed_mid_table_is_retried_on_the_other(cluster: Cluster, com
     cluster.ensure(2)
     killed = []
     table = time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5,
-                            log=_after_first_layer(lambda: killed.append(cluster.signal(0, signal.SIGKILL))))
+                            log=_after_a_layer(lambda: killed.append(cluster.signal(0, signal.SIGKILL)),
+                                                  on=cluster.servers[0][1]))
     _complete(table, small_cnn)
     dropped = table.meta["rpc"]["dropped"]
     assert [d["device"] for d in dropped] == killed
     survivor = cluster.servers[1][1]
     ran_on = list(table.meta["rpc"]["ran_on"].values())
-    assert set(ran_on) <= {killed[0], survivor} and ran_on.count(killed[0]) <= 2  # what it finished before
+    assert set(ran_on) <= {killed[0], survivor} and ran_on.count(killed[0]) == 1  # what it finished before
 
 
 def test_a_stopped_server_is_dropped_after_the_job_timeout(cluster: Cluster, compiled: CompiledLayers,
@@ -255,7 +263,8 @@ def test_a_stopped_server_is_dropped_after_the_job_timeout(cluster: Cluster, com
     stopped = []
     try:
         table = time_on_devices(compiled, rpc, repeats=2, min_ms=5,
-                                log=_after_first_layer(lambda: stopped.append(cluster.signal(0, signal.SIGSTOP))))
+                                log=_after_a_layer(lambda: stopped.append(cluster.signal(0, signal.SIGSTOP)),
+                                                      on=cluster.servers[0][1]))
     finally:
         cluster.signal(0, signal.SIGKILL)  # a stopped process still dies; `ensure` starts a new one
     _complete(table, small_cnn)
@@ -273,4 +282,4 @@ def test_no_server_left_raises_and_never_returns_a_partial_table(cluster: Cluste
 
     with pytest.raises(LowbitError, match=rf"every device under key '{KEY}' at tracker .* was lost with \d+ of "
                                           r"9 layers left.*nothing was measured in part"):
-        time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5, log=_after_first_layer(kill_both))
+        time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5, log=_after_a_layer(kill_both))

@@ -313,6 +313,7 @@ def run_on_devices(target: RpcTarget, jobs: dict[str, Callable[[Device], T]], wh
     Results must be picklable; jobs need not be (the workers are forked).
     """
     registered = require_devices(target)
+    log(f"{len(registered)} device(s) under {target.describe()}, {free_devices(target)} free now")
     context = multiprocessing.get_context("fork")
     workers = []
     for i in range(min(len(registered), len(jobs))):
