@@ -23,6 +23,7 @@ from ...errors import LowbitError
 from ...io import write_json
 from ...ir import QuantizedGraph
 from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file, use_threads
+from . import kernels
 from .lower import Lowered, lower
 from .target import parse_target, required_features, target_string
 
@@ -102,7 +103,8 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
         database = tune.tune(qgraph, target, tune_trials, directory_db, log, rpc)
         tuning_s = time.perf_counter() - start
         fast_conv2d, fast_dense, _ = layer_kernels(target)
-        tuned = tune.TunedKernels(database, target, fast_conv2d, fast_dense)
+        # the portable kernels (None here) are what a non-x86 target's tuned kernels race
+        tuned = tune.TunedKernels(database, target, fast_conv2d or kernels.conv2d_nhwc, fast_dense or kernels.dense)
         conv2d, dense = tuned.conv2d, tuned.dense
     start = time.perf_counter()
     log(f"lowering {len(qgraph.ops)} ops for {target_string(target)}")
