@@ -186,8 +186,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
                   f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
         ("weights / activations", f"{bits_summary(report['bit_plan'])} / 8-bit"),
-        ("calibration", f"{report['config']['calib_method']}, {report['calibration']['samples']} samples: "
-                        f"{report['calibration']['source']}"),
+        ("calibration", f"{report['calibration']['samples']} samples: {report['calibration']['source']}"),
+        ("recipe", _recipe(report)),
         ("held-out", f"{report['heldout']['samples']} samples: {report['heldout']['source']}"),
         ("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"])),
         ("mean KL(FP32 ‖ INT8)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
@@ -241,13 +241,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Layers", "",
               f"SQNR: each layer's output, fake-quant vs FP32, on the first {report['per_layer_samples']} "
               "held-out samples (errors of earlier layers included).", "",
-              "| # | layer | op | weight shape | groups | MACs | bits | SQNR |",
-              "|---:|---|---|---|---:|---:|---:|---:|"]
+              "| # | layer | op | weight shape | groups | MACs | bits | rounding | SQNR |",
+              "|---:|---|---|---|---:|---:|---:|---|---:|"]
     for i, row in enumerate(report["layers"]):
         shape = "×".join(map(str, row["weight_shape"]))
         lines.append(f"| {i} | `{row['name']}` | {row['op']} | {shape} | {row['groups']} | "
-                     f"{fmt_count(row['macs'])} | {row['bits']} | {fmt_db(row['sqnr_db'])} |")
+                     f"{fmt_count(row['macs'])} | {row['bits']} | {row.get('rounding', '')} | "
+                     f"{fmt_db(row['sqnr_db'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _recipe(report: dict[str, Any]) -> str:
+    """The ranges and rounding used, and how they were chosen (the config's `auto` parts: by validation error)."""
+    recipe = report.get("recipe")
+    if recipe is None:
+        return report["config"]["calib_method"]
+    chosen = (f"{recipe['calib_method']} activation ranges, GPTQ rounding on {len(recipe['gptq_layers'])}/"
+              f"{len(report['layers'])} layers (round-to-nearest elsewhere)")
+    if recipe["chosen_by"] != "validation":
+        return f"{chosen}; chosen by {recipe['chosen_by']}"
+    ranges = ", ".join(f"{m} {e:.4g}" for m, e in recipe["range_error"].items())
+    rounding = ("" if "gptq_model_error" not in recipe else
+                f"; with the layers' GPTQ choices {recipe['gptq_model_error']:.4g}")
+    return (f"{chosen}; chosen by {recipe['metric']} on {recipe['validation_samples']} calibration samples held "
+            f"back from the {recipe['fit_samples']} fitted (round-to-nearest with {ranges}{rounding})")
 
 
 def _inputs(check: dict[str, Any]) -> str:

@@ -71,8 +71,10 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
         if latency_source == "auto":
             latency_source = "tvm" if tvm_available() else "onnxruntime"
         with progress.stage("latency"), progress.steps_of("latency") as log:
-            uniform = {b: quantize(graph, prepared.calib.x, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b),
-                                   stats=stats) for b in bits}
+            # Kernel time does not depend on the ranges or the rounding: take the cheapest recipe.
+            timing_config = QuantConfig(calib_method="minmax", rounding="nearest")
+            uniform = {b: quantize(graph, prepared.calib.x, timing_config, BitPlan.uniform(graph, b), stats=stats)
+                       for b in bits}
             if latency_source == "tvm":
                 from ..codegen.tvm.latency import measure_layers
 

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_node
 from .rounding import HessianAccumulator, gptq_round
 from .simulate import dequantized_params, fake_quantizers
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 16
@@ -165,7 +170,7 @@ def gptq_weight(graph: Graph, node: Node, hessian: torch.Tensor, scale: np.ndarr
     return gptq_round(w.reshape(groups, w.shape[0] // groups, -1), hessian, scale, qmin, qmax).reshape(w.shape)
 
 
-def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
+def gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
     """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
     scale = np.asarray(op.attrs["weight_scale"], dtype=np.float64)
     w_int = gptq_weight(graph, node, layer_hessian(graph, node, x), scale, op.attrs["weight_bits"])
@@ -173,43 +178,58 @@ def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tens
     return (w_int * _channel_view(torch.from_numpy(scale), w_int.dim(), 0)).float()
 
 
-@torch.no_grad()
-def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
-                  log: Log = lambda _: None) -> None:
-    """Layer by layer, in place: GPTQ rounding, then empirical bias correction.
+# A layer's step in `walk_side_by_side`: (node, its IR op, its fake-quant input, its float output) -> the
+# layer's fake-quant output (before the rounding of its output to the grid).
+LayerStep = Callable[[Node, Op, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    The float graph and the fake-quant graph run side by side on calibration data,
-    so each layer is refined on the inputs the already-refined layers before it give.
+
+@torch.no_grad()
+def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, layer_step: LayerStep) -> None:
+    """Run the float graph and the fake-quant graph side by side on `x`, each layer through `layer_step`.
+
+    The step may change the layer's IR op in place (its weights or bias), so later layers see the
+    refined earlier ones: the basis of GPTQ's and bias correction's layer-by-layer refinement.
     """
     quantizers = fake_quantizers(qgraph)
-    weights, biases = dequantized_params(qgraph)
     last_use = graph.last_uses()
     float_env: dict[str, torch.Tensor] = {}
     quant_env: dict[str, torch.Tensor] = {}
-    layers_done, n_layers = 0, len(qgraph.layers)
-    steps = [f"{config.rounding} rounding"] + (["bias correction"] if config.bias_correction else [])
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
             f = q = x
         else:
             f = run_node(graph, node, [float_env[n] for n in node.inputs])
             args = [quant_env[n] for n in node.inputs]
-            if node.op in QUANTIZABLE_OPS:
-                op = qgraph.op(node.name)
-                if config.rounding == "gptq":
-                    weights[node.name] = _gptq_layer(graph, node, op, args[0])
-                q = run_node(graph, node, args, weights[node.name], biases[node.name])
-                if config.bias_correction:
-                    q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))
-                layers_done += 1
-                log(f"refining layers ({', '.join(steps)}): {layers_done}/{n_layers}")
-            else:
-                q = run_node(graph, node, args)
+            q = (layer_step(node, qgraph.op(node.name), args[0], f) if node.op in QUANTIZABLE_OPS
+                 else run_node(graph, node, args))
         fq = quantizers.get(node.name)
         float_env[node.name], quant_env[node.name] = f, (fq(q) if fq else q)
         for name in node.inputs:
             if last_use[name] == i:
                 del float_env[name], quant_env[name]
+
+
+def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
+                  gptq_layers: Collection[str], log: Log = lambda _: None) -> None:
+    """Layer by layer, in place: GPTQ rounding of `gptq_layers`, then empirical bias correction (if configured)."""
+    weights, biases = dequantized_params(qgraph)
+    n_layers = len(qgraph.layers)
+    steps = [f"GPTQ rounding of {len(gptq_layers)}/{n_layers} layers"]
+    steps += ["bias correction"] if config.bias_correction else []
+    done = 0
+
+    def refine(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if node.name in gptq_layers:
+            weights[node.name] = gptq_layer(graph, node, op, q_input)
+        q = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
+        if config.bias_correction:
+            q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))
+        done += 1
+        log(f"refining layers ({', '.join(steps)}): {done}/{n_layers}")
+        return q
+
+    walk_side_by_side(graph, qgraph, x, refine)
 
 
 def _correct_bias(op: Op, q: torch.Tensor, f: torch.Tensor, channel: int) -> torch.Tensor:
@@ -250,18 +270,25 @@ def calibrate(graph: Graph, calib: np.ndarray, log: Log = lambda _: None) -> dic
 
 
 def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
-             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None) -> QuantizedGraph:
+             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None,
+             recipe: Recipe | None = None) -> QuantizedGraph:
     """The quantize stage: float `Graph` -> integer `QuantizedGraph`.
 
-    `stats` (from `calibrate` on the same data) skips calibration, e.g. when a search quantizes many plans.
+    `recipe`: the range method and GPTQ layers to use; default: the one `config` names, its `auto` parts
+    chosen on a validation split of `calib` (`choose_recipe`). `stats` (from `calibrate` on the same data)
+    skips calibration, e.g. when a search quantizes many plans.
     """
+    from .recipe import choose_recipe  # it quantizes candidates with this module's lowering
+
     config = config or QuantConfig()
     plan = plan or BitPlan.uniform(graph, config.bits)
     plan.validate(graph)
     check_calibration_data(graph, calib, "calibration")
     calib = np.ascontiguousarray(calib, dtype=np.float32)
+    recipe = recipe or choose_recipe(graph, calib, config, plan, log)
     stats = stats if stats is not None else calibrate(graph, calib, log)
-    qgraph = lower_to_integer(graph, stats, plan, config)
-    if config.bias_correction or config.rounding != "nearest":
-        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, log)
+    qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=recipe.calib_method))
+    if config.bias_correction or recipe.gptq_layers:
+        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, recipe.gptq_layers,
+                      log)
     return qgraph

@@ -7,7 +7,9 @@
   off by default.
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
   calibration statistics shared) and measures top-1 agreement with FP32 on
-  held-out data, with the fake-quant executor.
+  held-out data, with the fake-quant executor. The recipe's `auto` parts are chosen
+  once per bit-width, on the uniform plan: a layer at b bits gets GPTQ if it did in
+  the uniform b-bit plan, so every plan does not pay for its own choice.
 - `bisect_max_drop`: the cheapest plan whose measured drop stays within a band.
 """
 
@@ -29,6 +31,7 @@ from ..quantizer.calibrate import TensorStats
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph, run_graph
 from ..quantizer.quantize import quantize
+from ..quantizer.recipe import Recipe, choose_recipe
 from ..quantizer.simulate import simulate
 from ..sensitivity.artifact import Sensitivity
 from .costs import CostModel
@@ -116,6 +119,7 @@ class PlanEvaluator:
     stats: dict[str, TensorStats]
     reference: np.ndarray = field(init=False)
     _measured: dict[frozenset, dict[str, Any]] = field(init=False, default_factory=dict)
+    _recipes: dict[int, Recipe] = field(init=False, default_factory=dict)  # per bit-width, uniform plans
 
     def __post_init__(self) -> None:
         self.reference = self._logits(lambda x: run_graph(self.graph, x))
@@ -133,9 +137,19 @@ class PlanEvaluator:
             self._measured[key] = self._measure(plan, log)
         return self._measured[key]
 
+    def recipe(self, plan: Plan, log: Log = lambda _: None) -> Recipe:
+        """The plan's recipe, from the recipes chosen for the uniform plans of its bit-widths."""
+        for bits in sorted(set(plan.values()) - set(self._recipes)):
+            self._recipes[bits] = choose_recipe(self.graph, self.calib, self.config,
+                                                BitPlan.uniform(self.graph, bits), log)
+        widest = self._recipes[max(plan.values())]
+        gptq = frozenset(layer for layer, bits in plan.items() if layer in self._recipes[bits].gptq_layers)
+        return Recipe(widest.calib_method, gptq, {"chosen_by": "the uniform plans of its bit-widths"})
+
     def _measure(self, plan: Plan, log: Log) -> dict[str, Any]:
         t0 = time.perf_counter()
-        qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats)
+        qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats,
+                          recipe=self.recipe(plan, log))
         logits = self._logits(lambda x: simulate(self.graph, qgraph, x))
         agreement = top1_agreement(self.reference, logits)
         sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((logits - self.reference) ** 2)))
