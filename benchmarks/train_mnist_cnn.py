@@ -68,7 +68,7 @@ def train(epochs: int, seed: int) -> tuple[MnistResNet, float]:
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += float(loss)
+            total_loss += loss.item()
         acc = test_accuracy(model, x_test, y_test)
         print(f"epoch {epoch + 1}/{epochs}: train loss {total_loss / steps_per_epoch:.4f}, "
               f"test accuracy {acc:.2%} ({time.perf_counter() - start:.0f}s)", flush=True)
