@@ -326,7 +326,7 @@ def test_mnist_preprocess_user_image() -> None:
 
 def _write_gzip_pickle(path: Path, obj: object) -> Path:
     # Protocol 4: protocol 2 (the real file's) would pickle Python 3 bytes through _codecs.encode.
-    with gzip.open(path, "wb") as f:
+    with gzip.open(path, "wb", compresslevel=1) as f:
         pickle.dump(obj, f, protocol=4)
     return path
 
@@ -341,14 +341,15 @@ def test_mnist_pickle_refuses_other_objects(tmp_path: Path) -> None:
 
 def test_mnist_pickle_checks_structure(tmp_path: Path) -> None:
     images = np.zeros((50_000, 784), dtype=np.float32)
-    labels = np.zeros(50_000, dtype=np.int64)
-    small = (np.zeros((10_000, 784), np.float32), np.zeros(10_000, np.int64))
-    wrong_shape = _write_gzip_pickle(tmp_path / "shape.pkl.gz", ((images[:, :700], labels), small, small))
-    with pytest.raises(LowbitError, match=r"training split .* shape \(50000, 700\)"):
-        read_mnist_pickle(wrong_shape)
-    bad_labels = _write_gzip_pickle(tmp_path / "labels.pkl.gz", ((images, labels), small, (small[0], small[1] + 10)))
-    with pytest.raises(LowbitError, match="test split.*labels range over 10..10"):
+    labels = np.full(50_000, 3, dtype=np.int64)
+    labels[7] = 10
+    # The training pair is checked first, so the other two never need to be valid here.
+    bad_labels = _write_gzip_pickle(tmp_path / "labels.pkl.gz", ((images, labels), None, None))
+    with pytest.raises(LowbitError, match=r"training split .*labels range over 3\.\.10; expected 0\.\.9"):
         read_mnist_pickle(bad_labels)
+    wrong_shape = _write_gzip_pickle(tmp_path / "shape.pkl.gz", ((images[:5, :700], labels[:5]), None, None))
+    with pytest.raises(LowbitError, match=r"training split .* shape \(5, 700\)"):
+        read_mnist_pickle(wrong_shape)
     not_a_tuple = _write_gzip_pickle(tmp_path / "list.pkl.gz", [1, 2, 3])
     with pytest.raises(LowbitError, match="expected a tuple of 3"):
         read_mnist_pickle(not_a_tuple)
