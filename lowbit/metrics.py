@@ -191,7 +191,7 @@ def agreement_summary(reference: np.ndarray, other: np.ndarray, groups: np.ndarr
         "top1": agreement(reference, other, groups).to_json(),
         "confident": {"gap": gap, **agreement(reference, other, groups, confident_mask(reference, gap)).to_json()},
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL,
-                      "resampled": "samples (grouping unknown)" if groups is None else "photos"},
+                      "resampled": "samples" if groups is None else "photos"},
     }
 
 

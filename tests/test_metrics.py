@@ -171,4 +171,4 @@ def test_agreement_summary_keeps_confident_inputs_apart() -> None:
     assert summary["bootstrap"]["resampled"] == "photos"
     text = describe_agreement_summary(summary)
     assert "crops of 12 photos); confident inputs (gap > 1.0): " in text
-    assert agreement_summary(reference, other)["bootstrap"]["resampled"] == "samples (grouping unknown)"
+    assert agreement_summary(reference, other)["bootstrap"]["resampled"] == "samples"

@@ -49,6 +49,8 @@ class ZooEntry:
     shaped ``(n, *input_shape[1:])``; ``labelled()`` returns ``(x, labels)`` if
     the model has a labelled evaluation set. ``preprocess`` turns a PIL image
     into one input sample (used for user-supplied image folders).
+    ``calibration_photos(seed)`` and ``heldout_photos(seed)`` give each sample's
+    source photo id (crops of one photo are correlated); None: samples are independent.
     """
 
     name: str
@@ -60,6 +62,8 @@ class ZooEntry:
     calibration: Callable[[int], np.ndarray]
     heldout: Callable[[int], np.ndarray]
     labelled: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    calibration_photos: Callable[[int], np.ndarray] | None = None
+    heldout_photos: Callable[[int], np.ndarray] | None = None
 
 
 @lru_cache(maxsize=2)
@@ -75,6 +79,14 @@ def _mobilenet_calibration(seed: int) -> np.ndarray:
 
 def _mobilenet_heldout(seed: int) -> np.ndarray:
     return _mobilenet_split(seed).heldout.copy()
+
+
+def _mobilenet_calibration_photos(seed: int) -> np.ndarray:
+    return _mobilenet_split(seed).calib_photos.copy()
+
+
+def _mobilenet_heldout_photos(seed: int) -> np.ndarray:
+    return _mobilenet_split(seed).heldout_photos.copy()
 
 
 def _small_cnn_calibration(seed: int) -> np.ndarray:
@@ -129,6 +141,8 @@ _ENTRIES: dict[str, ZooEntry] = {
             heldout=_mobilenet_heldout,
             preprocess=imagenet_preprocess,
             labelled=foolbox_imagenet_samples,
+            calibration_photos=_mobilenet_calibration_photos,
+            heldout_photos=_mobilenet_heldout_photos,
         ),
         ZooEntry(
             name="mnist_cnn",

@@ -165,7 +165,7 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         int_check = checks.compare("ONNX Runtime", got, want, inputs)
         report["onnxruntime"] = {"model.int.onnx": int_check,
                                  "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,
-                                                                 reference)}
+                                                                 reference, photos=prepared.heldout.photos)}
     exact = int_check["bit_exact"]
     progress.echo("onnxruntime", f"model.int.onnx {'is' if exact else 'is NOT'} bit-exact with the reference on "
                                  f"{inputs.describe()} ({progress.timings['onnxruntime']:.1f}s)")
