@@ -158,10 +158,11 @@ def test_mobilenet_foolbox_top1(pretrained_mobilenet: nn.Module) -> None:
 
 
 def test_foolbox_crops_are_deterministic_crops_of_each_photo() -> None:
-    crops = foolbox_imagenet_crops(per_image=2, seed=0)
+    crops, photos = foolbox_imagenet_crops(per_image=2, seed=0)
     assert crops.shape == (40, 3, 224, 224) and crops.dtype == np.float32
-    np.testing.assert_array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=0))
-    assert not np.array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=1))
+    assert photos.tolist() == [i // 2 for i in range(40)]
+    np.testing.assert_array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=0)[0])
+    assert not np.array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=1)[0])
     assert not np.array_equal(crops[0], crops[1])  # two different crops of the first photo
 
 
@@ -205,6 +206,22 @@ def test_calibration_and_heldout_shapes_and_disjoint(default_split: ImageSplit) 
         name for name, _ in natural_image_sources()
     }
     assert len(calib_sources) < len(heldout_sources)
+
+
+def test_split_names_the_photo_of_every_crop(default_split: ImageSplit) -> None:
+    # Crops are interleaved by photo, as evenly as the counts allow, and each photo id points at its source.
+    for crops, photos, sources in ((default_split.calib, default_split.calib_photos, default_split.calib_sources),
+                                   (default_split.heldout, default_split.heldout_photos,
+                                    default_split.heldout_sources)):
+        assert photos.shape == (len(crops),)
+        counts = np.bincount(photos, minlength=len(sources))
+        assert len(counts) == len(sources) and counts.max() - counts.min() <= 1
+        assert photos[:len(sources)].tolist() == list(range(len(sources)))
+    # The crops of one photo are more alike than crops of two photos (their mean colours, here).
+    colour = default_split.heldout.mean(axis=(2, 3))
+    photos = default_split.heldout_photos
+    within = np.mean([colour[photos == p].std(0).mean() for p in range(photos.max() + 1)])
+    assert within < colour.std(0).mean()
 
 
 def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> None:
@@ -251,6 +268,8 @@ def test_zoo_mobilenet_data_matches_split(default_split: ImageSplit) -> None:
     calib[:] = 0  # callers get a copy, never the cached array
     assert np.array_equal(entry.calibration(0), default_split.calib)
     assert entry.heldout(0).shape == (192, 3, 224, 224)
+    assert np.array_equal(entry.calibration_photos(0), default_split.calib_photos)
+    assert np.array_equal(entry.heldout_photos(0), default_split.heldout_photos)
 
 
 # --- image folders ---------------------------------------------------------
