@@ -155,9 +155,13 @@ class Agreement:
         """'84.9% [79.2, 90.1] (163/192 crops of 13 photos)'."""
         if not self.samples:
             return f"n/a (no {unit})"
-        assert self.value is not None and self.low is not None and self.high is not None
-        return (f"{100 * self.value:.1f}% [{100 * self.low:.1f}, {100 * self.high:.1f}] "
-                f"({self.agree}/{self.samples} {self.counts(unit)})")
+        return f"{self.short()} ({self.agree}/{self.samples} {self.counts(unit)})"
+
+    def short(self) -> str:
+        """'84.9% [79.2, 90.1]'; 'n/a' without samples."""
+        if self.value is None or self.low is None or self.high is None:
+            return "n/a"
+        return f"{100 * self.value:.1f}% [{100 * self.low:.1f}, {100 * self.high:.1f}]"
 
     def counts(self, unit: str = "crops") -> str:
         """What the samples are: 'crops of 13 photos', 'photos, one crop each' or 'samples, grouping unknown'."""

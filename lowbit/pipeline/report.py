@@ -220,9 +220,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
                   f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
         ("weights / activations", f"{bits_summary(report['bit_plan'])} / 8-bit"),
-        ("calibration", f"{_samples(report['calibration'])}: {report['calibration']['source']}"),
+        ("calibration", f"{samples_text(report['calibration'])}: {report['calibration']['source']}"),
         ("recipe", _recipe(report)),
-        ("held-out", f"{_samples(report['heldout'])}: {report['heldout']['source']}"),
+        ("held-out", f"{samples_text(report['heldout'])}: {report['heldout']['source']}"),
         *_agreement_rows(fid),
         ("mean KL(FP32 ‖ INT8)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
         ("output SQNR", fmt_db(fid["sqnr_db"])),
@@ -315,8 +315,8 @@ def _recipe(report: dict[str, Any]) -> str:
             f"back from the {recipe['fit_samples']} fitted (round-to-nearest with {ranges}{rounding})")
 
 
-def _samples(data: dict[str, Any]) -> str:
-    """'192 samples of 13 photos', '64 samples' (photos unknown)."""
+def samples_text(data: dict[str, Any]) -> str:
+    """'192 samples of 13 photos', '64 samples' (photos unknown), from a `data_summary`."""
     photos = data.get("photos")
     of = "" if photos is None else f" of {photos} photo{'s' if photos != 1 else ''}"
     return f"{data['samples']} samples{of}"
