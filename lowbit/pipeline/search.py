@@ -158,7 +158,7 @@ def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metri
              "`lowbit quantize` does; [low, high] are bootstrap 95% intervals, the drop's paired (both plans scored "
              "on the same samples); confident: FP32 top-1/top-2 logit gap above 1.0", "",
              f"| plan | {metric} | bits | predicted loss increase | top-1 agreement | confident inputs "
-             "| drop vs uniform | SQNR |",
+             "| drop vs uniform (points) | SQNR |",
              "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["costs"][metric]):
         sqnr = p["measured"]["sqnr_db"]

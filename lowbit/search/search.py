@@ -163,12 +163,15 @@ class PlanEvaluator:
                 "agreement": agreement_summary(self.reference, logits, self.photos), "sqnr_db": sqnr,
                 "weight_bytes": qgraph.weight_bytes(), "seconds": time.perf_counter() - t0}
 
+    def agrees(self, plan: Plan) -> np.ndarray:
+        """Per held-out sample: does the plan's top-1 class match FP32's? (Measures the plan if needed.)"""
+        self.measure(plan)
+        return self._agrees[frozenset(plan.items())]
+
     def agreement_drop(self, baseline: Plan, plan: Plan) -> dict[str, float]:
-        """`baseline`'s agreement minus `plan`'s (both measured), with a paired bootstrap 95% interval: both are
-        scored on the same held-out samples, so photos that are hard for both do not widen it."""
-        self.measure(baseline), self.measure(plan)  # cached when already measured
-        drop, interval = paired_difference(self._agrees[frozenset(baseline.items())],
-                                           self._agrees[frozenset(plan.items())], self.photos)
+        """`baseline`'s agreement minus `plan`'s, with a paired bootstrap 95% interval: both are scored on the
+        same held-out samples, so photos that are hard for both do not widen it."""
+        drop, interval = paired_difference(self.agrees(baseline), self.agrees(plan), self.photos)
         return {"value": drop, "low": interval.low, "high": interval.high}
 
 
