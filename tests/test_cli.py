@@ -144,6 +144,28 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
         assert stage in result.stderr
 
 
+def test_labelled_scores_carry_intervals(artifact: tuple[Path, Result]) -> None:
+    from lowbit.models.loading import load_program
+    from lowbit.pipeline.report import labelled_scores, reference_outputs
+    from lowbit.quantizer.capture import capture
+
+    out, _ = artifact
+    qgraph = QuantizedGraph.load(out / "ir")
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    x = get_zoo_entry("small_cnn").heldout(0)[:24]
+    # Labels that INT8 always gets right: FP32's accuracy is then its agreement with INT8, and INT8 - FP32 >= 0.
+    labels = reference_outputs(qgraph, x)[qgraph.outputs[0]].argmax(1)
+    labels[:3] = (labels[:3] + 1) % 10  # ... except three that both miss
+    scores = labelled_scores(graph, qgraph, x, labels, "test")
+    assert scores["top1_int8"] == pytest.approx(21 / 24)
+    for model in ("fp32", "int8"):
+        low, high = scores[f"top1_{model}_interval"]
+        assert low <= scores[f"top1_{model}"] <= high
+    difference = scores["int8_minus_fp32"]
+    assert difference["value"] == pytest.approx(scores["top1_int8"] - scores["top1_fp32"])
+    assert 0 <= difference["low"] <= difference["value"] <= difference["high"]
+
+
 def test_existing_output_needs_force(artifact: tuple[Path, Result]) -> None:
     out, _ = artifact
     before = {name: (out / name).read_bytes() for name in EXPECTED_FILES}
