@@ -11,7 +11,7 @@ bootstrap over each sample's `groups` id. Without groups, samples are treated as
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -69,6 +69,15 @@ def _group_index(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
     return index, int(index.max()) + 1
 
 
+def _draws(n_groups: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """The groups each resample takes (n_groups of them, with replacement), a block of resamples at a time so
+    that a large sample does not hold every draw in memory at once."""
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_CHUNK // n_groups)
+    for start in range(0, resamples, block):
+        yield rng.integers(0, n_groups, size=(min(block, resamples - start), n_groups))
+
+
 def bootstrap_interval(values: np.ndarray, groups: np.ndarray | None = None,
                        statistic: Callable[[np.ndarray], float] | None = None, *,
                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -87,18 +96,17 @@ def bootstrap_interval(values: np.ndarray, groups: np.ndarray | None = None,
     if not 0 < level < 1 or resamples < 1:
         raise ValueError(f"need 0 < level < 1 and resamples >= 1; got level {level}, resamples {resamples}")
     index, n_groups = _group_index(groups, n)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_groups, size=(resamples, n_groups))  # the groups each resample takes
     if statistic is None:
         # Mean of a resample = its groups' summed values over their summed sizes.
         sums = np.bincount(index, weights=values.astype(np.float64), minlength=n_groups)
         sizes = np.bincount(index, minlength=n_groups).astype(np.float64)
-        rows = max(1, _BOOTSTRAP_CHUNK // n_groups)
-        stats = np.concatenate([sums[draws[i:i + rows]].sum(1) / sizes[draws[i:i + rows]].sum(1)
-                                for i in range(0, resamples, rows)])
+        equal_sizes = bool(np.all(sizes == sizes[0]))  # then every resample has n samples
+        stats = np.concatenate([sums[rows].sum(1) / (n if equal_sizes else sizes[rows].sum(1))
+                                for rows in _draws(n_groups, resamples, seed)])
     else:
         members = [np.flatnonzero(index == g) for g in range(n_groups)]
-        stats = np.array([statistic(values[np.concatenate([members[g] for g in row])]) for row in draws])
+        stats = np.array([statistic(values[np.concatenate([members[g] for g in row])])
+                          for rows in _draws(n_groups, resamples, seed) for row in rows])
     tail = (1 - level) / 2
     low, high = np.quantile(stats, [tail, 1 - tail])
     return Interval(float(low), float(high), resamples)
