@@ -28,7 +28,7 @@ from bench_mobilenet_v2 import ArrayReader, cpu_info, lowbit_revision, ort_predi
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from sections import write_section
 
-from lowbit.metrics import CONFIDENT_GAP, agreement, confident_mask, paired_difference
+from lowbit.metrics import CONFIDENT_GAP, agreement, confident_mask, mean_kl, paired_difference
 from lowbit.models import foolbox_imagenet_crops, get_zoo_entry
 from lowbit.pipeline.prepare import Source, prepare
 from lowbit.pipeline.progress import Progress
@@ -139,12 +139,13 @@ def render_model(name: str, prepared, sets: list[EvalSet], contenders: list[Scor
     agreement_sets = [s for s in sets if s.labels is None]
     header = ["contender"]
     for s in agreement_sets:
-        header += [f"agreement, {s.name}", f"confident {s.name} (gap > {CONFIDENT_GAP}): agree / flips"]
+        header += [f"agreement, {s.name}", f"confident {s.name} (gap > {CONFIDENT_GAP}): agree / flips",
+                   f"mean KL, {s.name}"]
     header += [f"labelled top-1 ({len(s.x)})" for s in sets if s.labels is not None]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     fp32_row = ["FP32 (captured graph)"]
     for s in agreement_sets:
-        fp32_row += ["100%", f"{int(confident_mask(s.fp32).sum())} / 0"]
+        fp32_row += ["100%", f"{int(confident_mask(s.fp32).sum())} confident / 0", "0"]
     fp32_row += [f"{int((s.fp32.argmax(1) == s.labels).sum())}/{len(s.x)}" for s in sets if s.labels is not None]
     lines.append("| " + " | ".join(fp32_row) + " |")
     for c in contenders:
@@ -152,7 +153,8 @@ def render_model(name: str, prepared, sets: list[EvalSet], contenders: list[Scor
         for s in agreement_sets:
             a = agreement(s.fp32, c.logits[s.name], s.photos)
             confident = agreement(s.fp32, c.logits[s.name], s.photos, confident_mask(s.fp32))
-            row += [a.describe(), f"{confident.short()}; {confident.samples - confident.agree} flips"]
+            row += [a.describe(), f"{confident.short()}; {confident.samples - confident.agree} flips",
+                    f"{mean_kl(s.fp32, c.logits[s.name]):.2e}"]
         row += [f"{int((c.logits[s.name].argmax(1) == s.labels).sum())}/{len(s.x)}" for s in sets
                 if s.labels is not None]
         lines.append("| " + " | ".join(row) + " |")
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "integer reference executor (every lowbit backend gives its outputs bit for bit); ORT: QDQ, per-channel "
         "s8 weights, u8 activations, run with its int8 kernels. Intervals: 95% bootstrap over source photos "
         "(2000 resamples); a confident input has an FP32 top-1/top-2 logit gap above 1.0; a flip is a confident "
-        "input whose top-1 changed.", "",
+        "input whose top-1 changed. Mean KL(softmax FP32 ‖ softmax model) separates contenders whose "
+        "agreement is equal.", "",
         *sections,
     ])
     print(text)

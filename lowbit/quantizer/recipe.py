@@ -68,6 +68,7 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
     """Resolve the `auto` parts of `config` by the output error on a validation split of `calib`."""
     if config.calib_method != "auto" and config.rounding != "auto":
         return Recipe.fixed(graph, config)
+    calib = np.ascontiguousarray(calib, dtype=np.float32)
     n = len(calib)
     n_val = math.ceil(n * config.validation_fraction)
     if n < MIN_SAMPLES_TO_VALIDATE:
