@@ -7,6 +7,26 @@ is an integer below 2^24 (float32) or 2^53 (float64) the float result is exact
 whatever the summation order, and much faster than int64 loops. Each layer picks
 float32 only when its worst-case partial sum (max |x| times the largest
 per-channel sum of |w|) stays below 2^24.
+
+int16 inputs, and the accumulator bound (checked by `int16_acc_bound`, tested in
+tests/test_int16.py). With |x| <= 2^15, |w| <= 2^(bits-1) - 1 <= 127 and an int32
+bias, a layer of reduction length K has
+
+    |acc| <= A = (2^31 - 1) + K * 127 * 2^15,
+
+which passes 2^31 once K > 515 (MobileNetV2's K reaches 1280, and biases at the
+finer int16 scale are large). So the IR defines a layer's accumulator as the exact
+integer sum, whatever its size, and every backend computes it exactly:
+- the reference in float64: |acc| <= A < 2^53 for K < 2^21, so the sums are exact;
+- `model.int.onnx` as 256 * (W . h) + W . l with x = 256h + l, h in [-128, 127],
+  l in [0, 255]: each 8-bit product sum is an int32 of at most K * 127 * 255 < 2^31
+  (K < 66000), and the two are combined in int64;
+- TVM in int32 where the layer's own bound (its real weights and bias,
+  `x86.acc_bound`) is below 2^31, else in int64.
+The requantizer then multiplies an accumulator of up to A by a mantissa b: the
+lowering gives int16 layers b < 2^mantissa_bits_for(A) (`lowbit.ir.dyadic`), so
+|acc * b| < 2^61 as for 8-bit layers. A graph-output layer reading int16 keeps its
+accumulator as int64.
 """
 
 from __future__ import annotations
@@ -17,7 +37,7 @@ import numpy as np
 import torch
 
 from ..dtypes import qrange
-from ..dyadic import dyadic
+from ..dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
 from ..requantizer import Requantizer
 from ..weights import PerChannelWeights
 
@@ -59,6 +79,12 @@ def requantizers(op: Op, qgraph: QuantizedGraph) -> list[Requantizer]:
     return [] if rq is None else [rq]
 
 
+def int16_acc_bound(reduction: int) -> int:
+    """A: the largest |bias + sum_k x w| of a layer with `reduction` terms, int16 inputs, 8-bit weights and an
+    int32 bias (module docstring)."""
+    return (2**31 - 1) + reduction * 127 * 2**15
+
+
 def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     """Weights to per-channel symmetric integers, bias to int32 at the accumulator's scale, then a
     requantizer to the output's grid (with a following clamp folded in), or int32 for a graph output."""
@@ -73,12 +99,15 @@ def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     arrays = {"weight": w_int, "bias": bias}
     clamp = lw.fused.get(node.name)
     axis = channel_axis(node.op, len(node.shape))
+    wide = x.dtype == "int16"  # its accumulator may pass 2^31 (module docstring)
     if clamp is None and node.name in lw.graph.outputs:
-        # A graph output keeps the int32 accumulator: no requantization error on logits.
-        out = lw.accumulator(node, [f32(s) for s in acc_scale], axis)
+        # A graph output keeps the accumulator (int32, or int64 when wide): no requantization error on logits.
+        out = lw.accumulator(node, [f32(s) for s in acc_scale], axis, "int64" if wide else "int32")
     else:
         out, qmin, qmax = lw.activation(clamp.name if clamp else node.name, node.shape, clamp)
-        mantissa, shift = dyadic(acc_scale / out.scale)
+        reduction = int(np.prod(w_int.shape[1:]))
+        mantissa, shift = dyadic(acc_scale / out.scale,
+                                 mantissa_bits_for(int16_acc_bound(reduction)) if wide else MANTISSA_BITS)
         arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
         attrs.update(qmin=qmin, qmax=qmax)
     lw.emit(node.name, node.op, [x], out, attrs, arrays)
@@ -87,6 +116,8 @@ def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
 def exact_float(weight: np.ndarray, input_range: int) -> type:
     """The narrowest float type in which this layer's integer sums are exact."""
     worst = int(np.abs(weight.astype(np.int64)).reshape(weight.shape[0], -1).sum(1).max()) * input_range
+    if worst >= 2**53:
+        raise ValueError(f"a layer's partial sums can reach {worst}, beyond float64's exact integers")
     return np.float32 if worst < 2**24 else np.float64
 
 
