@@ -19,13 +19,14 @@ import torch
 from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, export_integer
 from lowbit.ir import Op, QuantizedGraph, Value
 from lowbit.ir.dtypes import qrange
-from lowbit.ir.dyadic import dyadic
+from lowbit.ir.dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
 from lowbit.ir.ops import OPS, primitives
+from lowbit.ir.ops._layer import int16_acc_bound
 from lowbit.ir.weights import weight_range
 from lowbit.quantizer.reference import run_reference
 
 Case = Callable[[np.random.Generator, str], QuantizedGraph]
-DTYPES = ("int8", "uint8")
+DTYPES = ("int8", "uint8", "int16")
 
 
 def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, attrs: dict,
@@ -45,13 +46,25 @@ def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, a
     return QuantizedGraph(values, ops, list(inputs), ["y"], f"conformance_{name}")
 
 
-def _requant(rng: np.random.Generator, n: int, lo: float = 1e-3, hi: float = 0.5) -> dict[str, np.ndarray]:
-    mantissa, shift = dyadic(rng.uniform(lo, hi, n))
+def _requant(rng: np.random.Generator, n: int, lo: float = 1e-3, hi: float = 0.5,
+             mantissa_bits: int = MANTISSA_BITS) -> dict[str, np.ndarray]:
+    mantissa, shift = dyadic(rng.uniform(lo, hi, n), mantissa_bits)
     return {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)}
 
 
 def _other(dtype: str) -> str:
     return "uint8" if dtype == "int8" else "int8"
+
+
+def _layer_requant(rng: np.random.Generator, dtype: str, weight_shape: tuple[int, ...], lo: float,
+                   hi: float) -> dict[str, np.ndarray]:
+    """A layer's requantizer; an int16 input gets the shorter mantissa its wider accumulator needs."""
+    bits = mantissa_bits_for(int16_acc_bound(int(np.prod(weight_shape[1:])))) if dtype == "int16" else MANTISSA_BITS
+    return _requant(rng, weight_shape[0], lo, hi, bits)
+
+
+def _acc_dtype(dtype: str) -> str:
+    return "int64" if dtype == "int16" else "int32"
 
 
 def _layer_arrays(rng: np.random.Generator, weight_shape: tuple[int, ...], bits: int) -> dict[str, np.ndarray]:
@@ -65,20 +78,23 @@ def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool 
              "weight_scale": [1.0] * 8, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (8, 5, 3, 3), bits)
     if not requantize:
-        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", attrs, arrays, (1, 8, 5, 4), "int32", 1)
+        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", attrs, arrays, (1, 8, 5, 4), _acc_dtype(dtype), 1)
     lo, hi = qrange(dtype)
     return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, "qmin": lo + 3, "qmax": hi},
-                  {**arrays, **_requant(rng, 8, 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
+                  {**arrays, **_layer_requant(rng, dtype, (8, 5, 3, 3), 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
 
 
 def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
     attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (6, 20), bits)
     if not requantize:
-        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", attrs, arrays, (1, 6), "int32", 1)
+        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", attrs, arrays, (1, 6), _acc_dtype(dtype), 1)
     lo, hi = qrange(_other(dtype))
+    # int16 in, int8 out: the scales differ by 2^8, so the multipliers are 2^8 smaller
+    scale = 2.0**-8 if dtype == "int16" else 1.0
     return _graph("linear", {"x": ((1, 20), dtype)}, "linear", {**attrs, "qmin": lo, "qmax": hi},
-                  {**arrays, **_requant(rng, 6, 1e-3, 5e-2)}, (1, 6), _other(dtype))
+                  {**arrays, **_layer_requant(rng, dtype, (6, 20), 1e-3 * scale, 5e-2 * scale)}, (1, 6),
+                  _other(dtype))
 
 
 def _add(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
@@ -124,10 +140,12 @@ def _reshape(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 
 
 def _lut(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
-    lo, hi = qrange(_other(dtype))
-    table = rng.integers(lo, hi + 1, 256).astype(np.uint8 if _other(dtype) == "uint8" else np.int8)
-    return _graph("lut", {"x": ((1, 3, 4, 5), dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
-                  (1, 3, 4, 5), _other(dtype))
+    # A table cannot read int16 (65536 entries); it can write it: int8 in, int16 out.
+    x_dtype, out_dtype = ("int8", "int16") if dtype == "int16" else (dtype, _other(dtype))
+    lo, hi = qrange(out_dtype)
+    table = rng.integers(lo, hi + 1, 256).astype(np.dtype(out_dtype))
+    return _graph("lut", {"x": ((1, 3, 4, 5), x_dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
+                  (1, 3, 4, 5), out_dtype)
 
 
 def _quantize(rng: np.random.Generator, dtype: str) -> QuantizedGraph:

@@ -117,6 +117,12 @@ def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str,
     With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
     where `conv2d` cannot fuse it."""
     a, arr = op.attrs, op.arrays
+    if "int16" in (x_dtype, out_dtype) or (residual is not None and residual.skip_dtype == "int16"):
+        # int16 activations take the portable kernels (int32 or int64 accumulation, see `kernels`); the x86
+        # kernels multiply bytes. Correct first: these layers are slower than their int8 neighbours.
+        if residual is not None:
+            return None
+        conv2d, dense = kernels.conv2d_nhwc, kernels.dense
     common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
                   qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
     if op.op == "linear":
@@ -170,7 +176,7 @@ def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr 
 
     Returns the add's result, bound to the add's output (the conv's own output has no other reader)."""
     skip = add.inputs[1 - k]
-    if skip not in ctx.nhwc:
+    if skip not in ctx.nhwc or ctx.dtype(conv.output) == "int16":  # int16 layers take the portable kernels
         return None
     m = add_op.input_mantissas(add)
     rq = add_op.requantizer(add, ctx.qgraph)

@@ -70,7 +70,12 @@ def requantizer(op: Op, qgraph: QuantizedGraph) -> Requantizer | None:
     if "multiplier" not in op.arrays:
         return None
     out = qgraph.values[op.output]
-    return Requantizer(op.arrays["multiplier"].astype(np.int64), op.arrays["shift"].astype(np.int64),
+    mantissa = op.arrays["multiplier"].astype(np.int64)
+    if qgraph.values[op.inputs[0]].dtype == "int16":  # keep |acc * mantissa| < 2^61 (module docstring)
+        bits = mantissa_bits_for(int16_acc_bound(int(np.prod(op.arrays["weight"].shape[1:]))))
+        if mantissa.max(initial=0) >= 1 << bits:
+            raise ValueError(f"an int16 input's accumulator needs mantissas below 2^{bits}: {mantissa.max()}")
+    return Requantizer(mantissa, op.arrays["shift"].astype(np.int64),
                        op.attrs["qmin"], op.attrs["qmax"], out.dtype, channel_axis(op.op, len(out.shape)))
 
 
