@@ -227,6 +227,90 @@ def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.n
     return [np.concatenate([o[first + j].numpy() for o in outs]) for j in range(len(lowered.integer_outputs))]
 
 
+def _exact_layer(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, padding: int) -> np.ndarray:
+    """bias + sum x * w in Python integers (no overflow at any size): the oracle of the accumulator bound tests.
+    A conv (4-D x, stride 1, zero `padding`) or a linear layer (2-D x)."""
+    w = weight.astype(object)
+    if x.ndim == 2:
+        return x.astype(object) @ w.T + bias.astype(object)
+    xp = np.pad(x.astype(object), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    kh, kw = weight.shape[2:]
+    oh, ow = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    acc = np.zeros((x.shape[0], weight.shape[0], oh, ow), dtype=object)
+    for i in range(kh):
+        for j in range(kw):
+            acc += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j])
+    return acc + bias.astype(object).reshape(1, -1, 1, 1)
+
+
+def _exact_requantize(acc: np.ndarray, mantissa: np.ndarray, shift: np.ndarray, axis: int, lo: int,
+                      hi: int) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    m, c = mantissa.astype(object).reshape(shape), shift.astype(object).reshape(shape)
+    return np.clip((acc * m + ((1 << c) >> 1)) >> c, lo, hi).astype(np.int64)
+
+
+def _edge_layer(op: str, requantize: bool) -> tuple[QuantizedGraph, dict[str, np.ndarray], np.ndarray]:
+    """A layer with int16 inputs at the edge of the accumulator bound: K past 515 (K = 1280 linear, 64 x 3 x 3 conv),
+    channels of all +127 and all -127 weights with int32-extreme biases against them, and inputs at +-2^15, so
+    |acc| reaches K * 127 * 2^15 + 2^31 ~ 2^32.8; the requantizer's mantissas are as long as the bound allows."""
+    rng = np.random.default_rng(16)
+    weight_shape = (4, 1280) if op == "linear" else (4, 64, 3, 3)
+    weight = rng.integers(-127, 128, weight_shape).astype(np.int8)
+    weight[0], weight[1] = 127, -127
+    bias = np.array([-(2**31), 2**31 - 1, 2**31 - 1, -(2**31)], np.int32)
+    k = int(np.prod(weight_shape[1:]))
+    attrs = {"weight_bits": 8, "weight_scale": [1.0] * 4, "input_scale": 1.0}
+    if op == "conv":
+        attrs.update(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    in_shape, out_shape = ((1, 1280), (1, 4)) if op == "linear" else ((1, 64, 4, 4), (1, 4, 4, 4))
+    arrays = {"weight": weight, "bias": bias}
+    bound = int16_acc_bound(k)
+    if requantize:
+        arrays.update(_requant(rng, 4, 20000 / bound, 32000 / bound, mantissa_bits_for(bound)))
+        attrs.update(qmin=-32768, qmax=32767)
+    qgraph = _graph(f"{op}_edge", {"x": (in_shape, "int16")}, op, attrs, arrays, out_shape,
+                    "int16" if requantize else "int64", None if requantize else 1)
+    x = rng.integers(-32768, 32768, (6, *in_shape[1:])).astype(np.float32)
+    x[0], x[1], x[2] = -32768, 32767, 1e9  # saturating: the quantize clips it to 32767
+    x[3] = np.where(rng.random(in_shape[1:]) < 0.5, -32768, 32767)
+    acc = _exact_layer(np.clip(x, -32768, 32767).astype(np.int64), weight, bias, 1)
+    assert max(abs(int(v)) for v in acc.ravel()) > 2**32, "the case must pass int32's range"
+    if not requantize:
+        return qgraph, {"x": x}, acc.astype(np.int64)
+    return qgraph, {"x": x}, _exact_requantize(acc, arrays["multiplier"], arrays["shift"], 1, -32768, 32767)
+
+
+@pytest.mark.parametrize("requantize", [True, False], ids=["requantized", "int64-accumulator"])
+@pytest.mark.parametrize("op", ["conv", "linear"])
+def test_int16_accumulators_past_int32_are_exact_in_every_backend(op: str, requantize: bool, tmp_path: Path) -> None:
+    """The bound of `lowbit.ir.ops._layer` at its edge: every executor equals the exact integers where an int32
+    accumulator would wrap (checked: TVM accumulating in int32 fails all four cases)."""
+    qgraph, x, exact = _edge_layer(op, requantize)
+    reference = run_reference(qgraph, x, integer_outputs=True)["y_q"]
+    np.testing.assert_array_equal(reference, exact, err_msg="reference executor")
+    np.testing.assert_array_equal(_ort_integers(qgraph, x, tmp_path / "m.int.onnx")[0], exact,
+                                  err_msg="model.int.onnx in ONNX Runtime")
+    np.testing.assert_array_equal(_tvm_integers(qgraph, x)[0], exact, err_msg="TVM")
+
+
+def test_int16_layers_refuse_mantissas_longer_than_their_bound_allows() -> None:
+    from lowbit.errors import LowbitError
+
+    for k in (45, 515, 516, 1280, 4096):
+        bound = int16_acc_bound(k)
+        bits = mantissa_bits_for(bound)
+        assert bound * ((1 << bits) - 1) < 2**61  # no int64 overflow, and room for the rounding term
+        assert bits == MANTISSA_BITS or bound * (1 << bits) >= 2**60  # and not needlessly short
+    assert int16_acc_bound(515) < 2**32 <= int16_acc_bound(1280)
+    qgraph, _, _ = _edge_layer("linear", True)
+    qgraph.validate("edge")
+    qgraph.op("op").arrays["multiplier"][0] = (1 << MANTISSA_BITS) - 1  # one bit too long for K = 1280
+    with pytest.raises(LowbitError, match="op op .linear. has an invalid requantizer.*mantissas below 2"):
+        qgraph.validate("edge")
+
+
 class _Activations(torch.nn.Module):
     """Float-only ops (lowered to `lut`) between two convs."""
 

@@ -132,14 +132,13 @@ def _int_quantize(b: Builder, op: Op) -> None:
 @_integer("dequantize")
 def _int_dequantize(b: Builder, op: Op) -> None:
     v = b.value(op.inputs[0])
-    scale = b.const(f"{op.name}/scale", np.asarray(v.scale, np.float32))
-    attrs = {} if v.axis is None else {"axis": v.axis}
     if v.dtype == "int64":  # DequantizeLinear takes no int64 (zero points are 0: q * scale, as in float32)
         wide = b.node("Cast", [op.inputs[0]], f"{op.name}/float", to=TensorProto.FLOAT)
-        ndim = len(v.shape)
-        scale = b.const(f"{op.name}/scale_b", trailing(v.scale, v.axis, ndim, np.float32))
+        scale = b.const(f"{op.name}/scale", trailing(v.scale, v.axis, len(v.shape), np.float32))
         b.node("Mul", [wide, scale], op.output)
         return
+    scale = b.const(f"{op.name}/scale", np.asarray(v.scale, np.float32))
+    attrs = {} if v.axis is None else {"axis": v.axis}
     b.node("DequantizeLinear", [op.inputs[0], scale], op.output, **attrs)
 
 
