@@ -21,7 +21,7 @@ from lowbit.ir import Op, QuantizedGraph, Value
 from lowbit.ir.dtypes import qrange
 from lowbit.ir.dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
 from lowbit.ir.ops import OPS, primitives
-from lowbit.ir.ops._layer import int16_acc_bound
+from lowbit.ir.ops._layer import int16_acc_bound, int16_output_shift
 from lowbit.ir.weights import weight_range
 from lowbit.quantizer.reference import run_reference
 
@@ -63,8 +63,16 @@ def _layer_requant(rng: np.random.Generator, dtype: str, weight_shape: tuple[int
     return _requant(rng, weight_shape[0], lo, hi, bits)
 
 
-def _acc_dtype(dtype: str) -> str:
-    return "int64" if dtype == "int16" else "int32"
+def _int32_output(dtype: str, weight_shape: tuple[int, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+    """A graph-output layer's (attrs, arrays): none for the raw int32 accumulator of an 8-bit input; for int16,
+    the rounding acc / 2^s into int32 that lowering gives it (its accumulator may pass 2^31)."""
+    if dtype != "int16":
+        return {}, {}
+    k = int(np.prod(weight_shape[1:]))
+    mantissa, shift = dyadic(np.full(weight_shape[0], 2.0**-int16_output_shift(k)),
+                             mantissa_bits_for(int16_acc_bound(k)))
+    lo, hi = qrange("int32")
+    return {"qmin": lo, "qmax": hi}, {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)}
 
 
 def _layer_arrays(rng: np.random.Generator, weight_shape: tuple[int, ...], bits: int) -> dict[str, np.ndarray]:
@@ -78,7 +86,9 @@ def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool 
              "weight_scale": [1.0] * 8, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (8, 5, 3, 3), bits)
     if not requantize:
-        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", attrs, arrays, (1, 8, 5, 4), _acc_dtype(dtype), 1)
+        more_attrs, more_arrays = _int32_output(dtype, (8, 5, 3, 3))
+        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, **more_attrs}, {**arrays, **more_arrays},
+                      (1, 8, 5, 4), "int32", 1)
     lo, hi = qrange(dtype)
     return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, "qmin": lo + 3, "qmax": hi},
                   {**arrays, **_layer_requant(rng, dtype, (8, 5, 3, 3), 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
@@ -88,7 +98,9 @@ def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: boo
     attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (6, 20), bits)
     if not requantize:
-        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", attrs, arrays, (1, 6), _acc_dtype(dtype), 1)
+        more_attrs, more_arrays = _int32_output(dtype, (6, 20))
+        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", {**attrs, **more_attrs}, {**arrays, **more_arrays},
+                      (1, 6), "int32", 1)
     lo, hi = qrange(_other(dtype))
     # int16 in, int8 out: the scales differ by 2^8, so the multipliers are 2^8 smaller
     scale = 2.0**-8 if dtype == "int16" else 1.0
@@ -267,22 +279,25 @@ def _edge_layer(op: str, requantize: bool) -> tuple[QuantizedGraph, dict[str, np
     in_shape, out_shape = ((1, 1280), (1, 4)) if op == "linear" else ((1, 64, 4, 4), (1, 4, 4, 4))
     arrays = {"weight": weight, "bias": bias}
     bound = int16_acc_bound(k)
+    lo, hi = qrange("int16" if requantize else "int32")
     if requantize:
         arrays.update(_requant(rng, 4, 20000 / bound, 32000 / bound, mantissa_bits_for(bound)))
-        attrs.update(qmin=-32768, qmax=32767)
+        attrs.update(qmin=lo, qmax=hi)
+    else:  # a graph output: rounded into int32, as lowering does
+        more_attrs, more_arrays = _int32_output("int16", weight_shape)
+        attrs.update(more_attrs)
+        arrays.update(more_arrays)
     qgraph = _graph(f"{op}_edge", {"x": (in_shape, "int16")}, op, attrs, arrays, out_shape,
-                    "int16" if requantize else "int64", None if requantize else 1)
+                    "int16" if requantize else "int32", None if requantize else 1)
     x = rng.integers(-32768, 32768, (6, *in_shape[1:])).astype(np.float32)
     x[0], x[1], x[2] = -32768, 32767, 1e9  # saturating: the quantize clips it to 32767
     x[3] = np.where(rng.random(in_shape[1:]) < 0.5, -32768, 32767)
     acc = _exact_layer(np.clip(x, -32768, 32767).astype(np.int64), weight, bias, 1)
     assert max(abs(int(v)) for v in acc.ravel()) > 2**32, "the case must pass int32's range"
-    if not requantize:
-        return qgraph, {"x": x}, acc.astype(np.int64)
-    return qgraph, {"x": x}, _exact_requantize(acc, arrays["multiplier"], arrays["shift"], 1, -32768, 32767)
+    return qgraph, {"x": x}, _exact_requantize(acc, arrays["multiplier"], arrays["shift"], 1, lo, hi)
 
 
-@pytest.mark.parametrize("requantize", [True, False], ids=["requantized", "int64-accumulator"])
+@pytest.mark.parametrize("requantize", [True, False], ids=["requantized", "int32-output"])
 @pytest.mark.parametrize("op", ["conv", "linear"])
 def test_int16_accumulators_past_int32_are_exact_in_every_backend(op: str, requantize: bool, tmp_path: Path) -> None:
     """The bound of `lowbit.ir.ops._layer` at its edge: every executor equals the exact integers where an int32

@@ -131,10 +131,9 @@ class Lowering:
         """A value on the same integer grid as `src` (pad, maxpool, reshape, clamp)."""
         return self.add_value(float_name, Value(self.ir_name(float_name), src.dtype, shape, src.scale))
 
-    def accumulator(self, node: Node, scales: list[float], axis: int, dtype: str = "int32") -> Value:
-        """An int32 (or int64) value with per-channel scales along `axis` (a layer's raw accumulator, as a graph
-        output)."""
-        return self.add_value(node.name, Value(self.ir_name(node.name), dtype, node.shape, scales, 0, axis))
+    def accumulator(self, node: Node, scales: list[float], axis: int) -> Value:
+        """An int32 value with per-channel scales along `axis` (a layer's raw accumulator, as a graph output)."""
+        return self.add_value(node.name, Value(self.ir_name(node.name), "int32", node.shape, scales, 0, axis))
 
     def is_fused_clamp(self, node: Node) -> bool:
         return any(c is node for c in self.fused.values())

@@ -34,7 +34,7 @@ def fake_quantizers(qgraph: QuantizedGraph) -> dict[str, FakeQuant]:
     out = {}
     for float_name, value_name in qgraph.float_to_int.items():
         v = qgraph.values[value_name]
-        if v.dtype in ("int32", "int64"):  # a layer's accumulator
+        if v.dtype == "int32":  # a layer's accumulator
             continue
         op = qgraph.producer(value_name)
         qmin, qmax = v.qrange

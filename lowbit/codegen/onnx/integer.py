@@ -10,8 +10,9 @@ int16 activations: ORT's ConvInteger/MatMulInteger take 8-bit inputs only, and i
 MaxPool, Pad and Clip have no int16 kernels. A layer reading int16 x runs on its two
 bytes, x = 256 * h + l with h = x >> 8 (int8) and l = x & 255 (uint8): W . x =
 256 * (W . h) + W . l, each half an exact int32, summed in int64 (the bound is in
-`lowbit.ir.ops._layer`). Zero padding stays exact: x = 0 gives h = l = 0. MaxPool,
-Pad and Clip run on the values cast to float32, which holds every int16 exactly.
+`lowbit.ir.ops._layer`). Zero padding stays exact: x = 0 gives h = l = 0. Pad and
+Clip run on the values cast to int32; MaxPool as the Max of its taps' strided Slices
+in int32 (`_maxpool_by_taps`). No float tensor appears.
 
 ORT pitfall: on x86 CPUs without VNNI its u8 x s8 integer kernels add pairs of
 products in saturating int16, so a uint8 activation times int8 weights is stored
@@ -110,11 +111,8 @@ def _finish_layer(b: Builder, op: Op, acc: str) -> None:
     """Add the bias to the int32 accumulator, then requantize, or for an int32 output stop there."""
     ndim = len(b.value(op.output).shape)
     rq = _layer.requantizer(op, b.qgraph)
-    if rq is None:  # the accumulator is the output: int32, or int64 for an int16 input
-        np_type = numpy_type(b.value(op.output).dtype)
-        if np_type != np.int32:
-            acc = b.node("Cast", [acc], f"{op.name}/acc_out", to=onnx_type(b.value(op.output).dtype))
-        bias = trailing(op.arrays["bias"], _layer.channel_axis(op.op, ndim), ndim, np_type)
+    if rq is None:
+        bias = trailing(op.arrays["bias"], _layer.channel_axis(op.op, ndim), ndim, np.int32)
         b.node("Add", [acc, b.const(f"{op.name}/bias", bias)], op.output)
         return
     # The bias is added in int64, as the reference executor does, so even an acc + bias beyond int32 matches.
@@ -132,11 +130,6 @@ def _int_quantize(b: Builder, op: Op) -> None:
 @_integer("dequantize")
 def _int_dequantize(b: Builder, op: Op) -> None:
     v = b.value(op.inputs[0])
-    if v.dtype == "int64":  # DequantizeLinear takes no int64 (zero points are 0: q * scale, as in float32)
-        wide = b.node("Cast", [op.inputs[0]], f"{op.name}/float", to=TensorProto.FLOAT)
-        scale = b.const(f"{op.name}/scale", trailing(v.scale, v.axis, len(v.shape), np.float32))
-        b.node("Mul", [wide, scale], op.output)
-        return
     scale = b.const(f"{op.name}/scale", np.asarray(v.scale, np.float32))
     attrs = {} if v.axis is None else {"axis": v.axis}
     b.node("DequantizeLinear", [op.inputs[0], scale], op.output, **attrs)
@@ -254,21 +247,50 @@ def _int_lut(b: Builder, op: Op) -> None:
     b.node("Gather", [b.const(f"{op.name}/table", op.arrays["table"]), index], op.output, axis=0)
 
 
-def _on_8bit_or_float(b: Builder, op: Op, emit: Callable[[str, str, type], str]) -> None:
-    """`emit(x, out, numpy type)` an op that ORT runs on 8-bit tensors but not on int16: an int16 input goes
-    through float32 (exact for every int16) and back."""
+def _on_8bit_or_int32(b: Builder, op: Op, emit: Callable[[str, str, type], str]) -> None:
+    """`emit(x, out, numpy type)` an op that ORT runs on 8-bit and int32 tensors but not on int16: an int16
+    input goes through int32 and back."""
     dtype = b.value(op.inputs[0]).dtype
     if dtype != "int16":
         emit(op.inputs[0], op.output, numpy_type(dtype))
         return
-    x = b.node("Cast", [op.inputs[0]], f"{op.name}/in_f32", to=TensorProto.FLOAT)
-    y = emit(x, f"{op.name}/out_f32", np.float32)
+    x = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
+    y = emit(x, f"{op.name}/out32", np.int32)
     b.node("Cast", [y], op.output, to=onnx_type(dtype))
+
+
+def _maxpool_by_taps(b: Builder, op: Op) -> None:
+    """MaxPool of int16 x, which ORT's MaxPool does not take: in int32, pad with -2^31 (so padding never wins,
+    as in torch), take each kernel tap's strided slice, and their elementwise Max."""
+    a = op.attrs
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+    _, _, h, w = b.value(op.inputs[0]).shape
+    _, _, oh, ow = b.value(op.output).shape
+    # Pad far enough on the bottom/right for every window the output reads (ceil_mode's last ones included).
+    bottom = max(ph, (oh - 1) * sh + (kh - 1) * dh + 1 - h - ph)
+    right = max(pw, (ow - 1) * sw + (kw - 1) * dw + 1 - w - pw)
+    x = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
+    x = b.node("Pad", [x, b.const(f"{op.name}/pads", np.array([0, 0, ph, pw, 0, 0, bottom, right], np.int64)),
+                       b.const(f"{op.name}/lowest", np.int32(-(2**31)))], f"{op.name}/padded", mode="constant")
+    axes = b.const(f"{op.name}/axes", np.array([2, 3], np.int64))
+    steps = b.const(f"{op.name}/steps", np.array([sh, sw], np.int64))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            start = np.array([i * dh, j * dw], np.int64)
+            end = start + np.array([(oh - 1) * sh + 1, (ow - 1) * sw + 1], np.int64)
+            taps.append(b.node("Slice", [x, b.const(f"{op.name}/start{i}_{j}", start),
+                                         b.const(f"{op.name}/end{i}_{j}", end), axes, steps], f"{op.name}/tap{i}_{j}"))
+    y = b.node("Max", taps, f"{op.name}/max32") if len(taps) > 1 else taps[0]
+    b.node("Cast", [y], op.output, to=onnx_type(b.value(op.output).dtype))
 
 
 @_integer("maxpool")
 def _int_maxpool(b: Builder, op: Op) -> None:
-    _on_8bit_or_float(b, op, lambda x, out, _: maxpool(b, op, x, out))
+    if b.value(op.inputs[0]).dtype == "int16":
+        _maxpool_by_taps(b, op)
+    else:
+        maxpool(b, op, op.inputs[0], op.output)
 
 
 @_integer("clamp")
@@ -278,12 +300,12 @@ def _int_clamp(b: Builder, op: Op) -> None:
         hi = b.const(f"{op.name}/qmax", np_type(op.attrs["qmax"]))
         return b.node("Clip", [x, lo, hi], out)
 
-    _on_8bit_or_float(b, op, clip)
+    _on_8bit_or_int32(b, op, clip)
 
 
 @_integer("pad")
 def _int_pad(b: Builder, op: Op) -> None:
-    _on_8bit_or_float(b, op, lambda x, out, _: pad(b, op, x, out))
+    _on_8bit_or_int32(b, op, lambda x, out, _: pad(b, op, x, out))
 
 
 @_integer("reshape")

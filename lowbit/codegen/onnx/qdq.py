@@ -82,10 +82,10 @@ def _activation(b: _QdqBuilder, name: str, y: str) -> None:
 
     int8 values are stored as uint8 with zero point 128 (the same real values):
     ONNX Runtime's fast x86 kernels take u8 activations and s8 weights. int16 values
-    stay int16 (zero point 0). An int32 or int64 accumulator (a graph output) stays float.
+    stay int16 (zero point 0). An int32 accumulator (a graph output) stays float.
     """
     v = b.value(name)
-    if v.dtype in ("int32", "int64"):
+    if v.dtype == "int32":
         b.float_of[name] = y
         return
     scale = b.const(f"{name}/scale", np.float32(v.scale))

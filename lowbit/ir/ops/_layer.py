@@ -25,8 +25,11 @@ integer sum, whatever its size, and every backend computes it exactly:
   `x86.acc_bound`) is below 2^31, else in int64.
 The requantizer then multiplies an accumulator of up to A by a mantissa b: the
 lowering gives int16 layers b < 2^mantissa_bits_for(A) (`lowbit.ir.dyadic`), so
-|acc * b| < 2^61 as for 8-bit layers. A graph-output layer reading int16 keeps its
-accumulator as int64.
+|acc * b| < 2^61 as for 8-bit layers. A graph-output layer reading int16 cannot
+keep its raw accumulator as an int32 output: it is rounded to int32 instead,
+acc / 2^s with s = bitlength(A) - 31 (2 or 3 bits for K up to 1280), a requantizer
+of multiplier 2^-s and the int32 range, so its logits stay 2^(8-s) times finer
+than an 8-bit layer's.
 """
 
 from __future__ import annotations
@@ -67,11 +70,14 @@ def weights_of(op: Op) -> PerChannelWeights:
 
 def requantizer(op: Op, qgraph: QuantizedGraph) -> Requantizer | None:
     """The layer's per-channel requantizer, or None for an int32 (accumulator) output."""
+    wide = qgraph.values[op.inputs[0]].dtype == "int16"
     if "multiplier" not in op.arrays:
+        if wide:
+            raise ValueError("an int16 input's accumulator can pass int32's range: it needs a requantizer")
         return None
     out = qgraph.values[op.output]
     mantissa = op.arrays["multiplier"].astype(np.int64)
-    if qgraph.values[op.inputs[0]].dtype == "int16":  # keep |acc * mantissa| < 2^61 (module docstring)
+    if wide:  # keep |acc * mantissa| < 2^61 (module docstring)
         bits = mantissa_bits_for(int16_acc_bound(int(np.prod(op.arrays["weight"].shape[1:]))))
         if mantissa.max(initial=0) >= 1 << bits:
             raise ValueError(f"an int16 input's accumulator needs mantissas below 2^{bits}: {mantissa.max()}")
@@ -90,6 +96,11 @@ def int16_acc_bound(reduction: int) -> int:
     return (2**31 - 1) + reduction * 127 * 2**15
 
 
+def int16_output_shift(reduction: int) -> int:
+    """s: an int16-input graph-output layer's accumulator is rounded to acc / 2^s, which fits int32."""
+    return max(0, int16_acc_bound(reduction).bit_length() - 31)
+
+
 def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     """Weights to per-channel symmetric integers, bias to int32 at the accumulator's scale, then a
     requantizer to the output's grid (with a following clamp folded in), or int32 for a graph output."""
@@ -105,14 +116,20 @@ def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     clamp = lw.fused.get(node.name)
     axis = channel_axis(node.op, len(node.shape))
     wide = x.dtype == "int16"  # its accumulator may pass 2^31 (module docstring)
-    if clamp is None and node.name in lw.graph.outputs:
-        # A graph output keeps the accumulator (int32, or int64 when wide): no requantization error on logits.
-        out = lw.accumulator(node, [f32(s) for s in acc_scale], axis, "int64" if wide else "int32")
+    mantissa_bits = mantissa_bits_for(int16_acc_bound(int(np.prod(w_int.shape[1:])))) if wide else MANTISSA_BITS
+    if clamp is None and node.name in lw.graph.outputs and not wide:
+        # A graph output keeps the int32 accumulator: no requantization error on logits.
+        out = lw.accumulator(node, [f32(s) for s in acc_scale], axis)
+    elif clamp is None and node.name in lw.graph.outputs:
+        # ... but an int16 input's may pass 2^31: rounded by 2^s into int32 (module docstring).
+        s = int16_output_shift(int(np.prod(w_int.shape[1:])))
+        out = lw.accumulator(node, [f32(c * 2.0**s) for c in acc_scale], axis)
+        mantissa, shift = dyadic(np.full(acc_scale.shape, 2.0**-s), mantissa_bits)
+        arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
+        attrs.update(qmin=qrange("int32")[0], qmax=qrange("int32")[1])
     else:
         out, qmin, qmax = lw.activation(clamp.name if clamp else node.name, node.shape, clamp)
-        reduction = int(np.prod(w_int.shape[1:]))
-        mantissa, shift = dyadic(acc_scale / out.scale,
-                                 mantissa_bits_for(int16_acc_bound(reduction)) if wide else MANTISSA_BITS)
+        mantissa, shift = dyadic(acc_scale / out.scale, mantissa_bits)
         arrays.update(multiplier=mantissa.astype(np.int32), shift=shift.astype(np.int32))
         attrs.update(qmin=qmin, qmax=qmax)
     lw.emit(node.name, node.op, [x], out, attrs, arrays)
