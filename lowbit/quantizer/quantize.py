@@ -2,7 +2,8 @@
 
 1. Calibrate every tensor's range (`calibrate`).
 2. Lower node by node: weights to per-channel symmetric integers, activations
-   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU),
+   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU), or
+   to int16 where the BitPlan's `activation_bits` says 16 (`check_activation_bits`),
    clamps fused into the conv/linear/add that feeds them, and every change of
    scale turned into a dyadic multiplier.
 3. Refine layer by layer on calibration data, the float graph and the fake-quant

@@ -61,8 +61,8 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
 
 LUT = register(OpDef(
     "lut",
-    "table lookup: out = table[x - qmin(x's dtype)] for an int8/uint8 input, a 256-entry table of the output "
-    "dtype (an elementwise function precomputed on the integer grid).",
+    "table lookup: out = table[x - qmin(x's dtype)] for an int8/uint8 input (never int16: 65536 entries), a "
+    "256-entry table of the output dtype (an elementwise function precomputed on the integer grid).",
     reference=_reference, int16_refusal=TABLE_REFUSAL,
 ))
 
