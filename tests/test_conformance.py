@@ -222,14 +222,15 @@ def test_op_is_bit_exact_in_every_backend(op: str, index: int, dtype: str, tmp_p
         assert got.dtype == want.dtype
 
 
-def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], portable: bool = False) -> list[np.ndarray]:
+    """The integers TVM computes, with this CPU's best layer kernels (or the portable ones)."""
     tvm = pytest.importorskip("tvm")
     from lowbit.codegen.tvm.compile import layer_kernels
     from lowbit.codegen.tvm.lower import lower
     from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
 
     target = parse_target(DEFAULT_TARGET)
-    conv2d, dense, kernels = layer_kernels(target)
+    conv2d, dense, kernels = (None, None, "portable") if portable else layer_kernels(target)
     lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
     vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
@@ -301,13 +302,15 @@ def _edge_layer(op: str, requantize: bool) -> tuple[QuantizedGraph, dict[str, np
 @pytest.mark.parametrize("op", ["conv", "linear"])
 def test_int16_accumulators_past_int32_are_exact_in_every_backend(op: str, requantize: bool, tmp_path: Path) -> None:
     """The bound of `lowbit.ir.ops._layer` at its edge: every executor equals the exact integers where an int32
-    accumulator would wrap (checked: TVM accumulating in int32 fails all four cases)."""
+    accumulator would wrap (checked: the portable TVM kernels accumulating in int32 fail all four cases). TVM runs
+    with this CPU's best kernels (bytes of the input on x86) and with the portable ones (int16 directly)."""
     qgraph, x, exact = _edge_layer(op, requantize)
     reference = run_reference(qgraph, x, integer_outputs=True)["y_q"]
     np.testing.assert_array_equal(reference, exact, err_msg="reference executor")
     np.testing.assert_array_equal(_ort_integers(qgraph, x, tmp_path / "m.int.onnx")[0], exact,
                                   err_msg="model.int.onnx in ONNX Runtime")
     np.testing.assert_array_equal(_tvm_integers(qgraph, x)[0], exact, err_msg="TVM")
+    np.testing.assert_array_equal(_tvm_integers(qgraph, x, portable=True)[0], exact, err_msg="TVM, portable")
 
 
 def test_int16_layers_refuse_mantissas_longer_than_their_bound_allows() -> None:

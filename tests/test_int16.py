@@ -23,9 +23,10 @@ from lowbit.quantizer.reference import run_reference
 from lowbit.quantizer.simulate import dequantized_params, fake_quantizers, simulate
 
 # small_cnn's tensors kept at 16 bits below, and what reads them: the input (quantize), relu -> pad -> a conv
-# with padding, add -> maxpool -> a grouped conv, relu_3 -> global avgpool and maxpool -> reshape, cat_1 -> fc1
-# (a linear), relu_4 -> fc2 (a graph output: its int32 logits are rounded from a wider accumulator).
-INT16_TENSORS = ("x", "relu", "add", "relu_3", "cat_1", "relu_4")
+# with padding, hardtanh -> a depthwise conv and the residual add, add -> maxpool -> a grouped conv, relu_3 ->
+# global avgpool and maxpool -> reshape, cat_1 -> fc1 (a linear), relu_4 -> fc2 (a graph output: its int32 logits
+# are rounded from a wider accumulator).
+INT16_TENSORS = ("x", "relu", "hardtanh", "add", "relu_3", "cat_1", "relu_4")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def test_small_cnn_with_int16_tensors_is_bit_exact_in_every_backend(small_cnn: t
     graph, calib = small_cnn
     qgraph = quantize(graph, calib, QuantConfig(rounding="nearest"), _plan(graph, INT16_TENSORS))
     int16 = sorted(v.name for v in qgraph.values.values() if v.dtype == "int16")
-    assert int16 == ["add", "cat_1", "max_pool2d", "max_pool2d_1", "pad", "relu", "relu_3", "relu_4", "view", "x_q"]
+    assert int16 == ["add", "cat_1", "hardtanh", "max_pool2d", "max_pool2d_1", "pad", "relu", "relu_3", "relu_4",
+                     "view", "x_q"]
     x = get_zoo_entry("small_cnn").heldout(0)[:6]
     x = np.concatenate([x, 40 * x])  # the second half saturates
     want = run_reference(qgraph, x, integer_outputs=True)[qgraph.int_outputs[0]]

@@ -7,9 +7,11 @@ plus the constant arrays the caller passes in that order.
 
 The layer kernels here (`conv2d_nhwc`, `dense`) are the portable path;
 `x86` (lowbit/codegen/tvm/x86) replaces them on x86 CPUs with register-blocked AVX2 kernels.
-Layers that read or write int16 activations always take the portable path, which
+Layers that read or write int16 activations either take the portable path, which
 accumulates int16 x int8 in int32 where the layer's bound allows and in int64 where
-it does not (`accumulator_dtype`; the bound is in `lowbit.ir.ops._layer`).
+it does not (`accumulator_dtype`; the bound is in `lowbit.ir.ops._layer`), or, with
+the x86 kernels, run those on the input's bytes (`int16_byte`) and combine and
+requantize the int32 byte sums in int64 (`combine_requantize`; see `lower`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,41 @@ def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.n
     func = te.create_prim_func([x, wt, b, *requant_args, out])
     arrays = [np.ascontiguousarray(weight.T).astype(np.int8), bias.astype(np.int32)]
     return (_schedule_reduction(func) if schedule else func), arrays + requant_arrays
+
+
+# -- int16 activations on byte kernels ---------------------------------------------------------------
+
+def int16_byte(numel: int, high: bool) -> tirx.PrimFunc:
+    """One byte of int16 x taken flat: the high byte h = x >> 8 (arithmetic: in [-128, 127], int8) or the low
+    byte l = x & 255 (uint8), so that x = 256 * h + l, and x = 0 gives h = l = 0 (zero padding stays exact)."""
+    x = te.placeholder((numel,), "int16", name="x")
+    if high:
+        out = te.compute((numel,), lambda i: tirx.shift_right(x[i], _const(8, "int16")).astype("int8"), name="high")
+    else:
+        out = te.compute((numel,), lambda i: tirx.bitwise_and(x[i], _const(255, "int16")).astype("uint8"),
+                         name="low")
+    return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+def combine_requantize(shape: tuple[int, ...], parts: int, qmin: int, qmax: int,
+                       out_dtype: str) -> tirx.PrimFunc:
+    """requantize(256 * high + low + bias[c]) per channel c (the last axis), in int64, from the int32 byte
+    accumulators of an int16 input (`parts` 2), or requantize(acc + bias[c]) from one (`parts` 1). Parameters:
+    (accumulators..., bias int64, mantissa int32, shift int32, out)."""
+    accs = [te.placeholder(shape, "int32", name=f"acc{k}") for k in range(parts)]
+    channels = shape[-1]
+    bias = te.placeholder((channels,), "int64", name="bias")
+    m = te.placeholder((channels,), "int32", name="mantissa")
+    c = te.placeholder((channels,), "int32", name="shift")
+
+    def total(*i: Expr) -> Expr:
+        if parts == 1:
+            return accs[0](*i).astype("int64") + bias[i[-1]]
+        return accs[0](*i).astype("int64") * _const(256, "int64") + accs[1](*i).astype("int64") + bias[i[-1]]
+
+    out = te.compute(shape, lambda *i: requantize_expr(total(*i), m[i[-1]], c[i[-1]], qmin, qmax, out_dtype),
+                     name="requantize")
+    return schedule_elementwise(te.create_prim_func([*accs, bias, m, c, out]))
 
 
 # -- the other ops ---------------------------------------------------------------------------------
