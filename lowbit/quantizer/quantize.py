@@ -148,7 +148,7 @@ class Lowering:
         lo = clamp.attrs["min"] if clamp else None
         hi = clamp.attrs["max"] if clamp else None
         unsigned = st.nonnegative or (lo is not None and lo >= 0)
-        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile, bits)
+        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile, bits=bits)
         if hi is not None and lo is not None:
             t = min(t, max(abs(lo), abs(hi)))
         t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
