@@ -116,14 +116,9 @@ def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str,
     """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
 
     With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
-    where `conv2d` cannot fuse it."""
+    where `conv2d` cannot fuse it. Only the portable kernels take int16 (`_layer` sends int16 layers to the
+    others byte by byte)."""
     a, arr = op.attrs, op.arrays
-    if "int16" in (x_dtype, out_dtype) or (residual is not None and residual.skip_dtype == "int16"):
-        # The layer kernels' int16 form is the portable one (int32 or int64 accumulation, see `kernels`); the
-        # x86 kernels take int16 layers byte by byte (`_layer_by_bytes`), without a fused residual add.
-        if residual is not None:
-            return None
-        conv2d, dense = kernels.conv2d_nhwc, kernels.dense
     common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
                   qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
     if op.op == "linear":
@@ -211,8 +206,8 @@ def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr 
 
     Returns the add's result, bound to the add's output (the conv's own output has no other reader)."""
     skip = add.inputs[1 - k]
-    if skip not in ctx.nhwc or ctx.dtype(conv.output) == "int16":  # int16 layers take the portable kernels
-        return None
+    if skip not in ctx.nhwc or "int16" in {ctx.dtype(v) for v in (conv.inputs[0], conv.output, skip, add.output)}:
+        return None  # the fused epilogue is 8-bit only; int16 layers run byte by byte (`_layer_by_bytes`)
     m = add_op.input_mantissas(add)
     rq = add_op.requantizer(add, ctx.qgraph)
     residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(rq.shift[0]), rq.qmin, rq.qmax)
