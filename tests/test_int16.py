@@ -27,6 +27,7 @@ from lowbit.quantizer.simulate import dequantized_params, fake_quantizers, simul
 # global avgpool and maxpool -> reshape, cat_1 -> fc1 (a linear), relu_4 -> fc2 (a graph output: its int32 logits
 # are rounded from a wider accumulator).
 INT16_TENSORS = ("x", "relu", "hardtanh", "add", "relu_3", "cat_1", "relu_4")
+FIXED = QuantConfig(calib_method="minmax", rounding="nearest")  # no recipe choice: both plans get one threshold
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_small_cnn_with_int16_tensors_is_bit_exact_in_every_backend(small_cnn: t
     from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
 
     graph, calib = small_cnn
-    qgraph = quantize(graph, calib, QuantConfig(rounding="nearest"), _plan(graph, INT16_TENSORS))
+    qgraph = quantize(graph, calib, FIXED, _plan(graph, INT16_TENSORS))
     int16 = sorted(v.name for v in qgraph.values.values() if v.dtype == "int16")
     assert int16 == ["add", "cat_1", "hardtanh", "max_pool2d", "max_pool2d_1", "pad", "relu", "relu_3", "relu_4",
                      "view", "x_q"]
@@ -115,9 +116,8 @@ def test_small_cnn_with_int16_tensors_is_bit_exact_in_every_backend(small_cnn: t
 
 def test_int16_tensors_are_simulated_on_their_grid(small_cnn: tuple[Graph, np.ndarray]) -> None:
     graph, calib = small_cnn
-    config = QuantConfig(rounding="nearest")
-    wide = quantize(graph, calib, config, _plan(graph, ("relu",)))
-    narrow = quantize(graph, calib, config, _plan(graph, ()))
+    wide = quantize(graph, calib, FIXED, _plan(graph, ("relu",)))
+    narrow = quantize(graph, calib, FIXED, _plan(graph, ()))
     fq16, fq8 = fake_quantizers(wide)["relu"], fake_quantizers(narrow)["relu"]
     assert (fq16.qmin, fq16.qmax, fq8.qmin, fq8.qmax) == (0, 32767, 0, 255)  # ReLU: a signed int16, clamped at 0
     assert fq16.scale == pytest.approx(fq8.scale * 255 / 32767, rel=1e-6)  # one threshold, 128 times finer steps
