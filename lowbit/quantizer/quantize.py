@@ -2,7 +2,8 @@
 
 1. Calibrate every tensor's range (`calibrate`).
 2. Lower node by node: weights to per-channel symmetric integers, activations
-   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU),
+   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU), or
+   to int16 where the BitPlan's `activation_bits` says 16 (`check_activation_bits`),
    clamps fused into the conv/linear/add that feeds them, and every change of
    scale turned into a dyadic multiplier.
 3. Refine layer by layer on calibration data, the float graph and the fake-quant
@@ -58,6 +59,49 @@ def scaled_tensors(graph: Graph) -> set[str]:
     return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused}
 
 
+def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None:
+    """Refuse a plan's activation bit-widths that the model cannot take, naming each tensor and why.
+
+    A tensor may be 16-bit when it gets its own scale (`scaled_tensors`), is not a layer's raw int32
+    accumulator (a graph output), and every op that reads its integers accepts int16 (`OpDef.int16_refusal`),
+    including the ops behind scale-preserving ones (pad, maxpool, reshape, clamp), which pass the int16 on.
+    """
+    fused_clamps = {c.name for c in fusable_clamps(graph).values()}
+    scaled = {n for n in scaled_tensors(graph) if graph.node(n).op != "clamp" or n in fused_clamps}
+    problems = [f"{name}={bits}: supported activation bit-widths are 8 and 16"
+                for name, bits in activation_bits.items() if bits not in (8, 16)]
+    for name, bits in sorted(activation_bits.items()):
+        if bits != 16:
+            continue
+        if name not in scaled:
+            why = ("no such tensor" if name not in {n.name for n in graph.nodes} else
+                   "it has no scale of its own (it keeps its input's grid, or is a clamp fused into its producer: "
+                   "name the clamp instead)")
+            problems.append(f"{name}: {why}")
+            continue
+        if name in graph.outputs and OPS[graph.node(name).op].quantizable:
+            problems.append(f"{name}: a graph output of a layer stays the int32 accumulator, with no activation grid")
+            continue
+        problems += [f"{name}: read by {reader.name} ({reader.op}), and {reader.op} cannot take int16: {why}"
+                     for reader, why in _int16_readers(graph, name)]
+    if problems:
+        raise LowbitError("the bit plan's activation_bits do not fit the model: " + "; ".join(problems)
+                          + f". Tensors that can be 16-bit: the outputs of {', '.join(sorted(QUANTIZABLE_OPS))}, "
+                          "add, concat, avgpool and inputs, where no table-lookup op reads them")
+
+
+def _int16_readers(graph: Graph, name: str) -> list[tuple[Node, str]]:
+    """The ops that would read tensor `name`'s int16 integers and refuse to, with their reasons."""
+    refused = []
+    for reader in graph.consumers(name):
+        op = OPS[reader.op]
+        if op.int16_refusal:
+            refused.append((reader, op.int16_refusal))
+        elif op.scale_preserving or reader.op == "clamp":  # (a clamp reading a named tensor is never fused)
+            refused += _int16_readers(graph, reader.name)  # it passes the int16 grid on
+    return refused
+
+
 class Lowering:
     """The state of one lowering pass; each op's `lower` (in `lowbit.ir.ops`) calls these helpers."""
 
@@ -97,16 +141,18 @@ class Lowering:
 
     def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None,
                    ir_name: str | None = None) -> tuple[Value, int, int]:
-        """A new 8-bit value for a float tensor, with its clamp range in integer units."""
+        """A new value for a float tensor (8-bit, or int16 where the plan says 16), with its clamp range in integer
+        units."""
         st = self.stats[float_name]
+        bits = self.plan.activation(float_name)
         lo = clamp.attrs["min"] if clamp else None
         hi = clamp.attrs["max"] if clamp else None
         unsigned = st.nonnegative or (lo is not None and lo >= 0)
-        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile)
+        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile, bits=bits)
         if hi is not None and lo is not None:
             t = min(t, max(abs(lo), abs(hi)))
         t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
-        dtype = activation_dtype(8, unsigned)
+        dtype = activation_dtype(bits, unsigned)
         scale = f32(t / steps(dtype))
         value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
         qmin, qmax = integer_bounds(lo, hi, scale, *qrange(dtype))
