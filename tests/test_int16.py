@@ -146,3 +146,8 @@ def test_small_cnn_pipeline_with_two_int16_tensors_checks_itself_bit_exact(tmp_p
     assert report["mismatches"] == [] and report["integer_only"]
     for check in (report["onnxruntime"]["model.int.onnx"], report["tvm"]):
         assert check["bit_exact"] and check["inputs"]["saturating"] > 0
+    # The report and the manifest say which tensors were kept at 16 bits.
+    assert report["activation_bits"] == {"relu": 16, "cat_1": 16}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["activation_bits"] == {"relu": 16, "cat_1": 16}
+    assert "16-bit for 2 tensors: `cat_1`, `relu`" in (tmp_path / "out" / "report.md").read_text()

@@ -210,6 +210,7 @@ def _manifest(directory: Path, artifact: Artifact, report: dict[str, Any]) -> di
         "heldout": _data_summary(prepared.heldout),
         **_interface(qgraph),
         "bit_plan": qgraph.bit_plan(),
+        "activation_bits": qgraph.wide_activations(),
         "tvm": report.get("tvm"),
         "plan_file": None if artifact.plan_file is None else {"path": str(artifact.plan_file.resolve()),
                                                               "sha256": sha256_file(artifact.plan_file)},

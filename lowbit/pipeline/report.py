@@ -219,7 +219,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
                   f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
-        ("weights / activations", f"{bits_summary(report['bit_plan'])} / 8-bit"),
+        ("weights / activations", f"{bits_summary(report['bit_plan'])} / {_activations(report)}"),
         ("calibration", f"{samples_text(report['calibration'])}: {report['calibration']['source']}"),
         ("recipe", _recipe(report)),
         ("held-out", f"{samples_text(report['heldout'])}: {report['heldout']['source']}"),
@@ -297,6 +297,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{fmt_count(row['macs'])} | {row['bits']} | {row.get('rounding', '')} | "
                      f"{fmt_db(row['sqnr_db'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _activations(report: dict[str, Any]) -> str:
+    wide = sorted(report.get("activation_bits") or {})
+    if not wide:
+        return "8-bit"
+    return f"8-bit, 16-bit for {len(wide)} tensor{'s' if len(wide) > 1 else ''}: {', '.join(f'`{n}`' for n in wide)}"
 
 
 def _recipe(report: dict[str, Any]) -> str:
