@@ -43,6 +43,7 @@ from sections import write_section
 import lowbit
 from lowbit.codegen import export_integer, export_qdq
 from lowbit.ir import QuantizedGraph
+from lowbit.metrics import CONFIDENT_GAP, agreement, bootstrap_interval, confident_mask, logit_gap, paired_difference
 from lowbit.models import calibration_and_heldout, foolbox_imagenet_crops, get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.quantizer.capture import capture
@@ -272,38 +273,69 @@ def fmt_ratio(value: float | None, base: float | None) -> str:
     return "—" if value is None or not base else f"{value / base:.2f}"
 
 
-def logit_gap(logits: np.ndarray) -> np.ndarray:
-    """FP32 top-1 minus top-2 logit, per sample."""
-    top2 = np.sort(logits, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+def fmt_agreement(logits: np.ndarray, reference: np.ndarray, photos: np.ndarray, confident: bool = False) -> str:
+    """'84.9% [79.2, 90.1] (163/192)': top-1 agreement with its bootstrap 95% interval over photos, on all
+    samples or on the confident ones (FP32 gap above CONFIDENT_GAP)."""
+    a = agreement(reference, logits, photos, confident_mask(reference) if confident else None)
+    return f"{a.short()} ({a.agree}/{a.samples})"
 
 
-def fmt_agreement(logits: np.ndarray, reference: np.ndarray) -> str:
-    agree = int(np.sum(logits.argmax(1) == reference.argmax(1)))
-    return f"{100 * agree / len(reference):.1f}% ({agree}/{len(reference)})"
+def fmt_correct(logits: np.ndarray, labels: np.ndarray) -> str:
+    """'17/20 [70, 95]': correct labels, with a bootstrap 95% interval in percent (one image per photo)."""
+    correct = logits.argmax(1) == labels
+    low, high, _ = bootstrap_interval(correct)
+    return f"{int(correct.sum())}/{len(labels)} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def describe_set(reference: np.ndarray, photos: np.ndarray, what: str, confident: bool = False) -> str:
+    """'192 held-out crops of 13 photos', or the confident ones among them."""
+    mask = confident_mask(reference) if confident else np.ones(len(reference), bool)
+    gap = f"confident (gap > {CONFIDENT_GAP}): " if confident else ""
+    return f"{gap}{int(mask.sum())} {what} crops of {len(np.unique(photos[mask]))} photos"
+
+
+def fmt_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray, photos: np.ndarray) -> str:
+    """Agreement of `a` minus that of `b`, in points, with a paired bootstrap 95% interval over photos."""
+    top1 = reference.argmax(1)
+    diff, interval = paired_difference(a.argmax(1) == top1, b.argmax(1) == top1, photos)
+    return f"{100 * diff:+.1f} points [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]"
 
 
 def sqnr_db(logits: np.ndarray, reference: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((logits - reference) ** 2)))
 
 
+def agreement_columns(data: Data, fp32: Contender) -> tuple[str, str]:
+    """The header cells and the alignment row of the four agreement columns: held-out and in-domain crops, all
+    of them and the confident ones."""
+    sets = [(fp32.heldout, data.heldout_photos, "held-out"), (fp32.indomain, data.indomain_photos, "ImageNet")]
+    heads = [describe_set(ref, photos, what, confident) for ref, photos, what in sets for confident in (False, True)]
+    return " | ".join(f"Agreement, {h}" for h in heads), "---:|---:|---:|---:"
+
+
+def agreement_cells(c: Contender, fp32: Contender, data: Data) -> str:
+    return " | ".join(fmt_agreement(logits, ref, photos, confident)
+                      for logits, ref, photos in ((c.heldout, fp32.heldout, data.heldout_photos),
+                                                  (c.indomain, fp32.indomain, data.indomain_photos))
+                      for confident in (False, True))
+
+
 def render_table(contenders: Sequence[Contender], fp32: Contender, ort_fp32: Contender, best_static: Contender,
-                 y_lab: np.ndarray) -> str:
+                 data: Data) -> str:
+    y_lab = data.y_lab
+    heads, align = agreement_columns(data, fp32)
     lines = [
-        f"| Contender | Top-1 agreement with FP32 PyTorch ({len(fp32.heldout)} held-out) "
-        f"| In-domain agreement ({len(fp32.indomain)} ImageNet crops) "
+        f"| Contender | {heads} "
         f"| Labelled top-1 ({len(y_lab)}) | Mean KL(FP32 ‖ model) | Latency, batch 1, median (ms) "
         f"| Fastest call (ms) | ÷ ORT FP32 | ÷ {best_static.name} | Build time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"|---|{align}|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in contenders:
-        correct = int(np.sum(c.labelled.argmax(1) == y_lab))
         latency = "—" if c.latency_ms is None else f"{c.latency_ms:.2f}"
         fastest = "—" if c.fastest_ms is None else f"{c.fastest_ms:.2f}"
         build = "—" if c.build_s is None else f"{c.build_s:.1f}"
         lines.append(
-            f"| {c.name} | {fmt_agreement(c.heldout, fp32.heldout)} "
-            f"| {fmt_agreement(c.indomain, fp32.indomain)} | {correct}/{len(y_lab)} "
+            f"| {c.name} | {agreement_cells(c, fp32, data)} | {fmt_correct(c.labelled, y_lab)} "
             f"| {fmt_kl(mean_kl(fp32.heldout, c.heldout))} | {latency} | {fastest} "
             f"| {fmt_ratio(c.latency_ms, ort_fp32.latency_ms)} | {fmt_ratio(c.latency_ms, best_static.latency_ms)} "
             f"| {build} |"
@@ -320,6 +352,8 @@ class Data:
     x_indomain: np.ndarray  # crops of the labelled photos
     calib_sources: list[str]
     heldout_sources: list[str]
+    heldout_photos: np.ndarray  # each held-out crop's photo: agreement intervals resample photos
+    indomain_photos: np.ndarray
 
 
 def load_data() -> Data:
@@ -329,8 +363,9 @@ def load_data() -> Data:
     split = calibration_and_heldout(len(calib), len(heldout), SEED)  # for the source names
     if not (np.array_equal(split.calib, calib) and np.array_equal(split.heldout, heldout)):
         raise SystemExit("the zoo's data split differs from calibration_and_heldout(); the report would be wrong")
-    x_indomain = foolbox_imagenet_crops(CROPS_PER_LABELLED_PHOTO, SEED)
-    return Data(calib, heldout, x_lab, y_lab, x_indomain, split.calib_sources, split.heldout_sources)
+    x_indomain, indomain_photos = foolbox_imagenet_crops(CROPS_PER_LABELLED_PHOTO, SEED)
+    return Data(calib, heldout, x_lab, y_lab, x_indomain, split.calib_sources, split.heldout_sources,
+                split.heldout_photos, indomain_photos)
 
 
 @dataclass
@@ -455,12 +490,10 @@ def noise_floor(model: torch.nn.Module, graph: Graph, qgraph: QuantizedGraph) ->
 
 
 def render_floor(r: Results, data: Data) -> str:
-    lines = [f"| FP32 model with | Agreement ({len(data.heldout)} held-out) | SQNR (dB) "
-             f"| In-domain agreement ({len(data.x_indomain)} ImageNet crops) | SQNR (dB) |",
-             "|---|---:|---:|---:|---:|"]
+    heads, align = agreement_columns(data, r.fp32)
+    lines = [f"| FP32 model with | {heads} | SQNR held-out (dB) | SQNR ImageNet (dB) |", f"|---|{align}|---:|---:|"]
     for c in r.floor:
-        lines.append(f"| {c.name} | {fmt_agreement(c.heldout, r.fp32.heldout)} "
-                     f"| {sqnr_db(c.heldout, r.fp32.heldout):.1f} | {fmt_agreement(c.indomain, r.fp32.indomain)} "
+        lines.append(f"| {c.name} | {agreement_cells(c, r.fp32, data)} | {sqnr_db(c.heldout, r.fp32.heldout):.1f} "
                      f"| {sqnr_db(c.indomain, r.fp32.indomain):.1f} |")
     return "\n".join(lines)
 
@@ -472,15 +505,19 @@ def render_report(data: Data, r: Results, command: str, threads: int, runs: int,
     best_static = max(r.statics.values(), key=lambda c: (np.sum(c.heldout.argmax(1) == ref_top1),
                                                          np.sum(c.labelled.argmax(1) == y_lab),
                                                          -mean_kl(r.fp32.heldout, c.heldout)))
-    table = render_table(r.contenders, r.fp32, r.ort_fp32, best_static, y_lab)
+    table = render_table(r.contenders, r.fp32, r.ort_fp32, best_static, data)
 
     exact = (np.array_equal(r.lowbit_int.heldout, r.reference.heldout)
              and np.array_equal(r.lowbit_int.labelled, r.reference.labelled))
     unfused = "".join(
-        f"\n  - {method.name}: {np.sum(h.argmax(1) == ref_top1)}/{len(ref_top1)} agreement, "
-        f"{np.sum(lab.argmax(1) == y_lab)}/{len(y_lab)} labelled, mean KL {fmt_kl(mean_kl(r.fp32.heldout, h))}"
+        f"\n  - {method.name}: {fmt_agreement(h, r.fp32.heldout, data.heldout_photos)} agreement, "
+        f"{fmt_correct(lab, y_lab)} labelled, mean KL {fmt_kl(mean_kl(r.fp32.heldout, h))}"
         for method, (h, lab) in r.unfused.items()
     )
+    heldout_diff = fmt_difference(r.lowbit_int.heldout, best_static.heldout, r.fp32.heldout, data.heldout_photos)
+    indomain_diff = fmt_difference(r.lowbit_int.indomain, best_static.indomain, r.fp32.indomain,
+                                   data.indomain_photos)
+    versus = f"{heldout_diff} on the held-out crops, {indomain_diff} on the ImageNet crops"
     gap, gap_indomain = logit_gap(r.fp32.heldout), logit_gap(r.fp32.indomain)
     cpu, flags = cpu_info()
     vnni = "avx512_vnni" in flags
@@ -522,8 +559,13 @@ of those {len(y_lab)} ImageNet photos, for agreement on the photos the model was
 
 {table}
 
-Top-1 agreement and mean KL(softmax FP32 ‖ softmax model) are measured on the held-out crops against FP32 PyTorch;
-labelled top-1 counts correct predictions against the true ImageNet labels. Latency is batch 1 with {threads}
+Top-1 agreement is measured against FP32 PyTorch, on the held-out crops and on the in-domain ImageNet crops apart,
+each on all crops and on the confident ones (FP32 top-1/top-2 logit gap above {CONFIDENT_GAP}, the figure least hurt
+by near ties). [low, high] is a bootstrap 95% interval that resamples photos, not crops (crops of one photo are
+correlated; 2000 resamples, seed 0). Mean KL(softmax FP32 ‖ softmax model) is on the held-out crops;
+labelled top-1 counts correct predictions against the true ImageNet labels, with a bootstrap interval in percent.
+{r.lowbit_int.name} minus {best_static.name}, paired (both scored on the same crops, photos resampled): {versus}.
+Latency is batch 1 with {threads}
 intra-op threads (ORT `intra_op_num_threads`, `torch.set_num_threads`), all contenders in one process:
 {WARMUP_RUNS} warm-up calls each, then {ROUNDS} rounds of {runs} timed calls per contender, the contenders taking
 turns in blocks of {LATENCY_BLOCK} calls (each after a {TURN_PAUSE_S} s pause and {TURN_WARMUP} untimed calls) so that

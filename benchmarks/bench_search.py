@@ -8,6 +8,11 @@
 4. `--max-drop`: bisection for the smallest plan within a measured agreement band.
 
     python benchmarks/bench_search.py [--out BENCHMARKS.md] [--configs 30] [--threads 2]
+
+A smoke run of the whole script in a minute or two, to another file:
+
+    python benchmarks/bench_search.py --model zoo:small_cnn --configs 6 --random-plans 2 --bisect-steps 1 \
+        --out /tmp/s.md
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import torch
 from sections import write_section
 
 import lowbit
+from lowbit.metrics import CONFIDENT_GAP, Agreement, bootstrap_interval, paired_difference
 from lowbit.models import get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.quantizer.capture import capture
@@ -77,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bisect-steps", type=int, default=4, help="bisection steps (0: skip the bisection)")
     parser.add_argument("--size", type=float, default=0.7, help="size budget, as a fraction of uniform INT8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="zoo:mobilenet_v2", help="a zoo model (zoo:small_cnn for a smoke run)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
 
-    entry = get_zoo_entry("zoo:mobilenet_v2")
-    graph = capture(load_program("zoo:mobilenet_v2", None), "mobilenet_v2")
+    entry = get_zoo_entry(args.model)
+    graph = capture(load_program(f"zoo:{entry.name}", None), entry.name)
     calib, heldout = entry.calibration(0), entry.heldout(0)
+    # Each held-out crop's photo; a zoo set without photos has independent samples: each its own "photo".
+    photos = entry.heldout_photos(0) if entry.heldout_photos else np.arange(len(heldout))
+    crops_of = f"crops of {len(np.unique(photos))} photos" if entry.heldout_photos else "samples (independent)"
     log("calibrating")
     stats = calibrate(graph, calib)
     quantizers = fake_quantizers(quantize(graph, calib, QuantConfig(rounding="nearest"), stats=stats))
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     by_sensitivity = sorted(names, key=lambda n: sens.predict({n: 8}) - sens.predict({n: 4}))
     reversed_plan = fill_to_size(by_sensitivity, costs, budget, top)
 
-    evaluator = PlanEvaluator(graph, calib, heldout, QuantConfig(), stats)
+    evaluator = PlanEvaluator(graph, calib, heldout, QuantConfig(), stats, photos)
     rows = []
     contenders = [("uniform INT8 (reference, larger)", top), ("INT8, largest layers INT4 until it fits", largest_first),
                   ("ILP (exact per-group terms)", ilp_plan), ("ILP + cross-term refinement", refined_plan),
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"measuring {label}")
         m = evaluator.measure(plan)
         rows.append((label, plan, m))
-        log(f"{label}: {100 * m['top1_agreement']:.1f}%")
+        log(f"{label}: {agreement_cell(m)}")
     tried: list[FrontierPoint] = []
     if args.bisect_steps > 0:
         log(f"bisecting for the smallest plan within a {100 * args.max_drop:.1f}% drop")
@@ -135,7 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         problem_all = build_problem(graph, sens, costs, [4, 8], {"size": costs.total("size", top)})
         chosen, tried = bisect_max_drop(problem_all, sens, costs, evaluator, "size", args.max_drop, baseline,
                                         steps=args.bisect_steps, echo=log)
-    random_mean = float(np.mean([m["top1_agreement"] for label, _, m in rows if label.startswith("random")]))
+    # Per crop, the share of random plans that agree with FP32: its mean is their mean agreement, its bootstrap
+    # over photos the interval of that mean.
+    random_agrees = np.mean([evaluator.agrees(p) for p in random_plans], axis=0)
+    random_mean = float(np.mean(random_agrees))
+    random_interval = bootstrap_interval(random_agrees, photos)
+    differences = [
+        ("ILP − INT8 with the largest layers INT4", evaluator.agrees(ilp_plan), evaluator.agrees(largest_first)),
+        (f"ILP − mean of {args.random_plans} random plans", evaluator.agrees(ilp_plan), random_agrees),
+        ("ILP + cross-term refinement − ILP", evaluator.agrees(refined_plan), evaluator.agrees(ilp_plan)),
+    ]
 
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -144,16 +164,20 @@ def main(argv: list[str] | None = None) -> int:
         pass
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Benchmarks: MobileNetV2 sensitivity and mixed-precision search", "",
+        f"# Benchmarks: {'MobileNetV2' if entry.name == 'mobilenet_v2' else entry.name} sensitivity and "
+        "mixed-precision search", "",
         "Generated by `benchmarks/bench_search.py`; do not edit by hand.", "",
         f"- Command: `{command}`",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; 1-minute load average "
         f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (other jobs included)",
         f"- Versions: lowbit {lowbit.__version__} (git {git}), torch {torch.__version__}",
-        f"- Data: `zoo:mobilenet_v2` seed 0; sensitivity on {sens.samples} calibration crops; plans measured on "
-        f"{len(heldout)} held-out crops (top-1 agreement with FP32, fake-quant executor, each plan quantized as "
-        "`lowbit quantize` does: GPTQ weights, 8-bit activations)", "",
+        f"- Data: `zoo:{entry.name}` seed 0; sensitivity on {sens.samples} calibration crops; plans measured on "
+        f"{len(heldout)} held-out {crops_of} (top-1 agreement with FP32, fake-quant "
+        "executor, each plan quantized as `lowbit quantize` does: GPTQ weights, 8-bit activations)",
+        "- Agreement: [low, high] is a bootstrap 95% interval that resamples photos (crops of one photo are "
+        "correlated; 2000 resamples, seed 0); differences between plans are paired (same crops, same resamples). "
+        f"Confident inputs: FP32 top-1/top-2 logit gap above {CONFIDENT_GAP}.", "",
         "## Sensitivity time", "",
         "| step | time |", "|---|---:|",
         f"| Hutchinson traces (top-8 classes exact, then {sens.trace_draws} draws; 95% half-width median "
@@ -170,33 +194,56 @@ def main(argv: list[str] | None = None) -> int:
         f"| HAWQ-V3 trace estimate, ½ Σ Tr(H_i)/n_i ‖ΔW_i‖² | {rho['trace']:.3f} |", "",
         f"## Equal size: ILP vs other plans (budget {budget / 1e6:.3f} MB of weights, {args.size:.2f}× uniform "
         "INT8; every plan but the reference fits it)", "",
-        "| plan | INT4 layers | weight size | top-1 agreement | SQNR |", "|---|---:|---:|---:|---:|",
+        f"| plan | INT4 layers | weight size | top-1 agreement ({rows[0][2]['agreement']['top1']['samples']} crops) "
+        f"| confident inputs ({rows[0][2]['agreement']['confident']['samples']} crops) | SQNR |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, plan, m in rows:
         lines.append(f"| {label} | {sum(b == 4 for b in plan.values())} | {costs.total('size', plan) / 1e6:.3f} MB | "
-                     f"{100 * m['top1_agreement']:.1f}% | {m['sqnr_db']:.1f} dB |")
-    lines += [f"| mean of {args.random_plans} random plans | | | {100 * random_mean:.1f}% | |", "",
-              f"ILP solve time: {1000 * ilp_seconds:.0f} ms ({len(problem.groups)} choices).", ""]
+                     f"{agreement_cell(m)} | {agreement_cell(m, 'confident')} | {m['sqnr_db']:.1f} dB |")
+    lines += [f"| mean of {args.random_plans} random plans | | | {100 * random_mean:.1f}% "
+              f"[{100 * random_interval.low:.1f}, {100 * random_interval.high:.1f}] | | |", "",
+              "Paired differences of top-1 agreement (points, bootstrap 95% interval over photos):", ""]
+    lines += [f"- {label}: {fmt_difference(a, b, photos)}" for label, a, b in differences]
+    lines += ["", f"ILP solve time: {1000 * ilp_seconds:.0f} ms ({len(problem.groups)} choices).", ""]
     if tried:
-        lines += bisection_lines(tried, chosen, rows[0][2]["top1_agreement"], args.max_drop, costs.total("size", top))
+        lines += bisection_lines(tried, chosen, rows[0][2]["top1_agreement"], args.max_drop, costs.total("size", top),
+                                 lambda p: evaluator.agreement_drop(top, p.plan))
     write_section(args.out, "search", "\n".join(lines))
     log(f"wrote {args.out}")
     return 0
 
 
+def agreement_cell(measured: dict, which: str = "top1") -> str:
+    """'84.9% [79.2, 90.1] (163/192)' from a measured plan; `which`: "top1" or "confident"."""
+    a = Agreement.from_json(measured["agreement"][which])
+    return f"{a.short()} ({a.agree}/{a.samples})"
+
+
+def fmt_difference(a: np.ndarray, b: np.ndarray, photos: np.ndarray) -> str:
+    """Mean of per-crop `a` minus mean of `b`, in points, with a paired bootstrap interval over photos."""
+    diff, interval = paired_difference(a, b, photos)
+    return f"{100 * diff:+.1f} [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]"
+
+
 def bisection_lines(tried: list[FrontierPoint], chosen: FrontierPoint, base: float, max_drop: float,
-                    uniform_size: float) -> list[str]:
+                    uniform_size: float, drop_of: Callable[[FrontierPoint], dict[str, float]]) -> list[str]:
+    """The bisection table; `drop_of(point)`: its paired drop from uniform INT8, with the interval."""
     lines = [f"## Bisection: smallest plan within a {100 * max_drop:.1f}% agreement drop from uniform INT8", "",
-             "| step | size budget | INT4 layers | top-1 agreement | drop | within band |",
-             "|---|---:|---:|---:|---:|---|"]
+             "The band is applied to the measured drop; its paired bootstrap 95% interval shows how sure that is.", "",
+             "| step | size budget | INT4 layers | top-1 agreement | confident inputs | drop (points) | within band |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for i, p in enumerate(tried):
         drop = base - p.measured["top1_agreement"]
+        d = drop_of(p)
         lines.append(f"| {i + 1}{' (chosen)' if p is chosen else ''} | {p.budget['size'] / 1e6:.3f} MB | "
-                     f"{p.bit_counts.get(4, 0)} | {100 * p.measured['top1_agreement']:.1f}% | {100 * drop:+.1f}% | "
-                     f"{'yes' if drop <= max_drop + 1e-12 else 'no'} |")
-    chosen_drop = base - chosen.measured["top1_agreement"]
+                     f"{p.bit_counts.get(4, 0)} | {agreement_cell(p.measured)} | "
+                     f"{agreement_cell(p.measured, 'confident')} | {100 * drop:+.1f} [{100 * d['low']:+.1f}, "
+                     f"{100 * d['high']:+.1f}] | {'yes' if drop <= max_drop + 1e-12 else 'no'} |")
+    chosen_drop = drop_of(chosen)
     lines += ["", f"Chosen: {chosen.costs['size'] / 1e6:.3f} MB ({chosen.costs['size'] / uniform_size:.2f}× uniform "
-              f"INT8), measured drop {100 * chosen_drop:+.1f}%.", ""]
+              f"INT8), measured drop {100 * chosen_drop['value']:+.1f} points [{100 * chosen_drop['low']:+.1f}, "
+              f"{100 * chosen_drop['high']:+.1f}].", ""]
     return lines
 
 

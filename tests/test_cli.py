@@ -106,6 +106,17 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     assert {"top1_agreement", "mean_kl", "sqnr_db"} <= set(fidelity)
     assert fidelity["samples"] == 64 and report["calibration"]["samples"] == 64
     assert fidelity["top1_agreement"] >= 0.8 and fidelity["sqnr_db"] > 10 and fidelity["mean_kl"] >= 0
+    # Agreement with its bootstrap interval; small_cnn's noise inputs come from no photos: resampled as independent.
+    top1, confident = fidelity["agreement"]["top1"], fidelity["agreement"]["confident"]
+    assert top1["agree"] == round(64 * fidelity["top1_agreement"]) and top1["samples"] == 64
+    assert top1["low"] <= fidelity["top1_agreement"] <= top1["high"] and top1["high"] - top1["low"] > 0.01
+    assert top1["photos"] is None and report["heldout"]["photos"] is None
+    assert confident["gap"] == 1.0 and 0 < confident["samples"] < 64 and confident["agree"] <= confident["samples"]
+    markdown = (out / "report.md").read_text()
+    low, high = 100 * top1["low"], 100 * top1["high"]
+    assert (f"| top-1 agreement FP32 vs INT8 | {100 * fidelity['top1_agreement']:.1f}% [{low:.1f}, {high:.1f}] "
+            f"({top1['agree']}/64 samples, grouping unknown) |") in markdown
+    assert "| … on confident inputs (FP32 gap > 1.0) |" in markdown
     # Every backend gives the reference's integers on held-out, random and saturating inputs.
     int_check = report["onnxruntime"]["model.int.onnx"]
     assert int_check["bit_exact"] and int_check["first_difference"] is None
@@ -131,6 +142,28 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     assert dims[0].dim_param == "N"
     for stage in ("load:", "capture:", "quantize:", "export:", "evaluate:"):
         assert stage in result.stderr
+
+
+def test_labelled_scores_carry_intervals(artifact: tuple[Path, Result]) -> None:
+    from lowbit.models.loading import load_program
+    from lowbit.pipeline.report import labelled_scores, reference_outputs
+    from lowbit.quantizer.capture import capture
+
+    out, _ = artifact
+    qgraph = QuantizedGraph.load(out / "ir")
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    x = get_zoo_entry("small_cnn").heldout(0)[:24]
+    # Labels that INT8 always gets right: FP32's accuracy is then its agreement with INT8, and INT8 - FP32 >= 0.
+    labels = reference_outputs(qgraph, x)[qgraph.outputs[0]].argmax(1)
+    labels[:3] = (labels[:3] + 1) % 10  # ... except three that both miss
+    scores = labelled_scores(graph, qgraph, x, labels, "test")
+    assert scores["top1_int8"] == pytest.approx(21 / 24)
+    for model in ("fp32", "int8"):
+        low, high = scores[f"top1_{model}_interval"]
+        assert low <= scores[f"top1_{model}"] <= high
+    difference = scores["int8_minus_fp32"]
+    assert difference["value"] == pytest.approx(scores["top1_int8"] - scores["top1_fp32"])
+    assert 0 <= difference["low"] <= difference["value"] <= difference["high"]
 
 
 def test_existing_output_needs_force(artifact: tuple[Path, Result]) -> None:
@@ -504,10 +537,27 @@ def test_array_files(tmp_path: Path) -> None:
         load_inputs(tmp_path, None, "calibration")
 
 
+def test_image_folder_samples_are_their_own_photos_and_arrays_say_nothing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 10, 10)).save(tmp_path / f"{i}.png")
+    folder = load_inputs(tmp_path, get_zoo_entry("small_cnn").preprocess, "calibration")
+    assert folder.photos.tolist() == [0, 1, 2] and folder.describe_photos() == "3 photos"
+    np.save(tmp_path / "x.npy", folder.x)
+    array = load_inputs(tmp_path / "x.npy", None, "calibration")
+    assert array.photos is None and "treated as independent" in array.describe_photos()
+
+
 def test_heldout_split_and_overlap() -> None:
     data = Inputs(np.arange(10 * 3, dtype=np.float32).reshape(10, 3, 1, 1), "d.npy")
     calib, held = split_heldout(data)
     assert (len(calib), len(held)) == (8, 2)
+    assert calib.photos is None and held.photos is None  # an array does not say which photo a sample is from
+    calib, held = split_heldout(Inputs(data.x, "folder", np.arange(10)))
+    assert calib.photos.tolist() == list(range(8)) and held.photos.tolist() == [8, 9]
+    with pytest.raises(ValueError, match="photo ids for 10 samples"):
+        Inputs(data.x, "bad", np.arange(3))
     check_disjoint(calib, held)
     with pytest.raises(LowbitError, match="also appear in the calibration data"):
         check_disjoint(data, held)

@@ -19,13 +19,14 @@ import torch
 from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, export_integer
 from lowbit.ir import Op, QuantizedGraph, Value
 from lowbit.ir.dtypes import qrange
-from lowbit.ir.dyadic import dyadic
+from lowbit.ir.dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
 from lowbit.ir.ops import OPS, primitives
+from lowbit.ir.ops._layer import int16_acc_bound, int16_output_shift
 from lowbit.ir.weights import weight_range
 from lowbit.quantizer.reference import run_reference
 
 Case = Callable[[np.random.Generator, str], QuantizedGraph]
-DTYPES = ("int8", "uint8")
+DTYPES = ("int8", "uint8", "int16")
 
 
 def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, attrs: dict,
@@ -45,13 +46,33 @@ def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, a
     return QuantizedGraph(values, ops, list(inputs), ["y"], f"conformance_{name}")
 
 
-def _requant(rng: np.random.Generator, n: int, lo: float = 1e-3, hi: float = 0.5) -> dict[str, np.ndarray]:
-    mantissa, shift = dyadic(rng.uniform(lo, hi, n))
+def _requant(rng: np.random.Generator, n: int, lo: float = 1e-3, hi: float = 0.5,
+             mantissa_bits: int = MANTISSA_BITS) -> dict[str, np.ndarray]:
+    mantissa, shift = dyadic(rng.uniform(lo, hi, n), mantissa_bits)
     return {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)}
 
 
 def _other(dtype: str) -> str:
     return "uint8" if dtype == "int8" else "int8"
+
+
+def _layer_requant(rng: np.random.Generator, dtype: str, weight_shape: tuple[int, ...], lo: float,
+                   hi: float) -> dict[str, np.ndarray]:
+    """A layer's requantizer; an int16 input gets the shorter mantissa its wider accumulator needs."""
+    bits = mantissa_bits_for(int16_acc_bound(int(np.prod(weight_shape[1:])))) if dtype == "int16" else MANTISSA_BITS
+    return _requant(rng, weight_shape[0], lo, hi, bits)
+
+
+def _int32_output(dtype: str, weight_shape: tuple[int, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+    """A graph-output layer's (attrs, arrays): none for the raw int32 accumulator of an 8-bit input; for int16,
+    the rounding acc / 2^s into int32 that lowering gives it (its accumulator may pass 2^31)."""
+    if dtype != "int16":
+        return {}, {}
+    k = int(np.prod(weight_shape[1:]))
+    mantissa, shift = dyadic(np.full(weight_shape[0], 2.0**-int16_output_shift(k)),
+                             mantissa_bits_for(int16_acc_bound(k)))
+    lo, hi = qrange("int32")
+    return {"qmin": lo, "qmax": hi}, {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32)}
 
 
 def _layer_arrays(rng: np.random.Generator, weight_shape: tuple[int, ...], bits: int) -> dict[str, np.ndarray]:
@@ -65,20 +86,27 @@ def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool 
              "weight_scale": [1.0] * 8, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (8, 5, 3, 3), bits)
     if not requantize:
-        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", attrs, arrays, (1, 8, 5, 4), "int32", 1)
+        more_attrs, more_arrays = _int32_output(dtype, (8, 5, 3, 3))
+        return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, **more_attrs}, {**arrays, **more_arrays},
+                      (1, 8, 5, 4), "int32", 1)
     lo, hi = qrange(dtype)
     return _graph("conv", {"x": ((1, 5, 9, 8), dtype)}, "conv", {**attrs, "qmin": lo + 3, "qmax": hi},
-                  {**arrays, **_requant(rng, 8, 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
+                  {**arrays, **_layer_requant(rng, dtype, (8, 5, 3, 3), 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
 
 
 def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
     attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (6, 20), bits)
     if not requantize:
-        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", attrs, arrays, (1, 6), "int32", 1)
+        more_attrs, more_arrays = _int32_output(dtype, (6, 20))
+        return _graph("linear", {"x": ((1, 20), dtype)}, "linear", {**attrs, **more_attrs}, {**arrays, **more_arrays},
+                      (1, 6), "int32", 1)
     lo, hi = qrange(_other(dtype))
+    # int16 in, int8 out: the scales differ by 2^8, so the multipliers are 2^8 smaller
+    scale = 2.0**-8 if dtype == "int16" else 1.0
     return _graph("linear", {"x": ((1, 20), dtype)}, "linear", {**attrs, "qmin": lo, "qmax": hi},
-                  {**arrays, **_requant(rng, 6, 1e-3, 5e-2)}, (1, 6), _other(dtype))
+                  {**arrays, **_layer_requant(rng, dtype, (6, 20), 1e-3 * scale, 5e-2 * scale)}, (1, 6),
+                  _other(dtype))
 
 
 def _add(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
@@ -124,10 +152,12 @@ def _reshape(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 
 
 def _lut(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
-    lo, hi = qrange(_other(dtype))
-    table = rng.integers(lo, hi + 1, 256).astype(np.uint8 if _other(dtype) == "uint8" else np.int8)
-    return _graph("lut", {"x": ((1, 3, 4, 5), dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
-                  (1, 3, 4, 5), _other(dtype))
+    # A table cannot read int16 (65536 entries); it can write it: int8 in, int16 out.
+    x_dtype, out_dtype = ("int8", "int16") if dtype == "int16" else (dtype, _other(dtype))
+    lo, hi = qrange(out_dtype)
+    table = rng.integers(lo, hi + 1, 256).astype(np.dtype(out_dtype))
+    return _graph("lut", {"x": ((1, 3, 4, 5), x_dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
+                  (1, 3, 4, 5), out_dtype)
 
 
 def _quantize(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
@@ -192,14 +222,15 @@ def test_op_is_bit_exact_in_every_backend(op: str, index: int, dtype: str, tmp_p
         assert got.dtype == want.dtype
 
 
-def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], portable: bool = False) -> list[np.ndarray]:
+    """The integers TVM computes, with this CPU's best layer kernels (or the portable ones)."""
     tvm = pytest.importorskip("tvm")
     from lowbit.codegen.tvm.compile import layer_kernels
     from lowbit.codegen.tvm.lower import lower
     from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
 
     target = parse_target(DEFAULT_TARGET)
-    conv2d, dense, kernels = layer_kernels(target)
+    conv2d, dense, kernels = (None, None, "portable") if portable else layer_kernels(target)
     lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
     vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
@@ -207,6 +238,95 @@ def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray]) -> list[np.n
     outs = [vm["main"](*[tvm.runtime.tensor(x[name][i:i + 1]) for name in qgraph.inputs], *params)
             for i in range(samples)]
     return [np.concatenate([o[first + j].numpy() for o in outs]) for j in range(len(lowered.integer_outputs))]
+
+
+def _exact_layer(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, padding: int) -> np.ndarray:
+    """bias + sum x * w in Python integers (no overflow at any size): the oracle of the accumulator bound tests.
+    A conv (4-D x, stride 1, zero `padding`) or a linear layer (2-D x)."""
+    w = weight.astype(object)
+    if x.ndim == 2:
+        return x.astype(object) @ w.T + bias.astype(object)
+    xp = np.pad(x.astype(object), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    kh, kw = weight.shape[2:]
+    oh, ow = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    acc = np.zeros((x.shape[0], weight.shape[0], oh, ow), dtype=object)
+    for i in range(kh):
+        for j in range(kw):
+            acc += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j])
+    return acc + bias.astype(object).reshape(1, -1, 1, 1)
+
+
+def _exact_requantize(acc: np.ndarray, mantissa: np.ndarray, shift: np.ndarray, axis: int, lo: int,
+                      hi: int) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    m, c = mantissa.astype(object).reshape(shape), shift.astype(object).reshape(shape)
+    return np.clip((acc * m + ((1 << c) >> 1)) >> c, lo, hi).astype(np.int64)
+
+
+def _edge_layer(op: str, requantize: bool) -> tuple[QuantizedGraph, dict[str, np.ndarray], np.ndarray]:
+    """A layer with int16 inputs at the edge of the accumulator bound: K past 515 (K = 1280 linear, 64 x 3 x 3 conv),
+    channels of all +127 and all -127 weights with int32-extreme biases against them, and inputs at +-2^15, so
+    |acc| reaches K * 127 * 2^15 + 2^31 ~ 2^32.8; the requantizer's mantissas are as long as the bound allows."""
+    rng = np.random.default_rng(16)
+    weight_shape = (4, 1280) if op == "linear" else (4, 64, 3, 3)
+    weight = rng.integers(-127, 128, weight_shape).astype(np.int8)
+    weight[0], weight[1] = 127, -127
+    bias = np.array([-(2**31), 2**31 - 1, 2**31 - 1, -(2**31)], np.int32)
+    k = int(np.prod(weight_shape[1:]))
+    attrs = {"weight_bits": 8, "weight_scale": [1.0] * 4, "input_scale": 1.0}
+    if op == "conv":
+        attrs.update(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    in_shape, out_shape = ((1, 1280), (1, 4)) if op == "linear" else ((1, 64, 4, 4), (1, 4, 4, 4))
+    arrays = {"weight": weight, "bias": bias}
+    bound = int16_acc_bound(k)
+    lo, hi = qrange("int16" if requantize else "int32")
+    if requantize:
+        arrays.update(_requant(rng, 4, 20000 / bound, 32000 / bound, mantissa_bits_for(bound)))
+        attrs.update(qmin=lo, qmax=hi)
+    else:  # a graph output: rounded into int32, as lowering does
+        more_attrs, more_arrays = _int32_output("int16", weight_shape)
+        attrs.update(more_attrs)
+        arrays.update(more_arrays)
+    qgraph = _graph(f"{op}_edge", {"x": (in_shape, "int16")}, op, attrs, arrays, out_shape,
+                    "int16" if requantize else "int32", None if requantize else 1)
+    x = rng.integers(-32768, 32768, (6, *in_shape[1:])).astype(np.float32)
+    x[0], x[1], x[2] = -32768, 32767, 1e9  # saturating: the quantize clips it to 32767
+    x[3] = np.where(rng.random(in_shape[1:]) < 0.5, -32768, 32767)
+    acc = _exact_layer(np.clip(x, -32768, 32767).astype(np.int64), weight, bias, 1)
+    assert max(abs(int(v)) for v in acc.ravel()) > 2**32, "the case must pass int32's range"
+    return qgraph, {"x": x}, _exact_requantize(acc, arrays["multiplier"], arrays["shift"], 1, lo, hi)
+
+
+@pytest.mark.parametrize("requantize", [True, False], ids=["requantized", "int32-output"])
+@pytest.mark.parametrize("op", ["conv", "linear"])
+def test_int16_accumulators_past_int32_are_exact_in_every_backend(op: str, requantize: bool, tmp_path: Path) -> None:
+    """The bound of `lowbit.ir.ops._layer` at its edge: every executor equals the exact integers where an int32
+    accumulator would wrap (checked: the portable TVM kernels accumulating in int32 fail all four cases). TVM runs
+    with this CPU's best kernels (bytes of the input on x86) and with the portable ones (int16 directly)."""
+    qgraph, x, exact = _edge_layer(op, requantize)
+    reference = run_reference(qgraph, x, integer_outputs=True)["y_q"]
+    np.testing.assert_array_equal(reference, exact, err_msg="reference executor")
+    np.testing.assert_array_equal(_ort_integers(qgraph, x, tmp_path / "m.int.onnx")[0], exact,
+                                  err_msg="model.int.onnx in ONNX Runtime")
+    np.testing.assert_array_equal(_tvm_integers(qgraph, x)[0], exact, err_msg="TVM")
+    np.testing.assert_array_equal(_tvm_integers(qgraph, x, portable=True)[0], exact, err_msg="TVM, portable")
+
+
+def test_int16_layers_refuse_mantissas_longer_than_their_bound_allows() -> None:
+    from lowbit.errors import LowbitError
+
+    for k in (45, 515, 516, 1280, 4096):
+        bound = int16_acc_bound(k)
+        bits = mantissa_bits_for(bound)
+        assert bound * ((1 << bits) - 1) < 2**61  # no int64 overflow, and room for the rounding term
+        assert bits == MANTISSA_BITS or bound * (1 << bits) >= 2**60  # and not needlessly short
+    assert int16_acc_bound(515) < 2**32 <= int16_acc_bound(1280)
+    qgraph, _, _ = _edge_layer("linear", True)
+    qgraph.validate("edge")
+    qgraph.op("op").arrays["multiplier"][0] = (1 << MANTISSA_BITS) - 1  # one bit too long for K = 1280
+    with pytest.raises(LowbitError, match="op op .linear. has an invalid requantizer.*mantissas below 2"):
+        qgraph.validate("edge")
 
 
 class _Activations(torch.nn.Module):

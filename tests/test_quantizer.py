@@ -89,6 +89,20 @@ def test_unsupported_ops_are_all_listed_at_once() -> None:
     assert "up (ConvTranspose2d)" in message
 
 
+def test_an_op_that_reads_an_unsupported_one_is_not_run_on_nothing() -> None:
+    class AddsAConstant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x) + 1.0)  # a tensor plus a number: not an activation add
+
+    ep = torch.export.export(AddsAConstant().eval(), (torch.zeros(1, 8),))
+    with pytest.raises(UnsupportedOpsError, match="argument 'other' must be an activation tensor"):
+        capture(ep)
+
+
 def test_graph_round_trips(graph: Graph, tmp_path) -> None:
     graph.save(tmp_path)
     loaded = Graph.load(tmp_path)

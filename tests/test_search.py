@@ -221,6 +221,18 @@ def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
     largest_within_cap = max(p["costs"]["size"] for p in frontier["points"] if p["costs"]["size"] <= budget + 1e-6)
     assert cheapest["costs"]["size"] < plan["costs"]["size"] < largest_within_cap
     assert (search_dir / "frontier.png").exists()
+    # Every plan's agreement carries its interval; drops are paired with the uniform plan, whose own drop is 0.
+    for p in frontier["points"]:
+        top1 = p["measured"]["agreement"]["top1"]
+        assert top1["low"] <= p["measured"]["top1_agreement"] <= top1["high"] and top1["samples"] == 64
+        drop = p["drop_vs_baseline"]
+        assert drop["value"] == pytest.approx(baseline - p["measured"]["top1_agreement"])
+        assert drop["low"] <= drop["value"] <= drop["high"]
+        if set(p["plan"].values()) == {8}:
+            assert (drop["value"], drop["low"], drop["high"]) == (0.0, 0.0, 0.0)
+    assert frontier["heldout"]["samples"] == 64
+    report_md = (search_dir / "report.md").read_text()
+    assert "| top-1 agreement | confident inputs | drop vs uniform (points) |" in report_md
 
     r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "-o", out)
     assert r.exit_code == 0, r.output

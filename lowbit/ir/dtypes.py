@@ -57,8 +57,16 @@ def qrange(name: str) -> tuple[int, int]:
 
 
 def activation_dtype(bits: int, unsigned: bool) -> str:
-    """The IR dtype of a `bits`-bit activation: uint8/int8 for 8 bits, int16 for 16."""
-    name = {(8, True): "uint8", (8, False): "int8", (16, False): "int16"}.get((bits, unsigned))
+    """The IR dtype of a `bits`-bit activation: uint8/int8 for 8 bits, int16 for 16.
+
+    16-bit activations are always signed int16, whatever the tensor's sign: a non-negative tensor loses one bit
+    of its 16 (still 128 times finer than uint8), and every backend needs one form only. ONNX Runtime's
+    integer kernels take 8-bit inputs, so `model.int.onnx` splits x = 256 * h + l with h = x >> 8 (int8) and
+    l = x & 255 (uint8); TVM takes int16 directly. Neither needs uint16, so there is none.
+    """
+    if bits == 16:
+        return "int16"
+    name = {(8, True): "uint8", (8, False): "int8"}.get((bits, unsigned))
     if name is None:
         raise ValueError(f"no {'unsigned' if unsigned else 'signed'} {bits}-bit activation type")
     return name

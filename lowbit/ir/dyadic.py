@@ -10,6 +10,11 @@ computed in int64, with `>>` an arithmetic (flooring) shift. So the result is
 acc * M rounded to nearest, ties rounded up (towards +inf), then saturated.
 |acc| < 2^31 and b < 2^30 keep |acc * b| < 2^61: no int64 overflow.
 
+An accumulator that can reach 2^31 or beyond (a layer reading int16 activations:
+see `lowbit.ir.ops._layer.int16_acc_bound`) gets a shorter mantissa,
+b < 2^mantissa_bits_for(A) <= 2^61 / A for its bound A, so |acc * b| < 2^61 holds
+for every |acc| <= A: the same invariant, and so the same exactness, everywhere.
+
 Every backend (reference executor, integer ONNX, TVM) implements exactly these
 rules; this module is the one place they are written down.
 """
@@ -22,8 +27,17 @@ MANTISSA_BITS = 30
 MAX_SHIFT = 62
 
 
-def dyadic(multiplier: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-    """Mantissas b (int64) and shifts c (int64) with b / 2^c closest to `multiplier` (elementwise)."""
+def mantissa_bits_for(acc_bound: int) -> int:
+    """The most mantissa bits (at most MANTISSA_BITS) that keep |acc * b| < 2^61 for every |acc| <= acc_bound:
+    b < 2^n and acc_bound < 2^(61 - n) (the bit length of acc_bound is at most 61 - n)."""
+    n = min(MANTISSA_BITS, 61 - int(acc_bound).bit_length())
+    if n < 8:
+        raise ValueError(f"accumulator bound {acc_bound} leaves under 8 mantissa bits for requantization")
+    return n
+
+
+def dyadic(multiplier: np.ndarray | float, mantissa_bits: int = MANTISSA_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Mantissas b < 2^mantissa_bits (int64) and shifts c (int64) with b / 2^c closest to `multiplier`."""
     m = np.atleast_1d(np.asarray(multiplier, dtype=np.float64))
     if not np.all(np.isfinite(m)) or np.any(m < 0):
         raise ValueError(f"requantization multipliers must be finite and non-negative, got {m}")
@@ -32,13 +46,13 @@ def dyadic(multiplier: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     nz = m > 0
     if np.any(nz):
         exponent = np.floor(np.log2(m[nz])).astype(np.int64)
-        shift = (MANTISSA_BITS - 1) - exponent
+        shift = (mantissa_bits - 1) - exponent
         if np.any(shift < 0):
             raise ValueError(f"requantization multiplier too large for a dyadic number: {m.max()}")
         shift = np.minimum(shift, MAX_SHIFT)
         mant = np.round(m[nz] * np.exp2(shift.astype(np.float64))).astype(np.int64)
         # Rounding can carry into one more bit: renormalize.
-        carry = mant >= (1 << MANTISSA_BITS)
+        carry = mant >= (1 << mantissa_bits)
         mant[carry] >>= 1
         shift[carry] -= 1
         b[nz], c[nz] = mant, shift

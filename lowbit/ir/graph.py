@@ -90,6 +90,16 @@ class QuantizedGraph:
     def bit_plan(self) -> dict[str, int]:
         return {o.name: int(o.attrs["weight_bits"]) for o in self.layers}
 
+    def wide_activations(self) -> dict[str, int]:
+        """Float tensor name -> activation bits, for the tensors given a grid wider than 8 bits (int16), as the
+        plan names them: not those that only inherit one (a pad or reshape of such a tensor)."""
+        wide = {}
+        for name, value in self.float_to_int.items():
+            producer = self.producer(value)
+            if self.values[value].dtype == "int16" and not (producer and OPS[producer.op].scale_preserving):
+                wide[name] = 16
+        return wide
+
     def weight_bytes(self) -> int:
         """Stored weight bytes (as each layer's weight format counts them) plus 4 bytes per int32 bias."""
         return int(sum(weights_of(o).nbytes for o in self.layers))

@@ -1,4 +1,4 @@
-"""Built-in models and the real-image data used to calibrate and evaluate them."""
+"""Built-in models and the real data (photos, MNIST digits) used to calibrate and evaluate them."""
 
 from lowbit.models.images import (
     IMAGENET_MEAN,
@@ -12,6 +12,8 @@ from lowbit.models.images import (
     natural_image_sources,
     random_crops,
 )
+from lowbit.models.mnist import mnist_preprocess, mnist_splits
+from lowbit.models.mnist_resnet import MnistResNet, mnist_resnet
 from lowbit.models.mobilenet_v2 import (
     MobileNetV2,
     mobilenet_v2,
@@ -25,6 +27,7 @@ __all__ = [
     "IMAGENET_STD",
     "ZOO_PREFIX",
     "ImageSplit",
+    "MnistResNet",
     "MobileNetV2",
     "SmallCNN",
     "ZooEntry",
@@ -34,6 +37,9 @@ __all__ = [
     "get_zoo_entry",
     "imagenet_preprocess",
     "load_image_folder",
+    "mnist_preprocess",
+    "mnist_resnet",
+    "mnist_splits",
     "mobilenet_v2",
     "natural_image_sources",
     "pretrained_weights_path",

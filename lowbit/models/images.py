@@ -184,12 +184,23 @@ def random_crops(
 
 @dataclass(frozen=True)
 class ImageSplit:
-    """Calibration and held-out crops drawn from disjoint sets of source images."""
+    """Calibration and held-out crops drawn from disjoint sets of source images.
+
+    ``calib_photos[i]`` is the index in ``calib_sources`` of the photo crop ``i`` was cut from (likewise for
+    the held-out set): crops of one photo are correlated, so agreement intervals resample photos.
+    """
 
     calib: np.ndarray
     heldout: np.ndarray
     calib_sources: list[str]
     heldout_sources: list[str]
+    calib_photos: np.ndarray
+    heldout_photos: np.ndarray
+
+
+def _round_robin_order(counts: Sequence[int]) -> np.ndarray:
+    """Source index of each crop when ``counts[i]`` crops of source ``i`` are interleaved by source."""
+    return np.array([i for j in range(max(counts)) for i, k in enumerate(counts) if j < k], dtype=np.int64)
 
 
 def _crops_round_robin(
@@ -197,16 +208,19 @@ def _crops_round_robin(
     n: int,
     rng: np.random.Generator,
     size: int,
-) -> np.ndarray:
-    """``n`` crops spread as evenly as possible over ``sources``, interleaved by source."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` crops spread as evenly as possible over ``sources``, interleaved by source, and each one's source."""
     counts = [n // len(sources) + (i < n % len(sources)) for i in range(len(sources))]
     per_source = [
         random_crops(img, k, rng, size) for (_, img), k in zip(sources, counts, strict=True)
     ]
-    ordered = [
-        crops[j] for j in range(max(counts)) for crops in per_source if j < len(crops)
-    ]
-    return np.stack(ordered).astype(np.float32, copy=False)
+    order = _round_robin_order(counts)
+    taken = [0] * len(sources)
+    ordered = []
+    for i in order:
+        ordered.append(per_source[i][taken[i]])
+        taken[i] += 1
+    return np.stack(ordered).astype(np.float32, copy=False), order
 
 
 def split_sources(
@@ -236,16 +250,13 @@ def calibration_and_heldout(
     calib_names, heldout_names = split_sources(list(sources), seed)
     calib_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     heldout_rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
-    return ImageSplit(
-        calib=_crops_round_robin(
-            [(k, sources[k]) for k in calib_names], n_calib, calib_rng, size
-        ),
-        heldout=_crops_round_robin(
-            [(k, sources[k]) for k in heldout_names], n_heldout, heldout_rng, size
-        ),
-        calib_sources=calib_names,
-        heldout_sources=heldout_names,
+    calib, calib_photos = _crops_round_robin(
+        [(k, sources[k]) for k in calib_names], n_calib, calib_rng, size
     )
+    heldout, heldout_photos = _crops_round_robin(
+        [(k, sources[k]) for k in heldout_names], n_heldout, heldout_rng, size
+    )
+    return ImageSplit(calib, heldout, calib_names, heldout_names, calib_photos, heldout_photos)
 
 
 def _foolbox_imagenet_files() -> list[tuple[int, int, Path]]:
@@ -265,12 +276,18 @@ def _foolbox_imagenet_files() -> list[tuple[int, int, Path]]:
     return sorted(entries)
 
 
-def foolbox_imagenet_crops(per_image: int = 10, seed: int = 0, size: int = 224) -> np.ndarray:
+def foolbox_imagenet_crops(per_image: int = 10, seed: int = 0, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     """``per_image`` random-resized crops of each of foolbox's 20 ImageNet photos: in-domain
-    evaluation inputs, disjoint from the calibration photos. Float32 (20 * per_image, 3, size, size)."""
+    evaluation inputs, disjoint from the calibration photos.
+
+    Returns ``(x, photos)``: float32 (20 * per_image, 3, size, size), and each crop's photo (0-19, in the order
+    of ``foolbox_imagenet_samples``).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
-    crops = [c for _, _, path in _foolbox_imagenet_files() for c in random_crops(_open_rgb(path), per_image, rng, size)]
-    return np.stack(crops).astype(np.float32, copy=False)
+    files = _foolbox_imagenet_files()
+    crops = [c for _, _, path in files for c in random_crops(_open_rgb(path), per_image, rng, size)]
+    photos = np.repeat(np.arange(len(files)), per_image)
+    return np.stack(crops).astype(np.float32, copy=False), photos
 
 
 def foolbox_imagenet_samples() -> tuple[np.ndarray, np.ndarray]:

@@ -25,13 +25,34 @@ Preprocess = Callable[[Image.Image], np.ndarray]
 
 @dataclass(frozen=True)
 class Inputs:
-    """A batch of preprocessed float32 model inputs (N, C, H, W) and where it came from."""
+    """A batch of preprocessed float32 model inputs (N, C, H, W) and where it came from.
+
+    `photos` says which source photo each sample was cut from (crops of one photo are correlated, so agreement
+    intervals resample photos); None when unknown, as for a .npy/.npz, whose samples are then treated as
+    independent.
+    """
 
     x: np.ndarray
     source: str
+    photos: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.photos is not None and np.shape(self.photos) != (len(self.x),):
+            raise ValueError(f"{self.source}: {np.shape(self.photos)} photo ids for {len(self.x)} samples")
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def select(self, part: slice, source: str) -> Inputs:
+        """Some of the samples, with their photo ids."""
+        return Inputs(self.x[part], source, None if self.photos is None else self.photos[part])
+
+    def describe_photos(self) -> str:
+        """'13 photos' or 'photos unknown: samples treated as independent', for the report."""
+        if self.photos is None:
+            return "photos unknown: samples treated as independent"
+        n = len(np.unique(self.photos))
+        return f"{n} photo{'s' if n != 1 else ''}"
 
 
 def is_array_file(path: Path) -> bool:
@@ -114,7 +135,8 @@ def load_inputs(path: Path, preprocess: Preprocess | None, what: str) -> Inputs:
             x = load_image_folder(path, preprocess)
         except ValueError as e:
             raise LowbitError(str(e)) from e
-        return Inputs(validate_inputs(x, str(path)), f"{len(x)} images in {path}")
+        # One sample per file: each is its own photo.
+        return Inputs(validate_inputs(x, str(path)), f"{len(x)} images in {path}", np.arange(len(x)))
     if not path.exists():
         raise LowbitError(f"{path}: no such file or folder ({what} data is an image folder, .npy or .npz)")
     if not is_array_file(path):
@@ -144,7 +166,7 @@ def split_heldout(calib: Inputs, fraction: float = 0.2) -> tuple[Inputs, Inputs]
         raise LowbitError(f"{calib.source}: a single calibration sample cannot also provide held-out data; "
                           "give more samples or pass --eval")
     n_held = min(max(1, round(n * fraction)), n - 1)
-    keep = Inputs(calib.x[: n - n_held], f"first {n - n_held} of {n} samples of {calib.source}")
-    held = Inputs(calib.x[n - n_held:], f"last {n_held} of {n} samples of {calib.source}, split off the "
-                  "calibration data since no --eval was given")
+    keep = calib.select(slice(0, n - n_held), f"first {n - n_held} of {n} samples of {calib.source}")
+    held = calib.select(slice(n - n_held, n), f"last {n_held} of {n} samples of {calib.source}, split off the "
+                        "calibration data since no --eval was given")
     return keep, held

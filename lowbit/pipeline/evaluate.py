@@ -27,10 +27,11 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
     progress.echo("evaluate", f"INT8 reference executor on {samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: int8 reference"):
         int8 = reports.reference_outputs(qgraph, heldout.x)
-    per_output = {o: output_fidelity(fp32[o], int8[o]) for o in graph.outputs}
+    per_output = {o: output_fidelity(fp32[o], int8[o], heldout.photos) for o in graph.outputs}
     fidelity = {"output": graph.outputs[0], **per_output[graph.outputs[0]], "per_output": per_output}
     t = progress.timings
-    progress.echo("evaluate", f"top-1 agreement {reports.fmt_pct(fidelity['top1_agreement'])}, output SQNR "
+    agreement = reports.fmt_agreement(fidelity)
+    progress.echo("evaluate", f"{'top-1 agreement ' + agreement + ', ' if agreement else ''}output SQNR "
                               f"{reports.fmt_db(fidelity['sqnr_db'])} (FP32 {t['evaluate: fp32 + per-layer']:.1f}s, "
                               f"reference {t['evaluate: int8 reference']:.1f}s)")
 
@@ -53,8 +54,9 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
         "model": {"spec": prepared.source.model, **graph.summary()},
         "config": config.to_json(),
         "bit_plan": qgraph.bit_plan(),
-        "calibration": {"method": config.calib_method, "samples": len(calib), "source": calib.source},
-        "heldout": {"samples": len(heldout), "source": heldout.source},
+        "activation_bits": qgraph.wide_activations(),
+        "calibration": {"method": config.calib_method, **reports.data_summary(calib)},
+        "heldout": reports.data_summary(heldout),
         "fidelity": fidelity,
         "labelled": labelled,
         "size": reports.model_sizes(graph, qgraph),

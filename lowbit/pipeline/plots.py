@@ -72,6 +72,11 @@ def pareto_plot(points: list[dict[str, Any]], metric: str, path: Path, title: st
     xs = [p["costs"][metric] for p in points]
     ys = [100 * p["measured"]["top1_agreement"] for p in points]
     ax.scatter(xs, ys, color="tab:blue", label="plans measured")
+    intervals = [(p["measured"].get("agreement") or {}).get("top1") for p in points]
+    if all(intervals):  # bootstrap 95% intervals as error bars
+        below = [y - 100 * t["low"] for y, t in zip(ys, intervals, strict=True)]
+        above = [100 * t["high"] - y for y, t in zip(ys, intervals, strict=True)]
+        ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor="tab:blue", alpha=0.35, capsize=2)
     order = np.argsort(xs)
     best = -np.inf
     front = []
@@ -85,7 +90,7 @@ def pareto_plot(points: list[dict[str, Any]], metric: str, path: Path, title: st
         ax.scatter([xs[i] for i in chosen], [ys[i] for i in chosen], s=160, facecolors="none", edgecolors="tab:red",
                    linewidths=2, label="chosen plan")
     ax.set_xlabel({"size": "weight size (bytes)", "bops": "BOPs", "latency": "latency (ms)"}[metric])
-    ax.set_ylabel("top-1 agreement with FP32 (%)")
+    ax.set_ylabel("top-1 agreement with FP32 (%), bootstrap 95% interval")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

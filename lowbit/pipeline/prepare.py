@@ -116,14 +116,16 @@ def load_data(source: Source, entry: ZooEntry | None, shape: tuple[int, ...] | N
     if "calibration" in loaded:
         calib = loaded["calibration"]
     elif entry is not None:
-        calib = Inputs(entry.calibration(seed), f"{ZOO_PREFIX}{entry.name} calibration set, seed {seed}")
+        calib = Inputs(entry.calibration(seed), f"{ZOO_PREFIX}{entry.name} calibration set, seed {seed}",
+                       entry.calibration_photos(seed) if entry.calibration_photos else None)
     else:
         raise LowbitError(f"{source.model}: calibration data is needed for a model outside the zoo: "
                           "pass --calib (an image folder, .npy or .npz)")
     if "held-out" in loaded:
         heldout = loaded["held-out"]
     elif entry is not None:
-        heldout = Inputs(entry.heldout(seed), f"{ZOO_PREFIX}{entry.name} held-out set, seed {seed}")
+        heldout = Inputs(entry.heldout(seed), f"{ZOO_PREFIX}{entry.name} held-out set, seed {seed}",
+                         entry.heldout_photos(seed) if entry.heldout_photos else None)
     else:
         return split_heldout(calib)
     calib_path, heldout_path = _as_path(source.calib), _as_path(source.heldout)
@@ -159,8 +161,8 @@ def prepare(source: Source, progress: Progress) -> Prepared:
 
     with progress.stage("data"):
         calib, heldout = load_data(source, entry, program_input_shape(program) if program else None)
-    progress.echo("data", f"calibration: {samples(len(calib))}, {calib.source}")
-    progress.echo("data", f"held-out: {samples(len(heldout))}, {heldout.source}")
+    progress.echo("data", f"calibration: {samples(len(calib))} ({calib.describe_photos()}), {calib.source}")
+    progress.echo("data", f"held-out: {samples(len(heldout))} ({heldout.describe_photos()}), {heldout.source}")
 
     if program is None:
         example = None if entry is not None else torch.zeros((1, *calib.x.shape[1:]))

@@ -27,6 +27,7 @@ from ..io import atomic_directory, write_json
 from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import BitPlan, QuantConfig
+from ..quantizer.recipe import Recipe, choose_recipe
 from . import checks
 from . import report as reports
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, file_hashes, sha256_file
@@ -43,6 +44,7 @@ class Artifact:
     prepared: Prepared
     qgraph: QuantizedGraph
     config: QuantConfig
+    recipe: Recipe  # what the config's `auto` parts resolved to, and the measurements behind it
     plan_file: Path | None = None  # the plan.json it was quantized with, recorded in the manifest
 
     def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
@@ -101,13 +103,27 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
             bit_plan.validate(prepared.graph)
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
+    graph, calib = prepared.graph, prepared.calib.x
+    bit_plan = bit_plan or BitPlan.uniform(graph, config.bits)
+    with progress.stage("recipe"), progress.steps_of("recipe") as log:
+        recipe = choose_recipe(graph, calib, config, bit_plan, log)
+    progress.echo("recipe", f"{recipe.describe(len(graph.layers))} ({_why(recipe)}, "
+                            f"{progress.timings['recipe']:.1f}s)")
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
-        qgraph = quantize_graph(prepared.graph, prepared.calib.x, config, bit_plan, log=log)
-    steps = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in progress.steps.items())
-    weights = reports.bits_summary(qgraph.bit_plan()) if bit_plan else f"{config.bits}-bit weights"
-    progress.echo("quantize", f"{weights}, {config.calib_method} activation ranges "
-                              f"({progress.timings['quantize']:.1f}s: {steps})")
-    return Artifact(prepared, qgraph, config, plan_file)
+        qgraph = quantize_graph(graph, calib, config, bit_plan, log=log, recipe=recipe)
+    steps = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in progress.steps.items()
+                      if not kind.startswith("choosing the recipe"))
+    weights = reports.bits_summary(qgraph.bit_plan()) if plan is not None else f"{config.bits}-bit weights"
+    progress.echo("quantize", f"{weights} ({progress.timings['quantize']:.1f}s: {steps})")
+    return Artifact(prepared, qgraph, config, recipe, plan_file)
+
+
+def _why(recipe: Recipe) -> str:
+    evidence = recipe.evidence
+    if evidence["chosen_by"] != "validation":
+        return f"chosen by {evidence['chosen_by']}"
+    return (f"chosen by {evidence['metric']} on {evidence['validation_samples']} validation samples, "
+            f"fitted on {evidence['fit_samples']}")
 
 
 def _refuse_or_note(problem: str, mismatches: list[str], options: _SaveOptions) -> None:
@@ -139,6 +155,11 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         _refuse_or_note(f"model.int.onnx has float tensors inside: {', '.join(integer_leaks)}", mismatches, options)
 
     report, reference = evaluate(prepared, qgraph, artifact.config, progress)
+    recipe = artifact.recipe
+    report["recipe"] = recipe.to_json()
+    report["calibration"]["method"] = recipe.calib_method
+    for row in report["layers"]:
+        row["rounding"] = "gptq" if row["name"] in recipe.gptq_layers else "nearest"
     inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
                                  artifact.config.seed)
     with progress.stage("check: reference"):
@@ -148,7 +169,7 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         int_check = checks.compare("ONNX Runtime", got, want, inputs)
         report["onnxruntime"] = {"model.int.onnx": int_check,
                                  "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,
-                                                                 reference)}
+                                                                 reference, photos=prepared.heldout.photos)}
     exact = int_check["bit_exact"]
     progress.echo("onnxruntime", f"model.int.onnx {'is' if exact else 'is NOT'} bit-exact with the reference on "
                                  f"{inputs.describe()} ({progress.timings['onnxruntime']:.1f}s)")
@@ -193,6 +214,7 @@ def _manifest(directory: Path, artifact: Artifact, report: dict[str, Any]) -> di
         "heldout": _data_summary(prepared.heldout),
         **_interface(qgraph),
         "bit_plan": qgraph.bit_plan(),
+        "activation_bits": qgraph.wide_activations(),
         "tvm": report.get("tvm"),
         "plan_file": None if artifact.plan_file is None else {"path": str(artifact.plan_file.resolve()),
                                                               "sha256": sha256_file(artifact.plan_file)},

@@ -18,10 +18,18 @@ import torch
 from ..errors import LowbitError
 from ..io import atomic_file, write_json
 from ..ir import QuantizedGraph
-from ..metrics import output_fidelity, sqnr_db
+from ..metrics import (
+    Agreement,
+    bootstrap_interval,
+    describe_agreement_summary,
+    output_fidelity,
+    paired_difference,
+    sqnr_db,
+)
 from ..quantizer.graph import Graph, run_graph, run_node
 from ..quantizer.reference import run_reference
 from ..quantizer.simulate import dequantized_params, fake_quantizers
+from .data import Inputs
 
 EVAL_BATCH = 32
 PER_LAYER_SAMPLES = 32  # enough for a stable per-layer SQNR; the side-by-side simulation is slow
@@ -93,22 +101,28 @@ def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: np.nda
 
 def labelled_scores(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, labels: np.ndarray,
                     source: str) -> dict[str, Any]:
-    """Top-1 accuracy of FP32 and INT8 against true labels."""
+    """Top-1 accuracy of FP32 and INT8 against true labels (one image per photo), with bootstrap 95% intervals,
+    and the interval of INT8 minus FP32 (paired: both scored on the same images)."""
     output = graph.outputs[0]
     fp32 = torch.cat([run_graph(graph, torch.from_numpy(x[i:i + EVAL_BATCH]))[output]
                       for i in range(0, len(x), EVAL_BATCH)]).numpy()
     int8 = reference_outputs(qgraph, x)[qgraph.outputs[0]]
+    correct_fp32, correct_int8 = fp32.argmax(1) == labels, int8.argmax(1) == labels
+    difference, interval = paired_difference(correct_int8, correct_fp32)
     return {
         "samples": len(labels),
         "source": source,
-        "top1_fp32": float(np.mean(fp32.argmax(1) == labels)),
-        "top1_int8": float(np.mean(int8.argmax(1) == labels)),
+        "top1_fp32": float(np.mean(correct_fp32)),
+        "top1_fp32_interval": list(bootstrap_interval(correct_fp32)[:2]),
+        "top1_int8": float(np.mean(correct_int8)),
+        "top1_int8_interval": list(bootstrap_interval(correct_int8)[:2]),
+        "int8_minus_fp32": {"value": difference, "low": interval.low, "high": interval.high},
     }
 
 
 def qdq_check(directory: Path, qgraph: QuantizedGraph, x: np.ndarray, reference: Outputs,
-              batch: int = EVAL_BATCH) -> dict[str, Any]:
-    """`model.onnx` in ONNX Runtime against the reference executor's outputs on `x`.
+              batch: int = EVAL_BATCH, photos: np.ndarray | None = None) -> dict[str, Any]:
+    """`model.onnx` in ONNX Runtime against the reference executor's outputs on `x` (`photos`: each sample's).
 
     It runs ORT's own int8 kernels on float tensors, so it is only close, not bit-exact.
     """
@@ -123,7 +137,7 @@ def qdq_check(directory: Path, qgraph: QuantizedGraph, x: np.ndarray, reference:
         "samples": len(x),
         "bit_exact": all(np.array_equal(got[o], reference[o]) for o in qgraph.outputs),
         "max_abs_diff": max(float(np.max(np.abs(got[o] - reference[o]))) for o in qgraph.outputs),
-        "vs_reference": output_fidelity(reference[first], got[first]),
+        "vs_reference": output_fidelity(reference[first], got[first], photos),
     }
 
 
@@ -152,6 +166,26 @@ def model_sizes(graph: Graph, qgraph: QuantizedGraph) -> dict[str, Any]:
     quantized = qgraph.weight_bytes()
     return {"fp32_bytes": int(fp32), "quantized_bytes": int(quantized),
             "compression": fp32 / quantized if quantized else None}
+
+
+def data_summary(inputs: Inputs) -> dict[str, Any]:
+    """Samples, distinct source photos (None: unknown) and where the data came from."""
+    photos = None if inputs.photos is None else len(np.unique(inputs.photos))
+    return {"samples": len(inputs), "photos": photos, "source": inputs.source}
+
+
+def fmt_agreement(fidelity: dict[str, Any], confident: bool = True) -> str | None:
+    """'84.9% [79.2, 90.1] (163/192 crops of 13 photos); confident inputs (gap > 1.0): ...' from an
+    `output_fidelity` record; None for outputs that are not class scores."""
+    summary = fidelity.get("agreement")
+    if summary is None:
+        return None if fidelity.get("top1_agreement") is None else fmt_pct(fidelity["top1_agreement"])
+    return describe_agreement_summary(summary) if confident else Agreement.from_json(summary["top1"]).describe()
+
+
+def fmt_interval(value: float, interval: list[float] | tuple[float, float]) -> str:
+    """'45.0% [25.0, 65.0]'."""
+    return f"{100 * value:.1f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def fmt_db(value: float | None) -> str:
@@ -185,18 +219,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("model", f"`{model['spec']}` ({model['nodes']} nodes, {model['layers']} layers, "
                   f"{fmt_count(model['macs'])} MACs, {fmt_count(model['params'])} parameters)"),
-        ("weights / activations", f"{bits_summary(report['bit_plan'])} / 8-bit"),
-        ("calibration", f"{report['config']['calib_method']}, {report['calibration']['samples']} samples: "
-                        f"{report['calibration']['source']}"),
-        ("held-out", f"{report['heldout']['samples']} samples: {report['heldout']['source']}"),
-        ("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"])),
+        ("weights / activations", f"{bits_summary(report['bit_plan'])} / {_activations(report)}"),
+        ("calibration", f"{samples_text(report['calibration'])}: {report['calibration']['source']}"),
+        ("recipe", _recipe(report)),
+        ("held-out", f"{samples_text(report['heldout'])}: {report['heldout']['source']}"),
+        *_agreement_rows(fid),
         ("mean KL(FP32 ‖ INT8)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
         ("output SQNR", fmt_db(fid["sqnr_db"])),
     ]
     lab = report.get("labelled")
     if lab:
-        rows.append((f"labelled top-1 ({lab['samples']} images)",
-                     f"FP32 {fmt_pct(lab['top1_fp32'])}, INT8 {fmt_pct(lab['top1_int8'])}"))
+        if "top1_fp32_interval" in lab:
+            d = lab["int8_minus_fp32"]
+            text = (f"FP32 {fmt_interval(lab['top1_fp32'], lab['top1_fp32_interval'])}, INT8 "
+                    f"{fmt_interval(lab['top1_int8'], lab['top1_int8_interval'])}; INT8 − FP32 "
+                    f"{100 * d['value']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+        else:
+            text = f"FP32 {fmt_pct(lab['top1_fp32'])}, INT8 {fmt_pct(lab['top1_int8'])}"
+        rows.append((f"labelled top-1 ({lab['samples']} images)", text))
     compression = f" ({size['compression']:.2f}x smaller)" if size["compression"] else ""
     rows.append(("layer weights + biases",
                  f"FP32 {fmt_bytes(size['fp32_bytes'])} → {fmt_bytes(size['quantized_bytes'])}{compression}"))
@@ -210,7 +250,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         weights = report.get("onnx_weights")
         stored = f"; {weights['stored']} weights" if weights else ""
         rows.append(("model.onnx (QDQ) in ONNX Runtime",
-                     f"top-1 agreement with the reference {fmt_pct(c['top1_agreement'])}, "
+                     f"top-1 agreement with the reference {fmt_agreement(c, confident=False)}, "
                      f"SQNR {fmt_db(c['sqnr_db'])}{stored}"))
     tvm = report.get("tvm")
     if tvm:
@@ -231,7 +271,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "Do not deploy it.**", "", *[f"- {m}" for m in mismatches], ""]
     lines += ["| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    notes = report.get("notes") or []
+    notes = list(report.get("notes") or [])
+    bootstrap = (fid.get("agreement") or {}).get("bootstrap")
+    if bootstrap:
+        what = ("photos (crops of one photo are correlated)" if bootstrap["resampled"] == "photos" else
+                "samples, as if independent: the data does not say which photo each came from")
+        notes.insert(0, f"Intervals: {100 * bootstrap['level']:.0f}% bootstrap percentile intervals, resampling "
+                        f"{what}; {bootstrap['resamples']} resamples, seed {bootstrap['seed']}. Confident inputs: "
+                        f"FP32 top-1/top-2 logit gap above {float(fid['agreement']['confident']['gap'])}, the figure "
+                        "least hurt by near ties.")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
@@ -241,13 +289,55 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Layers", "",
               f"SQNR: each layer's output, fake-quant vs FP32, on the first {report['per_layer_samples']} "
               "held-out samples (errors of earlier layers included).", "",
-              "| # | layer | op | weight shape | groups | MACs | bits | SQNR |",
-              "|---:|---|---|---|---:|---:|---:|---:|"]
+              "| # | layer | op | weight shape | groups | MACs | bits | rounding | SQNR |",
+              "|---:|---|---|---|---:|---:|---:|---|---:|"]
     for i, row in enumerate(report["layers"]):
         shape = "×".join(map(str, row["weight_shape"]))
         lines.append(f"| {i} | `{row['name']}` | {row['op']} | {shape} | {row['groups']} | "
-                     f"{fmt_count(row['macs'])} | {row['bits']} | {fmt_db(row['sqnr_db'])} |")
+                     f"{fmt_count(row['macs'])} | {row['bits']} | {row.get('rounding', '')} | "
+                     f"{fmt_db(row['sqnr_db'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _activations(report: dict[str, Any]) -> str:
+    wide = sorted(report.get("activation_bits") or {})
+    if not wide:
+        return "8-bit"
+    return f"8-bit, 16-bit for {len(wide)} tensor{'s' if len(wide) > 1 else ''}: {', '.join(f'`{n}`' for n in wide)}"
+
+
+def _recipe(report: dict[str, Any]) -> str:
+    """The ranges and rounding used, and how they were chosen (the config's `auto` parts: by validation error)."""
+    recipe = report.get("recipe")
+    if recipe is None:
+        return report["config"]["calib_method"]
+    chosen = (f"{recipe['calib_method']} activation ranges, GPTQ rounding on {len(recipe['gptq_layers'])}/"
+              f"{len(report['layers'])} layers (round-to-nearest elsewhere)")
+    if recipe["chosen_by"] != "validation":
+        return f"{chosen}; chosen by {recipe['chosen_by']}"
+    ranges = ", ".join(f"{m} {e:.4g}" for m, e in recipe["range_error"].items())
+    rounding = ("" if "gptq_model_error" not in recipe else
+                f"; with the layers' GPTQ choices {recipe['gptq_model_error']:.4g}")
+    return (f"{chosen}; chosen by {recipe['metric']} on {recipe['validation_samples']} calibration samples held "
+            f"back from the {recipe['fit_samples']} fitted (round-to-nearest with {ranges}{rounding})")
+
+
+def samples_text(data: dict[str, Any]) -> str:
+    """'192 samples of 13 photos', '64 samples' (photos unknown), from a `data_summary`."""
+    photos = data.get("photos")
+    of = "" if photos is None else f" of {photos} photo{'s' if photos != 1 else ''}"
+    return f"{data['samples']} samples{of}"
+
+
+def _agreement_rows(fid: dict[str, Any]) -> list[tuple[str, str]]:
+    """The top-1 agreement row, and the one on confident inputs."""
+    summary = fid.get("agreement")
+    if summary is None:
+        return [("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"]))]
+    confident = summary["confident"]
+    return [("top-1 agreement FP32 vs INT8", Agreement.from_json(summary["top1"]).describe()),
+            (f"… on confident inputs (FP32 gap > {float(confident['gap'])})",
+             Agreement.from_json(confident).describe())]
 
 
 def _inputs(check: dict[str, Any]) -> str:

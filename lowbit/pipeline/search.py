@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file, write_json
+from ..metrics import Agreement
 from ..quantizer.config import BitPlan, QuantConfig
 from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
+from . import report as reports
 from .prepare import Source, prepare
 from .progress import Progress
 from .sensitivity import run_sensitivity, write_sensitivity
@@ -79,8 +81,10 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
         if latency_source == "auto":
             latency_source = "tvm" if tvm_available() else "onnxruntime"
         with progress.stage("latency"), progress.steps_of("latency") as log:
-            uniform = {b: quantize(graph, prepared.calib.x, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b),
-                                   stats=stats) for b in bits}
+            # Kernel time does not depend on the ranges or the rounding: take the cheapest recipe.
+            timing_config = QuantConfig(calib_method="minmax", rounding="nearest")
+            uniform = {b: quantize(graph, prepared.calib.x, timing_config, BitPlan.uniform(graph, b), stats=stats)
+                       for b in bits}
             if latency_source in ("tvm", "tvm-rpc"):
                 from ..codegen.tvm.latency import measure_layers
                 from ..codegen.tvm.target import DEFAULT_TARGET
@@ -100,7 +104,7 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
                             f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
 
-    evaluator = s.PlanEvaluator(graph, prepared.calib.x, prepared.heldout.x, config, stats)
+    evaluator = s.PlanEvaluator(graph, prepared.calib.x, prepared.heldout.x, config, stats, prepared.heldout.photos)
     points: list[s.FrontierPoint] = []
 
     def measure(budget: dict[str, float], what: str) -> s.FrontierPoint:
@@ -108,8 +112,7 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
             point = s.evaluate_point(problem, sens, costs, evaluator, budget, cross_terms, log)
         points.append(point)
         progress.echo("measure", f"{what}: bits {point.bit_counts}, {s.format_metric(metric, point.costs[metric])}, "
-                                 f"top-1 agreement {100 * point.measured['top1_agreement']:.1f}% "
-                                 f"({point.measured['seconds']:.0f}s)")
+                                 f"top-1 agreement {_short(point.measured)} ({point.measured['seconds']:.0f}s)")
         return point
 
     cheapest, dearest = s.budget_range(problem, metric)
@@ -125,12 +128,14 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
         points += tried
         progress.echo("bisect", f"cheapest plan within {100 * drop:.2f}%: "
                                 f"{s.format_metric(metric, chosen.costs[metric])}, "
-                                f"top-1 agreement {100 * chosen.measured['top1_agreement']:.1f}%")
+                                f"top-1 agreement {_short(chosen.measured)}")
     assert chosen is not None
 
     unique = {frozenset(p.plan.items()): p for p in reversed(points)}  # each plan once, as first measured
-    frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan} for p in unique.values()]
+    frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan,
+                 "drop_vs_baseline": evaluator.agreement_drop(baseline.plan, p.plan)} for p in unique.values()]
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
+               "heldout": reports.data_summary(prepared.heldout),
                "max_drop": drop, "baseline": baseline.to_json(), "cross_terms": cross_terms,
                "ties": o.ties, "groups": problem.groups,
                "latency_table": None if table is None else table.to_json()}
@@ -175,20 +180,36 @@ def _latency_source(o: SearchOptions, needed: bool) -> str:
 def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metric: str) -> str:
     from ..search.search import format_metric
 
+    heldout = summary.get("heldout")
+    on = "" if heldout is None else f" ({reports.samples_text(heldout)})"
     lines = [f"# Bit-width search: {summary['model']}", "",
              f"- bit-widths: {summary['bits']}; budgets: " +
              (", ".join(f"{m} <= {format_metric(m, v)}" for m, v in summary["budgets"].items()) or "none") +
              (f"; max drop {100 * summary['max_drop']:.2f}%" if summary["max_drop"] is not None else ""),
              "- objective: exact per-group Hessian terms"
              + (", refined with every cross term" if summary["cross_terms"] else ""),
-             "- fidelity: top-1 agreement with FP32 on held-out data, fake-quant executor, plans quantized as "
-             "`lowbit quantize` does", "",
-             f"| plan | {metric} | bits | predicted loss increase | top-1 agreement | SQNR |",
-             "|---|---|---|---|---|---|"]
+             f"- fidelity: top-1 agreement with FP32 on held-out data{on}, fake-quant executor, plans quantized as "
+             "`lowbit quantize` does; [low, high] are bootstrap 95% intervals, the drop's paired (both plans scored "
+             "on the same samples); confident: FP32 top-1/top-2 logit gap above 1.0", "",
+             f"| plan | {metric} | bits | predicted loss increase | top-1 agreement | confident inputs "
+             "| drop vs uniform (points) | SQNR |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["costs"][metric]):
         sqnr = p["measured"]["sqnr_db"]
+        drop = p.get("drop_vs_baseline")
+        drop_text = "-" if drop is None else (f"{100 * drop['value']:+.1f} [{100 * drop['low']:+.1f}, "
+                                              f"{100 * drop['high']:+.1f}]")
+        agreement = p["measured"].get("agreement")
+        confident = "-" if agreement is None else Agreement.from_json(agreement["confident"]).describe()
         lines.append(f"| {'**chosen**' if p['chosen'] else ''} | {format_metric(metric, p['costs'][metric])} | "
-                     f"{p['bit_counts']} | {p['predicted_loss']:.4g} | {100 * p['measured']['top1_agreement']:.1f}% | "
-                     f"{'-' if sqnr is None else f'{sqnr:.1f} dB'} |")
+                     f"{p['bit_counts']} | {p['predicted_loss']:.4g} | {_short(p['measured'])} | {confident} | "
+                     f"{drop_text} | {'-' if sqnr is None else f'{sqnr:.1f} dB'} |")
     lines += ["", "Plot: `frontier.png`. Plan: `plan.json` (apply with `lowbit quantize MODEL --plan plan.json`).", ""]
     return "\n".join(lines)
+
+
+def _short(measured: dict[str, Any]) -> str:
+    """'84.9% [79.2, 90.1]' for a measured plan."""
+    if "agreement" not in measured:
+        return f"{100 * measured['top1_agreement']:.1f}%"
+    return Agreement.from_json(measured["agreement"]["top1"]).short()

@@ -207,7 +207,9 @@ def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
                 ctx.values[n] = getattr(ep.graph_module, n.target)
             elif n.op == "call_function":
                 args = [ctx.values.get(i) for i in n.all_input_nodes]
-                if args and not any(isinstance(a, _Tensor) or isinstance(a, (list, tuple)) for a in args):
+                if any(a is None for a in args):  # reads an op already listed as a problem
+                    ctx.values[n] = None
+                elif args and not any(isinstance(a, _Tensor) or isinstance(a, (list, tuple)) for a in args):
                     with torch.no_grad():  # weight-only sub-graph: fold it now
                         ctx.values[n] = n.target(*ctx.resolve(n.args), **ctx.resolve(n.kwargs))
                 else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,34 +12,40 @@ from .calibrate import METHODS
 from .graph import Graph
 
 SUPPORTED_WEIGHT_BITS = (4, 8)
+SUPPORTED_ACTIVATION_BITS = (8, 16)
 PLAN_FORMAT = "lowbit-bitplan-v1"
+CALIB_METHODS = ("auto", *METHODS)
+ROUNDINGS = ("auto", "nearest", "gptq")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int = 8  # default weight bit-width, when no BitPlan is given
-    # Defaults measured on MobileNetV2 (held-out top-1 agreement, fake-quant): percentile 99.99
-    # beats mse and minmax; GPTQ rounding beats round-to-nearest; bias correction,
-    # estimated on a small calibration set, hurt held-out agreement, so it is off.
-    calib_method: str = "percentile"  # activation ranges: minmax | percentile | mse
+    # "auto" (the defaults) chooses by the output error on a validation split of the calibration data
+    # (`recipe.py`): the range method per model, and GPTQ or round-to-nearest per layer. No fixed
+    # recipe held across models: percentile + GPTQ was best on MobileNetV2 and worst on another CNN.
+    calib_method: str = "auto"  # activation ranges: auto | minmax | percentile | mse
     percentile: float = 99.99
     weight_method: str = "mse"  # per-channel weight ranges: minmax | mse
-    rounding: str = "gptq"  # weight rounding: nearest | gptq
-    bias_correction: bool = False  # empirical bias correction (Nagel et al. 2019)
+    rounding: str = "auto"  # weight rounding: auto | nearest | gptq
+    validation_fraction: float = 0.25  # of the calibration samples, held back to choose the auto parts
+    bias_correction: bool = False  # empirical bias correction (Nagel et al. 2019); it hurt held-out agreement
     refine_samples: int = 64  # calibration samples used by GPTQ and bias correction
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_WEIGHT_BITS:
             raise LowbitError(f"--bits {self.bits}: supported weight bit-widths are {SUPPORTED_WEIGHT_BITS}")
-        if self.calib_method not in METHODS:
-            raise LowbitError(f"--calib-method {self.calib_method!r}: expected one of {', '.join(METHODS)}")
+        if self.calib_method not in CALIB_METHODS:
+            raise LowbitError(f"--calib-method {self.calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
         if self.weight_method not in ("minmax", "mse"):
             raise LowbitError(f"weight_method {self.weight_method!r}: expected minmax or mse")
-        if self.rounding not in ("nearest", "gptq"):
-            raise LowbitError(f"rounding {self.rounding!r}: expected nearest or gptq")
+        if self.rounding not in ROUNDINGS:
+            raise LowbitError(f"--rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"percentile {self.percentile} must be in (50, 100]")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise LowbitError(f"validation_fraction {self.validation_fraction} must be in (0, 1)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,13 +53,23 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class BitPlan:
-    """Weight bit-width per quantizable layer (activations are 8-bit)."""
+    """Weight bit-width per quantizable layer, and the activation tensors kept at 16 bits.
+
+    `activation_bits` names float tensors that get their own scale (`quantize.scaled_tensors`) and their
+    bit-width, 8 or 16; a tensor not named is 8-bit. A 16-bit tensor is always signed int16 (see
+    `lowbit.ir.dtypes.activation_dtype`). plan.json files without "activation_bits" load as all 8-bit.
+    """
 
     bits: dict[str, int]
+    activation_bits: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def uniform(cls, graph: Graph, bits: int) -> BitPlan:
         return cls({n.name: bits for n in graph.layers})
+
+    def activation(self, tensor: str) -> int:
+        """The bit-width of float tensor `tensor`'s quantized form (8 unless the plan says 16)."""
+        return self.activation_bits.get(tensor, 8)
 
     def validate(self, graph: Graph) -> None:
         names = {n.name for n in graph.layers}
@@ -63,13 +79,18 @@ class BitPlan:
         if unknown or missing or bad:
             raise LowbitError(f"bit plan does not fit the model: unknown layers {unknown}, missing layers "
                               f"{missing}, unsupported bit-widths {bad}")
+        if self.activation_bits:
+            from .quantize import check_activation_bits  # quantize imports this module
+
+            check_activation_bits(graph, self.activation_bits)
 
     def to_json(self) -> dict[str, int]:
         return dict(self.bits)
 
     def save(self, path: Path, **info: Any) -> None:
-        """plan.json: the bits per layer, plus whatever the search wants to record beside them."""
-        path.write_text(json.dumps({"format": PLAN_FORMAT, "bits": self.to_json(), **info}, indent=1))
+        """plan.json: the bits per layer (and per 16-bit activation), plus whatever the search records beside them."""
+        extra = {"activation_bits": dict(self.activation_bits)} if self.activation_bits else {}
+        path.write_text(json.dumps({"format": PLAN_FORMAT, "bits": self.to_json(), **extra, **info}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> BitPlan:
@@ -81,6 +102,9 @@ class BitPlan:
         if not isinstance(bits, dict) or data.get("format") != PLAN_FORMAT:
             raise LowbitError(f"{path}: not a lowbit bit plan (expected {{\"format\": \"{PLAN_FORMAT}\", "
                               '"bits": {layer: bits}}, as `lowbit search` writes)')
-        if not all(isinstance(b, int) and not isinstance(b, bool) for b in bits.values()):
+        activation_bits = data.get("activation_bits", {})
+        if not isinstance(activation_bits, dict):
+            raise LowbitError(f'{path}: "activation_bits" must map tensor names to 8 or 16')
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in [*bits.values(), *activation_bits.values()]):
             raise LowbitError(f"{path}: bit-widths must be integers")
-        return cls(dict(bits))
+        return cls(dict(bits), dict(activation_bits))

@@ -2,7 +2,8 @@
 
 1. Calibrate every tensor's range (`calibrate`).
 2. Lower node by node: weights to per-channel symmetric integers, activations
-   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU),
+   to int8/uint8 (unsigned where the tensor is non-negative, e.g. after ReLU), or
+   to int16 where the BitPlan's `activation_bits` says 16 (`check_activation_bits`),
    clamps fused into the conv/linear/add that feeds them, and every change of
    scale turned into a dyadic multiplier.
 3. Refine layer by layer on calibration data, the float graph and the fake-quant
@@ -13,7 +14,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_node
 from .rounding import HessianAccumulator, gptq_round
 from .simulate import dequantized_params, fake_quantizers
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 16
@@ -51,6 +57,49 @@ def scaled_tensors(graph: Graph) -> set[str]:
     """The tensors that get a scale of their own (the others inherit their input's, or are fused away)."""
     fused = fusable_clamps(graph)
     return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused}
+
+
+def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None:
+    """Refuse a plan's activation bit-widths that the model cannot take, naming each tensor and why.
+
+    A tensor may be 16-bit when it gets its own scale (`scaled_tensors`), is not a layer's raw int32
+    accumulator (a graph output), and every op that reads its integers accepts int16 (`OpDef.int16_refusal`),
+    including the ops behind scale-preserving ones (pad, maxpool, reshape, clamp), which pass the int16 on.
+    """
+    fused_clamps = {c.name for c in fusable_clamps(graph).values()}
+    scaled = {n for n in scaled_tensors(graph) if graph.node(n).op != "clamp" or n in fused_clamps}
+    problems = [f"{name}={bits}: supported activation bit-widths are 8 and 16"
+                for name, bits in activation_bits.items() if bits not in (8, 16)]
+    for name, bits in sorted(activation_bits.items()):
+        if bits != 16:
+            continue
+        if name not in scaled:
+            why = ("no such tensor" if name not in {n.name for n in graph.nodes} else
+                   "it has no scale of its own (it keeps its input's grid, or is a clamp fused into its producer: "
+                   "name the clamp instead)")
+            problems.append(f"{name}: {why}")
+            continue
+        if name in graph.outputs and OPS[graph.node(name).op].quantizable:
+            problems.append(f"{name}: a graph output of a layer stays the int32 accumulator, with no activation grid")
+            continue
+        problems += [f"{name}: read by {reader.name} ({reader.op}), and {reader.op} cannot take int16: {why}"
+                     for reader, why in _int16_readers(graph, name)]
+    if problems:
+        raise LowbitError("the bit plan's activation_bits do not fit the model: " + "; ".join(problems)
+                          + f". Tensors that can be 16-bit: the outputs of {', '.join(sorted(QUANTIZABLE_OPS))}, "
+                          "add, concat, avgpool and inputs, where no table-lookup op reads them")
+
+
+def _int16_readers(graph: Graph, name: str) -> list[tuple[Node, str]]:
+    """The ops that would read tensor `name`'s int16 integers and refuse to, with their reasons."""
+    refused = []
+    for reader in graph.consumers(name):
+        op = OPS[reader.op]
+        if op.int16_refusal:
+            refused.append((reader, op.int16_refusal))
+        elif op.scale_preserving or reader.op == "clamp":  # (a clamp reading a named tensor is never fused)
+            refused += _int16_readers(graph, reader.name)  # it passes the int16 grid on
+    return refused
 
 
 class Lowering:
@@ -92,16 +141,18 @@ class Lowering:
 
     def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None,
                    ir_name: str | None = None) -> tuple[Value, int, int]:
-        """A new 8-bit value for a float tensor, with its clamp range in integer units."""
+        """A new value for a float tensor (8-bit, or int16 where the plan says 16), with its clamp range in integer
+        units."""
         st = self.stats[float_name]
+        bits = self.plan.activation(float_name)
         lo = clamp.attrs["min"] if clamp else None
         hi = clamp.attrs["max"] if clamp else None
         unsigned = st.nonnegative or (lo is not None and lo >= 0)
-        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile)
+        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile, bits=bits)
         if hi is not None and lo is not None:
             t = min(t, max(abs(lo), abs(hi)))
         t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
-        dtype = activation_dtype(8, unsigned)
+        dtype = activation_dtype(bits, unsigned)
         scale = f32(t / steps(dtype))
         value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
         qmin, qmax = integer_bounds(lo, hi, scale, *qrange(dtype))
@@ -165,7 +216,7 @@ def gptq_weight(graph: Graph, node: Node, hessian: torch.Tensor, scale: np.ndarr
     return gptq_round(w.reshape(groups, w.shape[0] // groups, -1), hessian, scale, qmin, qmax).reshape(w.shape)
 
 
-def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
+def gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
     """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
     scale = np.asarray(op.attrs["weight_scale"], dtype=np.float64)
     w_int = gptq_weight(graph, node, layer_hessian(graph, node, x), scale, op.attrs["weight_bits"])
@@ -173,43 +224,58 @@ def _gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tens
     return (w_int * _channel_view(torch.from_numpy(scale), w_int.dim(), 0)).float()
 
 
-@torch.no_grad()
-def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
-                  log: Log = lambda _: None) -> None:
-    """Layer by layer, in place: GPTQ rounding, then empirical bias correction.
+# A layer's step in `walk_side_by_side`: (node, its IR op, its fake-quant input, its float output) -> the
+# layer's fake-quant output (before the rounding of its output to the grid).
+LayerStep = Callable[[Node, Op, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    The float graph and the fake-quant graph run side by side on calibration data,
-    so each layer is refined on the inputs the already-refined layers before it give.
+
+@torch.no_grad()
+def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, layer_step: LayerStep) -> None:
+    """Run the float graph and the fake-quant graph side by side on `x`, each layer through `layer_step`.
+
+    The step may change the layer's IR op in place (its weights or bias), so later layers see the
+    refined earlier ones: the basis of GPTQ's and bias correction's layer-by-layer refinement.
     """
     quantizers = fake_quantizers(qgraph)
-    weights, biases = dequantized_params(qgraph)
     last_use = graph.last_uses()
     float_env: dict[str, torch.Tensor] = {}
     quant_env: dict[str, torch.Tensor] = {}
-    layers_done, n_layers = 0, len(qgraph.layers)
-    steps = [f"{config.rounding} rounding"] + (["bias correction"] if config.bias_correction else [])
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
             f = q = x
         else:
             f = run_node(graph, node, [float_env[n] for n in node.inputs])
             args = [quant_env[n] for n in node.inputs]
-            if node.op in QUANTIZABLE_OPS:
-                op = qgraph.op(node.name)
-                if config.rounding == "gptq":
-                    weights[node.name] = _gptq_layer(graph, node, op, args[0])
-                q = run_node(graph, node, args, weights[node.name], biases[node.name])
-                if config.bias_correction:
-                    q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))
-                layers_done += 1
-                log(f"refining layers ({', '.join(steps)}): {layers_done}/{n_layers}")
-            else:
-                q = run_node(graph, node, args)
+            q = (layer_step(node, qgraph.op(node.name), args[0], f) if node.op in QUANTIZABLE_OPS
+                 else run_node(graph, node, args))
         fq = quantizers.get(node.name)
         float_env[node.name], quant_env[node.name] = f, (fq(q) if fq else q)
         for name in node.inputs:
             if last_use[name] == i:
                 del float_env[name], quant_env[name]
+
+
+def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
+                  gptq_layers: Collection[str], log: Log = lambda _: None) -> None:
+    """Layer by layer, in place: GPTQ rounding of `gptq_layers`, then empirical bias correction (if configured)."""
+    weights, biases = dequantized_params(qgraph)
+    n_layers = len(qgraph.layers)
+    steps = [f"GPTQ rounding of {len(gptq_layers)}/{n_layers} layers"]
+    steps += ["bias correction"] if config.bias_correction else []
+    done = 0
+
+    def refine(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if node.name in gptq_layers:
+            weights[node.name] = gptq_layer(graph, node, op, q_input)
+        q = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
+        if config.bias_correction:
+            q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))
+        done += 1
+        log(f"refining layers ({', '.join(steps)}): {done}/{n_layers}")
+        return q
+
+    walk_side_by_side(graph, qgraph, x, refine)
 
 
 def _correct_bias(op: Op, q: torch.Tensor, f: torch.Tensor, channel: int) -> torch.Tensor:
@@ -250,18 +316,25 @@ def calibrate(graph: Graph, calib: np.ndarray, log: Log = lambda _: None) -> dic
 
 
 def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
-             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None) -> QuantizedGraph:
+             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None,
+             recipe: Recipe | None = None) -> QuantizedGraph:
     """The quantize stage: float `Graph` -> integer `QuantizedGraph`.
 
-    `stats` (from `calibrate` on the same data) skips calibration, e.g. when a search quantizes many plans.
+    `recipe`: the range method and GPTQ layers to use; default: the one `config` names, its `auto` parts
+    chosen on a validation split of `calib` (`choose_recipe`). `stats` (from `calibrate` on the same data)
+    skips calibration, e.g. when a search quantizes many plans.
     """
+    from .recipe import choose_recipe  # it quantizes candidates with this module's lowering
+
     config = config or QuantConfig()
     plan = plan or BitPlan.uniform(graph, config.bits)
     plan.validate(graph)
     check_calibration_data(graph, calib, "calibration")
     calib = np.ascontiguousarray(calib, dtype=np.float32)
+    recipe = recipe or choose_recipe(graph, calib, config, plan, log)
     stats = stats if stats is not None else calibrate(graph, calib, log)
-    qgraph = lower_to_integer(graph, stats, plan, config)
-    if config.bias_correction or config.rounding != "nearest":
-        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, log)
+    qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=recipe.calib_method))
+    if config.bias_correction or recipe.gptq_layers:
+        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, recipe.gptq_layers,
+                      log)
     return qgraph

@@ -30,11 +30,11 @@ class FakeQuant:
 
 
 def fake_quantizers(qgraph: QuantizedGraph) -> dict[str, FakeQuant]:
-    """Float tensor name -> its rounding to the integer grid (int32 accumulators are left exact)."""
+    """Float tensor name -> its rounding to the integer grid (int8, uint8 or int16; accumulators are left exact)."""
     out = {}
     for float_name, value_name in qgraph.float_to_int.items():
         v = qgraph.values[value_name]
-        if v.dtype == "int32":
+        if v.dtype == "int32":  # a layer's accumulator
             continue
         op = qgraph.producer(value_name)
         qmin, qmax = v.qrange

@@ -7,7 +7,10 @@
   off by default.
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
   calibration statistics shared) and measures top-1 agreement with FP32 on
-  held-out data, with the fake-quant executor.
+  held-out data, with the fake-quant executor. The recipe's `auto` parts are chosen
+  once per bit-width, on the uniform plan: a layer at b bits gets GPTQ if it did in
+  the uniform b-bit plan, so every plan does not pay for its own choice.
+  Agreement comes with bootstrap intervals over photos.
 - `bisect_max_drop`: the cheapest plan whose measured drop stays within a band.
 """
 
@@ -24,11 +27,12 @@ import torch
 
 from ..errors import LowbitError
 from ..ir.ops import QUANTIZABLE_OPS
-from ..metrics import sqnr_db, top1_agreement
+from ..metrics import Agreement, agreement_summary, paired_difference, sqnr_db, top1_agreement
 from ..quantizer.calibrate import TensorStats
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph, run_graph
 from ..quantizer.quantize import quantize
+from ..quantizer.recipe import Recipe, choose_recipe
 from ..quantizer.simulate import simulate
 from ..sensitivity.artifact import Sensitivity
 from .costs import CostModel
@@ -107,15 +111,21 @@ def plan_for_budget(problem: Problem, sens: Sensitivity, cross_terms: bool = Fal
 
 @dataclass
 class PlanEvaluator:
-    """Measures plans for real: quantize (shared calibration statistics), then fake-quant on held-out data."""
+    """Measures plans for real: quantize (shared calibration statistics), then fake-quant on held-out data.
+
+    `photos`: each held-out sample's source photo, for the agreement intervals (None: samples independent).
+    """
 
     graph: Graph
     calib: np.ndarray
     heldout: np.ndarray
     config: QuantConfig
     stats: dict[str, TensorStats]
+    photos: np.ndarray | None = None
     reference: np.ndarray = field(init=False)
     _measured: dict[frozenset, dict[str, Any]] = field(init=False, default_factory=dict)
+    _recipes: dict[int, Recipe] = field(init=False, default_factory=dict)  # per bit-width, uniform plans
+    _agrees: dict[frozenset, np.ndarray] = field(init=False, default_factory=dict)  # per held-out sample
 
     def __post_init__(self) -> None:
         self.reference = self._logits(lambda x: run_graph(self.graph, x))
@@ -133,14 +143,36 @@ class PlanEvaluator:
             self._measured[key] = self._measure(plan, log)
         return self._measured[key]
 
+    def recipe(self, plan: Plan, log: Log = lambda _: None) -> Recipe:
+        """The plan's recipe, from the recipes chosen for the uniform plans of its bit-widths."""
+        for bits in sorted(set(plan.values()) - set(self._recipes)):
+            self._recipes[bits] = choose_recipe(self.graph, self.calib, self.config,
+                                                BitPlan.uniform(self.graph, bits), log)
+        widest = self._recipes[max(plan.values())]
+        gptq = frozenset(layer for layer, bits in plan.items() if layer in self._recipes[bits].gptq_layers)
+        return Recipe(widest.calib_method, gptq, {"chosen_by": "the uniform plans of its bit-widths"})
+
     def _measure(self, plan: Plan, log: Log) -> dict[str, Any]:
         t0 = time.perf_counter()
-        qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats)
+        qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats,
+                          recipe=self.recipe(plan, log))
         logits = self._logits(lambda x: simulate(self.graph, qgraph, x))
-        agreement = top1_agreement(self.reference, logits)
+        self._agrees[frozenset(plan.items())] = self.reference.argmax(1) == logits.argmax(1)
         sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((logits - self.reference) ** 2)))
-        return {"top1_agreement": agreement, "sqnr_db": sqnr, "weight_bytes": qgraph.weight_bytes(),
-                "seconds": time.perf_counter() - t0}
+        return {"top1_agreement": top1_agreement(self.reference, logits),
+                "agreement": agreement_summary(self.reference, logits, self.photos), "sqnr_db": sqnr,
+                "weight_bytes": qgraph.weight_bytes(), "seconds": time.perf_counter() - t0}
+
+    def agrees(self, plan: Plan) -> np.ndarray:
+        """Per held-out sample: does the plan's top-1 class match FP32's? (Measures the plan if needed.)"""
+        self.measure(plan)
+        return self._agrees[frozenset(plan.items())]
+
+    def agreement_drop(self, baseline: Plan, plan: Plan) -> dict[str, float]:
+        """`baseline`'s agreement minus `plan`'s, with a paired bootstrap 95% interval: both are scored on the
+        same held-out samples, so photos that are hard for both do not widen it."""
+        drop, interval = paired_difference(self.agrees(baseline), self.agrees(plan), self.photos)
+        return {"value": drop, "low": interval.low, "high": interval.high}
 
 
 @dataclass
@@ -204,8 +236,10 @@ def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evalu
         tried.append(point)
         drop = baseline.measured["top1_agreement"] - point.measured["top1_agreement"]
         ok = drop <= max_drop + 1e-12
+        interval = evaluator.agreement_drop(baseline.plan, point.plan)
         echo(f"{label}: {metric} <= {format_metric(metric, budgets[metric])}, bits {point.bit_counts}, top-1 "
-             f"agreement {100 * point.measured['top1_agreement']:.1f}% (drop {100 * drop:+.1f}%): "
+             f"agreement {Agreement.from_json(point.measured['agreement']['top1']).short()} (drop "
+             f"{100 * drop:+.1f}% [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]): "
              f"{'within' if ok else 'outside'} the band")
         return point, ok
 

@@ -15,8 +15,7 @@ from ...io import check_output_dir
 from ...pipeline.checks import tvm_available
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
-from ...quantizer.calibrate import METHODS
-from ...quantizer.config import QuantConfig
+from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
 from ..options import rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
@@ -39,8 +38,12 @@ DEFAULTS = QuantConfig()
               help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
-@click.option("--calib-method", type=click.Choice(METHODS), default=DEFAULTS.calib_method, show_default=True,
-              help="How activation ranges are chosen.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=DEFAULTS.calib_method, show_default=True,
+              help="How activation ranges are chosen; auto: the method with the least output error on a "
+                   "validation split of the calibration data.")
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
+              help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
+                   "(and only if the whole model gains), round-to-nearest elsewhere.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -58,7 +61,7 @@ DEFAULTS = QuantConfig()
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, calib_method: str, seed: int, target: str | None,
+                     bits: int, plan_path: Path | None, calib_method: str, rounding: str, seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
@@ -66,7 +69,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
     state dict (.safetensors or .pt) with --factory.
     """
-    config = QuantConfig(bits=bits, calib_method=calib_method, seed=seed)
+    config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding, seed=seed)
     target = resolve_target(target)
     if tune_trials is not None and target is None:
         raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")

@@ -6,6 +6,14 @@ Runtime and matches the reference executor bit for bit; its outputs include the
 integer values before the final dequantize (`QuantizedGraph.int_outputs`) so that
 can be checked.
 
+int16 activations: ORT's ConvInteger/MatMulInteger take 8-bit inputs only, and its
+MaxPool, Pad and Clip have no int16 kernels. A layer reading int16 x runs on its two
+bytes, x = 256 * h + l with h = x >> 8 (int8) and l = x & 255 (uint8): W . x =
+256 * (W . h) + W . l, each half an exact int32, summed in int64 (the bound is in
+`lowbit.ir.ops._layer`). Zero padding stays exact: x = 0 gives h = l = 0. Pad and
+Clip run on the values cast to int32; MaxPool as the Max of its taps' strided Slices
+in int32 (`_maxpool_by_taps`). No float tensor appears.
+
 ORT pitfall: on x86 CPUs without VNNI its u8 x s8 integer kernels add pairs of
 products in saturating int16, so a uint8 activation times int8 weights is stored
 as uint8 weights (w + 128, zero point 128) here: ORT's u8 x u8 kernels are exact.
@@ -127,26 +135,68 @@ def _int_dequantize(b: Builder, op: Op) -> None:
     b.node("DequantizeLinear", [op.inputs[0], scale], op.output, **attrs)
 
 
+def split_int16(b: Builder, prefix: str, x: str) -> tuple[str, str]:
+    """int16 x -> (h, l): h = floor(x / 256) as int8 and l = x - 256 * h as uint8, so x = 256 * h + l.
+
+    BitShift takes only unsigned types: u = x + 32768 is in [0, 65535] and floor(x / 256) = (u >> 8) - 128."""
+    x32 = b.node("Cast", [x], f"{prefix}/x32", to=TensorProto.INT32)
+    u = b.node("Add", [x32, b.const(f"{prefix}/offset", np.int32(32768))], f"{prefix}/u")
+    u = b.node("Cast", [u], f"{prefix}/u_u32", to=TensorProto.UINT32)
+    high = b.node("BitShift", [u, b.const(f"{prefix}/eight", np.uint32(8))], f"{prefix}/high_u32", direction="RIGHT")
+    high = b.node("Cast", [high], f"{prefix}/high_u", to=TensorProto.INT32)
+    high = b.node("Sub", [high, b.const(f"{prefix}/unoffset", np.int32(128))], f"{prefix}/high32")
+    scaled_high = b.node("Mul", [high, b.const(f"{prefix}/byte", np.int32(256))], f"{prefix}/high_scaled")
+    low = b.node("Sub", [x32, scaled_high], f"{prefix}/low32")
+    return (b.node("Cast", [high], f"{prefix}/high", to=TensorProto.INT8),
+            b.node("Cast", [low], f"{prefix}/low", to=TensorProto.UINT8))
+
+
+Product = Callable[[str, str, str], str]  # (8-bit tensor, its IR dtype, output name) -> int32 output
+
+
+def by_bytes(b: Builder, prefix: str, x: str, product: Product) -> str:
+    """A linear integer map P (conv, matmul, window sum) of int16 x, exactly: 256 * P(h) + P(l) in int64.
+    `product(x8, dtype, name)` emits P on an 8-bit tensor as an int32 named `name`."""
+    high, low = split_int16(b, f"{prefix}/split", x)
+    high = b.node("Cast", [product(high, "int8", f"{prefix}/acc_high")], f"{prefix}/acc_high64", to=TensorProto.INT64)
+    low = b.node("Cast", [product(low, "uint8", f"{prefix}/acc_low")], f"{prefix}/acc_low64", to=TensorProto.INT64)
+    high = b.node("Mul", [high, b.const(f"{prefix}/byte64", np.int64(256))], f"{prefix}/acc_high_scaled")
+    return b.node("Add", [high, low], f"{prefix}/acc")
+
+
+def _layer_acc(b: Builder, op: Op, product: Product) -> str:
+    """The layer's accumulator without bias: int32 for an 8-bit input, int64 (by bytes) for int16."""
+    x = op.inputs[0]
+    if b.value(x).dtype == "int16":
+        return by_bytes(b, op.name, x, product)
+    return product(x, b.value(x).dtype, f"{op.name}/acc")
+
+
 @_integer("conv")
 def _int_conv(b: Builder, op: Op) -> None:
     w = b.const(f"{op.name}/weight", op.arrays["weight"].astype(np.int8))
-    acc = b.node("ConvInteger", [op.inputs[0], w], f"{op.name}/acc", **conv_attrs(op))
-    _finish_layer(b, op, acc)
+    _finish_layer(b, op, _layer_acc(b, op, lambda x, _, out: b.node("ConvInteger", [x, w], out, **conv_attrs(op))))
 
 
 @_integer("linear")
 def _int_linear(b: Builder, op: Op) -> None:
     w_t = np.ascontiguousarray(op.arrays["weight"].T).astype(np.int16)
-    if b.value(op.inputs[0]).dtype == "uint8":
-        # u8 x s8 MatMulInteger can saturate without VNNI (module docstring); u8 x u8 is exact, so store the
-        # weights as uint8 w + 128 with zero point 128. (s8 x s8 cannot saturate: 2 * 128 * 127 < 2^15. ORT's
-        # ConvInteger puts the weights first, s8 x u8, and is exact with int8 weights: checked at extremes.)
-        w = b.const(f"{op.name}/weight_t", (w_t + 128).astype(np.uint8))
-        inputs = [op.inputs[0], w, "", b.const(f"{op.name}/weight_zero_point", np.uint8(128))]
-    else:
-        inputs = [op.inputs[0], b.const(f"{op.name}/weight_t", w_t.astype(np.int8))]
-    acc = b.node("MatMulInteger", inputs, f"{op.name}/acc")
-    _finish_layer(b, op, acc)
+    weights: dict[str, list[str]] = {}
+
+    def matmul(x: str, x_dtype: str, out: str) -> str:
+        if x_dtype == "uint8":
+            # u8 x s8 MatMulInteger can saturate without VNNI (module docstring); u8 x u8 is exact, so store the
+            # weights as uint8 w + 128 with zero point 128. (s8 x s8 cannot saturate: 2 * 128 * 127 < 2^15. ORT's
+            # ConvInteger puts the weights first, s8 x u8, and is exact with int8 weights: checked at extremes.)
+            if "u8" not in weights:
+                weights["u8"] = [b.const(f"{op.name}/weight_t_u8", (w_t + 128).astype(np.uint8)), "",
+                                 b.const(f"{op.name}/weight_zero_point", np.uint8(128))]
+            return b.node("MatMulInteger", [x, *weights["u8"]], out)
+        if "s8" not in weights:
+            weights["s8"] = [b.const(f"{op.name}/weight_t", w_t.astype(np.int8))]
+        return b.node("MatMulInteger", [x, *weights["s8"]], out)
+
+    _finish_layer(b, op, _layer_acc(b, op, matmul))
 
 
 @_integer("add")
@@ -179,8 +229,13 @@ def _int_avgpool(b: Builder, op: Op) -> None:
         # Window sums as a depthwise convolution with an all-ones kernel; zero padding counts, as in the IR.
         channels = b.value(x).shape[1]
         ones = b.const(f"{op.name}/ones", np.ones((channels, 1, *a["kernel"]), np.int8))
-        sums = b.node("ConvInteger", [x, ones], f"{op.name}/sums", kernel_shape=a["kernel"], strides=a["stride"],
-                      pads=pads(a["padding"]), group=channels)
+
+        def window_sums(x8: str, _: str, out: str) -> str:
+            return b.node("ConvInteger", [x8, ones], out, kernel_shape=a["kernel"], strides=a["stride"],
+                          pads=pads(a["padding"]), group=channels)
+
+        sums = (by_bytes(b, op.name, x, window_sums) if b.value(x).dtype == "int16"
+                else window_sums(x, b.value(x).dtype, f"{op.name}/sums"))
     requantize(b, op.name, sums, avgpool.requantizer(op, b.qgraph), 4, op.output)
 
 
@@ -192,22 +247,65 @@ def _int_lut(b: Builder, op: Op) -> None:
     b.node("Gather", [b.const(f"{op.name}/table", op.arrays["table"]), index], op.output, axis=0)
 
 
+def _on_8bit_or_int32(b: Builder, op: Op, emit: Callable[[str, str, type], str]) -> None:
+    """`emit(x, out, numpy type)` an op that ORT runs on 8-bit and int32 tensors but not on int16: an int16
+    input goes through int32 and back."""
+    dtype = b.value(op.inputs[0]).dtype
+    if dtype != "int16":
+        emit(op.inputs[0], op.output, numpy_type(dtype))
+        return
+    x = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
+    y = emit(x, f"{op.name}/out32", np.int32)
+    b.node("Cast", [y], op.output, to=onnx_type(dtype))
+
+
+def _maxpool_by_taps(b: Builder, op: Op) -> None:
+    """MaxPool of int16 x, which ORT's MaxPool does not take: in int32, pad with -2^31 (so padding never wins,
+    as in torch), take each kernel tap's strided slice, and their elementwise Max."""
+    a = op.attrs
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+    _, _, h, w = b.value(op.inputs[0]).shape
+    _, _, oh, ow = b.value(op.output).shape
+    # Pad far enough on the bottom/right for every window the output reads (ceil_mode's last ones included).
+    bottom = max(ph, (oh - 1) * sh + (kh - 1) * dh + 1 - h - ph)
+    right = max(pw, (ow - 1) * sw + (kw - 1) * dw + 1 - w - pw)
+    x = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
+    x = b.node("Pad", [x, b.const(f"{op.name}/pads", np.array([0, 0, ph, pw, 0, 0, bottom, right], np.int64)),
+                       b.const(f"{op.name}/lowest", np.int32(-(2**31)))], f"{op.name}/padded", mode="constant")
+    axes = b.const(f"{op.name}/axes", np.array([2, 3], np.int64))
+    steps = b.const(f"{op.name}/steps", np.array([sh, sw], np.int64))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            start = np.array([i * dh, j * dw], np.int64)
+            end = start + np.array([(oh - 1) * sh + 1, (ow - 1) * sw + 1], np.int64)
+            taps.append(b.node("Slice", [x, b.const(f"{op.name}/start{i}_{j}", start),
+                                         b.const(f"{op.name}/end{i}_{j}", end), axes, steps], f"{op.name}/tap{i}_{j}"))
+    y = b.node("Max", taps, f"{op.name}/max32") if len(taps) > 1 else taps[0]
+    b.node("Cast", [y], op.output, to=onnx_type(b.value(op.output).dtype))
+
+
 @_integer("maxpool")
 def _int_maxpool(b: Builder, op: Op) -> None:
-    maxpool(b, op, op.inputs[0], op.output)
+    if b.value(op.inputs[0]).dtype == "int16":
+        _maxpool_by_taps(b, op)
+    else:
+        maxpool(b, op, op.inputs[0], op.output)
 
 
 @_integer("clamp")
 def _int_clamp(b: Builder, op: Op) -> None:
-    np_type = numpy_type(b.value(op.inputs[0]).dtype)
-    lo = b.const(f"{op.name}/qmin", np_type(op.attrs["qmin"]))
-    hi = b.const(f"{op.name}/qmax", np_type(op.attrs["qmax"]))
-    b.node("Clip", [op.inputs[0], lo, hi], op.output)
+    def clip(x: str, out: str, np_type: type) -> str:
+        lo = b.const(f"{op.name}/qmin", np_type(op.attrs["qmin"]))
+        hi = b.const(f"{op.name}/qmax", np_type(op.attrs["qmax"]))
+        return b.node("Clip", [x, lo, hi], out)
+
+    _on_8bit_or_int32(b, op, clip)
 
 
 @_integer("pad")
 def _int_pad(b: Builder, op: Op) -> None:
-    pad(b, op, op.inputs[0], op.output)
+    _on_8bit_or_int32(b, op, lambda x, out, _: pad(b, op, x, out))
 
 
 @_integer("reshape")

@@ -81,15 +81,16 @@ def _activation(b: _QdqBuilder, name: str, y: str) -> None:
     """Put the float result `y` on IR value `name`'s integer grid: QuantizeLinear, then DequantizeLinear.
 
     int8 values are stored as uint8 with zero point 128 (the same real values):
-    ONNX Runtime's fast x86 kernels take u8 activations and s8 weights. An int32
-    accumulator (a graph output) stays float.
+    ONNX Runtime's fast x86 kernels take u8 activations and s8 weights. int16 values
+    stay int16 (zero point 0). An int32 accumulator (a graph output) stays float.
     """
     v = b.value(name)
     if v.dtype == "int32":
         b.float_of[name] = y
         return
     scale = b.const(f"{name}/scale", np.float32(v.scale))
-    zero_point = b.const(f"{name}/zero_point", np.uint8(128 if v.dtype == "int8" else 0))
+    stored = np.int16(0) if v.dtype == "int16" else np.uint8(128 if v.dtype == "int8" else 0)
+    zero_point = b.const(f"{name}/zero_point", stored)
     q = b.node("QuantizeLinear", [y, scale, zero_point], name)
     b.float_of[name] = b.node("DequantizeLinear", [q, scale, zero_point], f"{name}/dq")
 

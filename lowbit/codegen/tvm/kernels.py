@@ -7,6 +7,11 @@ plus the constant arrays the caller passes in that order.
 
 The layer kernels here (`conv2d_nhwc`, `dense`) are the portable path;
 `x86` (lowbit/codegen/tvm/x86) replaces them on x86 CPUs with register-blocked AVX2 kernels.
+Layers that read or write int16 activations either take the portable path, which
+accumulates int16 x int8 in int32 where the layer's bound allows and in int64 where
+it does not (`accumulator_dtype`; the bound is in `lowbit.ir.ops._layer`), or, with
+the x86 kernels, run those on the input's bytes (`int16_byte`) and combine and
+requantize the int32 byte sums in int64 (`combine_requantize`; see `lower`).
 """
 
 from __future__ import annotations
@@ -94,16 +99,26 @@ def _schedule_reduction(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 # -- layers: portable path ------------------------------------------------------------------------
 
+def accumulator_dtype(weight: np.ndarray, bias: np.ndarray, x_dtype: str) -> str:
+    """int32 where no input of `x_dtype` can take bias + sum x * w (the layer's real weights) past int32, else
+    int64 (only int16 inputs: 8-bit ones stay below 2^31 for any reduction under 66000)."""
+    from .x86.requant import acc_bound  # no TVM there
+
+    return "int32" if int(acc_bound(weight, bias, x_dtype).max(initial=0)) < 2**31 else "int64"
+
+
 def _epilogue(acc: te.Tensor, bias: te.Tensor, mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int,
               qmax: int, out_dtype: str) -> tuple[te.Tensor, list[te.Tensor], list[np.ndarray]]:
-    """acc + bias, then requantized per output channel (the last axis), or left as int32 without a mantissa."""
+    """acc + bias (in the accumulator's type), then requantized per output channel (the last axis), or cast to
+    `out_dtype` (int32 or int64) without a mantissa."""
     if mantissa is None:
-        return te.compute(acc.shape, lambda *i: acc(*i) + bias[i[-1]], name="requantize"), [], []
+        return te.compute(acc.shape, lambda *i: (acc(*i) + bias[i[-1]].astype(acc.dtype)).astype(out_dtype),
+                          name="requantize"), [], []
     channels = acc.shape[-1]
     m = te.placeholder((channels,), "int32", name="mantissa")
     c = te.placeholder((channels,), "int32", name="shift")
-    out = te.compute(acc.shape, lambda *i: requantize_expr(acc(*i) + bias[i[-1]], m[i[-1]], c[i[-1]], qmin, qmax,
-                                                           out_dtype), name="requantize")
+    out = te.compute(acc.shape, lambda *i: requantize_expr(acc(*i) + bias[i[-1]].astype(acc.dtype), m[i[-1]],
+                                                           c[i[-1]], qmin, qmax, out_dtype), name="requantize")
     return out, [m, c], [mantissa.astype(np.int32), shift.astype(np.int32)]
 
 
@@ -111,7 +126,7 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
                 padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, bias: np.ndarray,
                 mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
                 weight_bits: int, schedule: bool = True) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """Grouped int8 conv, NHWC activations, weights [OC, IC/groups, KH, KW] as int8, epilogue fused.
+    """Grouped conv of int8/uint8/int16 NHWC activations, weights [OC, IC/groups, KH, KW] as int8, epilogue fused.
 
     `schedule=False` returns the plain loop nest, for MetaSchedule to tune.
     """
@@ -121,6 +136,7 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
     oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cout_g = cout // groups
+    acc_dtype = accumulator_dtype(weight, bias, x_dtype)
     x = te.placeholder(x_shape, x_dtype, name="x")
     wt = te.placeholder((kh, kw, cin_g, cout), "int8", name="w")  # HWIO: output channels innermost
     b = te.placeholder((cout,), "int32", name="bias")
@@ -130,7 +146,7 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
         (n, oh, ow, cout),
         lambda i, y, z, o: te.sum(
             padded[i, y * stride[0] + rh * dilation[0], z * stride[1] + rw * dilation[1], (o // cout_g) * cin_g + rc]
-            .astype("int32") * wt[rh, rw, rc, o].astype("int32"), axis=[rh, rw, rc]),
+            .astype(acc_dtype) * wt[rh, rw, rc, o].astype(acc_dtype), axis=[rh, rw, rc]),
         name="acc")
     out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
     func = te.create_prim_func([x, wt, b, *requant_args, out])
@@ -141,19 +157,56 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
 def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.ndarray,
           mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
           weight_bits: int, schedule: bool = True) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """int8 matmul x @ W^T + bias, weights [OUT, IN], epilogue fused (`schedule=False`: the plain loop nest)."""
+    """Matmul x @ W^T + bias of int8/uint8/int16 x, weights [OUT, IN], epilogue fused (`schedule=False`: the plain
+    loop nest)."""
     n, k = x_shape
+    acc_dtype = accumulator_dtype(weight, bias, x_dtype)
     cout = weight.shape[0]
     x = te.placeholder(x_shape, x_dtype, name="x")
     wt = te.placeholder((k, cout), "int8", name="w")
     b = te.placeholder((cout,), "int32", name="bias")
     r = te.reduce_axis((0, k), "r")
-    acc = te.compute((n, cout), lambda i, o: te.sum(x[i, r].astype("int32") * wt[r, o].astype("int32"), axis=r),
+    acc = te.compute((n, cout), lambda i, o: te.sum(x[i, r].astype(acc_dtype) * wt[r, o].astype(acc_dtype), axis=r),
                      name="acc")
     out, requant_args, requant_arrays = _epilogue(acc, b, mantissa, shift, qmin, qmax, out_dtype)
     func = te.create_prim_func([x, wt, b, *requant_args, out])
     arrays = [np.ascontiguousarray(weight.T).astype(np.int8), bias.astype(np.int32)]
     return (_schedule_reduction(func) if schedule else func), arrays + requant_arrays
+
+
+# -- int16 activations on byte kernels ---------------------------------------------------------------
+
+def int16_byte(numel: int, high: bool) -> tirx.PrimFunc:
+    """One byte of int16 x taken flat: the high byte h = x >> 8 (arithmetic: in [-128, 127], int8) or the low
+    byte l = x & 255 (uint8), so that x = 256 * h + l, and x = 0 gives h = l = 0 (zero padding stays exact)."""
+    x = te.placeholder((numel,), "int16", name="x")
+    if high:
+        out = te.compute((numel,), lambda i: tirx.shift_right(x[i], _const(8, "int16")).astype("int8"), name="high")
+    else:
+        out = te.compute((numel,), lambda i: tirx.bitwise_and(x[i], _const(255, "int16")).astype("uint8"),
+                         name="low")
+    return schedule_elementwise(te.create_prim_func([x, out]))
+
+
+def combine_requantize(shape: tuple[int, ...], parts: int, qmin: int, qmax: int,
+                       out_dtype: str) -> tirx.PrimFunc:
+    """requantize(256 * high + low + bias[c]) per channel c (the last axis), in int64, from the int32 byte
+    accumulators of an int16 input (`parts` 2), or requantize(acc + bias[c]) from one (`parts` 1). Parameters:
+    (accumulators..., bias int64, mantissa int32, shift int32, out)."""
+    accs = [te.placeholder(shape, "int32", name=f"acc{k}") for k in range(parts)]
+    channels = shape[-1]
+    bias = te.placeholder((channels,), "int64", name="bias")
+    m = te.placeholder((channels,), "int32", name="mantissa")
+    c = te.placeholder((channels,), "int32", name="shift")
+
+    def total(*i: Expr) -> Expr:
+        if parts == 1:
+            return accs[0](*i).astype("int64") + bias[i[-1]]
+        return accs[0](*i).astype("int64") * _const(256, "int64") + accs[1](*i).astype("int64") + bias[i[-1]]
+
+    out = te.compute(shape, lambda *i: requantize_expr(total(*i), m[i[-1]], c[i[-1]], qmin, qmax, out_dtype),
+                     name="requantize")
+    return schedule_elementwise(te.create_prim_func([*accs, bias, m, c, out]))
 
 
 # -- the other ops ---------------------------------------------------------------------------------
@@ -269,6 +322,8 @@ def avgpool_nhwc(shape: tuple[int, int, int, int], dtype: str, kernel: tuple[int
                  out_dtype: str) -> tirx.PrimFunc:
     """Integer window sum (zero padding counts) and a dyadic divide."""
     n, _, _, c = shape
+    if max(abs(v) for v in qrange(dtype)) * kernel[0] * kernel[1] >= 2**31:
+        raise ValueError(f"avgpool window {kernel} of {dtype} can overflow its int32 sums")
     x = te.placeholder(shape, dtype, name="x")
     padded = topi.nn.pad(x, [0, padding[0], padding[1], 0], name="pad")
     rh, rw = te.reduce_axis((0, kernel[0]), "rh"), te.reduce_axis((0, kernel[1]), "rw")

@@ -18,6 +18,7 @@ from tvm import relax, tirx
 
 from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
+from ...ir.ops import _layer as layer_op
 from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
 from ...ir.ops import lut as lut_op
@@ -115,7 +116,8 @@ def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str,
     """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
 
     With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
-    where `conv2d` cannot fuse it."""
+    where `conv2d` cannot fuse it. Only the portable kernels take int16 (`_layer` sends int16 layers to the
+    others byte by byte)."""
     a, arr = op.attrs, op.arrays
     common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
                   qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
@@ -156,6 +158,9 @@ def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
 def _layer(ctx: _Context, op: Op) -> relax.Expr:
     if op.op == "conv":
         ctx.nhwc.add(op.output)
+    if "int16" in (ctx.dtype(op.inputs[0]), ctx.dtype(op.output)) and ctx.conv2d is not kernels.conv2d_nhwc:
+        return _layer_by_bytes(ctx, op)  # the fast kernels multiply bytes
+    if op.op == "conv":
         if op.name in ctx.residual_adds:
             fused = _conv_with_residual(ctx, op, *ctx.residual_adds[op.name])
             if fused is not None:
@@ -165,13 +170,44 @@ def _layer(ctx: _Context, op: Op) -> relax.Expr:
     return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
 
 
+def _layer_by_bytes(ctx: _Context, op: Op) -> relax.Expr:
+    """A layer reading or writing int16 on the 8-bit layer kernels (x86: u8/s8 bytes into int32).
+
+    An int16 input x = 256 * h + l is split into its high byte h (int8) and low byte l (uint8); the kernel runs
+    on each without bias or requantizer, giving int32 sums W . h and W . l (each at most K * 255 * 127 < 2^31),
+    and one elementwise kernel requantizes 256 * (W . h) + W . l + bias in int64: exact for every K (the bound is
+    in `lowbit.ir.ops._layer`). An 8-bit input writing int16 runs the kernel once, then the same requantizer.
+    Cost: two GEMM passes plus two elementwise ones for an int16 input, one extra pass for an int16 output."""
+    x = op.inputs[0]
+    rq = layer_op.requantizer(op, ctx.qgraph)  # an int16 input or output always has one
+    if ctx.dtype(x) == "int16":
+        numel = int(np.prod(ctx.shape(x)))
+        flat = ctx.bb.emit(relax.op.reshape(ctx.arg(op), (numel,)))
+        parts = []
+        for part, dtype in (("high", "int8"), ("low", "uint8")):
+            fake = Op(f"{op.name}_{part}_byte", "split", [x], f"{x}_{part}")
+            byte = ctx.call(fake, kernels.int16_byte(numel, part == "high"), [flat], [], (numel,), dtype)
+            parts.append((part, dtype, ctx.bb.emit(relax.op.reshape(byte, ctx.shape(x)))))
+    else:
+        parts = [("acc", ctx.dtype(x), ctx.arg(op))]
+    no_bias = {"weight": op.arrays["weight"], "bias": np.zeros_like(op.arrays["bias"])}
+    accs = []
+    for part, dtype, arg in parts:
+        fake = Op(f"{op.name}_{part}", op.op, [x], f"{op.output}_{part}", op.attrs, no_bias)
+        func, arrays = layer_kernel(fake, ctx.shape(x), dtype, "int32", ctx.conv2d, ctx.dense)
+        accs.append(ctx.call(fake, func, [arg], arrays, ctx.shape(op.output), "int32"))
+    func = kernels.combine_requantize(ctx.shape(op.output), len(accs), rq.qmin, rq.qmax, rq.dtype)
+    arrays = [op.arrays["bias"].astype(np.int64), rq.mantissa.astype(np.int32), rq.shift.astype(np.int32)]
+    return ctx.call(op, func, accs, arrays, ctx.shape(op.output), rq.dtype)
+
+
 def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr | None:
     """One kernel for `conv` and the `add` of its output (input k) and a skip tensor; None if it cannot fuse.
 
     Returns the add's result, bound to the add's output (the conv's own output has no other reader)."""
     skip = add.inputs[1 - k]
-    if skip not in ctx.nhwc:
-        return None
+    if skip not in ctx.nhwc or "int16" in {ctx.dtype(v) for v in (conv.inputs[0], conv.output, skip, add.output)}:
+        return None  # the fused epilogue is 8-bit only; int16 layers run byte by byte (`_layer_by_bytes`)
     m = add_op.input_mantissas(add)
     rq = add_op.requantizer(add, ctx.qgraph)
     residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(rq.shift[0]), rq.qmin, rq.qmax)

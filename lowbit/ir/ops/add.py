@@ -61,8 +61,8 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
 
 ADD = register(OpDef(
     "add",
-    "two int8/uint8 inputs, each multiplied by its own mantissa, summed in int64, then one shared shift, "
-    "rounding and clamp (|int8| x mantissas < 2^30 stays far below int64's range).",
+    "two int8/uint8/int16 inputs, each multiplied by its own mantissa, summed in int64, then one shared shift, "
+    "rounding and clamp (|int16| x mantissas < 2^45 stays far below int64's range).",
     aten={aten.add.Tensor: _add, aten.add_.Tensor: _add},
     described_as="add",
     evaluate=_evaluate, lower=_lower, reference=_reference,

@@ -94,8 +94,9 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
 
 CONV = register(OpDef(
     "conv",
-    "int8/uint8 (NCHW) x per-channel int8 weights (int4 values at 4 bits), int32 accumulation plus int32 bias, "
-    "then a per-channel requantizer (clamp folded into its range), or the int32 accumulator for a graph output.",
+    "int8/uint8/int16 (NCHW) x per-channel int8 weights (int4 values at 4 bits), the exact integer sum plus int32 "
+    "bias (int32 for 8-bit inputs; an int16 input's can pass 2^31, see `_layer`), then a per-channel requantizer "
+    "(clamp folded into its range), or for a graph output the int32 accumulator (an int16 input's rounded by 2^s).",
     attrs=ConvAttrs,
     aten={aten.conv2d.default: _conv2d, aten.convolution.default: _convolution},
     described_as="conv2d",

@@ -63,8 +63,8 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
 
 LINEAR = register(OpDef(
     "linear",
-    "x @ Wᵀ over the last axis: int8/uint8 x per-channel int8 weights, int32 accumulation plus int32 bias, then a "
-    "per-channel requantizer, or the int32 accumulator for a graph output.",
+    "x @ Wᵀ over the last axis: int8/uint8/int16 x per-channel int8 weights, accumulated as conv, then a "
+    "per-channel requantizer, or for a graph output the int32 accumulator (an int16 input's rounded by 2^s).",
     aten={aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _mm},
     described_as="linear",
     evaluate=_evaluate, lower=_lower, reference=_reference,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...errors import LowbitError
 from ..dtypes import dtype, qrange
 from .registry import OpDef, register
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from ..graph import Op, QuantizedGraph
 
 TABLE_INPUT_DTYPES = ("int8", "uint8")
+# An int16 input would need a 65536-entry table per op: these ops keep their inputs at 8 bits.
+TABLE_REFUSAL = "it lowers to a 256-entry table lookup, which needs an 8-bit input"
 
 
 def table_for(fn: Callable[[np.ndarray], np.ndarray], in_dtype: str, in_scale: float, out_scale: float,
@@ -39,7 +42,7 @@ def lower_elementwise(lw: Any, node: Node, fn: Callable[[np.ndarray], np.ndarray
     """Lower a float node y = fn(x) to a `lut` on its quantized input (a clamp after it folds into the table)."""
     x = lw.input_value(node)
     if x.dtype not in TABLE_INPUT_DTYPES:
-        raise ValueError(f"node {node.name}: a table lookup needs an 8-bit input, not {x.dtype}")
+        raise LowbitError(f"node {node.name} ({node.op}): {TABLE_REFUSAL}, not {x.dtype}")
     clamp = lw.fused.get(node.name)
     out, qmin, qmax = lw.activation(clamp.name if clamp else node.name, node.shape, clamp)
     table = table_for(fn, x.dtype, x.scale, out.scale, qmin, qmax, out.dtype)
@@ -58,9 +61,9 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
 
 LUT = register(OpDef(
     "lut",
-    "table lookup: out = table[x - qmin(x's dtype)] for an int8/uint8 input, a 256-entry table of the output "
-    "dtype (an elementwise function precomputed on the integer grid).",
-    reference=_reference,
+    "table lookup: out = table[x - qmin(x's dtype)] for an int8/uint8 input (never int16: 65536 entries), a "
+    "256-entry table of the output dtype (an elementwise function precomputed on the integer grid).",
+    reference=_reference, int16_refusal=TABLE_REFUSAL,
 ))
 
 
@@ -80,5 +83,5 @@ def elementwise_op(name: str, summary: str, numpy_fn: Callable[[np.ndarray], np.
         name, f"{summary}; lowered to `lut`.",
         aten=dict.fromkeys(aten_targets, convert), described_as=name,
         evaluate=evaluate, lower=lambda lw, node: lower_elementwise(lw, node, numpy_fn),
-        absorbs_clamp=absorbs_clamp,
+        absorbs_clamp=absorbs_clamp, int16_refusal=TABLE_REFUSAL,
     ))

@@ -54,7 +54,7 @@ def _dequantize(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nd
 INPUT = register(OpDef("input", "a float graph input; lowered to a `quantize`.", lower=_lower_input))
 QUANTIZE = register(OpDef(
     "quantize",
-    "float32 -> int8/uint8 as ONNX QuantizeLinear: x / scale in float32, round half to even, saturate.",
+    "float32 -> int8/uint8/int16 as ONNX QuantizeLinear: x / scale in float32, round half to even, saturate.",
     reference=_quantize,
 ))
 DEQUANTIZE = register(OpDef(

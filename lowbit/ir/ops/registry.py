@@ -8,6 +8,7 @@ An `OpDef` holds everything the pipeline needs to know about an op, in one place
 - `lower`: how a float node becomes integer ops (with their requantizers);
 - `reference`: its integer semantics, the ground truth every backend must match;
 - `requantizers`: the typed requantizer(s) its lowering attached, as backends read them;
+- `int16_refusal`: why it cannot read an int16 activation, if it cannot;
 - `weights`: which of its inputs are weights (the layers that get a bit-width), and `input_columns`,
   how its weight sees its input (for GPTQ's Hessian).
 
@@ -64,6 +65,8 @@ class OpDef:
     scale_preserving: bool = False  # output is on the input's integer grid (moves or selects values)
     absorbs_clamp: bool = False  # a clamp right after it folds into its requantizer's range
     joins_inputs: bool = False  # inputs meet on one grid (add, concat): their producers are tied
+    # Why the op cannot read an int16 activation ("" where it can): a plan asking for one is refused.
+    int16_refusal: str = ""
 
     @property
     def quantizable(self) -> bool:

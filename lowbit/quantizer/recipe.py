@@ -1,0 +1,165 @@
+"""The default recipe, chosen by measurement on a validation split of the calibration data.
+
+A recipe is how activation ranges are picked (minmax, percentile or mse) and which
+layers get GPTQ rounding instead of round-to-nearest. No single recipe wins on every
+model: GPTQ fits each layer to the calibration inputs, and where a layer sees fewer
+independent input rows than it has inputs (a classifier after global pooling sees one
+row per image) its error feedback can fit noise that unseen inputs do not share;
+percentile clipping helps where activation tails are rare outliers and hurts where
+they carry signal. So `auto` measures:
+
+1. Split the calibration samples (seeded) into a fit part and a validation part.
+2. Ranges: quantize with each method from the fit part's statistics (round-to-nearest)
+   and keep the one with the least output error on the validation part.
+3. Rounding, layer by layer (float and fake-quant graphs side by side): GPTQ from the
+   fit rows' Hessian, kept only where it lowers the layer's output error on the
+   validation rows; then the whole model with those layers is compared with plain
+   round-to-nearest on the validation part, and GPTQ is dropped if it lost.
+
+Minmax with round-to-nearest is always a candidate, so the chosen recipe never
+measures worse than it on the split. The final model is then quantized with the
+chosen recipe from all the calibration samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..ir import Op, QuantizedGraph
+from ..metrics import mean_kl
+from .calibrate import METHODS
+from .config import BitPlan, QuantConfig
+from .graph import Graph, Node, run_graph, run_node
+from .quantize import Log, calibrate, gptq_layer, lower_to_integer, walk_side_by_side
+from .simulate import dequantized_params, simulate
+
+MIN_SAMPLES_TO_VALIDATE = 8  # below this a validation split is too small to choose anything by
+BASELINE = "minmax"  # the guard: plain min/max ranges with round-to-nearest
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A concrete recipe: the activation range method, the layers GPTQ rounds, and what chose them."""
+
+    calib_method: str
+    gptq_layers: frozenset[str]
+    evidence: dict[str, Any]  # the measurements behind the choice (report.json's "recipe")
+
+    @classmethod
+    def fixed(cls, graph: Graph, config: QuantConfig) -> Recipe:
+        """The recipe a config names outright (no `auto` in it)."""
+        layers = frozenset(n.name for n in graph.layers) if config.rounding == "gptq" else frozenset()
+        return cls(config.calib_method, layers, {"chosen_by": "configuration"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"calib_method": self.calib_method, "gptq_layers": sorted(self.gptq_layers), **self.evidence}
+
+    def describe(self, n_layers: int) -> str:
+        return f"{self.calib_method} activation ranges, GPTQ rounding on {len(self.gptq_layers)}/{n_layers} layers"
+
+
+def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: BitPlan,
+                  log: Log = lambda _: None) -> Recipe:
+    """Resolve the `auto` parts of `config` by the output error on a validation split of `calib`."""
+    if config.calib_method != "auto" and config.rounding != "auto":
+        return Recipe.fixed(graph, config)
+    calib = np.ascontiguousarray(calib, dtype=np.float32)
+    n = len(calib)
+    n_val = math.ceil(n * config.validation_fraction)
+    if n < MIN_SAMPLES_TO_VALIDATE:
+        method = BASELINE if config.calib_method == "auto" else config.calib_method
+        rounding = "nearest" if config.rounding == "auto" else config.rounding
+        recipe = Recipe.fixed(graph, replace(config, calib_method=method, rounding=rounding))
+        return replace(recipe, evidence={"chosen_by": f"too few calibration samples ({n}) to validate a recipe "
+                                                      f"(at least {MIN_SAMPLES_TO_VALIDATE}): the baseline"})
+    order = np.random.default_rng(config.seed).permutation(n)
+    fit = np.ascontiguousarray(calib[np.sort(order[n_val:])])
+    val = np.ascontiguousarray(calib[np.sort(order[:n_val])])
+    validation = _Validation(graph, val)
+
+    stats = calibrate(graph, fit, log)
+    methods = METHODS if config.calib_method == "auto" else (config.calib_method,)
+    range_error = {}
+    for method in methods:
+        log(f"choosing the recipe: {method} ranges")
+        nearest = replace(config, calib_method=method, rounding="nearest")
+        range_error[method] = validation.error(lower_to_integer(graph, stats, plan, nearest))
+    # Ties go to the earlier (simpler) method: METHODS starts with minmax.
+    method = min(methods, key=lambda m: range_error[m])
+    evidence: dict[str, Any] = {
+        "chosen_by": "validation", "fit_samples": len(fit), "validation_samples": n_val,
+        "metric": validation.metric, "range_error": range_error}
+
+    if config.rounding == "auto":
+        qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=method, rounding="nearest"))
+        x_fit = torch.from_numpy(fit[:config.refine_samples])
+        layer_errors = choose_gptq_layers(graph, qgraph, x_fit, torch.from_numpy(val), log)
+        gptq = frozenset(name for name, e in layer_errors.items() if e["gptq"] < e["nearest"])
+        gptq_error = validation.error(qgraph)
+        if gptq_error >= range_error[method]:
+            gptq = frozenset()
+        evidence.update(layer_rounding_error=layer_errors, gptq_model_error=gptq_error)
+    else:
+        gptq = Recipe.fixed(graph, config).gptq_layers
+    return Recipe(method, gptq, evidence)
+
+
+def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: torch.Tensor, val: torch.Tensor,
+                       log: Log = lambda _: None) -> dict[str, dict[str, float]]:
+    """Layer by layer, in place: GPTQ from `fit`'s Hessian where it beats round-to-nearest on `val`.
+
+    Returns each layer's relative output error on `val` with either rounding (same inputs for both:
+    the fake-quant outputs of the layers before it, as chosen).
+    """
+    weights, biases = dequantized_params(qgraph)
+    n_fit, n_layers = len(fit), len(qgraph.layers)
+    errors: dict[str, dict[str, float]] = {}
+
+    def choose(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        nearest_weight = op.arrays["weight"]
+        q_nearest = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
+        gptq_weight = gptq_layer(graph, node, op, q_input[:n_fit])  # sets op.arrays["weight"]
+        q_gptq = run_node(graph, node, [q_input], gptq_weight, biases[node.name])
+        target = f[n_fit:].double()
+        power = max(float((target ** 2).sum()), 1e-30)
+        error = {"nearest": float(((q_nearest[n_fit:].double() - target) ** 2).sum()) / power,
+                 "gptq": float(((q_gptq[n_fit:].double() - target) ** 2).sum()) / power}
+        errors[node.name] = error
+        log(f"choosing the recipe: GPTQ or nearest rounding, layer {len(errors)}/{n_layers}")
+        if error["gptq"] < error["nearest"]:
+            weights[node.name] = gptq_weight
+            return q_gptq
+        op.arrays["weight"] = nearest_weight
+        return q_nearest
+
+    walk_side_by_side(graph, qgraph, torch.cat([fit, val]), choose)
+    return errors
+
+
+class _Validation:
+    """The validation samples, their float outputs, and the error of a quantized model on them."""
+
+    def __init__(self, graph: Graph, x: np.ndarray):
+        self.graph, self.x = graph, torch.from_numpy(x)
+        with torch.no_grad():
+            self.reference = {o: t.double().numpy() for o, t in run_graph(graph, self.x).items()
+                              if o in graph.outputs}
+        # Class scores are compared as distributions; anything else by its relative squared error.
+        self.metric = "mean KL(softmax)" if all(r.ndim == 2 for r in self.reference.values()) else "relative MSE"
+
+    def error(self, qgraph: QuantizedGraph) -> float:
+        with torch.no_grad():
+            outputs = simulate(self.graph, qgraph, self.x)
+        errors = []
+        for name, want in self.reference.items():
+            got = outputs[name].double().numpy()
+            if self.metric.startswith("mean KL"):
+                errors.append(mean_kl(want, got))
+            else:
+                errors.append(float(np.sum((got - want) ** 2) / max(float(np.sum(want ** 2)), 1e-30)))
+        return float(np.mean(errors))
