@@ -16,7 +16,6 @@ import copy
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from sections import write_section
+from sections import cpu_info, lowbit_revision, write_section
 
 import lowbit
 from lowbit.codegen import export_integer, export_qdq
@@ -235,33 +234,6 @@ def measure_latency(contenders: Sequence[Contender], x: np.ndarray, runs: int, r
 
 
 # -- the report --------------------------------------------------------------------------------------------------------
-
-def cpu_info() -> tuple[str, set[str]]:
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def lowbit_revision() -> str:
-    """The git commit of the lowbit checkout, marked when tracked files have uncommitted changes."""
-    root = Path(lowbit.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return f"git {commit}" + (" with uncommitted changes" if dirty else "")
-
 
 def fmt_kl(kl: float) -> str:
     if kl == 0:

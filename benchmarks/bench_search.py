@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import write_section
+from sections import cpu_info, lowbit_revision, write_section
 
 import lowbit
 from lowbit.metrics import CONFIDENT_GAP, Agreement, bootstrap_interval, paired_difference
@@ -157,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ILP + cross-term refinement − ILP", evaluator.agrees(refined_plan), evaluator.agrees(ilp_plan)),
     ]
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu, _ = cpu_info()
     lines = [
         f"# Benchmarks: {'MobileNetV2' if entry.name == 'mobilenet_v2' else entry.name} sensitivity and "
         "mixed-precision search", "",
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; 1-minute load average "
         f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (other jobs included)",
-        f"- Versions: lowbit {lowbit.__version__} (git {git}), torch {torch.__version__}",
+        f"- Versions: lowbit {lowbit.__version__} ({lowbit_revision()}), torch {torch.__version__}",
         f"- Data: `zoo:{entry.name}` seed 0; sensitivity on {sens.samples} calibration crops; plans measured on "
         f"{len(heldout)} held-out {crops_of} (top-1 agreement with FP32, fake-quant "
         "executor, each plan quantized as `lowbit quantize` does: GPTQ weights, 8-bit activations)",

@@ -37,12 +37,10 @@ import tvm
 from bench_mobilenet_v2 import (
     Contender,
     batched,
-    cpu_info,
     export_fp32_onnx,
     fmt_agreement,
     load_data,
     log,
-    lowbit_revision,
     measure_latency,
     ort_predict,
     ort_session,
@@ -51,7 +49,7 @@ from bench_mobilenet_v2 import (
     torch_predict,
 )
 from onnxruntime.quantization import CalibrationMethod
-from sections import write_section
+from sections import cpu_info, lowbit_revision, write_section
 
 import lowbit
 from lowbit.codegen import export_qdq

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_mobilenet_v2 import ArrayReader, cpu_info, lowbit_revision, ort_predict, ort_session, preprocess_for_ort
+from bench_mobilenet_v2 import ArrayReader, ort_predict, ort_session, preprocess_for_ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from sections import write_section
+from sections import cpu_info, lowbit_revision, write_section
 
 from lowbit.metrics import CONFIDENT_GAP, agreement, confident_mask, mean_kl, paired_difference
 from lowbit.models import foolbox_imagenet_crops, get_zoo_entry

@@ -1,11 +1,17 @@
-"""BENCHMARKS.md holds one section per benchmark script; each script regenerates only its own."""
+"""BENCHMARKS.md holds one section per benchmark script; each script regenerates only its own.
+
+Also what every section records about where it was measured: the CPU and the git state.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
+
+import lowbit
 
 
 def write_section(path: Path, name: str, text: str) -> None:
@@ -25,3 +31,31 @@ def write_section(path: Path, name: str, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU model name and its feature flags, from /proc/cpuinfo."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def lowbit_revision() -> str:
+    """The git commit of the lowbit checkout, marked when tracked files have uncommitted changes."""
+    root = Path(lowbit.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {commit}" + (" with uncommitted changes" if dirty else "")
