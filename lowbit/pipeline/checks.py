@@ -136,11 +136,13 @@ def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, inpu
         from ..codegen.tvm.remote import device_session
         from ..codegen.tvm.remote_model import RemoteModel
 
+        def run_and_time(device: Any) -> tuple[Outputs, float]:  # the remote model ends with the call
+            remote = RemoteModel(directory / TVM_DIR, meta, device)
+            return remote.run_integers(inputs.x), remote.benchmark(repeats=50)["median_ms"]
+
         with device_session(rpc) as device:
             log(f"checking and timing on device {device.name} ({rpc.describe()})")
-            remote = RemoteModel(directory / TVM_DIR, meta, device)
-            got = remote.run_integers(inputs.x)
-            latency = remote.benchmark(repeats=50)["median_ms"]
+            got, latency = run_and_time(device)
             where = {"rpc": {**rpc.to_json(), "device": device.name}}
     tuning = meta["tuning"] and {k: v for k, v in meta["tuning"].items() if k != "layers"}
     return {"target": meta["target_string"], "kernels": meta["kernels"], "compile_seconds": meta["compile_seconds"],

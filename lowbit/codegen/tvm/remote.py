@@ -17,6 +17,7 @@ device forever, and does not say which device it handed out, which an error mess
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing
 import multiprocessing.connection
 import socket
@@ -192,7 +193,11 @@ class Device:
         return tvm.runtime.tensor(array, self.cpu)
 
     def close(self) -> None:
-        self.session = None  # dropping the last reference ends the session; the server then registers again
+        """End the session: the server then registers as free again. Dropping the last reference ends it, but the
+        remote modules and tensors made through it refer to it too, through reference cycles that only the garbage
+        collector breaks: until it runs, the device would stay busy for everyone else."""
+        self.session = None
+        gc.collect()
 
 
 def request_device(target: RpcTarget) -> Device:
