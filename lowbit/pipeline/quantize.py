@@ -109,10 +109,11 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
         recipe = choose_recipe(graph, calib, config, bit_plan, log)
     progress.echo("recipe", f"{recipe.describe(len(graph.layers))} ({_why(recipe)}, "
                             f"{progress.timings['recipe']:.1f}s)")
+    before = dict(progress.steps)  # the recipe's steps (its calibration passes too) are not this stage's
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
         qgraph = quantize_graph(graph, calib, config, bit_plan, log=log, recipe=recipe)
-    steps = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in progress.steps.items()
-                      if not kind.startswith("choosing the recipe"))
+    steps = ", ".join(f"{kind} {seconds - before.get(kind, 0.0):.1f}s" for kind, seconds in progress.steps.items()
+                      if seconds > before.get(kind, 0.0))
     weights = reports.bits_summary(qgraph.bit_plan()) if plan is not None else f"{config.bits}-bit weights"
     progress.echo("quantize", f"{weights} ({progress.timings['quantize']:.1f}s: {steps})")
     return Artifact(prepared, qgraph, config, recipe, plan_file)
