@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,17 @@ from lowbit.cli.main import lowbit
 from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.ir.weights import pack_int4, unpack_int4
+from lowbit.models import get_zoo_entry
 from lowbit.models.loading import load_program
+from lowbit.pipeline.sensitivity import activation_grids
 from lowbit.quantizer.capture import capture
-from lowbit.quantizer.config import BitPlan
+from lowbit.quantizer.config import BitPlan, QuantConfig
+from lowbit.quantizer.quantize import calibrate
 from lowbit.quantizer.reference import run_reference
 from lowbit.search.costs import LatencyTable, layer_costs
-from lowbit.search.ilp import Problem, refine, solve, tie_groups
-from lowbit.search.search import parse_budget, residual_ties
+from lowbit.search.ilp import Problem, solve, tie_groups
+from lowbit.search.search import build_problem, parse_budget, residual_ties
+from lowbit.sensitivity.analyze import SensitivityConfig, compute_sensitivity
 
 
 def problem(budget: float) -> Problem:
@@ -83,56 +86,34 @@ def test_ilp_is_optimal_on_a_mobilenet_sized_instance() -> None:
     assert cost[np.arange(n), choice].sum() == pytest.approx(knapsack_optimum(cost, size, p.budgets["size"]))
 
 
-def cross_term_objective(p: Problem, pair: np.ndarray) -> Callable[[list[int]], float]:
-    """The ILP's per-group costs plus a pairwise term for every two groups both at 4 bits (index 0)."""
-
-    def objective(c: list[int]) -> float:
-        low = np.array([b == 0 for b in c], dtype=float)
-        return float(p.cost[np.arange(len(c)), c].sum() + low @ pair @ low / 2)
-
-    return objective
-
-
-def test_refine_uses_cross_terms_the_ilp_cannot_see() -> None:
+def test_cross_terms_change_the_optimum_the_linear_ilp_picks() -> None:
     # Budget 26 admits all-4 (size 18, cost 9), a at 8 (22, 4), b at 8 (22, 8) and a, b at 8 (26, 3); c at 8 never
-    # fits. The ILP sees only the per-group costs and picks a, b at 8. A cross term of -7 between a and b at 4 bits
-    # (their errors cancel) makes all-4 cost 2: better, but reached only by changing a and b together.
-    p = problem(26.0)
-    pair = np.zeros((3, 3))
-    pair[0, 1] = pair[1, 0] = -7.0
-    objective = cross_term_objective(p, pair)
-    start = solve(p)
-    assert start == [1, 1, 0] and objective(start) == 3.0
-    refined = refine(p, start, objective)
-    assert p.feasible(refined)
-    assert objective(refined) < objective(start)  # a refine that does nothing fails here
-    feasible = [list(c) for c in itertools.product(range(2), repeat=3) if p.feasible(c)]
-    assert refined == min(feasible, key=objective) == [0, 0, 0]
-    # Everything at 8 bits costs 0, less still, but is over budget: refine must not take it.
-    assert objective([1, 1, 1]) < objective(refined) and not p.feasible([1, 1, 1])
+    # fits. Alone, the per-group costs pick a, b at 8. A cross term of -7 between a and b at 4 bits (their errors
+    # cancel) makes all-4 cost 2, the optimum; only a solver that sees the cross terms finds it.
+    pairs = np.zeros((3, 2, 3, 2))
+    pairs[0, 0, 1, 0] = pairs[1, 0, 0, 0] = -7.0
+    linear = problem(26.0)
+    quadratic = Problem(linear.groups, linear.bits, linear.cost, linear.metrics, linear.budgets, pairs)
+    assert solve(linear) == [1, 1, 0] and quadratic.objective([1, 1, 0]) == 3.0
+    assert solve(quadratic) == [0, 0, 0] and quadratic.objective([0, 0, 0]) == 2.0
+    # Everything at 8 bits costs 0, less still, but is over budget.
+    assert quadratic.objective([1, 1, 1]) == 0.0 and not quadratic.feasible([1, 1, 1])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_refine_never_worsens_and_stays_feasible(seed: int) -> None:
+@pytest.mark.parametrize("seed", range(6))
+def test_quadratic_ilp_is_the_brute_force_optimum(seed: int) -> None:
+    # Six groups, three bit-widths, cross terms of either sign (729 plans: brute force is the check).
     rng = np.random.default_rng(seed)
-    n = 6
-    cost = np.stack([rng.exponential(1.0, n), np.zeros(n)], 1)
-    size = np.stack([rng.integers(1, 20, n), np.zeros(n)], 1).astype(float)
-    size[:, 1] = 2 * size[:, 0]
-    p = Problem([[f"l{i}"] for i in range(n)], [4, 8], cost, {"size": size}, {"size": 0.7 * size[:, 1].sum()})
-    pair = rng.normal(0.0, 1.0, (n, n))
-    pair = (pair + pair.T) / 2
-    np.fill_diagonal(pair, 0.0)
-    objective = cross_term_objective(p, pair)
-    moves = [*itertools.combinations(range(n), 1), *itertools.combinations(range(n), 2)]
-    for start in (solve(p), [0] * n):  # the ILP's plan, and the cheapest one
-        refined = refine(p, start, objective)
-        assert p.feasible(refined) and objective(refined) <= objective(start)
-        # A local optimum: no single change or pair of changes within budget does better.
-        for move in moves:
-            candidate = [1 - b if g in move else b for g, b in enumerate(refined)]
-            if p.feasible(candidate):
-                assert objective(candidate) >= objective(refined) - 1e-9, (start, refined, candidate)
+    n, bits = 6, [2, 4, 8]
+    cost = rng.exponential(1.0, (n, 3))
+    size = np.sort(rng.integers(1, 20, (n, 3)), 1).astype(float)
+    pairs = rng.normal(0.0, 1.0, (n, 3, n, 3))
+    pairs = (pairs + pairs.transpose(2, 3, 0, 1)) / 2
+    p = Problem([[f"l{i}"] for i in range(n)], bits, cost, {"size": size}, {"size": 0.6 * size[:, 2].sum()}, pairs)
+    choice = solve(p)
+    feasible = [c for c in itertools.product(range(3), repeat=n) if p.feasible(c)]
+    assert p.feasible(choice)
+    assert p.objective(choice) == pytest.approx(min(p.objective(c) for c in feasible), abs=1e-9)
 
 
 def test_tie_groups_merge_overlapping_ties() -> None:
@@ -184,6 +165,52 @@ def test_small_cnn_residual_ties() -> None:
     for node in graph.layers:
         w = graph.weight(node.name).numel()
         assert costs.size_bytes[node.name][8] - costs.size_bytes[node.name][4] == w / 2
+
+
+def test_each_objective_is_its_sensitivity_model() -> None:
+    # The ILP's objective at any choice equals the prediction it stands for: cross terms, ties and the
+    # activation tensors' rows (8 or 16 bits) included.
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    calib = get_zoo_entry("small_cnn").calibration(0)
+    stats = calibrate(graph, calib)
+    narrow, wide = activation_grids(graph, calib, stats, QuantConfig())
+    sens = compute_sensitivity(graph, calib, narrow, SensitivityConfig(samples=4, max_draws=4, rounding="nearest"),
+                               wide_quantizers=wide)
+    costs = layer_costs(graph, [4, 8])
+    rng = np.random.default_rng(0)
+    for objective, model, tie in (("cross", "cross", True), ("trace", "trace", True), ("diagonal", "diagonal", False)):
+        problem = build_problem(graph, sens, costs, [4, 8], {"bops": np.inf}, tie, objective, activations=True)
+        assert problem.tensors == sens.activation_tensors and len(problem.tensors) >= 3
+        for _ in range(5):
+            choice = rng.integers(0, 2, len(problem.groups) + len(problem.tensors))
+            predicted = sens.predict(problem.plan(choice), model, problem.activation_plan(choice))
+            assert problem.objective(choice) == pytest.approx(predicted, rel=1e-9)
+            # A tensor at 16 bits adds one 8-bit pass of its readers' MACs.
+            wide_tensors = [t for t, b in problem.activation_plan(choice).items() if b == 16]
+            extra = sum(costs.macs[layer] * 64 for t in wide_tensors for layer in costs.readers[t])
+            assert problem.usage(choice)["bops"] == pytest.approx(costs.total("bops", problem.plan(choice)) + extra)
+    # The cross terms are not negligible here, so an objective that dropped them would fail above.
+    plan = {n.name: 4 for n in graph.layers}
+    assert abs(sens.predict(plan, "cross") - sens.predict(plan, "diagonal")) > 0.01 * sens.predict(plan, "diagonal")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weight_and_activation_rows_solve_to_the_brute_force_optimum(seed: int) -> None:
+    # Three weight groups with three bit-widths, two activation rows with two (the third column is forbidden).
+    rng = np.random.default_rng(seed)
+    cost = rng.exponential(1.0, (5, 3))
+    bops = np.sort(rng.integers(1, 20, (5, 3)), 1).astype(float)
+    bops[3:, 2] = 0.0  # forbidden columns cost nothing: only `allowed` keeps the solver off them
+    cost[3:, 2] = -100.0
+    pairs = rng.normal(0.0, 0.5, (5, 3, 5, 3))
+    pairs = (pairs + pairs.transpose(2, 3, 0, 1)) / 2
+    p = Problem([["a"], ["b"], ["c"]], [2, 4, 8], cost, {"bops": bops}, {"bops": 0.6 * bops.max(1).sum()}, pairs,
+                ["t1", "t2"])
+    choice = solve(p)
+    feasible = [c for c in itertools.product(range(3), range(3), range(3), range(2), range(2)) if p.feasible(c)]
+    assert p.feasible(choice) and max(choice[3:]) <= 1
+    assert p.objective(choice) == pytest.approx(min(p.objective(c) for c in feasible), abs=1e-9)
+    assert set(p.activation_plan(choice).values()) <= {8, 16} and set(p.plan(choice)) == {"a", "b", "c"}
 
 
 def _invoke(*args: object):

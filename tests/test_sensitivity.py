@@ -12,13 +12,13 @@ from lowbit.models import get_zoo_entry
 from lowbit.models.loading import load_program
 from lowbit.quantizer.calibrate import weight_error
 from lowbit.quantizer.capture import capture
-from lowbit.quantizer.config import QuantConfig
+from lowbit.quantizer.config import BitPlan, QuantConfig
 from lowbit.quantizer.graph import Graph, forward
-from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.quantize import int16_candidates, quantize
 from lowbit.quantizer.simulate import fake_quantizers
 from lowbit.sensitivity.analyze import SensitivityConfig, check_predictions, compute_sensitivity
-from lowbit.sensitivity.artifact import Sensitivity, weight_key
-from lowbit.sensitivity.hessian import hutchinson_traces, kl_to_reference
+from lowbit.sensitivity.artifact import Sensitivity, activation_key, weight_key
+from lowbit.sensitivity.hessian import float_activations, hutchinson_traces, kl_to_reference
 
 
 class Tiny(nn.Module):
@@ -112,6 +112,52 @@ def test_quadratic_terms_equal_the_exact_hessian(tiny) -> None:
     d = weight_error(graph.weight(name), 4, "mse").reshape(-1).double()
     k = sens.keys.index(weight_key(name, 4))
     assert sens.cross[k, k] == pytest.approx(float(d @ h[:size, :size] @ d), rel=1e-4)
+
+
+def _curvature_along(graph: Graph, x: np.ndarray, noise: dict[str, torch.Tensor]) -> float:
+    """d²/dε² of the KL-to-FP32 loss with ε·noise added to the named tensors, at ε = 0 (autograd, float64)."""
+    original = graph.params
+    graph.params = {k: v.double() for k, v in original.items()}
+    try:
+        xt = torch.from_numpy(x).double()
+        reference = forward(graph, xt)[graph.outputs[0]].detach()
+        eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        logits = forward(graph, xt, lambda n, t: t + eps * noise[n].double() if n in noise else t)
+        loss = kl_to_reference(logits[graph.outputs[0]], reference)
+        (slope,) = torch.autograd.grad(loss, eps, create_graph=True)
+        (curvature,) = torch.autograd.grad(slope, eps)
+    finally:
+        graph.params = original
+    return float(curvature)
+
+
+def test_activation_noise_terms_equal_the_exact_curvature(tiny) -> None:
+    # Each tensor that may be 16-bit gets its 8- and 16-bit rounding noise as perturbations; their quadratic
+    # terms are the loss's exact second derivative along that noise, and the cross terms along the sum.
+    graph, x = tiny
+    plan = BitPlan(BitPlan.uniform(graph, 8).bits, {t: 16 for t in int16_candidates(graph)})
+    narrow = fake_quantizers(quantize(graph, x, QuantConfig(rounding="nearest")))
+    wide = fake_quantizers(quantize(graph, x, QuantConfig(rounding="nearest"), plan))
+    wide = {t: wide[t] for t in int16_candidates(graph)}
+    sens = compute_sensitivity(graph, x, narrow, SensitivityConfig(samples=len(x), max_draws=4, rounding="nearest"),
+                               wide_quantizers=wide)
+    assert len(wide) >= 2 and sens.activation_tensors == list(wide)
+    primals = float_activations(graph, torch.from_numpy(x))
+    noise = {(t, b): grid(primals[t]) - primals[t] for t in wide for b, grid in ((8, narrow[t]), (16, wide[t]))}
+    key = {k: sens.keys.index(activation_key(*k)) for k in noise}
+    for k, e in noise.items():
+        assert sens.cross[key[k], key[k]] == pytest.approx(_curvature_along(graph, x, {k[0]: e}), rel=1e-3)
+    a, b = list(wide)[:2]
+    both = _curvature_along(graph, x, {a: noise[a, 8], b: noise[b, 8]})
+    cross = sens.cross[key[a, 8], key[b, 8]]
+    assert both == pytest.approx(sens.cross[key[a, 8], key[a, 8]] + sens.cross[key[b, 8], key[b, 8]] + 2 * cross,
+                                 rel=1e-3)
+    # 16 bits cut the noise's cost by about 2^16; the prediction counts only the tensors the plan keeps at 8.
+    for t in wide:
+        assert sens.cross[key[t, 16], key[t, 16]] < 1e-3 * sens.cross[key[t, 8], key[t, 8]]
+    weights = {n.name: 8 for n in graph.layers}
+    assert sens.predict(weights, activations={}) > sens.predict(weights, activations={a: 16}) > sens.predict(
+        weights, activations={t: 16 for t in wide})
 
 
 def test_sensitivity_round_trips_and_checks_predictions(tmp_path) -> None:

@@ -10,6 +10,7 @@ from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file, write_json
 from ..metrics import Agreement
 from ..quantizer.config import BitPlan, QuantConfig
+from ..search.ilp import DEFAULT_OBJECTIVE
 from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
@@ -34,12 +35,13 @@ class SearchOptions:
     latency_table: Path | None = None
     latency_source: str = "auto"
     sensitivity_dir: Path | None = None
-    cross_terms: bool = False
+    objective: str = DEFAULT_OBJECTIVE  # what the ILP minimises (search.ilp.OBJECTIVES)
     ties: bool = True
     frontier_points: int = 3
     bisect_steps: int = 5
     target: str | None = None  # TVM target of the latency table (default: this CPU; with `rpc`, the remote devices')
     rpc: RpcTarget | None = None  # time the latency table on the devices under this tracker's key
+    wide_activations: bool = False  # let the ILP keep activation tensors at 16 bits
 
 
 def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
@@ -52,11 +54,14 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     from ..search.costs import LatencyTable, layer_costs, measure_onnxruntime
 
     bits, requested, drop, latency_source = o.bits, o.budgets or {}, o.max_drop, o.latency_source
-    cross_terms, sensitivity_dir = o.cross_terms, o.sensitivity_dir
+    sensitivity_dir = o.sensitivity_dir
     if len(bits) < 2:
         raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths")
     if not requested and drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    if o.wide_activations and not {"latency", "bops"} & set(requested):
+        raise LowbitError("16-bit activations cost time, not weight size, so a search that may choose them needs "
+                          "a --latency or --bops budget (1x lets --max-drop bisect it)")
     latency_source = _latency_source(o, needed="latency" in requested and o.latency_table is None)
     table = LatencyTable.load(o.latency_table) if o.latency_table else None
     sens = Sensitivity.load(sensitivity_dir) if sensitivity_dir else None
@@ -89,7 +94,15 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
                 from ..codegen.tvm.latency import measure_layers
                 from ..codegen.tvm.target import DEFAULT_TARGET
 
-                table = measure_layers(uniform, o.target or DEFAULT_TARGET, log=log, rpc=o.rpc)
+                wide = None
+                if o.wide_activations:
+                    wide_plan = BitPlan(BitPlan.uniform(graph, max(bits)).bits,
+                                        {t: 16 for t in sens.activation_tensors})
+                    wide = quantize(graph, prepared.calib.x, timing_config, wide_plan, stats=stats)
+                table = measure_layers(uniform, o.target or DEFAULT_TARGET, log=log, rpc=o.rpc, wide_input=wide)
+            elif o.wide_activations:
+                raise LowbitError("16-bit activations are timed in TVM only (ONNX Runtime's QDQ models have no "
+                                  "int16 convolution): install TVM or use --latency-source tvm")
             else:
                 table = measure_onnxruntime(uniform, log=log)
         caveat = ("" if latency_source != "onnxruntime" else
@@ -100,7 +113,8 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     top = {layer.name: max(bits) for layer in graph.layers}
     budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}
     metric = next(iter(budgets), "size")
-    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: costs.total(metric, top)}, o.ties)
+    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: costs.total(metric, top)}, o.ties,
+                              o.objective, o.wide_activations)
     progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
                             f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
 
@@ -109,14 +123,15 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
 
     def measure(budget: dict[str, float], what: str) -> s.FrontierPoint:
         with progress.stage("measure"), progress.steps_of("measure") as log:
-            point = s.evaluate_point(problem, sens, costs, evaluator, budget, cross_terms, log)
+            point = s.evaluate_point(problem, sens, costs, evaluator, budget, log)
         points.append(point)
         progress.echo("measure", f"{what}: bits {point.bit_counts}, {s.format_metric(metric, point.costs[metric])}, "
                                  f"top-1 agreement {_short(point.measured)} ({point.measured['seconds']:.0f}s)")
         return point
 
-    cheapest, dearest = s.budget_range(problem, metric)
-    baseline = measure({**problem.budgets, metric: dearest}, f"uniform {max(bits)}-bit")
+    cheapest, dearest = problem.metric_range(metric)
+    highest = f"uniform {max(bits)}-bit" + (", activations 16-bit where they may be" if problem.tensors else "")
+    baseline = measure({**problem.budgets, metric: dearest}, highest)
     chosen = measure(budgets, "requested budget") if budgets else None
     for k in range(o.frontier_points):
         f = k / max(o.frontier_points, 1)
@@ -124,24 +139,26 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     if drop is not None:
         with progress.stage("bisect"):
             chosen, tried = s.bisect_max_drop(problem, sens, costs, evaluator, metric, drop, baseline, o.bisect_steps,
-                                              cross_terms, echo=lambda m: progress.echo("bisect", m))
+                                              echo=lambda m: progress.echo("bisect", m))
         points += tried
         progress.echo("bisect", f"cheapest plan within {100 * drop:.2f}%: "
                                 f"{s.format_metric(metric, chosen.costs[metric])}, "
                                 f"top-1 agreement {_short(chosen.measured)}")
     assert chosen is not None
 
-    unique = {frozenset(p.plan.items()): p for p in reversed(points)}  # each plan once, as first measured
+    unique = {s.plan_key(p.plan): p for p in reversed(points)}  # each plan once, as first measured
     frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan,
                  "drop_vs_baseline": evaluator.agreement_drop(baseline.plan, p.plan)} for p in unique.values()]
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
                "heldout": reports.data_summary(prepared.heldout),
-               "max_drop": drop, "baseline": baseline.to_json(), "cross_terms": cross_terms,
-               "ties": o.ties, "groups": problem.groups,
+               "max_drop": drop, "baseline": baseline.to_json(), "objective": o.objective,
+               "ties": o.ties, "groups": problem.groups, "activation_choices": problem.tensors,
+               "chosen_activation_costs": wide_activation_costs(chosen.plan, sens, costs),
                "latency_table": None if table is None else table.to_json()}
     with atomic_directory(output, force) as tmp:
-        BitPlan(chosen.plan).save(tmp / "plan.json", model=graph.name, budgets=budgets, max_drop=drop,
-                                  predicted_loss=chosen.predicted_loss, measured=chosen.measured, costs=chosen.costs)
+        chosen.plan.save(tmp / "plan.json", model=graph.name, budgets=budgets, max_drop=drop,
+                         predicted_loss=chosen.predicted_loss, measured=chosen.measured, costs=chosen.costs,
+                         activation_costs=wide_activation_costs(chosen.plan, sens, costs))
         write_json(tmp / "frontier.json", {**summary, "points": frontier})
         plots.pareto_plot(frontier, metric, tmp / "frontier.png", f"{graph.name}: measured plans ({metric})")
         with atomic_file(tmp / "report.md") as f:
@@ -151,6 +168,19 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
                           f"`lowbit quantize {source.model} --plan {output / 'plan.json'} -o OUT`")
     return summary
+
+
+def wide_activation_costs(plan: BitPlan, sens: Sensitivity, costs) -> dict[str, dict[str, float]]:
+    """Per activation tensor the plan keeps at 16 bits: the predicted loss it saves, and what it adds to BOPs
+    and (with a latency table) latency."""
+    out = {}
+    for t in sorted(t for t, b in plan.activation_bits.items() if b == 16):
+        row = {"loss_saved": sens.activation_cost(t, 8) - sens.activation_cost(t, 16),
+               "bops": costs.activation_cost("bops", t, 16)}
+        if costs.latency is not None:
+            row["latency_ms"] = costs.activation_cost("latency", t, 16)
+        out[t] = row
+    return out
 
 
 def _latency_source(o: SearchOptions, needed: bool) -> str:
@@ -178,7 +208,7 @@ def _latency_source(o: SearchOptions, needed: bool) -> str:
 
 
 def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metric: str) -> str:
-    from ..search.search import format_metric
+    from ..search.search import OBJECTIVES, format_metric
 
     heldout = summary.get("heldout")
     on = "" if heldout is None else f" ({reports.samples_text(heldout)})"
@@ -186,8 +216,7 @@ def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metri
              f"- bit-widths: {summary['bits']}; budgets: " +
              (", ".join(f"{m} <= {format_metric(m, v)}" for m, v in summary["budgets"].items()) or "none") +
              (f"; max drop {100 * summary['max_drop']:.2f}%" if summary["max_drop"] is not None else ""),
-             "- objective: exact per-group Hessian terms"
-             + (", refined with every cross term" if summary["cross_terms"] else ""),
+             f"- objective ({summary['objective']}): {OBJECTIVES[summary['objective']]}",
              f"- fidelity: top-1 agreement with FP32 on held-out data{on}, fake-quant executor, plans quantized as "
              "`lowbit quantize` does; [low, high] are bootstrap 95% intervals, the drop's paired (both plans scored "
              "on the same samples); confident: FP32 top-1/top-2 logit gap above 1.0", "",
@@ -202,10 +231,26 @@ def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metri
         agreement = p["measured"].get("agreement")
         confident = "-" if agreement is None else Agreement.from_json(agreement["confident"]).describe()
         lines.append(f"| {'**chosen**' if p['chosen'] else ''} | {format_metric(metric, p['costs'][metric])} | "
-                     f"{p['bit_counts']} | {p['predicted_loss']:.4g} | {_short(p['measured'])} | {confident} | "
+                     f"{p['bit_counts']}{_wide_text(p)} | {p['predicted_loss']:.4g} | {_short(p['measured'])} | "
+                     f"{confident} | "
                      f"{drop_text} | {'-' if sqnr is None else f'{sqnr:.1f} dB'} |")
+    wide = summary.get("chosen_activation_costs") or {}
+    if summary.get("activation_choices"):
+        lines += ["", f"## 16-bit activations: {len(wide)} of the {len(summary['activation_choices'])} tensors that "
+                  "may be 16-bit, in the chosen plan", ""]
+        if wide:
+            latency = any("latency_ms" in c for c in wide.values())
+            lines += ["| tensor | predicted loss saved | BOPs added | " + ("latency added |" if latency else ""),
+                      "|---|---:|---:|" + ("---:|" if latency else "")]
+            lines += [f"| {t} | {c['loss_saved']:.3g} | {c['bops'] / 1e9:.3f} G | "
+                      + (f"{c['latency_ms']:.3f} ms |" if latency else "") for t, c in wide.items()]
     lines += ["", "Plot: `frontier.png`. Plan: `plan.json` (apply with `lowbit quantize MODEL --plan plan.json`).", ""]
     return "\n".join(lines)
+
+
+def _wide_text(point: dict[str, Any]) -> str:
+    wide = sum(b == 16 for b in point.get("activation_bits", {}).values())
+    return f", {wide} activations at 16" if wide else ""
 
 
 def _short(measured: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file
 from ..quantizer.config import QuantConfig
+from ..quantizer.graph import Graph
 from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
@@ -29,23 +30,29 @@ def load_labels(path: Path | None, n: int) -> np.ndarray | None:
     return labels
 
 
-def _activation_quantizers(prepared: Prepared, stats: dict, config: QuantConfig) -> dict:
-    """The 8-bit activation grids `lowbit quantize` uses (they don't depend on the weights' rounding)."""
-    from ..quantizer.quantize import quantize
+def activation_grids(graph: Graph, calib: np.ndarray, stats: dict, config: QuantConfig) -> tuple[dict, dict]:
+    """The 8-bit activation grids `lowbit quantize` uses (they don't depend on the weights' rounding), and the
+    16-bit grids of the tensors a plan may keep at 16 bits."""
+    from ..quantizer.config import BitPlan
+    from ..quantizer.quantize import int16_candidates, quantize
     from ..quantizer.simulate import fake_quantizers
 
     cheap = QuantConfig(calib_method=config.calib_method, percentile=config.percentile, rounding="nearest")
-    return fake_quantizers(quantize(prepared.graph, prepared.calib.x, cheap, stats=stats))
+    narrow = fake_quantizers(quantize(graph, calib, cheap, stats=stats))
+    candidates = int16_candidates(graph)
+    wide_plan = BitPlan(BitPlan.uniform(graph, 8).bits, {t: 16 for t in candidates})
+    wide = fake_quantizers(quantize(graph, calib, cheap, wide_plan, stats=stats))
+    return narrow, {t: wide[t] for t in candidates}
 
 
 def run_sensitivity(prepared: Prepared, stats: dict, config: SensitivityConfig, labels: np.ndarray | None,
                     check_configs: int, progress: Progress) -> Sensitivity:
     from ..sensitivity.analyze import check_predictions, compute_sensitivity
 
-    quantizers = _activation_quantizers(prepared, stats, QuantConfig())
     x = prepared.calib.x
+    narrow, wide = activation_grids(prepared.graph, x, stats, QuantConfig())
     with progress.stage("sensitivity"), progress.steps_of("sensitivity") as log:
-        sens = compute_sensitivity(prepared.graph, x, quantizers, config, labels, log)
+        sens = compute_sensitivity(prepared.graph, x, narrow, config, labels, log, wide_quantizers=wide)
     widest = max(layer.trace_half_width / layer.trace for layer in sens.layers if layer.trace > 0)
     progress.echo("sensitivity", f"{len(sens.layers)} layers, {sens.trace_draws} Hutchinson draws (widest 95% "
                                  f"interval ±{100 * widest:.1f}%), {len(sens.keys)} exact quadratic terms "
@@ -91,6 +98,12 @@ def sensitivity_markdown(sens: Sensitivity) -> str:
     for layer in sens.layers:
         lines.append(f"| {layer.name} | {layer.params} | {layer.trace:.4g} ± {layer.trace_half_width:.2g} | " +
                      " | ".join(f"{layer.omega(b):.3g}" for b in sens.bits) + f" | {layer.activation_omega:.3g} |")
+    if sens.activation_tensors:
+        lines += ["", "## Activation tensors that may be 16-bit", "",
+                  "Predicted loss increase from each tensor's rounding noise alone, ½ eᵀHe (exact), at 8 and 16 bits; "
+                  "most costly first.", "", "| tensor | at 8 bits | at 16 bits |", "|---|---:|---:|"]
+        for t in sorted(sens.activation_tensors, key=lambda t: -sens.activation_cost(t, 8)):
+            lines.append(f"| {t} | {sens.activation_cost(t, 8):.3g} | {sens.activation_cost(t, 16):.3g} |")
     lines += ["", "Plots: `sensitivity_layers.png`, `cross_terms_w*.png`.", ""]
     return "\n".join(lines)
 

@@ -60,7 +60,20 @@ def scaled_tensors(graph: Graph) -> set[str]:
 
 
 def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None:
-    """Refuse a plan's activation bit-widths that the model cannot take, naming each tensor and why.
+    """Refuse a plan's activation bit-widths that the model cannot take, naming each tensor and why (see
+    `int16_refusal`)."""
+    problems = [f"{name}={bits}: supported activation bit-widths are 8 and 16"
+                for name, bits in activation_bits.items() if bits not in (8, 16)]
+    problems += [why for name, bits in sorted(activation_bits.items()) if bits == 16
+                 for why in [int16_refusal(graph, name)] if why]
+    if problems:
+        raise LowbitError("the bit plan's activation_bits do not fit the model: " + "; ".join(problems)
+                          + f". Tensors that can be 16-bit: the outputs of {', '.join(sorted(QUANTIZABLE_OPS))}, "
+                          "add, concat, avgpool and inputs, where no table-lookup op reads them")
+
+
+def int16_refusal(graph: Graph, name: str) -> str | None:
+    """Why tensor `name` cannot be 16-bit, or None when it can.
 
     A tensor may be 16-bit when it gets its own scale (`scaled_tensors`), is not a layer's raw int32
     accumulator (a graph output), and every op that reads its integers accepts int16 (`OpDef.int16_refusal`),
@@ -68,26 +81,33 @@ def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None
     """
     fused_clamps = {c.name for c in fusable_clamps(graph).values()}
     scaled = {n for n in scaled_tensors(graph) if graph.node(n).op != "clamp" or n in fused_clamps}
-    problems = [f"{name}={bits}: supported activation bit-widths are 8 and 16"
-                for name, bits in activation_bits.items() if bits not in (8, 16)]
-    for name, bits in sorted(activation_bits.items()):
-        if bits != 16:
-            continue
-        if name not in scaled:
-            why = ("no such tensor" if name not in {n.name for n in graph.nodes} else
-                   "it has no scale of its own (it keeps its input's grid, or is a clamp fused into its producer: "
-                   "name the clamp instead)")
-            problems.append(f"{name}: {why}")
-            continue
-        if name in graph.outputs and OPS[graph.node(name).op].quantizable:
-            problems.append(f"{name}: a graph output of a layer stays the int32 accumulator, with no activation grid")
-            continue
-        problems += [f"{name}: read by {reader.name} ({reader.op}), and {reader.op} cannot take int16: {why}"
-                     for reader, why in _int16_readers(graph, name)]
-    if problems:
-        raise LowbitError("the bit plan's activation_bits do not fit the model: " + "; ".join(problems)
-                          + f". Tensors that can be 16-bit: the outputs of {', '.join(sorted(QUANTIZABLE_OPS))}, "
-                          "add, concat, avgpool and inputs, where no table-lookup op reads them")
+    if name not in scaled:
+        why = ("no such tensor" if name not in {n.name for n in graph.nodes} else
+               "it has no scale of its own (it keeps its input's grid, or is a clamp fused into its producer: "
+               "name the clamp instead)")
+        return f"{name}: {why}"
+    if name in graph.outputs and OPS[graph.node(name).op].quantizable:
+        return f"{name}: a graph output of a layer stays the int32 accumulator, with no activation grid"
+    refused = [f"{name}: read by {reader.name} ({reader.op}), and {reader.op} cannot take int16: {why}"
+               for reader, why in _int16_readers(graph, name)]
+    return "; ".join(refused) or None
+
+
+def integer_readers(graph: Graph, name: str) -> list[str]:
+    """The layers that read tensor `name`'s integers: directly, or through ops that keep its grid (pad,
+    maxpool, reshape, clamp). A 16-bit `name` makes each of them run on a 16-bit input."""
+    found = []
+    for reader in graph.consumers(name):
+        if OPS[reader.op].quantizable:
+            found.append(reader.name)
+        elif OPS[reader.op].scale_preserving or reader.op == "clamp":
+            found += integer_readers(graph, reader.name)
+    return found
+
+
+def int16_candidates(graph: Graph) -> list[str]:
+    """The tensors a plan may keep at 16 bits, in graph order."""
+    return [n.name for n in graph.nodes if int16_refusal(graph, n.name) is None]
 
 
 def _int16_readers(graph: Graph, name: str) -> list[tuple[Node, str]]:

@@ -29,12 +29,14 @@ FLOAT_BITS = 32
 
 @dataclass
 class LatencyTable:
-    """Milliseconds per (layer, weight bits), measured on `target` by `source`."""
+    """Milliseconds per (layer, weight bits), measured on `target` by `source`; `wide_input_ms`: per layer, with
+    a 16-bit input and the widest weights (empty when 16-bit activations were not measured)."""
 
     target: str
     source: str
     ms: dict[str, dict[int, float]]
     meta: dict[str, Any] = field(default_factory=dict)
+    wide_input_ms: dict[str, float] = field(default_factory=dict)
 
     def get(self, layer: str, bits: int) -> float:
         try:
@@ -43,15 +45,24 @@ class LatencyTable:
             raise LowbitError(f"latency table ({self.source}, {self.target}) has no entry for layer {layer!r} at "
                               f"{bits} bits; measure it again for this model and bit set") from None
 
+    def wide_input_extra(self, layer: str) -> float:
+        """What a 16-bit input adds to `layer`'s time (at its widest weights)."""
+        if layer not in self.wide_input_ms:
+            raise LowbitError(f"latency table ({self.source}, {self.target}) has no 16-bit-input time for layer "
+                              f"{layer!r}; measure it again with 16-bit activations")
+        return self.wide_input_ms[layer] - self.get(layer, max(self.ms[layer]))
+
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "source": self.source, "meta": self.meta,
-                "ms": {layer: {str(b): v for b, v in row.items()} for layer, row in self.ms.items()}}
+                "ms": {layer: {str(b): v for b, v in row.items()} for layer, row in self.ms.items()},
+                "wide_input_ms": self.wide_input_ms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "latency table") -> LatencyTable:
         try:
             ms = {layer: {int(b): float(v) for b, v in row.items()} for layer, row in data["ms"].items()}
-            return cls(str(data["target"]), str(data["source"]), ms, dict(data.get("meta", {})))
+            wide = {layer: float(v) for layer, v in data.get("wide_input_ms", {}).items()}
+            return cls(str(data["target"]), str(data["source"]), ms, dict(data.get("meta", {})), wide)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LowbitError(f"{where}: not a latency table ({e}); expected "
                               '{"target": ..., "source": ..., "ms": {layer: {bits: ms}}}') from e
@@ -71,6 +82,8 @@ class CostModel:
     size_bytes: dict[str, dict[int, float]]
     bops: dict[str, dict[int, float]]
     latency: LatencyTable | None = None
+    readers: dict[str, list[str]] = field(default_factory=dict)  # tensor -> layers that read its integers
+    macs: dict[str, int] = field(default_factory=dict)  # layer -> MACs
 
     def cost(self, metric: str, layer: str, bits: int) -> float:
         if metric == "size":
@@ -84,19 +97,39 @@ class CostModel:
             return self.latency.get(layer, bits)
         raise ValueError(f"unknown cost metric {metric!r}")
 
+    def activation_cost(self, metric: str, tensor: str, bits: int) -> float:
+        """What keeping `tensor` at `bits` (8 or 16) adds to `metric`, against 8 bits.
+
+        A 16-bit input runs each layer that reads it as two 8-bit passes (`lowbit.ir.dtypes.activation_dtype`),
+        so it adds one pass's BOPs (MACs x 8 x 8, whatever the weights' width) and the measured extra time."""
+        if bits == 8 or metric == "size":
+            return 0.0
+        if metric == "bops":
+            return float(sum(self.macs[layer] * 8 * ACTIVATION_BITS for layer in self.readers[tensor]))
+        if metric == "latency":
+            if self.latency is None:
+                raise LowbitError("a latency budget needs a latency table: measure one (--latency-source "
+                                  "tvm) or pass --latency-table FILE")
+            return sum(self.latency.wide_input_extra(layer) for layer in self.readers[tensor])
+        raise ValueError(f"unknown cost metric {metric!r}")
+
     def total(self, metric: str, plan: dict[str, int]) -> float:
         return float(sum(self.cost(metric, layer, bits) for layer, bits in plan.items()))
 
 
 def layer_costs(graph: Graph, bits: Iterable[int], latency: LatencyTable | None = None) -> CostModel:
-    """Size (weights at `bits`, int32 bias) and BOPs (MACs x weight bits x 8-bit activations) per layer."""
+    """Size (weights at `bits`, int32 bias) and BOPs (MACs x weight bits x 8-bit activations) per layer, and
+    what 16-bit activations add (`CostModel.activation_cost`)."""
+    from ..quantizer.quantize import int16_candidates, integer_readers
+
     size: dict[str, dict[int, float]] = {}
     bops: dict[str, dict[int, float]] = {}
     for node in graph.layers:
         shape = tuple(graph.weight(node.name).shape)
         size[node.name] = {b: PerChannelWeights.bytes_for(shape, b) for b in bits}
         bops[node.name] = {b: float(node.macs * b * ACTIVATION_BITS) for b in bits}
-    return CostModel(size, bops, latency)
+    readers = {t: integer_readers(graph, t) for t in int16_candidates(graph)}
+    return CostModel(size, bops, latency, readers, {n.name: n.macs for n in graph.layers})
 
 
 def single_layer_graph(qgraph: QuantizedGraph, layer: str) -> QuantizedGraph:

@@ -4,42 +4,97 @@ One binary x[g, b] per tie group g and bit-width b, with Σ_b x[g, b] = 1.
 Minimise Σ cost[g, b]·x[g, b] subject to Σ metric[g, b]·x[g, b] <= budget for
 each constrained metric (size, BOPs, latency). Tied layers share one choice, so
 the quadratic terms between them are constant within a choice and enter the
-linear cost exactly. The remaining cross terms, between groups, are used by
-`refine`, a local search on the full quadratic objective after the ILP.
+linear cost exactly.
+
+The cross terms between groups make the objective quadratic:
++ Σ_{g<h} Σ_{b,c} pairs[g, b, h, c]·x[g, b]·x[h, c]. `solve` linearizes it exactly
+(the reformulation-linearization technique): one continuous y[g, b, h, c] >= 0 per
+product, with Σ_c y[g, b, h, c] = x[g, b] and Σ_b y[g, b, h, c] = x[h, c]. For
+one-hot x these force y = x[g, b]·x[h, c]: y[g, b, h, c'] sums to x[h, c'] = 0
+over b for every c' but the chosen c, so the row's mass x[g, b] lands on c.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
 
 from ..errors import LowbitError
 
 Plan = dict[str, int]
 
+# What the ILP minimises: the predicted loss increase of `Sensitivity.predict`'s models.
+OBJECTIVES = {
+    "diagonal": "the exact Hessian blocks of each tie group (tied layers' mutual terms included)",
+    "cross": "½ δᵀHδ with every inter-layer term (a quadratic ILP, linearized exactly)",
+    "trace": "HAWQ-V3's trace estimate, ½ Σ Tr(H_i)/n_i ‖ΔW_i‖²",
+}
+DEFAULT_OBJECTIVE = "diagonal"
+
+
+ACTIVATION_BITS = (8, 16)  # the options of an activation tensor's row
+
 
 @dataclass(frozen=True)
 class Problem:
+    """One row per choice: first the tie groups of layers (options `bits`), then the activation tensors that
+    may be 16-bit (options `ACTIVATION_BITS`, padded with forbidden columns when `bits` has more)."""
+
     groups: list[list[str]]  # tied layers; every layer in exactly one group
     bits: list[int]
-    cost: np.ndarray  # [groups, bits]: the objective
-    metrics: dict[str, np.ndarray]  # name -> [groups, bits]
+    cost: np.ndarray  # [rows, options]: the objective
+    metrics: dict[str, np.ndarray]  # name -> [rows, options]
     budgets: dict[str, float]  # name -> upper bound
+    # [rows, options, rows, options]: the objective's cross terms between two rows' choices (only r != s
+    # is read; None: a linear objective).
+    pairs: np.ndarray | None = None
+    tensors: list[str] = field(default_factory=list)  # the activation rows, after the groups
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """[rows, options]: which options each row has."""
+        mask = np.ones((len(self.groups) + len(self.tensors), len(self.bits)), dtype=bool)
+        mask[len(self.groups):, len(ACTIVATION_BITS):] = False
+        return mask
+
+    def objective(self, choice: Sequence[int]) -> float:
+        """The objective's value at `choice` (option index per row), cross terms included."""
+        c = np.asarray(choice)
+        rows = np.arange(len(c))
+        value = float(self.cost[rows, c].sum())
+        if self.pairs is not None:
+            between = self.pairs[rows[:, None], c[:, None], rows[None, :], c[None, :]]
+            value += float(np.triu(between, 1).sum())
+        return value
+
+    def with_budgets(self, budgets: dict[str, float]) -> Problem:
+        return replace(self, budgets=budgets)
 
     def plan(self, choice: Sequence[int]) -> Plan:
-        """Bit index per group -> bits per layer."""
-        return {layer: self.bits[c] for group, c in zip(self.groups, choice, strict=True) for layer in group}
+        """Option index per row -> bits per layer."""
+        return {layer: self.bits[c] for group, c in zip(self.groups, choice, strict=False) for layer in group}
+
+    def activation_plan(self, choice: Sequence[int]) -> dict[str, int]:
+        """Option index per row -> bits per activation tensor (8 or 16)."""
+        return {t: ACTIVATION_BITS[c] for t, c in zip(self.tensors, choice[len(self.groups):], strict=True)}
 
     def usage(self, choice: Sequence[int]) -> dict[str, float]:
-        rows = np.arange(len(self.groups))
+        rows = np.arange(len(choice))
         return {m: float(table[rows, list(choice)].sum()) for m, table in self.metrics.items()}
 
     def feasible(self, choice: Sequence[int]) -> bool:
         used = self.usage(choice)
         return all(used[m] <= self.budgets[m] * (1 + 1e-9) for m in self.budgets)
+
+    def metric_range(self, metric: str) -> tuple[float, float]:
+        """The least and the most any plan's total of `metric` can be."""
+        table = self.metrics[metric]
+        return (float(np.where(self.allowed, table, np.inf).min(1).sum()),
+                float(np.where(self.allowed, table, -np.inf).max(1).sum()))
 
 
 def tie_groups(layers: Sequence[str], ties: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -61,26 +116,61 @@ def tie_groups(layers: Sequence[str], ties: Sequence[Sequence[str]]) -> list[lis
     return list(groups.values())
 
 
-def solve(problem: Problem, units: Mapping[str, Callable[[float], str]] | None = None) -> list[int]:
-    """The optimal bit index per group; a clear error when no plan fits the budgets."""
+def solve(problem: Problem, units: Mapping[str, Callable[[float], str]] | None = None,
+          time_limit: float = 60.0) -> list[int]:
+    """The optimal bit index per group, cross terms included; a clear error when no plan fits the budgets."""
     units = units or {}
     _check_budgets(problem, units)
-    n_groups, n_bits = problem.cost.shape
+    n_groups, n_bits = problem.cost.shape  # groups here: every row, activation tensors included
+    n_x = n_groups * n_bits
+    pair_cost, pair_rows = _linearized_products(problem)
+    n_y = len(pair_cost)
     one_per_group = np.kron(np.eye(n_groups), np.ones(n_bits))
-    constraints = [LinearConstraint(one_per_group, 1, 1)]
+    constraints = [LinearConstraint(np.hstack([one_per_group, np.zeros((n_groups, n_y))]), 1, 1)]
     for m, budget in problem.budgets.items():
-        constraints.append(LinearConstraint(problem.metrics[m].reshape(1, -1), -np.inf, budget))
-    result = milp(problem.cost.reshape(-1), constraints=constraints, integrality=np.ones(n_groups * n_bits),
-                  bounds=Bounds(0, 1), options={"time_limit": 30.0})
+        row = np.concatenate([problem.metrics[m].reshape(-1), np.zeros(n_y)])
+        constraints.append(LinearConstraint(row.reshape(1, -1), -np.inf, budget))
+    if pair_rows is not None:
+        constraints.append(LinearConstraint(pair_rows, 0, 0))
+    result = milp(np.concatenate([problem.cost.reshape(-1), pair_cost]), constraints=constraints,
+                  integrality=np.concatenate([np.ones(n_x), np.zeros(n_y)]),
+                  bounds=Bounds(0, np.concatenate([problem.allowed.reshape(-1), np.ones(n_y)])),
+                  options={"time_limit": time_limit})
     if result.x is None:
         raise LowbitError(f"the budgets {_describe(problem.budgets, units)} admit no plan together "
                           f"({result.message}); loosen one of them")
-    return [int(i) for i in np.round(result.x).reshape(n_groups, n_bits).argmax(1)]
+    return [int(i) for i in np.round(result.x[:n_x]).reshape(n_groups, n_bits).argmax(1)]
+
+
+def _linearized_products(problem: Problem) -> tuple[np.ndarray, coo_array | None]:
+    """The y variables' costs, and the rows Σ_c y[g,b,h,c] - x[g,b] = 0 and Σ_b y[g,b,h,c] - x[h,c] = 0.
+
+    y is numbered by (pair of groups, b, c); x[g, b] is column g·bits + b and y k is column x's count + k.
+    """
+    n_groups, n_bits = problem.cost.shape
+    if problem.pairs is None or n_groups < 2:
+        return np.zeros(0), None
+    g, h = np.triu_indices(n_groups, 1)
+    n_pairs, n_x = len(g), n_groups * n_bits
+    pair = np.repeat(np.arange(n_pairs), n_bits * n_bits)
+    b = np.tile(np.repeat(np.arange(n_bits), n_bits), n_pairs)
+    c = np.tile(np.arange(n_bits), n_pairs * n_bits)
+    y_col = n_x + np.arange(len(pair))
+    # One row per (pair, bit) for each marginal: first Σ_c (rows pair·bits + b), then Σ_b (after those).
+    marginal = np.arange(n_pairs * n_bits)
+    marginal_pair, marginal_bit = np.repeat(np.arange(n_pairs), n_bits), np.tile(np.arange(n_bits), n_pairs)
+    rows = np.concatenate([pair * n_bits + b, n_pairs * n_bits + pair * n_bits + c,
+                           marginal, n_pairs * n_bits + marginal])
+    cols = np.concatenate([y_col, y_col, g[marginal_pair] * n_bits + marginal_bit,
+                           h[marginal_pair] * n_bits + marginal_bit])
+    values = np.concatenate([np.ones(2 * len(y_col)), -np.ones(2 * len(marginal))])
+    matrix = coo_array((values, (rows, cols)), shape=(2 * n_pairs * n_bits, n_x + len(y_col)))
+    return problem.pairs[g[pair], b, h[pair], c], matrix
 
 
 def _check_budgets(problem: Problem, units: Mapping[str, Callable[[float], str]]) -> None:
     for m, budget in problem.budgets.items():
-        smallest = float(problem.metrics[m].min(1).sum())
+        smallest = problem.metric_range(m)[0]
         if budget < smallest * (1 - 1e-9):
             fmt = units.get(m, lambda v: f"{v:.6g}")
             raise LowbitError(f"{m} budget {fmt(budget)} is infeasible: the smallest {m} any plan reaches is "
@@ -90,27 +180,3 @@ def _check_budgets(problem: Problem, units: Mapping[str, Callable[[float], str]]
 
 def _describe(budgets: Mapping[str, float], units: Mapping[str, Callable[[float], str]]) -> str:
     return ", ".join(f"{m} <= {units.get(m, lambda v: f'{v:.6g}')(b)}" for m, b in budgets.items())
-
-
-def refine(problem: Problem, choice: list[int], objective: Callable[[list[int]], float],
-           max_rounds: int = 20) -> list[int]:
-    """Local search on the full objective: single changes and pairwise swaps that stay within budget."""
-    best, best_value = list(choice), objective(choice)
-    n_groups, n_bits = problem.cost.shape
-    for _ in range(max_rounds):
-        improved = False
-        moves = [[(g, b)] for g in range(n_groups) for b in range(n_bits) if b != best[g]]
-        moves += [[(g, b), (h, c)] for g in range(n_groups) for h in range(g + 1, n_groups)
-                  for b in range(n_bits) for c in range(n_bits) if b != best[g] and c != best[h]]
-        for move in moves:
-            candidate = list(best)
-            for g, b in move:
-                candidate[g] = b
-            if not problem.feasible(candidate):
-                continue
-            value = objective(candidate)
-            if value < best_value - 1e-12:
-                best, best_value, improved = candidate, value, True
-        if not improved:
-            break
-    return best

@@ -1,10 +1,10 @@
 """The search stage: Sensitivity + costs + budget -> BitPlan, a measured frontier, and bisection.
 
-- `plan_for_budget`: ILP on the exact per-group quadratic costs (tied layers' mutual
-  terms included), optionally refined with the cross terms between groups. On
-  MobileNetV2 at 0.7x size the refinement lowered predicted loss but also held-out
-  agreement (BENCHMARKS.md, search section, from benchmarks/bench_search.py), so it is
-  off by default.
+- `build_problem`: the ILP for one of three objectives (`OBJECTIVES`): the exact
+  per-group quadratic costs (tied layers' mutual terms included), the same plus every
+  cross term between groups (a quadratic objective that `ilp.solve` linearizes
+  exactly), or HAWQ-V3's trace estimate. Which is the default, and why, is measured
+  out of sample by benchmarks/bench_cross_terms.py (BENCHMARKS.md, cross_terms).
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
   calibration statistics shared) and measures top-1 agreement with FP32 on
   held-out data, with the fake-quant executor. The recipe's `auto` parts are chosen
@@ -34,9 +34,9 @@ from ..quantizer.graph import Graph, run_graph
 from ..quantizer.quantize import quantize
 from ..quantizer.recipe import Recipe, choose_recipe
 from ..quantizer.simulate import simulate
-from ..sensitivity.artifact import Sensitivity
+from ..sensitivity.artifact import Sensitivity, activation_key, weight_key
 from .costs import CostModel
-from .ilp import Plan, Problem, refine, solve, tie_groups
+from .ilp import ACTIVATION_BITS, DEFAULT_OBJECTIVE, OBJECTIVES, Plan, Problem, solve, tie_groups
 
 Log = Callable[[str], None]
 METRICS = ("size", "bops", "latency")
@@ -90,23 +90,55 @@ def residual_ties(graph: Graph) -> list[list[str]]:
     return ties
 
 
+
+
 def build_problem(graph: Graph, sens: Sensitivity, costs: CostModel, bits: Sequence[int],
-                  budgets: dict[str, float], tie: bool = True) -> Problem:
-    """The ILP: one choice per tie group; its cost is the group's exact quadratic loss at that choice."""
+                  budgets: dict[str, float], tie: bool = True, objective: str = DEFAULT_OBJECTIVE,
+                  activations: bool = False) -> Problem:
+    """The ILP: one choice per tie group, costed by `objective` (one of `OBJECTIVES`), and with `activations`
+    one per tensor that may be 16-bit (`Sensitivity.activation_tensors`)."""
+    if objective not in OBJECTIVES:
+        raise LowbitError(f"search objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
     layers = [n.name for n in graph.layers]
     groups = tie_groups(layers, residual_ties(graph) if tie else [])
     bits = sorted(bits)
-    cost = np.array([[sens.predict({layer: b for layer in group}) for b in bits] for group in groups])
-    metrics = {m: np.array([[sum(costs.cost(m, layer, b) for layer in group) for b in bits] for group in groups])
+    tensors = sens.activation_tensors if activations else []
+    if activations and not tensors:
+        raise LowbitError("this sensitivity measured no activation tensor at 16 bits (none can be 16-bit, or it "
+                          "predates them): rerun `lowbit sensitivity`")
+    pad = [[]] * (len(bits) - len(ACTIVATION_BITS))
+    options = ([[[weight_key(layer, b) for layer in group] for b in bits] for group in groups]
+               + [[[activation_key(t, a)] for a in ACTIVATION_BITS] + pad for t in tensors])
+    terms = sens.option_terms(options)
+    rows = np.arange(len(options))
+    # A row's own cost: its exact block (tied layers' mutual terms included) and first-order terms, or for
+    # "trace" HAWQ-V3's Ω for weights (activation noise has no Ω: its exact term stands in).
+    cost = 0.5 * terms[rows, :, rows, :].diagonal(axis1=1, axis2=2) + np.array(
+        [[sum(sens.gradient[sens.keys.index(k)] for k in keys) for keys in row] for row in options])
+    if objective == "trace":
+        cost[:len(groups)] = [[0.5 * sum(sens.layer(layer).omega(b) for layer in group) for b in bits]
+                              for group in groups]
+    pairs = terms if objective == "cross" else None
+    metrics = {m: np.array([[sum(costs.cost(m, layer, b) for layer in group) for b in bits] for group in groups]
+                           + [[costs.activation_cost(m, t, a) for a in ACTIVATION_BITS] + [0.0] * len(pad)
+                              for t in tensors]).reshape(len(options), len(bits))
                for m in METRICS if m in budgets}
-    return Problem(groups, bits, cost, metrics, budgets)
+    return Problem(groups, bits, cost, metrics, budgets, pairs, tensors)
 
 
-def plan_for_budget(problem: Problem, sens: Sensitivity, cross_terms: bool = False) -> Plan:
+def plan_for_budget(problem: Problem) -> BitPlan:
+    """The ILP's plan: weight bits per layer, and the activation tensors it keeps at 16 bits."""
     choice = solve(problem, FORMATTERS)
-    if cross_terms:
-        choice = refine(problem, choice, lambda c: sens.predict(problem.plan(c)))
-    return problem.plan(choice)
+    wide = {t: bits for t, bits in problem.activation_plan(choice).items() if bits == 16}
+    return BitPlan(problem.plan(choice), wide)
+
+
+def _bitplan(plan: BitPlan | Plan) -> BitPlan:
+    return plan if isinstance(plan, BitPlan) else BitPlan(dict(plan))
+
+
+def plan_key(plan: BitPlan) -> tuple[frozenset, frozenset]:
+    return frozenset(plan.bits.items()), frozenset(plan.activation_bits.items())
 
 
 @dataclass
@@ -123,9 +155,9 @@ class PlanEvaluator:
     stats: dict[str, TensorStats]
     photos: np.ndarray | None = None
     reference: np.ndarray = field(init=False)
-    _measured: dict[frozenset, dict[str, Any]] = field(init=False, default_factory=dict)
+    _measured: dict[tuple, dict[str, Any]] = field(init=False, default_factory=dict)
     _recipes: dict[int, Recipe] = field(init=False, default_factory=dict)  # per bit-width, uniform plans
-    _agrees: dict[frozenset, np.ndarray] = field(init=False, default_factory=dict)  # per held-out sample
+    _agrees: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)  # per held-out sample
 
     def __post_init__(self) -> None:
         self.reference = self._logits(lambda x: run_graph(self.graph, x))
@@ -137,38 +169,39 @@ class PlanEvaluator:
             out.append(fn(x)[self.graph.outputs[0]].numpy())
         return np.concatenate(out)
 
-    def measure(self, plan: Plan, log: Log = lambda _: None) -> dict[str, Any]:
-        key = frozenset(plan.items())
-        if key not in self._measured:  # bisection often lands on a plan already measured
-            self._measured[key] = self._measure(plan, log)
-        return self._measured[key]
+    def measure(self, plan: BitPlan | Plan, log: Log = lambda _: None) -> dict[str, Any]:
+        """Quantize `plan` (a `BitPlan`, or weight bits per layer) and score it on the held-out data."""
+        plan = _bitplan(plan)
+        if plan_key(plan) not in self._measured:  # bisection often lands on a plan already measured
+            self._measured[plan_key(plan)] = self._measure(plan, log)
+        return self._measured[plan_key(plan)]
 
-    def recipe(self, plan: Plan, log: Log = lambda _: None) -> Recipe:
+    def recipe(self, plan: BitPlan, log: Log = lambda _: None) -> Recipe:
         """The plan's recipe, from the recipes chosen for the uniform plans of its bit-widths."""
-        for bits in sorted(set(plan.values()) - set(self._recipes)):
+        for bits in sorted(set(plan.bits.values()) - set(self._recipes)):
             self._recipes[bits] = choose_recipe(self.graph, self.calib, self.config,
                                                 BitPlan.uniform(self.graph, bits), log)
-        widest = self._recipes[max(plan.values())]
-        gptq = frozenset(layer for layer, bits in plan.items() if layer in self._recipes[bits].gptq_layers)
+        widest = self._recipes[max(plan.bits.values())]
+        gptq = frozenset(layer for layer, bits in plan.bits.items() if layer in self._recipes[bits].gptq_layers)
         return Recipe(widest.calib_method, gptq, {"chosen_by": "the uniform plans of its bit-widths"})
 
-    def _measure(self, plan: Plan, log: Log) -> dict[str, Any]:
+    def _measure(self, plan: BitPlan, log: Log) -> dict[str, Any]:
         t0 = time.perf_counter()
-        qgraph = quantize(self.graph, self.calib, self.config, BitPlan(dict(plan)), log, stats=self.stats,
+        qgraph = quantize(self.graph, self.calib, self.config, plan, log, stats=self.stats,
                           recipe=self.recipe(plan, log))
         logits = self._logits(lambda x: simulate(self.graph, qgraph, x))
-        self._agrees[frozenset(plan.items())] = self.reference.argmax(1) == logits.argmax(1)
+        self._agrees[plan_key(plan)] = self.reference.argmax(1) == logits.argmax(1)
         sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((logits - self.reference) ** 2)))
         return {"top1_agreement": top1_agreement(self.reference, logits),
                 "agreement": agreement_summary(self.reference, logits, self.photos), "sqnr_db": sqnr,
                 "weight_bytes": qgraph.weight_bytes(), "seconds": time.perf_counter() - t0}
 
-    def agrees(self, plan: Plan) -> np.ndarray:
+    def agrees(self, plan: BitPlan | Plan) -> np.ndarray:
         """Per held-out sample: does the plan's top-1 class match FP32's? (Measures the plan if needed.)"""
         self.measure(plan)
-        return self._agrees[frozenset(plan.items())]
+        return self._agrees[plan_key(_bitplan(plan))]
 
-    def agreement_drop(self, baseline: Plan, plan: Plan) -> dict[str, float]:
+    def agreement_drop(self, baseline: BitPlan | Plan, plan: BitPlan | Plan) -> dict[str, float]:
         """`baseline`'s agreement minus `plan`'s, with a paired bootstrap 95% interval: both are scored on the
         same held-out samples, so photos that are hard for both do not widen it."""
         drop, interval = paired_difference(self.agrees(baseline), self.agrees(plan), self.photos)
@@ -178,7 +211,7 @@ class PlanEvaluator:
 @dataclass
 class FrontierPoint:
     budget: dict[str, float]
-    plan: Plan
+    plan: BitPlan
     predicted_loss: float
     measured: dict[str, Any]
     costs: dict[str, float]
@@ -186,53 +219,51 @@ class FrontierPoint:
     @property
     def bit_counts(self) -> dict[int, int]:
         counts: dict[int, int] = {}
-        for b in self.plan.values():
+        for b in self.plan.bits.values():
             counts[b] = counts.get(b, 0) + 1
         return dict(sorted(counts.items()))
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": self.budget, "predicted_loss": self.predicted_loss, "measured": self.measured,
                 "costs": self.costs, "bit_counts": {str(k): v for k, v in self.bit_counts.items()},
-                "plan": self.plan}
+                "plan": self.plan.bits, "activation_bits": self.plan.activation_bits}
 
 
-def all_costs(costs: CostModel, plan: Plan) -> dict[str, float]:
-    found = {"size": costs.total("size", plan), "bops": costs.total("bops", plan)}
-    if costs.latency is not None:
-        found["latency"] = costs.total("latency", plan)
-    return found
+def all_costs(costs: CostModel, plan: BitPlan | Plan) -> dict[str, float]:
+    """The plan's size, BOPs and (with a latency table) latency, its 16-bit activations included."""
+    plan = _bitplan(plan)
+
+    def total(metric: str) -> float:
+        return costs.total(metric, plan.bits) + sum(costs.activation_cost(metric, t, b)
+                                                    for t, b in plan.activation_bits.items())
+
+    return {m: total(m) for m in METRICS if m != "latency" or costs.latency is not None}
 
 
 def evaluate_point(problem: Problem, sens: Sensitivity, costs: CostModel, evaluator: PlanEvaluator,
-                   budgets: dict[str, float], cross_terms: bool, log: Log) -> FrontierPoint:
-    problem = Problem(problem.groups, problem.bits, problem.cost, problem.metrics, budgets)
-    plan = plan_for_budget(problem, sens, cross_terms)
+                   budgets: dict[str, float], log: Log) -> FrontierPoint:
+    plan = plan_for_budget(problem.with_budgets(budgets))
     measured = evaluator.measure(plan, log)
-    return FrontierPoint(budgets, plan, sens.predict(plan), measured, all_costs(costs, plan))
-
-
-def budget_range(problem: Problem, metric: str) -> tuple[float, float]:
-    """The cheapest and the dearest plan's total of `metric`."""
-    table = problem.metrics[metric]
-    return float(table.min(1).sum()), float(table.max(1).sum())
+    predicted = sens.predict(plan.bits, activations=plan.activation_bits if problem.tensors else None)
+    return FrontierPoint(budgets, plan, predicted, measured, all_costs(costs, plan))
 
 
 def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evaluator: PlanEvaluator, metric: str,
-                    max_drop: float, baseline: FrontierPoint, steps: int = 6, cross_terms: bool = False,
-                    log: Log = lambda _: None, echo: Log = lambda _: None) -> tuple[FrontierPoint, list[FrontierPoint]]:
+                    max_drop: float, baseline: FrontierPoint, steps: int = 6, log: Log = lambda _: None,
+                    echo: Log = lambda _: None) -> tuple[FrontierPoint, list[FrontierPoint]]:
     """Bisect the `metric` budget for the cheapest plan whose measured agreement drop is at most `max_drop`.
 
     The drop is measured against `baseline`, the uniform highest-precision plan. The
     budget ranges from the cheapest plan up to the problem's own `metric` budget (the
     user's cap, or the dearest plan). Returns the chosen point and every point tried.
     """
-    cheapest, dearest = budget_range(problem, metric)
+    cheapest, dearest = problem.metric_range(metric)
     cap = min(problem.budgets.get(metric, dearest), dearest)
     tried: list[FrontierPoint] = []
 
     def attempt(f: float, label: str) -> tuple[FrontierPoint, bool]:
         budgets = {**problem.budgets, metric: cheapest + f * (cap - cheapest)}
-        point = evaluate_point(problem, sens, costs, evaluator, budgets, cross_terms, log)
+        point = evaluate_point(problem, sens, costs, evaluator, budgets, log)
         tried.append(point)
         drop = baseline.measured["top1_agreement"] - point.measured["top1_agreement"]
         ok = drop <= max_drop + 1e-12

@@ -3,9 +3,10 @@
 1. Hutchinson traces of every layer's Hessian block (weights and input activation).
 2. Quantization errors: round-to-nearest weights at each bit-width, and the
    8-bit grid of each layer's input (from the same calibration as `quantize`).
-3. One forward-mode tangent per perturbation (layer x weight bit-width, and each
-   layer's activation noise), projected through the loss curvature, whose inner
-   products are the exact quadratic terms between all perturbations.
+3. One forward-mode tangent per perturbation (layer x weight bit-width, and the
+   rounding noise of each tensor that may be 8- or 16-bit, at both widths),
+   projected through the loss curvature, whose inner products are the exact
+   quadratic terms between all perturbations.
 """
 
 from __future__ import annotations
@@ -87,11 +88,14 @@ class WeightErrors:
 
 def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict[str, FakeQuant],
                         config: SensitivityConfig | None = None, labels: np.ndarray | None = None,
-                        log: Log = lambda _: None, errors: WeightErrors | None = None) -> Sensitivity:
+                        log: Log = lambda _: None, errors: WeightErrors | None = None,
+                        wide_quantizers: dict[str, FakeQuant] | None = None) -> Sensitivity:
     """Sensitivity of `graph` to weight and activation quantization, measured on `x` (first `config.samples`).
 
     `activation_quantizers` maps float tensor names to their 8-bit grids, as
     `quantizer.simulate.fake_quantizers` returns them for a quantized graph.
+    `wide_quantizers` maps the tensors that may be 16-bit to their 16-bit grids: each
+    gets its rounding noise at 8 and at 16 bits as perturbations (`activation_key`).
     """
     config = config or SensitivityConfig()
     n = min(config.samples, len(x))
@@ -130,9 +134,6 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
             weight_deltas[keys[-1]] = (node.name, deltas[b])
             change = layer_output_change(graph, node, primals, deltas[b], None)
             projected.append(curvature.factor_t(push_tangent(graph, primals, node.name, change)))
-        keys.append(activation_key(node.name))
-        change = layer_output_change(graph, node, primals, None, act_error)
-        projected.append(curvature.factor_t(push_tangent(graph, primals, node.name, change)))
         tr, atr = traces[node.name], act_traces[node.name]
         results.append(LayerSensitivity(
             name=node.name, params=w.numel(), trace=tr.mean, trace_half_width=tr.half_width,
@@ -140,6 +141,13 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
             weight_error_sq={b: float(deltas[b].double().pow(2).sum()) for b in config.bits},
             activation_error_sq=float(act_error.double().pow(2).sum())))
         log(f"quadratic terms: layer {i + 1}/{len(layers)}")
+    wide = wide_quantizers or {}
+    for i, tensor in enumerate(wide):
+        for bits, grid in ((8, activation_quantizers[tensor]), (16, wide[tensor])):
+            keys.append(activation_key(tensor, bits))
+            noise = grid(primals[tensor]) - primals[tensor]
+            projected.append(curvature.factor_t(push_tangent(graph, primals, tensor, noise)))
+        log(f"quadratic terms: activation {i + 1}/{len(wide)}")
     flat = torch.stack(projected).reshape(len(projected), -1)
     cross = (flat @ flat.T / n).numpy()
     timings["quadratic_terms_s"] = time.perf_counter() - t0

@@ -16,15 +16,15 @@ import numpy as np
 
 from ..errors import LowbitError
 
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2  # 2: activation noise per tensor at 8 and 16 bits (was: per layer input, 8)
 
 
 def weight_key(layer: str, bits: int) -> str:
     return f"{layer}@w{bits}"
 
 
-def activation_key(layer: str, bits: int = 8) -> str:
-    return f"{layer}@a{bits}"
+def activation_key(tensor: str, bits: int) -> str:
+    return f"{tensor}@a{bits}"
 
 
 @dataclass
@@ -78,26 +78,53 @@ class Sensitivity:
                               f"bit-widths {self.pair_bits}")
         return np.array([where[k] for k in keys], dtype=np.int64)
 
-    def predict(self, plan: Mapping[str, int], model: str = "cross", activations: bool = False) -> float:
-        """Predicted loss increase of a weight bit plan.
+    @property
+    def activation_tensors(self) -> list[str]:
+        """The tensors whose rounding noise was measured at 8 and 16 bits (those a plan may keep at 16)."""
+        return [k.rsplit("@a", 1)[0] for k in self.keys if k.endswith("@a16")]
+
+    def activation_cost(self, tensor: str, bits: int) -> float:
+        """Predicted loss increase from `tensor`'s rounding noise at `bits` alone (its exact diagonal term)."""
+        k = self._index([activation_key(tensor, bits)])[0]
+        return float(0.5 * self.cross[k, k] + self.gradient[k])
+
+    def predict(self, plan: Mapping[str, int], model: str = "cross",
+                activations: Mapping[str, int] | None = None) -> float:
+        """Predicted loss increase of a weight bit plan, plus activation noise if `activations` is given.
 
         `model` is "cross" (½ δᵀHδ with every inter-layer term), "diagonal" (the exact
-        per-layer blocks only), or "trace" (HAWQ-V3's ½ Σ Ω_i(b_i)).
+        per-perturbation blocks only), or "trace" (HAWQ-V3's ½ Σ Ω_i(b) for the weights;
+        activation noise, which has no Ω, enters through its exact diagonal terms).
+        `activations` maps each tensor of `activation_tensors` to 8 or 16 bits; tensors
+        it does not name are 8-bit.
         """
         if model not in ("cross", "diagonal", "trace"):
             raise ValueError(f"unknown prediction model {model!r}")
+        act_keys = ([] if activations is None else
+                    [activation_key(t, activations.get(t, 8)) for t in self.activation_tensors])
+        weight_keys = [weight_key(name, bits) for name, bits in plan.items()]
         if model == "trace":
             total = 0.5 * sum(self.layer(name).omega(bits) for name, bits in plan.items())
-            if activations:
-                total += 0.5 * sum(layer.activation_omega for layer in self.layers)
-            return float(total)
-        keys = [weight_key(name, bits) for name, bits in plan.items()]
-        if activations:
-            keys += [activation_key(layer.name) for layer in self.layers]
-        idx = self._index(keys)
+            idx = self._index(act_keys)
+            return float(total + 0.5 * np.trace(self.cross[np.ix_(idx, idx)]) + self.gradient[idx].sum())
+        idx = self._index(weight_keys + act_keys)
         block = self.cross[np.ix_(idx, idx)]
         quadratic = block.sum() if model == "cross" else np.trace(block)
         return float(0.5 * quadratic + self.gradient[idx].sum())
+
+    def option_terms(self, options: list[list[list[str]]]) -> np.ndarray:
+        """[rows, options, rows, options]: Σ δ_kᵀ H δ_l over the perturbation keys k of row r's option o and l of
+        row s's option p (`options[r][o]` lists keys; an empty list is an option with no perturbation).
+
+        Between two rows (r != s) it is the cross term their choices add to `predict`'s "cross" model; on the
+        diagonal (r = s, o = p) it is twice the option's own quadratic term."""
+        width = max(len(row) for row in options)
+        indicator = np.zeros((len(self.keys), len(options) * width))
+        for r, row in enumerate(options):
+            for o, keys in enumerate(row):
+                if keys:
+                    indicator[self._index(keys), r * width + o] = 1.0
+        return (indicator.T @ self.cross @ indicator).reshape(len(options), width, len(options), width)
 
     # -- serialization ------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

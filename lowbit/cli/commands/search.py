@@ -13,6 +13,7 @@ from ...pipeline.prepare import Source
 from ...pipeline.progress import Progress
 from ...pipeline.search import LATENCY_SOURCES, SearchOptions, search
 from ...quantizer.config import SUPPORTED_WEIGHT_BITS
+from ...search.ilp import DEFAULT_OBJECTIVE, OBJECTIVES
 from ..options import bit_list, fraction, model_and_data_options, rpc_options, rpc_target, user_errors
 
 
@@ -37,9 +38,12 @@ from ..options import bit_list, fraction, model_and_data_options, rpc_options, r
 @click.option("--bits", "bit_set", default="4,8", show_default=True, help="Bit-widths a layer may take.")
 @click.option("--sensitivity", "sensitivity_dir", type=click.Path(path_type=Path),
               help="Reuse a `lowbit sensitivity` output instead of measuring again.")
-@click.option("--cross-terms", is_flag=True,
-              help="Refine the ILP's plan with the inter-layer terms between groups (lower predicted loss; on "
-                   "MobileNetV2 it measured worse, so it is off by default).")
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)), default=DEFAULT_OBJECTIVE, show_default=True,
+              help="What the ILP minimises: " + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items())
+                   + ". The default is the one that predicted held-out loss best (BENCHMARKS.md, cross_terms).")
+@click.option("--wide-activations", is_flag=True,
+              help="Let the search keep activation tensors at 16 bits where the accuracy they buy is worth the time "
+                   "(needs a --latency or --bops budget; each such tensor runs its readers as two 8-bit passes).")
 @click.option("--no-ties", is_flag=True, help="Let the layers feeding one residual add take different bit-widths.")
 @click.option("--frontier-points", type=int, default=3, show_default=True,
               help="Budgets measured for the frontier, evenly spaced from the cheapest plan (plus the uniform plan).")
@@ -50,7 +54,8 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                    latency_budget: str | None, latency_table: Path | None, latency_source: str,
                    target: str | None, rpc_tracker: str | None, rpc_key: str | None,
                    max_drop: str | None, bit_set: str,
-                   sensitivity_dir: Path | None, cross_terms: bool, no_ties: bool, frontier_points: int,
+                   sensitivity_dir: Path | None, objective: str, wide_activations: bool, no_ties: bool,
+                   frontier_points: int,
                    bisect_steps: int) -> None:
     """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band."""
     bits = bit_list(bit_set, "--bits", SUPPORTED_WEIGHT_BITS)
@@ -60,7 +65,8 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     if not budgets and drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
-    options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, cross_terms,
-                            not no_ties, frontier_points, bisect_steps, target, rpc_target(rpc_tracker, rpc_key))
+    options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, objective,
+                            not no_ties, frontier_points, bisect_steps, target, rpc_target(rpc_tracker, rpc_key),
+                            wide_activations)
     check_output_dir(output, force)  # fail before the slow part, not after it
     search(Source(model, calib, eval_path, factory, seed), options, output, force, Progress())

@@ -46,10 +46,14 @@ class LayerKernel:
     args: list[np.ndarray]
 
 
+# The key of `measure_layers`' 16-bit-input variant among the weight bit-widths (which never reach 16).
+WIDE_INPUT = 16
+
+
 def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any],
                           layers: int | None = None) -> Iterator[LayerKernel]:
     """Every layer of `qgraphs` (one uniform quantization per bit-width), or the first `layers`, layer by layer,
-    bit-widths ascending."""
+    bit-widths ascending. Under `WIDE_INPUT`, only the layers whose input is 16-bit."""
     conv2d, dense, _ = layer_kernels(target)
     conv2d, dense = conv2d or kernels.conv2d_nhwc, dense or kernels.dense  # None: the portable kernels
     rng = np.random.default_rng(0)
@@ -57,6 +61,8 @@ def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, 
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
+            if bits == WIDE_INPUT and x_value.dtype != "int16":
+                continue
             x_shape, out_shape = _nhwc(tuple(x_value.shape)), _nhwc(tuple(out_value.shape))
             func, arrays = layer_kernel(op, x_shape, x_value.dtype, out_value.dtype, conv2d, dense)
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
@@ -68,12 +74,19 @@ def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, 
 
 
 def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAULT_TARGET, repeats: int = 5,
-                   min_ms: int = 20, log: Log = lambda _: None, rpc: RpcTarget | None = None) -> LatencyTable:
+                   min_ms: int = 20, log: Log = lambda _: None, rpc: RpcTarget | None = None,
+                   wide_input: QuantizedGraph | None = None) -> LatencyTable:
     """Median ms of every layer of `qgraphs` (one uniform quantization per bit-width), batch as quantized.
 
-    Each measurement repeats the kernel for at least `min_ms`, `repeats` times, and keeps the median.
-    With `rpc`, the kernels run on the devices under its key (`target_spec` then describes them).
+    `wide_input`: the widest weights with the 16-bit activations to time (`LatencyTable.wide_input_ms`): each
+    layer that reads one is timed on it too. Each measurement repeats the kernel for at least `min_ms`,
+    `repeats` times, and keeps the median. With `rpc`, the kernels run on the devices under its key
+    (`target_spec` then describes them).
     """
+    if wide_input is not None:
+        table = measure_layers({**qgraphs, WIDE_INPUT: wide_input}, target_spec, repeats, min_ms, log, rpc)
+        table.wide_input_ms = {layer: row.pop(WIDE_INPUT) for layer, row in table.ms.items() if WIDE_INPUT in row}
+        return table
     target = parse_target(target_spec)
     if target["kind"] != "llvm":
         raise NotImplementedError("per-layer latency is measured on CPU targets only")
@@ -89,10 +102,14 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
         args = [tvm.runtime.tensor(a, device) for a in kernel.args]
         ms.setdefault(kernel.layer, {})[kernel.bits] = float(
             np.median(time_function(kernel.library, "main", device, args, repeats, min_ms)))
-        if kernel.bits == max(qgraphs):
+        if kernel.bits == _widest_weights(qgraphs):
             log(f"latency (tvm): layer {len(ms)}/{len(layers)}")
     return LatencyTable(target_string(target), f"tvm per-layer kernels ({kernel_set})", ms,
                         {"repeats": repeats, "min_repeat_ms": min_ms, "batch": _batch(qgraphs)})
+
+
+def _widest_weights(qgraphs: dict[int, QuantizedGraph]) -> int:
+    return max(b for b in qgraphs if b != WIDE_INPUT)
 
 
 def _batch(qgraphs: dict[int, QuantizedGraph]) -> int:
@@ -121,7 +138,7 @@ def compile_layers(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any], d
         path = directory / f"layer{len(rows)}-w{kernel.bits}.so"
         kernel.library.export_library(str(path))
         rows.setdefault(kernel.layer, []).append((kernel.bits, path, kernel.args))
-        if kernel.bits == max(qgraphs):
+        if kernel.bits == _widest_weights(qgraphs):
             log(f"latency (tvm-rpc): compiled layer {len(rows)}/{total}")
     return CompiledLayers(target, layer_kernels(target)[2], _batch(qgraphs), rows)
 
