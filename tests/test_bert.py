@@ -213,6 +213,10 @@ def test_weights_with_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> N
 
 def test_weights_corrupt_file(tmp_path: Path) -> None:
     directory = _tiny_dir(tmp_path)
+    whole = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(LowbitError, match="model.safetensors: not a valid safetensors file .corrupt or truncated"):
+        load_bert_encoder(directory)
     (directory / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.raises(LowbitError, match="model.safetensors: not a valid safetensors file"):
         load_bert_encoder(directory)
