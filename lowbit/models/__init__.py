@@ -1,5 +1,6 @@
-"""Built-in models and the real data (photos, MNIST digits) used to calibrate and evaluate them."""
+"""Built-in models and the real data (photos, MNIST digits, text) used to calibrate and evaluate them."""
 
+from lowbit.models.bert import BertConfig, BertEncoder, load_bert_encoder
 from lowbit.models.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -12,6 +13,7 @@ from lowbit.models.images import (
     natural_image_sources,
     random_crops,
 )
+from lowbit.models.minilm import TextEncoder, load_text_encoder, minilm_l6
 from lowbit.models.mnist import mnist_preprocess, mnist_splits
 from lowbit.models.mnist_resnet import MnistResNet, mnist_resnet
 from lowbit.models.mobilenet_v2 import (
@@ -23,6 +25,8 @@ from lowbit.models.small_cnn import SmallCNN, small_cnn
 from lowbit.models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry, zoo_names
 
 __all__ = [
+    "BertConfig",
+    "BertEncoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ZOO_PREFIX",
@@ -30,13 +34,17 @@ __all__ = [
     "MnistResNet",
     "MobileNetV2",
     "SmallCNN",
+    "TextEncoder",
     "ZooEntry",
     "calibration_and_heldout",
     "foolbox_imagenet_crops",
     "foolbox_imagenet_samples",
     "get_zoo_entry",
     "imagenet_preprocess",
+    "load_bert_encoder",
     "load_image_folder",
+    "load_text_encoder",
+    "minilm_l6",
     "mnist_preprocess",
     "mnist_resnet",
     "mnist_splits",
