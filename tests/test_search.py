@@ -116,6 +116,17 @@ def test_quadratic_ilp_is_the_brute_force_optimum(seed: int) -> None:
     assert p.objective(choice) == pytest.approx(min(p.objective(c) for c in feasible), abs=1e-9)
 
 
+def test_activation_rows_alone_with_one_weight_bit_width() -> None:
+    # Weights fixed at 8 bits (one option, padded), two tensors: t2's 16 bits save more loss but only one fits.
+    cost = np.array([[0.0, 0.0], [3.0, 0.0], [5.0, 0.0]])  # rows: layer a; t1 at 8, 16; t2 at 8, 16
+    cost[0, 1] = -50.0  # the padded column: cheaper than anything, and forbidden
+    bops = np.array([[10.0, 0.0], [0.0, 4.0], [0.0, 4.0]])
+    p = Problem([["a"]], [8], cost, {"bops": bops}, {"bops": 14.0}, None, ["t1", "t2"])
+    choice = solve(p)
+    assert choice == [0, 0, 1] and p.plan(choice) == {"a": 8} and p.activation_plan(choice) == {"t1": 8, "t2": 16}
+    assert p.metric_range("bops") == (10.0, 18.0)
+
+
 def test_tie_groups_merge_overlapping_ties() -> None:
     groups = tie_groups(["a", "b", "c", "d", "e"], [["b", "c"], ["c", "d"]])
     assert groups == [["a"], ["b", "c", "d"], ["e"]]
@@ -285,6 +296,35 @@ def test_search_refuses_bad_requests(tmp_path: Path) -> None:
     r = _invoke("quantize", "zoo:small_cnn", "--plan", tmp_path / "plan.json", "-o", tmp_path / "q")
     assert r.exit_code == 2 and "unknown layers ['nope']" in r.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+
+
+def test_search_keeps_activations_at_16_bits_within_a_bops_budget(tmp_path: Path) -> None:
+    # Weights stay 8-bit; the search may widen activation tensors, each adding an 8-bit pass of its readers' MACs,
+    # within 5% more BOPs than uniform INT8. The plan applies, and stays bit-exact in ONNX Runtime.
+    search_dir, out = tmp_path / "search", tmp_path / "q"
+    r = _invoke("search", "zoo:small_cnn", "--bits", "8", "--wide-activations", "--bops", "1.05x",
+                "--frontier-points", 1, "-o", search_dir)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((search_dir / "plan.json").read_text())
+    frontier = json.loads((search_dir / "frontier.json").read_text())
+    wide = plan["activation_bits"]
+    assert wide and set(wide.values()) == {16} and set(wide) <= set(frontier["activation_choices"])
+    assert len(wide) < len(frontier["activation_choices"])  # the budget binds: not every tensor fits
+    assert plan["costs"]["bops"] <= frontier["budgets"]["bops"] * (1 + 1e-9)
+    assert set(plan["activation_costs"]) == set(wide)
+    # Each saves loss; those read by a conv or linear add its MACs (those only an add reads add none).
+    assert all(c["loss_saved"] > 0 and c["bops"] >= 0 for c in plan["activation_costs"].values())
+    assert any(c["bops"] > 0 for c in plan["activation_costs"].values())
+    assert "## 16-bit activations" in (search_dir / "report.md").read_text()
+    r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "--target", "none", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"]
+    assert {t for t, b in report["activation_bits"].items() if b == 16} == set(wide)
+    # Without a time or BOPs budget, 16-bit activations would be free: refused, and nothing written.
+    r = _invoke("search", "zoo:small_cnn", "--wide-activations", "--size", "0.8x", "-o", tmp_path / "s")
+    assert r.exit_code == 2 and "needs a --latency or --bops budget" in r.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_latency_budget_from_a_table(tmp_path: Path) -> None:

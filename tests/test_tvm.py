@@ -27,7 +27,7 @@ from lowbit.models.loading import load_program  # noqa: E402
 from lowbit.models.small_cnn import smooth_noise  # noqa: E402
 from lowbit.quantizer.capture import capture  # noqa: E402
 from lowbit.quantizer.config import BitPlan, QuantConfig  # noqa: E402
-from lowbit.quantizer.quantize import quantize  # noqa: E402
+from lowbit.quantizer.quantize import int16_candidates, integer_readers, quantize  # noqa: E402
 from lowbit.quantizer.reference import run_reference  # noqa: E402
 from lowbit.runtime import load  # noqa: E402
 from lowbit.runtime import loader as runtime_loader  # noqa: E402
@@ -278,10 +278,16 @@ def test_target_parsing() -> None:
 def test_per_layer_latency_table(small_cnn: tuple) -> None:
     graph, calib = small_cnn
     uniform = {b: quantize(graph, calib, QuantConfig(rounding="nearest"), BitPlan.uniform(graph, b)) for b in (4, 8)}
-    table = measure_layers(uniform, repeats=2, min_ms=1)
+    wide = {t: 16 for t in int16_candidates(graph)}
+    wide_input = quantize(graph, calib, QuantConfig(rounding="nearest"), BitPlan(BitPlan.uniform(graph, 8).bits, wide))
+    table = measure_layers(uniform, repeats=2, min_ms=1, wide_input=wide_input)
     assert sorted(table.ms) == sorted(n.name for n in graph.layers)
     assert all(set(row) == {4, 8} and all(v > 0 for v in row.values()) for row in table.ms.values())
     assert table.source.startswith("tvm")
+    # Every layer that reads a 16-bit tensor is timed on it too, and a 16-bit input costs it time (two passes).
+    readers = {layer for t in wide for layer in integer_readers(graph, t)}
+    assert set(table.wide_input_ms) == readers and readers
+    assert sum(table.wide_input_extra(layer) for layer in readers) > 0
 
 
 # -- artifact, runtime and CLI --------------------------------------------------------------------------------------

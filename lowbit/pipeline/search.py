@@ -55,8 +55,9 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
 
     bits, requested, drop, latency_source = o.bits, o.budgets or {}, o.max_drop, o.latency_source
     sensitivity_dir = o.sensitivity_dir
-    if len(bits) < 2:
-        raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths")
+    if len(bits) < 2 and not o.wide_activations:
+        raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths (or "
+                          "--wide-activations, to choose activation widths alone)")
     if not requested and drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
     if o.wide_activations and not {"latency", "bops"} & set(requested):

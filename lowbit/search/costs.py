@@ -29,8 +29,8 @@ FLOAT_BITS = 32
 
 @dataclass
 class LatencyTable:
-    """Milliseconds per (layer, weight bits), measured on `target` by `source`; `wide_input_ms`: per layer, with
-    a 16-bit input and the widest weights (empty when 16-bit activations were not measured)."""
+    """Milliseconds per (layer, weight bits), measured on `target` by `source`; `wide_input_ms`: per layer, what
+    a 16-bit input adds to its time (empty when 16-bit activations were not measured)."""
 
     target: str
     source: str
@@ -46,11 +46,11 @@ class LatencyTable:
                               f"{bits} bits; measure it again for this model and bit set") from None
 
     def wide_input_extra(self, layer: str) -> float:
-        """What a 16-bit input adds to `layer`'s time (at its widest weights)."""
+        """What a 16-bit input adds to `layer`'s time."""
         if layer not in self.wide_input_ms:
             raise LowbitError(f"latency table ({self.source}, {self.target}) has no 16-bit-input time for layer "
                               f"{layer!r}; measure it again with 16-bit activations")
-        return self.wide_input_ms[layer] - self.get(layer, max(self.ms[layer]))
+        return self.wide_input_ms[layer]
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "source": self.source, "meta": self.meta,

@@ -42,7 +42,8 @@ ACTIVATION_BITS = (8, 16)  # the options of an activation tensor's row
 @dataclass(frozen=True)
 class Problem:
     """One row per choice: first the tie groups of layers (options `bits`), then the activation tensors that
-    may be 16-bit (options `ACTIVATION_BITS`, padded with forbidden columns when `bits` has more)."""
+    may be 16-bit (options `ACTIVATION_BITS`). Rows with fewer options than the widest are padded with
+    forbidden columns (`allowed`)."""
 
     groups: list[list[str]]  # tied layers; every layer in exactly one group
     bits: list[int]
@@ -57,8 +58,9 @@ class Problem:
     @property
     def allowed(self) -> np.ndarray:
         """[rows, options]: which options each row has."""
-        mask = np.ones((len(self.groups) + len(self.tensors), len(self.bits)), dtype=bool)
-        mask[len(self.groups):, len(ACTIVATION_BITS):] = False
+        mask = np.zeros(self.cost.shape, dtype=bool)
+        mask[:len(self.groups), :len(self.bits)] = True
+        mask[len(self.groups):, :len(ACTIVATION_BITS)] = True
         return mask
 
     def objective(self, choice: Sequence[int]) -> float:

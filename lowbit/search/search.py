@@ -106,9 +106,10 @@ def build_problem(graph: Graph, sens: Sensitivity, costs: CostModel, bits: Seque
     if activations and not tensors:
         raise LowbitError("this sensitivity measured no activation tensor at 16 bits (none can be 16-bit, or it "
                           "predates them): rerun `lowbit sensitivity`")
-    pad = [[]] * (len(bits) - len(ACTIVATION_BITS))
-    options = ([[[weight_key(layer, b) for layer in group] for b in bits] for group in groups]
-               + [[[activation_key(t, a)] for a in ACTIVATION_BITS] + pad for t in tensors])
+    width = max(len(bits), len(ACTIVATION_BITS) if tensors else 0)  # rows with fewer options are padded
+    options = ([[[weight_key(layer, b) for layer in group] for b in bits] + [[]] * (width - len(bits))
+                for group in groups]
+               + [[[activation_key(t, a)] for a in ACTIVATION_BITS] + [[]] * (width - 2) for t in tensors])
     terms = sens.option_terms(options)
     rows = np.arange(len(options))
     # A row's own cost: its exact block (tied layers' mutual terms included) and first-order terms, or for
@@ -116,12 +117,13 @@ def build_problem(graph: Graph, sens: Sensitivity, costs: CostModel, bits: Seque
     cost = 0.5 * terms[rows, :, rows, :].diagonal(axis1=1, axis2=2) + np.array(
         [[sum(sens.gradient[sens.keys.index(k)] for k in keys) for keys in row] for row in options])
     if objective == "trace":
-        cost[:len(groups)] = [[0.5 * sum(sens.layer(layer).omega(b) for layer in group) for b in bits]
-                              for group in groups]
+        cost[:len(groups), :len(bits)] = [[0.5 * sum(sens.layer(layer).omega(b) for layer in group) for b in bits]
+                                          for group in groups]
     pairs = terms if objective == "cross" else None
-    metrics = {m: np.array([[sum(costs.cost(m, layer, b) for layer in group) for b in bits] for group in groups]
-                           + [[costs.activation_cost(m, t, a) for a in ACTIVATION_BITS] + [0.0] * len(pad)
-                              for t in tensors]).reshape(len(options), len(bits))
+    metrics = {m: np.array([[sum(costs.cost(m, layer, b) for layer in group) for b in bits]
+                            + [0.0] * (width - len(bits)) for group in groups]
+                           + [[costs.activation_cost(m, t, a) for a in ACTIVATION_BITS] + [0.0] * (width - 2)
+                              for t in tensors]).reshape(len(options), width)
                for m in METRICS if m in budgets}
     return Problem(groups, bits, cost, metrics, budgets, pairs, tensors)
 

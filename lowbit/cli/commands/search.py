@@ -59,8 +59,6 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                    bisect_steps: int) -> None:
     """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band."""
     bits = bit_list(bit_set, "--bits", SUPPORTED_WEIGHT_BITS)
-    if len(bits) < 2:
-        raise LowbitError(f"--bits {bit_set!r}: a search needs at least two bit-widths")
     budgets = {m: t for m, t in (("size", size_budget), ("bops", bops_budget), ("latency", latency_budget)) if t}
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     if not budgets and drop is None:

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import relax
 
+from ...errors import LowbitError
 from ...ir import QuantizedGraph
 from ...ir.dtypes import dtype
-from ...search.costs import LatencyTable
+from ...search.costs import LatencyTable, single_layer_graph
 from . import kernels
-from .compile import layer_kernels, use_target_threads
+from .compile import build, layer_kernels, use_target_threads
 from .lower import layer_kernel
 from .remote import Device, RpcTarget, run_on_devices, time_function
 from .target import DEFAULT_TARGET, parse_target, target_string
@@ -46,14 +48,10 @@ class LayerKernel:
     args: list[np.ndarray]
 
 
-# The key of `measure_layers`' 16-bit-input variant among the weight bit-widths (which never reach 16).
-WIDE_INPUT = 16
-
-
 def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any],
                           layers: int | None = None) -> Iterator[LayerKernel]:
     """Every layer of `qgraphs` (one uniform quantization per bit-width), or the first `layers`, layer by layer,
-    bit-widths ascending. Under `WIDE_INPUT`, only the layers whose input is 16-bit."""
+    bit-widths ascending."""
     conv2d, dense, _ = layer_kernels(target)
     conv2d, dense = conv2d or kernels.conv2d_nhwc, dense or kernels.dense  # None: the portable kernels
     rng = np.random.default_rng(0)
@@ -61,8 +59,6 @@ def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, 
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
-            if bits == WIDE_INPUT and x_value.dtype != "int16":
-                continue
             x_shape, out_shape = _nhwc(tuple(x_value.shape)), _nhwc(tuple(out_value.shape))
             func, arrays = layer_kernel(op, x_shape, x_value.dtype, out_value.dtype, conv2d, dense)
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
@@ -78,14 +74,17 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
                    wide_input: QuantizedGraph | None = None) -> LatencyTable:
     """Median ms of every layer of `qgraphs` (one uniform quantization per bit-width), batch as quantized.
 
-    `wide_input`: the widest weights with the 16-bit activations to time (`LatencyTable.wide_input_ms`): each
-    layer that reads one is timed on it too. Each measurement repeats the kernel for at least `min_ms`,
-    `repeats` times, and keeps the median. With `rpc`, the kernels run on the devices under its key
-    (`target_spec` then describes them).
+    `wide_input`: a quantization with 16-bit activations; each layer that reads one gets what a 16-bit input
+    adds to its time (`LatencyTable.wide_input_ms`, see `wide_input_extra`). Each measurement repeats the
+    kernel for at least `min_ms`, `repeats` times, and keeps the median. With `rpc`, the kernels run on the
+    devices under its key (`target_spec` then describes them).
     """
     if wide_input is not None:
-        table = measure_layers({**qgraphs, WIDE_INPUT: wide_input}, target_spec, repeats, min_ms, log, rpc)
-        table.wide_input_ms = {layer: row.pop(WIDE_INPUT) for layer, row in table.ms.items() if WIDE_INPUT in row}
+        if rpc is not None:
+            raise LowbitError("16-bit activations are timed on this machine only, not over RPC yet")
+        narrow = qgraphs[max(qgraphs)]
+        table = measure_layers(qgraphs, target_spec, repeats, min_ms, log)
+        table.wide_input_ms = wide_input_extra(narrow, wide_input, parse_target(target_spec), repeats, min_ms, log)
         return table
     target = parse_target(target_spec)
     if target["kind"] != "llvm":
@@ -102,14 +101,37 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
         args = [tvm.runtime.tensor(a, device) for a in kernel.args]
         ms.setdefault(kernel.layer, {})[kernel.bits] = float(
             np.median(time_function(kernel.library, "main", device, args, repeats, min_ms)))
-        if kernel.bits == _widest_weights(qgraphs):
+        if kernel.bits == max(qgraphs):
             log(f"latency (tvm): layer {len(ms)}/{len(layers)}")
     return LatencyTable(target_string(target), f"tvm per-layer kernels ({kernel_set})", ms,
                         {"repeats": repeats, "min_repeat_ms": min_ms, "batch": _batch(qgraphs)})
 
 
-def _widest_weights(qgraphs: dict[int, QuantizedGraph]) -> int:
-    return max(b for b in qgraphs if b != WIDE_INPUT)
+def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[str, Any], repeats: int = 5,
+                     min_ms: int = 20, log: Log = lambda _: None) -> dict[str, float]:
+    """Per layer whose input `wide` makes 16-bit: the milliseconds that input adds, against `narrow`'s 8-bit one.
+
+    A 16-bit input runs the layer as several kernels (byte split, two 8-bit passes, combine: `lower`), so it is
+    timed as compiled: the layer alone between a quantize and a dequantize, built as a whole model, on each
+    input; the quantize and dequantize cost both the same, and cancel in the difference."""
+    use_target_threads(target)
+    device = tvm.cpu(0)
+    layers = [op.name for op in wide.layers if wide.values[op.inputs[0]].dtype == "int16"]
+    extra = {}
+    for i, layer in enumerate(layers):
+        times = []
+        for qgraph in (narrow, wide):
+            alone = single_layer_graph(qgraph, layer)
+            executable, lowered, _ = build(alone, target)
+            vm = relax.VirtualMachine(executable, device)
+            x = np.random.default_rng(0).standard_normal(alone.values["x"].shape).astype(np.float32)
+            args = [tvm.runtime.tensor(x, device), *(tvm.runtime.tensor(a, device) for a in lowered.params.values())]
+            vm.save_function("main", "timed", *args)
+            timer = vm.time_evaluator("timed", device, repeat=repeats, min_repeat_ms=min_ms)
+            times.append(float(np.median(timer().results)) * 1e3)
+        extra[layer] = times[1] - times[0]
+        log(f"latency (tvm): 16-bit input of layer {i + 1}/{len(layers)}")
+    return extra
 
 
 def _batch(qgraphs: dict[int, QuantizedGraph]) -> int:
@@ -138,7 +160,7 @@ def compile_layers(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any], d
         path = directory / f"layer{len(rows)}-w{kernel.bits}.so"
         kernel.library.export_library(str(path))
         rows.setdefault(kernel.layer, []).append((kernel.bits, path, kernel.args))
-        if kernel.bits == _widest_weights(qgraphs):
+        if kernel.bits == max(qgraphs):
             log(f"latency (tvm-rpc): compiled layer {len(rows)}/{total}")
     return CompiledLayers(target, layer_kernels(target)[2], _batch(qgraphs), rows)
 
