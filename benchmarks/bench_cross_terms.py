@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for objective in OBJECTIVES:
             problem = build_problem(graph, sens, costs, [4, 8], {"size": fraction * uniform_size}, True, objective)
             t0 = time.perf_counter()
-            plan = plan_for_budget(problem)
+            plan = plan_for_budget(problem).bits
             solve_s = time.perf_counter() - t0
             agrees = evaluator.agrees(plan)
             fronts.append({"fraction": fraction, "objective": objective, "plan": plan, "solve_s": solve_s,

@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.size * costs.total("size", top)
     problem = build_problem(graph, sens, costs, [4, 8], {"size": budget})
     t0 = time.perf_counter()
-    ilp_plan = plan_for_budget(problem)
+    ilp_plan = plan_for_budget(problem).bits
     ilp_seconds = time.perf_counter() - t0
-    cross_plan = plan_for_budget(build_problem(graph, sens, costs, [4, 8], {"size": budget}, objective="cross"))
+    cross_plan = plan_for_budget(build_problem(graph, sens, costs, [4, 8], {"size": budget}, objective="cross")).bits
 
     names = [n.name for n in graph.layers]
     # The uniform-style plan of the same size: INT8, with the largest layers at INT4 until it fits.
