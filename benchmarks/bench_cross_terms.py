@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     predicted["count"] = np.array([sum(b == 4 for b in p.values()) for p in plans], dtype=float)
     predicted["size"] = -np.array([costs.total("size", p) for p in plans])
     losses = {}
-    for label, (x, _) in sets.items():
-        probe = HeldoutLoss(graph, x, errors)
+    probes = {label: HeldoutLoss(graph, x, errors) for label, (x, _) in sets.items()}
+    for label, probe in probes.items():
         rows = []
         for i, plan in enumerate(plans):
             rows.append(probe(plan))
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             fronts.append({"fraction": fraction, "objective": objective, "plan": plan, "solve_s": solve_s,
                            "agrees": agrees, "size": costs.total("size", plan),
                            "predicted": {m: sens.predict(plan, m) for m in ("cross", "diagonal", "trace")},
-                           "weight_kl": {label: float(HeldoutLoss(graph, x, errors)(plan).mean())
-                                         for label, (x, _) in sets.items()}})
+                           "weight_kl": {label: float(probe(plan).mean()) for label, probe in probes.items()}})
             log(f"size {fraction:.2f}×, {objective}: {sum(b == 4 for b in plan.values())} INT4 layers, agreement "
                 + ", ".join(f"{label} {100 * agrees[offsets[i]:offsets[i + 1]].mean():.1f}%"
                             for i, label in enumerate(sets)))
