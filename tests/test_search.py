@@ -327,6 +327,28 @@ def test_search_keeps_activations_at_16_bits_within_a_bops_budget(tmp_path: Path
     assert not (tmp_path / "s").exists()
 
 
+def test_quantize_max_drop_keeps_the_activations_a_search_chooses(tmp_path: Path) -> None:
+    # `quantize --max-drop` runs the search itself (weights at --bits, activations 8 or 16) and ships its plan,
+    # with the search's outputs inside the artifact; a drop of 0% must measure no worse than all 16-bit.
+    out = tmp_path / "q"
+    r = _invoke("quantize", "zoo:small_cnn", "--max-drop", "0%", "--target", "none", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    frontier = json.loads((out / "search" / "frontier.json").read_text())
+    plan = json.loads((out / "search" / "plan.json").read_text())
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"]
+    assert report["search"]["max_drop"] == 0.0 and frontier["metric"] == "bops"
+    assert frontier["baseline"]["activation_bits"] and set(frontier["baseline"]["activation_bits"].values()) == {16}
+    assert plan["measured"]["top1_agreement"] >= frontier["baseline"]["measured"]["top1_agreement"]
+    wide = {t for t, b in report["activation_bits"].items() if b == 16}
+    assert wide == set(plan["activation_bits"]) == set(report["activation_costs"])
+    assert "## 16-bit activations" in (out / "report.md").read_text()
+    r = _invoke("quantize", "zoo:small_cnn", "--max-drop", "1%", "--plan", out / "search" / "plan.json",
+                "-o", tmp_path / "both")
+    assert r.exit_code == 2 and "--plan or --max-drop, not both" in r.output
+    assert not (tmp_path / "both").exists()
+
+
 def test_latency_budget_from_a_table(tmp_path: Path) -> None:
     graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
     table = LatencyTable("test-cpu", "hand-made", {n.name: {4: 0.5, 8: 1.0} for n in graph.layers})

@@ -35,6 +35,7 @@ from .data import Inputs
 from .evaluate import evaluate
 from .prepare import Data, Prepared, Source, prepare
 from .progress import Progress
+from .search import SearchOptions, SearchResult, run_search, write_search
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Artifact:
     config: QuantConfig
     recipe: Recipe  # what the config's `auto` parts resolved to, and the measurements behind it
     plan_file: Path | None = None  # the plan.json it was quantized with, recorded in the manifest
+    search: SearchResult | None = None  # the search that chose the plan (`max_drop`), written to search/
 
     def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
              tuning_cache: Path | None = None, onnx_weights: str = "auto", force: bool = False,
@@ -84,17 +86,22 @@ class _SaveOptions:
 
 def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig | None = None, *,
              heldout: Data | None = None, factory: str | None = None, plan: BitPlan | Path | None = None,
-             progress: Progress | None = None) -> Artifact:
+             max_drop: float | None = None, progress: Progress | None = None) -> Artifact:
     """Quantize MODEL (zoo:NAME, a .pt2, TorchScript, or a state dict with `factory`) to integers.
 
     `calib`/`heldout`: an image folder, a .npy/.npz, or an (N, C, H, W) float array; None for a zoo
     model's own sets (held-out data defaults to the last 20% of `calib` otherwise). `plan`: weight
     bits per layer (a BitPlan, or a plan.json from `lowbit search`); default `config.bits` everywhere.
+    `max_drop` (a fraction, e.g. 0.005) instead keeps activation tensors at 16 bits where they pay: a search
+    (`lowbit search --bits B --wide-activations --max-drop`) finds the plan with the fewest extra BOPs whose
+    measured top-1 agreement is at most `max_drop` below the plan with every such tensor at 16 bits.
     """
     from ..quantizer.quantize import quantize as quantize_graph
 
     config = config or QuantConfig()
     progress = progress or Progress()
+    if max_drop is not None and plan is not None:
+        raise LowbitError("--max-drop searches for the plan itself: give --plan or --max-drop, not both")
     plan_file = Path(plan) if isinstance(plan, str | Path) else None
     bit_plan = BitPlan.load(plan_file) if plan_file else plan  # a bad plan fails before the slow part
     prepared = prepare(Source(str(model), calib, heldout, factory, config.seed), progress)
@@ -104,6 +111,11 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
     graph, calib = prepared.graph, prepared.calib.x
+    found = None
+    if max_drop is not None:
+        options = SearchOptions(bits=(config.bits,), max_drop=max_drop, wide_activations=True, frontier_points=0)
+        found = run_search(prepared, options, progress, config)
+        bit_plan = found.plan
     bit_plan = bit_plan or BitPlan.uniform(graph, config.bits)
     with progress.stage("recipe"), progress.steps_of("recipe") as log:
         recipe = choose_recipe(graph, calib, config, bit_plan, log)
@@ -116,7 +128,7 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
                       if seconds > before.get(kind, 0.0))
     weights = reports.bits_summary(qgraph.bit_plan()) if plan is not None else f"{config.bits}-bit weights"
     progress.echo("quantize", f"{weights} ({progress.timings['quantize']:.1f}s: {steps})")
-    return Artifact(prepared, qgraph, config, recipe, plan_file)
+    return Artifact(prepared, qgraph, config, recipe, plan_file, found)
 
 
 def _why(recipe: Recipe) -> str:
@@ -190,6 +202,12 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
                                  f"({progress.timings['compile']:.1f}s)")
         if not t["bit_exact"]:
             _refuse_or_note(checks.failure_message("the TVM-compiled model", t, inputs), mismatches, options)
+    if artifact.search is not None:
+        (directory / "search").mkdir()
+        write_search(directory / "search", artifact.search)
+        report["search"] = {"max_drop": artifact.search.summary["max_drop"], "directory": "search",
+                            "chosen": {k: artifact.search.chosen.to_json()[k] for k in ("costs", "measured")}}
+        report["activation_costs"] = artifact.search.activation_costs
     report["mismatches"] = mismatches
     report["onnx_weights"] = {"requested": options.onnx_weights, "stored": qdq_weights}
     report["integer_only"] = not integer_leaks

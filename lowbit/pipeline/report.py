@@ -282,6 +282,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                         "least hurt by near ties.")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    lines += _wide_activation_lines(report)
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings"]["stages"].items()]
     for k, v in report["timings"]["steps"].items():
@@ -304,6 +305,22 @@ def _activations(report: dict[str, Any]) -> str:
     if not wide:
         return "8-bit"
     return f"8-bit, 16-bit for {len(wide)} tensor{'s' if len(wide) > 1 else ''}: {', '.join(f'`{n}`' for n in wide)}"
+
+
+def _wide_activation_lines(report: dict[str, Any]) -> list[str]:
+    """With --max-drop: the search behind the plan, and what each 16-bit tensor saves and costs."""
+    found = report.get("search")
+    if found is None:
+        return []
+    costs = report.get("activation_costs") or {}
+    lines = ["", "## 16-bit activations", "",
+             f"Chosen by a search (`search/report.md`): the plan with the fewest extra BOPs whose measured top-1 "
+             f"agreement is within {100 * found['max_drop']:.2f}% of the plan with every such tensor at 16 bits. "
+             f"{len(costs)} tensor{'s' if len(costs) != 1 else ''} kept at 16 bits."]
+    if costs:
+        lines += ["", "| tensor | predicted loss saved | BOPs added |", "|---|---:|---:|"]
+        lines += [f"| `{t}` | {c['loss_saved']:.3g} | {c['bops'] / 1e9:.3f} G |" for t, c in costs.items()]
+    return lines
 
 
 def _recipe(report: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,13 @@ from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
 from . import report as reports
-from .prepare import Source, prepare
+from .prepare import Prepared, Source, prepare
 from .progress import Progress
 from .sensitivity import run_sensitivity, write_sensitivity
 
 if TYPE_CHECKING:
     from ..codegen.tvm.remote import RpcTarget
+    from ..search.search import FrontierPoint
 
 LATENCY_SOURCES = ("auto", "tvm", "tvm-rpc", "onnxruntime")
 
@@ -44,33 +46,67 @@ class SearchOptions:
     wide_activations: bool = False  # let the ILP keep activation tensors at 16 bits
 
 
+@dataclass
+class SearchResult:
+    """What a search found: the chosen plan, every plan measured, and the sensitivity it used."""
+
+    chosen: FrontierPoint
+    summary: dict[str, Any]  # frontier.json without its points
+    frontier: list[dict[str, Any]]  # every plan measured, once each
+    sens: Sensitivity
+    sensitivity_measured: bool  # measured here (so it belongs in the output), not loaded from --sensitivity
+    activation_costs: dict[str, dict[str, float]]  # per tensor the chosen plan keeps at 16 bits
+
+    @property
+    def plan(self) -> BitPlan:
+        return self.chosen.plan
+
+
 def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
            progress: Progress | None = None) -> dict[str, Any]:
     """The whole `lowbit search`: writes plan.json, frontier.json/.png and report.md to `output` (atomically).
 
     Returns the summary that frontier.json holds, without its points."""
+    progress = progress or Progress()
+    _check_options(o)
+    result = run_search(prepare(source, progress), o, progress)
+    with atomic_directory(output, force) as tmp:
+        write_search(tmp, result)
+    progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
+                          f"`lowbit quantize {source.model} --plan {output / 'plan.json'} -o OUT`")
+    return result.summary
+
+
+def _check_options(o: SearchOptions) -> None:
+    """Refuse a search that cannot be run, before anything slow."""
+    if len(o.bits) < 2 and not o.wide_activations:
+        raise LowbitError(f"--bits {','.join(map(str, o.bits))}: a search needs at least two bit-widths (or "
+                          "--wide-activations, to choose activation widths alone)")
+    requested = o.budgets or {}
+    if not requested and o.max_drop is None:
+        raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    if o.wide_activations and o.max_drop is None and not {"latency", "bops"} & set(requested):
+        raise LowbitError("16-bit activations cost time, not weight size, so a search that may choose them needs "
+                          "a --latency or --bops budget, or --max-drop alone (it then bisects BOPs)")
+
+
+def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
+               config: QuantConfig | None = None) -> SearchResult:
+    """Measure (or load) the sensitivity and the costs, solve the ILP, and measure the plans it gives, each
+    quantized with `config` (default: the default recipe)."""
     from ..quantizer.quantize import calibrate
     from ..search import search as s
     from ..search.costs import LatencyTable, layer_costs, measure_onnxruntime
 
-    bits, requested, drop, latency_source = o.bits, o.budgets or {}, o.max_drop, o.latency_source
+    _check_options(o)
+    bits, requested, drop = o.bits, o.budgets or {}, o.max_drop
     sensitivity_dir = o.sensitivity_dir
-    if len(bits) < 2 and not o.wide_activations:
-        raise LowbitError(f"--bits {','.join(map(str, bits))}: a search needs at least two bit-widths (or "
-                          "--wide-activations, to choose activation widths alone)")
-    if not requested and drop is None:
-        raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
-    if o.wide_activations and not {"latency", "bops"} & set(requested):
-        raise LowbitError("16-bit activations cost time, not weight size, so a search that may choose them needs "
-                          "a --latency or --bops budget (1x lets --max-drop bisect it)")
     latency_source = _latency_source(o, needed="latency" in requested and o.latency_table is None)
     table = LatencyTable.load(o.latency_table) if o.latency_table else None
     sens = Sensitivity.load(sensitivity_dir) if sensitivity_dir else None
 
-    progress = progress or Progress()
-    seed = source.seed
-    config = QuantConfig(seed=seed)
-    prepared = prepare(source, progress)
+    seed = prepared.source.seed
+    config = config or QuantConfig(seed=seed)
     graph = prepared.graph
     if sens is not None and sorted(layer.name for layer in sens.layers) != sorted(n.name for n in graph.layers):
         raise LowbitError(f"{sensitivity_dir}: measured on a different model ({sens.model}); its layers do not match")
@@ -113,8 +149,9 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     costs = layer_costs(graph, bits, table)
     top = {layer.name: max(bits) for layer in graph.layers}
     budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}
-    metric = next(iter(budgets), "size")
-    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: costs.total(metric, top)}, o.ties,
+    # Without a budget, --max-drop bisects size, or BOPs when activations may widen (they cost no size).
+    metric = next(iter(budgets), "bops" if o.wide_activations else "size")
+    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: math.inf}, o.ties,
                               o.objective, o.wide_activations)
     progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
                             f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
@@ -150,25 +187,30 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     unique = {s.plan_key(p.plan): p for p in reversed(points)}  # each plan once, as first measured
     frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan,
                  "drop_vs_baseline": evaluator.agreement_drop(baseline.plan, p.plan)} for p in unique.values()]
+    activation_costs = wide_activation_costs(chosen.plan, sens, costs)
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
                "heldout": reports.data_summary(prepared.heldout),
                "max_drop": drop, "baseline": baseline.to_json(), "objective": o.objective,
                "ties": o.ties, "groups": problem.groups, "activation_choices": problem.tensors,
-               "chosen_activation_costs": wide_activation_costs(chosen.plan, sens, costs),
+               "chosen_activation_costs": activation_costs,
                "latency_table": None if table is None else table.to_json()}
-    with atomic_directory(output, force) as tmp:
-        chosen.plan.save(tmp / "plan.json", model=graph.name, budgets=budgets, max_drop=drop,
-                         predicted_loss=chosen.predicted_loss, measured=chosen.measured, costs=chosen.costs,
-                         activation_costs=wide_activation_costs(chosen.plan, sens, costs))
-        write_json(tmp / "frontier.json", {**summary, "points": frontier})
-        plots.pareto_plot(frontier, metric, tmp / "frontier.png", f"{graph.name}: measured plans ({metric})")
-        with atomic_file(tmp / "report.md") as f:
-            f.write(search_markdown(summary, frontier, metric))
-        if sensitivity_written:
-            write_sensitivity(tmp / "sensitivity", sens)
-    progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
-                          f"`lowbit quantize {source.model} --plan {output / 'plan.json'} -o OUT`")
-    return summary
+    return SearchResult(chosen, summary, frontier, sens, sensitivity_written, activation_costs)
+
+
+def write_search(directory: Path, result: SearchResult) -> None:
+    """plan.json, frontier.json/.png, report.md (and the sensitivity, if measured) into `directory`."""
+    summary, chosen = result.summary, result.chosen
+    chosen.plan.save(directory / "plan.json", model=summary["model"], budgets=summary["budgets"],
+                     max_drop=summary["max_drop"], predicted_loss=chosen.predicted_loss, measured=chosen.measured,
+                     costs=chosen.costs, activation_costs=result.activation_costs)
+    write_json(directory / "frontier.json", {**summary, "points": result.frontier})
+    metric = summary["metric"]
+    plots.pareto_plot(result.frontier, metric, directory / "frontier.png",
+                      f"{summary['model']}: measured plans ({metric})")
+    with atomic_file(directory / "report.md") as f:
+        f.write(search_markdown(summary, result.frontier, metric))
+    if result.sensitivity_measured:
+        write_sensitivity(directory / "sensitivity", result.sens)
 
 
 def wide_activation_costs(plan: BitPlan, sens: Sensitivity, costs) -> dict[str, dict[str, float]]:

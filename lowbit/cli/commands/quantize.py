@@ -16,7 +16,7 @@ from ...pipeline.checks import tvm_available
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
-from ..options import rpc_options, rpc_target, tuning_options, user_errors
+from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
@@ -38,6 +38,9 @@ DEFAULTS = QuantConfig()
               help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
+@click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
+                                 "BOPs whose measured top-1 agreement is at most this much (e.g. 0.5%) below the plan "
+                                 "with every such tensor at 16 bits (a search; see `lowbit search --wide-activations`).")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=DEFAULTS.calib_method, show_default=True,
               help="How activation ranges are chosen; auto: the method with the least output error on a "
                    "validation split of the calibration data.")
@@ -61,7 +64,7 @@ DEFAULTS = QuantConfig()
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, calib_method: str, rounding: str, seed: int, target: str | None,
+                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str, seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
@@ -70,6 +73,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     state dict (.safetensors or .pt) with --factory.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding, seed=seed)
+    drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     target = resolve_target(target)
     if tune_trials is not None and target is None:
         raise LowbitError("--tune-trials needs a compile target (TVM installed, and not --target none)")
@@ -83,7 +87,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
         require_devices(rpc)
     check_output_dir(output, force)  # fail before the slow part, not after it
     progress = Progress()
-    artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path, progress=progress)
+    artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path,
+                        max_drop=drop, progress=progress)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
