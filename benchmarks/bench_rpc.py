@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing it")
     args = parser.parse_args(argv)
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
+    # Every TVM runtime here and on the servers (which inherit the environment) runs kernels on --threads threads:
+    # by default each would start one per CPU, and two servers timing at once would then share the cores.
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     cpus = sorted(os.sched_getaffinity(0))
     pinned = len(cpus) >= 3 * args.threads
     if pinned:  # this process on the first cores, each server on its own
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         f"servers under one key ({remote_s:.0f}s; the servers took {shared} and {len(compiled.rows) - shared} "
         f"layers; devices dropped: {len(remote.meta['rpc']['dropped'])}); "
         + ("each server pinned to its own cores, this process to others" if pinned else
-           "not pinned (fewer than 3 x --threads CPUs): the two servers share the CPUs"), "",
+           "not pinned (fewer than 3 x --threads CPUs): the two servers share the CPUs")
+        + f"; TVM_NUM_THREADS={args.threads} here and on the servers", "",
         "| weights | per-layer ratio remote/local: median | 5th-95th percentile | worst layer | total here | "
         "total over RPC | total ratio |",
         "|---|---|---|---|---|---|---|",
