@@ -150,16 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         local = time_here(compiled, args.repeats, args.min_ms)
         local_s = time.perf_counter() - t0
-        log("starting a tracker and two servers")
-        cluster = LocalCluster(Path(tmp), 2, server_cpus if pinned else None)
-        try:
-            t0 = time.perf_counter()
-            remote = time_on_devices(compiled, cluster.rpc, args.repeats, args.min_ms, log)
-            remote_s = time.perf_counter() - t0
-        finally:
-            cluster.close()
-    stats_by_bits = compare(local.ms, remote.ms)
-    shared = sum(1 for d in remote.meta["rpc"]["ran_on"].values() if d == remote.meta["rpc"]["device_names"][0])
+        remote, remote_s = {}, {}
+        for servers in (1, 2):  # one device alone, then two sharing the layers
+            log(f"starting a tracker and {servers} server(s)")
+            cluster = LocalCluster(Path(tmp), servers, server_cpus if pinned else None)
+            try:
+                t0 = time.perf_counter()
+                remote[servers] = time_on_devices(compiled, cluster.rpc, args.repeats, args.min_ms, log)
+                remote_s[servers] = time.perf_counter() - t0
+            finally:
+                cluster.close()
+    two = remote[2].meta["rpc"]
+    shared = sum(1 for d in two["ran_on"].values() if d == two["device_names"][0])
 
     cpu, _ = cpu_info()
     lines = [
@@ -172,21 +174,25 @@ def main(argv: list[str] | None = None) -> int:
         f"- MobileNetV2, {len(compiled.rows)} conv/linear layers at 4 and 8 bits, target "
         f"`{target_string(target)}` ({compiled.kernel_set} kernels), batch {compiled.batch}; median of "
         f"{args.repeats} repeats of at least {args.min_ms} ms each",
-        f"- The same library files timed in this process ({local_s:.0f}s) and through a localhost tracker and two "
-        f"servers under one key ({remote_s:.0f}s; the servers took {shared} and {len(compiled.rows) - shared} "
-        f"layers; devices dropped: {len(remote.meta['rpc']['dropped'])}); "
+        f"- The same library files timed in this process ({local_s:.0f}s), then through a localhost tracker with "
+        f"one server ({remote_s[1]:.0f}s) and with two servers under one key ({remote_s[2]:.0f}s; they took "
+        f"{shared} and {len(compiled.rows) - shared} layers; devices dropped: {len(two['dropped'])}); "
         + ("each server pinned to its own cores, this process to others" if pinned else
            "not pinned (fewer than 3 x --threads CPUs): the two servers share the CPUs")
         + f"; TVM_NUM_THREADS={args.threads} here and on the servers", "",
-        "| weights | per-layer ratio remote/local: median | 5th-95th percentile | worst layer | total here | "
+        "| devices | weights | per-layer ratio remote/local: median | 5th-95th percentile | worst layer | total here | "
         "total over RPC | total ratio |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for bits, s in stats_by_bits.items():
-        lines.append(f"| INT{bits} | {s['median']:.3f} | {s['p5']:.3f}-{s['p95']:.3f} | {s['worst']:.3f} | "
-                     f"{s['local_ms']:.3f} ms | {s['remote_ms']:.3f} ms | {s['remote_ms'] / s['local_ms']:.3f} |")
+    for servers, table in remote.items():
+        for bits, s in compare(local.ms, table.ms).items():
+            lines.append(f"| {servers} server{'s' if servers > 1 else ''} | INT{bits} | {s['median']:.3f} | "
+                         f"{s['p5']:.3f}-{s['p95']:.3f} | {s['worst']:.3f} | {s['local_ms']:.3f} ms | "
+                         f"{s['remote_ms']:.3f} ms | {s['remote_ms'] / s['local_ms']:.3f} |")
     lines += ["", "A ratio near 1 says the table from the RPC servers can stand in for the local one: TVM's time "
-                  "evaluator runs on the device, so uploads and the network stay outside the timings.", ""]
+                  "evaluator runs on the device, so uploads and the network stay outside the timings. Two servers "
+                  "on one machine time their layers at the same moment, so unless each has cores of its own "
+                  "(pinned), they measure each other's load as well.", ""]
     text = "\n".join(lines)
     if args.dry_run:
         print(text)
