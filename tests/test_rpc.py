@@ -158,11 +158,15 @@ def _after_a_layer(action: Callable[[], None], on: str = "") -> Callable[[str], 
 def test_table_through_two_servers_has_every_entry(cluster: Cluster, compiled: CompiledLayers,
                                                    small_cnn: dict) -> None:
     devices = cluster.ensure(2)
-    table = time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5)
+    messages: list[str] = []
+    table = time_on_devices(compiled, cluster.rpc, repeats=2, min_ms=5, log=messages.append)
     _complete(table, small_cnn)
     rpc = table.meta["rpc"]
     assert rpc["key"] == KEY and rpc["devices"] == 2 and f"key {KEY!r}, 2 device(s)" in table.source
     assert sorted(set(rpc["ran_on"].values())) == devices and rpc["dropped"] == []
+    # Both servers are on this machine, timing at once: said, since they measure each other's load.
+    assert rpc["hosts_shared"] == ["127.0.0.1"]
+    assert any(m.startswith("warning: several devices run on 127.0.0.1") for m in messages)
 
 
 def test_retries_are_bounded_and_the_error_names_layer_and_device(cluster: Cluster) -> None:

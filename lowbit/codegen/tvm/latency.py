@@ -11,6 +11,7 @@ or an error, never partial.
 
 from __future__ import annotations
 
+import collections
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ def time_on_devices(compiled: CompiledLayers, rpc: RpcTarget, repeats: int = 5, 
                           lambda m: log(f"latency (tvm-rpc): {m}"))
     ms = {layer: done.results[layer] for layer in compiled.rows}  # the graph's layer order
     meta = done.meta(rpc)
+    hosts = collections.Counter(name.rsplit(":", 1)[0] for name in done.devices)
+    meta["hosts_shared"] = sorted(host for host, n in hosts.items() if n > 1)
+    if meta["hosts_shared"]:  # benchmarks/bench_rpc.py: two servers on one 2-CPU host timed 2x slower than one
+        log(f"warning: several devices run on {', '.join(meta['hosts_shared'])} and were timed at the same moment: "
+            "unless each has cores of its own, their timings include each other's load")
     return LatencyTable(target_string(compiled.target), f"tvm per-layer kernels ({compiled.kernel_set}) over RPC, "
                                                         f"key {rpc.key!r}, {meta['devices']} device(s)", ms,
                         {"repeats": repeats, "min_repeat_ms": min_ms, "batch": compiled.batch, "rpc": meta})
