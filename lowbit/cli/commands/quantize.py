@@ -39,8 +39,9 @@ DEFAULTS = QuantConfig()
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
-                                 "BOPs whose measured top-1 agreement is at most this much (e.g. 0.5%) below the plan "
-                                 "with every such tensor at 16 bits (a search; see `lowbit search --wide-activations`).")
+                                 "BOPs whose measured top-1 agreement is at most this much (e.g. 0.5%) below the "
+                                 "plan with every such tensor at 16 bits (a search, as `lowbit search "
+                                 "--wide-activations` runs).")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=DEFAULTS.calib_method, show_default=True,
               help="How activation ranges are chosen; auto: the method with the least output error on a "
                    "validation split of the calibration data.")
@@ -64,7 +65,8 @@ DEFAULTS = QuantConfig()
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str, seed: int, target: str | None,
+                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str,
+                     seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
