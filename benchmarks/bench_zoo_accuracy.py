@@ -45,7 +45,6 @@ EVAL_BATCH = 64
 PERCENTILE = 99.999  # ORT's percentile setting, as in bench_mobilenet_v2
 LOWBIT_RECIPES = {
     "lowbit default (auto recipe)": QuantConfig(seed=SEED),
-    "lowbit auto recipe without output-aware ranges": QuantConfig(output_aware_ranges=False, seed=SEED),
     "lowbit percentile + GPTQ everywhere (the old default)": QuantConfig(calib_method="percentile", rounding="gptq",
                                                                         seed=SEED),
     "lowbit minmax + round-to-nearest": QuantConfig(calib_method="minmax", rounding="nearest", seed=SEED),

@@ -150,12 +150,12 @@ def test_output_aware_ranges_lower_the_output_error_they_predict(outlier) -> Non
 def test_output_aware_ranges_are_kept_only_if_the_validation_split_agrees(outlier) -> None:
     graph, calib = outlier
     plan = BitPlan.uniform(graph, 8)
-    recipe = choose_recipe(graph, calib, QuantConfig(rounding="nearest"), plan)
+    recipe = choose_recipe(graph, calib, QuantConfig(rounding="nearest", output_aware_ranges=True), plan)
     aware = recipe.evidence["output_aware_ranges"]
     assert aware["fit_samples"] == 16 and aware["fit_error"][1] <= aware["fit_error"][0]
     if aware["kept"]:
         assert recipe.range_ratios and aware["validation_error"] < recipe.evidence["range_error"][recipe.calib_method]
     else:
         assert not recipe.range_ratios
-    off = choose_recipe(graph, calib, QuantConfig(rounding="nearest", output_aware_ranges=False), plan)
+    off = choose_recipe(graph, calib, QuantConfig(rounding="nearest"), plan)  # off by default (config.py says why)
     assert "output_aware_ranges" not in off.evidence and not off.range_ratios

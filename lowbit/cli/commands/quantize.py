@@ -48,6 +48,9 @@ DEFAULTS = QuantConfig()
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
               help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
                    "(and only if the whole model gains), round-to-nearest elsewhere.")
+@click.option("--output-aware-ranges", is_flag=True,
+              help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
+                   "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -66,7 +69,7 @@ DEFAULTS = QuantConfig()
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                      bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str,
-                     seed: int, target: str | None,
+                     output_aware_ranges: bool, seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
@@ -74,7 +77,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
     state dict (.safetensors or .pt) with --factory.
     """
-    config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding, seed=seed)
+    config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
+                         output_aware_ranges=output_aware_ranges, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     target = resolve_target(target)
     if tune_trials is not None and target is None:
