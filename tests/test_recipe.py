@@ -10,8 +10,9 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import BitPlan, QuantConfig
-from lowbit.quantizer.graph import Graph
-from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.graph import Graph, run_graph
+from lowbit.quantizer.quantize import calibrate, lower_to_integer, quantize
+from lowbit.quantizer.ranges import output_aware_ratios, output_error
 from lowbit.quantizer.recipe import BASELINE, MIN_SAMPLES_TO_VALIDATE, choose_recipe
 from lowbit.quantizer.simulate import simulate
 
@@ -99,3 +100,62 @@ def test_the_choice_is_deterministic_for_a_seed(wide) -> None:
 def test_bad_recipe_options_are_refused(field: str, value: object) -> None:
     with pytest.raises(LowbitError, match=field.split("_")[0] if field != "calib_method" else "calib-method"):
         QuantConfig(**{field: value})
+
+
+class _ConvPool(nn.Module):
+    """conv → relu → maxpool → conv → relu → flatten → linear: maxpool and flatten pass their input's grid on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.c1(x)), 2)
+        return self.fc(torch.relu(self.c2(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def outlier() -> tuple[Graph, np.ndarray]:
+    """Calibration images where one pixel of one image is 40x larger than the rest: min/max ranges waste most of
+    their steps on it."""
+    torch.manual_seed(0)
+    calib = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
+    calib[0, :, 4, 4] *= 40.0
+    return _capture(_ConvPool(), calib, "conv_pool"), calib
+
+
+def test_output_aware_ranges_lower_the_output_error_they_predict(outlier) -> None:
+    graph, calib = outlier
+    plan, config = BitPlan.uniform(graph, 8), QuantConfig(calib_method="minmax", rounding="nearest")
+    stats, x = calibrate(graph, calib), torch.from_numpy(calib[1:17])  # the outlier is in the statistics only
+    choice = output_aware_ratios(graph, stats, plan, config, x)
+    assert choice.ratios and min(choice.ratios.values()) < 1.0
+    assert choice.error_after < choice.error_before
+    # The chooser's own bookkeeping (suffix runs, grids passed on through maxpool/flatten) must equal a plain
+    # fake-quant run of the graph lowered with those ratios: otherwise it optimised something else.
+    reference = run_graph(graph, x)
+    for ratios, want in ((None, choice.error_before), (choice.ratios, choice.error_after)):
+        got = output_error(reference, simulate(graph, lower_to_integer(graph, stats, plan, config, ratios), x),
+                           "mean KL(softmax)")
+        assert got == pytest.approx(want, rel=1e-9)
+    # A ratio sets the tensor's threshold, so its scale, as a fraction of max|x|.
+    qgraph = lower_to_integer(graph, stats, plan, config, choice.ratios)
+    for name, ratio in choice.ratios.items():
+        value = qgraph.values[qgraph.float_to_int[name]]
+        assert float(value.scale) == pytest.approx(ratio * stats[name].absmax / (255 if stats[name].nonnegative
+                                                                                  else 127), rel=1e-6)
+
+
+def test_output_aware_ranges_are_kept_only_if_the_validation_split_agrees(outlier) -> None:
+    graph, calib = outlier
+    plan = BitPlan.uniform(graph, 8)
+    recipe = choose_recipe(graph, calib, QuantConfig(rounding="nearest", output_aware_ranges=True), plan)
+    aware = recipe.evidence["output_aware_ranges"]
+    assert aware["fit_samples"] == 16 and aware["fit_error"][1] <= aware["fit_error"][0]
+    if aware["kept"]:
+        assert recipe.range_ratios and aware["validation_error"] < recipe.evidence["range_error"][recipe.calib_method]
+    else:
+        assert not recipe.range_ratios
+    off = choose_recipe(graph, calib, QuantConfig(rounding="nearest"), plan)  # off by default (config.py says why)
+    assert "output_aware_ranges" not in off.evidence and not off.range_ratios

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -122,11 +122,33 @@ def _int16_readers(graph: Graph, name: str) -> list[tuple[Node, str]]:
     return refused
 
 
+def activation_grid(stats: TensorStats, bits: int, clamp: Node | None, config: QuantConfig,
+                    ratio: float | None = None) -> tuple[str, np.float32, int, int]:
+    """A tensor's integer grid: (dtype, scale, qmin, qmax). Its clipping threshold is `ratio` * max|x| if given,
+    else what `config.calib_method` picks; a clamp fused into its producer narrows the range."""
+    lo = clamp.attrs["min"] if clamp else None
+    hi = clamp.attrs["max"] if clamp else None
+    unsigned = stats.nonnegative or (lo is not None and lo >= 0)
+    if ratio is not None:
+        t = ratio * stats.absmax
+    else:
+        t = clip_threshold(stats, config.calib_method, not unsigned, config.percentile, bits=bits)
+    if hi is not None and lo is not None:
+        t = min(t, max(abs(lo), abs(hi)))
+    t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
+    dtype = activation_dtype(bits, unsigned)
+    scale = f32(t / steps(dtype))
+    qmin, qmax = integer_bounds(lo, hi, scale, *qrange(dtype))
+    return dtype, scale, qmin, qmax
+
+
 class Lowering:
     """The state of one lowering pass; each op's `lower` (in `lowbit.ir.ops`) calls these helpers."""
 
-    def __init__(self, graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig):
+    def __init__(self, graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig,
+                 range_ratios: Mapping[str, float] | None = None):
         self.graph, self.stats, self.plan, self.config = graph, stats, plan, config
+        self.range_ratios = range_ratios or {}  # tensor -> its clipping threshold as a fraction of max|x|
         self.values: dict[str, Value] = {}
         self.ops: list[Op] = []
         self.float_to_int: dict[str, str] = {}
@@ -163,19 +185,10 @@ class Lowering:
                    ir_name: str | None = None) -> tuple[Value, int, int]:
         """A new value for a float tensor (8-bit, or int16 where the plan says 16), with its clamp range in integer
         units."""
-        st = self.stats[float_name]
         bits = self.plan.activation(float_name)
-        lo = clamp.attrs["min"] if clamp else None
-        hi = clamp.attrs["max"] if clamp else None
-        unsigned = st.nonnegative or (lo is not None and lo >= 0)
-        t = clip_threshold(st, self.config.calib_method, not unsigned, self.config.percentile, bits=bits)
-        if hi is not None and lo is not None:
-            t = min(t, max(abs(lo), abs(hi)))
-        t = max(t, 1e-8)  # an all-zero tensor still needs a valid scale
-        dtype = activation_dtype(bits, unsigned)
-        scale = f32(t / steps(dtype))
+        ratio = self.range_ratios.get(float_name) if bits == 8 else None
+        dtype, scale, qmin, qmax = activation_grid(self.stats[float_name], bits, clamp, self.config, ratio)
         value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
-        qmin, qmax = integer_bounds(lo, hi, scale, *qrange(dtype))
         return value, qmin, qmax
 
     def round_weight(self, node: Node, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +216,11 @@ class Lowering:
                               self.graph.name, self.float_to_int)
 
 
-def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig) -> QuantizedGraph:
-    lowering = Lowering(graph, stats, plan, config)
+def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig,
+                     range_ratios: Mapping[str, float] | None = None) -> QuantizedGraph:
+    """The float graph as integer ops, round-to-nearest weights; `range_ratios` override the clipping threshold
+    of those 8-bit tensors (as a fraction of max|x|)."""
+    lowering = Lowering(graph, stats, plan, config, range_ratios)
     for node in graph.nodes:
         lowering.lower(node)
     return lowering.finish()
@@ -353,7 +369,8 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
     calib = np.ascontiguousarray(calib, dtype=np.float32)
     recipe = recipe or choose_recipe(graph, calib, config, plan, log)
     stats = stats if stats is not None else calibrate(graph, calib, log)
-    qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=recipe.calib_method))
+    qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=recipe.calib_method),
+                              recipe.range_ratios)
     if config.bias_correction or recipe.gptq_layers:
         refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, recipe.gptq_layers,
                       log)

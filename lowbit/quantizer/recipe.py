@@ -10,7 +10,9 @@ they carry signal. So `auto` measures:
 
 1. Split the calibration samples (seeded) into a fit part and a validation part.
 2. Ranges: quantize with each method from the fit part's statistics (round-to-nearest)
-   and keep the one with the least output error on the validation part.
+   and keep the one with the least output error on the validation part. Then refine
+   each 8-bit tensor's range by the error at the network output on fit samples
+   (`ranges.py`), kept only if the validation error drops too.
 3. Rounding, layer by layer (float and fake-quant graphs side by side): GPTQ from the
    fit rows' Hessian, kept only where it lowers the layer's output error on the
    validation rows; then the whole model with those layers is compared with plain
@@ -24,18 +26,19 @@ chosen recipe from all the calibration samples.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..ir import Op, QuantizedGraph
-from ..metrics import mean_kl
 from .calibrate import METHODS
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_graph, run_node
 from .quantize import Log, calibrate, gptq_layer, lower_to_integer, walk_side_by_side
+from .ranges import RANGE_SAMPLES, output_aware_ratios, output_error, output_metric
 from .simulate import dequantized_params, simulate
 
 MIN_SAMPLES_TO_VALIDATE = 8  # below this a validation split is too small to choose anything by
@@ -49,6 +52,7 @@ class Recipe:
     calib_method: str
     gptq_layers: frozenset[str]
     evidence: dict[str, Any]  # the measurements behind the choice (report.json's "recipe")
+    range_ratios: Mapping[str, float] = field(default_factory=dict)  # output-aware clipping, fraction of max|x|
 
     @classmethod
     def fixed(cls, graph: Graph, config: QuantConfig) -> Recipe:
@@ -57,10 +61,13 @@ class Recipe:
         return cls(config.calib_method, layers, {"chosen_by": "configuration"})
 
     def to_json(self) -> dict[str, Any]:
-        return {"calib_method": self.calib_method, "gptq_layers": sorted(self.gptq_layers), **self.evidence}
+        return {"calib_method": self.calib_method, "gptq_layers": sorted(self.gptq_layers),
+                "range_ratios": dict(self.range_ratios), **self.evidence}
 
     def describe(self, n_layers: int) -> str:
-        return f"{self.calib_method} activation ranges, GPTQ rounding on {len(self.gptq_layers)}/{n_layers} layers"
+        aware = f" (output-aware on {len(self.range_ratios)} tensors)" if self.range_ratios else ""
+        return (f"{self.calib_method} activation ranges{aware}, GPTQ rounding on {len(self.gptq_layers)}/{n_layers} "
+                "layers")
 
 
 def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: BitPlan,
@@ -95,18 +102,31 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
         "chosen_by": "validation", "fit_samples": len(fit), "validation_samples": n_val,
         "metric": validation.metric, "range_error": range_error}
 
+    nearest = replace(config, calib_method=method, rounding="nearest")
+    ratios: dict[str, float] = {}
+    best_error = range_error[method]
+    if config.calib_method == "auto" and config.output_aware_ranges:
+        choice = output_aware_ratios(graph, stats, plan, nearest, torch.from_numpy(fit[:RANGE_SAMPLES]), log)
+        aware_error = validation.error(lower_to_integer(graph, stats, plan, nearest, choice.ratios))
+        if aware_error < best_error:  # fitted on the fit part: kept only if the validation part agrees
+            ratios, best_error = choice.ratios, aware_error
+        evidence["output_aware_ranges"] = {
+            "tensors": len(choice.ratios), "fit_samples": min(len(fit), RANGE_SAMPLES),
+            "fit_error": [choice.error_before, choice.error_after], "validation_error": aware_error,
+            "kept": bool(ratios)}
+
     if config.rounding == "auto":
-        qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=method, rounding="nearest"))
+        qgraph = lower_to_integer(graph, stats, plan, nearest, ratios)
         x_fit = torch.from_numpy(fit[:config.refine_samples])
         layer_errors = choose_gptq_layers(graph, qgraph, x_fit, torch.from_numpy(val), log)
         gptq = frozenset(name for name, e in layer_errors.items() if e["gptq"] < e["nearest"])
         gptq_error = validation.error(qgraph)
-        if gptq_error >= range_error[method]:
+        if gptq_error >= best_error:
             gptq = frozenset()
         evidence.update(layer_rounding_error=layer_errors, gptq_model_error=gptq_error)
     else:
         gptq = Recipe.fixed(graph, config).gptq_layers
-    return Recipe(method, gptq, evidence)
+    return Recipe(method, gptq, evidence, ratios)
 
 
 def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: torch.Tensor, val: torch.Tensor,
@@ -147,19 +167,9 @@ class _Validation:
     def __init__(self, graph: Graph, x: np.ndarray):
         self.graph, self.x = graph, torch.from_numpy(x)
         with torch.no_grad():
-            self.reference = {o: t.double().numpy() for o, t in run_graph(graph, self.x).items()
-                              if o in graph.outputs}
-        # Class scores are compared as distributions; anything else by its relative squared error.
-        self.metric = "mean KL(softmax)" if all(r.ndim == 2 for r in self.reference.values()) else "relative MSE"
+            self.reference = {o: t for o, t in run_graph(graph, self.x).items() if o in graph.outputs}
+        self.metric = output_metric(self.reference)
 
     def error(self, qgraph: QuantizedGraph) -> float:
         with torch.no_grad():
-            outputs = simulate(self.graph, qgraph, self.x)
-        errors = []
-        for name, want in self.reference.items():
-            got = outputs[name].double().numpy()
-            if self.metric.startswith("mean KL"):
-                errors.append(mean_kl(want, got))
-            else:
-                errors.append(float(np.sum((got - want) ** 2) / max(float(np.sum(want ** 2)), 1e-30)))
-        return float(np.mean(errors))
+            return output_error(self.reference, simulate(self.graph, qgraph, self.x), self.metric)

@@ -48,10 +48,15 @@ def dequantized_params(qgraph: QuantizedGraph) -> tuple[dict[str, torch.Tensor],
     """Per layer: the float weight and bias the integer op really computes with (as its weight format says)."""
     weights, biases = {}, {}
     for op in qgraph.layers:
-        w_scale = torch.tensor(op.attrs["weight_scale"], dtype=torch.float32)
         weights[op.name] = torch.from_numpy(weights_of(op).dequantize())
-        biases[op.name] = torch.from_numpy(op.arrays["bias"].astype(np.float32)) * w_scale * op.attrs["input_scale"]
+        biases[op.name] = dequantized_bias(op.arrays["bias"], op.attrs["weight_scale"], op.attrs["input_scale"])
     return weights, biases
+
+
+def dequantized_bias(bias: np.ndarray, weight_scale: list[float] | np.ndarray, input_scale: float) -> torch.Tensor:
+    """An int32 bias as the float bias the layer really adds."""
+    w_scale = torch.tensor(np.asarray(weight_scale, dtype=np.float32))
+    return torch.from_numpy(bias.astype(np.float32)) * w_scale * input_scale
 
 
 def simulate(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -185,7 +185,8 @@ class PlanEvaluator:
                                                 BitPlan.uniform(self.graph, bits), log)
         widest = self._recipes[max(plan.bits.values())]
         gptq = frozenset(layer for layer, bits in plan.bits.items() if layer in self._recipes[bits].gptq_layers)
-        return Recipe(widest.calib_method, gptq, {"chosen_by": "the uniform plans of its bit-widths"})
+        return Recipe(widest.calib_method, gptq, {"chosen_by": "the uniform plans of its bit-widths"},
+                      widest.range_ratios)
 
     def _measure(self, plan: BitPlan, log: Log) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -39,14 +39,18 @@ DEFAULTS = QuantConfig()
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
-                                 "BOPs whose measured top-1 agreement is at most this much (e.g. 0.5%) below the plan "
-                                 "with every such tensor at 16 bits (a search; see `lowbit search --wide-activations`).")
+                                 "BOPs whose measured top-1 agreement is at most this much (e.g. 0.5%) below the "
+                                 "plan with every such tensor at 16 bits (a search, as `lowbit search "
+                                 "--wide-activations` runs).")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=DEFAULTS.calib_method, show_default=True,
               help="How activation ranges are chosen; auto: the method with the least output error on a "
                    "validation split of the calibration data.")
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
               help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
                    "(and only if the whole model gains), round-to-nearest elsewhere.")
+@click.option("--output-aware-ranges", is_flag=True,
+              help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
+                   "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -64,7 +68,8 @@ DEFAULTS = QuantConfig()
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str, seed: int, target: str | None,
+                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str,
+                     output_aware_ranges: bool, seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
@@ -72,7 +77,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
     state dict (.safetensors or .pt) with --factory.
     """
-    config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding, seed=seed)
+    config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
+                         output_aware_ranges=output_aware_ranges, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     target = resolve_target(target)
     if tune_trials is not None and target is None:

@@ -101,6 +101,12 @@ def int16_output_shift(reduction: int) -> int:
     return max(0, int16_acc_bound(reduction).bit_length() - 31)
 
 
+def integer_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> np.ndarray:
+    """A float bias as int32 at the accumulator's scale (input scale x per-channel weight scale)."""
+    acc_scale = np.float64(input_scale) * weight_scale.astype(np.float64)
+    return np.clip(np.round(bias.astype(np.float64) / acc_scale), *qrange("int32")).astype(np.int32)
+
+
 def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     """Weights to per-channel symmetric integers, bias to int32 at the accumulator's scale, then a
     requantizer to the output's grid (with a following clamp folded in), or int32 for a graph output."""
@@ -108,8 +114,7 @@ def lower_layer(lw: Lowering, node: Node, attr_names: tuple[str, ...]) -> None:
     bits = lw.plan.bits[node.name]
     w_int, w_scale = lw.round_weight(node, bits)
     acc_scale = np.float64(x.scale) * w_scale.astype(np.float64)
-    bias = np.round(lw.graph.bias(node.name).numpy().astype(np.float64) / acc_scale)
-    bias = np.clip(bias, *qrange("int32")).astype(np.int32)
+    bias = integer_bias(lw.graph.bias(node.name).numpy(), x.scale, w_scale)
     attrs: dict[str, Any] = {k: node.attrs[k] for k in attr_names}
     attrs.update(weight_bits=bits, weight_scale=w_scale.tolist(), input_scale=x.scale)
     arrays = {"weight": w_int, "bias": bias}
