@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -24,7 +25,12 @@ tvm = pytest.importorskip("tvm", reason="RPC tests need apache-tvm (pip install 
 pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado (pip install 'lowbit[tvm]')")
 
 from lowbit.cli.main import lowbit  # noqa: E402
-from lowbit.codegen.tvm.latency import CompiledLayers, compile_layers, time_on_devices  # noqa: E402
+from lowbit.codegen.tvm.latency import (  # noqa: E402
+    CompiledLayers,
+    compile_layers,
+    time_on_devices,
+    wide_input_extra,
+)
 from lowbit.codegen.tvm.remote import RpcTarget, free_devices, registered_devices, run_on_devices  # noqa: E402
 from lowbit.codegen.tvm.target import parse_target  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
@@ -32,7 +38,7 @@ from lowbit.models import get_zoo_entry  # noqa: E402
 from lowbit.models.loading import load_program  # noqa: E402
 from lowbit.quantizer.capture import capture  # noqa: E402
 from lowbit.quantizer.config import BitPlan, QuantConfig  # noqa: E402
-from lowbit.quantizer.quantize import quantize  # noqa: E402
+from lowbit.quantizer.quantize import int16_candidates, integer_readers, quantize  # noqa: E402
 
 KEY = "lowbit-test"
 # The portable kernels compile in a fraction of a second each (the x86 ones take seconds): the tests are about
@@ -167,6 +173,24 @@ def test_table_through_two_servers_has_every_entry(cluster: Cluster, compiled: C
     # Both servers are on this machine, timing at once: said, since they measure each other's load.
     assert rpc["hosts_shared"] == ["127.0.0.1"]
     assert any(m.startswith("warning: several devices run on 127.0.0.1") for m in messages)
+
+
+def test_16_bit_inputs_are_timed_on_the_devices(cluster: Cluster) -> None:
+    # The extra time of a 16-bit input (the layer alone, built whole, at 8 then 16 bits) is measured remotely too.
+    cluster.ensure(2)
+    graph = capture(load_program("zoo:small_cnn", None), "small_cnn")
+    calib = get_zoo_entry("small_cnn").calibration(0)
+    wide = {t: 16 for t in int16_candidates(graph)}
+    config = QuantConfig(rounding="nearest")
+    narrow = quantize(graph, calib, config, BitPlan.uniform(graph, 8))
+    wide_input = quantize(graph, calib, config, BitPlan(BitPlan.uniform(graph, 8).bits, wide))
+    messages: list[str] = []
+    extra = wide_input_extra(narrow, wide_input, parse_target(TARGET), repeats=2, min_ms=2, log=messages.append,
+                             rpc=cluster.rpc)
+    readers = {layer for t in wide for layer in integer_readers(graph, t)}
+    assert set(extra) == readers and readers and all(np.isfinite(v) for v in extra.values())
+    assert sum(extra.values()) > 0  # two 8-bit passes and a combine cost more than one pass
+    assert any(re.search(r"16-bit input, layer \d+/\d+ \(\S+\) on 127\.0\.0\.1:\d+", m) for m in messages)
 
 
 def test_retries_are_bounded_and_the_error_names_layer_and_device(cluster: Cluster) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ...errors import LowbitError
 from ...ir import QuantizedGraph
 from ...ir.dtypes import dtype
 from ...search.costs import LatencyTable, single_layer_graph
@@ -81,11 +80,10 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
     devices under its key (`target_spec` then describes them).
     """
     if wide_input is not None:
-        if rpc is not None:
-            raise LowbitError("16-bit activations are timed on this machine only, not over RPC yet")
         narrow = qgraphs[max(qgraphs)]
-        table = measure_layers(qgraphs, target_spec, repeats, min_ms, log)
-        table.wide_input_ms = wide_input_extra(narrow, wide_input, parse_target(target_spec), repeats, min_ms, log)
+        table = measure_layers(qgraphs, target_spec, repeats, min_ms, log, rpc)
+        table.wide_input_ms = wide_input_extra(narrow, wide_input, parse_target(target_spec), repeats, min_ms, log,
+                                               rpc)
         return table
     target = parse_target(target_spec)
     if target["kind"] != "llvm":
@@ -109,30 +107,59 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
 
 
 def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[str, Any], repeats: int = 5,
-                     min_ms: int = 20, log: Log = lambda _: None) -> dict[str, float]:
+                     min_ms: int = 20, log: Log = lambda _: None, rpc: RpcTarget | None = None) -> dict[str, float]:
     """Per layer whose input `wide` makes 16-bit: the milliseconds that input adds, against `narrow`'s 8-bit one.
 
     A 16-bit input runs the layer as several kernels (byte split, two 8-bit passes, combine: `lower`), so it is
     timed as compiled: the layer alone between a quantize and a dequantize, built as a whole model, on each
-    input; the quantize and dequantize cost both the same, and cancel in the difference."""
-    use_target_threads(target)
-    device = tvm.cpu(0)
+    input; the quantize and dequantize cost both the same, and cancel in the difference. With `rpc`, the
+    executables run on the devices under its key (all built here first), one layer per job."""
     layers = [op.name for op in wide.layers if wide.values[op.inputs[0]].dtype == "int16"]
-    extra = {}
-    for i, layer in enumerate(layers):
-        times = []
-        for qgraph in (narrow, wide):
-            alone = single_layer_graph(qgraph, layer)
-            executable, lowered, _ = build(alone, target)
-            vm = relax.VirtualMachine(executable, device)
-            x = np.random.default_rng(0).standard_normal(alone.values["x"].shape).astype(np.float32)
-            args = [tvm.runtime.tensor(x, device), *(tvm.runtime.tensor(a, device) for a in lowered.params.values())]
-            vm.save_function("main", "timed", *args)
-            timer = vm.time_evaluator("timed", device, repeat=repeats, min_repeat_ms=min_ms)
-            times.append(float(np.median(timer().results)) * 1e3)
-        extra[layer] = times[1] - times[0]
-        log(f"latency (tvm): 16-bit input of layer {i + 1}/{len(layers)}")
-    return extra
+    where = "tvm-rpc" if rpc is not None else "tvm"
+    with tempfile.TemporaryDirectory(prefix="lowbit-wide-") as tmp:
+        built: dict[str, list[tuple[Any, list[np.ndarray]]]] = {}
+        for i, layer in enumerate(layers):
+            built[layer] = []
+            for tag, qgraph in (("narrow", narrow), ("wide", wide)):
+                alone = single_layer_graph(qgraph, layer)
+                executable, lowered, _ = build(alone, target)
+                x = np.random.default_rng(0).standard_normal(alone.values["x"].shape).astype(np.float32)
+                if rpc is not None:  # a file to upload
+                    executable.export_library(str(Path(tmp) / f"{i}-{tag}.so"))
+                    executable = Path(tmp) / f"{i}-{tag}.so"
+                built[layer].append((executable, [x, *lowered.params.values()]))
+            if rpc is not None:
+                log(f"latency ({where}): built the 16-bit input of layer {i + 1}/{len(layers)}")
+        if rpc is not None:
+            threads = int(target.get("num-cores", 1))
+
+            def job(row: list[tuple[Any, list[np.ndarray]]]) -> Callable[[Device], float]:
+                def run(device: Device) -> float:
+                    device.use_threads(threads)
+                    times = [_vm_ms(relax.VirtualMachine(device.load(path), device.cpu), device.cpu,
+                                    [device.tensor(a) for a in arrays], repeats, min_ms) for path, arrays in row]
+                    return times[1] - times[0]
+                return run
+
+            done = run_on_devices(rpc, {layer: job(row) for layer, row in built.items()}, "layer",
+                                  lambda m: log(f"latency ({where}): 16-bit input, {m}"))
+            return {layer: done.results[layer] for layer in layers}
+        use_target_threads(target)
+        device = tvm.cpu(0)
+        extra = {}
+        for i, (layer, row) in enumerate(built.items()):
+            times = [_vm_ms(relax.VirtualMachine(executable, device), device,
+                            [tvm.runtime.tensor(a, device) for a in arrays], repeats, min_ms)
+                     for executable, arrays in row]
+            extra[layer] = times[1] - times[0]
+            log(f"latency ({where}): 16-bit input of layer {i + 1}/{len(layers)}")
+        return extra
+
+
+def _vm_ms(vm: relax.VirtualMachine, device: Any, args: list[Any], repeats: int, min_ms: int) -> float:
+    """Median ms of the VM's main on `args` (local or remote), through the stateful interface RPC supports."""
+    vm.set_input("main", *args)
+    return float(np.median(time_function(vm.module, "invoke_stateful", device, ["main"], repeats, min_ms)))
 
 
 def _batch(qgraphs: dict[int, QuantizedGraph]) -> int:
