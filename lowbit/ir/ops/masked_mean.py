@@ -61,7 +61,7 @@ def _pooling(root: Any) -> Fusion | None:
     if not (is_call(prod, aten.mul.Tensor) and clamped is not None):
         return None
     clamp, count, min_count = clamped
-    counted = _sum_over_seq(count, keepdim=True)
+    counted = _sum_over_seq(count, keepdim=True)  # the mask that is counted
     for x, m in ((fx_arg(prod, 0, "self"), fx_arg(prod, 1, "other")),
                  (fx_arg(prod, 1, "other"), fx_arg(prod, 0, "self"))):
         if not hasattr(x, "meta") or len(shape(x)) != 3:
@@ -94,6 +94,6 @@ MASKED_MEAN = register(OpDef(
     "mask the 0/1 attention mask [B, S].",
     attrs=MaskedMeanAttrs,
     fusions={aten.div.Tensor: _pooling},
-    described_as="masked mean pooling, sum(x * mask) / clamp(sum(mask))",
+    described_as="masked mean pooling (sum(x * mask) / clamp(sum(mask)))",
     evaluate=_evaluate,
 ))
