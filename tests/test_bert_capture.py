@@ -198,3 +198,10 @@ def test_a_mask_that_does_not_fuse_is_reported_with_every_unsupported_op() -> No
     assert "aten.to.dtype" in text and "aten.unsqueeze.default" in text
     assert "aten.mul.Tensor" in text  # the bias's m * 5 (the scores' * 0.5 fused into the matmul)
     assert text.count("aten.mul.Tensor") == 1
+
+
+def test_linear_on_a_sequence_treats_every_token_as_a_sample() -> None:
+    x = torch.randn(2, 5, 8)
+    columns = OPS["linear"].input_columns({}, (4, 8), x)  # what GPTQ's Hessian and the sensitivity see
+    assert columns.shape == (1, 8, 10)
+    assert torch.equal(columns[0, :, 6], x[1, 1])  # token 1 of sample 1 is column 5 + 1
