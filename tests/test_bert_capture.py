@@ -25,7 +25,8 @@ SENTENCES = [
 LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense")
 TINY = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 8, "intermediate_size": 16,
-        "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 16, "vocab_size": 50}
+        "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 16, "vocab_size": 50,
+        "type_vocab_size": 2}
 
 
 def _inputs(ids: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
