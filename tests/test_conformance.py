@@ -20,7 +20,7 @@ from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, export_integ
 from lowbit.ir import Op, QuantizedGraph, Value
 from lowbit.ir.dtypes import qrange
 from lowbit.ir.dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
-from lowbit.ir.ops import OPS, primitives
+from lowbit.ir.ops import OPS, primitives, unlowered_ops
 from lowbit.ir.ops._layer import int16_acc_bound, int16_output_shift
 from lowbit.ir.weights import weight_range
 from lowbit.quantizer.reference import run_reference
@@ -196,8 +196,11 @@ def test_every_registered_integer_op_has_a_case_and_every_backend_supports_it() 
                                 ("TVM", TVM_CONVERTERS)):
         missing = sorted(set(primitives()) - set(converters))
         assert not missing, f"the {backend} backend lacks {missing}"
-    # Float-only ops lower to primitives; they never reach a backend.
-    assert all(OPS[name].lower is not None for name in OPS if not OPS[name].is_primitive)
+    # Float-only ops lower to primitives; they never reach a backend. The transformer ops have no lowering yet:
+    # quantize refuses a graph that uses them (tests/test_bert_capture.py). Lowering one removes it from this set.
+    assert set(unlowered_ops()) == {"add_constant", "embedding", "layer_norm", "masked_mean", "matmul", "permute",
+                                    "softmax"}
+    assert all(OPS[name].evaluate is not None for name in unlowered_ops())
 
 
 def _ort_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:

@@ -8,7 +8,8 @@ key and shape check, without depending on `transformers`.
 normalization), as sentence-transformers' mean pooling does. It is written with plain ops only
 (embedding, slicing, linear, matmul, softmax, layer_norm, erf GELU, add, mul, sum, div) and no
 data-dependent control flow, so ``torch.export`` traces it at a static sequence length and the
-capture into lowbit's IR can go op by op.
+capture into lowbit's IR can go op by op (the attention mask's chains fuse into the masked softmax
+and the masked mean that read it).
 """
 
 from __future__ import annotations

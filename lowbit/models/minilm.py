@@ -10,7 +10,8 @@ text is news sentences from gensim's ``lee_background.cor``; its held-out text t
 sentences of ``pang_lee_polarity.cor``; neither is an evaluation set (see `lowbit.text.corpora`).
 
 Not in the zoo yet: every zoo entry today is an image model that `quantize` captures with a float
-image input, and the capture of transformer ops into lowbit's IR is still to come. The pieces a
+image input. The encoder captures into lowbit's float IR (tests/test_bert_capture.py), but its
+transformer ops have no integer lowering yet. The pieces a
 `zoo:minilm_l6` entry needs are here: `minilm_l6`, `minilm_calibration_text`, `minilm_heldout_text`.
 """
 

@@ -8,7 +8,9 @@ program is scanned and *every* unsupported op is reported at once, with where it
 occurs in the user's model.
 
 Sub-graphs that depend only on weights (a transpose of a linear weight, say)
-are folded to constants as they are met.
+are folded to constants as they are met. Sub-graphs that an op declares as one
+of its `fusions` (masked softmax, masked mean pooling) are found first and become
+one node; the nodes they replace are neither scanned nor converted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.fx
 
 from ..errors import LowbitError
-from ..ir.ops import ATEN_CONVERTERS, UnsupportedAttr, supported_description
+from ..ir.ops import ATEN_CONVERTERS, FUSIONS, Fusion, UnsupportedAttr, supported_description
 from .graph import Graph, Node
 
 
@@ -159,18 +161,57 @@ def _is_const_op(n: torch.fx.Node, const_nodes: set[torch.fx.Node]) -> bool:
     return bool(inputs) and all(i in const_nodes for i in inputs)
 
 
-def scan_unsupported(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
-    """Every op occurrence with no converter (weight-only sub-graphs are fine: they are folded)."""
+def _const_nodes(ep: torch.export.ExportedProgram) -> set[torch.fx.Node]:
+    """Nodes that depend only on weights: they are folded to constants."""
     consts = _constant_inputs(ep)
     const_nodes: set[torch.fx.Node] = set()
+    for n in ep.graph.nodes:
+        if (n.op == "placeholder" and n.name in consts) or n.op == "get_attr" or (
+                n.op == "call_function" and _is_const_op(n, const_nodes)):
+            const_nodes.add(n)
+    return const_nodes
+
+
+def find_fusions(ep: torch.export.ExportedProgram) -> tuple[dict[torch.fx.Node, Fusion], set[torch.fx.Node]]:
+    """The fusions of the program (root -> fusion), and the nodes they make vanish.
+
+    A fusion applies where each of its interior nodes is read only inside it and belongs to no other fusion.
+    Besides the interiors, a node vanishes when every reader vanishes or is a root that does not read its value
+    (the attention mask's cast and reshapes, read through by masked softmax and masked mean)."""
+    const_nodes = _const_nodes(ep)
+    fusions: dict[torch.fx.Node, Fusion] = {}
+    claimed: set[torch.fx.Node] = set()
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or n in const_nodes or n in claimed:
+            continue
+        for matcher in FUSIONS.get(n.target, ()):
+            fusion = matcher(n)
+            if fusion is None or fusion.interior & (claimed | set(fusions) | const_nodes):
+                continue
+            if all(set(i.users) <= fusion.interior | {n} for i in fusion.interior):
+                fusions[n] = fusion
+                claimed |= fusion.interior
+                break
+    vanished = set(claimed)
+    read = {i for f in fusions.values() for i in f.inputs}  # what the fused nodes' converters read
+    for n in reversed(ep.graph.nodes):
+        if n.op != "call_function" or n in fusions or n in vanished or n in read or not n.users:
+            continue
+        if all(u in vanished or u in fusions for u in n.users):
+            vanished.add(n)
+    return fusions, vanished
+
+
+def scan_unsupported(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
+    """Every op occurrence with no converter (weight-only sub-graphs are fine: they are folded; fused
+    sub-graphs are fine: they become one node)."""
+    const_nodes = _const_nodes(ep)
+    fusions, vanished = find_fusions(ep)
     problems = []
     for n in ep.graph.nodes:
-        if n.op == "placeholder":
-            if n.name in consts:
-                const_nodes.add(n)
-        elif n.op == "get_attr" or (n.op == "call_function" and _is_const_op(n, const_nodes)):
-            const_nodes.add(n)
-        elif n.op == "call_function" and n.target not in ATEN_CONVERTERS:
+        if n in const_nodes or n in vanished or n in fusions:
+            continue
+        if n.op == "call_function" and n.target not in ATEN_CONVERTERS:
             problems.append((_op_name(n.target), _where(n), ""))
         elif n.op in ("call_module", "call_method"):
             problems.append((str(n.target), _where(n), "not a flat ATen graph"))
@@ -188,6 +229,7 @@ def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
     if problems:
         raise UnsupportedOpsError(problems)
     consts = _constant_inputs(ep)
+    fusions, vanished = find_fusions(ep)
     ctx = _Context()
     user_inputs: list[str] = []
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
@@ -205,6 +247,12 @@ def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
                     ctx.values[n] = _Tensor(n.name)
             elif n.op == "get_attr":
                 ctx.values[n] = getattr(ep.graph_module, n.target)
+            elif n.op == "call_function" and n in vanished:
+                continue
+            elif n.op == "call_function" and n in fusions:
+                args = [ctx.values.get(i) for i in fusions[n].inputs]
+                # None: reads an op already listed as a problem
+                ctx.values[n] = None if any(a is None for a in args) else fusions[n].convert(ctx, n)
             elif n.op == "call_function":
                 args = [ctx.values.get(i) for i in n.all_input_nodes]
                 if any(a is None for a in args):  # reads an op already listed as a problem

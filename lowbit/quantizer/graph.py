@@ -174,6 +174,7 @@ def run_node(graph: Graph, node: Node, args: list[torch.Tensor], weight: torch.T
         raise ValueError(f"node {node.name}: no float implementation for op {node.op!r}")
     overrides = {"weight": weight, "bias": bias}
     params = {k: graph.params[f"{node.name}.{k}"] if overrides.get(k) is None else overrides[k] for k in op.weights}
+    params.update({k: graph.params[f"{node.name}.{k}"] for k in op.constants})
     return op.evaluate(node, args, params)
 
 

@@ -216,10 +216,25 @@ class Lowering:
                               self.graph.name, self.float_to_int)
 
 
+def check_lowerable(graph: Graph) -> None:
+    """Refuse, before any work, a graph with ops that have no integer lowering yet, naming each op and its nodes."""
+    missing: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        if op_def(n.op).lower is None:
+            missing.setdefault(n.op, []).append(n.name)
+    if missing:
+        ops = "; ".join(f"{op} ({len(names)} node(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                        for op, names in missing.items())
+        raise LowbitError(f"model {graph.name!r} cannot be quantized yet: these ops have no integer lowering in "
+                          f"lowbit: {ops}. They capture and run in float (run_graph), but quantize, sensitivity "
+                          "and the backends need every op lowered to integers.")
+
+
 def lower_to_integer(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig,
                      range_ratios: Mapping[str, float] | None = None) -> QuantizedGraph:
     """The float graph as integer ops, round-to-nearest weights; `range_ratios` override the clipping threshold
     of those 8-bit tensors (as a fraction of max|x|)."""
+    check_lowerable(graph)
     lowering = Lowering(graph, stats, plan, config, range_ratios)
     for node in graph.nodes:
         lowering.lower(node)
@@ -362,6 +377,7 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
     """
     from .recipe import choose_recipe  # it quantizes candidates with this module's lowering
 
+    check_lowerable(graph)
     config = config or QuantConfig()
     plan = plan or BitPlan.uniform(graph, config.bits)
     plan.validate(graph)

@@ -9,6 +9,7 @@ import torch
 
 from ..dyadic import dyadic
 from ..requantizer import Requantizer
+from . import add_constant
 from .registry import OpDef, UnsupportedAttr, register
 
 if TYPE_CHECKING:
@@ -21,6 +22,10 @@ aten = torch.ops.aten
 def _add(ctx: Any, fx: Any) -> Any:
     if ctx.arg(fx, 2, "alpha", 1) != 1:
         raise UnsupportedAttr("add with alpha != 1")
+    lhs, rhs = ctx.arg(fx, 0, "self"), ctx.arg(fx, 1, "other")
+    x, c = (lhs, rhs) if ctx.is_activation(lhs) else (rhs, lhs)
+    if ctx.is_activation(x) and isinstance(c, torch.Tensor):  # an activation plus a (folded) constant tensor
+        return add_constant.emit(ctx, fx, x.node, c)
     a, b = ctx.tensor(fx, 0, "self"), ctx.tensor(fx, 1, "other")
     if ctx.by_name[a].shape != ctx.by_name[b].shape:
         raise UnsupportedAttr("add with broadcasting")
@@ -64,7 +69,7 @@ ADD = register(OpDef(
     "two int8/uint8/int16 inputs, each multiplied by its own mantissa, summed in int64, then one shared shift, "
     "rounding and clamp (|int16| x mantissas < 2^45 stays far below int64's range).",
     aten={aten.add.Tensor: _add, aten.add_.Tensor: _add},
-    described_as="add",
+    described_as="add (an activation, or a constant broadcast over the batch)",
     evaluate=_evaluate, lower=_lower, reference=_reference,
     requantizers=lambda op, qgraph: [requantizer(op, qgraph)],
     absorbs_clamp=True, joins_inputs=True,

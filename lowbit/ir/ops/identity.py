@@ -1,4 +1,5 @@
-"""ATen ops that vanish at capture: dropout and copies (identities), and the first output of a tuple."""
+"""ATen ops that vanish at capture: dropout and copies (identities), metadata assertions, and the first output of
+a tuple."""
 
 from __future__ import annotations
 
@@ -25,5 +26,10 @@ def _getitem(ctx: Any, fx: Any) -> Any:
 
 _IDENTITIES = (aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
                aten.detach.default, aten.feature_dropout.default, aten.dropout_.default, aten.lift_fresh_copy.default)
+def _check(ctx: Any, fx: Any) -> None:
+    """A dtype/shape assertion torch.export leaves before a cast: it computes nothing."""
+    return None
+
+
 register_converters({t: _identity for t in _IDENTITIES}, "dropout")
-register_converters({operator.getitem: _getitem}, "")
+register_converters({operator.getitem: _getitem, aten._assert_tensor_metadata.default: _check}, "")

@@ -22,7 +22,7 @@ aten = torch.ops.aten
 def _emit(ctx: Any, fx: Any, x: str, w: torch.Tensor, b: torch.Tensor | None) -> Any:
     if b is None:
         b = torch.zeros(w.shape[0])
-    macs = math.prod(fx.meta["val"].shape) * w.shape[1]
+    macs = math.prod(fx.meta["val"].shape[1:]) * w.shape[1]  # per sample, as conv counts them
     return ctx.emit(fx, "linear", [x], {}, {"weight": w, "bias": b}, macs, prefer_module_name=True)
 
 

@@ -69,11 +69,14 @@ LUT = register(OpDef(
 
 def elementwise_op(name: str, summary: str, numpy_fn: Callable[[np.ndarray], np.ndarray],
                    torch_fn: Callable[[torch.Tensor], torch.Tensor], aten_targets: tuple[Any, ...],
-                   absorbs_clamp: bool = False) -> OpDef:
+                   absorbs_clamp: bool = False, check: Callable[[Any, Any], None] | None = None) -> OpDef:
     """Register a float elementwise op y = f(x) that lowers to `lut`: its float semantics (`torch_fn`), the same
-    function in float64 numpy for the table (`numpy_fn`), and the ATen ops captured as it."""
+    function in float64 numpy for the table (`numpy_fn`), and the ATen ops captured as it. `check(ctx, fx)`
+    raises `UnsupportedAttr` for an ATen call whose other arguments make it a different function."""
 
     def convert(ctx: Any, fx: Any) -> Any:
+        if check is not None:
+            check(ctx, fx)
         return ctx.emit(fx, name, [ctx.tensor(fx, 0, "input")])
 
     def evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -10,7 +10,11 @@ An `OpDef` holds everything the pipeline needs to know about an op, in one place
 - `requantizers`: the typed requantizer(s) its lowering attached, as backends read them;
 - `int16_refusal`: why it cannot read an int16 activation, if it cannot;
 - `weights`: which of its inputs are weights (the layers that get a bit-width), and `input_columns`,
-  how its weight sees its input (for GPTQ's Hessian).
+  how its weight sees its input (for GPTQ's Hessian);
+- `constants`: float params that are not weights and get no bit-width (an embedding table,
+  LayerNorm's gamma and beta, constant rows added to an activation);
+- `fusions`: sub-graphs of several ATen ops that capture converts as one node of this op
+  (a `Fusion`: masked softmax, masked mean pooling), found before anything is converted.
 
 An op may have only some of these. A float-only op (say hardswish) lowers to
 integer primitives defined elsewhere, so backends never see it; an integer-only
@@ -43,6 +47,22 @@ InputColumns = Callable[[dict[str, Any], tuple[int, ...], "torch.Tensor"], "torc
 Converter = Callable[[Any, Any], Any]  # (capture context, torch.fx.Node) -> captured value
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """ATen nodes that capture converts as one op: `convert` gives the root's value, and `interior` vanish.
+
+    Each interior node must be read only inside the fusion (the root or other interior nodes); nodes the
+    fusion merely reads through (the attention mask's cast and reshapes) vanish too when nothing else
+    reads them, and are converted as usual when something does."""
+
+    interior: frozenset[Any]  # torch.fx.Node
+    inputs: tuple[Any, ...]  # the torch.fx.Nodes whose captured values `convert` reads
+    convert: Converter  # (capture context, the root torch.fx.Node) -> captured value
+
+
+Matcher = Callable[[Any], "Fusion | None"]  # (a torch.fx.Node of the root's ATen op) -> the fusion rooted there
+
+
 class UnsupportedAttr(Exception):
     """Raised by a converter for a supported op used with an unsupported setting."""
 
@@ -59,6 +79,8 @@ class OpDef:
     reference: Reference | None = None
     requantizers: Requantizers | None = None  # the typed requantizers lowering attached (read from the op)
     weights: tuple[str, ...] = ()  # float params that are weights: the op gets a bit-width
+    constants: tuple[str, ...] = ()  # float params that are not weights (no bit-width): tables, gamma/beta
+    fusions: Mapping[Any, Matcher] = field(default_factory=dict)  # ATen root op -> a matcher rooted there
     # (attrs, weight shape, input) -> the input as the columns the weight multiplies, [groups, K, samples]:
     # what GPTQ's Hessian H = X Xᵀ and the sensitivity analysis see.
     input_columns: InputColumns | None = None
@@ -87,6 +109,7 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 ATEN_CONVERTERS: dict[Any, Converter] = {}
+FUSIONS: dict[Any, list[Matcher]] = {}
 _CONVERTER_LABELS: list[str] = []
 
 
@@ -95,6 +118,8 @@ def register(op: OpDef) -> OpDef:
         raise AssertionError(f"op {op.name!r} registered twice")
     OPS[op.name] = op
     register_converters(op.aten, op.described_as)
+    for target, matcher in op.fusions.items():
+        FUSIONS.setdefault(target, []).append(matcher)
     return op
 
 
@@ -124,6 +149,11 @@ def primitives() -> tuple[str, ...]:
     return tuple(name for name, op in OPS.items() if op.is_primitive)
 
 
+def unlowered_ops() -> tuple[str, ...]:
+    """Float ops with no integer lowering yet: capture and float evaluation only; `quantize` refuses them."""
+    return tuple(name for name, op in OPS.items() if not op.is_primitive and op.lower is None)
+
+
 def supported_description() -> str:
     """What capture accepts, for the unsupported-op message."""
     return ", ".join(_CONVERTER_LABELS)
@@ -143,8 +173,12 @@ def ir_spec() -> str:
 
     `docs/IR.md` is this text (`python -m lowbit.ir.ops > docs/IR.md`; a test keeps the two equal)."""
     integer = [f"- `{name}`: {OPS[name].summary}" for name in sorted(primitives())]
-    lowered = [f"- `{name}`: {op.summary}" for name, op in sorted(OPS.items()) if not op.is_primitive]
+    lowered = [f"- `{name}`: {op.summary}" for name, op in sorted(OPS.items())
+               if not op.is_primitive and op.lower is not None]
+    unlowered = [f"- `{name}`: {OPS[name].summary}" for name in sorted(unlowered_ops())]
+    float_only = ["## Float ops with no integer lowering yet (quantize refuses a graph that uses them)", "",
+                  *unlowered, ""] if unlowered else []
     return "\n".join(["# lowbit's integer IR", "",
                       "Generated from the op registry (`lowbit/ir/ops`) by `python -m lowbit.ir.ops`.", "",
                       "## Integer ops (every backend implements these)", "", *integer, "",
-                      "## Float ops that lower to the integer ops above", "", *lowered, ""])
+                      "## Float ops that lower to the integer ops above", "", *lowered, "", *float_only])
