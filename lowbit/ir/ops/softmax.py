@@ -5,18 +5,21 @@ softmax(x + (1 - mask) * mask_bias) with the bias broadcast as [B, 1, ..., 1, S]
 masked keys get `mask_bias` added (-10000 in lowbit's BERT: exactly zero weight).
 Capture fuses the model's whole chain (mask cast to float, 1 - m, times the bias,
 unsqueezed, added to the scores) into this one op, so the scores stay a tensor of
-their own, calibrated without the -10000s. Its integer lowering (to come, I-BERT):
-the mask as an integer add of a large negative number in the scores' units, then an
-integer exp (shift plus a second-order polynomial) and an integer division by the row sum.
+their own, calibrated without the -10000s. Its integer kernel is `integer_softmax` (I-BERT,
+Kim et al. 2021, with a finer exp; its lowering and reference wiring are to come): the mask
+as exact zeros, an integer exp (a shift plus a polynomial) and an integer division by the row sum.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from ..dyadic import dyadic, mantissa_bits_for
 from ._fx import fx_arg, is_call, mask_source, shape
 from .registry import Fusion, OpDef, UnsupportedAttr, register
 
@@ -95,3 +98,115 @@ SOFTMAX = register(OpDef(
     described_as="softmax (last dimension, with an attention mask)",
     evaluate=_evaluate,
 ))
+
+
+# --- the integer kernel (I-BERT softmax with a finer exp) ------------------------------------------------------------
+#
+# Run time, per row of the int32 scores q (real value q * scale), all in int64:
+#   x = q - max(q over unmasked keys)                 in [-(2^32 - 1), 0]
+#   v = (x * m + rnd) >> c                            x * scale / ln2 in Q.F (F = SOFTMAX_FRAC_BITS), v <= 0
+#   z = (-v) >> F,  f = (-v) & (2^F - 1)              exp(x*scale) = 2^-z * 2^(-f / 2^F)
+#   y = poly(f)                                       2^(-f/2^F) in Q.G (G = SOFTMAX_EXP_BITS), Horner, integer
+#   e = y >> z if z <= G and the key is unmasked, else 0
+#   p = (255 * e + sum(e) // 2) // sum(e)             uint8, scale 1/255: rounded to nearest
+# Bounds: |x * m| < 2^32 * 2^28 = 2^60 (m has mantissa_bits_for(2^32) = 28 bits) and rnd < 2^c <= 2^62 is added to
+# a non-positive number: no overflow, and v <= 0. Horner: |t| < 2^(G+1) (every partial sum of the fitted
+# coefficients is below 2 in Q.G, checked at fit time) and f < 2^F, so |t * f| < 2^(G+1+F) = 2^46.
+# 0 < y <= 2^G + err (the polynomial's value at f = 0 is the row max's exp), e <= y, so
+# sum(e) <= S * (2^G + 2^(G-8)) < 2^51 for S <= SOFTMAX_MAX_KEYS = 2^20, and 255 * e + sum < 2^51 + 2^39: int64
+# is ample. sum(e) >= y(0) > 2^29 (the max key), so the division is defined.
+# The output scale 1/255 (not 2^-8) lets a certain key have probability exactly 1 (255) within uint8.
+
+SOFTMAX_FRAC_BITS = 15
+SOFTMAX_EXP_BITS = 30
+SOFTMAX_OUT_LEVELS = 255
+SOFTMAX_OUT_SCALE = 1.0 / SOFTMAX_OUT_LEVELS
+SOFTMAX_MAX_KEYS = 1 << 20
+SOFTMAX_DEGREE = 3  # I-BERT's 2 adds up to 1.8e-3 relative exp error; 3 gives 8e-5 for one more multiply
+_X_BOUND = (1 << 32) - 1
+
+
+@dataclass(frozen=True)
+class SoftmaxConstants:
+    """What a lowering precomputes from the scores' float scale: the dyadic x -> Q.F multiplier and the
+    exp polynomial's integer coefficients (highest degree first), and the polynomial's relative error bound."""
+    mantissa: int
+    shift: int
+    coefficients: tuple[int, ...]
+    exp_rel_error: float
+
+
+def exp2_polynomial(degree: int = SOFTMAX_DEGREE) -> tuple[np.ndarray, float]:
+    """A degree-`degree` polynomial in r for 2^-r on [0, 1), fitted for relative error (weights 2^r, Chebyshev
+    nodes, so close to minimax); its float coefficients (highest first) and the max relative error on a fine grid."""
+    nodes = 0.5 - 0.5 * np.cos(np.pi * (np.arange(400) + 0.5) / 400)
+    coef = np.polyfit(nodes, np.exp2(-nodes), degree, w=np.exp2(nodes))
+    grid = np.linspace(0.0, 1.0, 1 << 14)
+    err = float(np.max(np.abs(np.polyval(coef, grid) * np.exp2(grid) - 1.0)))
+    return coef, err
+
+
+def softmax_constants(scale: float, degree: int = SOFTMAX_DEGREE) -> SoftmaxConstants:
+    """The integer constants of `integer_softmax` for scores of real value q * scale."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax: the scores' scale must be finite and positive, got {scale}")
+    bits = mantissa_bits_for(_X_BOUND)
+    b, c = dyadic(scale / math.log(2) * (1 << SOFTMAX_FRAC_BITS), bits)
+    if int(b[0]) == 0:
+        raise ValueError(f"softmax: scores' scale {scale} is too small for a Q.{SOFTMAX_FRAC_BITS} exponent")
+    coef, err = exp2_polynomial(degree)
+    # In Horner's scheme on f = r * 2^F, the Q.G coefficient of r^k is used as is; f's scaling is the >> F.
+    ints = tuple(int(round(a * (1 << SOFTMAX_EXP_BITS))) for a in coef)
+    partial = np.cumsum(np.abs(coef))
+    if partial.max() >= 2.0:
+        raise AssertionError("exp polynomial: a Horner partial sum reaches 2, beyond the stated int64 bound")
+    # Integer coefficients and the Q.F input add at most a few 2^-G units and 2^-(F+1) ln 2 of relative error.
+    return SoftmaxConstants(int(b[0]), int(c[0]), ints, err + 4.0 * 2.0 ** -SOFTMAX_EXP_BITS
+                            + math.log(2) * 2.0 ** -(SOFTMAX_FRAC_BITS + 1))
+
+
+def softmax_error_bound(consts: SoftmaxConstants, keys: int) -> float:
+    """The max |p - softmax| (probability units) of `integer_softmax` over `keys` keys against the float softmax
+    of q * scale: half an output step, plus 2d / (1 - d) for a relative exp error d (each p is
+    p_true (1 + d_i) / (1 + d_mean)), plus the truncations of e = y >> z and the keys cut off at z > G (under one
+    unit each, against sum(e) > 2^(G-1)). The rounded row sums are within keys / (2 * 255) of 1."""
+    d = consts.exp_rel_error
+    return 0.5 / SOFTMAX_OUT_LEVELS + 2.0 * d / (1.0 - d) + 2.0 * keys * 2.0 ** -(SOFTMAX_EXP_BITS - 1)
+
+
+def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarray | None = None) -> np.ndarray:
+    """The run-time part of `integer_softmax`: integer-only, int64 throughout (bounds above). Returns uint8."""
+    q = np.asarray(q)
+    if q.dtype.kind not in "iu" or q.dtype.itemsize > 4:
+        raise ValueError(f"softmax: integer scores of at most 32 bits expected, got {q.dtype}")
+    if q.shape[-1] > SOFTMAX_MAX_KEYS:
+        raise ValueError(f"softmax over {q.shape[-1]} keys; at most {SOFTMAX_MAX_KEYS} keep the sum in int64")
+    q = q.astype(np.int64)
+    if mask is None:
+        keep = np.ones(q.shape, dtype=bool)
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != (q.shape[0], q.shape[-1]):
+            raise ValueError(f"softmax: mask of shape {mask.shape} for scores {q.shape}; expected [B, S]")
+        keep = np.broadcast_to((mask != 0).reshape(mask.shape[0], *[1] * (q.ndim - 2), mask.shape[1]), q.shape)
+        # A row with every key masked: the float op adds the same bias to all keys, i.e. it is unmasked.
+        keep = keep | ~keep.any(-1, keepdims=True)
+    low = np.int64(np.iinfo(np.int64).min)
+    x = q - np.where(keep, q, low).max(-1, keepdims=True)
+    v = (x * consts.mantissa + (np.int64(1) << consts.shift >> 1)) >> consts.shift
+    f = (-v) & ((1 << SOFTMAX_FRAC_BITS) - 1)
+    z = (-v) >> SOFTMAX_FRAC_BITS
+    y = np.full(q.shape, consts.coefficients[0], dtype=np.int64)
+    for a in consts.coefficients[1:]:
+        y = ((y * f) >> SOFTMAX_FRAC_BITS) + a
+    e = np.where(keep & (z <= SOFTMAX_EXP_BITS), y >> np.minimum(z, SOFTMAX_EXP_BITS), 0)
+    total = e.sum(-1, keepdims=True)
+    return ((e * SOFTMAX_OUT_LEVELS + (total >> 1)) // total).astype(np.uint8)
+
+
+def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None,
+                    degree: int = SOFTMAX_DEGREE) -> tuple[np.ndarray, float]:
+    """Integer-only softmax of the int8/int32 scores q (real value q * scale) over the last dim, masked keys
+    (mask [B, S] == 0, broadcast as [B, 1, ..., 1, S]) exactly 0: (uint8 probabilities, their scale 1/255).
+    The constants come from `softmax_constants` (a lowering's job); the rest is `integer_softmax_int`."""
+    return integer_softmax_int(q, softmax_constants(scale, degree), mask), SOFTMAX_OUT_SCALE
