@@ -137,8 +137,10 @@ def layer_norm_constants(width: int, in_bits: int, gamma: np.ndarray, beta: np.n
                               -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1)
 
 
-def integer_layer_norm_int(q: np.ndarray, consts: LayerNormConstants) -> np.ndarray:
-    """The run-time part of `integer_layer_norm`: integer-only, int64 throughout (bounds above)."""
+def integer_layer_norm_int(q: np.ndarray, consts: LayerNormConstants,
+                           record: dict[str, int] | None = None) -> np.ndarray:
+    """The run-time part of `integer_layer_norm`: integer-only, int64 throughout (bounds above).
+    `record`, if given, receives the max |value| of each intermediate (for the tests of the stated bounds)."""
     q = np.asarray(q)
     if q.dtype.kind != "i" or q.shape[-1] != consts.width:
         raise ValueError(f"layer_norm: signed integer rows of width {consts.width} expected, got {q.dtype} {q.shape}")
@@ -154,6 +156,10 @@ def integer_layer_norm_int(q: np.ndarray, consts: LayerNormConstants) -> np.ndar
     step = consts.shift - LN_H
     u = (n * consts.mantissa + ((np.int64(1) << step) >> 1)) >> step
     out = (u + consts.beta + (1 << (LN_H - 1))) >> LN_H
+    if record is not None:
+        record.update({name: int(np.abs(a).max()) for name, a in (("d", d), ("w", w), ("num", num), ("n", n),
+                                                                   ("n*b", n * consts.mantissa), ("u", u))})
+        record["r_min"], record["r_max"] = int(r.min()), int(r.max())
     return np.clip(out, consts.qmin, consts.qmax).astype(np.int8 if consts.qmax < 128 else np.int16)
 
 

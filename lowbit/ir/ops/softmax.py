@@ -109,8 +109,8 @@ SOFTMAX = register(OpDef(
 #   y = poly(f)                                       2^(-f/2^F) in Q.G (G = SOFTMAX_EXP_BITS), Horner, integer
 #   e = y >> z if z <= G and the key is unmasked, else 0
 #   p = (255 * e + sum(e) // 2) // sum(e)             uint8, scale 1/255: rounded to nearest
-# Bounds: |x * m| < 2^32 * 2^28 = 2^60 (m has mantissa_bits_for(2^32) = 28 bits) and rnd < 2^c <= 2^62 is added to
-# a non-positive number: no overflow, and v <= 0. Horner: |t| < 2^(G+1) (every partial sum of the fitted
+# Bounds: |x * m| < 2^32 * 2^29 = 2^61 (m has mantissa_bits_for(2^32 - 1) = 29 bits) and rnd = 2^(c-1) <= 2^61 is
+# added to a non-positive number: no overflow, and v <= 0. Horner: |t| < 2^(G+1) (every partial sum of the fitted
 # coefficients is below 2 in Q.G, checked at fit time) and f < 2^F, so |t * f| < 2^(G+1+F) = 2^46.
 # 0 < y <= 2^G + err (the polynomial's value at f = 0 is the row max's exp), e <= y, so
 # sum(e) <= S * (2^G + 2^(G-8)) < 2^51 for S <= SOFTMAX_MAX_KEYS = 2^20, and 255 * e + sum < 2^51 + 2^39: int64
@@ -174,8 +174,10 @@ def softmax_error_bound(consts: SoftmaxConstants, keys: int) -> float:
     return 0.5 / SOFTMAX_OUT_LEVELS + 2.0 * d / (1.0 - d) + 2.0 * keys * 2.0 ** -(SOFTMAX_EXP_BITS - 1)
 
 
-def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarray | None = None) -> np.ndarray:
-    """The run-time part of `integer_softmax`: integer-only, int64 throughout (bounds above). Returns uint8."""
+def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarray | None = None,
+                        record: dict[str, int] | None = None) -> np.ndarray:
+    """The run-time part of `integer_softmax`: integer-only, int64 throughout (bounds above). Returns uint8.
+    `record`, if given, receives the max |value| of each intermediate (for the tests of the stated bounds)."""
     q = np.asarray(q)
     if q.dtype.kind not in "iu" or q.dtype.itemsize > 4:
         raise ValueError(f"softmax: integer scores of at most 32 bits expected, got {q.dtype}")
@@ -201,7 +203,12 @@ def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarra
         y = ((y * f) >> SOFTMAX_FRAC_BITS) + a
     e = np.where(keep & (z <= SOFTMAX_EXP_BITS), y >> np.minimum(z, SOFTMAX_EXP_BITS), 0)
     total = e.sum(-1, keepdims=True)
-    return ((e * SOFTMAX_OUT_LEVELS + (total >> 1)) // total).astype(np.uint8)
+    num = e * SOFTMAX_OUT_LEVELS + (total >> 1)
+    if record is not None:
+        record.update({name: int(np.abs(a).max()) for name, a in
+                       (("x", x), ("x*m", x * consts.mantissa), ("y", y), ("e", e), ("sum", total), ("num", num))})
+        record["min_sum"] = int(total.min())
+    return (num // total).astype(np.uint8)
 
 
 def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None,
