@@ -140,4 +140,4 @@ def test_integer_layer_norm_int64_bounds_at_the_extremes() -> None:
             assert rec["w"] < 2 ** 62 and 2 ** 30 <= rec["r_min"] <= rec["r_max"] < 2 ** 31
             assert rec["num"] < 2 ** 61 and rec["n"] <= 2 ** 30 + 2 and rec["n*b"] < 2 ** 61 and rec["u"] < 2 ** 61
     with pytest.raises(ValueError, match="too large"):
-        layer_norm_constants(8, 8, np.full(8, 1e9), np.zeros(8), 1e-12, 0.1, 1e-3)
+        layer_norm_constants(8, 8, np.full(8, 1e12), np.zeros(8), 1e-12, 0.1, 1e-3)
