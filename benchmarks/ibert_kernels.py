@@ -109,7 +109,8 @@ def main() -> None:
 
     print("### softmax: |p - float softmax|, max / mean over unmasked query rows (probability units)\n")
     cols = ["int8 lowbit k", "int8 lowbit t", "int8 quad k", "int8 I-BERT k", "int8 I-BERT t",
-            "int32 lowbit k", "int32 lowbit t", "int32 quad t", "int32 I-BERT k", "int32 I-BERT t"]
+            "int32 lowbit k", "int32 lowbit t", "int32 quad t", "int32 I-BERT k", "int32 I-BERT t", "int32 u16 t",
+            "row sum u8", "row sum u16"]
     print("| layer | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     rows = mask[:, None, :, None].astype(bool)  # [B, 1, S(query), 1]: a padded query row is excluded
@@ -132,18 +133,22 @@ def main() -> None:
             ours = integer_softmax(q, s, mask)[0] / 255.0
             quad = integer_softmax(q, s, mask, degree=2)[0] / 255.0
             pub = ibert_softmax(q, s, k_mask)
-            row = np.broadcast_to(rows, x.shape)
             results = {"lowbit k": ours - deq, "lowbit t": ours - want, "quad k": quad - deq, "quad t": quad - want,
                        "I-BERT k": pub - deq, "I-BERT t": pub - want}
-            out.append({k: np.abs(v)[row] for k, v in results.items()})
+            p16, s16 = integer_softmax(q, s, mask, out_bits=16)
+            results.update({"u16 t": p16 * s16 - want, "sum u8": ours.sum(-1, keepdims=True) - 1.0,
+                            "sum u16": (p16.astype(np.float64) * s16).sum(-1, keepdims=True) - 1.0})
+            out.append({k: np.abs(v)[np.broadcast_to(rows, v.shape)] for k, v in results.items()})
         cells = [out[0]["lowbit k"], out[0]["lowbit t"], out[0]["quad k"], out[0]["I-BERT k"], out[0]["I-BERT t"],
-                 out[1]["lowbit k"], out[1]["lowbit t"], out[1]["quad t"], out[1]["I-BERT k"], out[1]["I-BERT t"]]
+                 out[1]["lowbit k"], out[1]["lowbit t"], out[1]["quad t"], out[1]["I-BERT k"], out[1]["I-BERT t"],
+                 out[1]["u16 t"], out[1]["sum u8"], out[1]["sum u16"]]
         for c, v in zip(cols, cells, strict=True):
             worst[c] = max(worst.get(c, 0.0), float(v.max()))
         print(f"| {i} | " + " | ".join(_stats(v) for v in cells) + " |")
     print("| all (max) | " + " | ".join(f"{worst[c]:.4f}" for c in cols) + " |")
     print("\nk: against the float softmax of the dequantized scores (the kernel's own error); t: against the float "
-          "scores (input quantization included). quad: lowbit's kernel with I-BERT's polynomial order (2).\n")
+          "scores (input quantization included). quad: lowbit's kernel with I-BERT's polynomial order (2). u16: uint16 "
+          "probabilities (scale 1/65535). row sum: |sum of a row's probabilities - 1|, int32 scores.\n")
 
     print("### layer_norm: |out - float LN| in int8 output steps, max / mean over unmasked tokens\n")
     cols = ["int8 lowbit k", "int8 lowbit t", "int8 I-BERT k", "int16 lowbit k", "int16 lowbit t", "int16 I-BERT k"]

@@ -14,7 +14,6 @@ from lowbit.ir.ops.layer_norm import LN_MAX_WIDTH, integer_layer_norm, integer_l
 from lowbit.ir.ops.softmax import (
     SOFTMAX_EXP_BITS,
     SOFTMAX_MAX_KEYS,
-    SOFTMAX_OUT_SCALE,
     exp2_polynomial,
     integer_softmax,
     integer_softmax_int,
@@ -52,7 +51,7 @@ def test_integer_softmax_against_float(scale: float) -> None:
     mask[:, 0] = 1
     mask[2] = 0  # every key masked: the float op leaves the row unmasked, and so does the kernel
     p, p_scale = integer_softmax(q, scale, mask)
-    assert p.dtype == np.uint8 and p_scale == SOFTMAX_OUT_SCALE
+    assert p.dtype == np.uint8 and p_scale == 1 / 255
     keep = np.broadcast_to(mask[:, None, None, :] != 0, q.shape).copy()
     keep[2] = True
     assert np.all(p[~keep] == 0)  # masked keys get exactly zero
@@ -62,6 +61,10 @@ def test_integer_softmax_against_float(scale: float) -> None:
     row_error = np.abs(p.sum(-1).astype(np.int64) - 255)
     assert np.all(row_error <= keep.sum(-1) / 2)  # each of the n keys rounds by at most half a step
     assert row_error.mean() < 4
+    p16, s16 = integer_softmax(q, scale, mask, out_bits=16)
+    assert p16.dtype == np.uint16 and s16 == 1 / 65535 and np.all(p16[~keep] == 0)
+    assert np.abs(p16 * s16 - want).max() <= softmax_error_bound(softmax_constants(scale), 128, 16) < 2e-4
+    assert np.abs(p16.sum(-1) * s16 - 1).max() < 1e-3
 
 
 def test_integer_softmax_certain_key_and_the_published_polynomial_error() -> None:
@@ -82,6 +85,9 @@ def test_integer_softmax_int64_bounds_at_the_extremes() -> None:
     assert rec["y"] <= g + g // 256 and rec["e"] <= rec["y"]
     assert rec["sum"] < 2 ** 51 and rec["num"] < 2 ** 51 + 2 ** 39 and rec["min_sum"] > 2 ** 29
     assert p[0, 0] == 0 and p.sum() <= 255 + SOFTMAX_MAX_KEYS // 2
+    rec = {}
+    integer_softmax_int(q, consts, record=rec, out_bits=16)
+    assert rec["num"] < 2 ** 51 + 2 ** 47
     consts = softmax_constants(1e3)  # the largest useful scale: x saturates z at once
     rec = {}
     integer_softmax_int(np.array([[-(2 ** 31), 2 ** 31 - 1]], dtype=np.int32), consts, record=rec)

@@ -108,19 +108,20 @@ SOFTMAX = register(OpDef(
 #   z = (-v) >> F,  f = (-v) & (2^F - 1)              exp(x*scale) = 2^-z * 2^(-f / 2^F)
 #   y = poly(f)                                       2^(-f/2^F) in Q.G (G = SOFTMAX_EXP_BITS), Horner, integer
 #   e = y >> z if z <= G and the key is unmasked, else 0
-#   p = (255 * e + sum(e) // 2) // sum(e)             uint8, scale 1/255: rounded to nearest
+#   p = (L * e + sum(e) // 2) // sum(e)               L = 255 (uint8) or 65535 (uint16), scale 1/L: rounded
 # Bounds: |x * m| < 2^32 * 2^29 = 2^61 (m has mantissa_bits_for(2^32 - 1) = 29 bits) and rnd = 2^(c-1) <= 2^61 is
 # added to a non-positive number: no overflow, and v <= 0. Horner: |t| < 2^(G+1) (every partial sum of the fitted
 # coefficients is below 2 in Q.G, checked at fit time) and f < 2^F, so |t * f| < 2^(G+1+F) = 2^46.
 # 0 < y <= 2^G + err (the polynomial's value at f = 0 is the row max's exp), e <= y, so
-# sum(e) <= S * (2^G + 2^(G-8)) < 2^51 for S <= SOFTMAX_MAX_KEYS = 2^20, and 255 * e + sum < 2^51 + 2^39: int64
+# sum(e) <= S * (2^G + 2^(G-8)) < 2^51 for S <= SOFTMAX_MAX_KEYS = 2^20, and L * e + sum < 2^51 + 2^47: int64
 # is ample. sum(e) >= y(0) > 2^29 (the max key), so the division is defined.
-# The output scale 1/255 (not 2^-8) lets a certain key have probability exactly 1 (255) within uint8.
+# The output scale 1/L (not 2^-8) lets a certain key have probability exactly 1 (L) within uint8/uint16. Each p is
+# rounded on its own, so a row's sum is within keys / 2 steps of L: on MiniLM up to 10/255 off (uint8), which
+# scales that query's A.V output by up to 4%; uint16 (A.V still fits int32: 65535 * 127 * 256 < 2^31) removes it.
 
 SOFTMAX_FRAC_BITS = 15
 SOFTMAX_EXP_BITS = 30
-SOFTMAX_OUT_LEVELS = 255
-SOFTMAX_OUT_SCALE = 1.0 / SOFTMAX_OUT_LEVELS
+SOFTMAX_OUT_BITS = 8
 SOFTMAX_MAX_KEYS = 1 << 20
 SOFTMAX_DEGREE = 3  # I-BERT's 2 adds up to 1.8e-3 relative exp error; 3 gives 8e-5 for one more multiply
 _X_BOUND = (1 << 32) - 1
@@ -165,18 +166,19 @@ def softmax_constants(scale: float, degree: int = SOFTMAX_DEGREE) -> SoftmaxCons
                             + math.log(2) * 2.0 ** -(SOFTMAX_FRAC_BITS + 1))
 
 
-def softmax_error_bound(consts: SoftmaxConstants, keys: int) -> float:
+def softmax_error_bound(consts: SoftmaxConstants, keys: int, out_bits: int = SOFTMAX_OUT_BITS) -> float:
     """The max |p - softmax| (probability units) of `integer_softmax` over `keys` keys against the float softmax
     of q * scale: half an output step, plus 2d / (1 - d) for a relative exp error d (each p is
     p_true (1 + d_i) / (1 + d_mean)), plus the truncations of e = y >> z and the keys cut off at z > G (under one
-    unit each, against sum(e) > 2^(G-1)). The rounded row sums are within keys / (2 * 255) of 1."""
+    unit each, against sum(e) > 2^(G-1)). The rounded row sums are within keys / 2 output steps of 1."""
     d = consts.exp_rel_error
-    return 0.5 / SOFTMAX_OUT_LEVELS + 2.0 * d / (1.0 - d) + 2.0 * keys * 2.0 ** -(SOFTMAX_EXP_BITS - 1)
+    return 0.5 / ((1 << out_bits) - 1) + 2.0 * d / (1.0 - d) + 2.0 * keys * 2.0 ** -(SOFTMAX_EXP_BITS - 1)
 
 
 def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarray | None = None,
-                        record: dict[str, int] | None = None) -> np.ndarray:
-    """The run-time part of `integer_softmax`: integer-only, int64 throughout (bounds above). Returns uint8.
+                        record: dict[str, int] | None = None, out_bits: int = SOFTMAX_OUT_BITS) -> np.ndarray:
+    """The run-time part of `integer_softmax`: integer-only, int64 throughout (bounds above). Returns uint8 or uint16
+    (out_bits), scale 1 / (2^out_bits - 1).
     `record`, if given, receives the max |value| of each intermediate (for the tests of the stated bounds)."""
     q = np.asarray(q)
     if q.dtype.kind not in "iu" or q.dtype.itemsize > 4:
@@ -203,17 +205,21 @@ def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarra
         y = ((y * f) >> SOFTMAX_FRAC_BITS) + a
     e = np.where(keep & (z <= SOFTMAX_EXP_BITS), y >> np.minimum(z, SOFTMAX_EXP_BITS), 0)
     total = e.sum(-1, keepdims=True)
-    num = e * SOFTMAX_OUT_LEVELS + (total >> 1)
+    num = e * ((1 << out_bits) - 1) + (total >> 1)
     if record is not None:
         record.update({name: int(np.abs(a).max()) for name, a in
                        (("x", x), ("x*m", x * consts.mantissa), ("y", y), ("e", e), ("sum", total), ("num", num))})
         record["min_sum"] = int(total.min())
-    return (num // total).astype(np.uint8)
+    return (num // total).astype(np.uint8 if out_bits == 8 else np.uint16)
 
 
-def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None,
-                    degree: int = SOFTMAX_DEGREE) -> tuple[np.ndarray, float]:
+def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None, degree: int = SOFTMAX_DEGREE,
+                    out_bits: int = SOFTMAX_OUT_BITS) -> tuple[np.ndarray, float]:
     """Integer-only softmax of the int8/int32 scores q (real value q * scale) over the last dim, masked keys
-    (mask [B, S] == 0, broadcast as [B, 1, ..., 1, S]) exactly 0: (uint8 probabilities, their scale 1/255).
-    The constants come from `softmax_constants` (a lowering's job); the rest is `integer_softmax_int`."""
-    return integer_softmax_int(q, softmax_constants(scale, degree), mask), SOFTMAX_OUT_SCALE
+    (mask [B, S] == 0, broadcast as [B, 1, ..., 1, S]) exactly 0, as the float op's -10000 bias makes them:
+    (uint8 or uint16 probabilities, their scale 1 / (2^out_bits - 1)). The constants come from
+    `softmax_constants` (a lowering's job); the rest is `integer_softmax_int`."""
+    if out_bits not in (8, 16):
+        raise ValueError(f"softmax: probabilities of 8 or 16 bits, not {out_bits}")
+    p = integer_softmax_int(q, softmax_constants(scale, degree), mask, out_bits=out_bits)
+    return p, 1.0 / ((1 << out_bits) - 1)
