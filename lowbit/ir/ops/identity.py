@@ -26,6 +26,8 @@ def _getitem(ctx: Any, fx: Any) -> Any:
 
 _IDENTITIES = (aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
                aten.detach.default, aten.feature_dropout.default, aten.dropout_.default, aten.lift_fresh_copy.default)
+
+
 def _check(ctx: Any, fx: Any) -> None:
     """A dtype/shape assertion torch.export leaves before a cast: it computes nothing."""
     return None
