@@ -90,25 +90,27 @@ class _Chooser:
     def run(self) -> RangeChoice:
         ratios: dict[str, float] = {}
         env: dict[str, torch.Tensor] = {}
-        self.errors: list[float] = []  # after each tensor's choice: the output error with the choices so far
+        before = after = None  # the output error with the method's ranges, and with the ratios chosen so far
         for i, node in enumerate(self.graph.nodes):
             raw = self.x[node.name] if node.op == "input" else self._eval(node, env)
             if node.name in self.tensors:
                 self.log(f"output-aware ranges: tensor {self.tensors.index(node.name) + 1}/{len(self.tensors)}")
-                ratio = self._choose(i, node.name, raw, env)
+                ratio, own, after = self._choose(i, node.name, raw, env)
+                before = own if before is None else before
                 if ratio is not None:
                     ratios[node.name] = ratio
                     quantizers, biases = self._grid(node.name, ratio)
                     self.quantizers.update(quantizers)
                     self.biases.update(biases)
             self._store(i, node.name, raw, env, self.quantizers)
-        errors = self.errors or [output_error(self.reference, {o: env[o] for o in self.graph.outputs}, self.metric)]
-        return RangeChoice(ratios, self.first_error if self.errors else errors[0], errors[-1])
+        if before is None or after is None:  # no tensor to choose a range for
+            before = after = output_error(self.reference, {o: env[o] for o in self.graph.outputs}, self.metric)
+        return RangeChoice(ratios, before, after)
 
     def _eval(self, node: Node, env: dict[str, torch.Tensor], biases: Mapping[str, torch.Tensor] | None = None
               ) -> torch.Tensor:
         return run_node(self.graph, node, [env[n] for n in node.inputs], self.weights.get(node.name),
-                        (biases or self.biases).get(node.name))
+                        (self.biases if biases is None else biases).get(node.name))
 
     def _store(self, i: int, name: str, raw: torch.Tensor, env: dict[str, torch.Tensor],
                quantizers: Mapping[str, FakeQuant]) -> None:
@@ -127,8 +129,10 @@ class _Chooser:
             self._store(i, node.name, self._eval(node, env, biases), env, quantizers)
         return output_error(self.reference, {o: env[o] for o in self.graph.outputs}, self.metric)
 
-    def _choose(self, i: int, name: str, raw: torch.Tensor, env: dict[str, torch.Tensor]) -> float | None:
-        """The best ratio for tensor `name` (node i), or None if the method's own range is at least as good."""
+    def _choose(self, i: int, name: str, raw: torch.Tensor, env: dict[str, torch.Tensor]
+                ) -> tuple[float | None, float, float]:
+        """(The best ratio for tensor `name` (node i), or None if the method's own range is at least as good; the
+        output error with the method's range; the error with the choice made.)"""
 
         def error(ratio: float | None) -> float:
             quantizers, biases = self._grid(name, ratio) if ratio is not None else ({}, {})
@@ -138,8 +142,6 @@ class _Chooser:
             return self._error_from(i + 1, trial, quantizers, biases)
 
         own = error(None)
-        if not self.errors:
-            self.first_error = own
         tried = {r: error(r) for r in COARSE_RATIOS}
         best = min(tried, key=lambda r: tried[r])
         k = COARSE_RATIOS.index(best)
@@ -148,8 +150,7 @@ class _Chooser:
                 mid = (best + neighbour) / 2
                 tried[mid] = error(mid)
         best = min(tried, key=lambda r: tried[r])
-        self.errors.append(min(tried[best], own))
-        return best if tried[best] < own else None
+        return (best, own, tried[best]) if tried[best] < own else (None, own, own)
 
     def _grid(self, name: str, ratio: float) -> tuple[dict[str, FakeQuant], dict[str, torch.Tensor]]:
         """At this ratio: the fake quantizers of `name` and of the tensors that inherit its grid, and the biases of
