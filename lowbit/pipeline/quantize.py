@@ -202,12 +202,13 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
                                  f"({progress.timings['compile']:.1f}s)")
         if not t["bit_exact"]:
             _refuse_or_note(checks.failure_message("the TVM-compiled model", t, inputs), mismatches, options)
-    if artifact.search is not None:
+    found = artifact.search
+    if found is not None:
         (directory / "search").mkdir()
-        write_search(directory / "search", artifact.search)
-        report["search"] = {"max_drop": artifact.search.summary["max_drop"], "directory": "search",
-                            "chosen": {k: artifact.search.chosen.to_json()[k] for k in ("costs", "measured")}}
-        report["activation_costs"] = artifact.search.activation_costs
+        write_search(directory / "search", found)
+        report["search"] = {"max_drop": found.summary["max_drop"], "directory": "search",
+                            "chosen": {"costs": found.chosen.costs, "measured": found.chosen.measured}}
+        report["activation_costs"] = found.activation_costs
     report["mismatches"] = mismatches
     report["onnx_weights"] = {"requested": options.onnx_weights, "stored": qdq_weights}
     report["integer_only"] = not integer_leaks
