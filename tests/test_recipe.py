@@ -129,7 +129,7 @@ def test_output_aware_ranges_lower_the_output_error_they_predict(outlier) -> Non
     graph, calib = outlier
     plan, config = BitPlan.uniform(graph, 8), QuantConfig(calib_method="minmax", rounding="nearest")
     stats, x = calibrate(graph, calib), torch.from_numpy(calib[1:17])  # the outlier is in the statistics only
-    choice = output_aware_ratios(graph, stats, plan, config, x)
+    choice = output_aware_ratios(graph, stats, plan, config, {graph.inputs[0]: x})
     assert choice.ratios and min(choice.ratios.values()) < 1.0
     assert choice.error_after < choice.error_before
     # The chooser's own bookkeeping (suffix runs, grids passed on through maxpool/flatten) must equal a plain

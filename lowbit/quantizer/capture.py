@@ -223,6 +223,16 @@ def _op_name(target: Any) -> str:
     return str(target) if str(target).startswith("aten.") else name
 
 
+def _input_attrs(n: torch.fx.Node) -> dict[str, str]:
+    """A float32 input needs no attributes; an int64 one (token ids, a mask) says so."""
+    dtype = n.meta["val"].dtype
+    if dtype == torch.float32:
+        return {}
+    if dtype == torch.int64:
+        return {"dtype": "int64"}
+    raise UnsupportedAttr(f"model input {n.name} is {dtype}; lowbit takes float32 inputs, or int64 ids and masks")
+
+
 def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
     """Convert an exported program to a `Graph`; raises `UnsupportedOpsError` listing all problems."""
     problems = scan_unsupported(ep)
@@ -241,7 +251,7 @@ def capture(ep: torch.export.ExportedProgram, name: str = "model") -> Graph:
                 else:
                     user_inputs.append(n.name)
                     shape = tuple(int(s) for s in n.meta["val"].shape)
-                    ctx.nodes.append(Node(n.name, "input", [], shape, source="model input"))
+                    ctx.nodes.append(Node(n.name, "input", [], shape, _input_attrs(n), source="model input"))
                     ctx.by_name[n.name] = ctx.nodes[-1]
                     ctx.names.add(n.name)
                     ctx.values[n] = _Tensor(n.name)

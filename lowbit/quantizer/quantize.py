@@ -27,10 +27,12 @@ from ..ir.dtypes import activation_dtype, qrange, steps
 from ..ir.ops import OPS, QUANTIZABLE_OPS, SCALE_PRESERVING_OPS, op_def
 from ..ir.ops._layer import channel_axis, f32
 from ..ir.ops.clamp import integer_bounds
+from ..ir.ops.quantize import input_dtype
 from ..ir.weights import weight_range
 from .calibrate import TensorStats, clip_threshold, collect_stats, round_weight
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_node
+from .inputs import CalibData, ModelInputs, TorchInputs, model_inputs
 from .rounding import HessianAccumulator, gptq_round
 from .simulate import dequantized_params, fake_quantizers
 
@@ -56,7 +58,8 @@ def fusable_clamps(graph: Graph) -> dict[str, Node]:
 def scaled_tensors(graph: Graph) -> set[str]:
     """The tensors that get a scale of their own (the others inherit their input's, or are fused away)."""
     fused = fusable_clamps(graph)
-    return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused}
+    return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused
+            and not (n.op == "input" and input_dtype(n) != "float32")}
 
 
 def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None:
@@ -106,8 +109,14 @@ def integer_readers(graph: Graph, name: str) -> list[str]:
 
 
 def int16_candidates(graph: Graph) -> list[str]:
-    """The tensors a plan may keep at 16 bits, in graph order."""
-    return [n.name for n in graph.nodes if int16_refusal(graph, n.name) is None]
+    """The tensors a plan may keep at 16 bits (those not 16-bit anyway), in graph order."""
+    wide = wide_tensors(graph)
+    return [n.name for n in graph.nodes if n.name not in wide and int16_refusal(graph, n.name) is None]
+
+
+def wide_tensors(graph: Graph) -> set[str]:
+    """The tensors that are int16 whatever the plan says: the first input of each `wide_input` op."""
+    return {n.inputs[0] for n in graph.nodes if OPS[n.op].wide_input}
 
 
 def _int16_readers(graph: Graph, name: str) -> list[tuple[Node, str]]:
@@ -153,6 +162,7 @@ class Lowering:
         self.ops: list[Op] = []
         self.float_to_int: dict[str, str] = {}
         self.fused = fusable_clamps(graph)
+        self.wide = wide_tensors(graph)
 
     def ir_name(self, float_name: str) -> str:
         return f"{float_name}_int" if float_name in self.graph.outputs else float_name
@@ -165,9 +175,9 @@ class Lowering:
         self.float_to_int[float_name] = value.name
         return value
 
-    def float_value(self, name: str, shape: tuple[int, ...]) -> Value:
-        """A float32 value of the IR (a graph input)."""
-        self.values[name] = Value(name, "float32", shape)
+    def graph_input(self, name: str, dtype: str, shape: tuple[int, ...]) -> Value:
+        """A graph input of the IR: float32 (quantized next), or int64 (read as it is)."""
+        self.values[name] = Value(name, dtype, shape)
         return self.values[name]
 
     def like(self, float_name: str, src: Value, shape: tuple[int, ...]) -> Value:
@@ -181,11 +191,15 @@ class Lowering:
     def is_fused_clamp(self, node: Node) -> bool:
         return any(c is node for c in self.fused.values())
 
+    def value(self, float_name: str, dtype: str, shape: tuple[int, ...], scale: float) -> Value:
+        """A new value on a grid the op fixes itself (an accumulator, probabilities, an embedding table's)."""
+        return self.add_value(float_name, Value(self.ir_name(float_name), dtype, shape, f32(scale)))
+
     def activation(self, float_name: str, shape: tuple[int, ...], clamp: Node | None = None,
                    ir_name: str | None = None) -> tuple[Value, int, int]:
-        """A new value for a float tensor (8-bit, or int16 where the plan says 16), with its clamp range in integer
-        units."""
-        bits = self.plan.activation(float_name)
+        """A new value for a float tensor (8-bit, or int16 where the plan says 16 or a reader needs it), with its
+        clamp range in integer units."""
+        bits = 16 if float_name in self.wide else self.plan.activation(float_name)
         ratio = self.range_ratios.get(float_name) if bits == 8 else None
         dtype, scale, qmin, qmax = activation_grid(self.stats[float_name], bits, clamp, self.config, ratio)
         value = self.add_value(float_name, Value(ir_name or self.ir_name(float_name), dtype, shape, scale))
@@ -281,8 +295,8 @@ LayerStep = Callable[[Node, Op, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, layer_step: LayerStep) -> None:
-    """Run the float graph and the fake-quant graph side by side on `x`, each layer through `layer_step`.
+def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, layer_step: LayerStep) -> None:
+    """Run the float graph and the fake-quant graph side by side on inputs `x`, each layer through `layer_step`.
 
     The step may change the layer's IR op in place (its weights or bias), so later layers see the
     refined earlier ones: the basis of GPTQ's and bias correction's layer-by-layer refinement.
@@ -293,7 +307,7 @@ def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, lay
     quant_env: dict[str, torch.Tensor] = {}
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
-            f = q = x
+            f = q = x[node.name]
         else:
             f = run_node(graph, node, [float_env[n] for n in node.inputs])
             args = [quant_env[n] for n in node.inputs]
@@ -306,7 +320,7 @@ def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, lay
                 del float_env[name], quant_env[name]
 
 
-def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: torch.Tensor, config: QuantConfig,
+def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, config: QuantConfig,
                   gptq_layers: Collection[str], log: Log = lambda _: None) -> None:
     """Layer by layer, in place: GPTQ rounding of `gptq_layers`, then empirical bias correction (if configured)."""
     weights, biases = dequantized_params(qgraph)
@@ -339,35 +353,19 @@ def _correct_bias(op: Op, q: torch.Tensor, f: torch.Tensor, channel: int) -> tor
     return q - _channel_view(torch.from_numpy(delta * step).float(), q.dim(), channel)
 
 
-def check_calibration_data(graph: Graph, calib: np.ndarray, where: str) -> None:
-    """Refuse empty, non-finite or wrongly shaped calibration data with a clear message."""
-    expected = graph.node(graph.inputs[0]).shape[1:]
-    if calib.ndim != len(expected) + 1 or tuple(calib.shape[1:]) != tuple(expected):
-        raise LowbitError(f"{where}: calibration data has shape {tuple(calib.shape)}, but the model takes "
-                          f"(N, {', '.join(map(str, expected))})")
-    if len(calib) == 0:
-        raise LowbitError(f"{where}: the calibration set is empty; give at least one sample")
-    bad = ~np.isfinite(calib)
-    if bad.any():
-        samples = sorted({int(i) for i in np.nonzero(bad)[0][:5]})
-        raise LowbitError(f"{where}: calibration data holds {int(bad.sum())} NaN/Inf values "
-                          f"(first in samples {samples}); clean the data")
+def check_calibration_data(graph: Graph, calib: CalibData, where: str) -> None:
+    """Refuse empty, non-finite or wrongly shaped calibration data with a clear message (`model_inputs`)."""
+    model_inputs(graph, calib, where)
 
 
-def calibrate(graph: Graph, calib: np.ndarray, log: Log = lambda _: None) -> dict[str, TensorStats]:
+def calibrate(graph: Graph, calib: CalibData | ModelInputs, log: Log = lambda _: None) -> dict[str, TensorStats]:
     """Activation statistics of every tensor that gets its own scale (independent of the bit plan)."""
-    check_calibration_data(graph, calib, "calibration")
-    calib = np.ascontiguousarray(calib, dtype=np.float32)
-
-    def batches():
-        for i in range(0, len(calib), CALIBRATION_BATCH):
-            yield torch.from_numpy(calib[i:i + CALIBRATION_BATCH])
-
-    return collect_stats(graph, batches, scaled_tensors(graph), log)
+    calib = model_inputs(graph, calib, "calibration")
+    return collect_stats(graph, lambda: calib.batches(CALIBRATION_BATCH), scaled_tensors(graph), log)
 
 
-def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None, plan: BitPlan | None = None,
-             log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None,
+def quantize(graph: Graph, calib: CalibData | ModelInputs, config: QuantConfig | None = None,
+             plan: BitPlan | None = None, log: Log = lambda _: None, stats: dict[str, TensorStats] | None = None,
              recipe: Recipe | None = None) -> QuantizedGraph:
     """The quantize stage: float `Graph` -> integer `QuantizedGraph`.
 
@@ -381,13 +379,12 @@ def quantize(graph: Graph, calib: np.ndarray, config: QuantConfig | None = None,
     config = config or QuantConfig()
     plan = plan or BitPlan.uniform(graph, config.bits)
     plan.validate(graph)
-    check_calibration_data(graph, calib, "calibration")
-    calib = np.ascontiguousarray(calib, dtype=np.float32)
+    calib = model_inputs(graph, calib, "calibration")
     recipe = recipe or choose_recipe(graph, calib, config, plan, log)
     stats = stats if stats is not None else calibrate(graph, calib, log)
     qgraph = lower_to_integer(graph, stats, plan, replace(config, calib_method=recipe.calib_method),
                               recipe.range_ratios)
     if config.bias_correction or recipe.gptq_layers:
-        refine_layers(graph, qgraph, torch.from_numpy(calib[:config.refine_samples]), config, recipe.gptq_layers,
+        refine_layers(graph, qgraph, calib.take(slice(config.refine_samples)).tensors(), config, recipe.gptq_layers,
                       log)
     return qgraph

@@ -30,6 +30,7 @@ from ..metrics import mean_kl
 from .calibrate import TensorStats
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_graph, run_node
+from .inputs import TorchInputs
 from .quantize import activation_grid, fusable_clamps, lower_to_integer
 from .simulate import FakeQuant, dequantized_bias, dequantized_params, fake_quantizers
 
@@ -63,8 +64,8 @@ class RangeChoice:
 
 
 def output_aware_ratios(graph: Graph, stats: dict[str, TensorStats], plan: BitPlan, config: QuantConfig,
-                        x: torch.Tensor, log: Callable[[str], None] = lambda _: None) -> RangeChoice:
-    """Choose each 8-bit activation tensor's clipping ratio by the output error on `x` (greedy, in execution
+                        x: TorchInputs, log: Callable[[str], None] = lambda _: None) -> RangeChoice:
+    """Choose each 8-bit activation tensor's clipping ratio by the output error on inputs `x` (greedy, in execution
     order, each choice made with the earlier ones in place)."""
     qgraph = lower_to_integer(graph, stats, plan, config)
     with torch.no_grad():
@@ -73,9 +74,9 @@ def output_aware_ratios(graph: Graph, stats: dict[str, TensorStats], plan: BitPl
 
 class _Chooser:
     def __init__(self, graph: Graph, qgraph: QuantizedGraph, stats: dict[str, TensorStats], plan: BitPlan,
-                 config: QuantConfig, x: torch.Tensor, log: Callable[[str], None]):
+                 config: QuantConfig, x: TorchInputs, log: Callable[[str], None]):
         self.graph, self.stats, self.plan, self.config, self.log = graph, stats, plan, config, log
-        self.x = {graph.inputs[0]: x}
+        self.x = x
         self.quantizers = fake_quantizers(qgraph)
         self.weights, self.biases = dequantized_params(qgraph)
         self.layer_ops = {op.name: op for op in qgraph.layers}

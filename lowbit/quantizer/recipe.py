@@ -37,6 +37,7 @@ from ..ir import Op, QuantizedGraph
 from .calibrate import METHODS
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_graph, run_node
+from .inputs import CalibData, ModelInputs, TorchInputs, concat_tensors, model_inputs, sample_count
 from .quantize import Log, calibrate, gptq_layer, lower_to_integer, walk_side_by_side
 from .ranges import RANGE_SAMPLES, output_aware_ratios, output_error, output_metric
 from .simulate import dequantized_params, simulate
@@ -70,12 +71,12 @@ class Recipe:
                 "layers")
 
 
-def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: BitPlan,
+def choose_recipe(graph: Graph, calib: CalibData | ModelInputs, config: QuantConfig, plan: BitPlan,
                   log: Log = lambda _: None) -> Recipe:
     """Resolve the `auto` parts of `config` by the output error on a validation split of `calib`."""
     if config.calib_method != "auto" and config.rounding != "auto":
         return Recipe.fixed(graph, config)
-    calib = np.ascontiguousarray(calib, dtype=np.float32)
+    calib = model_inputs(graph, calib, "calibration")
     n = len(calib)
     n_val = math.ceil(n * config.validation_fraction)
     if n < MIN_SAMPLES_TO_VALIDATE:
@@ -85,8 +86,8 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
         return replace(recipe, evidence={"chosen_by": f"too few calibration samples ({n}) to validate a recipe "
                                                       f"(at least {MIN_SAMPLES_TO_VALIDATE}): the baseline"})
     order = np.random.default_rng(config.seed).permutation(n)
-    fit = np.ascontiguousarray(calib[np.sort(order[n_val:])])
-    val = np.ascontiguousarray(calib[np.sort(order[:n_val])])
+    fit = calib.take(np.sort(order[n_val:]))
+    val = calib.take(np.sort(order[:n_val]))
     validation = _Validation(graph, val)
 
     stats = calibrate(graph, fit, log)
@@ -106,7 +107,7 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
     ratios: dict[str, float] = {}
     best_error = range_error[method]
     if config.calib_method == "auto" and config.output_aware_ranges:
-        choice = output_aware_ratios(graph, stats, plan, nearest, torch.from_numpy(fit[:RANGE_SAMPLES]), log)
+        choice = output_aware_ratios(graph, stats, plan, nearest, fit.take(slice(RANGE_SAMPLES)).tensors(), log)
         aware_error = validation.error(lower_to_integer(graph, stats, plan, nearest, choice.ratios))
         if aware_error < best_error:  # fitted on the fit part: kept only if the validation part agrees
             ratios, best_error = choice.ratios, aware_error
@@ -117,8 +118,8 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
 
     if config.rounding == "auto":
         qgraph = lower_to_integer(graph, stats, plan, nearest, ratios)
-        x_fit = torch.from_numpy(fit[:config.refine_samples])
-        layer_errors = choose_gptq_layers(graph, qgraph, x_fit, torch.from_numpy(val), log)
+        x_fit = fit.take(slice(config.refine_samples)).tensors()
+        layer_errors = choose_gptq_layers(graph, qgraph, x_fit, val.tensors(), log)
         gptq = frozenset(name for name, e in layer_errors.items() if e["gptq"] < e["nearest"])
         gptq_error = validation.error(qgraph)
         if gptq_error >= best_error:
@@ -129,7 +130,7 @@ def choose_recipe(graph: Graph, calib: np.ndarray, config: QuantConfig, plan: Bi
     return Recipe(method, gptq, evidence, ratios)
 
 
-def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: torch.Tensor, val: torch.Tensor,
+def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: TorchInputs, val: TorchInputs,
                        log: Log = lambda _: None) -> dict[str, dict[str, float]]:
     """Layer by layer, in place: GPTQ from `fit`'s Hessian where it beats round-to-nearest on `val`.
 
@@ -137,7 +138,7 @@ def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: torch.Tensor, 
     the fake-quant outputs of the layers before it, as chosen).
     """
     weights, biases = dequantized_params(qgraph)
-    n_fit, n_layers = len(fit), len(qgraph.layers)
+    n_fit, n_layers = sample_count(fit), len(qgraph.layers)
     errors: dict[str, dict[str, float]] = {}
 
     def choose(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -157,15 +158,15 @@ def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: torch.Tensor, 
         op.arrays["weight"] = nearest_weight
         return q_nearest
 
-    walk_side_by_side(graph, qgraph, torch.cat([fit, val]), choose)
+    walk_side_by_side(graph, qgraph, concat_tensors([fit, val]), choose)
     return errors
 
 
 class _Validation:
     """The validation samples, their float outputs, and the error of a quantized model on them."""
 
-    def __init__(self, graph: Graph, x: np.ndarray):
-        self.graph, self.x = graph, torch.from_numpy(x)
+    def __init__(self, graph: Graph, x: ModelInputs):
+        self.graph, self.x = graph, x.tensors()
         with torch.no_grad():
             self.reference = {o: t for o, t in run_graph(graph, self.x).items() if o in graph.outputs}
         self.metric = output_metric(self.reference)

@@ -1,10 +1,13 @@
 """layer_norm: normalization over the last dimension, then gamma and beta (BERT's LayerNorm).
 
-gamma and beta are constants, not weights (no bit-width). Its integer kernel is `integer_layer_norm` (I-BERT,
-Kim et al. 2021; its lowering and reference wiring are to come): an exact integer centring and
-variance of the int8/int16/int32 input row, an integer square root by Newton iteration, and
-gamma and beta folded into per-channel dyadic multipliers and offsets; eps becomes an integer
-added to the variance in the input's integer units.
+gamma and beta are constants, not weights (no bit-width). Its integer form is `integer_layer_norm_int` (I-BERT,
+Kim et al. 2021): an exact integer centring and variance of the input row, an integer square root
+by Newton iteration, and gamma and beta folded into per-channel dyadic multipliers and offsets;
+eps becomes an integer added to the variance in the input's integer units.
+
+Its input is always int16 (`wide_input`): on MiniLM an int8 input moves outputs by up to 20.9
+output steps, an int16 one by at most 0.55 (benchmarks/ibert_kernels.py), because the residual
+stream's few large channels take most of an 8-bit grid.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import LowbitError
+from ..dtypes import dtype
 from ..dyadic import dyadic
 from ..intmath import bit_length, isqrt
 from .registry import OpDef, UnsupportedAttr, register
 
 if TYPE_CHECKING:
     from ...quantizer.graph import Node
+    from ..graph import Op, QuantizedGraph
 
 aten = torch.ops.aten
 
@@ -58,15 +64,6 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return F.layer_norm(x, (x.shape[-1],), params["weight"], params["bias"], node.attrs["eps"])
 
 
-LAYER_NORM = register(OpDef(
-    "layer_norm",
-    "(x - mean) / sqrt(var + eps) * gamma + beta over the last dimension (biased variance); gamma and beta are "
-    "constants, not weights.",
-    attrs=LayerNormAttrs,
-    aten={aten.layer_norm.default: _layer_norm, aten.native_layer_norm.default: _native_layer_norm},
-    described_as="layer_norm (last dimension)",
-    evaluate=_evaluate, constants=("weight", "bias"),
-))
 
 
 # --- the integer kernel (I-BERT LayerNorm) ----------------------------------------------------------------------------
@@ -172,3 +169,41 @@ def integer_layer_norm(q: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: 
     bits = in_bits if in_bits is not None else 8 * q.dtype.itemsize
     return integer_layer_norm_int(q, layer_norm_constants(q.shape[-1], bits, gamma, beta, eps, in_scale, out_scale,
                                                           out_bits))
+
+
+def _lower(lw: Any, node: Node) -> None:
+    x = lw.input_value(node)
+    if x.dtype not in ("int8", "int16", "int32"):
+        raise LowbitError(f"node {node.name} (layer_norm): a signed integer input is needed, not {x.dtype}")
+    out, qmin, qmax = lw.activation(node.name, node.shape)
+    gamma, beta = (lw.graph.params[f"{node.name}.{k}"].double().numpy() for k in ("weight", "bias"))
+    try:
+        c = layer_norm_constants(node.shape[-1], dtype(x.dtype).bits, gamma, beta, node.attrs["eps"], x.scale,
+                                 out.scale, dtype(out.dtype).bits)
+    except ValueError as e:
+        raise LowbitError(f"node {node.name} (layer_norm): {e}") from e
+    lw.emit(node.name, "layer_norm", [x], out, {"k": c.k, "eps_int": c.eps_int, "qmin": qmin, "qmax": qmax},
+            {"multiplier": c.mantissa.astype(np.int64), "shift": c.shift.astype(np.int64),
+             "beta": c.beta.astype(np.int64)})
+
+
+def constants_of(op: Op) -> LayerNormConstants:
+    """The op's integer constants, as `integer_layer_norm_int` takes them."""
+    return LayerNormConstants(len(op.arrays["beta"]), op.attrs["k"], op.attrs["eps_int"], op.arrays["multiplier"],
+                              op.arrays["shift"], op.arrays["beta"], op.attrs["qmin"], op.attrs["qmax"])
+
+
+def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.ndarray:
+    return integer_layer_norm_int(args[0], constants_of(op))
+
+
+LAYER_NORM = register(OpDef(
+    "layer_norm",
+    "(x - mean) / sqrt(var + eps) * gamma + beta over the last dimension (biased variance), gamma and beta "
+    "constants, not weights; integer-only on an int16 input (I-BERT: exact integer centring and variance, "
+    "integer square root, per-channel dyadic gamma, beta in Q.16; `layer_norm.integer_layer_norm_int`).",
+    attrs=LayerNormAttrs,
+    aten={aten.layer_norm.default: _layer_norm, aten.native_layer_norm.default: _native_layer_norm},
+    described_as="layer_norm (last dimension)",
+    evaluate=_evaluate, lower=_lower, reference=_reference, constants=("weight", "bias"), wide_input=True,
+))

@@ -3,9 +3,15 @@
 sum_s(x[b, s, :] * mask[b, s]) / max(sum_s mask[b, s], min_count), x [B, S, H], mask the
 model's 0/1 attention_mask [B, S]. Capture fuses the model's chain (mask cast to float and
 unsqueezed, the product, the two sums, the clamp and the division) into this one op, so
-no tensor of sums needs a scale. Its integer lowering (to come): an int32 sum of the
-unmasked int8 rows, then per row a division by the integer count folded into the output
-requantizer.
+no tensor of sums needs a scale.
+
+Integer form, per row b: the exact sum of the rows whose mask is not 0, shifted left by F
+and divided by their count n, rounded half up, as int32 of scale x_scale / 2^F:
+
+    out[b, :] = floor((2 * (sum << F) + n) / (2 n)),  F = 31 - bits(x)   (0 where n = 0)
+
+|out| <= max|x| * 2^F < 2^31, and |sum << F| < S * 2^(bits-1) * 2^F < 2^62 for S < 2^32. The float
+op divides by max(n, min_count); with min_count <= 1 that is n, or a sum of zeros when n = 0.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from ...errors import LowbitError
+from ..dtypes import dtype
 from ._fx import fx_arg, is_call, is_scalar, mask_source, shape
 from .registry import Fusion, OpDef, UnsupportedAttr, register
 
 if TYPE_CHECKING:
     from ...quantizer.graph import Node
+    from ..graph import Op, QuantizedGraph
 
 aten = torch.ops.aten
 
@@ -88,12 +98,33 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return summed / torch.clamp(mask.sum(dim=1, keepdim=True), min=node.attrs["min_count"])
 
 
+def _lower(lw: Any, node: Node) -> None:
+    x, mask = lw.input_value(node, 0), lw.input_value(node, 1)
+    if x.dtype not in ("int8", "uint8", "int16") or mask.dtype != "int64":
+        raise LowbitError(f"node {node.name} (masked_mean): an 8/16-bit input and an int64 mask are needed, not "
+                          f"{x.dtype} and {mask.dtype}")
+    if node.attrs["min_count"] > 1:
+        raise LowbitError(f"node {node.name} (masked_mean): a count floor of {node.attrs['min_count']} (> 1) has "
+                          "no integer form yet")
+    frac_bits = 31 - dtype(x.dtype).bits
+    lw.emit(node.name, "masked_mean", [x, mask], lw.value(node.name, "int32", node.shape, x.scale / 2**frac_bits),
+            {"frac_bits": frac_bits})
+
+
+def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.ndarray:
+    x, keep = np.asarray(args[0], dtype=np.int64), (np.asarray(args[1]) != 0)
+    total = (x * keep[:, :, None]).sum(axis=1) << op.attrs["frac_bits"]
+    count = keep.sum(axis=1, keepdims=True).astype(np.int64)
+    return np.where(count > 0, (2 * total + count) // np.maximum(2 * count, 1), 0)
+
+
 MASKED_MEAN = register(OpDef(
     "masked_mean",
     "sum over s of x[b, s, :] * mask[b, s], divided by max(sum over s of mask[b, s], min_count): x [B, S, H], "
-    "mask the 0/1 attention mask [B, S].",
+    "mask the 0/1 attention mask [B, S]. Integer: the exact sum of the rows whose mask is not 0, times 2^F, "
+    "divided by their count rounding half up, as int32 of scale x_scale / 2^F, F = 31 - bits(x).",
     attrs=MaskedMeanAttrs,
     fusions={aten.div.Tensor: _pooling},
     described_as="masked mean pooling (sum(x * mask) / clamp(sum(mask)))",
-    evaluate=_evaluate,
+    evaluate=_evaluate, lower=_lower, reference=_reference,
 ))

@@ -1,8 +1,8 @@
 """permute: a transpose of the non-batch dimensions (attention heads in and out); values and scale unchanged.
 
 Two in a row fold into one (BERT's key heads are transposed twice: [B, S, h, d] ->
-[B, h, S, d] -> [B, h, d, S]). Its integer lowering (to come) moves integers and keeps the
-input's grid, as `reshape` does.
+[B, h, S, d] -> [B, h, d, S]). In the integer graph it moves integers and keeps the input's
+grid, as `reshape` does.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .registry import OpDef, UnsupportedAttr, register
 
 if TYPE_CHECKING:
     from ...quantizer.graph import Node
+    from ..graph import Op, QuantizedGraph
 
 aten = torch.ops.aten
 
@@ -58,11 +60,20 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return args[0].permute(node.attrs["dims"])
 
 
+def _lower(lw: Any, node: Node) -> None:
+    x = lw.input_value(node)
+    lw.emit(node.name, "permute", [x], lw.like(node.name, x, node.shape), {"dims": list(node.attrs["dims"])})
+
+
+def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(args[0], op.attrs["dims"]))
+
+
 PERMUTE = register(OpDef(
     "permute",
     "output dim i is input dim dims[i] (dims[0] = 0: the batch stays first); the values and scale are unchanged.",
     attrs=PermuteAttrs,
     aten={aten.transpose.int: _transpose, aten.permute.default: _permute},
     described_as="transpose/permute (batch first)",
-    evaluate=_evaluate, scale_preserving=True,
+    evaluate=_evaluate, lower=_lower, reference=_reference, scale_preserving=True,
 ))

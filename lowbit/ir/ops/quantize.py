@@ -1,11 +1,13 @@
 """input, quantize and dequantize: where the integer graph begins and ends.
 
-A graph input is float; lowering puts a `quantize` right after it, and a
-`dequantize` before every graph output.
+A float graph input gets a `quantize` right after it, and every graph output a
+`dequantize` before it. An integer graph input (token ids, an attention mask) is
+int64 and enters the integer graph as it is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,10 +27,29 @@ def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> 
     return np.clip(q, lo, hi).astype(np.int64)
 
 
+INPUT_DTYPES = ("float32", "int64")
+
+
+@dataclass(frozen=True)
+class InputAttrs:
+    dtype: str = "float32"  # float32, or int64 (token ids, masks)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in INPUT_DTYPES:
+            raise ValueError(f"graph inputs are {' or '.join(INPUT_DTYPES)}, not {self.dtype}")
+
+
+def input_dtype(node: Node) -> str:
+    return node.attrs.get("dtype", "float32")
+
+
 def _lower_input(lw: Any, node: Node) -> None:
+    if input_dtype(node) == "int64":
+        lw.float_to_int[node.name] = lw.graph_input(node.name, "int64", node.shape).name
+        return
     # The float input keeps the user's name; its quantized copy is `<name>_q`.
     q, _, _ = lw.activation(node.name, node.shape, ir_name=f"{node.name}_q")
-    x = lw.float_value(node.name, node.shape)
+    x = lw.graph_input(node.name, "float32", node.shape)
     lw.emit(f"{node.name}_quantize", "quantize", [x], q)
 
 
@@ -51,7 +72,8 @@ def _dequantize(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nd
     return (args[0] - v.zero_point).astype(np.float32) * scale
 
 
-INPUT = register(OpDef("input", "a float graph input; lowered to a `quantize`.", lower=_lower_input))
+INPUT = register(OpDef("input", "a graph input: float32, lowered to a `quantize`, or int64 (token ids, a mask), "
+                             "read by the integer ops as it is.", attrs=InputAttrs, lower=_lower_input))
 QUANTIZE = register(OpDef(
     "quantize",
     "float32 -> int8/uint8/int16 as ONNX QuantizeLinear: x / scale in float32, round half to even, saturate.",

@@ -8,7 +8,8 @@ An `OpDef` holds everything the pipeline needs to know about an op, in one place
 - `lower`: how a float node becomes integer ops (with their requantizers);
 - `reference`: its integer semantics, the ground truth every backend must match;
 - `requantizers`: the typed requantizer(s) its lowering attached, as backends read them;
-- `int16_refusal`: why it cannot read an int16 activation, if it cannot;
+- `int16_refusal`: why it cannot read an int16 activation, if it cannot; `wide_input`: it always reads
+  an int16 one;
 - `weights`: which of its inputs are weights (the layers that get a bit-width), and `input_columns`,
   how its weight sees its input (for GPTQ's Hessian);
 - `constants`: float params that are not weights and get no bit-width (an embedding table,
@@ -89,6 +90,8 @@ class OpDef:
     joins_inputs: bool = False  # inputs meet on one grid (add, concat): their producers are tied
     # Why the op cannot read an int16 activation ("" where it can): a plan asking for one is refused.
     int16_refusal: str = ""
+    # It reads its first input as int16 whatever the plan says (LayerNorm's statistics need the precision).
+    wide_input: bool = False
 
     @property
     def quantizable(self) -> bool:

@@ -5,9 +5,10 @@ softmax(x + (1 - mask) * mask_bias) with the bias broadcast as [B, 1, ..., 1, S]
 masked keys get `mask_bias` added (-10000 in lowbit's BERT: exactly zero weight).
 Capture fuses the model's whole chain (mask cast to float, 1 - m, times the bias,
 unsqueezed, added to the scores) into this one op, so the scores stay a tensor of
-their own, calibrated without the -10000s. Its integer kernel is `integer_softmax` (I-BERT,
-Kim et al. 2021, with a finer exp; its lowering and reference wiring are to come): the mask
-as exact zeros, an integer exp (a shift plus a polynomial) and an integer division by the row sum.
+their own, calibrated without the -10000s. Its integer form is `integer_softmax_int` (I-BERT,
+Kim et al. 2021, with a finer exp): the mask as exact zeros, an integer exp (a shift plus a
+polynomial) and an integer division by the row sum, on the exact int32 scores of the matmul
+before it, giving uint8 probabilities of scale 1/255.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...errors import LowbitError
 from ..dyadic import dyadic, mantissa_bits_for
 from ._fx import fx_arg, is_call, mask_source, shape
 from .registry import Fusion, OpDef, UnsupportedAttr, register
 
 if TYPE_CHECKING:
     from ...quantizer.graph import Node
+    from ..graph import Op, QuantizedGraph
 
 aten = torch.ops.aten
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
@@ -88,16 +91,6 @@ def _evaluate(node: Node, args: list[torch.Tensor], params: dict[str, torch.Tens
     return torch.softmax(x, dim=-1)
 
 
-SOFTMAX = register(OpDef(
-    "softmax",
-    "softmax over the last dimension; with a second input, the 0/1 attention mask [B, S], of "
-    "x + (1 - mask) * mask_bias broadcast as [B, 1, ..., 1, S].",
-    attrs=SoftmaxAttrs,
-    aten=dict.fromkeys(_SOFTMAX, _softmax),
-    fusions=dict.fromkeys(_SOFTMAX, _masked),
-    described_as="softmax (last dimension, with an attention mask)",
-    evaluate=_evaluate,
-))
 
 
 # --- the integer kernel (I-BERT softmax with a finer exp) ------------------------------------------------------------
@@ -181,8 +174,9 @@ def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarra
     (out_bits), scale 1 / (2^out_bits - 1).
     `record`, if given, receives the max |value| of each intermediate (for the tests of the stated bounds)."""
     q = np.asarray(q)
-    if q.dtype.kind not in "iu" or q.dtype.itemsize > 4:
-        raise ValueError(f"softmax: integer scores of at most 32 bits expected, got {q.dtype}")
+    if q.dtype.kind not in "iu" or (q.size and not -(2**31) <= int(q.min()) <= int(q.max()) < 2**31):
+        raise ValueError(f"softmax: integer scores in int32's range expected, got {q.dtype} "
+                         f"[{q.min(initial=0)}, {q.max(initial=0)}]")
     if q.shape[-1] > SOFTMAX_MAX_KEYS:
         raise ValueError(f"softmax over {q.shape[-1]} keys; at most {SOFTMAX_MAX_KEYS} keep the sum in int64")
     q = q.astype(np.int64)
@@ -223,3 +217,43 @@ def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None,
         raise ValueError(f"softmax: probabilities of 8 or 16 bits, not {out_bits}")
     p = integer_softmax_int(q, softmax_constants(scale, degree), mask, out_bits=out_bits)
     return p, 1.0 / ((1 << out_bits) - 1)
+
+
+def _lower(lw: Any, node: Node) -> None:
+    scores = lw.input_value(node, 0)
+    if scores.dtype not in ("int8", "int16", "int32"):
+        raise LowbitError(f"node {node.name} (softmax): signed integer scores are needed, not {scores.dtype}")
+    inputs = [scores]
+    if len(node.inputs) > 1:
+        inputs.append(lw.input_value(node, 1))
+        if inputs[1].dtype != "int64":
+            raise LowbitError(f"node {node.name} (softmax): the attention mask must be an int64 model input")
+    c = softmax_constants(float(scores.scale))
+    out = lw.value(node.name, "uint8", node.shape, 1.0 / ((1 << SOFTMAX_OUT_BITS) - 1))
+    lw.emit(node.name, "softmax", inputs, out,
+            {"mantissa": c.mantissa, "shift": c.shift, "exp_rel_error": c.exp_rel_error},
+            {"coefficients": np.asarray(c.coefficients, dtype=np.int64)})
+
+
+def constants_of(op: Op) -> SoftmaxConstants:
+    """The op's integer constants, as `integer_softmax_int` takes them."""
+    return SoftmaxConstants(op.attrs["mantissa"], op.attrs["shift"],
+                            tuple(int(a) for a in op.arrays["coefficients"]), op.attrs["exp_rel_error"])
+
+
+def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.ndarray:
+    return integer_softmax_int(args[0], constants_of(op), args[1] if len(args) > 1 else None)
+
+
+SOFTMAX = register(OpDef(
+    "softmax",
+    "softmax over the last dimension; with a second input, the 0/1 attention mask [B, S], of "
+    "x + (1 - mask) * mask_bias broadcast as [B, 1, ..., 1, S]. Integer-only on int32 scores: masked keys exactly "
+    "0, exp as a shift and a cubic, an integer division by the row sum, uint8 out of scale 1/255 "
+    "(`softmax.integer_softmax_int`).",
+    attrs=SoftmaxAttrs,
+    aten=dict.fromkeys(_SOFTMAX, _softmax),
+    fusions=dict.fromkeys(_SOFTMAX, _masked),
+    described_as="softmax (last dimension, with an attention mask)",
+    evaluate=_evaluate, lower=_lower, reference=_reference,
+))
