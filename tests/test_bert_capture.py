@@ -1,5 +1,5 @@
 """Capture of lowbit's BERT encoder into the float IR: MiniLM-L6 against torch, its layers, each new op's float
-semantics against an independent formula, the fusions, and quantize's refusal of ops with no lowering yet."""
+semantics against an independent formula and the fusions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from scipy.special import erf
 from torch import nn
 
-from lowbit.errors import LowbitError
 from lowbit.ir.ops import OPS
 from lowbit.models.bert import MASK_BIAS, BertConfig, BertEncoder
 from lowbit.quantizer.capture import UnsupportedOpsError, capture
