@@ -74,10 +74,11 @@ class TextEncoder:
         return np.concatenate(out)
 
 
-def load_text_encoder(directory: Path | str, seq_len: int = DEFAULT_SEQ_LEN) -> TextEncoder:
+def load_text_encoder(directory: Path | str, seq_len: int | None = DEFAULT_SEQ_LEN) -> TextEncoder:
     """A `TextEncoder` from a Hugging Face-style directory: config.json, model.safetensors, tokenizer.json.
 
-    The cheap checks come first (config.json, then tokenizer.json against it), so a directory that cannot
+    `seq_len` None: DEFAULT_SEQ_LEN, or the model's max_position_embeddings when that is smaller. The cheap
+    checks come first (config.json, then tokenizer.json against it), so a directory that cannot
     work fails before its weights are read.
     """
     directory = Path(directory)
@@ -85,6 +86,8 @@ def load_text_encoder(directory: Path | str, seq_len: int = DEFAULT_SEQ_LEN) -> 
         raise LowbitError(f"{directory}: not a directory; expected a Hugging Face-style model directory "
                           f"({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
     config = BertConfig.from_file(directory / CONFIG_FILE)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
     if seq_len > config.max_position_embeddings:
         raise LowbitError(f"{directory}: seq_len {seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}; use seq_len <= {config.max_position_embeddings}")

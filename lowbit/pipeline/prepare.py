@@ -21,7 +21,6 @@ import torch
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.graph import Graph
-from ..runtime.tokenizer import DEFAULT_SEQ_LEN
 from . import report as reports
 from .data import (
     Inputs,
@@ -51,7 +50,7 @@ class Source:
     heldout: Data | None = None
     factory: str | None = None  # MODULE:FUNCTION that builds the model of a state dict
     seed: int = 0
-    seq_len: int | None = None  # a text model's static sequence length (None: DEFAULT_SEQ_LEN)
+    seq_len: int | None = None  # a text model's static sequence length (None: 128, or less if the model's is)
 
 
 @dataclass
@@ -203,14 +202,14 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
     if source.factory is not None:
         raise LowbitError(f"--factory builds the model of a state dict; {spec} is a text model directory, which "
                           "holds its own config.json: drop --factory")
-    seq_len = DEFAULT_SEQ_LEN if source.seq_len is None else source.seq_len
     with progress.stage("data"):
         calib_text, heldout_text = read_text_data(spec, source.calib, source.heldout, entry, source.seed)
-    progress.echo("load", f"{spec} (text encoder, seq_len {seq_len})")
+    progress.echo("load", f"{spec} (text encoder)")
     with progress.stage("load"), _quiet_torch():
-        encoder = load_text_encoder(directory, seq_len)
+        encoder = load_text_encoder(directory, source.seq_len)
         program = export_text_encoder(encoder, spec)
-    progress.echo("load", f"exported program ready ({progress.timings['load']:.1f}s)")
+    seq_len = encoder.seq_len
+    progress.echo("load", f"exported program ready at seq_len {seq_len} ({progress.timings['load']:.1f}s)")
     with progress.stage("data"):
         calib, heldout = tokenize_text_data(encoder, calib_text, heldout_text,
                                             lambda message: progress.echo("data", f"warning: {message}"))

@@ -92,7 +92,7 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
     `calib`/`heldout`: an image folder, a .npy/.npz, or an (N, C, H, W) float array; for a text model a text
     file with one sentence per line, or a list of sentences; None for a zoo model's own sets (held-out data
     defaults to the last 20% of `calib` otherwise). `seq_len`: a text model's static sequence length (default
-    128; longer sentences are truncated with a warning). `plan`: weight
+    128, or the model's maximum if smaller; longer sentences are truncated with a warning). `plan`: weight
     bits per layer (a BitPlan, or a plan.json from `lowbit search`); default `config.bits` everywhere.
     `max_drop` (a fraction, e.g. 0.005) instead keeps activation tensors at 16 bits where they pay: a search
     (`lowbit search --bits B --wide-activations --max-drop`) finds the plan with the fewest extra BOPs whose

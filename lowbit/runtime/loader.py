@@ -8,18 +8,19 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import LowbitError
-from .text import EMBEDDING, encode_texts, text_tokenizer
-from .tokenizer import TOKENIZER_FILE, TextTokenizer
 
 TVM_DIR = "tvm"
 TVM_META = "tvm.json"
 TVM_FORMAT = "lowbit-tvm-v1"
 MANIFEST = "manifest.json"
+
+if TYPE_CHECKING:  # the text modules are imported on first use: an image model's runtime needs only this file
+    from .tokenizer import TextTokenizer
 # x86 instruction sets that decide whether compiled code can run here, as LLVM names them.
 X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
                 "avxvnni", "avx512bf16", "avx512fp16", "amx-int8", "amx-tile")
@@ -111,6 +112,8 @@ class CompiledModel:
 
         Tokenized with the artifact's tokenizer.json and padded to the compiled sequence length; a
         sentence longer than that is cut, and `warn` (default: warnings.warn) hears how many were."""
+        from .text import encode_texts, text_tokenizer
+
         if self._tokenizer is None:
             recorded = (_read_manifest(self.directory.parent).get("text") or {}).get("seq_len")
             self._tokenizer = text_tokenizer(self.directory.parent, self.inputs, recorded)
@@ -122,6 +125,8 @@ class CompiledModel:
         return encode_texts(run, self._tokenizer, texts, int(self.inputs[0]["shape"][0]), warn)
 
     def _embedding_output(self) -> dict[str, Any]:
+        from .text import EMBEDDING
+
         if len(self.outputs) == 1:
             return self.outputs[0]
         named = [o for o in self.outputs if o["name"] == EMBEDDING]
@@ -249,18 +254,22 @@ def _verify(directory: Path, meta: dict[str, Any]) -> None:
     tvm_dir = directory / TVM_DIR
     manifest = directory / MANIFEST
     if manifest.exists():
+        content = _read_manifest(directory)
         try:
-            files = _read_manifest(directory)["files"]
+            files = content["files"]
             listed = files[f"{TVM_DIR}/{TVM_META}"]["sha256"]
-        except (KeyError, TypeError) as e:
-            raise LowbitError(f"{manifest}: does not list {TVM_DIR}/{TVM_META} ({e}); recompile the artifact") from e
+            # A text model's tokenizer.json is part of the model: other ids would be other inputs.
+            tokenizer_name = (content.get("text") or {}).get("tokenizer")
+            tokenizer_hash = None if tokenizer_name is None else files[tokenizer_name]["sha256"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{manifest}: does not list {e} of the compiled model; recompile the artifact") from e
         if listed != sha256_file(tvm_dir / TVM_META):
             raise LowbitError(f"{tvm_dir / TVM_META}: sha256 does not match {manifest}; the artifact was modified")
-        tokenizer = directory / TOKENIZER_FILE
-        if TOKENIZER_FILE in files and (not tokenizer.is_file()
-                                        or sha256_file(tokenizer) != files[TOKENIZER_FILE].get("sha256")):
-            raise LowbitError(f"{tokenizer}: missing, or its sha256 does not match {manifest}; the artifact was "
-                              "modified or damaged")
+        if tokenizer_name is not None:
+            tokenizer = directory / tokenizer_name
+            if not tokenizer.is_file() or sha256_file(tokenizer) != tokenizer_hash:
+                raise LowbitError(f"{tokenizer}: missing, or its sha256 does not match {manifest}; the artifact was "
+                                  "modified or damaged")
     for name, digest in meta["files"].items():
         path = tvm_dir / name
         if not path.is_file():

@@ -35,7 +35,8 @@ DEFAULTS = QuantConfig()
                    "else the last 20% of the calibration data.")
 @click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
               help=f"Text models: the sequence length, static per artifact (inputs are [batch, SEQ_LEN]; longer "
-                   f"sentences are truncated with a warning). Default {DEFAULT_SEQ_LEN}.")
+                   f"sentences are truncated with a warning). Default {DEFAULT_SEQ_LEN}, or the model's maximum if "
+                   "smaller.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
