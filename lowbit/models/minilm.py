@@ -74,7 +74,7 @@ class TextEncoder:
         return np.concatenate(out)
 
 
-def load_text_encoder(directory: Path | str, seq_len: int | None = DEFAULT_SEQ_LEN) -> TextEncoder:
+def load_text_encoder(directory: Path | str, seq_len: int | None = None) -> TextEncoder:
     """A `TextEncoder` from a Hugging Face-style directory: config.json, model.safetensors, tokenizer.json.
 
     `seq_len` None: DEFAULT_SEQ_LEN, or the model's max_position_embeddings when that is smaller. The cheap
