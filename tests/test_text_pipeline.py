@@ -151,6 +151,28 @@ def test_named_inputs_are_checked_against_the_graph() -> None:
         check_named_inputs(floats, {"input_ids": (2, 4), "attention_mask": (2, 4)})
 
 
+def test_text_check_inputs() -> None:
+    from lowbit.pipeline.checks import CHECK_INPUTS, MIN_RANDOM, text_check_inputs
+
+    held = _named(10, seq=6)
+    held["attention_mask"][:, 4:] = 0
+    inputs = text_check_inputs(held, vocab_size=50, seed=1)
+    ids, mask = inputs.data["input_ids"], inputs.data["attention_mask"]
+    assert len(inputs) == CHECK_INPUTS and ids.dtype == mask.dtype == np.int64 and ids.shape == (CHECK_INPUTS, 6)
+    np.testing.assert_array_equal(ids[:10], held["input_ids"])
+    np.testing.assert_array_equal(mask[:10], held["attention_mask"])
+    random_ids, random_mask = ids[10:], mask[10:]
+    assert random_ids.min() >= 0 and random_ids.max() < 50 and len(np.unique(random_ids)) > 40
+    lengths = random_mask.sum(1)
+    # Every mask is a prefix of at least one token; the last half are full length, the first of many lengths.
+    assert np.array_equal(random_mask, (np.arange(6) < lengths[:, None]).astype(np.int64)) and lengths.min() >= 1
+    assert (lengths[-inputs.saturating:] == 6).all() and len(set(lengths[:inputs.random].tolist())) > 3
+    assert inputs.describe() == f"{CHECK_INPUTS} inputs (10 held-out, 27 random, 27 full-length)"
+    assert inputs.to_json() == {"total": CHECK_INPUTS, "heldout": 10, "random": 27, "full_length": 27}
+    many = text_check_inputs(_named(100, seq=6), vocab_size=50)
+    assert len(many) == 100 + MIN_RANDOM and many.random + many.saturating == MIN_RANDOM
+
+
 # --- sentence files --------------------------------------------------------------------------------
 
 

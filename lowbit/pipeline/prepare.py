@@ -220,7 +220,8 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
         check_named_inputs(calib, shapes)
         check_named_inputs(heldout, shapes)
     _echo_capture(graph, progress)
-    return Prepared(source, graph, calib, heldout, entry, TextModel(directory, seq_len))
+    text = TextModel(directory, seq_len, encoder.model.config.vocab_size)
+    return Prepared(source, graph, calib, heldout, entry, text)
 
 
 def _echo_data(calib: Inputs, heldout: Inputs, progress: Progress) -> None:

@@ -179,12 +179,16 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
     report["calibration"]["method"] = recipe.calib_method
     for row in report["layers"]:
         row["rounding"] = "gptq" if row["name"] in recipe.gptq_layers else "nearest"
-    inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
-                                 artifact.config.seed)
+    if prepared.text is not None:
+        inputs = checks.text_check_inputs(prepared.heldout.feed(list(qgraph.inputs)), prepared.text.vocab_size,
+                                          artifact.config.seed)
+    else:
+        inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
+                                     artifact.config.seed)
     with progress.stage("check: reference"):
-        want = checks.reference_integers(qgraph, inputs.x)
+        want = checks.reference_integers(qgraph, inputs.data)
     with progress.stage("onnxruntime"):
-        got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.x)
+        got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.data)
         int_check = checks.compare("ONNX Runtime", got, want, inputs)
         report["onnxruntime"] = {"model.int.onnx": int_check,
                                  "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,

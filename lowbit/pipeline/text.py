@@ -34,6 +34,7 @@ class TextModel:
 
     directory: Path  # the Hugging Face-style directory the model was loaded from
     seq_len: int
+    vocab_size: int  # token ids are below it (the embedding table's rows)
 
     @property
     def tokenizer(self) -> Path:
