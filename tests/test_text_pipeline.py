@@ -156,7 +156,7 @@ def test_text_check_inputs() -> None:
 
     held = _named(10, seq=6)
     held["attention_mask"][:, 4:] = 0
-    inputs = text_check_inputs(held, vocab_size=50, seed=1)
+    inputs = text_check_inputs(held, vocab_size=50, seq_len=6, seed=1)
     ids, mask = inputs.data["input_ids"], inputs.data["attention_mask"]
     assert len(inputs) == CHECK_INPUTS and ids.dtype == mask.dtype == np.int64 and ids.shape == (CHECK_INPUTS, 6)
     np.testing.assert_array_equal(ids[:10], held["input_ids"])
@@ -169,8 +169,10 @@ def test_text_check_inputs() -> None:
     assert (lengths[-inputs.saturating:] == 6).all() and len(set(lengths[:inputs.random].tolist())) > 3
     assert inputs.describe() == f"{CHECK_INPUTS} inputs (10 held-out, 27 random, 27 full-length)"
     assert inputs.to_json() == {"total": CHECK_INPUTS, "heldout": 10, "random": 27, "full_length": 27}
-    many = text_check_inputs(_named(100, seq=6), vocab_size=50)
+    many = text_check_inputs(_named(100, seq=6), vocab_size=50, seq_len=6)
     assert len(many) == 100 + MIN_RANDOM and many.random + many.saturating == MIN_RANDOM
+    alone = text_check_inputs(None, vocab_size=50, seq_len=6)  # `lowbit compile`: no held-out tokens at hand
+    assert (alone.heldout, len(alone)) == (0, CHECK_INPUTS) and alone.data["input_ids"].shape == (CHECK_INPUTS, 6)
 
 
 # --- sentence files --------------------------------------------------------------------------------
@@ -429,6 +431,19 @@ def test_embed_command(text_artifact: tuple[Path, np.ndarray], tmp_path: Path) -
     result = CliRunner().invoke(lowbit, ["embed", str(directory), "--text", str(empty), "-o", str(again)])
     assert result.exit_code == 2 and f"error: {empty}: no sentences" in result.stderr
     assert not again.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".again")] == []
+
+
+def test_run_and_bench_on_a_text_model(text_artifact: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    directory, _ = text_artifact
+    np.save(tmp_path / "x.npy", np.zeros((BATCH, SEQ_LEN), np.float32))
+    result = CliRunner().invoke(lowbit, ["run", str(directory), "--input", str(tmp_path / "x.npy")])
+    assert result.exit_code == 2 and "a text model (inputs input_ids and attention_mask)" in result.stderr
+    assert f"lowbit embed {directory} --text FILE" in result.stderr
+    result = CliRunner().invoke(lowbit, ["bench", str(directory), "--against", "none", "--repeats", "2",
+                                         "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert bench["batch"] == BATCH and bench["latency_ms"]["tvm"] > 0
 
 
 def test_encode_needs_no_torch(text_artifact: tuple[Path, np.ndarray]) -> None:

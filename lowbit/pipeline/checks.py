@@ -80,19 +80,20 @@ def check_inputs(shape: tuple[int, ...], data: np.ndarray | None = None, seed: i
     return CheckInputs(x, len(heldout), len(normal), n_saturating)
 
 
-def text_check_inputs(heldout: dict[str, np.ndarray], vocab_size: int, seed: int = 0,
+def text_check_inputs(heldout: dict[str, np.ndarray] | None, vocab_size: int, seq_len: int, seed: int = 0,
                       total: int = CHECK_INPUTS) -> CheckInputs:
-    """A text model's check inputs: all of the held-out token ids and masks, then random ones (MIN_RANDOM, or up
-    to `total`): half of random lengths, half full-length, which give the longest sums in attention and pooling.
+    """A text model's check inputs: all of the held-out token ids and masks (if any), then random ones
+    (MIN_RANDOM, or up to `total`): half of random lengths, half full-length, which give the longest sums in
+    attention and pooling.
 
     Random ids are any of the model's `vocab_size` ids; each mask keeps a prefix of at least one token, as the
     tokenizer's do.
     """
-    ids, mask = heldout["input_ids"], heldout["attention_mask"]
+    empty = np.empty((0, seq_len), np.int64)
+    ids, mask = (empty, empty) if heldout is None else (heldout["input_ids"], heldout["attention_mask"])
     rng = np.random.default_rng(seed)
     n_random = max(MIN_RANDOM, total - len(ids))
     n_full = n_random // 2
-    seq_len = ids.shape[1]
     random_ids = rng.integers(0, vocab_size, size=(n_random, seq_len), dtype=np.int64)
     lengths = np.concatenate([rng.integers(1, seq_len + 1, size=n_random - n_full), np.full(n_full, seq_len)])
     random_mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)

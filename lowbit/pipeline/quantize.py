@@ -181,7 +181,7 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         row["rounding"] = "gptq" if row["name"] in recipe.gptq_layers else "nearest"
     if prepared.text is not None:
         inputs = checks.text_check_inputs(prepared.heldout.feed(list(qgraph.inputs)), prepared.text.vocab_size,
-                                          artifact.config.seed)
+                                          prepared.text.seq_len, artifact.config.seed)
     else:
         inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
                                      artifact.config.seed)

@@ -41,7 +41,8 @@ class TextModel:
         return self.directory / TOKENIZER_FILE
 
     def to_json(self) -> dict[str, object]:
-        return {"tokenizer": TOKENIZER_FILE, "seq_len": self.seq_len, "inputs": list(INPUT_NAMES)}
+        return {"tokenizer": TOKENIZER_FILE, "seq_len": self.seq_len, "vocab_size": self.vocab_size,
+                "inputs": list(INPUT_NAMES)}
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class CompiledModel:
         from .text import encode_texts, text_tokenizer
 
         if self._tokenizer is None:
-            recorded = (_read_manifest(self.directory.parent).get("text") or {}).get("seq_len")
+            recorded = (read_manifest(self.directory.parent).get("text") or {}).get("seq_len")
             self._tokenizer = text_tokenizer(self.directory.parent, self.inputs, recorded)
         output = self._embedding_output()
 
@@ -175,7 +175,7 @@ class CompiledModel:
         """Latency of one call at the compiled batch size (the model alone: inputs already on the device),
         in ms (median, mean, min, p90)."""
         rng = np.random.default_rng(0)
-        arrays = [_example_input(spec, rng) for spec in self.inputs]
+        arrays = [example_input(spec, rng) for spec in self.inputs]
         if x is not None:
             arrays[0] = self._check(self.inputs[0], x)[:self.inputs[0]["shape"][0]]
         self._fill_inputs(arrays)
@@ -189,8 +189,9 @@ def _dtype(spec: dict[str, Any]) -> np.dtype:
     return np.dtype(spec.get("dtype", "float32"))
 
 
-def _example_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    """Timing data: standard normal floats, or ones for integers (a valid token id, and a mask of all tokens)."""
+def example_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """Timing data for an input of tvm.json: standard normal floats, or ones for integers (a valid token id, and
+    a mask of all tokens)."""
     dtype = _dtype(spec)
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(spec["shape"]).astype(dtype)
@@ -236,7 +237,7 @@ def _read_meta(tvm_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> dict[str, Any]:
     """DIR/manifest.json, or {} when there is none (a model compiled on its own)."""
     path = directory / MANIFEST
     if not path.exists():
@@ -254,7 +255,7 @@ def _verify(directory: Path, meta: dict[str, Any]) -> None:
     tvm_dir = directory / TVM_DIR
     manifest = directory / MANIFEST
     if manifest.exists():
-        content = _read_manifest(directory)
+        content = read_manifest(directory)
         try:
             files = content["files"]
             listed = files[f"{TVM_DIR}/{TVM_META}"]["sha256"]
