@@ -200,8 +200,8 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
 
     spec = source.model
     if source.factory is not None:
-        raise LowbitError(f"--factory builds the model of a state dict; {spec} is a text model directory, which "
-                          "holds its own config.json: drop --factory")
+        raise LowbitError(f"--factory builds the model of a state dict; {spec} is a text model, built from its "
+                          "directory's config.json: drop --factory")
     with progress.stage("data"):
         calib_text, heldout_text = read_text_data(spec, source.calib, source.heldout, entry, source.seed)
     progress.echo("load", f"{spec} (text encoder)")

@@ -14,13 +14,13 @@ import numpy as np
 
 from ..errors import LowbitError
 
+if TYPE_CHECKING:  # the text modules are imported on first use: an image model's runtime needs only this file
+    from .tokenizer import TextTokenizer
+
 TVM_DIR = "tvm"
 TVM_META = "tvm.json"
 TVM_FORMAT = "lowbit-tvm-v1"
 MANIFEST = "manifest.json"
-
-if TYPE_CHECKING:  # the text modules are imported on first use: an image model's runtime needs only this file
-    from .tokenizer import TextTokenizer
 # x86 instruction sets that decide whether compiled code can run here, as LLVM names them.
 X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
                 "avxvnni", "avx512bf16", "avx512fp16", "amx-int8", "amx-tile")
