@@ -22,7 +22,7 @@ from lowbit.cli.main import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.bert import BertConfig, BertEncoder
 from lowbit.models.zoo import ZooEntry, ZooText, get_zoo_entry
-from lowbit.pipeline.data import Inputs, check_disjoint, check_named_inputs, split_heldout
+from lowbit.pipeline.data import Inputs, check_disjoint, split_heldout
 from lowbit.pipeline.prepare import Source, prepare
 from lowbit.pipeline.progress import Progress
 from lowbit.text.files import read_sentences
@@ -139,16 +139,6 @@ def test_image_inputs_keep_their_behaviour() -> None:
     import hashlib
 
     assert inputs.digest() == hashlib.sha256(x.tobytes()).hexdigest()  # the manifest's hash, as before
-
-
-def test_named_inputs_are_checked_against_the_graph() -> None:
-    inputs = Inputs(_named(3, seq=4), "tokens")
-    check_named_inputs(inputs, {"input_ids": (2, 4), "attention_mask": (2, 4)})
-    with pytest.raises(LowbitError, match=r"input 'input_ids' has shape \(3, 4\), but the model takes \(N, 8\)"):
-        check_named_inputs(inputs, {"input_ids": (2, 8), "attention_mask": (2, 4)})
-    floats = Inputs({"input_ids": np.zeros((3, 4), np.float32), "attention_mask": np.ones((3, 4), np.int64)}, "f")
-    with pytest.raises(LowbitError, match="has dtype float32; expected integers"):
-        check_named_inputs(floats, {"input_ids": (2, 4), "attention_mask": (2, 4)})
 
 
 def test_text_check_inputs() -> None:

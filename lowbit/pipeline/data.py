@@ -185,20 +185,6 @@ def check_input_shape(x: np.ndarray, expected: tuple[int, ...], where: str) -> N
         raise LowbitError(f"{where}: inputs have shape {tuple(x.shape)}, but the model takes (N, {want})")
 
 
-def check_named_inputs(inputs: Inputs, expected: dict[str, tuple[int, ...]]) -> None:
-    """Each of the model's inputs (name -> shape) is an integer array (N, *shape[1:]) in `inputs`."""
-    arrays = inputs.feed(list(expected))
-    for name, shape in expected.items():
-        a = arrays[name]
-        if tuple(a.shape[1:]) != tuple(shape[1:]):
-            want = ", ".join(map(str, shape[1:]))
-            raise LowbitError(f"{inputs.source}: input {name!r} has shape {tuple(a.shape)}, but the model takes "
-                              f"(N, {want})")
-        if not np.issubdtype(a.dtype, np.integer):
-            raise LowbitError(f"{inputs.source}: input {name!r} has dtype {a.dtype}; expected integers (token ids "
-                              "and mask)")
-
-
 def imagenet_preprocess_for(shape: tuple[int, ...], where: str) -> Preprocess:
     """ImageNet-style preprocessing (resize, center crop, normalize) to a model's (1, 3, H, H) input."""
     if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:

@@ -26,7 +26,6 @@ from .data import (
     Inputs,
     check_disjoint,
     check_input_shape,
-    check_named_inputs,
     imagenet_preprocess_for,
     is_array_file,
     load_inputs,
@@ -197,6 +196,7 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
     from ..models.loading import export_text_encoder
     from ..models.minilm import load_text_encoder
     from ..quantizer.capture import capture
+    from ..quantizer.quantize import check_calibration_data
 
     spec = source.model
     if source.factory is not None:
@@ -216,9 +216,8 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
     _echo_data(calib, heldout, progress)
     with progress.stage("capture"):
         graph = capture(program, entry.name if entry else directory.resolve().name)
-        shapes = {name: graph.node(name).shape for name in graph.inputs}
-        check_named_inputs(calib, shapes)
-        check_named_inputs(heldout, shapes)
+        check_calibration_data(graph, calib.data, calib.source)
+        check_calibration_data(graph, heldout.data, heldout.source)
     _echo_capture(graph, progress)
     text = TextModel(directory, seq_len, encoder.model.config.vocab_size)
     return Prepared(source, graph, calib, heldout, entry, text)
