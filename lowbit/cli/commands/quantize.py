@@ -16,6 +16,7 @@ from ...pipeline.checks import tvm_available
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
+from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
@@ -27,11 +28,15 @@ DEFAULTS = QuantConfig()
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to create (must not exist unless --force).")
 @click.option("--calib", type=click.Path(path_type=Path),
-              help="Calibration data: an image folder, or a preprocessed (N, C, H, W) float .npy/.npz. "
-                   "Default for zoo models: the zoo's calibration set.")
+              help="Calibration data: an image folder, or a preprocessed (N, C, H, W) float .npy/.npz; for a text "
+                   "model a .txt file, one sentence per line. Default for zoo models: the zoo's calibration set.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
               help="Held-out data for the report (same formats). Default: the zoo's held-out set, "
                    "else the last 20% of the calibration data.")
+@click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
+              help=f"Text models: the sequence length, static per artifact (inputs are [batch, SEQ_LEN]; longer "
+                   f"sentences are truncated with a warning). Default {DEFAULT_SEQ_LEN}, or the model's maximum if "
+                   "smaller.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
@@ -67,15 +72,17 @@ DEFAULTS = QuantConfig()
               help="Keep the artifact even when a check fails (a backend differing from the reference executor, or "
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
-def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str,
-                     output_aware_ranges: bool, seed: int, target: str | None,
+def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
+                     factory: str | None, bits: int, plan_path: Path | None, max_drop: str | None,
+                     calib_method: str, rounding: str, output_aware_ranges: bool, seed: int, target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
-    MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
-    state dict (.safetensors or .pt) with --factory.
+    MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, a
+    state dict (.safetensors or .pt) with --factory, or a Hugging Face-style
+    directory (config.json, model.safetensors, tokenizer.json) of a BERT-family
+    text encoder.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
                          output_aware_ranges=output_aware_ranges, seed=seed)
@@ -94,7 +101,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     check_output_dir(output, force)  # fail before the slow part, not after it
     progress = Progress()
     artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path,
-                        max_drop=drop, progress=progress)
+                        max_drop=drop, progress=progress, seq_len=seq_len)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
