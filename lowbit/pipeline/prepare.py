@@ -21,6 +21,7 @@ import torch
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.graph import Graph
+from ..runtime.text import EMBEDDING as TEXT_OUTPUT
 from . import report as reports
 from .data import (
     Inputs,
@@ -216,6 +217,7 @@ def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progr
     _echo_data(calib, heldout, progress)
     with progress.stage("capture"):
         graph = capture(program, entry.name if entry else directory.resolve().name)
+        graph = graph.with_output_names([TEXT_OUTPUT])
         check_calibration_data(graph, calib.data, calib.source)
         check_calibration_data(graph, heldout.data, heldout.source)
     _echo_capture(graph, progress)
