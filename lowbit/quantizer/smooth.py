@@ -252,14 +252,14 @@ def plan_smoothing(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha =
         check_alpha(a, "smooth grid")
     groups = smoothing_groups(graph)
     by_tensor = {g.tensor: g for g in groups}
-    mask = _token_mask(graph, inputs)
+    mask = token_mask(graph, inputs)
     chosen: dict[str, tuple[GroupReport, torch.Tensor | None]] = {}
     tokens = 0
 
     def measure(name: str, t: torch.Tensor) -> torch.Tensor:
         nonlocal tokens
         if name in by_tensor:
-            x = _token_rows(t, mask)
+            x = token_rows(t, mask)
             tokens = x.shape[0]
             chosen[name] = _choose(graph, by_tensor[name], x, alpha, grid)
         return t
@@ -316,7 +316,7 @@ def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5,
     return apply_smoothing(graph, plan), plan.report
 
 
-def _token_mask(graph: Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def token_mask(graph: Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The attention mask as bool [batch, seq], if the graph reads one: padding rows are left out of the
     statistics (they never reach the output, and their LayerNorm outputs have their own outliers)."""
     missing = sorted(set(graph.inputs) - set(inputs))
@@ -328,7 +328,7 @@ def _token_mask(graph: Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor |
     return None
 
 
-def _token_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def token_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[tokens, channels] of the real tokens of `t`."""
     if mask is not None and tuple(t.shape[:2]) == tuple(mask.shape):
         t = t[mask]
