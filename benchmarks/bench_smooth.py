@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         weights = fake_quant_weights(g, virtual)
         emb = torch.cat([simulate(g, b, ranges, weights, virtual) for b in heldout]).numpy()
         agreement = cosine_agreement(fp32, emb)
-        print(f"| {name} | {agreement.mean:.4f} | {agreement.worst_1pct:.4f} | {agreement.min:.4f} |", flush=True)
+        print(f"| {name} | {agreement.mean:.4f} | {agreement.worst_1pct:.4f} | {agreement.minimum:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ Where it cannot, the group is measured and reported but left alone:
 
 All statistics come from one float run on the calibration inputs, over real tokens only (padding is masked
 out when the graph reads an attention mask). Scales use the original weights, so groups are independent.
+alpha is scored on held-back calibration samples: on the samples it is fitted on, the error keeps falling up
+to alpha = 1 (every channel's range exactly equalized), while unseen text then clips the channels it lifts.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .graph import Graph, Node, run_graph
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # SmoothQuant's useful range; 0.5 is its default
 TRANSIT_OPS = ("reshape", "permute", "matmul")  # 1/s passes through these channel by channel (checked)
 SCALABLE_OPS = ("linear", "layer_norm")  # a weight and bias per output channel on the last axis
+VALIDATION_FRACTION = 0.25  # of the calibration samples, held back to score alpha (as QuantConfig's default)
 MASK_READERS = ("softmax", "masked_mean")  # ops whose second input is the attention mask
 Alpha = float | str  # a migration strength in [0, 1], or "auto"
 
@@ -93,12 +96,18 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
     return torch.where(dead | ~torch.isfinite(s), torch.ones_like(s), s)
 
 
-def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None,
+def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None, fit: torch.Tensor | None = None,
                reference: torch.Tensor | None = None) -> float:
-    """Relative squared error of X·Wᵀ when X/s is quantized per tensor and W·s per output channel."""
+    """Relative squared error of X·Wᵀ when X/s is quantized per tensor and W·s per output channel.
+
+    The activation range is max|fit/s| (default: X's own): give the rows the scales and ranges were fitted on,
+    so that X's values beyond them clip as unseen data would."""
     ref = x @ w.T if reference is None else reference
-    xs, ws = (x, w) if s is None else (x / s, w * s)
-    err = quantize_activation(xs) @ quantize_weight(ws).T - ref
+    ones = torch.ones(x.shape[-1], dtype=x.dtype)
+    s = ones if s is None else s
+    fit = x if fit is None else fit
+    xq = quantize_activation(x / s, float((fit.abs().amax(0) / s).max()), bool(fit.min() >= 0))
+    err = xq @ quantize_weight(w * s).T - ref
     return float(err.square().sum() / ref.square().sum().clamp_min(torch.finfo(ref.dtype).tiny))
 
 
@@ -196,8 +205,10 @@ class GroupReport:
     alpha: float | None
     outliers_before: float  # max/median over channels of max|X_j| on the calibration tokens
     outliers_after: float  # the same for X/s (as it would be, for a group that cannot fold)
-    error_before: float  # relative squared error of X·Wᵀ under simulated W8A8, unsmoothed
-    error_after: float  # the same with smoothing at `alpha`
+    # Relative squared error of X·Wᵀ under simulated W8A8 on the held-back samples, with scales and ranges
+    # from the others: unsmoothed, and smoothed at `alpha`.
+    error_before: float
+    error_after: float
 
     @property
     def applied(self) -> bool:
@@ -213,7 +224,8 @@ class SmoothReport:
     def table(self) -> str:
         """One line per group: where it folds, alpha, outlier ratio and W8A8 error before -> after."""
         lines = [f"smoothing (alpha={self.alpha}, {self.tokens} calibration tokens): outliers = max/median of "
-                 "per-channel max|X|, error = relative W8A8 error of X.W^T",
+                 "per-channel max|X|, error = relative W8A8 error of X.W^T "
+                 "on held-back samples",
                  f"{'tensor':44s} {'read by':40s} {'folded into':38s} {'alpha':>5s} {'outliers':>15s} "
                  f"{'error':>19s}"]
         for g in self.groups:
@@ -242,26 +254,38 @@ class SmoothPlan:
 
 
 def plan_smoothing(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5,
-                   grid: Sequence[float] = ALPHA_GRID) -> SmoothPlan:
+                   grid: Sequence[float] = ALPHA_GRID, validation_fraction: float = VALIDATION_FRACTION,
+                   ) -> SmoothPlan:
     """Measure every group on `inputs` (calibration data, one batch) and choose its scales.
 
-    With alpha="auto", each group takes the alpha of `grid` with the lowest `w8a8_error`, or none if no alpha
-    beats leaving it unsmoothed."""
+    Every `1/validation_fraction`-th sample is held back: scales and ranges are fitted on the others and the
+    errors in the report are measured on it, so that channels that exceed their calibration range clip as on
+    unseen text. With alpha="auto", each group takes the alpha of `grid` with the lowest held-back error, or
+    none if no alpha beats leaving it unsmoothed. The scales applied are then refitted on all samples."""
     alpha = check_alpha(alpha)
     for a in grid:
         check_alpha(a, "smooth grid")
+    if not 0.0 < validation_fraction < 1.0:
+        raise LowbitError(f"smooth: validation_fraction {validation_fraction} must be in (0, 1)")
     groups = smoothing_groups(graph)
     by_tensor = {g.tensor: g for g in groups}
     mask = token_mask(graph, inputs)
+    samples = len(inputs[graph.inputs[0]])
+    stride = max(2, round(1 / validation_fraction))
+    if samples < stride:
+        raise LowbitError(f"smooth: {samples} calibration sample(s) leave none to validate the scales on (one in "
+                          f"{stride} is held back); give at least {stride}")
+    held_back = torch.arange(samples) % stride == stride - 1
     chosen: dict[str, tuple[GroupReport, torch.Tensor | None]] = {}
     tokens = 0
 
     def measure(name: str, t: torch.Tensor) -> torch.Tensor:
         nonlocal tokens
         if name in by_tensor:
-            x = token_rows(t, mask)
+            sample = torch.arange(samples).reshape(-1, *[1] * (t.ndim - 1)).expand(*t.shape[:-1], 1)
+            x, validate = token_rows(t, mask), held_back[token_rows(sample, mask)[:, 0]]
             tokens = x.shape[0]
-            chosen[name] = _choose(graph, by_tensor[name], x, alpha, grid)
+            chosen[name] = _choose(graph, by_tensor[name], x, validate, alpha, grid)
         return t
 
     run_graph(graph, inputs, on_output=measure)
@@ -270,19 +294,21 @@ def plan_smoothing(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha =
     return SmoothPlan(tuple(groups), scales, report)
 
 
-def _choose(graph: Graph, group: Group, x: torch.Tensor, alpha: Alpha,
+def _choose(graph: Graph, group: Group, x: torch.Tensor, validate: torch.Tensor, alpha: Alpha,
             grid: Sequence[float]) -> tuple[GroupReport, torch.Tensor | None]:
     w = torch.cat([graph.weight(name) for name in group.layers]).to(x.dtype)
-    x_max, w_max = x.abs().amax(0), w.abs().amax(0)
-    ref = x @ w.T
-    before = w8a8_error(x, w, reference=ref)
-    best: tuple[float | None, torch.Tensor | None, float] = (None, None, before)
+    fit, held = x[~validate], x[validate]
+    w_max = w.abs().amax(0)
+    ref = held @ w.T
+    before = w8a8_error(held, w, None, fit, ref)
+    best: tuple[float | None, float] = (None, before)
     for a in grid if alpha == "auto" else [alpha]:
-        s = smoothing_scales(x_max, w_max, a)
-        err = w8a8_error(x, w, s, ref)
-        if alpha != "auto" or err < best[2]:
-            best = (a, s, err)
-    a, s, after = best
+        err = w8a8_error(held, w, smoothing_scales(fit.abs().amax(0), w_max, a), fit, ref)
+        if alpha != "auto" or err < best[1]:
+            best = (a, err)
+    a, after = best
+    x_max = x.abs().amax(0)
+    s = None if a is None else smoothing_scales(x_max, w_max, a)
     report = GroupReport(group.tensor, group.layers, group.fold.producer if group.fold else "", group.reason, a,
                          outlier_ratio(x_max), outlier_ratio(x_max if s is None else x_max / s), before, after)
     return report, s
@@ -308,11 +334,11 @@ def apply_smoothing(graph: Graph, plan: SmoothPlan) -> Graph:
     return Graph(nodes, params, list(graph.inputs), list(graph.outputs), graph.name)
 
 
-def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5,
-           grid: Sequence[float] = ALPHA_GRID) -> tuple[Graph, SmoothReport]:
+def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5, grid: Sequence[float] = ALPHA_GRID,
+           validation_fraction: float = VALIDATION_FRACTION) -> tuple[Graph, SmoothReport]:
     """SmoothQuant on `graph` with statistics from `inputs` (calibration data, one batch): a new Graph with the
     same nodes and function, and the report (outlier ratios and simulated W8A8 error per group)."""
-    plan = plan_smoothing(graph, inputs, alpha, grid)
+    plan = plan_smoothing(graph, inputs, alpha, grid, validation_fraction)
     return apply_smoothing(graph, plan), plan.report
 
 
