@@ -14,9 +14,10 @@ Rows:
 - "+ post-LN groups": what the residual-add rescale proposal would add. The LayerNorm -> q/k/v and
   LayerNorm -> intermediate.dense groups are smoothed virtually: X/s is quantized at those linears' inputs
   and W*s per channel, while the residual add reads X itself.
-- "+ gelu groups": also gelu -> output.dense, which no exact fold allows; an upper bound only.
+- "+ gelu groups": gelu -> output.dense smoothed the same way, which no exact fold allows: a bound only.
+- "gelu outputs at int16": instead, those tensors at 16 bits (lowbit's BitPlan can already ask for that).
 
-It prints the auto report (outlier ratio max/median of per-channel max|X| and the per-group W8A8 error,
+It prints the 0.5 and auto reports (outlier ratio max/median of per-channel max|X| and the per-group W8A8 error,
 before -> after), then the table. Padding tokens are left out of every statistic and range.
 """
 
@@ -65,8 +66,9 @@ def linear_input_ranges(graph: Graph, inputs: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def simulate(graph: Graph, inputs: dict[str, torch.Tensor], ranges: dict[str, tuple[float, bool]],
-             weights: dict[str, torch.Tensor], virtual: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The graph output with int8 fake-quant at every linear input (X/s where virtually smoothed)."""
+             weights: dict[str, torch.Tensor], virtual: dict[str, torch.Tensor], wide: set[str]) -> torch.Tensor:
+    """The graph output with int8 fake-quant at every linear input (X/s where virtually smoothed; int16 for the
+    tensors in `wide`)."""
     last_use = graph.last_uses()
     env: dict[str, torch.Tensor] = {}
     for i, node in enumerate(graph.nodes):
@@ -75,7 +77,8 @@ def simulate(graph: Graph, inputs: dict[str, torch.Tensor], ranges: dict[str, tu
         elif node.op == "linear":
             x, s = env[node.inputs[0]], virtual.get(node.inputs[0])
             absmax, nonnegative = ranges[node.inputs[0]]
-            xq = quantize_activation(x if s is None else x / s, absmax, nonnegative)
+            bits = 16 if node.inputs[0] in wide else 8
+            xq = quantize_activation(x if s is None else x / s, absmax, nonnegative, bits)
             out = run_node(graph, node, [xq if s is None else xq * s], weight=weights[node.name])
         else:
             out = run_node(graph, node, [env[n] for n in node.inputs])
@@ -96,15 +99,20 @@ def fake_quant_weights(graph: Graph, virtual: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
-def virtual_scales(plan: SmoothPlan, gelu: bool) -> dict[str, torch.Tensor]:
-    """The scales of the groups that did not fold: the post-LN ones (a residual add also reads X), and with
-    `gelu` the gelu ones."""
+def virtual_scales(plan: SmoothPlan, kinds: set[str]) -> dict[str, torch.Tensor]:
+    """The scales of the groups that did not fold, of the kinds asked: "post-LN" (a residual add also reads X)
+    and "gelu"."""
     out = {}
     for group in plan.groups:
         s = plan.scales.get(group.tensor)
-        if group.fold is None and s is not None and (group.reason.startswith("also read by add") or gelu):
+        kind = "post-LN" if group.reason.startswith("also read by add") else "gelu" if "gelu" in group.reason else ""
+        if group.fold is None and s is not None and kind in kinds:
             out[group.tensor] = s
     return out
+
+
+def gelu_outputs(graph: Graph) -> set[str]:
+    return {n.name for n in graph.nodes if n.op == "gelu"}
 
 
 def tokens(encoder: TextEncoder, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -137,28 +145,32 @@ def main(argv: list[str] | None = None) -> None:
         plans[alpha] = plan_smoothing(graph, calib, alpha)
         print(f"plan_smoothing(alpha={alpha}) on {args.calib} sentences at seq {args.seq_len}: "
               f"{time.perf_counter() - start:.1f} s ({args.threads} threads)", flush=True)
-    print(plans["auto"].report.table(), flush=True)
+    for plan in plans.values():
+        print(plan.report.table(), flush=True)
 
-    rows = [("none", graph, {})]
+    # (name, graph, virtually smoothed tensors, tensors kept at int16)
+    rows = [("none", graph, {}, set()), ("none, gelu outputs at int16", graph, {}, gelu_outputs(graph))]
     for alpha, plan in plans.items():
         smoothed = apply_smoothing(graph, plan)
         kept = torch.cat([run_graph(smoothed, b)[smoothed.outputs[0]] for b in heldout]).numpy()
         print(f"alpha={alpha}: smoothed FP32 vs FP32 max |diff| {np.abs(kept - fp32).max():.2e} "
               f"(embedding max {np.abs(fp32).max():.2f})")
-        rows.append((f"{alpha}", smoothed, {}))
-        rows.append((f"{alpha} + post-LN groups (add rescale proposal, simulated)", smoothed,
-                     virtual_scales(plan, gelu=False)))
-        rows.append((f"{alpha} + post-LN + gelu groups (no exact fold: bound)", smoothed,
-                     virtual_scales(plan, gelu=True)))
+        post_ln = virtual_scales(plan, {"post-LN"})
+        rows += [(f"{alpha}", smoothed, {}, set()),
+                 (f"{alpha} + post-LN groups (add rescale proposal, simulated)", smoothed, post_ln, set()),
+                 (f"{alpha} + post-LN groups, gelu outputs at int16", smoothed, post_ln, gelu_outputs(graph)),
+                 (f"{alpha} + gelu groups (no exact fold: a bound)", smoothed, virtual_scales(plan, {"gelu"}), set()),
+                 (f"{alpha} + post-LN + gelu groups (no exact fold: a bound)", smoothed,
+                  virtual_scales(plan, {"post-LN", "gelu"}), set())]
 
     print(f"\nsimulated W8A8 (int8 per-tensor min/max at linear inputs, int8 per-channel weights), "
           f"{len(fp32)} held-out sentences, cosine with FP32")
     print("| smoothing | mean cosine | worst 1% | min |")
     print("|---|---|---|---|")
-    for name, g, virtual in rows:
+    for name, g, virtual, wide in rows:
         ranges = linear_input_ranges(g, calib, virtual)
         weights = fake_quant_weights(g, virtual)
-        emb = torch.cat([simulate(g, b, ranges, weights, virtual) for b in heldout]).numpy()
+        emb = torch.cat([simulate(g, b, ranges, weights, virtual, wide) for b in heldout]).numpy()
         agreement = cosine_agreement(fp32, emb)
         print(f"| {name} | {agreement.mean:.4f} | {agreement.worst_1pct:.4f} | {agreement.minimum:.4f} |", flush=True)
 

@@ -207,6 +207,9 @@ def test_fake_quantizers_round_to_the_int8_grid() -> None:
     assert torch.allclose(q / step, torch.round(q / step), atol=1e-4) and (q - x).abs().max() <= step / 2 + 1e-7
     assert float(quantize_activation(x.abs()).max()) == pytest.approx(2.0)  # unsigned: [0, T] in 255 steps
     assert (quantize_activation(x.abs()) - x.abs()).abs().max() <= 2.0 / 255 / 2 + 1e-7
+    assert (quantize_activation(x, bits=16) - x).abs().max() <= 2.0 / 32767 / 2 + 1e-7
+    assert torch.equal(quantize_activation(x, absmax=1.0), torch.clamp(quantize_activation(x, absmax=1.0), -1, 1))
+    assert float(quantize_activation(x, absmax=1.0).min()) == -1.0  # beyond the calibrated range: clipped
     w = torch.tensor([[1.0, -0.5, 0.01], [100.0, 3.0, -7.0]])
     qw = quantize_weight(w)
     assert ((qw - w).abs() <= w.abs().amax(1, keepdim=True) / 127 / 2 + 1e-6).all()

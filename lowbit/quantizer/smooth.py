@@ -71,15 +71,16 @@ def parse_smooth(text: str, where: str = "--smooth") -> Alpha | None:
 # -- simulated W8A8, as the search scores it ---------------------------------------------------------------
 
 def quantize_activation(x: torch.Tensor, absmax: float | None = None, nonnegative: bool | None = None,
-                        ) -> torch.Tensor:
-    """Per-tensor int8 fake-quant with a min/max range, symmetric as lowbit's calibration: [-T, T] in 127 steps
-    each side, or [0, T] in 255 steps for a nonnegative tensor. T and the sign default to `x`'s own."""
+                        bits: int = 8) -> torch.Tensor:
+    """Per-tensor fake-quant with a min/max range, symmetric as lowbit's calibration: [-T, T] in 127 steps each
+    side, or [0, T] in 255 steps for a nonnegative tensor (at 8 bits). T and the sign default to `x`'s own."""
     t = float(x.abs().max()) if absmax is None else absmax
     unsigned = bool(x.min() >= 0) if nonnegative is None else nonnegative
     if t == 0.0:
         return x.clone()
-    step = t / (255 if unsigned else 127)
-    return torch.clamp(torch.round(x / step), 0 if unsigned else -127, 255 if unsigned else 127) * step
+    top = 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
+    step = t / top
+    return torch.clamp(torch.round(x / step), 0 if unsigned else -top, top) * step
 
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
