@@ -183,7 +183,10 @@ def _follow_channels(producer: Node, chain: list[Node]) -> torch.Tensor | None:
         if node.op == "reshape":
             labels = labels.reshape(node.shape[1:])
         elif node.op == "permute":
-            labels = labels.permute([d - 1 for d in node.attrs["dims"][1:]])
+            dims = node.attrs["dims"]
+            if dims[0] != 0:  # the per-sample labels assume the batch axis stays first
+                return None
+            labels = labels.permute([d - 1 for d in dims[1:]])
         else:  # matmul a @ v: out[..., m, n] = Σ_k a[..., m, k] v[..., k, n] is per channel iff v's label is one per n
             if labels.ndim < 2 or not bool((labels == labels[..., :1, :]).all()):
                 return None
