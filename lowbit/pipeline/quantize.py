@@ -191,8 +191,10 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.data)
         int_check = checks.compare("ONNX Runtime", got, want, inputs)
         report["onnxruntime"] = {"model.int.onnx": int_check,
-                                 "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,
-                                                                 reference, photos=prepared.heldout.photos)}
+                                 "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.data,
+                                                                 reference, photos=prepared.heldout.photos,
+                                                                 embedding=prepared.graph.is_embedding(
+                                                                     prepared.graph.outputs[0]))}
     exact = int_check["bit_exact"]
     progress.echo("onnxruntime", f"model.int.onnx {'is' if exact else 'is NOT'} bit-exact with the reference on "
                                  f"{inputs.describe()} ({progress.timings['onnxruntime']:.1f}s)")

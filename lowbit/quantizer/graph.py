@@ -130,6 +130,10 @@ class Graph:
             for n in self.layers
         ]
 
+    def is_embedding(self, name: str) -> bool:
+        """A pooled embedding (compared by direction), not class scores or a feature map."""
+        return self.node(name).op == "masked_mean"
+
     def with_output_names(self, names: list[str]) -> Graph:
         """The same graph with its outputs renamed (the interface a model promises, e.g. `embedding`)."""
         if len(names) != len(self.outputs) or len(set(names)) != len(names):

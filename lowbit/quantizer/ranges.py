@@ -42,7 +42,7 @@ Outputs = Mapping[str, torch.Tensor]
 def output_metric(graph: Graph, reference: Outputs) -> str:
     """Pooled embeddings are compared by direction, class scores as distributions, anything else by its relative
     squared error."""
-    if all(graph.node(o).op == "masked_mean" for o in graph.outputs):
+    if all(graph.is_embedding(o) for o in graph.outputs):
         return "mean (1 - cosine)"
     return "mean KL(softmax)" if all(r.dim() == 2 for r in reference.values()) else "relative MSE"
 
