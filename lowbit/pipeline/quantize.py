@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .. import __version__
 from ..errors import LowbitError
@@ -26,6 +28,7 @@ from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.recipe import Recipe, choose_recipe
+from ..quantizer.smooth import SmoothReport, parse_smooth, smooth
 from ..runtime.tokenizer import TOKENIZER_FILE
 from . import checks
 from . import report as reports
@@ -47,6 +50,7 @@ class Artifact:
     recipe: Recipe  # what the config's `auto` parts resolved to, and the measurements behind it
     plan_file: Path | None = None  # the plan.json it was quantized with, recorded in the manifest
     search: SearchResult | None = None  # the search that chose the plan (`max_drop`), written to search/
+    smoothing: SmoothReport | None = None  # SmoothQuant's groups and outlier ratios (`config.smooth`)
 
     def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
              tuning_cache: Path | None = None, onnx_weights: str = "auto", force: bool = False,
@@ -114,6 +118,16 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
             bit_plan.validate(prepared.graph)
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
+    smoothing = None
+    alpha = parse_smooth(config.smooth)
+    if alpha is not None:
+        with progress.stage("smooth"):
+            inputs = {k: torch.from_numpy(v) for k, v in prepared.calib.feed(list(prepared.graph.inputs)).items()}
+            smoothed, smoothing = smooth(prepared.graph, inputs, alpha)
+        prepared = replace(prepared, graph=smoothed)
+        applied = sum(g.applied for g in smoothing.groups)
+        progress.echo("smooth", f"SmoothQuant (alpha {alpha}): {applied}/{len(smoothing.groups)} groups of linears "
+                                f"smoothed ({progress.timings['smooth']:.1f}s)")
     graph, calib = prepared.graph, prepared.calib.data  # one array, or a text model's arrays by input name
     found = None
     if max_drop is not None:
@@ -132,7 +146,7 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
                       if seconds > before.get(kind, 0.0))
     weights = reports.bits_summary(qgraph.bit_plan()) if plan is not None else f"{config.bits}-bit weights"
     progress.echo("quantize", f"{weights} ({progress.timings['quantize']:.1f}s: {steps})")
-    return Artifact(prepared, qgraph, config, recipe, plan_file, found)
+    return Artifact(prepared, qgraph, config, recipe, plan_file, found, smoothing)
 
 
 def _why(recipe: Recipe) -> str:
@@ -176,6 +190,8 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
     report, reference = evaluate(prepared, qgraph, artifact.config, progress)
     recipe = artifact.recipe
     report["recipe"] = recipe.to_json()
+    if artifact.smoothing is not None:
+        report["smoothing"] = artifact.smoothing.to_json()
     report["calibration"]["method"] = recipe.calib_method
     for row in report["layers"]:
         row["rounding"] = "gptq" if row["name"] in recipe.gptq_layers else "nearest"

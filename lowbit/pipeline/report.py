@@ -303,6 +303,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     lines += _wide_activation_lines(report)
+    if report.get("smoothing"):
+        lines += ["", "## SmoothQuant", "", *_smoothing_lines(report["smoothing"])]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings"]["stages"].items()]
     for k, v in report["timings"]["steps"].items():
@@ -384,6 +386,21 @@ def _agreement_rows(fid: dict[str, Any]) -> list[tuple[str, str]]:
     return [("top-1 agreement FP32 vs INT8", Agreement.from_json(summary["top1"]).describe()),
             (f"… on confident inputs (FP32 gap > {float(confident['gap'])})",
              Agreement.from_json(confident).describe())]
+
+
+def _smoothing_lines(smoothing: dict[str, Any]) -> list[str]:
+    """One row per group of linears reading one tensor: where 1/s folds, alpha, outlier ratio and W8A8 error."""
+    lines = [f"alpha {smoothing['alpha']}; statistics from {smoothing['tokens']} calibration tokens. Outliers: max / "
+             "median over channels of max|X|; error: relative W8A8 error of X·Wᵀ on held-back tokens.", "",
+             "| tensor | read by | folded into | alpha | outliers before → after | error before → after |",
+             "|---|---|---|---:|---|---|"]
+    for g in smoothing["groups"]:
+        into = f"`{g['folded_into']}`" if g["applied"] else f"not applied: {g['reason'] or 'no alpha helped'}"
+        alpha = "" if g["alpha"] is None else f"{g['alpha']:.1f}"
+        lines.append(f"| `{g['tensor']}` | {len(g['layers'])} linear(s) | {into} | {alpha} | "
+                     f"{g['outliers_before']:.1f} → {g['outliers_after']:.1f} | "
+                     f"{g['error_before']:.2e} → {g['error_after']:.2e} |")
+    return lines
 
 
 def _inputs(check: dict[str, Any]) -> str:

@@ -56,6 +56,10 @@ DEFAULTS = QuantConfig()
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
+@click.option("--smooth", default=DEFAULTS.smooth, show_default=True,
+              help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), or auto (alpha "
+                   "per group of linears, chosen by the W8A8 error on held-back calibration data). Groups whose "
+                   "scales cannot fold into the op before them are reported, not applied.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -74,7 +78,8 @@ DEFAULTS = QuantConfig()
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
                      factory: str | None, bits: int, plan_path: Path | None, max_drop: str | None,
-                     calib_method: str, rounding: str, output_aware_ranges: bool, seed: int, target: str | None,
+                     calib_method: str, rounding: str, output_aware_ranges: bool, smooth: str, seed: int,
+                     target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
@@ -85,7 +90,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     text encoder.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
-                         output_aware_ranges=output_aware_ranges, seed=seed)
+                         output_aware_ranges=output_aware_ranges, smooth=smooth, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     target = resolve_target(target)
     if tune_trials is not None and target is None:
