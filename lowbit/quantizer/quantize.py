@@ -59,7 +59,7 @@ def scaled_tensors(graph: Graph) -> set[str]:
     """The tensors that get a scale of their own (the others inherit their input's, or are fused away)."""
     fused = fusable_clamps(graph)
     return {n.name for n in graph.nodes if n.op not in SCALE_PRESERVING_OPS and n.name not in fused
-            and not (n.op == "input" and input_dtype(n) != "float32")}
+            and OPS[n.op].calibrated and not (n.op == "input" and input_dtype(n) != "float32")}
 
 
 def check_activation_bits(graph: Graph, activation_bits: dict[str, int]) -> None:
