@@ -203,7 +203,8 @@ def layer_norm_kernel(shape: tuple[int, ...], x_dtype: str, consts: LayerNormCon
     d = te.compute(shape, lambda *i: _shr(_i64(width) * q(*i).astype(I64) - total(*i[:-1]) + _i64((1 << k) >> 1),
                                           k), name="centred")
     r2 = te.reduce_axis((0, width), "r2")
-    w = te.compute(lead, lambda *i: te.sum(d[(*i, r2)] * d[(*i, r2)], axis=r2) + _i64(consts.eps_int), name="w")
+    squares = te.compute(lead, lambda *i: te.sum(d[(*i, r2)] * d[(*i, r2)], axis=r2), name="sum_squares")
+    w = te.compute(lead, lambda *i: squares(*i) + _i64(consts.eps_int), name="w")
     w_bits = _bit_length(w, "w_bits")
     half_t = te.compute(lead, lambda *i: _shr(_i64(62) - w_bits(*i), 1), name="half_t")
     root = _isqrt(te.compute(lead, lambda *i: tirx.shift_left(w(*i), half_t(*i) * _i64(2)), name="w_normalized"))
@@ -242,12 +243,17 @@ def masked_mean_kernel(shape: tuple[int, int, int], x_dtype: str, frac_bits: int
 
 
 # -- converters ------------------------------------------------------------------------------------
+# Each reads its inputs in the IR's order (`ctx.arg(..., nhwc=False)`: a 4-D input a quantize made NHWC comes back).
+
+def _ir_shape(ctx: _Context, op: Op, index: int) -> tuple[int, ...]:
+    return tuple(ctx.qgraph.values[op.inputs[index]].shape)
+
 
 @converter("embedding")
 def _embedding(ctx: _Context, op: Op) -> relax.Expr:
     rq = embedding.requantizer(op, ctx.qgraph)
     rows = op.arrays["rows"]
-    func = embedding_kernel(ctx.shape(op.inputs[0]), rows.shape[0], rows.shape[1], int(rq.shift[0]), rq.qmin,
+    func = embedding_kernel(_ir_shape(ctx, op, 0), rows.shape[0], rows.shape[1], int(rq.shift[0]), rq.qmin,
                             rq.qmax, rq.dtype)
     return ctx.call(op, func, [ctx.arg(op, nhwc=False)], [rows.astype(np.int8), op.arrays["mantissa"].astype(np.int64)],
                     ctx.shape(op.output), rq.dtype)
@@ -257,14 +263,14 @@ def _embedding(ctx: _Context, op: Op) -> relax.Expr:
 def _add_constant(ctx: _Context, op: Op) -> relax.Expr:
     rq = add_constant_requantizer(op, ctx.qgraph)
     constant = op.arrays["constant"].astype(np.int64)
-    func = add_constant_kernel(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), int(op.arrays["multiplier"][0]),
+    func = add_constant_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), int(op.arrays["multiplier"][0]),
                                constant.shape, int(rq.shift[0]), rq.qmin, rq.qmax, rq.dtype)
     return ctx.call(op, func, [ctx.arg(op, nhwc=False)], [constant], ctx.shape(op.output), rq.dtype)
 
 
 @converter("permute")
 def _permute(ctx: _Context, op: Op) -> relax.Expr:
-    func = transpose_kernel(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), list(op.attrs["dims"]))
+    func = transpose_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), list(op.attrs["dims"]))
     return ctx.call(op, func, [ctx.arg(op, nhwc=False)], [], ctx.shape(op.output), ctx.dtype(op.output))
 
 
@@ -273,7 +279,7 @@ def _matmul(ctx: _Context, op: Op) -> relax.Expr:
     rq = matmul.requantizer(op, ctx.qgraph)
     requant = None if rq is None else (int(rq.mantissa.reshape(-1)[0]), int(rq.shift.reshape(-1)[0]), rq.qmin,
                                        rq.qmax, rq.dtype)
-    func = matmul_kernel(ctx.shape(op.inputs[0]), ctx.shape(op.inputs[1]),
+    func = matmul_kernel(_ir_shape(ctx, op, 0), _ir_shape(ctx, op, 1),
                          (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])), requant)
     args = [ctx.arg(op, 0, nhwc=False), ctx.arg(op, 1, nhwc=False)]
     return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
@@ -281,7 +287,7 @@ def _matmul(ctx: _Context, op: Op) -> relax.Expr:
 
 @converter("softmax")
 def _softmax(ctx: _Context, op: Op) -> relax.Expr:
-    func = softmax_kernel(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), len(op.inputs) > 1,
+    func = softmax_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), len(op.inputs) > 1,
                           softmax.constants_of(op), ctx.dtype(op.output))
     args = [ctx.arg(op, i, nhwc=False) for i in range(len(op.inputs))]
     return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
@@ -290,13 +296,13 @@ def _softmax(ctx: _Context, op: Op) -> relax.Expr:
 @converter("layer_norm")
 def _layer_norm(ctx: _Context, op: Op) -> relax.Expr:
     c = layer_norm.constants_of(op)
-    func = layer_norm_kernel(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), c, ctx.dtype(op.output))
+    func = layer_norm_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), c, ctx.dtype(op.output))
     arrays = [np.asarray(a, dtype=np.int64) for a in (c.mantissa, c.shift, c.beta)]
     return ctx.call(op, func, [ctx.arg(op, nhwc=False)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
 
 
 @converter("masked_mean")
 def _masked_mean(ctx: _Context, op: Op) -> relax.Expr:
-    func = masked_mean_kernel(ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), int(op.attrs["frac_bits"]))
+    func = masked_mean_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), int(op.attrs["frac_bits"]))
     args = [ctx.arg(op, 0, nhwc=False), ctx.arg(op, 1, nhwc=False)]
     return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))

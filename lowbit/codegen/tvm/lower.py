@@ -49,6 +49,7 @@ class _Context:
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
+    nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
     params: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -91,9 +92,11 @@ class _Context:
         if nhwc:
             raise LowbitError(f"op {op.name}: input {value} is NCHW where NHWC is expected; the TVM backend "
                               "cannot convert it back (report this model)")
-        func = kernels.to_nchw(self.shape(value), self.dtype(value))
-        fake = Op(f"{op.name}_to_nchw", "layout", [value], f"{value}_nchw")
-        return self.call(fake, func, [self.env[value]], [], shape, self.dtype(value))
+        if value not in self.nchw:  # converted once, however many ops (or inputs of one op) read it
+            func = kernels.to_nchw(self.shape(value), self.dtype(value))
+            fake = Op(f"{value}_to_nchw", "layout", [value], f"{value}_nchw")
+            self.nchw[value] = self.call(fake, func, [self.env[value]], [], shape, self.dtype(value))
+        return self.nchw[value]
 
 
 def _symbol(name: str) -> str:
