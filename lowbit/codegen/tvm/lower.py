@@ -159,16 +159,24 @@ def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
     return fusions
 
 
+def kernel_shape(op_kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An IR layer input's or output's shape as its kernel takes it: NHWC for a conv, rows [N, K] for a linear
+    (the dense kernels take 2-D rows: a linear on [..., K], an encoder's [B, S, H], runs on its B * S rows)."""
+    if len(shape) == 4 and op_kind == "conv":
+        return (shape[0], shape[2], shape[3], shape[1])
+    if op_kind == "linear" and len(shape) > 2:
+        return (int(np.prod(shape[:-1])), shape[-1])
+    return shape
+
+
 @converter("conv", "linear")
 def _layer(ctx: _Context, op: Op) -> relax.Expr:
     if op.op == "conv":
         ctx.nhwc.add(op.output)
     x_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
     if op.op == "linear" and len(x_shape) > 2:
-        # The dense kernels take rows [N, K]: a linear on [..., K] (an encoder's [B, S, H]) runs on its rows.
-        rows = int(np.prod(x_shape[:-1]))
-        x = ctx.bb.emit(relax.op.reshape(ctx.arg(op), (rows, x_shape[-1])))
-        y = _layer_2d(ctx, op, x, (rows, x_shape[-1]), (rows, out_shape[-1]))
+        x = ctx.bb.emit(relax.op.reshape(ctx.arg(op), kernel_shape("linear", x_shape)))
+        y = _layer_2d(ctx, op, x, kernel_shape("linear", x_shape), kernel_shape("linear", out_shape))
         return ctx.bb.emit(relax.op.reshape(y, out_shape), name_hint=_symbol(op.output))
     return _layer_2d(ctx, op, None, x_shape, out_shape)
 
