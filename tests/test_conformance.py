@@ -2,7 +2,8 @@
 integers in the reference executor, in `model.int.onnx` under ONNX Runtime, and in the TVM build.
 
 Each case is a tiny IR: quantize (scale 1, so the float inputs are the integers themselves, or saturate) -> the
-op -> dequantize. A registered op without a case here, or a backend without a converter for it, fails.
+op -> dequantize; an op's int64 inputs (token ids, the attention mask, scores over int32's range) are graph inputs.
+A registered op without a case here, or a backend without a converter for it, fails.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch
 
 from lowbit.codegen.onnx import INTEGER_CONVERTERS, QDQ_CONVERTERS, export_integer
 from lowbit.ir import Op, QuantizedGraph, Value
+from lowbit.ir.dtypes import dtype as dtype_of
 from lowbit.ir.dtypes import qrange
 from lowbit.ir.dyadic import MANTISSA_BITS, dyadic, mantissa_bits_for
-from lowbit.ir.ops import OPS, primitives, unlowered_ops
+from lowbit.ir.ops import embedding as embedding_op
+from lowbit.ir.ops import layer_norm as layer_norm_op
+from lowbit.ir.ops import primitives, unlowered_ops
+from lowbit.ir.ops import softmax as softmax_op
 from lowbit.ir.ops._layer import int16_acc_bound, int16_output_shift
 from lowbit.ir.weights import weight_range
 from lowbit.quantizer.reference import run_reference
@@ -32,17 +37,22 @@ DTYPES = ("int8", "uint8", "int16")
 def _graph(name: str, inputs: dict[str, tuple[tuple[int, ...], str]], op: str, attrs: dict,
            arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: str,
            out_axis: int | None = None) -> QuantizedGraph:
-    """quantize each float input (scale 1) -> `op` -> dequantize."""
-    values, ops = {}, []
+    """quantize each float input (scale 1) -> `op` -> dequantize. An int64 input (token ids, a mask, wide scores)
+    is read as it is, as a model's integer inputs are; `_inputs` draws its values by its name."""
+    values, ops, read = {}, [], []
     for x, (shape, dtype) in inputs.items():
+        if dtype == "int64":
+            values[x] = Value(x, "int64", shape)
+            read.append(x)
+            continue
         values[x] = Value(x, "float32", shape)
         values[f"{x}_q"] = Value(f"{x}_q", dtype, shape, 1.0)
         ops.append(Op(f"{x}_quantize", "quantize", [x], f"{x}_q"))
+        read.append(f"{x}_q")
     scale: float | list[float] = 1.0 if out_axis is None else [1.0] * out_shape[out_axis]
     values["y_q"] = Value("y_q", out_dtype, out_shape, scale, 0, out_axis)
     values["y"] = Value("y", "float32", out_shape)
-    ops += [Op("op", op, [f"{x}_q" for x in inputs], "y_q", attrs, arrays),
-            Op("y_dequantize", "dequantize", ["y_q"], "y")]
+    ops += [Op("op", op, read, "y_q", attrs, arrays), Op("y_dequantize", "dequantize", ["y_q"], "y")]
     return QuantizedGraph(values, ops, list(inputs), ["y"], f"conformance_{name}")
 
 
@@ -164,11 +174,102 @@ def _quantize(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
     return _clamp(rng, dtype)  # quantize (and dequantize) begin and end every case; this one adds nothing else
 
 
+# -- the encoder's ops -------------------------------------------------------------------------------------------
+
+def _embedding(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """Rows of magnitudes over 5 decades (so the per-row mantissas span their range), two of them at +-127."""
+    table = rng.normal(size=(40, 6)) * np.exp(rng.uniform(-8, 3, (40, 1)))
+    rows, row_scale, out_scale = embedding_op.quantize_rows(table)
+    rows[0], rows[1] = 127, -127
+    ratios = row_scale / out_scale
+    _, shift = dyadic(ratios.max())
+    mantissa = np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32)
+    return _graph("embedding", {"ids": ((1, 7), "int64")}, "embedding", {"vocab": 40},
+                  {"rows": rows, "mantissa": mantissa, "shift": shift.astype(np.int32)}, (1, 7, 6), "int16")
+
+
+def _add_constant(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """x * m + C with |C| up to 1.5 x the output range: sums that saturate at both ends."""
+    mantissa, shift = dyadic(rng.uniform(0.2, 3.0))
+    lo, hi = qrange(dtype)
+    constant = np.round(rng.uniform(-1.5, 1.5, (5, 6)) * hi * np.exp2(float(shift[0]))).astype(np.int64)
+    return _graph("add_constant", {"x": ((1, 5, 6), dtype)}, "add_constant", {"qmin": lo + 3, "qmax": hi},
+                  {"multiplier": mantissa.astype(np.int32), "shift": shift.astype(np.int32), "constant": constant},
+                  (1, 5, 6), dtype)
+
+
+def _permute(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    return _graph("permute", {"x": ((1, 3, 4, 5), dtype)}, "permute", {"dims": [0, 2, 3, 1]}, {}, (1, 4, 5, 3), dtype)
+
+
+_MATMUL_OPERANDS = {"int8": ("int8", "int8"), "uint8": ("uint8", "int8"), "int16": ("uint8", "uint8")}
+
+
+def _matmul(rng: np.random.Generator, dtype: str, requantize: bool) -> QuantizedGraph:
+    """8-bit x 8-bit (int16 is not an operand type: that run takes u8 x u8), raw int32 or requantized."""
+    a, b = _MATMUL_OPERANDS[dtype]
+    inputs = {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 3), b)}
+    if not requantize:
+        return _graph("matmul", inputs, "matmul", {}, {}, (1, 2, 5, 3), "int32")
+    return _graph("matmul", inputs, "matmul", {"qmin": -128, "qmax": 127}, _requant(rng, 1, 1e-4, 2e-2),
+                  (1, 2, 5, 3), "int8")
+
+
+def _softmax_attrs(scale: float) -> tuple[dict, dict[str, np.ndarray]]:
+    c = softmax_op.softmax_constants(scale)
+    return ({"mantissa": c.mantissa, "shift": c.shift, "exp_rel_error": c.exp_rel_error},
+            {"coefficients": np.asarray(c.coefficients, dtype=np.int64)})
+
+
+def _softmax_of_scores(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """As in an encoder: the raw int32 scores of an int8 x int8 matmul, masked by the attention mask."""
+    a, b = _MATMUL_OPERANDS[dtype]
+    qgraph = _graph("softmax", {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 7), b), "mask": ((1, 7), "int64")},
+                    "softmax", *_softmax_attrs(rng.uniform(2e-5, 1e-4)), (1, 2, 5, 7), "uint8")
+    qgraph.values["scores"] = Value("scores", "int32", (1, 2, 5, 7), 1.0)
+    softmax = qgraph.op("op")
+    qgraph.ops.insert(qgraph.ops.index(softmax), Op("scores_op", "matmul", softmax.inputs[:2], "scores"))
+    softmax.inputs = ["scores", "mask"]
+    return qgraph
+
+
+def _softmax(rng: np.random.Generator, dtype: str, masked: bool) -> QuantizedGraph:
+    """Scores over int32's whole range (an int64 input): rows from -2^31 to 2^31 - 1, with or without a mask."""
+    inputs = {"scores": ((1, 2, 5, 7), "int64"), **({"mask": ((1, 7), "int64")} if masked else {})}
+    return _graph("softmax", inputs, "softmax", *_softmax_attrs(rng.uniform(2e-9, 1e-8)), (1, 2, 5, 7), "uint8")
+
+
+def _layer_norm(rng: np.random.Generator, dtype: str, width: int = 12, eps: float = 1e-5) -> QuantizedGraph:
+    """int8 or int16 rows (int16 for the uint8 run: LayerNorm reads signed inputs), signed gamma with a zero, int8
+    out. eps = 0 makes the constant rows of the saturating samples divide by r = 1; width 1000 of int16 needs the
+    centring shift k > 0."""
+    x_dtype = "int8" if dtype == "int8" else "int16"
+    gamma = rng.uniform(-2, 2, width)
+    gamma[0] = 0.0
+    in_scale = 0.05 if x_dtype == "int8" else 1e-3
+    c = layer_norm_op.layer_norm_constants(width, 16 if x_dtype == "int16" else 8, gamma, rng.uniform(-3, 3, width),
+                                           eps, in_scale, 5.0 / 127)
+    assert (c.k > 0) == (x_dtype == "int16" and width >= 1000)
+    return _graph("layer_norm", {"x": ((1, 3, width), x_dtype)}, "layer_norm",
+                  {"k": c.k, "eps_int": c.eps_int, "qmin": c.qmin, "qmax": c.qmax},
+                  {"multiplier": c.mantissa, "shift": c.shift, "beta": c.beta}, (1, 3, width), "int8")
+
+
+def _masked_mean(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    return _graph("masked_mean", {"x": ((1, 6, 5), dtype), "mask": ((1, 6), "int64")}, "masked_mean",
+                  {"frac_bits": 31 - dtype_of(dtype).bits}, {}, (1, 5), "int32")
+
+
 CASES: dict[str, list[Case]] = {
     "conv": [_conv, lambda rng, d: _conv(rng, d, bits=4), lambda rng, d: _conv(rng, d, requantize=False)],
     "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False)],
     "add": [_add], "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp],
     "pad": [_pad], "reshape": [_reshape], "lut": [_lut], "quantize": [_quantize], "dequantize": [_quantize],
+    "embedding": [_embedding], "add_constant": [_add_constant], "permute": [_permute],
+    "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True)],
+    "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False)],
+    "layer_norm": [_layer_norm, lambda rng, d: _layer_norm(rng, d, eps=0.0), lambda rng, d: _layer_norm(rng, d, 1000)],
+    "masked_mean": [_masked_mean],
 }
 PARAMS = [pytest.param(op, i, dtype, id=f"{op}-{i}-{dtype}")
           for op in sorted(CASES) for i in range(len(CASES[op])) for dtype in DTYPES]
@@ -178,6 +279,9 @@ def _inputs(qgraph: QuantizedGraph, rng: np.random.Generator, samples: int = 6) 
     """Random integers over each input's whole range, with its extremes, and values beyond them that saturate."""
     found = {}
     for name in qgraph.inputs:
+        if qgraph.values[name].dtype == "int64":
+            found[name] = _int64_input(qgraph, name, rng, (samples, *qgraph.values[name].shape[1:]))
+            continue
         q = next(o.output for o in qgraph.ops if o.op == "quantize" and o.inputs[0] == name)
         lo, hi = qrange(qgraph.values[q].dtype)
         shape = (samples, *qgraph.values[name].shape[1:])
@@ -188,6 +292,27 @@ def _inputs(qgraph: QuantizedGraph, rng: np.random.Generator, samples: int = 6) 
     return found
 
 
+def _int64_input(qgraph: QuantizedGraph, name: str, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Token ids (each in [0, vocab), all 0, all the last), a mask (random 0/1, none kept, all kept, nonzero values
+    other than 1), or scores over int32's range (random, all at either end, a mix of both ends)."""
+    if name == "ids":
+        vocab = next(o for o in qgraph.ops if o.op == "embedding").attrs["vocab"]
+        x = rng.integers(0, vocab, shape)
+        x[0], x[1] = 0, vocab - 1
+    elif name == "mask":
+        x = rng.integers(0, 2, shape)
+        x[0], x[1] = 0, 1
+        x[2] = rng.choice(np.array([0, 3, -1]), shape[1:])
+    elif name == "scores":
+        lo, hi = qrange("int32")
+        x = rng.integers(lo, hi + 1, shape)
+        x[0], x[1] = lo, hi
+        x[2] = rng.choice(np.array([lo, hi]), shape[1:])
+    else:
+        raise AssertionError(f"no generator for the int64 input {name!r}")
+    return x.astype(np.int64)
+
+
 def test_every_registered_integer_op_has_a_case_and_every_backend_supports_it() -> None:
     from lowbit.codegen.tvm.lower import CONVERTERS as TVM_CONVERTERS
 
@@ -196,11 +321,8 @@ def test_every_registered_integer_op_has_a_case_and_every_backend_supports_it() 
                                 ("TVM", TVM_CONVERTERS)):
         missing = sorted(set(primitives()) - set(converters))
         assert not missing, f"the {backend} backend lacks {missing}"
-    # Float-only ops lower to primitives; they never reach a backend. The transformer ops have no lowering yet:
-    # quantize refuses a graph that uses them (tests/test_bert_capture.py). Lowering one removes it from this set.
-    assert set(unlowered_ops()) == {"add_constant", "embedding", "layer_norm", "masked_mean", "matmul", "permute",
-                                    "softmax"}
-    assert all(OPS[name].evaluate is not None for name in unlowered_ops())
+    # Float-only ops lower to primitives; they never reach a backend. Every op lowers now.
+    assert unlowered_ops() == ()
 
 
 def _ort_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:
@@ -383,9 +505,9 @@ def test_loading_an_ir_with_an_unknown_op_or_a_bad_requantizer_is_refused(tmp_pa
     (tmp_path / "ir.json").write_text(json.dumps(meta))
     with pytest.raises(LowbitError, match="op op .conv. has an invalid requantizer"):
         QuantizedGraph.load(tmp_path)
-    meta["ops"][1]["op"] = "softmax"
+    meta["ops"][1]["op"] = "gelu"  # a float op: it lowers to `lut`, never reaches the IR
     (tmp_path / "ir.json").write_text(json.dumps(meta))
-    with pytest.raises(LowbitError, match="unknown integer ops softmax"):
+    with pytest.raises(LowbitError, match="unknown integer ops gelu"):
         QuantizedGraph.load(tmp_path)
 
 

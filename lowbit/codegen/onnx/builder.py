@@ -105,7 +105,7 @@ def build(builder: B, converters: dict[str, Callable[[B, Op], None]], outputs: l
     qgraph = builder.qgraph
     for op in qgraph.ops:
         converters[op.op](builder, op)
-    inputs = [value_info(n, "float32", qgraph.values[n].shape) for n in qgraph.inputs]
+    inputs = [value_info(n, qgraph.values[n].dtype, qgraph.values[n].shape) for n in qgraph.inputs]  # float32, int64
     graph = helper.make_graph(builder.nodes, qgraph.name, inputs, outputs, builder.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=ONNX_IR_VERSION,
                               producer_name="lowbit", producer_version=__version__, doc_string=doc)

@@ -17,6 +17,9 @@ in int32 (`_maxpool_by_taps`). No float tensor appears.
 ORT pitfall: on x86 CPUs without VNNI its u8 x s8 integer kernels add pairs of
 products in saturating int16, so a uint8 activation times int8 weights is stored
 as uint8 weights (w + 128, zero point 128) here: ORT's u8 x u8 kernels are exact.
+
+The encoder's ops (embedding, softmax, LayerNorm, ...) have their converters in
+`transformer`, registered in the same `INTEGER_CONVERTERS`.
 """
 
 from __future__ import annotations

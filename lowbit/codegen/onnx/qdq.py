@@ -23,6 +23,8 @@ from onnx import ModelProto, TensorProto
 from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
 from ...ir.dtypes import qrange
+from ...ir.ops.layer_norm import LN_H, LN_P
+from ...ir.ops.layer_norm import constants_of as layer_norm_constants
 from .builder import (
     Builder,
     build,
@@ -77,21 +79,24 @@ QDQ_CONVERTERS: dict[str, Callable[[_QdqBuilder, Op], None]] = {}
 _qdq = registrar(QDQ_CONVERTERS)
 
 
-def _activation(b: _QdqBuilder, name: str, y: str) -> None:
-    """Put the float result `y` on IR value `name`'s integer grid: QuantizeLinear, then DequantizeLinear.
+def _activation(b: _QdqBuilder, name: str, y: str, alpha: float = 1.0) -> None:
+    """Put the float result `y` times `alpha` on IR value `name`'s integer grid: QuantizeLinear (of y, at scale
+    s / alpha, so no Mul stands between an op and its QuantizeLinear), then DequantizeLinear at s.
 
     int8 values are stored as uint8 with zero point 128 (the same real values):
     ONNX Runtime's fast x86 kernels take u8 activations and s8 weights. int16 values
-    stay int16 (zero point 0). An int32 accumulator (a graph output) stays float.
+    stay int16 (zero point 0). An int32 value (an accumulator, scores, a pooled sum) stays float.
     """
     v = b.value(name)
     if v.dtype == "int32":
-        b.float_of[name] = y
+        b.float_of[name] = y if alpha == 1.0 else b.node("Mul", [y, b.const(f"{name}/alpha", np.float32(alpha))],
+                                                         f"{name}/scaled")
         return
     scale = b.const(f"{name}/scale", np.float32(v.scale))
     stored = np.int16(0) if v.dtype == "int16" else np.uint8(128 if v.dtype == "int8" else 0)
     zero_point = b.const(f"{name}/zero_point", stored)
-    q = b.node("QuantizeLinear", [y, scale, zero_point], name)
+    q_scale = scale if alpha == 1.0 else b.const(f"{name}/q_scale", np.float32(np.float64(v.scale) / alpha))
+    q = b.node("QuantizeLinear", [y, q_scale, zero_point], name)
     b.float_of[name] = b.node("DequantizeLinear", [q, scale, zero_point], f"{name}/dq")
 
 
@@ -219,6 +224,101 @@ def _qdq_pad(b: _QdqBuilder, op: Op) -> None:
 @_qdq("reshape")
 def _qdq_reshape(b: _QdqBuilder, op: Op) -> None:
     _activation(b, op.output, reshape(b, op, b.float_of[op.inputs[0]], f"{op.name}/reshape"))
+
+
+# -- the encoder's ops: float ops that ORT runs (and fuses where it can), on the same grids as the IR ----------------
+
+def _f32(b: _QdqBuilder, name: str, value: np.ndarray | float) -> str:
+    return b.const(name, np.asarray(value, dtype=np.float32))
+
+
+def _nonzero(b: _QdqBuilder, prefix: str, mask: str) -> str:
+    """The float 0/1 of `mask != 0` (the integer ops keep a key or row where its mask is not 0)."""
+    zero = b.node("Equal", [mask, b.const(f"{prefix}/zero", np.int64(0))], f"{prefix}/is_zero")
+    return b.node("Cast", [b.node("Not", [zero], f"{prefix}/nonzero")], f"{prefix}/keep", to=TensorProto.FLOAT)
+
+
+@_qdq("embedding")
+def _qdq_embedding(b: _QdqBuilder, op: Op) -> None:
+    # The int8 rows with their own scales (mantissa / 2^shift output steps): a per-row DequantizeLinear that ORT
+    # folds once at load, so the file keeps the table at one byte per entry.
+    scale = (op.arrays["mantissa"].astype(np.float64) * np.exp2(-float(op.arrays["shift"][0]))
+             * np.float64(b.value(op.output).scale))
+    rows = b.const(f"{op.name}/rows", op.arrays["rows"].astype(np.int8))
+    zero = b.const(f"{op.name}/rows_zero_point", np.zeros(len(scale), np.int8))
+    table = b.node("DequantizeLinear", [rows, _f32(b, f"{op.name}/row_scale", scale), zero], f"{op.name}/table",
+                   axis=0)
+    _activation(b, op.output, b.node("Gather", [table, op.inputs[0]], f"{op.name}/gather", axis=0))
+
+
+@_qdq("add_constant")
+def _qdq_add_constant(b: _QdqBuilder, op: Op) -> None:
+    # C is stored on the output grid at 2^shift times its step.
+    constant = (op.arrays["constant"].astype(np.float64) * np.exp2(-float(op.arrays["shift"][0]))
+                * np.float64(b.value(op.output).scale))
+    y = b.node("Add", [b.float_of[op.inputs[0]], _f32(b, f"{op.name}/constant", constant)], f"{op.name}/add")
+    _activation(b, op.output, _clamp_float(b, op, y))
+
+
+@_qdq("permute")
+def _qdq_permute(b: _QdqBuilder, op: Op) -> None:
+    y = b.node("Transpose", [b.float_of[op.inputs[0]]], f"{op.name}/transpose", perm=list(op.attrs["dims"]))
+    _activation(b, op.output, y)
+
+
+@_qdq("matmul")
+def _qdq_matmul(b: _QdqBuilder, op: Op) -> None:
+    a, c, out = (b.value(v) for v in (*op.inputs, op.output))
+    # alpha (1/sqrt(head size)) is folded in the IR: recover it from the scales (and the requantizer).
+    alpha = np.float64(out.scale) / (np.float64(a.scale) * np.float64(c.scale))
+    if "multiplier" in op.arrays:
+        alpha *= float(op.arrays["multiplier"][0]) * 2.0 ** -float(op.arrays["shift"][0])
+    y = b.node("MatMul", [b.float_of[op.inputs[0]], b.float_of[op.inputs[1]]], f"{op.name}/matmul")
+    _activation(b, op.output, y, float(alpha))
+
+
+@_qdq("softmax")
+def _qdq_softmax(b: _QdqBuilder, op: Op) -> None:
+    x = b.float_of[op.inputs[0]]
+    if len(op.inputs) > 1:
+        # The masked keys' bias, as the model adds it: (1 - keep) * -10000 broadcast as [B, 1, ..., 1, S].
+        rank = len(b.value(op.output).shape)
+        keep = _nonzero(b, f"{op.name}/mask", op.inputs[1])
+        dropped = b.node("Sub", [_f32(b, f"{op.name}/one", 1.0), keep], f"{op.name}/dropped")
+        bias = b.node("Mul", [dropped, _f32(b, f"{op.name}/mask_bias", -10000.0)], f"{op.name}/bias")
+        bias = b.node("Unsqueeze", [bias, b.const(f"{op.name}/unit_dims", np.arange(1, rank - 1, dtype=np.int64))],
+                      f"{op.name}/bias_broadcast")
+        x = b.node("Add", [x, bias], f"{op.name}/masked")
+    _activation(b, op.output, b.node("Softmax", [x], f"{op.name}/softmax", axis=-1))
+
+
+@_qdq("layer_norm")
+def _qdq_layer_norm(b: _QdqBuilder, op: Op) -> None:
+    c = layer_norm_constants(op)
+    out_scale, in_scale = np.float64(b.value(op.output).scale), np.float64(b.value(op.inputs[0]).scale)
+    # The integer constants back to floats: gamma_j = b_j / 2^c_j * out_scale * 2^P / sqrt(N), beta_j in Q.H steps,
+    # and eps from E = N eps (N / (2^k in_scale))^2 (rounded to an integer: 0 becomes a tiny eps).
+    gamma = c.mantissa.astype(np.float64) * np.exp2(-c.shift.astype(np.float64)) * out_scale * 2.0**LN_P
+    gamma /= np.sqrt(c.width)
+    beta = c.beta.astype(np.float64) * 2.0**-LN_H * out_scale
+    eps = c.eps_int / (c.width * (c.width / (2.0**c.k * in_scale)) ** 2) if c.eps_int else 1e-12
+    y = b.node("LayerNormalization", [b.float_of[op.inputs[0]], _f32(b, f"{op.name}/gamma", gamma),
+                                      _f32(b, f"{op.name}/beta", beta)], f"{op.name}/layer_norm", axis=-1,
+               epsilon=float(eps))
+    _activation(b, op.output, _clamp_float(b, op, y))
+
+
+@_qdq("masked_mean")
+def _qdq_masked_mean(b: _QdqBuilder, op: Op) -> None:
+    keep = _nonzero(b, f"{op.name}/mask", op.inputs[1])
+    seq = b.const(f"{op.name}/seq_axis", np.array([1], np.int64))
+    rows = b.node("Mul", [b.float_of[op.inputs[0]],
+                          b.node("Unsqueeze", [keep, b.const(f"{op.name}/last", np.array([-1], np.int64))],
+                                 f"{op.name}/keep_column")], f"{op.name}/kept")
+    total = b.node("ReduceSum", [rows, seq], f"{op.name}/sum", keepdims=0)
+    count = b.node("Max", [b.node("ReduceSum", [keep, seq], f"{op.name}/count", keepdims=1),
+                           _f32(b, f"{op.name}/one", 1.0)], f"{op.name}/count_at_least_one")
+    _activation(b, op.output, b.node("Div", [total, count], f"{op.name}/mean"))
 
 
 def _qdq_model(qgraph: QuantizedGraph, saturation_safe: bool) -> ModelProto:

@@ -12,6 +12,7 @@ __all__ = ["DEFAULT_TARGET", "Lowered", "build", "check_supported", "compile_to"
            "target_string"]
 
 try:
+    from . import encoder  # noqa: F401  (registers the encoder ops' converters)
     from .compile import build, compile_to
     from .lower import Lowered, check_supported, lower
     from .target import DEFAULT_TARGET, parse_target, target_string

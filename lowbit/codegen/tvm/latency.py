@@ -27,15 +27,11 @@ from ...ir.dtypes import dtype
 from ...search.costs import LatencyTable, single_layer_graph
 from . import kernels
 from .compile import build, layer_kernels, use_target_threads
-from .lower import layer_kernel
+from .lower import kernel_shape, layer_kernel
 from .remote import Device, RpcTarget, run_on_devices, time_function
 from .target import DEFAULT_TARGET, parse_target, target_string
 
 Log = Callable[[str], None]
-
-
-def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
 
 
 @dataclass
@@ -59,7 +55,7 @@ def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, 
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
-            x_shape, out_shape = _nhwc(tuple(x_value.shape)), _nhwc(tuple(out_value.shape))
+            x_shape, out_shape = kernel_shape(op.op, tuple(x_value.shape)), kernel_shape(op.op, tuple(out_value.shape))
             func, arrays = layer_kernel(op, x_shape, x_value.dtype, out_value.dtype, conv2d, dense)
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             library = tvm.compile(module, target=tvm.target.Target(target)).mod

@@ -1,10 +1,12 @@
 """Lower lowbit's integer IR to a Relax module, one converter per op.
 
-The module's `main` takes the float input(s) and then one parameter per constant
-(pre-packed weights, bias, requantize mantissas and shifts) and returns the
-float output(s), computing exactly what `model.int.onnx` computes. Integer 4-D
-tensors live in NHWC between ops (channels innermost is what the vector kernels
-want); the IR's NCHW order only comes back for reshape and the outputs.
+The module's `main` takes the graph input(s) (float32, or int64 token ids and masks)
+and then one parameter per constant (pre-packed weights, bias, requantize mantissas
+and shifts) and returns the float output(s), computing exactly what `model.int.onnx`
+computes. Integer 4-D tensors made by convs and quantize live in NHWC between ops
+(channels innermost is what the vector kernels want); the IR's NCHW order only comes
+back for reshape and the outputs. A reshape to 4-D (an encoder's attention heads)
+keeps the IR's order, as do the encoder's ops (`encoder`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _Context:
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
+    nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
     params: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -89,9 +92,11 @@ class _Context:
         if nhwc:
             raise LowbitError(f"op {op.name}: input {value} is NCHW where NHWC is expected; the TVM backend "
                               "cannot convert it back (report this model)")
-        func = kernels.to_nchw(self.shape(value), self.dtype(value))
-        fake = Op(f"{op.name}_to_nchw", "layout", [value], f"{value}_nchw")
-        return self.call(fake, func, [self.env[value]], [], shape, self.dtype(value))
+        if value not in self.nchw:  # converted once, however many ops (or inputs of one op) read it
+            func = kernels.to_nchw(self.shape(value), self.dtype(value))
+            fake = Op(f"{value}_to_nchw", "layout", [value], f"{value}_nchw")
+            self.nchw[value] = self.call(fake, func, [self.env[value]], [], shape, self.dtype(value))
+        return self.nchw[value]
 
 
 def _symbol(name: str) -> str:
@@ -154,23 +159,44 @@ def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
     return fusions
 
 
+def kernel_shape(op_kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An IR layer input's or output's shape as its kernel takes it: NHWC for a conv, rows [N, K] for a linear
+    (the dense kernels take 2-D rows: a linear on [..., K], an encoder's [B, S, H], runs on its B * S rows)."""
+    if len(shape) == 4 and op_kind == "conv":
+        return (shape[0], shape[2], shape[3], shape[1])
+    if op_kind == "linear" and len(shape) > 2:
+        return (int(np.prod(shape[:-1])), shape[-1])
+    return shape
+
+
 @converter("conv", "linear")
 def _layer(ctx: _Context, op: Op) -> relax.Expr:
     if op.op == "conv":
         ctx.nhwc.add(op.output)
+    x_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
+    if op.op == "linear" and len(x_shape) > 2:
+        x = ctx.bb.emit(relax.op.reshape(ctx.arg(op), kernel_shape("linear", x_shape)))
+        y = _layer_2d(ctx, op, x, kernel_shape("linear", x_shape), kernel_shape("linear", out_shape))
+        return ctx.bb.emit(relax.op.reshape(y, out_shape), name_hint=_symbol(op.output))
+    return _layer_2d(ctx, op, None, x_shape, out_shape)
+
+
+def _layer_2d(ctx: _Context, op: Op, x: relax.Expr | None, x_shape: tuple[int, ...],
+              out_shape: tuple[int, ...]) -> relax.Expr:
+    """The layer on `x` (default: its input as held) of `x_shape` (NHWC for a conv, [N, K] for a linear)."""
     if "int16" in (ctx.dtype(op.inputs[0]), ctx.dtype(op.output)) and ctx.conv2d is not kernels.conv2d_nhwc:
-        return _layer_by_bytes(ctx, op)  # the fast kernels multiply bytes
+        return _layer_by_bytes(ctx, op, ctx.arg(op) if x is None else x, x_shape, out_shape)  # bytes on x86
     if op.op == "conv":
         if op.name in ctx.residual_adds:
             fused = _conv_with_residual(ctx, op, *ctx.residual_adds[op.name])
             if fused is not None:
                 return fused
-    func, arrays = layer_kernel(op, ctx.shape(op.inputs[0]), ctx.dtype(op.inputs[0]), ctx.dtype(op.output),
-                                ctx.conv2d, ctx.dense)
-    return ctx.call(op, func, [ctx.arg(op)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
+    func, arrays = layer_kernel(op, x_shape, ctx.dtype(op.inputs[0]), ctx.dtype(op.output), ctx.conv2d, ctx.dense)
+    return ctx.call(op, func, [ctx.arg(op) if x is None else x], arrays, out_shape, ctx.dtype(op.output))
 
 
-def _layer_by_bytes(ctx: _Context, op: Op) -> relax.Expr:
+def _layer_by_bytes(ctx: _Context, op: Op, x_expr: relax.Expr, x_shape: tuple[int, ...],
+                    out_shape: tuple[int, ...]) -> relax.Expr:
     """A layer reading or writing int16 on the 8-bit layer kernels (x86: u8/s8 bytes into int32).
 
     An int16 input x = 256 * h + l is split into its high byte h (int8) and low byte l (uint8); the kernel runs
@@ -181,24 +207,24 @@ def _layer_by_bytes(ctx: _Context, op: Op) -> relax.Expr:
     x = op.inputs[0]
     rq = layer_op.requantizer(op, ctx.qgraph)  # an int16 input or output always has one
     if ctx.dtype(x) == "int16":
-        numel = int(np.prod(ctx.shape(x)))
-        flat = ctx.bb.emit(relax.op.reshape(ctx.arg(op), (numel,)))
+        numel = int(np.prod(x_shape))
+        flat = ctx.bb.emit(relax.op.reshape(x_expr, (numel,)))
         parts = []
         for part, dtype in (("high", "int8"), ("low", "uint8")):
             fake = Op(f"{op.name}_{part}_byte", "split", [x], f"{x}_{part}")
             byte = ctx.call(fake, kernels.int16_byte(numel, part == "high"), [flat], [], (numel,), dtype)
-            parts.append((part, dtype, ctx.bb.emit(relax.op.reshape(byte, ctx.shape(x)))))
+            parts.append((part, dtype, ctx.bb.emit(relax.op.reshape(byte, x_shape))))
     else:
-        parts = [("acc", ctx.dtype(x), ctx.arg(op))]
+        parts = [("acc", ctx.dtype(x), x_expr)]
     no_bias = {"weight": op.arrays["weight"], "bias": np.zeros_like(op.arrays["bias"])}
     accs = []
     for part, dtype, arg in parts:
         fake = Op(f"{op.name}_{part}", op.op, [x], f"{op.output}_{part}", op.attrs, no_bias)
-        func, arrays = layer_kernel(fake, ctx.shape(x), dtype, "int32", ctx.conv2d, ctx.dense)
-        accs.append(ctx.call(fake, func, [arg], arrays, ctx.shape(op.output), "int32"))
-    func = kernels.combine_requantize(ctx.shape(op.output), len(accs), rq.qmin, rq.qmax, rq.dtype)
+        func, arrays = layer_kernel(fake, x_shape, dtype, "int32", ctx.conv2d, ctx.dense)
+        accs.append(ctx.call(fake, func, [arg], arrays, out_shape, "int32"))
+    func = kernels.combine_requantize(out_shape, len(accs), rq.qmin, rq.qmax, rq.dtype)
     arrays = [op.arrays["bias"].astype(np.int64), rq.mantissa.astype(np.int32), rq.shift.astype(np.int32)]
-    return ctx.call(op, func, accs, arrays, ctx.shape(op.output), rq.dtype)
+    return ctx.call(op, func, accs, arrays, out_shape, rq.dtype)
 
 
 def _conv_with_residual(ctx: _Context, conv: Op, add: Op, k: int) -> relax.Expr | None:
@@ -302,9 +328,8 @@ def _pad(ctx: _Context, op: Op) -> relax.Expr:
 
 @converter("reshape")
 def _reshape(ctx: _Context, op: Op) -> relax.Expr:
+    # A 4-D result is held in the IR's order (not NHWC): an encoder's heads [B, S, h, d], read by permute/matmul.
     shape = ctx.qgraph.values[op.output].shape
-    if len(shape) == 4:
-        raise LowbitError(f"op {op.name}: the TVM backend does not reshape to 4-D tensors yet")
     return ctx.bb.emit(relax.op.reshape(ctx.arg(op, nhwc=False), shape), name_hint=_symbol(op.output))
 
 
@@ -340,8 +365,8 @@ def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: Dense
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
                    residual_adds(qgraph) if fuse_residuals else {})
-    inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), "float32"))
-              for name in qgraph.inputs]
+    inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
+              for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):
         with bb.dataflow():
             ctx.env.update(zip(qgraph.inputs, inputs, strict=True))

@@ -33,7 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 from ...ir import QuantizedGraph
 from . import kernels
 from .kernel_api import ConvKernel, DenseKernel
-from .lower import layer_kernel
+from .lower import kernel_shape, layer_kernel
 from .remote import Device, RpcTarget, registered_devices, time_function
 from .target import target_string
 
@@ -61,10 +61,6 @@ def open_database(directory: Path) -> ms.Database:
     return ms.database.JSONDatabase(work_dir=str(directory))
 
 
-def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
-
-
 def _plain_conv(*args: Any, **kwargs: Any) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
     return kernels.conv2d_nhwc(*args, **kwargs, schedule=False)
 
@@ -82,7 +78,8 @@ def layer_workloads(qgraph: QuantizedGraph) -> dict[str, tvm.IRModule]:
     workloads = {}
     for op in qgraph.layers:
         x, out = qgraph.values[op.inputs[0]], qgraph.values[op.output]
-        func, _ = layer_kernel(op, _nhwc(tuple(x.shape)), x.dtype, out.dtype, _plain_conv, _plain_dense)
+        func, _ = layer_kernel(op, kernel_shape(op.op, tuple(x.shape)), x.dtype, out.dtype, _plain_conv,
+                               _plain_dense)
         workloads[op.name] = _module(func)
     return workloads
 

@@ -1,0 +1,98 @@
+"""A tiny random BERT quantized end to end: `model.int.onnx` in ONNX Runtime and the TVM build give the reference
+executor's integers bit for bit on padded inputs (every encoder op on real activations, not only the conformance
+suite's random ones), `model.int.onnx` holds no float tensor, and `model.onnx` (QDQ) stays close to the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_bert_capture import TINY  # pytest puts tests/ on the path (no package there)
+
+from lowbit.codegen.onnx import export_integer, export_qdq
+from lowbit.codegen.onnx.check import float_tensors_between
+from lowbit.ir import QuantizedGraph
+from lowbit.models.bert import BertConfig, BertEncoder
+from lowbit.quantizer.capture import capture
+from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.reference import run_reference
+
+SEQ = 8
+BATCH = 2  # the graph's static batch (TVM); ONNX Runtime takes any
+
+
+def _tokens(rng: np.random.Generator, samples: int) -> dict[str, np.ndarray]:
+    """Random ids with padding of every length: rows of 1 to SEQ tokens, then one row of none at all."""
+    ids = rng.integers(0, TINY["vocab_size"], (samples, SEQ)).astype(np.int64)
+    lengths = rng.integers(1, SEQ + 1, samples)
+    lengths[:2] = 1, SEQ
+    lengths[-1] = 0
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tiny_ir() -> QuantizedGraph:
+    torch.manual_seed(0)
+    model = BertEncoder(BertConfig.from_dict(TINY, "tiny")).eval()
+    example = (torch.randint(0, TINY["vocab_size"], (BATCH, SEQ)), torch.ones(BATCH, SEQ, dtype=torch.int64))
+    graph = capture(torch.export.export(model, example), "tiny")
+    calib = _tokens(np.random.default_rng(0), 32)
+    calib["attention_mask"][-1] = 1  # calibration sentences have tokens
+    qgraph = quantize(graph, calib)
+    assert {"embedding", "add_constant", "layer_norm", "matmul", "softmax", "masked_mean", "permute", "linear",
+            "lut", "add"} <= {o.op for o in qgraph.ops}
+    return qgraph
+
+
+def _in_batches(fn: Callable[[dict[str, np.ndarray]], np.ndarray], x: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([fn({k: v[i:i + BATCH] for k, v in x.items()}) for i in range(0, len(x["input_ids"]),
+                                                                                         BATCH)])
+
+
+def test_int_onnx_and_tvm_match_the_reference_bit_for_bit_on_padded_inputs(tiny_ir: QuantizedGraph,
+                                                                         tmp_path: Path) -> None:
+    x = _tokens(np.random.default_rng(1), 8)
+    name = tiny_ir.int_outputs[0]
+    want = run_reference(tiny_ir, x, integer_outputs=True)[name]
+    assert want.dtype == np.int32 and np.all(want[-1] == 0)  # the all-padding row pools nothing
+
+    path = tmp_path / "model.int.onnx"
+    export_integer(tiny_ir, path)
+    assert float_tensors_between(onnx.load(str(path))) == []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([name], x)[0]
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want, err_msg="model.int.onnx in ONNX Runtime")
+
+    tvm = pytest.importorskip("tvm")
+    from lowbit.codegen.tvm.compile import build
+    from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
+
+    executable, lowered, _ = build(tiny_ir, parse_target(DEFAULT_TARGET), integer_outputs=True)
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
+
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        out = vm["main"](*[tvm.runtime.tensor(batch[n]) for n in tiny_ir.inputs], *params)
+        return out[len(lowered.outputs)].numpy()
+
+    got = _in_batches(run, x)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want, err_msg="TVM")
+
+
+def test_qdq_model_is_close_to_the_reference(tiny_ir: QuantizedGraph, tmp_path: Path) -> None:
+    x = _tokens(np.random.default_rng(2), 8)
+    x["attention_mask"][-1] = 1  # a row of no tokens has no direction to compare
+    path = tmp_path / "model.onnx"
+    export_qdq(tiny_ir, path)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    want = run_reference(tiny_ir, x)[tiny_ir.outputs[0]]
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99, cosine
