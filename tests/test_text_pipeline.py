@@ -448,3 +448,27 @@ def test_encode_needs_no_torch(text_artifact: tuple[Path, np.ndarray]) -> None:
     assert proc.returncode == 0, proc.stderr
     got = np.array(json.loads(proc.stdout))
     np.testing.assert_allclose(got, expected_embeddings(directory, table, ["the sun is hot"]), atol=1e-6)
+
+
+# --- the whole quantize of a text model ------------------------------------------------------------
+
+
+def test_quantize_a_text_model_with_smoothing(bert_dir: Path, tmp_path: Path) -> None:
+    """A BERT directory through the whole pipeline: an integer-only model.int.onnx bit-exact with the reference,
+    the embedding scored by cosine, SmoothQuant's groups reported, the output named `embedding`."""
+    out = tmp_path / "art"
+    calib = write_lines(tmp_path / "calib.txt", CALIB * 2)
+    heldout = write_lines(tmp_path / "heldout.txt", HELDOUT)
+    result = quantize(bert_dir, "-o", out, "--calib", calib, "--eval", heldout, "--seq-len", SEQ_LEN,
+                      "--smooth", "auto")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnxruntime"]["model.int.onnx"]["bit_exact"] and report["integer_only"]
+    cosine = report["fidelity"]["cosine"]
+    assert cosine["samples"] == len(HELDOUT) and cosine["min"] <= cosine["mean"] <= 1.0
+    assert report["fidelity"]["top1_agreement"] is None and report["fidelity"]["output"] == "embedding"
+    groups = report["smoothing"]["groups"]
+    assert groups and {"tensor", "outliers_before", "outliers_after", "applied"} <= set(groups[0])
+    markdown = (out / "report.md").read_text()
+    assert "embedding cosine FP32 vs INT8" in markdown and "## SmoothQuant" in markdown
+    assert (out / "tokenizer.json").is_file()

@@ -406,7 +406,9 @@ def _smoothing_lines(smoothing: dict[str, Any]) -> list[str]:
 def _inputs(check: dict[str, Any]) -> str:
     """"80 inputs (64 held-out, 8 random, 8 saturating)" for a backend check's record."""
     n = check["inputs"]
-    return f"{n['total']} inputs ({n['heldout']} held-out, {n['random']} random, {n['saturating']} saturating)"
+    extreme = next(k for k in n if k not in ("total", "heldout", "random"))  # saturating images, full-length text
+    return (f"{n['total']} inputs ({n['heldout']} held-out, {n['random']} random, {n[extreme]} "
+            f"{extreme.replace('_', '-')})")
 
 
 def write_reports(directory: Path, report: dict[str, Any]) -> None:
