@@ -225,9 +225,22 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
 
 
-def output_fidelity(fp32: np.ndarray, int8: np.ndarray, groups: np.ndarray | None = None) -> dict[str, Any]:
-    """Top-1 agreement (with intervals, see `agreement_summary`), mean KL(softmax fp32 || softmax int8) and
-    SQNR of one output over a batch; `groups`: each sample's source photo, None if unknown."""
+def cosine_summary(fp32: np.ndarray, other: np.ndarray, groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Each sample's cosine between two embeddings [N, D]: the mean with its bootstrap interval, the worst 1% and
+    the minimum."""
+    f, q = fp32.astype(np.float64), other.astype(np.float64)
+    norms = np.maximum(np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1), 1e-300)
+    cos = np.sum(f * q, axis=1) / norms
+    interval = bootstrap_interval(cos, groups)
+    return {"samples": len(cos), "mean": float(cos.mean()), "interval": [interval.low, interval.high],
+            "worst_1pct": float(np.percentile(cos, 1)), "min": float(cos.min())}
+
+
+def output_fidelity(fp32: np.ndarray, int8: np.ndarray, groups: np.ndarray | None = None,
+                    embedding: bool = False) -> dict[str, Any]:
+    """SQNR of one output over a batch, and for class scores top-1 agreement (with intervals, see
+    `agreement_summary`) and mean KL(softmax fp32 || softmax int8), for an `embedding` its cosines
+    (`cosine_summary`); `groups`: each sample's source photo, None if unknown."""
     f, q = fp32.astype(np.float64), int8.astype(np.float64)
     result: dict[str, Any] = {
         "samples": len(f),
@@ -236,7 +249,9 @@ def output_fidelity(fp32: np.ndarray, int8: np.ndarray, groups: np.ndarray | Non
         "top1_agreement": None,
         "mean_kl": None,
     }
-    if f.ndim == 2:  # class scores: the classification metrics are meaningful
+    if embedding:
+        result["cosine"] = cosine_summary(f, q, groups)
+    elif f.ndim == 2:  # class scores: the classification metrics are meaningful
         result["top1_agreement"] = top1_agreement(f, q)
         result["mean_kl"] = mean_kl(f, q)
         result["agreement"] = agreement_summary(f, q, groups)

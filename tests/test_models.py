@@ -238,7 +238,7 @@ def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> Non
 
 
 def test_zoo_registry() -> None:
-    assert zoo_names() == ["mnist_cnn", "mobilenet_v2", "small_cnn"]
+    assert zoo_names() == ["minilm_l6", "mnist_cnn", "mobilenet_v2", "small_cnn"]
     assert get_zoo_entry("zoo:small_cnn") is get_zoo_entry("small_cnn")
     with pytest.raises(LowbitError, match="zoo:mobilenet_v2"):
         get_zoo_entry("zoo:resnet9000")

@@ -1,9 +1,9 @@
 """Turn whatever the user points at into a `torch.export` program.
 
-Accepted: `zoo:NAME`, a `.pt2` export, a TorchScript archive, or a state dict
+Accepted: `zoo:NAME`, a `.pt2` export, a TorchScript archive, a state dict
 (`.safetensors`, or `.pt` read with `weights_only=True`) plus a `module:function`
-factory. Every path is validated first, and every failure names the file and
-what to do about it.
+factory, or a Hugging Face-style directory of a BERT-family text encoder. Every
+path is validated first, and every failure names the file and what to do about it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import importlib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import LowbitError
+
+if TYPE_CHECKING:
+    from .minilm import TextEncoder
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -32,6 +36,17 @@ def _export(
             f"{where}: torch.export could not trace the model with an input of shape "
             f"{tuple(example.shape)}: {e}"
         ) from e
+
+
+def export_text_encoder(encoder: TextEncoder, where: str) -> torch.export.ExportedProgram:
+    """A text encoder as a program of `input_ids` and `attention_mask`, int64 [batch, seq_len], at its seq_len."""
+    # Traced at batch 2: at batch 1 torch.export specializes size-1 dimensions, and the capture must see a batch.
+    example = encoder.example_inputs(batch=2)
+    try:
+        return torch.export.export(encoder.model.eval(), example)
+    except Exception as e:  # torch raises many types here; all mean "could not trace"
+        raise LowbitError(f"{where}: torch.export could not trace the text encoder at seq_len "
+                          f"{encoder.seq_len}: {e}") from e
 
 
 def _load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -107,13 +122,22 @@ def load_program(
         from . import get_zoo_entry
 
         entry = get_zoo_entry(spec[4:])
+        if entry.text is not None:
+            from .minilm import load_text_encoder
+
+            return export_text_encoder(load_text_encoder(entry.text.directory()), spec)
         shape = entry.input_shape if example is None else tuple(example.shape)
         return _export(entry.build(), torch.zeros(shape), spec)
 
     path = Path(spec)
+    if path.is_dir():
+        from .minilm import load_text_encoder
+
+        return export_text_encoder(load_text_encoder(path), spec)
     if not path.is_file():
         raise LowbitError(
-            f"{spec}: no such file (MODEL is zoo:NAME, a .pt2, a TorchScript file, or a state dict)"
+            f"{spec}: no such file (MODEL is zoo:NAME, a .pt2, a TorchScript file, a state dict, or a "
+            "Hugging Face-style directory)"
         )
     if path.suffix == ".pt2":
         try:

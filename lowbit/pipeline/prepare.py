@@ -1,6 +1,8 @@
 """The start of every pipeline: load the model and its data, and capture the float graph.
 
-`quantize`, `sensitivity` and `search` all begin with `prepare(Source(...))`.
+`quantize`, `sensitivity` and `search` all begin with `prepare(Source(...))`. An image model takes one float
+array; a text model (a BERT-family directory, or a zoo text model) takes sentences, tokenized here into its
+named inputs `input_ids` and `attention_mask` (see `pipeline.text`).
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
 from ..quantizer.graph import Graph
+from ..runtime.text import EMBEDDING as TEXT_OUTPUT
 from . import report as reports
 from .data import (
     Inputs,
@@ -31,9 +34,11 @@ from .data import (
     validate_inputs,
 )
 from .progress import Progress
+from .text import TextModel, read_text_data, text_model_directory, tokenize_text_data
 
-# Calibration or held-out data: a file or folder (.npy/.npz or images), or an (N, C, H, W) float array.
-Data = Path | str | np.ndarray
+# Calibration or held-out data: a file or folder (.npy/.npz or images), or an (N, C, H, W) float array;
+# for a text model a text file (one sentence per line) or the sentences themselves.
+Data = Path | str | np.ndarray | Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Source:
     heldout: Data | None = None
     factory: str | None = None  # MODULE:FUNCTION that builds the model of a state dict
     seed: int = 0
+    seq_len: int | None = None  # a text model's static sequence length (None: 128, or less if the model's is)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Prepared:
     calib: Inputs
     heldout: Inputs
     entry: ZooEntry | None
+    text: TextModel | None = None  # a text model's tokenizer and sequence length, which its artifact carries
 
 
 def seed_everything(seed: int) -> None:
@@ -85,6 +92,9 @@ def _as_path(data: Data | None) -> Path | None:
 
 
 def _read_data(data: Data, what: str, entry: ZooEntry | None, shape: tuple[int, ...] | None) -> Inputs:
+    if isinstance(data, list | tuple):
+        raise LowbitError(f"the {what} data: a list of sentences is for text models; this model takes an image "
+                          "folder, a .npy/.npz or an (N, C, H, W) float array")
     if isinstance(data, np.ndarray):
         where = f"the {what} array"
         return Inputs(validate_inputs(data, where), f"{where} ({len(data)} samples, given in Python)")
@@ -144,10 +154,17 @@ def prepare(source: Source, progress: Progress) -> Prepared:
     seed_everything(source.seed)
     spec = source.model
     entry = get_zoo_entry(spec) if spec.startswith(ZOO_PREFIX) else None
+    text_dir = text_model_directory(spec, entry)
+    if text_dir is not None:
+        return _prepare_text(source, entry, text_dir, progress)
+    if source.seq_len is not None:
+        raise LowbitError(f"--seq-len {source.seq_len}: {spec} is not a text model; --seq-len applies to text "
+                          "models (zoo:minilm_l6, or a Hugging Face-style directory of a BERT-family encoder)")
     # A missing model file is the first thing to say: asking for calibration data first would send a new user
     # after the wrong problem.
     if entry is None and not Path(spec).is_file():
-        raise LowbitError(f"{spec}: no such file (MODEL is zoo:NAME, a .pt2, a TorchScript file, or a state dict)")
+        raise LowbitError(f"{spec}: no such file (MODEL is zoo:NAME, a .pt2, a TorchScript file, a state dict, or "
+                          "a Hugging Face-style directory)")
     if entry is None and source.calib is None:
         raise LowbitError(f"{spec}: calibration data is needed for a model outside the zoo: pass --calib "
                           "(an image folder, or a preprocessed .npy/.npz of shape (N, C, H, W))")
@@ -161,8 +178,7 @@ def prepare(source: Source, progress: Progress) -> Prepared:
 
     with progress.stage("data"):
         calib, heldout = load_data(source, entry, program_input_shape(program) if program else None)
-    progress.echo("data", f"calibration: {samples(len(calib))} ({calib.describe_photos()}), {calib.source}")
-    progress.echo("data", f"held-out: {samples(len(heldout))} ({heldout.describe_photos()}), {heldout.source}")
+    _echo_data(calib, heldout, progress)
 
     if program is None:
         example = None if entry is not None else torch.zeros((1, *calib.x.shape[1:]))
@@ -172,11 +188,54 @@ def prepare(source: Source, progress: Progress) -> Prepared:
         graph = capture(program, entry.name if entry else Path(spec).stem)
         check_calibration_data(graph, calib.x, calib.source)
         check_input_shape(heldout.x, graph.node(graph.inputs[0]).shape, heldout.source)
+    _echo_capture(graph, progress)
+    return Prepared(source, graph, calib, heldout, entry)
+
+
+def _prepare_text(source: Source, entry: ZooEntry | None, directory: Path, progress: Progress) -> Prepared:
+    """`prepare` for a text model: sentences first (bad text fails fast), then the encoder, tokens, capture."""
+    from ..models.loading import export_text_encoder
+    from ..models.minilm import load_text_encoder
+    from ..quantizer.capture import capture
+    from ..quantizer.quantize import check_calibration_data
+
+    spec = source.model
+    if source.factory is not None:
+        raise LowbitError(f"--factory builds the model of a state dict; {spec} is a text model, built from its "
+                          "directory's config.json: drop --factory")
+    with progress.stage("data"):
+        calib_text, heldout_text = read_text_data(spec, source.calib, source.heldout, entry, source.seed)
+    progress.echo("load", f"{spec} (text encoder)")
+    with progress.stage("load"), _quiet_torch():
+        encoder = load_text_encoder(directory, source.seq_len)
+        program = export_text_encoder(encoder, spec)
+    seq_len = encoder.seq_len
+    progress.echo("load", f"exported program ready at seq_len {seq_len} ({progress.timings['load']:.1f}s)")
+    with progress.stage("data"):
+        calib, heldout = tokenize_text_data(encoder, calib_text, heldout_text,
+                                            lambda message: progress.echo("data", f"warning: {message}"))
+    _echo_data(calib, heldout, progress)
+    with progress.stage("capture"):
+        graph = capture(program, entry.name if entry else directory.resolve().name)
+        graph = graph.with_output_names([TEXT_OUTPUT])
+        check_calibration_data(graph, calib.data, calib.source)
+        check_calibration_data(graph, heldout.data, heldout.source)
+    _echo_capture(graph, progress)
+    text = TextModel(directory, seq_len, encoder.model.config.vocab_size)
+    return Prepared(source, graph, calib, heldout, entry, text)
+
+
+def _echo_data(calib: Inputs, heldout: Inputs, progress: Progress) -> None:
+    for what, inputs in (("calibration", calib), ("held-out", heldout)):
+        progress.echo("data", f"{what}: {samples(len(inputs), inputs.noun)} ({inputs.describe_photos()}), "
+                              f"{inputs.source}")
+
+
+def _echo_capture(graph: Graph, progress: Progress) -> None:
     s = graph.summary()
     progress.echo("capture", f"{s['nodes']} nodes, {s['layers']} quantizable layers, "
                              f"{reports.fmt_count(s['macs'])} MACs, {reports.fmt_count(s['params'])} parameters "
                              f"({progress.timings['capture']:.1f}s)")
-    return Prepared(source, graph, calib, heldout, entry)
 
 
 @contextmanager

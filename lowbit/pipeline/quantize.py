@@ -11,15 +11,15 @@ it raises LowbitError naming the first difference, and leaves nothing behind, un
 
 from __future__ import annotations
 
-import hashlib
 import platform
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from .. import __version__
 from ..errors import LowbitError
@@ -28,6 +28,8 @@ from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.recipe import Recipe, choose_recipe
+from ..quantizer.smooth import SmoothReport, parse_smooth, smooth
+from ..runtime.tokenizer import TOKENIZER_FILE
 from . import checks
 from . import report as reports
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, file_hashes, sha256_file
@@ -48,6 +50,7 @@ class Artifact:
     recipe: Recipe  # what the config's `auto` parts resolved to, and the measurements behind it
     plan_file: Path | None = None  # the plan.json it was quantized with, recorded in the manifest
     search: SearchResult | None = None  # the search that chose the plan (`max_drop`), written to search/
+    smoothing: SmoothReport | None = None  # SmoothQuant's groups and outlier ratios (`config.smooth`)
 
     def save(self, directory: str | Path, *, target: str | None = None, tune_trials: int | None = None,
              tuning_cache: Path | None = None, onnx_weights: str = "auto", force: bool = False,
@@ -86,16 +89,20 @@ class _SaveOptions:
 
 def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig | None = None, *,
              heldout: Data | None = None, factory: str | None = None, plan: BitPlan | Path | None = None,
-             max_drop: float | None = None, progress: Progress | None = None) -> Artifact:
-    """Quantize MODEL (zoo:NAME, a .pt2, TorchScript, or a state dict with `factory`) to integers.
+             max_drop: float | None = None, progress: Progress | None = None, seq_len: int | None = None) -> Artifact:
+    """Quantize MODEL (zoo:NAME, a .pt2, TorchScript, a state dict with `factory`, or a Hugging Face-style
+    directory of a BERT-family text encoder) to integers.
 
-    `calib`/`heldout`: an image folder, a .npy/.npz, or an (N, C, H, W) float array; None for a zoo
-    model's own sets (held-out data defaults to the last 20% of `calib` otherwise). `plan`: weight
+    `calib`/`heldout`: an image folder, a .npy/.npz, or an (N, C, H, W) float array; for a text model a text
+    file with one sentence per line, or a list of sentences; None for a zoo model's own sets (held-out data
+    defaults to the last 20% of `calib` otherwise). `seq_len`: a text model's static sequence length (default
+    128, or the model's maximum if smaller; longer sentences are truncated with a warning). `plan`: weight
     bits per layer (a BitPlan, or a plan.json from `lowbit search`); default `config.bits` everywhere.
     `max_drop` (a fraction, e.g. 0.005) instead keeps activation tensors at 16 bits where they pay: a search
     (`lowbit search --bits B --wide-activations --max-drop`) finds the plan with the fewest extra BOPs whose
     measured top-1 agreement is at most `max_drop` below the plan with every such tensor at 16 bits.
     """
+    from ..quantizer.quantize import check_lowerable
     from ..quantizer.quantize import quantize as quantize_graph
 
     config = config or QuantConfig()
@@ -104,13 +111,24 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
         raise LowbitError("--max-drop searches for the plan itself: give --plan or --max-drop, not both")
     plan_file = Path(plan) if isinstance(plan, str | Path) else None
     bit_plan = BitPlan.load(plan_file) if plan_file else plan  # a bad plan fails before the slow part
-    prepared = prepare(Source(str(model), calib, heldout, factory, config.seed), progress)
+    prepared = prepare(Source(str(model), calib, heldout, factory, config.seed, seq_len), progress)
+    check_lowerable(prepared.graph)  # before the recipe's calibration passes, not after them
     if bit_plan is not None:
         try:
             bit_plan.validate(prepared.graph)
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
-    graph, calib = prepared.graph, prepared.calib.x
+    smoothing = None
+    alpha = parse_smooth(config.smooth)
+    if alpha is not None:
+        with progress.stage("smooth"):
+            inputs = {k: torch.from_numpy(v) for k, v in prepared.calib.feed(list(prepared.graph.inputs)).items()}
+            smoothed, smoothing = smooth(prepared.graph, inputs, alpha)
+        prepared = replace(prepared, graph=smoothed)
+        applied = sum(g.applied for g in smoothing.groups)
+        progress.echo("smooth", f"SmoothQuant (alpha {alpha}): {applied}/{len(smoothing.groups)} groups of linears "
+                                f"smoothed ({progress.timings['smooth']:.1f}s)")
+    graph, calib = prepared.graph, prepared.calib.data  # one array, or a text model's arrays by input name
     found = None
     if max_drop is not None:
         options = SearchOptions(bits=(config.bits,), max_drop=max_drop, wide_activations=True, frontier_points=0)
@@ -128,7 +146,7 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
                       if seconds > before.get(kind, 0.0))
     weights = reports.bits_summary(qgraph.bit_plan()) if plan is not None else f"{config.bits}-bit weights"
     progress.echo("quantize", f"{weights} ({progress.timings['quantize']:.1f}s: {steps})")
-    return Artifact(prepared, qgraph, config, recipe, plan_file, found)
+    return Artifact(prepared, qgraph, config, recipe, plan_file, found, smoothing)
 
 
 def _why(recipe: Recipe) -> str:
@@ -160,6 +178,8 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
         saturation_safe = export_qdq(qgraph, directory / "model.onnx", weights=options.onnx_weights)
         export_integer(qgraph, directory / "model.int.onnx")
         qgraph.save(directory / "ir")
+        if prepared.text is not None:  # the runtime's `encode` tokenizes with it
+            shutil.copyfile(prepared.text.tokenizer, directory / TOKENIZER_FILE)
         integer_leaks = float_tensors_between(onnx.load(str(directory / "model.int.onnx")))
     qdq_weights = "saturation-safe" if saturation_safe else "int8"
     progress.echo("export", f"model.onnx (QDQ, {qdq_weights} weights), model.int.onnx (integer-only), ir/ "
@@ -170,19 +190,27 @@ def _write_artifact(directory: Path, artifact: Artifact, options: _SaveOptions, 
     report, reference = evaluate(prepared, qgraph, artifact.config, progress)
     recipe = artifact.recipe
     report["recipe"] = recipe.to_json()
+    if artifact.smoothing is not None:
+        report["smoothing"] = artifact.smoothing.to_json()
     report["calibration"]["method"] = recipe.calib_method
     for row in report["layers"]:
         row["rounding"] = "gptq" if row["name"] in recipe.gptq_layers else "nearest"
-    inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
-                                 artifact.config.seed)
+    if prepared.text is not None:
+        inputs = checks.text_check_inputs(prepared.heldout.feed(list(qgraph.inputs)), prepared.text.vocab_size,
+                                          prepared.text.seq_len, artifact.config.seed)
+    else:
+        inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape), prepared.heldout.x,
+                                     artifact.config.seed)
     with progress.stage("check: reference"):
-        want = checks.reference_integers(qgraph, inputs.x)
+        want = checks.reference_integers(qgraph, inputs.data)
     with progress.stage("onnxruntime"):
-        got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.x)
+        got = checks.onnx_integers(directory / "model.int.onnx", qgraph, inputs.data)
         int_check = checks.compare("ONNX Runtime", got, want, inputs)
         report["onnxruntime"] = {"model.int.onnx": int_check,
-                                 "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.x,
-                                                                 reference, photos=prepared.heldout.photos)}
+                                 "model.onnx": reports.qdq_check(directory, qgraph, prepared.heldout.data,
+                                                                 reference, photos=prepared.heldout.photos,
+                                                                 embedding=prepared.graph.is_embedding(
+                                                                     prepared.graph.outputs[0]))}
     exact = int_check["bit_exact"]
     progress.echo("onnxruntime", f"model.int.onnx {'is' if exact else 'is NOT'} bit-exact with the reference on "
                                  f"{inputs.describe()} ({progress.timings['onnxruntime']:.1f}s)")
@@ -232,6 +260,7 @@ def _manifest(directory: Path, artifact: Artifact, report: dict[str, Any]) -> di
         "config": artifact.config.to_json(),
         "calibration": _data_summary(prepared.calib),
         "heldout": _data_summary(prepared.heldout),
+        "text": None if prepared.text is None else prepared.text.to_json(),
         **_interface(qgraph),
         "bit_plan": qgraph.bit_plan(),
         "activation_bits": qgraph.wide_activations(),
@@ -258,6 +287,11 @@ def _model_description(prepared: Prepared) -> dict[str, Any]:
     path = Path(source.model)
     if not source.model.startswith(ZOO_PREFIX) and path.is_file():
         described.update(file=str(path.resolve()), sha256=sha256_file(path), bytes=path.stat().st_size)
+    if prepared.text is not None:
+        files = sorted(p for p in prepared.text.directory.iterdir() if p.is_file() and p.suffix in (".json",
+                                                                                                    ".safetensors"))
+        described.update(directory=str(prepared.text.directory.resolve()),
+                         files={p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files})
     return described
 
 
@@ -266,13 +300,17 @@ def _symbolic(shape: tuple[int, ...]) -> list[Any]:
 
 
 def _interface(qgraph: QuantizedGraph) -> dict[str, Any]:
-    """Inputs and outputs of the exported models: float32, symbolic batch dimension "N"."""
+    """Inputs and outputs of the exported models, with a symbolic batch dimension "N". A float input is quantized
+    on entry (its grid is listed); an integer one (a text model's token ids and mask) is read as it is."""
     inputs = []
     for name in qgraph.inputs:
-        quantize_op = next(o for o in qgraph.ops if o.op == "quantize" and o.inputs[0] == name)
-        q = qgraph.values[quantize_op.output]
-        inputs.append({"name": name, "dtype": "float32", "shape": _symbolic(qgraph.values[name].shape),
-                       "quantization": {"dtype": q.dtype, "scale": q.scale, "zero_point": q.zero_point}})
+        value = qgraph.values[name]
+        described = {"name": name, "dtype": value.dtype, "shape": _symbolic(value.shape)}
+        quantize_op = next((o for o in qgraph.ops if o.op == "quantize" and o.inputs[0] == name), None)
+        if quantize_op is not None:
+            q = qgraph.values[quantize_op.output]
+            described["quantization"] = {"dtype": q.dtype, "scale": q.scale, "zero_point": q.zero_point}
+        inputs.append(described)
     outputs = [{"name": name, "dtype": "float32", "shape": _symbolic(qgraph.values[name].shape)}
                for name in qgraph.outputs]
     integer_outputs = []
@@ -287,7 +325,6 @@ def _interface(qgraph: QuantizedGraph) -> dict[str, Any]:
 
 
 def _data_summary(inputs: Inputs) -> dict[str, Any]:
-    return {"samples": len(inputs), "source": inputs.source,
-            "sha256": hashlib.sha256(np.ascontiguousarray(inputs.x).tobytes()).hexdigest()}
+    return {"samples": len(inputs), "source": inputs.source, "sha256": inputs.digest()}
 
 

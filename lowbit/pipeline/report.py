@@ -9,6 +9,7 @@ the reference layer by layer and differs from it only in requantization rounding
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,22 @@ Outputs = dict[str, np.ndarray]
 
 # -- running the models ----------------------------------------------------------------------------------------------
 
-def reference_outputs(qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH) -> Outputs:
+ModelData = np.ndarray | Mapping[str, np.ndarray]  # one input array, or one per input name (a text model)
+
+
+def _count(x: ModelData) -> int:
+    return len(next(iter(x.values())) if isinstance(x, Mapping) else x)
+
+
+def _rows(x: ModelData, start: int, stop: int) -> ModelData:
+    if isinstance(x, Mapping):
+        return {k: np.ascontiguousarray(v[start:stop]) for k, v in x.items()}
+    return np.ascontiguousarray(x[start:stop])
+
+
+def reference_outputs(qgraph: QuantizedGraph, x: ModelData, batch: int = EVAL_BATCH) -> Outputs:
     """The integer reference executor's float outputs, `batch` samples at a time."""
-    parts = [run_reference(qgraph, x[i:i + batch]) for i in range(0, len(x), batch)]
+    parts = [run_reference(qgraph, _rows(x, i, i + batch)) for i in range(0, _count(x), batch)]
     return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.outputs}
 
 
@@ -58,7 +72,7 @@ def _probe_points(graph: Graph, quantizers: dict[str, Any]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, batch: int = EVAL_BATCH,
+def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: ModelData, batch: int = EVAL_BATCH,
                                  layer_samples: int = PER_LAYER_SAMPLES) -> tuple[Outputs, dict[str, float | None]]:
     """FP32 outputs on all of `x`, and each layer's output SQNR (fake-quant vs float) on its first samples."""
     quantizers = fake_quantizers(qgraph)
@@ -68,8 +82,10 @@ def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: np.nda
     noise = dict.fromkeys(probes.values(), 0.0)
     last_use = graph.last_uses()
     parts: list[dict[str, torch.Tensor]] = []
-    for start in range(0, len(x), batch):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch]))
+    for start in range(0, _count(x), batch):
+        rows = _rows(x, start, start + batch)
+        xb = ({k: torch.from_numpy(v) for k, v in rows.items()} if isinstance(rows, Mapping) else
+              {graph.inputs[0]: torch.from_numpy(rows)})
         if start >= layer_samples:
             parts.append(run_graph(graph, xb))
             continue
@@ -78,7 +94,7 @@ def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: np.nda
         quant_env: dict[str, torch.Tensor] = {}
         for i, node in enumerate(graph.nodes):
             if node.op == "input":
-                f = q = xb
+                f = q = xb[node.name]
             else:
                 f = run_node(graph, node, [float_env[n] for n in node.inputs])
                 q = run_node(graph, node, [quant_env[n] for n in node.inputs], weights.get(node.name),
@@ -120,8 +136,8 @@ def labelled_scores(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, labels:
     }
 
 
-def qdq_check(directory: Path, qgraph: QuantizedGraph, x: np.ndarray, reference: Outputs,
-              batch: int = EVAL_BATCH, photos: np.ndarray | None = None) -> dict[str, Any]:
+def qdq_check(directory: Path, qgraph: QuantizedGraph, x: ModelData, reference: Outputs,
+              batch: int = EVAL_BATCH, photos: np.ndarray | None = None, embedding: bool = False) -> dict[str, Any]:
     """`model.onnx` in ONNX Runtime against the reference executor's outputs on `x` (`photos`: each sample's).
 
     It runs ORT's own int8 kernels on float tensors, so it is only close, not bit-exact.
@@ -129,15 +145,19 @@ def qdq_check(directory: Path, qgraph: QuantizedGraph, x: np.ndarray, reference:
     from .checks import ort_session
 
     session = ort_session(directory / "model.onnx")
-    input_name = session.get_inputs()[0].name
-    parts = [session.run(qgraph.outputs, {input_name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    names = [i.name for i in session.get_inputs()]
+
+    def feed(rows: ModelData) -> dict[str, np.ndarray]:
+        return dict(rows) if isinstance(rows, Mapping) else {names[0]: rows}
+
+    parts = [session.run(qgraph.outputs, feed(_rows(x, i, i + batch))) for i in range(0, _count(x), batch)]
     got = {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(qgraph.outputs)}
     first = qgraph.outputs[0]
     return {
-        "samples": len(x),
+        "samples": _count(x),
         "bit_exact": all(np.array_equal(got[o], reference[o]) for o in qgraph.outputs),
         "max_abs_diff": max(float(np.max(np.abs(got[o] - reference[o]))) for o in qgraph.outputs),
-        "vs_reference": output_fidelity(reference[first], got[first], photos),
+        "vs_reference": output_fidelity(reference[first], got[first], photos, embedding),
     }
 
 
@@ -249,9 +269,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         c = ort_checks["model.onnx"]["vs_reference"]
         weights = report.get("onnx_weights")
         stored = f"; {weights['stored']} weights" if weights else ""
-        rows.append(("model.onnx (QDQ) in ONNX Runtime",
-                     f"top-1 agreement with the reference {fmt_agreement(c, confident=False)}, "
-                     f"SQNR {fmt_db(c['sqnr_db'])}{stored}"))
+        closeness = (f"cosine with the reference {fmt_cosine(c['cosine'])}" if c.get("cosine") else
+                     f"top-1 agreement with the reference {fmt_agreement(c, confident=False)}")
+        rows.append(("model.onnx (QDQ) in ONNX Runtime", f"{closeness}, SQNR {fmt_db(c['sqnr_db'])}{stored}"))
     tvm = report.get("tvm")
     if tvm:
         verdict = "bit-exact" if tvm["bit_exact"] else f"NOT bit-exact ({tvm['first_difference']})"
@@ -283,6 +303,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     lines += _wide_activation_lines(report)
+    if report.get("smoothing"):
+        lines += ["", "## SmoothQuant", "", *_smoothing_lines(report["smoothing"])]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings"]["stages"].items()]
     for k, v in report["timings"]["steps"].items():
@@ -346,8 +368,17 @@ def samples_text(data: dict[str, Any]) -> str:
     return f"{data['samples']} samples{of}"
 
 
+def fmt_cosine(cosine: dict[str, Any]) -> str:
+    """'mean 0.9921 [0.9910, 0.9931], worst 1% 0.9702, min 0.9650 (200 samples)' from a `cosine_summary`."""
+    lo, hi = cosine["interval"]
+    return (f"mean {cosine['mean']:.4f} [{lo:.4f}, {hi:.4f}], worst 1% {cosine['worst_1pct']:.4f}, "
+            f"min {cosine['min']:.4f} ({cosine['samples']} samples)")
+
+
 def _agreement_rows(fid: dict[str, Any]) -> list[tuple[str, str]]:
-    """The top-1 agreement row, and the one on confident inputs."""
+    """The embedding cosine row, or the top-1 agreement row and the one on confident inputs."""
+    if fid.get("cosine"):
+        return [("embedding cosine FP32 vs INT8", fmt_cosine(fid["cosine"]))]
     summary = fid.get("agreement")
     if summary is None:
         return [("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"]))]
@@ -355,6 +386,21 @@ def _agreement_rows(fid: dict[str, Any]) -> list[tuple[str, str]]:
     return [("top-1 agreement FP32 vs INT8", Agreement.from_json(summary["top1"]).describe()),
             (f"… on confident inputs (FP32 gap > {float(confident['gap'])})",
              Agreement.from_json(confident).describe())]
+
+
+def _smoothing_lines(smoothing: dict[str, Any]) -> list[str]:
+    """One row per group of linears reading one tensor: where 1/s folds, alpha, outlier ratio and W8A8 error."""
+    lines = [f"alpha {smoothing['alpha']}; statistics from {smoothing['tokens']} calibration tokens. Outliers: max / "
+             "median over channels of max|X|; error: relative W8A8 error of X·Wᵀ on held-back tokens.", "",
+             "| tensor | read by | folded into | alpha | outliers before → after | error before → after |",
+             "|---|---|---|---:|---|---|"]
+    for g in smoothing["groups"]:
+        into = f"`{g['folded_into']}`" if g["applied"] else f"not applied: {g['reason'] or 'no alpha helped'}"
+        alpha = "" if g["alpha"] is None else f"{g['alpha']:.1f}"
+        lines.append(f"| `{g['tensor']}` | {len(g['layers'])} linear(s) | {into} | {alpha} | "
+                     f"{g['outliers_before']:.1f} → {g['outliers_after']:.1f} | "
+                     f"{g['error_before']:.2e} → {g['error_after']:.2e} |")
+    return lines
 
 
 def _inputs(check: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ uint8), a signed one [-T, T] in qmax steps each side (127 for int8); `lowbit.ir.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -130,10 +131,29 @@ def weight_scales(w: torch.Tensor, bits: int, method: str) -> torch.Tensor:
     return best_scale.float()
 
 
+# A recipe lowers the same weights several times (once per range method, then the final model); the mse range
+# search costs seconds per transformer, so its scales are kept. Keyed by the tensor's identity and version (an
+# in-place change bumps it); the entry holds the tensor, so its id cannot be reused while cached.
+_SCALE_CACHE: OrderedDict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_SCALE_CACHE_SIZE = 1024
+
+
+def cached_weight_scales(w: torch.Tensor, bits: int, method: str) -> torch.Tensor:
+    key = (id(w), w._version, bits, method)
+    if key in _SCALE_CACHE:
+        _SCALE_CACHE.move_to_end(key)
+        return _SCALE_CACHE[key][1]
+    scale = weight_scales(w, bits, method)
+    _SCALE_CACHE[key] = (w, scale)
+    if len(_SCALE_CACHE) > _SCALE_CACHE_SIZE:
+        _SCALE_CACHE.popitem(last=False)
+    return scale
+
+
 def round_weight(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest per-channel symmetric quantization: (integer values as float, per-channel scales)."""
     q = 2 ** (bits - 1) - 1
-    scale = weight_scales(w, bits, method)
+    scale = cached_weight_scales(w, bits, method)
     w_int = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -q, q)
     return w_int, scale
 

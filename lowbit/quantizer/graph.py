@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,27 @@ class Graph:
             }
             for n in self.layers
         ]
+
+    def is_embedding(self, name: str) -> bool:
+        """A pooled embedding (compared by direction), not class scores or a feature map."""
+        return self.node(name).op == "masked_mean"
+
+    def with_output_names(self, names: list[str]) -> Graph:
+        """The same graph with its outputs renamed (the interface a model promises, e.g. `embedding`)."""
+        if len(names) != len(self.outputs) or len(set(names)) != len(names):
+            raise LowbitError(f"{len(names)} output names for the {len(self.outputs)} outputs of {self.name}")
+        rename = dict(zip(self.outputs, names, strict=True))
+        taken = {n.name for n in self.nodes} - set(rename)
+        clash = sorted(set(names) & taken)
+        if clash:
+            raise LowbitError(f"{self.name}: cannot name an output {clash[0]!r}: a node of that name exists")
+        nodes = [replace(n, name=rename.get(n.name, n.name), inputs=[rename.get(i, i) for i in n.inputs])
+                 for n in self.nodes]
+        params = {}
+        for key, value in self.params.items():
+            node, field_name = key.rsplit(".", 1)
+            params[f"{rename.get(node, node)}.{field_name}"] = value
+        return Graph(nodes, params, list(self.inputs), names, self.name)
 
     # -- serialization ------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

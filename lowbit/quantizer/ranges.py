@@ -39,8 +39,11 @@ RANGE_SAMPLES = 16  # samples the ratios are chosen on: each candidate runs the 
 Outputs = Mapping[str, torch.Tensor]
 
 
-def output_metric(reference: Outputs) -> str:
-    """Class scores are compared as distributions; anything else by its relative squared error."""
+def output_metric(graph: Graph, reference: Outputs) -> str:
+    """Pooled embeddings are compared by direction, class scores as distributions, anything else by its relative
+    squared error."""
+    if all(graph.is_embedding(o) for o in graph.outputs):
+        return "mean (1 - cosine)"
     return "mean KL(softmax)" if all(r.dim() == 2 for r in reference.values()) else "relative MSE"
 
 
@@ -51,6 +54,9 @@ def output_error(reference: Outputs, outputs: Outputs, metric: str) -> float:
         w, g = want.double().numpy(), outputs[name].double().numpy()
         if metric.startswith("mean KL"):
             errors.append(mean_kl(w, g))
+        elif metric.startswith("mean (1 - cosine)"):
+            cosine = (w * g).sum(-1) / np.maximum(np.linalg.norm(w, axis=-1) * np.linalg.norm(g, axis=-1), 1e-30)
+            errors.append(float(np.mean(1.0 - cosine)))
         else:
             errors.append(float(np.sum((g - w) ** 2) / max(float(np.sum(w ** 2)), 1e-30)))
     return float(np.mean(errors))
@@ -81,7 +87,7 @@ class _Chooser:
         self.weights, self.biases = dequantized_params(qgraph)
         self.layer_ops = {op.name: op for op in qgraph.layers}
         self.reference = {o: t for o, t in run_graph(graph, self.x).items() if o in graph.outputs}
-        self.metric = output_metric(self.reference)
+        self.metric = output_metric(graph, self.reference)
         self.last_use = graph.last_uses()
         self.clamps = {c.name: c for c in fusable_clamps(graph).values()}
         # The tensors with a range of their own that are 8-bit in this plan (stats holds exactly those with a scale).

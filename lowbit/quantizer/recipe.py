@@ -169,7 +169,7 @@ class _Validation:
         self.graph, self.x = graph, x.tensors()
         with torch.no_grad():
             self.reference = {o: t for o, t in run_graph(graph, self.x).items() if o in graph.outputs}
-        self.metric = output_metric(self.reference)
+        self.metric = output_metric(graph, self.reference)
 
     def error(self, qgraph: QuantizedGraph) -> float:
         with torch.no_grad():

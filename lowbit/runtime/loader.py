@@ -6,13 +6,16 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import LowbitError
+
+if TYPE_CHECKING:  # the text modules are imported on first use: an image model's runtime needs only this file
+    from .tokenizer import TextTokenizer
 
 TVM_DIR = "tvm"
 TVM_META = "tvm.json"
@@ -63,12 +66,13 @@ class CompiledModel:
         # One device buffer per input, refilled by each call: a fresh one would cost an allocation and its page
         # faults every call; a VM is not for concurrent callers anyway. `main` is
         # bound to those buffers and the params once: passing hundreds of arguments per call costs time too.
-        self._input_buffers = [tvm.runtime.empty(tuple(i["shape"]), "float32", self.device) for i in self.inputs]
+        self._input_buffers = [tvm.runtime.empty(tuple(i["shape"]), _dtype(i).name, self.device) for i in self.inputs]
         self._vm.save_function("main", "lowbit_main_bound", *self._input_buffers, *self._params)
         self._main = self._vm["lowbit_main_bound"]
         # On the CPU, numpy views of the buffers (DLPack) copy in and out faster than Tensor.copyfrom/.numpy.
         self._on_cpu = self.device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
         self._input_views = [np.from_dlpack(b) for b in self._input_buffers] if self._on_cpu else []
+        self._tokenizer: TextTokenizer | None = None
 
     def _check(self, spec: dict[str, Any], x: Any) -> np.ndarray:
         x = np.asarray(x)
@@ -76,9 +80,15 @@ class CompiledModel:
         if x.ndim != len(want) or x.shape[1:] != want[1:] or x.shape[0] % want[0]:
             raise LowbitError(f"input {spec['name']!r}: expected shape {want} (or a multiple of batch {want[0]}), "
                               f"got {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise LowbitError(f"input {spec['name']!r}: expected float32 data, got {x.dtype}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        dtype = _dtype(spec)
+        if np.issubdtype(dtype, np.floating):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise LowbitError(f"input {spec['name']!r}: expected {dtype} data, got {x.dtype}")
+        elif not np.issubdtype(x.dtype, np.integer):
+            raise LowbitError(f"input {spec['name']!r}: expected integer ({dtype}) data, got {x.dtype}")
+        elif x.size and (x.min() < np.iinfo(dtype).min or x.max() > np.iinfo(dtype).max):
+            raise LowbitError(f"input {spec['name']!r}: values {x.min()}..{x.max()} do not fit {dtype}")
+        return np.ascontiguousarray(x, dtype=dtype)
 
     def run(self, x: np.ndarray | None = None, **named: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """One input positionally (or all by name); one output as an array, several as a dict by name.
@@ -96,6 +106,34 @@ class CompiledModel:
             raise LowbitError(f"{self.directory}: compiled without integer outputs (an older lowbit); recompile "
                               "with `lowbit compile DIR --force`")
         return self._run_all(self._named(x, named), self.integer_outputs)
+
+    def encode(self, texts: Sequence[str], warn: Callable[[str], None] | None = None) -> np.ndarray:
+        """A text model's embeddings of `texts`, float32 [len(texts), hidden].
+
+        Tokenized with the artifact's tokenizer.json and padded to the compiled sequence length; a
+        sentence longer than that is cut, and `warn` (default: warnings.warn) hears how many were."""
+        from .text import encode_texts, text_tokenizer
+
+        if self._tokenizer is None:
+            recorded = (read_manifest(self.directory.parent).get("text") or {}).get("seq_len")
+            self._tokenizer = text_tokenizer(self.directory.parent, self.inputs, recorded)
+        output = self._embedding_output()
+
+        def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return self._run_all({"input_ids": ids, "attention_mask": mask}, [output])[output["name"]]
+
+        return encode_texts(run, self._tokenizer, texts, int(self.inputs[0]["shape"][0]), warn)
+
+    def _embedding_output(self) -> dict[str, Any]:
+        from .text import EMBEDDING
+
+        if len(self.outputs) == 1:
+            return self.outputs[0]
+        named = [o for o in self.outputs if o["name"] == EMBEDDING]
+        if not named:
+            raise LowbitError(f"{self.directory.parent}: {len(self.outputs)} outputs and none named {EMBEDDING!r}; "
+                              "encode() needs the embedding output")
+        return named[0]
 
     def _named(self, x: np.ndarray | None, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if x is not None:
@@ -137,14 +175,27 @@ class CompiledModel:
         """Latency of one call at the compiled batch size (the model alone: inputs already on the device),
         in ms (median, mean, min, p90)."""
         rng = np.random.default_rng(0)
-        if x is None:
-            x = rng.standard_normal(self.inputs[0]["shape"]).astype(np.float32)
-        arrays = [self._check(self.inputs[0], x)[:self.inputs[0]["shape"][0]]]
-        arrays += [rng.standard_normal(i["shape"]).astype(np.float32) for i in self.inputs[1:]]
+        arrays = [example_input(spec, rng) for spec in self.inputs]
+        if x is not None:
+            arrays[0] = self._check(self.inputs[0], x)[:self.inputs[0]["shape"][0]]
         self._fill_inputs(arrays)
         t = time_calls_ms(self._main, repeats, warmup, sync=self.device.sync)
         return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "min_ms": float(t.min()),
                 "p90_ms": float(np.percentile(t, 90)), "runs": repeats}
+
+
+def _dtype(spec: dict[str, Any]) -> np.dtype:
+    """An input's dtype (float32 for artifacts from before tvm.json recorded integer inputs)."""
+    return np.dtype(spec.get("dtype", "float32"))
+
+
+def example_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """Timing data for an input of tvm.json: standard normal floats, or ones for integers (a valid token id, and
+    a mask of all tokens)."""
+    dtype = _dtype(spec)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(spec["shape"]).astype(dtype)
+    return np.ones(spec["shape"], dtype)
 
 
 def time_calls_ms(fn: Callable[[], object], repeats: int, warmup: int = 0,
@@ -186,16 +237,40 @@ def _read_meta(tvm_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """DIR/manifest.json, or {} when there is none (a model compiled on its own)."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{path}: cannot read: {e}") from e
+    if not isinstance(manifest, dict):
+        raise LowbitError(f"{path}: not a lowbit manifest (expected a JSON object)")
+    return manifest
+
+
 def _verify(directory: Path, meta: dict[str, Any]) -> None:
     tvm_dir = directory / TVM_DIR
     manifest = directory / MANIFEST
     if manifest.exists():
+        content = read_manifest(directory)
         try:
-            listed = json.loads(manifest.read_text())["files"][f"{TVM_DIR}/{TVM_META}"]["sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LowbitError(f"{manifest}: does not list {TVM_DIR}/{TVM_META} ({e}); recompile the artifact") from e
+            files = content["files"]
+            listed = files[f"{TVM_DIR}/{TVM_META}"]["sha256"]
+            # A text model's tokenizer.json is part of the model: other ids would be other inputs.
+            tokenizer_name = (content.get("text") or {}).get("tokenizer")
+            tokenizer_hash = None if tokenizer_name is None else files[tokenizer_name]["sha256"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{manifest}: does not list {e} of the compiled model; recompile the artifact") from e
         if listed != sha256_file(tvm_dir / TVM_META):
             raise LowbitError(f"{tvm_dir / TVM_META}: sha256 does not match {manifest}; the artifact was modified")
+        if tokenizer_name is not None:
+            tokenizer = directory / tokenizer_name
+            if not tokenizer.is_file() or sha256_file(tokenizer) != tokenizer_hash:
+                raise LowbitError(f"{tokenizer}: missing, or its sha256 does not match {manifest}; the artifact was "
+                                  "modified or damaged")
     for name, digest in meta["files"].items():
         path = tvm_dir / name
         if not path.is_file():

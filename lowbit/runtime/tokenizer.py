@@ -51,8 +51,8 @@ class TextTokenizer:
         except ImportError as e:
             raise LowbitError(f"reading {path} needs the 'tokenizers' package; install it with: {_INSTALL_HINT}") from e
         if not path.is_file():
-            raise LowbitError(f"{path}: no such file; a text model needs its {TOKENIZER_FILE} "
-                              "(Hugging Face tokenizers format)")
+            raise LowbitError(f"{path}: no such file; a text model needs its {TOKENIZER_FILE} (Hugging Face "
+                              f"tokenizers format): put the one of the same checkpoint in {path.parent}")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model type

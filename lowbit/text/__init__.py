@@ -12,6 +12,7 @@ from .corpora import (
     read_lee50,
     read_word_pairs,
 )
+from .files import is_text_file, read_sentences
 from .similarity import (
     CosineAgreement,
     SimilarityScores,
@@ -30,8 +31,10 @@ __all__ = [
     "cosine_agreement",
     "gensim_test_data",
     "heldout_sentences",
+    "is_text_file",
     "lee50_spearman",
     "read_lee50",
+    "read_sentences",
     "read_word_pairs",
     "similarity_scores",
     "word_pairs_spearman",

@@ -19,7 +19,7 @@ from ...ir import QuantizedGraph
 from ...pipeline import checks
 from ...pipeline.artifact import update_manifest
 from ...pipeline.progress import Progress
-from ...runtime.loader import MANIFEST, TVM_DIR
+from ...runtime.loader import MANIFEST, TVM_DIR, read_manifest
 from ..options import rpc_options, rpc_target, tuning_options, user_errors
 
 
@@ -48,7 +48,11 @@ def compile_command(directory: Path, target: str, tune_trials: int | None, tunin
         raise LowbitError(f"{dest}: already compiled; pass --force to replace it")
     progress = Progress()
     qgraph = QuantizedGraph.load(directory / "ir")
-    inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape))
+    text = read_manifest(directory).get("text")
+    if text:  # a text model: random token ids and masks, as many ids as its embedding table has rows
+        inputs = checks.text_check_inputs(None, int(text["vocab_size"]), int(text["seq_len"]))
+    else:
+        inputs = checks.check_inputs(tuple(qgraph.values[qgraph.inputs[0]].shape))
     tmp = Path(tempfile.mkdtemp(prefix=".tvm.tmp-", dir=directory))
     try:
         with progress.stage("compile"):

@@ -16,6 +16,7 @@ from ...pipeline.checks import tvm_available
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
+from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
@@ -27,11 +28,15 @@ DEFAULTS = QuantConfig()
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to create (must not exist unless --force).")
 @click.option("--calib", type=click.Path(path_type=Path),
-              help="Calibration data: an image folder, or a preprocessed (N, C, H, W) float .npy/.npz. "
-                   "Default for zoo models: the zoo's calibration set.")
+              help="Calibration data: an image folder, or a preprocessed (N, C, H, W) float .npy/.npz; for a text "
+                   "model a .txt file, one sentence per line. Default for zoo models: the zoo's calibration set.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
               help="Held-out data for the report (same formats). Default: the zoo's held-out set, "
                    "else the last 20% of the calibration data.")
+@click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
+              help=f"Text models: the sequence length, static per artifact (inputs are [batch, SEQ_LEN]; longer "
+                   f"sentences are truncated with a warning). Default {DEFAULT_SEQ_LEN}, or the model's maximum if "
+                   "smaller.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
@@ -51,6 +56,10 @@ DEFAULTS = QuantConfig()
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
+@click.option("--smooth", default=DEFAULTS.smooth, show_default=True,
+              help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), or auto (alpha "
+                   "per group of linears, chosen by the W8A8 error on held-back calibration data). Groups whose "
+                   "scales cannot fold into the op before them are reported, not applied.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -67,18 +76,21 @@ DEFAULTS = QuantConfig()
               help="Keep the artifact even when a check fails (a backend differing from the reference executor, or "
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
-def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
-                     bits: int, plan_path: Path | None, max_drop: str | None, calib_method: str, rounding: str,
-                     output_aware_ranges: bool, seed: int, target: str | None,
+def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
+                     factory: str | None, bits: int, plan_path: Path | None, max_drop: str | None,
+                     calib_method: str, rounding: str, output_aware_ranges: bool, smooth: str, seed: int,
+                     target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
                      rpc_key: str | None, onnx_weights: str, force: bool, allow_mismatch: bool) -> None:
     """Quantize MODEL to integers and write an artifact directory.
 
-    MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, or a
-    state dict (.safetensors or .pt) with --factory.
+    MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, a
+    state dict (.safetensors or .pt) with --factory, or a Hugging Face-style
+    directory (config.json, model.safetensors, tokenizer.json) of a BERT-family
+    text encoder.
     """
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
-                         output_aware_ranges=output_aware_ranges, seed=seed)
+                         output_aware_ranges=output_aware_ranges, smooth=smooth, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
     target = resolve_target(target)
     if tune_trials is not None and target is None:
@@ -94,7 +106,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     check_output_dir(output, force)  # fail before the slow part, not after it
     progress = Progress()
     artifact = quantize(model, calib, config, heldout=eval_path, factory=factory, plan=plan_path,
-                        max_drop=drop, progress=progress)
+                        max_drop=drop, progress=progress, seq_len=seq_len)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 

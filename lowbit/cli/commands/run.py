@@ -36,8 +36,12 @@ def _load_array(path: Path) -> np.ndarray:
 def run_command(directory: Path, input_path: Path, output: Path | None) -> None:
     """Run the compiled model in DIRECTORY on an input array."""
     from ...runtime import load
+    from ...runtime.text import is_text_model
 
     model = load(directory)
+    if is_text_model(model.inputs):
+        raise LowbitError(f"{directory}: a text model (inputs input_ids and attention_mask): embed sentences with "
+                          f"`lowbit embed {directory} --text FILE -o emb.npy`, one sentence per line")
     y = model.run(_load_array(input_path))
     if not isinstance(y, np.ndarray):
         raise LowbitError("this model has several outputs; use lowbit.runtime.load(DIR).run() from Python")

@@ -99,4 +99,5 @@ EMBEDDING = register(OpDef(
     described_as="embedding",
     evaluate=_evaluate, lower=_lower, reference=_reference, constants=("table",),
     requantizers=lambda op, qgraph: [requantizer(op, qgraph)],
+    calibrated=False,
 ))

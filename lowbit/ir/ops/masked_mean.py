@@ -127,4 +127,5 @@ MASKED_MEAN = register(OpDef(
     fusions={aten.div.Tensor: _pooling},
     described_as="masked mean pooling (sum(x * mask) / clamp(sum(mask)))",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    calibrated=False,
 ))

@@ -92,6 +92,9 @@ class OpDef:
     int16_refusal: str = ""
     # It reads its first input as int16 whatever the plan says (LayerNorm's statistics need the precision).
     wide_input: bool = False
+    # Its output grid comes from calibration; False where the op fixes it (softmax's 1/255, an embedding
+    # table's), so calibration skips the tensor.
+    calibrated: bool = True
 
     @property
     def quantizable(self) -> bool:

@@ -256,4 +256,5 @@ SOFTMAX = register(OpDef(
     fusions=dict.fromkeys(_SOFTMAX, _masked),
     described_as="softmax (last dimension, with an attention mask)",
     evaluate=_evaluate, lower=_lower, reference=_reference,
+    calibrated=False,
 ))

@@ -1,0 +1,294 @@
+"""MiniLM-L6 sentence embeddings: lowbit's integer-only encoder against ONNX Runtime's INT8 recipes and FP32.
+
+Every contender embeds the same text: the 200 held-out sentences (cosine with FP32 PyTorch), Lee-50's
+documents, and WordSim-353's and SimLex-999's words (Spearman against human scores). Quantized
+contenders calibrate on the same 128 sentences (lowbit's default calibration text). Intervals are
+bootstrap 95% intervals: over sentences for the cosine, over documents (Lee-50) or word pairs for the
+Spearman difference with FP32. Latency is measured at batch 1 and 8, seq 128, every contender in this
+one process, in interleaved rounds (bench_mobilenet_v2.measure_latency).
+
+lowbit's accuracy is computed by the integer reference executor, or by `model.int.onnx` in ONNX Runtime
+after checking it bit for bit against the reference on held-out sentences (the faster of the two when it
+exists). The result is a Markdown section of BENCHMARKS.md.
+
+    python benchmarks/bench_minilm.py [--out BENCHMARKS.md] [--threads 2] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_mobilenet_v2 import OPSET, measure_latency, ort_session
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from sections import cpu_info, lowbit_revision, write_section
+
+from lowbit.ir import QuantizedGraph
+from lowbit.metrics import bootstrap_interval
+from lowbit.models.minilm import minilm_calibration_text, minilm_heldout_text, minilm_l6
+from lowbit.quantizer.capture import capture
+from lowbit.quantizer.config import BitPlan, QuantConfig
+from lowbit.quantizer.graph import Graph
+from lowbit.quantizer.quantize import quantize, wide_tensors
+from lowbit.quantizer.reference import run_reference
+from lowbit.text import read_lee50, read_word_pairs
+from lowbit.text.corpora import SIMLEX999, WORDSIM353, Lee50
+from lowbit.text.similarity import row_cosines, spearman
+
+SEQ_LEN = 128
+EVAL_BATCH = 32
+RESAMPLES = 1000
+Embed = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> embeddings
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Contender:
+    name: str
+    embed: Embed
+    build_s: float | None = None
+    timed: bool = True
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # eval set -> embeddings
+    latency_ms: float | None = None
+    fastest_ms: float | None = None
+    predict: Callable[[np.ndarray], np.ndarray] | None = None  # set per batch size for measure_latency
+
+
+def _ort_embed(path: Path, threads: int) -> Embed:
+    session = ort_session(path, threads)
+    output = next(o.name for o in session.get_outputs() if o.type == "tensor(float)")
+
+    def embed(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return session.run([output], {"input_ids": ids, "attention_mask": mask})[0]
+
+    return embed
+
+
+class _TokenReader(CalibrationDataReader):
+    def __init__(self, ids: np.ndarray, mask: np.ndarray):
+        self.ids, self.mask, self.i = ids, mask, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.ids):
+            return None
+        self.i += 1
+        return {"input_ids": self.ids[self.i - 1:self.i], "attention_mask": self.mask[self.i - 1:self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def export_fp32(model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                          dynamic_axes={"input_ids": {0: "N"}, "attention_mask": {0: "N"}, "embedding": {0: "N"}})
+
+
+def lowbit_embed(graph: Graph, qgraph: QuantizedGraph, check: dict[str, np.ndarray], threads: int,
+                 folder: Path) -> tuple[Embed, str]:
+    """`model.int.onnx` in ORT, checked bit for bit against the reference; the reference if it cannot export."""
+    from lowbit.codegen import export_integer
+    from lowbit.errors import LowbitError
+
+    path = folder / f"{qgraph.name}.int.onnx"
+    try:
+        export_integer(qgraph, path)
+    except LowbitError as e:
+        log(f"model.int.onnx not available ({e}); lowbit's accuracy from the reference executor")
+        return (lambda ids, mask: run_reference(qgraph, {"input_ids": ids, "attention_mask": mask})[
+            graph.outputs[0]]), "reference executor"
+    session = ort_session(path, threads)
+    want = run_reference(qgraph, check, integer_outputs=True)
+    got = dict(zip(qgraph.int_outputs, session.run(qgraph.int_outputs, check), strict=True))
+    for name in qgraph.int_outputs:
+        if not np.array_equal(got[name], want[name]):
+            raise SystemExit(f"{path}: integer output {name} differs from the reference executor")
+    return _ort_embed(path, threads), "model.int.onnx in ORT (bit-exact with the reference)"
+
+
+def embed_all(embed: Embed, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    parts = [embed(np.ascontiguousarray(ids[i:i + EVAL_BATCH]), np.ascontiguousarray(mask[i:i + EVAL_BATCH]))
+             for i in range(0, len(ids), EVAL_BATCH)]
+    return np.concatenate(parts).astype(np.float64)
+
+
+# -- scoring -----------------------------------------------------------------------------------------------------------
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def lee50_difference(emb: np.ndarray, fp32: np.ndarray, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Spearman(emb) - Spearman(fp32) on Lee-50 and its 95% interval, resampling documents."""
+    lee = read_lee50()
+    a, b = _unit(emb), _unit(fp32)
+    rng = np.random.default_rng(seed)
+
+    def rho(docs: np.ndarray) -> float:
+        i, j = np.triu_indices(len(docs), k=1)
+        keep = docs[i] != docs[j]
+        di, dj = np.minimum(docs[i], docs[j])[keep], np.maximum(docs[i], docs[j])[keep]
+        human = lee.similarities[di, dj]
+        return spearman((a[di] * a[dj]).sum(1), human) - spearman((b[di] * b[dj]).sum(1), human)
+
+    draws = [rho(rng.integers(0, len(a), len(a))) for _ in range(RESAMPLES)]
+    return rho(np.arange(len(a))), (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+
+
+def word_difference(name: str, emb: np.ndarray, fp32: np.ndarray, words: list[str],
+                    seed: int = 0) -> tuple[float, tuple[float, float]]:
+    pairs = read_word_pairs(name)
+    index = {w: k for k, w in enumerate(words)}
+    first, second = [index[w] for w in pairs.first], [index[w] for w in pairs.second]
+    sims = [(_unit(e)[first] * _unit(e)[second]).sum(1) for e in (emb, fp32)]
+    rng = np.random.default_rng(seed)
+
+    def diff(k: np.ndarray) -> float:
+        return spearman(sims[0][k], pairs.scores[k]) - spearman(sims[1][k], pairs.scores[k])
+
+    draws = [diff(rng.integers(0, len(first), len(first))) for _ in range(RESAMPLES)]
+    return diff(np.arange(len(first))), (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+
+
+# -- the run -----------------------------------------------------------------------------------------------------------
+
+def fmt_diff(value: float, interval: tuple[float, float]) -> str:
+    return f"{value:+.4f} [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=50, help="timed calls per contender and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    encoder = minilm_l6(SEQ_LEN)
+    tok = encoder.tokenizer
+
+    def tokens(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        t = tok.encode(list(texts))
+        return t.input_ids, t.attention_mask
+
+    calib_ids, calib_mask = tokens(minilm_calibration_text())
+    lee = read_lee50()
+    words = sorted({w for name in (WORDSIM353, SIMLEX999) for w in read_word_pairs(name).words()})
+    sets = {"heldout": tokens(minilm_heldout_text()), "lee50": tokens(lee.documents), "words": tokens(words)}
+    log(f"{len(calib_ids)} calibration sentences; eval: " + ", ".join(f"{k} {len(v[0])}" for k, v in sets.items()))
+
+    def torch_embed(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return encoder.model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    contenders = [Contender("FP32 PyTorch", torch_embed)]
+    folder = Path(tempfile.mkdtemp(prefix="bench_minilm."))
+    fp32_path = folder / "fp32.onnx"
+    export_fp32(encoder.model, encoder.example_inputs(batch=2), fp32_path)
+    contenders.append(Contender("FP32 ONNX Runtime", _ort_embed(fp32_path, args.threads)))
+    start = time.perf_counter()
+    quantize_dynamic(str(fp32_path), str(folder / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    contenders.append(Contender("ORT quantize_dynamic (INT8 weights, dynamic activations)",
+                                _ort_embed(folder / "dynamic.onnx", args.threads), time.perf_counter() - start))
+    start = time.perf_counter()
+    quantize_static(str(fp32_path), str(folder / "static.onnx"), _TokenReader(calib_ids, calib_mask),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    contenders.append(Contender("ORT quantize_static QDQ (W8A8, MinMax)", _ort_embed(folder / "static.onnx",
+                                                                                     args.threads),
+                                time.perf_counter() - start))
+
+    graph = capture(torch.export.export(encoder.model, encoder.example_inputs(batch=2)), "minilm_l6")
+    calib = {"input_ids": calib_ids, "attention_mask": calib_mask}
+    check = {"input_ids": sets["heldout"][0][:8], "attention_mask": sets["heldout"][1][:8]}
+    gelu = [n.name for n in graph.nodes if n.op == "gelu"]
+    plans = {"lowbit W8A8 integer-only (int16 residual stream)": BitPlan.uniform(graph, 8),
+             "lowbit W8A8, FFN-down inputs int16": BitPlan(BitPlan.uniform(graph, 8).bits, dict.fromkeys(gelu, 16))}
+    executor = ""
+    for name, plan in plans.items():
+        start = time.perf_counter()
+        qgraph = quantize(graph, calib, QuantConfig(), plan, log=lambda m: None)
+        built = time.perf_counter() - start
+        log(f"{name}: quantized in {built:.0f}s; {len(wide_tensors(graph)) + len(plan.activation_bits)} int16 tensors")
+        embed, executor = lowbit_embed(graph, qgraph, check, args.threads, folder)
+        contenders.append(Contender(name, embed, built, timed=executor.startswith("model.int.onnx")))
+
+    for c in contenders:
+        log(f"embedding the eval sets: {c.name}")
+        c.outputs = {k: embed_all(c.embed, *v) for k, v in sets.items()}
+    fp32 = contenders[0]
+    lines = [
+        "## MiniLM-L6 sentence embeddings (issue #13)", "",
+        f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(argv or sys.argv[1:])}`".rstrip() + "",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}, {args.threads} threads; "
+        f"lowbit {lowbit_revision()}; seq {SEQ_LEN}",
+        f"- Calibration: {len(calib_ids)} news sentences (gensim lee_background); held-out: "
+        f"{len(sets['heldout'][0])} movie-review sentences; lowbit's outputs from the {executor}.",
+        "- Cosine: with FP32 PyTorch's embedding, mean [95% bootstrap over sentences] and the worst 1%. Spearman: "
+        "against human scores; the difference with FP32 [95% bootstrap over Lee-50 documents / word pairs].", "",
+        "| contender | held-out cosine | worst 1% | Lee-50 ρ | − FP32 | WordSim-353 ρ | − FP32 | SimLex-999 ρ | − FP32 "
+        "| build s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in contenders:
+        cos = row_cosines(fp32.outputs["heldout"], c.outputs["heldout"])
+        interval = bootstrap_interval(cos)
+        cells = [f"{cos.mean():.4f} [{interval.low:.4f}, {interval.high:.4f}]", f"{np.percentile(cos, 1):.4f}"]
+        lee_rho = spearman(*_lee_sims(lee, c.outputs["lee50"]))
+        d, ci = lee50_difference(c.outputs["lee50"], fp32.outputs["lee50"])
+        cells += [f"{lee_rho:.4f}", fmt_diff(d, ci)]
+        for name in (WORDSIM353, SIMLEX999):
+            pairs = read_word_pairs(name)
+            index = {w: k for k, w in enumerate(words)}
+            u = _unit(c.outputs["words"])
+            rho = spearman((u[[index[w] for w in pairs.first]] * u[[index[w] for w in pairs.second]]).sum(1),
+                           pairs.scores)
+            d, ci = word_difference(name, c.outputs["words"], fp32.outputs["words"], words)
+            cells += [f"{rho:.4f}", fmt_diff(d, ci)]
+        cells.append("" if c.build_s is None else f"{c.build_s:.0f}")
+        lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
+
+    lines += ["", "Latency, ms per call (min over rounds of the median), ratio to FP32 ONNX Runtime:", "",
+              "| contender | batch 1 | ratio | batch 8 | ratio |", "|---|---|---|---|---|"]
+    timed = [c for c in contenders if c.timed]
+    results: dict[str, list[float]] = {c.name: [] for c in timed}
+    for batch in (1, 8):
+        ids, mask = (np.ascontiguousarray(np.resize(a, (batch, SEQ_LEN))) for a in sets["heldout"])
+        for c in timed:
+            c.predict = lambda _x, c=c, ids=ids, mask=mask: c.embed(ids, mask)
+        log(f"latency at batch {batch}")
+        measure_latency(timed, ids, args.runs, args.rounds)
+        for c in timed:
+            results[c.name].append(c.latency_ms)
+    base = results["FP32 ONNX Runtime"]
+    for c in timed:
+        ms = results[c.name]
+        lines.append(f"| {c.name} | {ms[0]:.2f} | {ms[0] / base[0]:.2f}× | {ms[1]:.2f} | {ms[1] / base[1]:.2f}× |")
+    write_section(args.out, "minilm", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def _lee_sims(lee: Lee50, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    i, j, human = lee.pairs()
+    u = _unit(emb)
+    return (u[i] * u[j]).sum(1), human
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
