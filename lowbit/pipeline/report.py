@@ -404,9 +404,10 @@ def _smoothing_lines(smoothing: dict[str, Any]) -> list[str]:
 
 
 def _inputs(check: dict[str, Any]) -> str:
-    """"80 inputs (64 held-out, 8 random, 8 saturating)" for a backend check's record."""
+    """"80 inputs (64 held-out, 8 random, 8 saturating)" for a backend check's record (a text model's extreme
+    inputs are "full_length" ones: `CheckInputs.to_json` names the last count by its kind)."""
     n = check["inputs"]
-    extreme = next(k for k in n if k not in ("total", "heldout", "random"))  # saturating images, full-length text
+    extreme = next(k for k in n if k not in ("total", "heldout", "random"))
     return (f"{n['total']} inputs ({n['heldout']} held-out, {n['random']} random, {n[extreme]} "
             f"{extreme.replace('_', '-')})")
 
