@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50, help="timed calls per contender and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-latency", action="store_true", help="accuracy only (no quiet machine needed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     encoder = minilm_l6(SEQ_LEN)
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{name}: quantized in {built:.0f}s; {len(wide_tensors(graph)) + len(plan.activation_bits)} int16 tensors")
         embed, executor = lowbit_embed(graph, qgraph, check, args.threads, folder)
         contenders.append(Contender(name, embed, built, timed=False))
-        if not timed_lowbit:
+        if not timed_lowbit and not args.no_latency:
             contenders.append(Contender(f"{name}, TVM", tvm_embed(qgraph, check), timed=True, evaluate=False))
             timed_lowbit = True
 
@@ -297,12 +298,23 @@ def main(argv: list[str] | None = None) -> None:
         cells.append("" if c.build_s is None else f"{c.build_s:.0f}")
         lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
 
-    lines += ["", "Latency, ms per call (min over rounds of the median), ratio to FP32 ONNX Runtime:", "",
-              "| contender | batch 1 | ratio | batch 8 | ratio |", "|---|---|---|---|---|"]
+    if args.no_latency:
+        lines += ["", "Latency not measured in this run (--no-latency)."]
+    else:
+        lines += latency_lines(contenders, sets["heldout"], args)
+    write_section(args.out, "minilm", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def latency_lines(contenders: list[Contender], heldout: tuple[np.ndarray, np.ndarray],
+                  args: argparse.Namespace) -> list[str]:
+    """Batch 1 and 8 latency of the timed contenders, interleaved in one run, as table rows."""
+    lines = ["", "Latency, ms per call (min over rounds of the median), ratio to FP32 ONNX Runtime:", "",
+             "| contender | batch 1 | ratio | batch 8 | ratio |", "|---|---|---|---|---|"]
     timed = [c for c in contenders if c.timed]
     results: dict[str, list[float]] = {c.name: [] for c in timed}
     for batch in (1, 8):
-        ids, mask = (np.ascontiguousarray(np.resize(a, (batch, SEQ_LEN))) for a in sets["heldout"])
+        ids, mask = (np.ascontiguousarray(np.resize(a, (batch, SEQ_LEN))) for a in heldout)
         now = [c for c in timed if batch == 1 or not c.name.endswith("TVM")]  # the TVM build is batch 1
         for c in now:
             c.predict = lambda _x, c=c, ids=ids, mask=mask: c.embed(ids, mask)
@@ -315,8 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         ms = results[c.name]
         eight = f"{ms[1]:.2f} | {ms[1] / base[1]:.2f}×" if len(ms) > 1 else "not built | "
         lines.append(f"| {c.name} | {ms[0]:.2f} | {ms[0] / base[0]:.2f}× | {eight} |")
-    write_section(args.out, "minilm", "\n".join(lines))
-    print("\n".join(lines))
+    return lines
 
 
 def _lee_sims(lee: Lee50, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
