@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed calls per contender and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-latency", action="store_true", help="accuracy only (no quiet machine needed)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="latency only, of the default lowbit plan: section minilm_latency")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     encoder = minilm_l6(SEQ_LEN)
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     gelu = [n.name for n in graph.nodes if n.op == "gelu"]
     plans = {"lowbit W8A8 integer-only (int16 residual stream)": BitPlan.uniform(graph, 8),
              "lowbit W8A8, FFN-down inputs int16": BitPlan(BitPlan.uniform(graph, 8).bits, dict.fromkeys(gelu, 16))}
+    if args.latency_only:
+        plans = dict(list(plans.items())[:1])
     executor, timed_lowbit = "", False
     for name, plan in plans.items():
         start = time.perf_counter()
@@ -264,6 +268,15 @@ def main(argv: list[str] | None = None) -> None:
             contenders.append(Contender(f"{name}, TVM", tvm_embed(qgraph, check), timed=True, evaluate=False))
             timed_lowbit = True
 
+    if args.latency_only:
+        header = [f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(argv or sys.argv[1:])}`",
+                  f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}, "
+                  f"{args.threads} threads; lowbit {lowbit_revision()}; seq {SEQ_LEN}; the sentences are held-out "
+                  "ones, repeated to fill the batch"]
+        lines = ["## MiniLM-L6 latency (issue #13)", "", *header, *latency_lines(contenders, sets["heldout"], args)]
+        write_section(args.out, "minilm_latency", "\n".join(lines))
+        print("\n".join(lines))
+        return
     for c in contenders:
         if c.evaluate:
             log(f"embedding the eval sets: {c.name}")
