@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_mobilenet_v2 import OPSET, measure_latency, ort_session
+from bench_mobilenet_v2 import OPSET, log, measure_latency, ort_session
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from sections import cpu_info, lowbit_revision, write_section
 
@@ -50,13 +50,6 @@ SEQ_LEN = 128
 EVAL_BATCH = 32
 RESAMPLES = 1000
 Embed = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> embeddings
-
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
-
 
 @dataclass
 class Contender:
