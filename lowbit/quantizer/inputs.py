@@ -43,10 +43,6 @@ class ModelInputs:
         for i in range(0, len(self), size):
             yield self.take(slice(i, i + size)).tensors()
 
-    @staticmethod
-    def concat(parts: Sequence[ModelInputs]) -> ModelInputs:
-        return ModelInputs({k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays})
-
 
 def concat_tensors(parts: Sequence[TorchInputs]) -> TorchInputs:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
