@@ -16,7 +16,9 @@ import numpy as np
 
 from ..ir import QuantizedGraph
 from ..metrics import first_difference
-from ..quantizer.reference import run_reference
+from ..quantizer.reference import ModelData, run_reference_batches
+from ..quantizer.reference import sample_rows as _rows
+from ..quantizer.reference import samples_in as _count
 
 CHECK_INPUTS = 64
 MIN_RANDOM = 16  # random inputs in every check, half of them saturating: held-out data never saturates
@@ -106,22 +108,17 @@ def text_check_inputs(heldout: dict[str, np.ndarray] | None, vocab_size: int, se
     return CheckInputs(data, len(ids), n_random - n_full, n_full, "full-length")
 
 
-def _rows(data: np.ndarray | dict[str, np.ndarray], start: int, stop: int) -> np.ndarray | dict[str, np.ndarray]:
-    return {k: a[start:stop] for k, a in data.items()} if isinstance(data, dict) else data[start:stop]
-
-
-def _count(data: np.ndarray | dict[str, np.ndarray]) -> int:
-    return len(next(iter(data.values())) if isinstance(data, dict) else data)
-
-
-def reference_integers(qgraph: QuantizedGraph, data: np.ndarray | dict[str, np.ndarray],
-                       batch: int = EVAL_BATCH) -> Outputs:
+def reference_integers(qgraph: QuantizedGraph, data: ModelData, batch: int = EVAL_BATCH,
+                       first: Outputs | None = None) -> Outputs:
     """The reference executor's integer outputs (before the final dequantize), `batch` samples at a time.
 
-    `data`: one array, or arrays by input name (a text model's)."""
-    parts = [run_reference(qgraph, _rows(data, i, i + batch), integer_outputs=True)
-             for i in range(0, _count(data), batch)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.int_outputs}
+    `data`: one array, or arrays by input name (a text model's). `first`: the outputs of data's first samples,
+    already computed (the held-out ones the evaluation ran): only the rest is run."""
+    done = 0 if first is None else _count(first)
+    if done == _count(data):
+        return dict(first or {})
+    rest = run_reference_batches(qgraph, _rows(data, done, _count(data)), batch)[1]
+    return rest if first is None else {name: np.concatenate([first[name], rest[name]]) for name in rest}
 
 
 def compare(backend: str, got: Outputs, want: Outputs, inputs: CheckInputs) -> dict[str, Any]:

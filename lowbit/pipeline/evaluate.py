@@ -9,16 +9,18 @@ from ..ir import QuantizedGraph
 from ..metrics import output_fidelity
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import QuantConfig
+from ..quantizer.reference import run_reference_batches
 from . import report as reports
 from .prepare import Prepared, samples
 from .progress import Progress
 
 
 def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
-             progress: Progress) -> tuple[dict[str, Any], reports.Outputs]:
+             progress: Progress) -> tuple[dict[str, Any], reports.Outputs, reports.Outputs]:
     """The report's fidelity, size and layer sections (the backends' checks and timings are added by the caller).
 
-    Also returns the reference executor's float outputs on the held-out inputs.
+    Also returns the reference executor's float outputs on the held-out inputs, and its integer outputs (under the
+    final dequantize) that the backends' checks compare with.
     """
     graph, calib, heldout, entry = prepared.graph, prepared.calib, prepared.heldout, prepared.entry
     progress.echo("evaluate", f"FP32 and per-layer fake-quant on {samples(len(heldout), 'held-out sample')}")
@@ -26,7 +28,7 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
         fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.data)
     progress.echo("evaluate", f"INT8 reference executor on {samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: int8 reference"):
-        int8 = reports.reference_outputs(qgraph, heldout.data)
+        int8, int8_integers = run_reference_batches(qgraph, heldout.data)
     per_output = {o: output_fidelity(fp32[o], int8[o], heldout.photos, graph.is_embedding(o)) for o in graph.outputs}
     fidelity = {"output": graph.outputs[0], **per_output[graph.outputs[0]], "per_output": per_output}
     t = progress.timings
@@ -67,4 +69,4 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
         "layers": reports.layer_rows(graph, qgraph, layer_sqnr),
         "notes": notes,
     }
-    return report, int8
+    return report, int8, int8_integers

@@ -28,7 +28,9 @@ from ..metrics import (
     sqnr_db,
 )
 from ..quantizer.graph import Graph, run_graph, run_node
-from ..quantizer.reference import run_reference
+from ..quantizer.reference import ModelData, run_reference_batches
+from ..quantizer.reference import sample_rows as _rows
+from ..quantizer.reference import samples_in as _count
 from ..quantizer.simulate import dequantized_params, fake_quantizers
 from .data import Inputs
 
@@ -40,23 +42,9 @@ Outputs = dict[str, np.ndarray]
 
 # -- running the models ----------------------------------------------------------------------------------------------
 
-ModelData = np.ndarray | Mapping[str, np.ndarray]  # one input array, or one per input name (a text model)
-
-
-def _count(x: ModelData) -> int:
-    return len(next(iter(x.values())) if isinstance(x, Mapping) else x)
-
-
-def _rows(x: ModelData, start: int, stop: int) -> ModelData:
-    if isinstance(x, Mapping):
-        return {k: np.ascontiguousarray(v[start:stop]) for k, v in x.items()}
-    return np.ascontiguousarray(x[start:stop])
-
-
 def reference_outputs(qgraph: QuantizedGraph, x: ModelData, batch: int = EVAL_BATCH) -> Outputs:
     """The integer reference executor's float outputs, `batch` samples at a time."""
-    parts = [run_reference(qgraph, _rows(x, i, i + batch)) for i in range(0, _count(x), batch)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in qgraph.outputs}
+    return run_reference_batches(qgraph, x, batch)[0]
 
 
 def _probe_points(graph: Graph, quantizers: dict[str, Any]) -> dict[str, str]:
