@@ -16,6 +16,8 @@ from test_bert_capture import TINY  # pytest puts tests/ on the path (no package
 
 from lowbit.codegen.onnx import export_integer, export_qdq
 from lowbit.codegen.onnx.check import float_tensors_between
+from lowbit.codegen.tvm.target import DEFAULT_TARGET
+from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.models.bert import BertConfig, BertEncoder
 from lowbit.quantizer.capture import capture
@@ -70,21 +72,25 @@ def test_int_onnx_and_tvm_match_the_reference_bit_for_bit_on_padded_inputs(tiny_
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want, err_msg="model.int.onnx in ONNX Runtime")
 
-    tvm = pytest.importorskip("tvm")
-    from lowbit.codegen.tvm.compile import build
-    from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
+    pytest.importorskip("tvm")
+    from lowbit.codegen.tvm.compile import compile_to
+    from lowbit.runtime import load
 
-    executable, lowered, _ = build(tiny_ir, parse_target(DEFAULT_TARGET), integer_outputs=True)
-    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
-    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
-
-    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        out = vm["main"](*[tvm.runtime.tensor(batch[n]) for n in tiny_ir.inputs], *params)
-        return out[len(lowered.outputs)].numpy()
-
-    got = _in_batches(run, x)
+    compile_to(tiny_ir, tmp_path, DEFAULT_TARGET)
+    model = load(tmp_path, verify=False)
+    got = model.run_integers(**x)[name]
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want, err_msg="TVM")
+
+    # The kernel clamps an id past the table to a real row; the runtime refuses it first, as the reference does.
+    ids, mask = x["input_ids"][:BATCH], x["attention_mask"][:BATCH]
+    vocab = TINY["vocab_size"]
+    assert model.inputs[0]["range"] == [0, vocab - 1]
+    for bad in (vocab, -1):
+        with pytest.raises(LowbitError, match=rf"input 'input_ids': values .* outside \[0, {vocab - 1}\]"):
+            model.run(input_ids=np.where(mask > 0, ids, bad), attention_mask=mask)
+    with pytest.raises(LowbitError, match="token ids must lie in"):
+        run_reference(tiny_ir, {"input_ids": np.full_like(ids, vocab), "attention_mask": mask})
 
 
 def test_qdq_model_is_close_to_the_reference(tiny_ir: QuantizedGraph, tmp_path: Path) -> None:

@@ -88,6 +88,10 @@ class CompiledModel:
             raise LowbitError(f"input {spec['name']!r}: expected integer ({dtype}) data, got {x.dtype}")
         elif x.size and (x.min() < np.iinfo(dtype).min or x.max() > np.iinfo(dtype).max):
             raise LowbitError(f"input {spec['name']!r}: values {x.min()}..{x.max()} do not fit {dtype}")
+        elif x.size and "range" in spec and not spec["range"][0] <= x.min() <= x.max() <= spec["range"][1]:
+            lo, hi = spec["range"]
+            raise LowbitError(f"input {spec['name']!r}: values {x.min()}..{x.max()} outside [{lo}, {hi}] (token ids "
+                              "of another tokenizer?); the model only takes ids in that range")
         return np.ascontiguousarray(x, dtype=dtype)
 
     def run(self, x: np.ndarray | None = None, **named: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:

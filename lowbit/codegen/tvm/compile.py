@@ -22,6 +22,7 @@ from ... import __version__
 from ...errors import LowbitError
 from ...io import write_json
 from ...ir import QuantizedGraph
+from ...ir.ops import embedding
 from ...runtime.loader import TVM_DIR, TVM_FORMAT, TVM_META, sha256_file, use_threads
 from . import kernels
 from .lower import Lowered, lower
@@ -79,7 +80,8 @@ def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., 
 
 def _value_info(qgraph: QuantizedGraph, name: str) -> dict[str, Any]:
     v = qgraph.values[name]
-    return {"name": name, "shape": list(v.shape), "dtype": v.dtype}
+    valid = embedding.input_ranges(qgraph).get(name)
+    return {"name": name, "shape": list(v.shape), "dtype": v.dtype, **({"range": list(valid)} if valid else {})}
 
 
 def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: Log = lambda _: None,

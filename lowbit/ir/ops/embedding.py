@@ -91,6 +91,13 @@ def _reference(op: Op, args: list[np.ndarray], qgraph: QuantizedGraph) -> np.nda
     return requantizer(op, qgraph).apply(scaled)
 
 
+def input_ranges(qgraph: QuantizedGraph) -> dict[str, tuple[int, int]]:
+    """Graph input -> the ids an embedding accepts from it, [0, vocab - 1]: compiled kernels clamp an id rather
+    than read past the table, so runtimes refuse ids outside this range before running (as the reference does)."""
+    return {op.inputs[0]: (0, int(op.attrs["vocab"]) - 1) for op in qgraph.ops
+            if op.op == "embedding" and op.inputs[0] in qgraph.inputs}
+
+
 EMBEDDING = register(OpDef(
     "embedding",
     "out[..., :] = clip((rows[ids] * mantissa[ids] + 2^(shift-1)) >> shift) as int16: int8 rows of a constant "
