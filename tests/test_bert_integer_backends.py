@@ -16,7 +16,6 @@ from test_bert_capture import TINY  # pytest puts tests/ on the path (no package
 
 from lowbit.codegen.onnx import export_integer, export_qdq
 from lowbit.codegen.onnx.check import float_tensors_between
-from lowbit.codegen.tvm.target import DEFAULT_TARGET
 from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.models.bert import BertConfig, BertEncoder
@@ -74,6 +73,7 @@ def test_int_onnx_and_tvm_match_the_reference_bit_for_bit_on_padded_inputs(tiny_
 
     pytest.importorskip("tvm")
     from lowbit.codegen.tvm.compile import compile_to
+    from lowbit.codegen.tvm.target import DEFAULT_TARGET
     from lowbit.runtime import load
 
     compile_to(tiny_ir, tmp_path, DEFAULT_TARGET)
