@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.ir import QuantizedGraph
 from lowbit.models.bert import BertConfig, BertEncoder
 from lowbit.quantizer.capture import capture
+from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
 
@@ -102,3 +103,23 @@ def test_qdq_model_is_close_to_the_reference(tiny_ir: QuantizedGraph, tmp_path: 
     want = run_reference(tiny_ir, x)[tiny_ir.outputs[0]]
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() > 0.99, cosine
+
+
+def test_quantization_ignores_what_padded_positions_hold() -> None:
+    """Padded positions never reach the embedding, so calibration ranges, histograms and GPTQ's Hessians leave
+    them out: two calibration sets that differ only in their padded token ids give the same integer model."""
+    torch.manual_seed(0)
+    model = BertEncoder(BertConfig.from_dict(TINY, "tiny")).eval()
+    example = (torch.randint(0, TINY["vocab_size"], (BATCH, SEQ)), torch.ones(BATCH, SEQ, dtype=torch.int64))
+    graph = capture(torch.export.export(model, example), "tiny")
+    calib = _tokens(np.random.default_rng(0), 32)
+    calib["attention_mask"][-1] = 1
+    padded = calib["attention_mask"] == 0
+    other = {**calib, "input_ids": np.where(padded, (calib["input_ids"] + 7) % TINY["vocab_size"], calib["input_ids"])}
+    assert padded.any() and not np.array_equal(other["input_ids"], calib["input_ids"])
+    for config in (QuantConfig(), QuantConfig(calib_method="minmax", rounding="gptq")):
+        a, b = quantize(graph, calib, config), quantize(graph, other, config)
+        for op_a, op_b in zip(a.ops, b.ops, strict=True):
+            assert op_a.attrs == op_b.attrs, op_a.name
+            for key, array in op_a.arrays.items():
+                np.testing.assert_array_equal(array, op_b.arrays[key], err_msg=f"{op_a.name}.{key}")

@@ -52,6 +52,35 @@ def sample_count(x: TorchInputs) -> int:
     return len(next(iter(x.values())))
 
 
+MASK_READERS = ("softmax", "masked_mean")  # ops whose second input is the attention mask
+
+
+def token_mask(graph: Graph, inputs: TorchInputs) -> torch.Tensor | None:
+    """The attention mask as bool [batch, seq], if the graph reads one. Padded positions never reach the output
+    (softmax and the pooling leave them out), so fits and statistics leave their rows out too: they have their own
+    outliers, and in a calibration set of short sentences they are most of the rows."""
+    missing = sorted(set(graph.inputs) - set(inputs))
+    if missing:
+        raise LowbitError(f"graph {graph.name!r} needs inputs {missing}; got {sorted(inputs)}")
+    for name in graph.inputs:
+        if any(n.op in MASK_READERS and n.inputs[1:2] == [name] for n in graph.consumers(name)):
+            return inputs[name].bool()
+    return None
+
+
+def real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real-token positions of `t`: [tokens, ...] from [batch, seq, ...], or from [batch, heads, seq, ...]
+    (attention's per-head tensors, with seq moved first). `t` itself without a mask (an image model) or when it has
+    no seq axis (a pooled [batch, hidden] output)."""
+    if mask is None or t.dim() < 3 or t.shape[0] != mask.shape[0]:
+        return t
+    if t.shape[1] == mask.shape[1]:
+        return t[mask]
+    if t.dim() >= 4 and t.shape[2] == mask.shape[1]:
+        return t.movedim(2, 1)[mask]
+    return t
+
+
 def model_inputs(graph: Graph, data: CalibData | ModelInputs, where: str) -> ModelInputs:
     """`data` checked against `graph`'s inputs: one array for a single-input graph, or one per input name."""
     if isinstance(data, ModelInputs):

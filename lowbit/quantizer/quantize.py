@@ -32,7 +32,7 @@ from ..ir.weights import weight_range
 from .calibrate import TensorStats, clip_threshold, collect_stats, round_weight
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_node
-from .inputs import CalibData, ModelInputs, TorchInputs, model_inputs
+from .inputs import CalibData, ModelInputs, TorchInputs, model_inputs, real_tokens, token_mask
 from .rounding import HessianAccumulator, gptq_round
 from .simulate import dequantized_params, fake_quantizers
 
@@ -293,7 +293,8 @@ def gptq_weight(graph: Graph, node: Node, hessian: torch.Tensor, scale: np.ndarr
 
 
 def gptq_layer(graph: Graph, node: Node, op: Op, x: torch.Tensor) -> torch.Tensor:
-    """Re-round one layer's weights with GPTQ on its (quantized) inputs `x`; returns the new float weights."""
+    """Re-round one layer's weights with GPTQ on its (quantized) inputs `x` (a linear's may be rows of real
+    tokens, [tokens, in_features]); returns the new float weights."""
     scale = np.asarray(op.attrs["weight_scale"], dtype=np.float64)
     w_int = gptq_weight(graph, node, layer_hessian(graph, node, x), scale, op.attrs["weight_bits"])
     op.arrays["weight"] = w_int.numpy().astype(np.int8)
@@ -335,6 +336,7 @@ def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, config: 
                   gptq_layers: Collection[str], log: Log = lambda _: None) -> None:
     """Layer by layer, in place: GPTQ rounding of `gptq_layers`, then empirical bias correction (if configured)."""
     weights, biases = dequantized_params(qgraph)
+    mask = token_mask(graph, x)  # a text model's padded positions stay out of the Hessians
     n_layers = len(qgraph.layers)
     steps = [f"GPTQ rounding of {len(gptq_layers)}/{n_layers} layers"]
     steps += ["bias correction"] if config.bias_correction else []
@@ -343,7 +345,7 @@ def refine_layers(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, config: 
     def refine(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         nonlocal done
         if node.name in gptq_layers:
-            weights[node.name] = gptq_layer(graph, node, op, q_input)
+            weights[node.name] = gptq_layer(graph, node, op, real_tokens(q_input, mask))
         q = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
         if config.bias_correction:
             q = _correct_bias(op, q, f, channel_axis(node.op, q.dim()))

@@ -16,7 +16,8 @@ they carry signal. So `auto` measures:
 3. Rounding, layer by layer (float and fake-quant graphs side by side): GPTQ from the
    fit rows' Hessian, kept only where it lowers the layer's output error on the
    validation rows; then the whole model with those layers is compared with plain
-   round-to-nearest on the validation part, and GPTQ is dropped if it lost.
+   round-to-nearest on the validation part, and GPTQ is dropped if it lost. A text model's
+   padded positions stay out of the Hessians and the errors: they never reach the output.
 
 Minmax with round-to-nearest is always a candidate, so the chosen recipe never
 measures worse than it on the split. The final model is then quantized with the
@@ -37,7 +38,16 @@ from ..ir import Op, QuantizedGraph
 from .calibrate import METHODS
 from .config import BitPlan, QuantConfig
 from .graph import Graph, Node, run_graph, run_node
-from .inputs import CalibData, ModelInputs, TorchInputs, concat_tensors, model_inputs, sample_count
+from .inputs import (
+    CalibData,
+    ModelInputs,
+    TorchInputs,
+    concat_tensors,
+    model_inputs,
+    real_tokens,
+    sample_count,
+    token_mask,
+)
 from .quantize import Log, calibrate, gptq_layer, lower_to_integer, walk_side_by_side
 from .ranges import RANGE_SAMPLES, output_aware_ratios, output_error, output_metric
 from .simulate import dequantized_params, simulate
@@ -139,17 +149,24 @@ def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: TorchInputs, v
     """
     weights, biases = dequantized_params(qgraph)
     n_fit, n_layers = sample_count(fit), len(qgraph.layers)
+    x = concat_tensors([fit, val])
+    mask = token_mask(graph, x)  # a text model's padded positions never reach the output: fit and score without
+    fit_mask, val_mask = (None, None) if mask is None else (mask[:n_fit], mask[n_fit:])
     errors: dict[str, dict[str, float]] = {}
 
     def choose(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         nearest_weight = op.arrays["weight"]
         q_nearest = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
-        gptq_weight = gptq_layer(graph, node, op, q_input[:n_fit])  # sets op.arrays["weight"]
+        # sets op.arrays["weight"]
+        gptq_weight = gptq_layer(graph, node, op, real_tokens(q_input[:n_fit], fit_mask))
         q_gptq = run_node(graph, node, [q_input], gptq_weight, biases[node.name])
-        target = f[n_fit:].double()
+        target = real_tokens(f[n_fit:], val_mask).double()
         power = max(float((target ** 2).sum()), 1e-30)
-        error = {"nearest": float(((q_nearest[n_fit:].double() - target) ** 2).sum()) / power,
-                 "gptq": float(((q_gptq[n_fit:].double() - target) ** 2).sum()) / power}
+
+        def error_of(q: torch.Tensor) -> float:
+            return float(((real_tokens(q[n_fit:], val_mask).double() - target) ** 2).sum()) / power
+
+        error = {"nearest": error_of(q_nearest), "gptq": error_of(q_gptq)}
         errors[node.name] = error
         log(f"choosing the recipe: GPTQ or nearest rounding, layer {len(errors)}/{n_layers}")
         if error["gptq"] < error["nearest"]:
@@ -158,7 +175,7 @@ def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: TorchInputs, v
         op.arrays["weight"] = nearest_weight
         return q_nearest
 
-    walk_side_by_side(graph, qgraph, concat_tensors([fit, val]), choose)
+    walk_side_by_side(graph, qgraph, x, choose)
     return errors
 
 

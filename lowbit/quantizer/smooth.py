@@ -35,6 +35,7 @@ import torch
 
 from ..errors import LowbitError
 from .graph import Graph, Node, run_graph
+from .inputs import real_tokens, token_mask
 
 # SmoothQuant's range (0.5 is its default) and 0.9: on MiniLM-L6 the held-back error is lowest at 0.7-0.9 in every
 # group kind and rises again at 1.0 (64 calibration sentences).
@@ -42,7 +43,6 @@ ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TRANSIT_OPS = ("reshape", "permute", "matmul")  # 1/s passes through these channel by channel (checked)
 SCALABLE_OPS = ("linear", "layer_norm")  # a weight and bias per output channel on the last axis
 VALIDATION_FRACTION = 0.25  # of the calibration samples, held back to score alpha (as QuantConfig's default)
-MASK_READERS = ("softmax", "masked_mean")  # ops whose second input is the attention mask
 Alpha = float | str  # a migration strength in [0, 1], or "auto"
 
 
@@ -348,22 +348,9 @@ def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5, gr
     return apply_smoothing(graph, plan), plan.report
 
 
-def token_mask(graph: Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The attention mask as bool [batch, seq], if the graph reads one: padding rows are left out of the
-    statistics (they never reach the output, and their LayerNorm outputs have their own outliers)."""
-    missing = sorted(set(graph.inputs) - set(inputs))
-    if missing:
-        raise LowbitError(f"smooth: graph {graph.name!r} needs inputs {missing}; got {sorted(inputs)}")
-    for name in graph.inputs:
-        if any(n.op in MASK_READERS and n.inputs[1:2] == [name] for n in graph.consumers(name)):
-            return inputs[name].bool()
-    return None
-
-
 def token_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[tokens, channels] of the real tokens of `t`."""
-    if mask is not None and tuple(t.shape[:2]) == tuple(mask.shape):
-        t = t[mask]
+    t = real_tokens(t, mask)
     return t.reshape(-1, t.shape[-1])
 
 
