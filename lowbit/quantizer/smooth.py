@@ -12,12 +12,15 @@ Where 1/s can fold:
 - into a linear's output rows and bias, through reshape, permute and the value operand of a matmul, with the
   channels followed one by one (BERT's attention context A·V feeding attention.output.dense: the head split
   maps context channel h*d_head + k back to value channel h*d_head + k);
-- into a LayerNorm's gamma and beta when the group's linears are its only readers (pre-LN models).
+- into a LayerNorm's gamma and beta (or a linear's rows) when X's other readers, if any, are adds: each such
+  add multiplies X by s per channel before its sum (`ops.add`, `channel_scale`), so the residual stream of a
+  post-LN model (BERT: every LayerNorm output feeds q/k/v or intermediate.dense and the residual add) is
+  unchanged;
+- into an elementwise table op (gelu feeding output.dense): its node computes f(x)/s per channel
+  (`ops.lut`, `channel_scale`), and its integer form is one 256-entry table per channel, exact on the grid.
 
-Where it cannot, the group is measured and reported but left alone:
-- X is also read by an op outside the group. BERT is post-LN: each LayerNorm output feeds q/k/v (or
-  intermediate.dense) and the residual add, which would add X/s instead of X;
-- X comes from an op with no per-channel weight and bias, such as gelu (nonlinear) feeding output.dense.
+Where it cannot, the group is measured and reported but left alone: X is read by an op other than the group's
+linears and adds, or comes from an op with no per-channel parameters (a graph input, softmax...).
 
 All statistics come from one float run on the calibration inputs, over real tokens only (padding is masked
 out when the graph reads an attention mask). Scales use the original weights, so groups are independent.
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import LowbitError
+from ..ir.ops.lut import TABLE_OPS
 from .graph import Graph, Node, run_graph
 from .inputs import real_tokens, token_mask
 
@@ -124,10 +128,15 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Fold:
-    """Where a group's 1/s goes: `producer`'s output channel `channels[j]` is X's channel j."""
+    """Where a group's 1/s goes: `producer`'s output channel `channels[j]` is X's channel j (its params, or for
+    a table op its per-channel output scale); each add of `rescaled` multiplies X back by s."""
 
     producer: str
     channels: torch.Tensor
+    rescaled: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return " + ".join([self.producer, *(f"{add} x s" for add in self.rescaled)])
 
 
 @dataclass(frozen=True)
@@ -152,10 +161,9 @@ def smoothing_groups(graph: Graph) -> list[Group]:
 
 
 def _find_fold(graph: Graph, tensor: str, layers: set[str]) -> tuple[Fold | None, str]:
-    others = [f"{n.op} {n.name}" for n in graph.consumers(tensor) if n.name not in layers]
+    others = [n for n in graph.consumers(tensor) if n.name not in layers]
     if others:
-        return None, (f"also read by {', '.join(others)}, which would see X/s (a residual add would need a "
-                      "per-channel rescale of that input)")
+        return _fold_with_adds(graph, tensor, others)
     chain: list[Node] = []
     node = graph.node(tensor)
     while node.op in TRANSIT_OPS:
@@ -164,13 +172,29 @@ def _find_fold(graph: Graph, tensor: str, layers: set[str]) -> tuple[Fold | None
             return None, f"{source} (on the way to {tensor}) has other readers than {node.op} {node.name}"
         chain.append(node)
         node = graph.node(source)
-    if node.op not in SCALABLE_OPS:
+    if node.op not in SCALABLE_OPS and not (node.op in TABLE_OPS and not chain):
         return None, (f"produced by {node.op} {node.name}, which has no per-channel weight and bias to take 1/s"
                       + (" (nonlinear)" if node.op != "input" else ""))
     channels = _follow_channels(node, chain[::-1])
     if channels is None:
         return None, f"the ops from {node.name} to {tensor} mix channels, so 1/s cannot go back channel by channel"
     return Fold(node.name, channels), ""
+
+
+def _fold_with_adds(graph: Graph, tensor: str, others: list[Node]) -> tuple[Fold | None, str]:
+    """X is also read by `others`: it folds if its producer takes 1/s itself and each of them is an add that can
+    multiply X back by s (once, on an input not already rescaled)."""
+    names = ", ".join(f"{n.op} {n.name}" for n in others)
+    cannot = [n for n in others if n.op != "add" or n.inputs.count(tensor) != 1 or n.attrs.get(
+        "channel_scale") is not None and n.attrs.get("channel_input") != n.inputs.index(tensor)]
+    if cannot:
+        return None, (f"also read by {names}, which would see X/s (only an add can rescale its input per "
+                      "channel, once)")
+    producer = graph.node(tensor)
+    if producer.op not in SCALABLE_OPS and producer.op not in TABLE_OPS:
+        return None, (f"also read by {names}, and produced by {producer.op} {producer.name}, which has no "
+                      "per-channel weight and bias to take 1/s")
+    return Fold(producer.name, torch.arange(producer.shape[-1]), tuple(n.name for n in others)), ""
 
 
 def _follow_channels(producer: Node, chain: list[Node]) -> torch.Tensor | None:
@@ -204,7 +228,9 @@ def _follow_channels(producer: Node, chain: list[Node]) -> torch.Tensor | None:
 class GroupReport:
     tensor: str
     layers: tuple[str, ...]
-    folded_into: str  # the node whose weight and bias took 1/s; "" when the group cannot be smoothed
+    # The node that took 1/s (its weight and bias, or a table op's per-channel scale), then each add that
+    # multiplies X back by s ("encoder.layer.0.attention.output.LayerNorm + add_4 x s"); "" when it cannot fold.
+    folded_into: str
     reason: str  # why not, when folded_into is ""
     # The alpha chosen, or for a group that cannot fold, the one that would be; None: no alpha lowered the error
     # (auto) -- the group is left alone.
@@ -315,15 +341,17 @@ def _choose(graph: Graph, group: Group, x: torch.Tensor, validate: torch.Tensor,
     a, after = best
     x_max = x.abs().amax(0)
     s = None if a is None else smoothing_scales(x_max, w_max, a)
-    report = GroupReport(group.tensor, group.layers, group.fold.producer if group.fold else "", group.reason, a,
+    report = GroupReport(group.tensor, group.layers, group.fold.describe() if group.fold else "", group.reason, a,
                          outlier_ratio(x_max), outlier_ratio(x_max if s is None else x_max / s), before, after)
     return report, s
 
 
 def apply_smoothing(graph: Graph, plan: SmoothPlan) -> Graph:
-    """A new Graph with each foldable group's s folded in; `graph` is not changed (changed params are new
-    tensors, the others are shared)."""
+    """A new Graph with each foldable group's s folded in; `graph` is not changed (changed params and attrs are
+    new tensors, the others are shared)."""
     params = dict(graph.params)
+    nodes = [Node(n.name, n.op, list(n.inputs), n.shape, dict(n.attrs), n.macs, n.source) for n in graph.nodes]
+    by_name = {n.name: n for n in nodes}
     for group in plan.groups:
         s = plan.scales.get(group.tensor)
         if group.fold is None or s is None:
@@ -333,11 +361,23 @@ def apply_smoothing(graph: Graph, plan: SmoothPlan) -> Graph:
             params[key] = params[key] * s.to(params[key].dtype)
         inverse = torch.ones(len(s), dtype=torch.float64)
         inverse[group.fold.channels] = 1.0 / s.double()
-        for key in (f"{group.fold.producer}.weight", f"{group.fold.producer}.bias"):
-            p = params[key]
-            params[key] = p * inverse.to(p.dtype).reshape(-1, *[1] * (p.ndim - 1))
-    nodes = [Node(n.name, n.op, list(n.inputs), n.shape, dict(n.attrs), n.macs, n.source) for n in graph.nodes]
+        producer = by_name[group.fold.producer]
+        if producer.op in TABLE_OPS:  # f(x) / s, per channel of the table op's output
+            producer.attrs["channel_scale"] = _times(producer.attrs.get("channel_scale"), inverse)
+        else:
+            for key in (f"{producer.name}.weight", f"{producer.name}.bias"):
+                p = params[key]
+                params[key] = p * inverse.to(p.dtype).reshape(-1, *[1] * (p.ndim - 1))
+        for add in group.fold.rescaled:  # the add reads X / s: times s restores X in the sum
+            node = by_name[add]
+            node.attrs["channel_input"] = node.inputs.index(group.tensor)
+            node.attrs["channel_scale"] = _times(node.attrs.get("channel_scale"), s.double())
     return Graph(nodes, params, list(graph.inputs), list(graph.outputs), graph.name)
+
+
+def _times(scale: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    """A float32 per-channel scale times `factor` (computed in float64)."""
+    return (factor if scale is None else scale.double() * factor).float()
 
 
 def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5, grid: Sequence[float] = ALPHA_GRID,

@@ -205,10 +205,12 @@ def _int_linear(b: Builder, op: Op) -> None:
 @_integer("add")
 def _int_add(b: Builder, op: Op) -> None:
     # Each input gets its own mantissa; the shift is shared, so the products add up before rounding.
+    # A per-channel mantissa vector (over the last axis) broadcasts as a trailing-axis constant.
+    add.check_channels(op, b.qgraph)
     terms = []
-    for i, (x, m) in enumerate(zip(op.inputs, add.input_mantissas(op), strict=True)):
+    for i, (x, m) in enumerate(zip(op.inputs, add.input_multipliers(op), strict=True)):
         wide = b.node("Cast", [x], f"{op.name}/in{i}_64", to=TensorProto.INT64)
-        terms.append(b.node("Mul", [wide, b.const(f"{op.name}/mantissa{i}", np.int64(m))], f"{op.name}/scaled{i}"))
+        terms.append(b.node("Mul", [wide, b.const(f"{op.name}/mantissa{i}", m)], f"{op.name}/scaled{i}"))
     total = b.node("Add", terms, f"{op.name}/scaled")
     requantize(b, op.name, total, add.requantizer(op, b.qgraph), len(b.value(op.output).shape), op.output)
 
@@ -245,9 +247,13 @@ def _int_avgpool(b: Builder, op: Op) -> None:
 @_integer("lut")
 def _int_lut(b: Builder, op: Op) -> None:
     index = b.node("Cast", [op.inputs[0]], f"{op.name}/in32", to=TensorProto.INT32)
-    index = b.node("Add", [index, b.const(f"{op.name}/offset", np.int32(lut.index_offset(op, b.qgraph)))],
-                   f"{op.name}/index")
-    b.node("Gather", [b.const(f"{op.name}/table", op.arrays["table"]), index], op.output, axis=0)
+    offset = np.int32(lut.index_offset(op, b.qgraph))
+    table = op.arrays["table"]
+    if lut.channels(op):  # per-channel tables, flattened: channel j's entry i is at 256 * j + i
+        lut.check_channels(op, b.qgraph)
+        offset = offset + np.arange(table.shape[0], dtype=np.int32) * np.int32(table.shape[1])
+    index = b.node("Add", [index, b.const(f"{op.name}/offset", offset)], f"{op.name}/index")
+    b.node("Gather", [b.const(f"{op.name}/table", table.reshape(-1)), index], op.output, axis=0)
 
 
 def _on_8bit_or_int32(b: Builder, op: Op, emit: Callable[[str, str, type], str]) -> None:

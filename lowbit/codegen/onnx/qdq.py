@@ -23,6 +23,7 @@ from onnx import ModelProto, TensorProto
 from ...errors import LowbitError
 from ...ir import Op, QuantizedGraph
 from ...ir.dtypes import qrange
+from ...ir.ops import add, lut
 from ...ir.ops.layer_norm import LN_H, LN_P
 from ...ir.ops.layer_norm import constants_of as layer_norm_constants
 from .builder import (
@@ -175,7 +176,13 @@ def _qdq_linear(b: _QdqBuilder, op: Op) -> None:
 
 @_qdq("add")
 def _qdq_add(b: _QdqBuilder, op: Op) -> None:
-    y = b.node("Add", [b.float_of[x] for x in op.inputs], f"{op.name}/add")
+    terms = [b.float_of[x] for x in op.inputs]
+    k = add.channel_input(op)
+    if k is not None:  # input k times s_j, the per-channel factor its mantissas carry from its grid to the output's
+        ratio = np.float64(b.value(op.output).scale) / np.float64(b.value(op.inputs[k]).scale)
+        s = op.arrays["channel_multiplier"].astype(np.float64) * np.exp2(-float(op.arrays["shift"][0])) * ratio
+        terms[k] = b.node("Mul", [terms[k], _f32(b, f"{op.name}/channel_scale", s)], f"{op.name}/rescaled{k}")
+    y = b.node("Add", terms, f"{op.name}/add")
     _activation(b, op.output, _clamp_float(b, op, y))
 
 
@@ -200,9 +207,13 @@ def _qdq_avgpool(b: _QdqBuilder, op: Op) -> None:
 def _qdq_lut(b: _QdqBuilder, op: Op) -> None:
     # The stored (uint8) integer of the input, as `_activation` names it, is the table index itself: int8
     # values are stored with zero point 128, that is x + 128 = x - qmin. The table's entries go back to float.
+    # Per-channel tables are flattened: channel j's entries start at 256 * j.
     index = b.node("Cast", [op.inputs[0]], f"{op.name}/index", to=TensorProto.INT32)
     table = (op.arrays["table"].astype(np.float32) * np.float32(b.value(op.output).scale)).astype(np.float32)
-    y = b.node("Gather", [b.const(f"{op.name}/table", table), index], f"{op.name}/lut", axis=0)
+    if lut.channels(op):
+        offset = np.arange(table.shape[0], dtype=np.int32) * np.int32(table.shape[1])
+        index = b.node("Add", [index, b.const(f"{op.name}/channel_offset", offset)], f"{op.name}/channel_index")
+    y = b.node("Gather", [b.const(f"{op.name}/table", table.reshape(-1)), index], f"{op.name}/lut", axis=0)
     _activation(b, op.output, y)
 
 

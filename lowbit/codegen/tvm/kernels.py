@@ -292,14 +292,29 @@ def dequantize(shape: tuple[int, ...], dtype: str, scale: float | list[float], z
 
 
 def add(numel: int, dtypes: tuple[str, str], mantissas: tuple[int, int], shift: int, qmin: int, qmax: int,
-        out_dtype: str) -> tirx.PrimFunc:
-    """Rescaled add of two tensors taken flat (`numel` elements): contiguous vector loads, whatever the shape."""
+        out_dtype: str, channels: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """Rescaled add of two tensors taken flat (`numel` elements): contiguous vector loads, whatever the shape.
+
+    `channels` = (k, C): input k's mantissa is a vector over the last axis (C channels, element i's channel is
+    i % C), read from a third argument; `mantissas[k]` is then unused."""
     a = te.placeholder((numel,), dtypes[0], name="a")
     b = te.placeholder((numel,), dtypes[1], name="b")
-    m0, m1 = (_const(int(m), "int64") for m in mantissas)
-    out = te.compute((numel,), lambda i: requantize_expr(a[i].astype("int64") * m0 + b[i].astype("int64") * m1,
+    m = [_const(int(x), "int64") for x in mantissas]
+    args = [a, b]
+    per_channel = None
+    if channels is not None:
+        per_channel = te.placeholder((channels[1],), "int64", name="channel_mantissa")
+        args.append(per_channel)
+
+    def mantissa(k: int, i: Expr) -> Expr:
+        if channels is not None and channels[0] == k:
+            return per_channel[tirx.floormod(i, channels[1])]
+        return m[k]
+
+    out = te.compute((numel,), lambda i: requantize_expr(a[i].astype("int64") * mantissa(0, i)
+                                                         + b[i].astype("int64") * mantissa(1, i),
                                                          1, shift, qmin, qmax, out_dtype), name="add")
-    return schedule_elementwise(te.create_prim_func([a, b, out]))
+    return schedule_elementwise(te.create_prim_func([*args, out]))
 
 
 def concat(shapes: list[tuple[int, ...]], dtypes: list[str], axis: int, mantissas: list[int], shifts: list[int],
@@ -360,11 +375,18 @@ def clamp(numel: int, dtype: str, qmin: int, qmax: int) -> tirx.PrimFunc:
     return schedule_elementwise(te.create_prim_func([x, out]))
 
 
-def lut(numel: int, dtype: str, table_size: int, offset: int, out_dtype: str) -> tirx.PrimFunc:
-    """Table lookup on a tensor taken flat: out[i] = table[x[i] + offset] (the table is the kernel's constant)."""
+def lut(numel: int, dtype: str, table_size: int, offset: int, out_dtype: str, channels: int = 0) -> tirx.PrimFunc:
+    """Table lookup on a tensor taken flat: out[i] = table[x[i] + offset] (the table is the kernel's constant).
+    With `channels` = C, the table holds C tables of table_size / C entries, one per channel of the last axis
+    (element i's is channel i % C)."""
     x = te.placeholder((numel,), dtype, name="x")
     table = te.placeholder((table_size,), out_dtype, name="table")
-    out = te.compute((numel,), lambda i: table[x[i].astype("int32") + offset], name="lut")
+    if channels:
+        row = table_size // channels
+        out = te.compute((numel,), lambda i: table[x[i].astype("int32") + offset
+                                                   + tirx.floormod(i, channels).astype("int32") * row], name="lut")
+    else:
+        out = te.compute((numel,), lambda i: table[x[i].astype("int32") + offset], name="lut")
     return schedule_elementwise(te.create_prim_func([x, table, out]))
 
 

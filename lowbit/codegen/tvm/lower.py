@@ -147,7 +147,8 @@ def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
     producer = {op.output: op for op in qgraph.ops}
     fusions: dict[str, tuple[Op, int]] = {}
     for add in qgraph.ops:
-        if add.op != "add" or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+        if (add.op != "add" or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]
+                or add_op.channel_input(add) is not None):  # a per-channel add runs as its own kernel
             continue
         for k in (0, 1):
             y, skip = add.inputs[k], add.inputs[1 - k]
@@ -258,11 +259,19 @@ def _same_layout(ctx: _Context, op: Op) -> None:
 @converter("add")
 def _add(ctx: _Context, op: Op) -> relax.Expr:
     _same_layout(ctx, op)
-    m = add_op.input_mantissas(op)
     rq = add_op.requantizer(op, ctx.qgraph)
-    func = kernels.add(int(np.prod(ctx.shape(op.output))), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])),
-                       (m[0], m[1]), int(rq.shift[0]), rq.qmin, rq.qmax, rq.dtype)
-    return ctx.call_flat(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)])
+    k = add_op.channel_input(op)
+    numel, dtypes = int(np.prod(ctx.shape(op.output))), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1]))
+    if k is None:
+        m = add_op.input_mantissas(op)
+        func = kernels.add(numel, dtypes, (m[0], m[1]), int(rq.shift[0]), rq.qmin, rq.qmax, rq.dtype)
+        return ctx.call_flat(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)])
+    _last_axis_channels(ctx, op)
+    add_op.check_channels(op, ctx.qgraph)
+    m = add_op.input_multipliers(op)
+    func = kernels.add(numel, dtypes, (int(m[1 - k]), int(m[1 - k])), int(rq.shift[0]), rq.qmin, rq.qmax,
+                       rq.dtype, (k, len(m[k])))
+    return ctx.call_flat(op, func, [ctx.arg(op, 0), ctx.arg(op, 1)], [m[k]])
 
 
 @converter("concat")
@@ -314,9 +323,20 @@ def _lut(ctx: _Context, op: Op) -> relax.Expr:
     if op.inputs[0] in ctx.nhwc:
         ctx.nhwc.add(op.output)
     table = op.arrays["table"]
-    func = kernels.lut(int(np.prod(ctx.shape(op.output))), ctx.dtype(op.inputs[0]), len(table),
-                       lut_op.index_offset(op, ctx.qgraph), ctx.dtype(op.output))
-    return ctx.call_flat(op, func, [ctx.env[op.inputs[0]]], [table])
+    if lut_op.channels(op):
+        _last_axis_channels(ctx, op)
+        lut_op.check_channels(op, ctx.qgraph)
+    func = kernels.lut(int(np.prod(ctx.shape(op.output))), ctx.dtype(op.inputs[0]), table.size,
+                       lut_op.index_offset(op, ctx.qgraph), ctx.dtype(op.output), lut_op.channels(op))
+    return ctx.call_flat(op, func, [ctx.env[op.inputs[0]]], [table.reshape(-1)])
+
+
+def _last_axis_channels(ctx: _Context, op: Op) -> None:
+    """A per-channel elementwise kernel takes element i's channel as i % C: the IR's last axis must be the
+    innermost one in memory too, which an NHWC-converted 4-D tensor's is not."""
+    if any(v in ctx.nhwc for v in (*op.inputs, op.output)):
+        raise LowbitError(f"op {op.name} ({op.op}): per-channel constants over the last axis of a tensor the "
+                          "TVM backend keeps as NHWC are not supported (quantize without --smooth)")
 
 
 @converter("pad")
