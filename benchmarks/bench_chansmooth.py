@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from lowbit.models.minilm import MINILM_CALIB_SIZE, minilm_calibration_text, minilm_heldout_text, minilm_l6
-from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, _mse_threshold, clip_threshold, round_weight
+from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, _mse_threshold
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.graph import Graph, run_graph
-from lowbit.quantizer.quantize import quantize
+from lowbit.quantizer.quantize import calibrate, quantize, scaled_tensors
+from lowbit.quantizer.recipe import Recipe
 from lowbit.quantizer.simulate import dequantized_params, fake_quantizers
-from lowbit.quantizer.smooth import SmoothPlan, apply_smoothing, plan_smoothing
+from lowbit.quantizer.smooth import Group, SmoothPlan, apply_smoothing, plan_smoothing
 from lowbit.text import cosine_agreement
 
 BATCH = 32
@@ -53,18 +54,63 @@ def split(inputs: dict[str, torch.Tensor]) -> Batches:
     return [{k: v[i:i + BATCH] for k, v in inputs.items()} for i in range(0, n, BATCH)]
 
 
-class ChannelStats:
-    """Per-channel min/max and histograms of |x / s| over the calibration batches (all positions)."""
+def real_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[rows, last axis] of `t` at real tokens only (mask [B, S]): a [B, S, C] tensor, or [B, H, S, X] (heads, or
+    attention scores by query); other shapes, and mask None, keep every row."""
+    if mask is not None and t.ndim >= 3 and t.shape[0] == mask.shape[0]:
+        m = mask.bool()
+        if t.ndim == 3 and t.shape[1] == m.shape[1]:
+            t = t[m]
+        elif t.ndim == 4 and t.shape[2] == m.shape[1]:
+            t = t.permute(0, 2, 1, 3)[m]
+    return t.reshape(-1, t.shape[-1])
 
-    def __init__(self, graph: Graph, batches: Batches, divisors: dict[str, torch.Tensor]):
+
+def masked_stats(graph: Graph, batches: Batches, names: set[str]) -> dict[str, TensorStats]:
+    """`calibrate.collect_stats` over real tokens only (padding positions never reach the pooled output)."""
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def observe_range(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in names:
+            x = real_rows(t, mask[0])
+            lo[name] = min(lo.get(name, np.inf), float(x.min()))
+            hi[name] = max(hi.get(name, -np.inf), float(x.max()))
+        return t
+
+    hists = {}
+
+    def observe_hist(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in names:
+            top = max(abs(lo[name]), abs(hi[name]))
+            h = hists.setdefault(name, np.zeros(HIST_BINS, dtype=np.int64))
+            if top > 0:
+                h += torch.histc(real_rows(t, mask[0]).abs().float(), HIST_BINS, 0.0, top).numpy().astype(np.int64)
+        return t
+
+    with torch.no_grad():
+        for hook in (observe_range, observe_hist):
+            for b in batches:
+                mask[0] = b["attention_mask"]
+                run_graph(graph, b, hook)
+    return {n: TensorStats(lo[n], hi[n], hists[n]) for n in lo}
+
+
+class ChannelStats:
+    """Per-channel min/max and histograms of |x| over the calibration batches (all positions, or real tokens
+    only with `masked`): a range per channel, minmax or mse."""
+
+    def __init__(self, graph: Graph, batches: Batches, names: set[str], masked: bool):
         lo: dict[str, torch.Tensor] = {}
         hi: dict[str, torch.Tensor] = {}
+        mask: list[torch.Tensor | None] = [None]
 
         def rows(name: str, t: torch.Tensor) -> torch.Tensor:
-            return (t / divisors[name]).reshape(-1, t.shape[-1]).double()
+            return real_rows(t, mask[0]).double()
 
         def observe_range(name: str, t: torch.Tensor) -> torch.Tensor:
-            if name in divisors:
+            if name in names:
                 x = rows(name, t)
                 lo[name] = torch.minimum(lo.get(name, x.min(0).values), x.min(0).values)
                 hi[name] = torch.maximum(hi.get(name, x.max(0).values), x.max(0).values)
@@ -72,13 +118,14 @@ class ChannelStats:
 
         with torch.no_grad():
             for b in batches:
+                mask[0] = b["attention_mask"] if masked else None
                 run_graph(graph, b, observe_range)
         self.lo, self.hi = lo, hi
         top = {n: torch.maximum(lo[n].abs(), hi[n].abs()) for n in lo}  # per channel
         hist = {n: torch.zeros(len(top[n]) * HIST_BINS, dtype=torch.float64) for n in lo}
 
         def observe_hist(name: str, t: torch.Tensor) -> torch.Tensor:
-            if name in divisors:
+            if name in names:
                 x = rows(name, t).abs()
                 width = top[name].clamp_min(1e-30)
                 idx = torch.clamp((x / width * HIST_BINS).long(), 0, HIST_BINS - 1)
@@ -88,22 +135,10 @@ class ChannelStats:
 
         with torch.no_grad():
             for b in batches:
+                mask[0] = b["attention_mask"] if masked else None
                 run_graph(graph, b, observe_hist)
         self.top = top
         self.hist = {n: h.reshape(len(top[n]), HIST_BINS).numpy() for n, h in hist.items()}
-
-    def tensor_stats(self, name: str) -> TensorStats:
-        """The per-tensor statistics of x/s (the channels' histograms merged onto one bin grid)."""
-        top = float(self.top[name].max())
-        merged = np.zeros(HIST_BINS)
-        for j, h in enumerate(self.hist[name]):
-            width = float(self.top[name][j])
-            if width == 0:
-                continue
-            centers = (np.arange(HIST_BINS) + 0.5) * width / HIST_BINS
-            merged += np.bincount(np.minimum((centers / top * HIST_BINS).astype(int), HIST_BINS - 1), h,
-                                  HIST_BINS)
-        return TensorStats(float(self.lo[name].min()), float(self.hi[name].max()), merged)
 
     def channel_thresholds(self, name: str, method: str) -> torch.Tensor:
         if method == "minmax":
@@ -130,8 +165,13 @@ def embed(graph: Graph, batches: Batches, quant: dict[str, Callable], weights: d
     return torch.cat([run_graph(graph, b, hook, weights, biases)[graph.outputs[0]] for b in batches]).numpy()
 
 
-def group_kind(reason: str) -> str:
-    return "ln" if reason.startswith("also read by add") else "gelu" if "gelu" in reason else ""
+def fold_kind(graph: Graph, group: Group) -> str:
+    """context (into a linear's rows), ln (a LayerNorm, with residual adds rescaled), gelu (its tables)."""
+    if group.fold is None:
+        return ""
+    if graph.node(group.fold.producer).op == "gelu":
+        return "gelu"
+    return "ln" if group.fold.rescaled else "context"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=int, default=MINILM_CALIB_SIZE)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
+                        help="activation range method (mse: what the recipe chooses on MiniLM-L6)")
+    parser.add_argument("--ranges", nargs="+", choices=("real", "all"), default=["real", "all"],
+                        help="activation statistics over real tokens only, or all positions (padding included)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -153,63 +197,37 @@ def main(argv: list[str] | None = None) -> None:
     calib = split(calib_t)
     heldout = split(tokens(encoder, minilm_heldout_text()))
     fp32 = embed(graph, heldout, {}, {}, {})
-    config = QuantConfig(calib_method="mse", rounding="nearest")  # what "auto" chooses on MiniLM-L6
+    config = QuantConfig(calib_method=args.method, rounding="nearest")  # mse: what "auto" chooses on MiniLM-L6
+    recipe = Recipe.fixed(graph, config)
     plan = plan_smoothing(graph, calib_t, "auto")
     log("plan_smoothing auto done")
     print(plan.report.table(), flush=True)
-    ctx = apply_smoothing(graph, plan)
-
+    kinds = {g.tensor: fold_kind(graph, g) for g in plan.groups}
     results = []
 
-    def row(name: str, g: Graph, quant: dict, weights: dict, biases: dict) -> None:
-        a = cosine_agreement(fp32, embed(g, heldout, quant, weights, biases))
-        results.append((name, a.mean, a.worst_1pct, a.minimum))
-        log(f"| {name} | {a.mean:.4f} | {a.worst_1pct:.4f} | {a.minimum:.4f} |")
-
-    bases = {}
-    for name, g in (("none", graph), ("auto (context folds)", ctx)):
-        qg = quantize(g, calib_np, config)
-        w, b = dequantized_params(qg)
-        bases[name] = (g, fake_quantizers(qg), w, b)
-        log(f"quantized {name}")
-        row(f"{name}: default", g, bases[name][1], w, b)
-
-    g, quant0, w0, b0 = bases["auto (context folds)"]
-    scales = {gr.tensor: plan.scales[gr.tensor] for gr in plan.groups
-              if gr.fold is None and gr.tensor in plan.scales}
-    kinds = {gr.tensor: group_kind(gr.reason) for gr in plan.groups if gr.tensor in scales}
-    readers = {t: [n.name for n in g.consumers(t) if n.op == "linear"] for t in scales}
-    inter = [n.name for n in g.nodes if n.op == "linear" and n.name.endswith("intermediate.dense")]
-    ones = {n: torch.ones(g.node(n).shape[-1]) for n in inter}
-    ones.update({t: torch.ones(len(s)) for t, s in scales.items()})
-    st_plain = ChannelStats(g, calib, ones)  # unsmoothed, per channel
-    st_smooth = ChannelStats(g, calib, {t: s.float() for t, s in scales.items()})
-    log("channel statistics done")
-
-    def variant(name: str, kind_set: set[str], method: str = "mse", table_input: str | None = None) -> None:
-        quant, weights = dict(quant0), dict(w0)
-        for t, s in scales.items():
-            if kinds[t] not in kind_set:
-                continue
-            stats = st_smooth.tensor_stats(t)
-            signed = not stats.nonnegative
-            thr = clip_threshold(stats, method, signed)
-            quant[t] = grid(thr / (127 if signed else 255) * s.float(), signed)
-            for layer in readers[t]:
-                w_int, w_scale = round_weight(g.weight(layer) * s.float(), 8, config.weight_method)
-                weights[layer] = w_int * w_scale[:, None] / s.float()
-        if table_input:
+    def row(name: str, kind_set: set[str], masked: bool, table_input: bool = False) -> None:
+        where = "real tokens" if masked else "all positions"
+        subset = SmoothPlan(plan.groups, {t: s for t, s in plan.scales.items() if kinds[t] in kind_set}, plan.report)
+        g = apply_smoothing(graph, subset)
+        stats = masked_stats(g, calib, scaled_tensors(g)) if masked else calibrate(g, calib_np)
+        qg = quantize(g, calib_np, config, stats=stats, recipe=recipe)
+        quant = fake_quantizers(qg)
+        if table_input:  # intermediate.dense's output on a grid per channel (its own range, same method)
+            inter = {n.name for n in g.nodes if n.op == "linear" and n.name.endswith("intermediate.dense")}
+            per_channel = ChannelStats(g, calib, inter, masked)
             for n in inter:
-                quant[n] = grid(st_plain.channel_thresholds(n, table_input).float() / 127, True)
-        row(name, g, quant, weights, b0)
+                quant[n] = grid(per_channel.channel_thresholds(n, args.method).float() / 127, True)
+        a = cosine_agreement(fp32, embed(g, heldout, quant, *dequantized_params(qg)))
+        results.append((f"{name}, {args.method} ranges on {where}", a.mean, a.worst_1pct, a.minimum))
+        log(f"| {results[-1][0]} | {a.mean:.4f} | {a.worst_1pct:.4f} | {a.minimum:.4f} |")
 
-    variant("auto + gelu per-channel tables", {"gelu"})
-    variant("auto + LN per-channel (add rescale)", {"ln"})
-    variant("auto + both", {"gelu", "ln"})
-    variant("auto + both, minmax ranges for the smoothed tensors", {"gelu", "ln"}, "minmax")
-    variant("auto + both + table input per channel (minmax)", {"gelu", "ln"}, table_input="minmax")
-    variant("auto + both + table input per channel (mse)", {"gelu", "ln"}, table_input="mse")
-    variant("auto + table input per channel (mse) alone", set(), table_input="mse")
+    for masked in (r == "real" for r in args.ranges):
+        row("none (default)", set(), masked)
+        row("auto today (context folds)", {"context"}, masked)
+        row("+ gelu per-channel tables", {"context", "gelu"}, masked)
+        row("+ LayerNorm / residual-add rescale", {"context", "ln"}, masked)
+        row("+ both", {"context", "gelu", "ln"}, masked)
+        row("+ both + table input per channel", {"context", "gelu", "ln"}, masked, table_input=True)
 
     print("\n| simulated W8A8 | mean cosine | worst 1% | min |\n|---|---|---|---|")
     for name, mean, worst, low in results:

@@ -1,6 +1,7 @@
 """A tiny random BERT quantized end to end: `model.int.onnx` in ONNX Runtime and the TVM build give the reference
 executor's integers bit for bit on padded inputs (every encoder op on real activations, not only the conformance
-suite's random ones), `model.int.onnx` holds no float tensor, and `model.onnx` (QDQ) stays close to the reference."""
+suite's random ones), `model.int.onnx` holds no float tensor, and `model.onnx` (QDQ) stays close to the reference.
+Each runs plain and SmoothQuant-ed (`smooth` alpha auto: per-channel gelu tables and residual adds)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.quantize import quantize
 from lowbit.quantizer.reference import run_reference
+from lowbit.quantizer.smooth import smooth
 
 SEQ = 8
 BATCH = 2  # the graph's static batch (TVM); ONNX Runtime takes any
@@ -38,17 +40,23 @@ def _tokens(rng: np.random.Generator, samples: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="module")
-def tiny_ir() -> QuantizedGraph:
+@pytest.fixture(scope="module", params=["plain", "smoothed"])
+def tiny_ir(request: pytest.FixtureRequest) -> QuantizedGraph:
     torch.manual_seed(0)
     model = BertEncoder(BertConfig.from_dict(TINY, "tiny")).eval()
     example = (torch.randint(0, TINY["vocab_size"], (BATCH, SEQ)), torch.ones(BATCH, SEQ, dtype=torch.int64))
     graph = capture(torch.export.export(model, example), "tiny")
     calib = _tokens(np.random.default_rng(0), 32)
     calib["attention_mask"][-1] = 1  # calibration sentences have tokens
+    if request.param == "smoothed":
+        graph, _ = smooth(graph, {k: torch.from_numpy(v) for k, v in calib.items()}, 0.8)
     qgraph = quantize(graph, calib)
     assert {"embedding", "add_constant", "layer_norm", "matmul", "softmax", "masked_mean", "permute", "linear",
             "lut", "add"} <= {o.op for o in qgraph.ops}
+    per_channel = [o.op for o in qgraph.ops if o.arrays.get("table", np.zeros(1)).ndim == 2
+                   or "channel_multiplier" in o.arrays]
+    # Each layer: one gelu table per channel, two residual adds rescaling a LayerNorm's output.
+    assert per_channel == ([] if request.param == "plain" else ["add", "lut", "add"] * TINY["num_hidden_layers"])
     return qgraph
 
 

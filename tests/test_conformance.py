@@ -129,6 +129,20 @@ def _add(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
                   {"multiplier": mantissas, "shift": shift.astype(np.int32)}, shape, dtype)
 
 
+def _channel_add(rng: np.random.Generator, dtype: str, k: int) -> QuantizedGraph:
+    """Input k multiplied per channel of the last axis (SmoothQuant's rescale of a residual add's input)."""
+    shape = (1, 4, 7)
+    ratios = rng.uniform(0.3, 1.5, 1 + shape[-1])  # the other input's, then input k's per channel
+    ratios[1] = 1.5  # the largest: it sets the shared shift, the other channels get shorter mantissas
+    _, shift = dyadic(ratios.max())
+    mantissas = np.round(ratios * np.exp2(float(shift[0]))).astype(np.int32)
+    lo, hi = qrange(dtype)
+    return _graph("channel_add", {"a": (shape, dtype), "b": (shape, _other(dtype))}, "add",
+                  {"qmin": lo, "qmax": hi, "channel_input": k},
+                  {"multiplier": mantissas[:1], "channel_multiplier": mantissas[1:], "shift": shift.astype(np.int32)},
+                  shape, dtype)
+
+
 def _concat(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
     lo, hi = qrange(dtype)
     return _graph("concat", {"a": ((1, 3, 4, 5), dtype), "b": ((1, 2, 4, 5), _other(dtype))}, "concat",
@@ -168,6 +182,15 @@ def _lut(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
     table = rng.integers(lo, hi + 1, 256).astype(np.dtype(out_dtype))
     return _graph("lut", {"x": ((1, 3, 4, 5), x_dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
                   (1, 3, 4, 5), out_dtype)
+
+
+def _channel_lut(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """One table per channel of the last axis, [C, 256] (gelu(x) / s_j after SmoothQuant)."""
+    x_dtype, out_dtype = ("int8", "int16") if dtype == "int16" else (dtype, _other(dtype))
+    lo, hi = qrange(out_dtype)
+    table = rng.integers(lo, hi + 1, (5, 256)).astype(np.dtype(out_dtype))
+    return _graph("channel_lut", {"x": ((1, 4, 5), x_dtype)}, "lut", {"qmin": lo, "qmax": hi}, {"table": table},
+                  (1, 4, 5), out_dtype)
 
 
 def _quantize(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
@@ -263,8 +286,9 @@ def _masked_mean(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 CASES: dict[str, list[Case]] = {
     "conv": [_conv, lambda rng, d: _conv(rng, d, bits=4), lambda rng, d: _conv(rng, d, requantize=False)],
     "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False)],
-    "add": [_add], "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp],
-    "pad": [_pad], "reshape": [_reshape], "lut": [_lut], "quantize": [_quantize], "dequantize": [_quantize],
+    "add": [_add, lambda rng, d: _channel_add(rng, d, 0), lambda rng, d: _channel_add(rng, d, 1)],
+    "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp], "pad": [_pad],
+    "reshape": [_reshape], "lut": [_lut, _channel_lut], "quantize": [_quantize], "dequantize": [_quantize],
     "embedding": [_embedding], "add_constant": [_add_constant], "permute": [_permute],
     "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True)],
     "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False)],

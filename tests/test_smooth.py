@@ -1,5 +1,6 @@
 """SmoothQuant (lowbit.quantizer.smooth): the float function kept, the scales against an independent computation
-from torch hooks, where 1/s folds and where it refuses to, alpha search and validation."""
+from torch hooks, where 1/s folds (linear rows, LayerNorm gamma/beta with the residual add rescaled, gelu's
+per-channel table) and where it refuses to, alpha search and validation."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _double(graph: Graph) -> Graph:
     return Graph(graph.nodes, {k: v.double() for k, v in graph.params.items()}, graph.inputs, graph.outputs)
 
 
-def test_bert_groups_fold_the_context_into_the_value_rows_and_explain_the_others(tiny) -> None:
+def test_bert_groups_fold_the_context_the_layernorms_and_the_gelu_tables(tiny) -> None:
     graph = tiny[1]
     groups = smoothing_groups(graph)
     assert len(groups) == 4 * 2
@@ -67,11 +68,21 @@ def test_bert_groups_fold_the_context_into_the_value_rows_and_explain_the_others
         assert ln_qkv.layers == tuple(p + f"attention.self.{x}" for x in ("query", "key", "value"))
         assert context.layers == (p + "attention.output.dense",)
         assert context.fold is not None and context.fold.producer == p + "attention.self.value"
+        assert context.fold.rescaled == ()
         assert torch.equal(context.fold.channels, torch.arange(8))  # heads concatenated back in order
         assert ln_inter.layers == (p + "intermediate.dense",) and gelu.layers == (p + "output.dense",)
+        assert ln_inter.fold is not None and ln_inter.fold.producer == p + "attention.output.LayerNorm"
+        assert ln_qkv.fold is not None and graph.node(ln_qkv.fold.producer).op == "layer_norm"
         for post_ln in (ln_qkv, ln_inter):  # post-LN: the residual add reads the LayerNorm output too
-            assert post_ln.fold is None and post_ln.reason.startswith("also read by add ")
-        assert gelu.fold is None and "produced by gelu" in gelu.reason and "nonlinear" in gelu.reason
+            (add,) = post_ln.fold.rescaled
+            assert graph.node(add).op == "add" and post_ln.tensor in graph.node(add).inputs
+        assert gelu.fold is not None and graph.node(gelu.fold.producer).op == "gelu" and gelu.fold.rescaled == ()
+
+
+def _changed_attrs(graph: Graph, smoothed: Graph) -> dict[str, set[str]]:
+    return {n.name: {k for k in m.attrs if k not in n.attrs or m.attrs[k] is not n.attrs[k]}
+            for n, m in zip(graph.nodes, smoothed.nodes, strict=True) if m.attrs != n.attrs or set(m.attrs) != set(
+                n.attrs)}
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0, "auto"])
@@ -82,10 +93,17 @@ def test_smoothing_keeps_the_function_and_leaves_the_input_graph_alone(tiny, alp
     assert all(torch.equal(graph.params[k], v) for k, v in before.items())
     assert [(n.name, n.op, n.inputs) for n in smoothed.nodes] == [(n.name, n.op, n.inputs) for n in graph.nodes]
     applied = [g for g in report.groups if g.applied]
-    assert applied and all(g.folded_into.endswith("attention.self.value") for g in applied)
-    changed = sorted(k for k in graph.params if not torch.equal(graph.params[k], smoothed.params[k]))
-    assert changed == sorted([f"{g.folded_into}.{p}" for g in applied for p in ("weight", "bias")]
-                             + [f"{g.layers[0]}.weight" for g in applied])
+    assert applied and all(g.folded_into for g in report.groups)
+    plan = {g.tensor: g for g in smoothing_groups(graph)}
+    folds = [plan[g.tensor].fold for g in applied]
+    changed = {k for k in graph.params if not torch.equal(graph.params[k], smoothed.params[k])}
+    scaled = {f"{f.producer}.{p}" for f in folds for p in ("weight", "bias") if graph.node(f.producer).op != "gelu"}
+    scaled |= {f"{layer}.weight" for g in applied for layer in g.layers}
+    assert changed == {k for k in scaled if graph.params[k].any()}  # (the LayerNorms' betas start at zero)
+    # gelu takes 1/s as its per-channel output scale, each rescaling add s on the LayerNorm's input
+    want = {f.producer: {"channel_scale"} for f in folds if graph.node(f.producer).op == "gelu"}
+    want.update({add: {"channel_scale", "channel_input"} for f in folds for add in f.rescaled})
+    assert _changed_attrs(graph, smoothed) == want
     torch.testing.assert_close(_output(smoothed, inputs), _output(graph, inputs), rtol=1e-5, atol=1e-5)
     # Smoothed in float64, the only difference is float64 rounding: the transform itself is exact.
     want, got = _output(_double(graph), inputs), _output(smooth(_double(graph), inputs, alpha)[0], inputs)
@@ -113,14 +131,22 @@ def test_scales_match_an_independent_computation_from_torch_hooks(tiny) -> None:
         s = x_max ** alpha / w_max ** (1 - alpha)
         tensor = graph.node(layers[0]).inputs[0]
         np.testing.assert_allclose(plan.scales[tensor].numpy(), s, rtol=1e-5)
-        if name == names[0]:  # folded: weight columns times s, value rows and bias over s
-            np.testing.assert_allclose(smoothed.weight(name).numpy(), graph.weight(name).numpy() * s, rtol=1e-5)
+        for layer in (x for x in layers if not x.endswith("value")):  # weight columns times s (value: below)
+            np.testing.assert_allclose(smoothed.weight(layer).numpy(), graph.weight(layer).numpy() * s, rtol=1e-5)
+        if name == names[0]:  # value rows and bias over s (its columns take the LayerNorm group's s too)
             value = "encoder.layer.1.attention.self.value"
-            np.testing.assert_allclose(smoothed.weight(value).numpy(), graph.weight(value).numpy() / s[:, None],
-                                       rtol=1e-5)
+            s_norm = plan.scales["encoder.layer.0.output.LayerNorm"].numpy()
+            np.testing.assert_allclose(smoothed.weight(value).numpy(),
+                                       graph.weight(value).numpy() / s[:, None] * s_norm[None, :], rtol=1e-5)
             np.testing.assert_allclose(smoothed.bias(value).numpy(), graph.bias(value).numpy() / s, rtol=1e-5)
-        else:  # the post-LN group is measured, not applied
-            assert torch.equal(smoothed.weight(layers[0]), graph.weight(layers[0]))
+        else:  # post-LN: gamma and beta over s, and the residual add reading the LayerNorm output times s
+            norm = "encoder.layer.0.output.LayerNorm"
+            for p in ("weight", "bias"):
+                np.testing.assert_allclose(smoothed.params[f"{norm}.{p}"].numpy(),
+                                           graph.params[f"{norm}.{p}"].numpy() / s, rtol=1e-5)
+            (add,) = [n for n in smoothed.consumers(norm) if n.op == "add"]
+            assert add.inputs[add.attrs["channel_input"]] == norm
+            np.testing.assert_allclose(add.attrs["channel_scale"].numpy(), s, rtol=1e-5)
 
 
 def test_auto_picks_the_lowest_error_and_smooths_the_outlier(tiny) -> None:
@@ -142,7 +168,7 @@ def test_auto_picks_the_lowest_error_and_smooths_the_outlier(tiny) -> None:
     # In layer 1 every alpha of the grid raises that error (this seed), so auto leaves the group alone.
     assert second.alpha is None and not second.applied and second.folded_into
     assert auto.tokens == int(inputs["attention_mask"].sum())
-    assert "L0.att.self.value" in auto.table() and "also read by add" in auto.table()
+    assert "L0.att.self.value" in auto.table() and "add_3 x s" in auto.table()
     assert auto.to_json()["groups"][1]["applied"] is True
 
 
@@ -250,11 +276,33 @@ def test_minilm_smoothing_keeps_the_embedding() -> None:
     inputs = {"input_ids": torch.from_numpy(tokens.input_ids),
               "attention_mask": torch.from_numpy(tokens.attention_mask)}
     smoothed, report = smooth(graph, inputs, "auto")
-    assert len(report.groups) == 24
-    assert {g.folded_into for g in report.groups if g.folded_into} == {
-        f"encoder.layer.{i}.attention.self.value" for i in range(6)}
-    # MiniLM's outliers sit in the post-LN output read by intermediate.dense (channel 99), which cannot fold.
+    assert len(report.groups) == 24 and all(g.folded_into for g in report.groups)
+    # MiniLM's outliers sit in the post-LN output read by intermediate.dense (channel 99): it folds into the
+    # LayerNorm, and the residual add multiplies it back.
     inter = [g for g in report.groups if g.layers[0].endswith("intermediate.dense")]
-    assert all(not g.applied and g.outliers_before > 5 for g in inter)
+    assert all(g.applied and g.outliers_before > 5 and " x s" in g.folded_into for g in inter)
     want, got = _output(graph, inputs), _output(smoothed, inputs)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+class _OtherReaders(nn.Module):
+    """A LayerNorm read by a linear and by `other`: a relu (cannot rescale), or an add reading it twice."""
+
+    def __init__(self, other: str) -> None:
+        super().__init__()
+        self.norm, self.a, self.other = nn.LayerNorm(6), nn.Linear(6, 6), other
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return self.a(y) + (torch.relu(y) if self.other == "relu" else y + y)
+
+
+def test_a_reader_other_than_a_rescaling_add_is_refused() -> None:
+    x = torch.randn(4, 3, 6)
+    for other, reader in (("relu", "relu"), ("twice", "add")):
+        graph = capture(torch.export.export(_OtherReaders(other).eval(), (x,)), other)
+        (group,) = smoothing_groups(graph)
+        assert group.fold is None and f"also read by {reader} " in group.reason
+        assert "only an add can rescale its input per channel, once" in group.reason
+        smoothed, report = smooth(graph, {"x": x}, 0.5)
+        assert not report.groups[0].applied and all(torch.equal(v, smoothed.params[k]) for k, v in graph.params.items())

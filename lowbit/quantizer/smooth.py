@@ -376,8 +376,9 @@ def apply_smoothing(graph: Graph, plan: SmoothPlan) -> Graph:
 
 
 def _times(scale: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
-    """A float32 per-channel scale times `factor` (computed in float64)."""
-    return (factor if scale is None else scale.double() * factor).float()
+    """A per-channel scale times `factor`, kept in float64: the op casts it to its input's dtype, so a float64
+    graph stays exact."""
+    return factor.double() if scale is None else scale.double() * factor.double()
 
 
 def smooth(graph: Graph, inputs: dict[str, torch.Tensor], alpha: Alpha = 0.5, grid: Sequence[float] = ALPHA_GRID,
