@@ -1,22 +1,22 @@
-"""Per-channel smoothing through GELU tables and post-LN LayerNorms (issue #13), measured in fake-quant simulation.
+"""Per-channel SmoothQuant through GELU tables and post-LN LayerNorms (issue #13): simulated W8A8 MiniLM-L6.
 
-    python benchmarks/bench_chansmooth.py [--calib 128] [--seq-len 128] [--threads 1]
+    python benchmarks/bench_chansmooth.py [--calib 128] [--seq-len 128] [--method mse] [--ranges real all]
 
-The integer model is lowbit's default for MiniLM-L6 (W8A8, residual stream int16; mse activation ranges and
-round-to-nearest weights, what the recipe chooses). Its fake-quant simulation (`lowbit.quantizer.simulate`)
-rounds every tensor to its grid. On top of it, per smoothed tensor X with SmoothQuant scales s (smooth.py,
-alpha "auto"):
+Each row smooths some kinds of groups (`quantizer.smooth`, alpha "auto" per group), quantizes the float graph
+with lowbit (W8A8, residual stream int16; `--method` activation ranges, mse by default as the recipe chooses
+on MiniLM-L6, round-to-nearest weights) and runs its fake-quant simulation (`quantizer.simulate`: every tensor
+rounded to its integer grid, float requantization). The kinds:
 
-- gelu -> output.dense: a per-channel table writes gelu(x)/s_j on one per-tensor grid, output.dense's weight
-  columns take s. Simulated as X rounded on the per-channel grid step*s_j, weights Q(W*s)/s.
-- LayerNorm -> q,k,v | intermediate.dense + residual add: gamma and beta over s, the linears' columns times s,
-  and the add multiplies that input by s_j. The same per-channel grid; the add reads the same integers.
-- "table input per channel": intermediate.dense's output (the gelu table's input) on a grid per channel
-  (the linear's requantizer is per output channel already), range per channel.
+- context: attention context -> attention.output.dense, 1/s in the value linear's rows (what --smooth did);
+- gelu: gelu -> output.dense, 1/s in gelu's per-channel tables;
+- ln: LayerNorm -> q,k,v | intermediate.dense, 1/s in gamma and beta, s in the residual add's per-channel
+  multiplier.
 
-The per-tensor grid of X/s is chosen as lowbit chooses ranges (`clip_threshold`, over all calibration
-positions, padding included) with the method named in the row. Score: cosine of the pooled embedding with
-FP32 on the 200 held-out sentences, mean and worst 1%.
+"table input per channel" also puts intermediate.dense's output (the gelu table's input) on a grid per
+channel, with each channel's own range (a linear's requantizer is per output channel already): simulated only.
+Activation ranges come from all calibration positions, padding included (what lowbit's calibration does), or
+from real tokens only (`--ranges real`; padding never reaches the pooled embedding). Score: cosine of the
+pooled embedding with FP32 on the 200 held-out sentences: mean, worst 1%, minimum.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def forward(
         else:
             out = run_node(graph, node, [env[n] for n in node.inputs], weights.get(node.name), biases.get(node.name))
         env[node.name] = on_output(node.name, out) if on_output else out
-        for name in node.inputs:  # free activations nobody reads any more
+        for name in dict.fromkeys(node.inputs):  # free activations nobody reads any more (x + x: once)
             if last_use[name] == i and name not in graph.outputs:
                 del env[name]
     return {o: env[o] for o in graph.outputs}

@@ -123,7 +123,7 @@ class _Chooser:
                quantizers: Mapping[str, FakeQuant]) -> None:
         fq = quantizers.get(name)
         env[name] = fq(raw) if fq else raw
-        for n in self.graph.nodes[i].inputs:  # free what nobody reads any more
+        for n in dict.fromkeys(self.graph.nodes[i].inputs):  # free what nobody reads any more (x + x: once)
             if self.last_use[n] == i and n not in self.graph.outputs:
                 del env[n]
 
