@@ -40,7 +40,7 @@ from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, _mse_threshold
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.graph import Graph, run_graph
-from lowbit.quantizer.quantize import calibrate, quantize, scaled_tensors
+from lowbit.quantizer.quantize import quantize, scaled_tensors
 from lowbit.quantizer.recipe import Recipe
 from lowbit.quantizer.simulate import dequantized_params, fake_quantizers
 from lowbit.quantizer.smooth import Group, SmoothPlan, apply_smoothing, plan_smoothing
@@ -72,8 +72,9 @@ def real_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def masked_stats(graph: Graph, batches: Batches, names: set[str]) -> dict[str, TensorStats]:
-    """`calibrate.collect_stats` over real tokens only (padding positions never reach the pooled output)."""
+def position_stats(graph: Graph, batches: Batches, names: set[str], masked: bool) -> dict[str, TensorStats]:
+    """`calibrate.collect_stats` over real tokens only (`masked`; as lowbit calibrates now), or over every
+    position, padding included (as it did before)."""
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
     mask: list[torch.Tensor | None] = [None]
@@ -98,7 +99,7 @@ def masked_stats(graph: Graph, batches: Batches, names: set[str]) -> dict[str, T
     with torch.no_grad():
         for hook in (observe_range, observe_hist):
             for b in batches:
-                mask[0] = b["attention_mask"]
+                mask[0] = b["attention_mask"] if masked else None
                 run_graph(graph, b, hook)
     return {n: TensorStats(lo[n], hi[n], hists[n]) for n in lo}
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         where = "real tokens" if masked else "all positions"
         subset = SmoothPlan(plan.groups, {t: s for t, s in plan.scales.items() if kinds[t] in kind_set}, plan.report)
         g = apply_smoothing(graph, subset)
-        stats = masked_stats(g, calib, scaled_tensors(g)) if masked else calibrate(g, calib_np)
+        stats = position_stats(g, calib, scaled_tensors(g), masked)
         qg = quantize(g, calib_np, config, stats=stats, recipe=recipe)
         quant = fake_quantizers(qg)
         if table_input:  # intermediate.dense's output on a grid per channel (its own range, same method)
