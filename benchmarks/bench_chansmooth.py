@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lowbit.models.minilm import MINILM_CALIB_SIZE, minilm_calibration_text, minilm_heldout_text, minilm_l6
-from lowbit.quantizer.calibrate import HIST_BINS, TensorStats, _mse_threshold
+from lowbit.quantizer.calibrate import HIST_BINS, TensorStats
 from lowbit.quantizer.capture import capture
 from lowbit.quantizer.config import QuantConfig
 from lowbit.quantizer.graph import Graph, run_graph
@@ -148,12 +148,22 @@ class ChannelStats:
         self.hist = {n: h.reshape(len(top[n]), HIST_BINS).numpy() for n, h in hist.items()}
 
     def channel_thresholds(self, name: str, method: str) -> torch.Tensor:
+        """Per channel: max|x| (minmax), or the threshold `calibrate.clip_threshold`'s mse search picks from the
+        channel's own histogram (the same candidates and error model, all channels at once)."""
+        top = self.top[name]
         if method == "minmax":
-            return self.top[name].clone()
+            return top.clone()
         levels = 127 if float(self.lo[name].min()) < 0 else 255
-        out = [(_mse_threshold(h, np.linspace(0, float(t), HIST_BINS + 1), levels) if t > 0 else 0.0)
-               for h, t in zip(self.hist[name], self.top[name].tolist(), strict=True)]
-        return torch.tensor(out, dtype=torch.float64)
+        hist = torch.from_numpy(self.hist[name])
+        k = torch.arange(HIST_BINS, dtype=torch.float64) + 0.5  # bin centers, in bins
+        best, best_err = torch.full_like(top, HIST_BINS), torch.full_like(top, np.inf)
+        for c in range(HIST_BINS, HIST_BINS // 64 - 1, -(HIST_BINS // 512)):  # from absmax downwards
+            inside = k < c
+            err = (hist[:, inside].sum(1) * (c / levels) ** 2 / 12.0
+                   + (hist[:, ~inside] * (k[~inside] - c) ** 2).sum(1))
+            better = err < best_err
+            best, best_err = torch.where(better, float(c), best), torch.where(better, err, best_err)
+        return best * top / HIST_BINS
 
 
 def grid(step: torch.Tensor | float, signed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -228,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                         help="activation range method (mse: what the recipe chooses on MiniLM-L6)")
+    parser.add_argument("--rows", nargs="+", choices=("none", "context", "gelu", "ln", "both", "table"),
+                        default=["none", "context", "gelu", "ln", "both", "table"], help="simulated rows to run")
     parser.add_argument("--integer", action="store_true", help="quantize for real and run the reference executor")
     parser.add_argument("--smooth", nargs="+", default=["none", "auto"], help="with --integer: none, auto or alpha")
     parser.add_argument("--ranges", nargs="+", choices=("real", "all"), default=["real", "all"],
@@ -273,13 +285,15 @@ def main(argv: list[str] | None = None) -> None:
         results.append((f"{name}, {args.method} ranges on {where}", a.mean, a.worst_1pct, a.minimum))
         log(f"| {results[-1][0]} | {a.mean:.4f} | {a.worst_1pct:.4f} | {a.minimum:.4f} |")
 
+    rows = {"none": ("none (default)", set(), False), "context": ("auto today (context folds)", {"context"}, False),
+            "gelu": ("+ gelu per-channel tables", {"context", "gelu"}, False),
+            "ln": ("+ LayerNorm / residual-add rescale", {"context", "ln"}, False),
+            "both": ("+ both", {"context", "gelu", "ln"}, False),
+            "table": ("+ both + table input per channel", {"context", "gelu", "ln"}, True)}
     for masked in (r == "real" for r in args.ranges):
-        row("none (default)", set(), masked)
-        row("auto today (context folds)", {"context"}, masked)
-        row("+ gelu per-channel tables", {"context", "gelu"}, masked)
-        row("+ LayerNorm / residual-add rescale", {"context", "ln"}, masked)
-        row("+ both", {"context", "gelu", "ln"}, masked)
-        row("+ both + table input per channel", {"context", "gelu", "ln"}, masked, table_input=True)
+        for key in args.rows:
+            name, kind_set, table_input = rows[key]
+            row(name, kind_set, masked, table_input)
 
     print("\n| simulated W8A8 | mean cosine | worst 1% | min |\n|---|---|---|---|")
     for name, mean, worst, low in results:
