@@ -58,8 +58,10 @@ DEFAULTS = QuantConfig()
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
 @click.option("--smooth", default=DEFAULTS.smooth, show_default=True,
               help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), or auto (alpha "
-                   "per group of linears, chosen by the W8A8 error on held-back calibration data). Groups whose "
-                   "scales cannot fold into the op before them are reported, not applied.")
+                   "per group of linears, chosen by the W8A8 error on held-back calibration data). 1/s folds into the "
+                   "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
+                   "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
+                   "reported, not applied.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
