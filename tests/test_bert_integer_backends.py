@@ -1,7 +1,7 @@
 """A tiny random BERT quantized end to end: `model.int.onnx` in ONNX Runtime and the TVM build give the reference
 executor's integers bit for bit on padded inputs (every encoder op on real activations, not only the conformance
 suite's random ones), `model.int.onnx` holds no float tensor, and `model.onnx` (QDQ) stays close to the reference.
-Each runs plain and SmoothQuant-ed (`smooth` alpha auto: per-channel gelu tables and residual adds)."""
+Each runs plain and SmoothQuant-ed (`smooth`, alpha 0.8: per-channel gelu tables and residual adds)."""
 
 from __future__ import annotations
 
