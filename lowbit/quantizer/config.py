@@ -37,9 +37,10 @@ class QuantConfig:
     bias_correction: bool = False  # empirical bias correction (Nagel et al. 2019); it hurt held-out agreement
     refine_samples: int = 64  # calibration samples used by GPTQ and bias correction
     # SmoothQuant before quantization (`smooth.py`): "none", an alpha in [0, 1] written as text ("0.5"), or
-    # "auto" (alpha searched per group). Off by default: it applies only where 1/s folds exactly, which in
-    # post-LN MiniLM-L6 is the attention context alone; "auto" moved the simulated W8A8 held-out cosine from
-    # 0.9798 to 0.9800 (worst 1%: 0.9476 to 0.9542; benchmarks/bench_smooth.py).
+    # "auto" (alpha searched per group). 1/s folds into the value linear's rows, LayerNorm's gamma/beta (the
+    # residual add multiplies that input back per channel) and GELU's per-channel tables. On MiniLM-L6 "auto"
+    # moved the integer W8A8 held-out cosine from 0.9749 to 0.9948 (worst 1%: 0.9585 to 0.9903;
+    # benchmarks/bench_chansmooth.py --integer). Off by default for now.
     smooth: str = "none"
     seed: int = 0
 
