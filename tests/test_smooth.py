@@ -259,7 +259,7 @@ def test_bad_alpha_and_config_are_refused_clearly(tiny) -> None:
     for bad in ("0.5x", "1.5", "nan", "", "Auto"):
         with pytest.raises(LowbitError, match="--smooth"):
             parse_smooth(bad)
-    assert QuantConfig(smooth="0.75").smooth == "0.75" and QuantConfig().smooth == "none"
+    assert QuantConfig(smooth="0.75").smooth == "0.75" and QuantConfig().smooth == "default"
     with pytest.raises(LowbitError, match=r"--smooth '2': expected none, auto"):
         QuantConfig(smooth="2")
 
@@ -306,3 +306,14 @@ def test_a_reader_other_than_a_rescaling_add_is_refused() -> None:
         assert "only an add can rescale its input per channel, once" in group.reason
         smoothed, report = smooth(graph, {"x": x}, 0.5)
         assert not report.groups[0].applied and all(torch.equal(v, smoothed.params[k]) for k, v in graph.params.items())
+
+
+def test_the_default_smooths_graphs_with_an_attention_mask_only(tiny) -> None:
+    from lowbit.quantizer.config import QuantConfig
+    from lowbit.quantizer.smooth import resolve_smooth
+
+    _, bert, _ = tiny
+    unmasked = capture(torch.export.export(_PreLN().eval(), (torch.randn(2, 3, 6),)), "pre_ln")
+    assert QuantConfig().smooth == "default"
+    assert resolve_smooth("default", bert) == "auto" and resolve_smooth("default", unmasked) == "none"
+    assert resolve_smooth("0.5", unmasked) == "0.5" and resolve_smooth("none", bert) == "none"

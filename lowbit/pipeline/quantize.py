@@ -28,7 +28,7 @@ from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.recipe import Recipe, choose_recipe
-from ..quantizer.smooth import SmoothReport, parse_smooth, smooth
+from ..quantizer.smooth import SmoothReport, parse_smooth, resolve_smooth, smooth
 from ..runtime.tokenizer import TOKENIZER_FILE
 from . import checks
 from . import report as reports
@@ -119,6 +119,7 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
     smoothing = None
+    config = replace(config, smooth=resolve_smooth(config.smooth, prepared.graph))  # the report names what ran
     alpha = parse_smooth(config.smooth)
     if alpha is not None:
         with progress.stage("smooth"):

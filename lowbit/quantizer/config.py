@@ -40,8 +40,9 @@ class QuantConfig:
     # "auto" (alpha searched per group). 1/s folds into the value linear's rows, LayerNorm's gamma/beta (the
     # residual add multiplies that input back per channel) and GELU's per-channel tables. On MiniLM-L6 "auto"
     # moved the integer W8A8 held-out cosine from 0.9749 to 0.9948 (worst 1%: 0.9585 to 0.9903;
-    # benchmarks/bench_chansmooth.py --integer). Off by default for now.
-    smooth: str = "none"
+    # benchmarks/bench_chansmooth.py --integer). "default": auto for a graph that reads an attention mask (a
+    # transformer, where those folds exist), none otherwise (a CNN has no LayerNorm or GELU to fold into).
+    smooth: str = "default"
     seed: int = 0
 
     def __post_init__(self) -> None:

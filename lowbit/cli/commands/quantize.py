@@ -57,11 +57,12 @@ DEFAULTS = QuantConfig()
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
 @click.option("--smooth", default=DEFAULTS.smooth, show_default=True,
-              help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), or auto (alpha "
+              help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), auto (alpha "
                    "per group of linears, chosen by the W8A8 error on held-back calibration data). 1/s folds into the "
                    "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
                    "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
-                   "reported, not applied.")
+                   "reported, not applied. default: auto for transformers (graphs that read an attention "
+                   "mask), none for CNNs.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
