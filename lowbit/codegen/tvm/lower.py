@@ -46,6 +46,7 @@ class _Context:
     conv2d: ConvKernel
     dense: DenseKernel
     residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
+    encoder_threads: int = 0  # > 0: lowbit's x86 encoder kernels (`encoder`) with that many parallel tasks
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
@@ -356,15 +357,17 @@ def check_supported(qgraph: QuantizedGraph) -> None:
 
 
 def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: DenseKernel | None = None,
-          fuse_residuals: bool = False, integer_outputs: bool = False) -> Lowered:
+          fuse_residuals: bool = False, integer_outputs: bool = False, encoder_threads: int = 0) -> Lowered:
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 
     `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues.
-    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs."""
+    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs.
+    `encoder_threads` > 0 (an x86 target with AVX2): the encoder's matmuls, softmaxes and LayerNorms run on
+    lowbit's fast kernels (`encoder`) with that many parallel tasks, where their bounds hold."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
-                   residual_adds(qgraph) if fuse_residuals else {})
+                   residual_adds(qgraph) if fuse_residuals else {}, int(encoder_threads))
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
               for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):
