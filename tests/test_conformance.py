@@ -205,14 +205,17 @@ def _permute(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 _MATMUL_OPERANDS = {"int8": ("int8", "int8"), "uint8": ("uint8", "int8"), "int16": ("uint8", "uint8")}
 
 
-def _matmul(rng: np.random.Generator, dtype: str, requantize: bool) -> QuantizedGraph:
-    """8-bit x 8-bit (int16 is not an operand type: that run takes u8 x u8), raw int32 or requantized."""
+def _matmul(rng: np.random.Generator, dtype: str, requantize: bool,
+            mkn: tuple[int, int, int] = (5, 16, 3)) -> QuantizedGraph:
+    """8-bit x 8-bit (int16 is not an operand type: that run takes u8 x u8), raw int32 or requantized. The x86
+    kernel's paths: (13, 37, 20) has whole and partial 8-column blocks, a row-tile tail and an odd K."""
     a, b = _MATMUL_OPERANDS[dtype]
-    inputs = {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 3), b)}
+    m, k, n = mkn
+    inputs = {"a": ((1, 2, m, k), a), "b": ((1, 2, k, n), b)}
     if not requantize:
-        return _graph("matmul", inputs, "matmul", {}, {}, (1, 2, 5, 3), "int32")
+        return _graph("matmul", inputs, "matmul", {}, {}, (1, 2, m, n), "int32")
     return _graph("matmul", inputs, "matmul", {"qmin": -128, "qmax": 127}, _requant(rng, 1, 1e-4, 2e-2),
-                  (1, 2, 5, 3), "int8")
+                  (1, 2, m, n), "int8")
 
 
 def _softmax_attrs(scale: float) -> tuple[dict, dict[str, np.ndarray]]:
@@ -221,22 +224,24 @@ def _softmax_attrs(scale: float) -> tuple[dict, dict[str, np.ndarray]]:
             {"coefficients": np.asarray(c.coefficients, dtype=np.int64)})
 
 
-def _softmax_of_scores(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+def _softmax_of_scores(rng: np.random.Generator, dtype: str, keys: int = 7) -> QuantizedGraph:
     """As in an encoder: the raw int32 scores of an int8 x int8 matmul, masked by the attention mask."""
     a, b = _MATMUL_OPERANDS[dtype]
-    qgraph = _graph("softmax", {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 7), b), "mask": ((1, 7), "int64")},
-                    "softmax", *_softmax_attrs(rng.uniform(2e-5, 1e-4)), (1, 2, 5, 7), "uint8")
-    qgraph.values["scores"] = Value("scores", "int32", (1, 2, 5, 7), 1.0)
+    qgraph = _graph("softmax", {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, keys), b), "mask": ((1, keys), "int64")},
+                    "softmax", *_softmax_attrs(rng.uniform(2e-5, 1e-4)), (1, 2, 5, keys), "uint8")
+    qgraph.values["scores"] = Value("scores", "int32", (1, 2, 5, keys), 1.0)
     softmax = qgraph.op("op")
     qgraph.ops.insert(qgraph.ops.index(softmax), Op("scores_op", "matmul", softmax.inputs[:2], "scores"))
     softmax.inputs = ["scores", "mask"]
     return qgraph
 
 
-def _softmax(rng: np.random.Generator, dtype: str, masked: bool) -> QuantizedGraph:
-    """Scores over int32's whole range (an int64 input): rows from -2^31 to 2^31 - 1, with or without a mask."""
-    inputs = {"scores": ((1, 2, 5, 7), "int64"), **({"mask": ((1, 7), "int64")} if masked else {})}
-    return _graph("softmax", inputs, "softmax", *_softmax_attrs(rng.uniform(2e-9, 1e-8)), (1, 2, 5, 7), "uint8")
+def _softmax(rng: np.random.Generator, dtype: str, masked: bool, scale: tuple[float, float] = (2e-9, 1e-8),
+             keys: int = 7) -> QuantizedGraph:
+    """Scores over int32's whole range (an int64 input): rows from -2^31 to 2^31 - 1, with or without a mask. Scales
+    of 1e-4 keep x86's int32 row kernel (its clamp at the row max - 2^17 or so, and at INT32_MIN); 1e-8 do not."""
+    inputs = {"scores": ((1, 2, 5, keys), "int64"), **({"mask": ((1, keys), "int64")} if masked else {})}
+    return _graph("softmax", inputs, "softmax", *_softmax_attrs(rng.uniform(*scale)), (1, 2, 5, keys), "uint8")
 
 
 def _layer_norm(rng: np.random.Generator, dtype: str, width: int = 12, eps: float = 1e-5) -> QuantizedGraph:
@@ -266,8 +271,11 @@ CASES: dict[str, list[Case]] = {
     "add": [_add], "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp],
     "pad": [_pad], "reshape": [_reshape], "lut": [_lut], "quantize": [_quantize], "dequantize": [_quantize],
     "embedding": [_embedding], "add_constant": [_add_constant], "permute": [_permute],
-    "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True)],
-    "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False)],
+    "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True),
+               lambda rng, d: _matmul(rng, d, False, (13, 37, 20)), lambda rng, d: _matmul(rng, d, True, (13, 37, 20))],
+    "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False),
+                lambda rng, d: _softmax_of_scores(rng, d, 20),
+                lambda rng, d: _softmax(rng, d, True, (5e-5, 2e-4), 20)],
     "layer_norm": [_layer_norm, lambda rng, d: _layer_norm(rng, d, eps=0.0), lambda rng, d: _layer_norm(rng, d, 1000)],
     "masked_mean": [_masked_mean],
 }
@@ -356,7 +364,8 @@ def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], portable: bo
 
     target = parse_target(DEFAULT_TARGET)
     conv2d, dense, kernels = (None, None, "portable") if portable else layer_kernels(target)
-    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
+    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True,
+                    encoder_threads=0 if kernels == "portable" else 2)
     vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
     samples, first = len(next(iter(x.values()))), len(lowered.outputs)  # the integers follow the float outputs
