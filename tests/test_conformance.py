@@ -104,6 +104,15 @@ def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool 
                   {**arrays, **_layer_requant(rng, dtype, (8, 5, 3, 3), 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
 
 
+def _linear_to_int16(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """An 8-bit input (int8 for the int16 run) and an int16 output, as MiniLM's FFN-down and attention output
+    layers: x86 requantizes in the dense kernel's epilogue, over the whole int16 range."""
+    x_dtype = "int8" if dtype == "int16" else dtype
+    attrs = {"weight_bits": 8, "weight_scale": [1.0] * 12, "input_scale": 1.0, "qmin": -32768, "qmax": 32767}
+    return _graph("linear", {"x": ((1, 40), x_dtype)}, "linear", attrs,
+                  {**_layer_arrays(rng, (12, 40), 8), **_requant(rng, 12, 0.05, 0.8)}, (1, 12), "int16")
+
+
 def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
     attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (6, 20), bits)
@@ -267,7 +276,8 @@ def _masked_mean(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 
 CASES: dict[str, list[Case]] = {
     "conv": [_conv, lambda rng, d: _conv(rng, d, bits=4), lambda rng, d: _conv(rng, d, requantize=False)],
-    "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False)],
+    "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False),
+               _linear_to_int16],
     "add": [_add], "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp],
     "pad": [_pad], "reshape": [_reshape], "lut": [_lut], "quantize": [_quantize], "dequantize": [_quantize],
     "embedding": [_embedding], "add_constant": [_add_constant], "permute": [_permute],
