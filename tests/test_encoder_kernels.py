@@ -103,3 +103,31 @@ def test_layer_norm_rows_equal_the_reference_on_edge_rows(width: int, x_dtype: s
     assert kernel is not None
     func, arrays = kernel
     np.testing.assert_array_equal(_run(func, [x, *arrays], np.zeros(x.shape, np.int8)), integer_layer_norm_int(x, c))
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+@pytest.mark.parametrize(("k", "bits"), [(1540, 8), (4100, 4)])
+def test_dense_in_k_chunks_is_exact(k: int, bits: int) -> None:
+    """A register tile's weights past L1 (FFN-down's K = 1536) are swept in K chunks with the partial sums in a
+    scratch buffer: the same integers, requantized or raw, with a row tail and a partial last column block."""
+    from lowbit.codegen.tvm.x86 import dense
+    from lowbit.codegen.tvm.x86.isa import Isa
+    from lowbit.codegen.tvm.x86.plans import ConvGeometry, Epilogue, GemmPlan
+
+    m, n = 13, 20
+    plan = GemmPlan(ConvGeometry.of((m, 1, 1, k), (n, k, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1)), 1, "int8", (m, k),
+                    (m, n), Epilogue(True, -128, 127, "int8", False), Isa(), bits)
+    assert plan.NKC > 1
+    rng = np.random.default_rng(k)
+    lo = -8 if bits == 4 else -127
+    w = rng.integers(lo, -lo, (n, k)).astype(np.int8)
+    w[0] = -lo - 1
+    x = _draw(rng, (m, k), "int8")
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    acc = x.astype(np.int64) @ w.astype(np.int64).T + bias
+    func, consts = dense((m, k), "int8", w, bias, None, None, 0, 0, "int32", weight_bits=bits, num_threads=2)
+    np.testing.assert_array_equal(_run(func, [x, *consts], np.zeros((m, n), np.int32)), acc)
+    mantissa, shift = dyadic(rng.uniform(1e-5, 1e-4, n))
+    func, consts = dense((m, k), "int8", w, bias, mantissa, shift, -128, 127, "int8", weight_bits=bits, num_threads=2)
+    want = np.clip((acc * mantissa + (np.int64(1) << shift >> 1)) >> shift, -128, 127)
+    np.testing.assert_array_equal(_run(func, [x, *consts], np.zeros((m, n), np.int8)), want)
