@@ -4,8 +4,9 @@ layer_norm and masked_mean, registered in `lower.CONVERTERS`, bit-exact with the
 Correctness first: every kernel computes in int64 exactly as the reference's comment block states it (an
 arithmetic `>>` floors, `floordiv` floors), its tensors in the IR's order (these ops never see NHWC). Row
 statistics (max, sums, the integer square root) are small stages of their own, so no expression is repeated;
-the stages are scheduled only by parallelizing their outer loop. Dedicated kernels (VNNI batched matmuls, fused
-softmax and LayerNorm rows) are the next step for speed.
+the stages are scheduled only by parallelizing their outer loop. These generic kernels serve portable builds and
+the cases the fast ones refuse: x86 builds (`lower`'s `encoder_threads`) run the matmuls on `x86.matmul_pairs`
+(AVX2) and the softmax and LayerNorm rows on `rows` (int32 where bounded, exact float64 divisions).
 """
 
 from __future__ import annotations
