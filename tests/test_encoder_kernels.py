@@ -131,3 +131,25 @@ def test_dense_in_k_chunks_is_exact(k: int, bits: int) -> None:
     func, consts = dense((m, k), "int8", w, bias, mantissa, shift, -128, 127, "int8", weight_bits=bits, num_threads=2)
     want = np.clip((acc * mantissa + (np.int64(1) << shift >> 1)) >> shift, -128, 127)
     np.testing.assert_array_equal(_run(func, [x, *consts], np.zeros((m, n), np.int8)), want)
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+def test_a_graph_rebatched_for_a_static_batch_build_computes_the_same_integers() -> None:
+    """`QuantizedGraph.with_batch`: the scores -> masked softmax chain built by TVM for batch 3 gives the
+    reference executor's integers for 3 samples at once (the benchmark's batch-8 build relies on it)."""
+    from test_conformance import _inputs, _softmax_of_scores  # pytest puts tests/ on the path
+
+    from lowbit.codegen.tvm.lower import lower
+    from lowbit.quantizer.reference import run_reference
+
+    rng = np.random.default_rng(3)
+    qgraph = _softmax_of_scores(rng, "int8", 20)
+    x = _inputs(qgraph, rng, samples=3)
+    wide = qgraph.with_batch(3)
+    assert all(v.shape[0] == 3 for v in wide.values.values()) and wide.ops is qgraph.ops
+    want = run_reference(qgraph, x, integer_outputs=True)[qgraph.int_outputs[0]]
+    lowered = lower(wide, integer_outputs=True, encoder_threads=2)
+    vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(TARGET)), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x[name]) for name in qgraph.inputs],
+                     *[tvm.runtime.tensor(a) for a in lowered.params.values()])
+    np.testing.assert_array_equal(out[len(lowered.outputs)].numpy(), want)
