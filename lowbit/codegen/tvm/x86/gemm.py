@@ -13,9 +13,11 @@ The requantize epilogue (and a fused residual add) runs on the accumulator tile 
 chunked per thread (`num_threads` tasks) so the per-task accumulator scratch is allocated once per task.
 
 `gemm_func` reads only its `GemmPlan`, which holds shapes and choices, never weight values: W32 and BIAS are
-PrimFunc parameters like X. Attention's Q.K^T and A.V (two activation operands) have their own kernel for now,
-`matmul.matmul_nt`, which packs its second operand at run time into these words (VNNI) but has no register
-tiles or requantize epilogue. What still ties this GEMM to constant weights, and what reusing it needs:
+PrimFunc parameters like X. Attention's Q.K^T and A.V (two activation operands) have their own kernels,
+`matmul.matmul_pairs` (AVX2: both operands packed at run time into these int16-pair words, the same register
+tiles and requantize epilogue) and `matmul.matmul_nt` (VNNI, not wired in). Where a register tile's weights pass
+16 KB (`GemmPlan.KCW`), each task sweeps K in chunks, its partial sums in a scratch buffer between chunks. What
+still ties this GEMM to constant weights, and what reusing it needs:
 - the weight words are packed in numpy (`packing.pack_gemm_weight`): a run-time operand needs a TIR pass that
   packs it into the same words (`packing.pack_k_major_vnni` is that layout from [G, N, K] values);
 - int8 activations are fed as x + 128, and -128 * sum_k w is folded into BIAS in numpy: with a run-time operand
