@@ -104,6 +104,15 @@ def _conv(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool 
                   {**arrays, **_layer_requant(rng, dtype, (8, 5, 3, 3), 1e-4, 2e-2)}, (1, 8, 5, 4), dtype)
 
 
+def _linear_to_int16(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+    """An 8-bit input (int8 for the int16 run) and an int16 output, as MiniLM's FFN-down and attention output
+    layers: x86 requantizes in the dense kernel's epilogue, over the whole int16 range."""
+    x_dtype = "int8" if dtype == "int16" else dtype
+    attrs = {"weight_bits": 8, "weight_scale": [1.0] * 12, "input_scale": 1.0, "qmin": -32768, "qmax": 32767}
+    return _graph("linear", {"x": ((1, 40), x_dtype)}, "linear", attrs,
+                  {**_layer_arrays(rng, (12, 40), 8), **_requant(rng, 12, 0.05, 0.8)}, (1, 12), "int16")
+
+
 def _linear(rng: np.random.Generator, dtype: str, bits: int = 8, requantize: bool = True) -> QuantizedGraph:
     attrs = {"weight_bits": bits, "weight_scale": [1.0] * 6, "input_scale": 1.0}
     arrays = _layer_arrays(rng, (6, 20), bits)
@@ -228,14 +237,17 @@ def _permute(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 _MATMUL_OPERANDS = {"int8": ("int8", "int8"), "uint8": ("uint8", "int8"), "int16": ("uint8", "uint8")}
 
 
-def _matmul(rng: np.random.Generator, dtype: str, requantize: bool) -> QuantizedGraph:
-    """8-bit x 8-bit (int16 is not an operand type: that run takes u8 x u8), raw int32 or requantized."""
+def _matmul(rng: np.random.Generator, dtype: str, requantize: bool,
+            mkn: tuple[int, int, int] = (5, 16, 3)) -> QuantizedGraph:
+    """8-bit x 8-bit (int16 is not an operand type: that run takes u8 x u8), raw int32 or requantized. The x86
+    kernel's paths: (13, 37, 20) has whole and partial 8-column blocks, a row-tile tail and an odd K."""
     a, b = _MATMUL_OPERANDS[dtype]
-    inputs = {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 3), b)}
+    m, k, n = mkn
+    inputs = {"a": ((1, 2, m, k), a), "b": ((1, 2, k, n), b)}
     if not requantize:
-        return _graph("matmul", inputs, "matmul", {}, {}, (1, 2, 5, 3), "int32")
+        return _graph("matmul", inputs, "matmul", {}, {}, (1, 2, m, n), "int32")
     return _graph("matmul", inputs, "matmul", {"qmin": -128, "qmax": 127}, _requant(rng, 1, 1e-4, 2e-2),
-                  (1, 2, 5, 3), "int8")
+                  (1, 2, m, n), "int8")
 
 
 def _softmax_attrs(scale: float) -> tuple[dict, dict[str, np.ndarray]]:
@@ -244,22 +256,24 @@ def _softmax_attrs(scale: float) -> tuple[dict, dict[str, np.ndarray]]:
             {"coefficients": np.asarray(c.coefficients, dtype=np.int64)})
 
 
-def _softmax_of_scores(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
+def _softmax_of_scores(rng: np.random.Generator, dtype: str, keys: int = 7) -> QuantizedGraph:
     """As in an encoder: the raw int32 scores of an int8 x int8 matmul, masked by the attention mask."""
     a, b = _MATMUL_OPERANDS[dtype]
-    qgraph = _graph("softmax", {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, 7), b), "mask": ((1, 7), "int64")},
-                    "softmax", *_softmax_attrs(rng.uniform(2e-5, 1e-4)), (1, 2, 5, 7), "uint8")
-    qgraph.values["scores"] = Value("scores", "int32", (1, 2, 5, 7), 1.0)
+    qgraph = _graph("softmax", {"a": ((1, 2, 5, 16), a), "b": ((1, 2, 16, keys), b), "mask": ((1, keys), "int64")},
+                    "softmax", *_softmax_attrs(rng.uniform(2e-5, 1e-4)), (1, 2, 5, keys), "uint8")
+    qgraph.values["scores"] = Value("scores", "int32", (1, 2, 5, keys), 1.0)
     softmax = qgraph.op("op")
     qgraph.ops.insert(qgraph.ops.index(softmax), Op("scores_op", "matmul", softmax.inputs[:2], "scores"))
     softmax.inputs = ["scores", "mask"]
     return qgraph
 
 
-def _softmax(rng: np.random.Generator, dtype: str, masked: bool) -> QuantizedGraph:
-    """Scores over int32's whole range (an int64 input): rows from -2^31 to 2^31 - 1, with or without a mask."""
-    inputs = {"scores": ((1, 2, 5, 7), "int64"), **({"mask": ((1, 7), "int64")} if masked else {})}
-    return _graph("softmax", inputs, "softmax", *_softmax_attrs(rng.uniform(2e-9, 1e-8)), (1, 2, 5, 7), "uint8")
+def _softmax(rng: np.random.Generator, dtype: str, masked: bool, scale: tuple[float, float] = (2e-9, 1e-8),
+             keys: int = 7) -> QuantizedGraph:
+    """Scores over int32's whole range (an int64 input): rows from -2^31 to 2^31 - 1, with or without a mask. Scales
+    of 1e-4 keep x86's int32 row kernel (its clamp at the row max - 2^17 or so, and at INT32_MIN); 1e-8 do not."""
+    inputs = {"scores": ((1, 2, 5, keys), "int64"), **({"mask": ((1, keys), "int64")} if masked else {})}
+    return _graph("softmax", inputs, "softmax", *_softmax_attrs(rng.uniform(*scale)), (1, 2, 5, keys), "uint8")
 
 
 def _layer_norm(rng: np.random.Generator, dtype: str, width: int = 12, eps: float = 1e-5) -> QuantizedGraph:
@@ -285,13 +299,17 @@ def _masked_mean(rng: np.random.Generator, dtype: str) -> QuantizedGraph:
 
 CASES: dict[str, list[Case]] = {
     "conv": [_conv, lambda rng, d: _conv(rng, d, bits=4), lambda rng, d: _conv(rng, d, requantize=False)],
-    "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False)],
+    "linear": [_linear, lambda rng, d: _linear(rng, d, bits=4), lambda rng, d: _linear(rng, d, requantize=False),
+               _linear_to_int16],
     "add": [_add, lambda rng, d: _channel_add(rng, d, 0), lambda rng, d: _channel_add(rng, d, 1)],
     "concat": [_concat], "avgpool": [_avgpool], "maxpool": [_maxpool], "clamp": [_clamp], "pad": [_pad],
     "reshape": [_reshape], "lut": [_lut, _channel_lut], "quantize": [_quantize], "dequantize": [_quantize],
     "embedding": [_embedding], "add_constant": [_add_constant], "permute": [_permute],
-    "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True)],
-    "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False)],
+    "matmul": [lambda rng, d: _matmul(rng, d, False), lambda rng, d: _matmul(rng, d, True),
+               lambda rng, d: _matmul(rng, d, False, (13, 37, 20)), lambda rng, d: _matmul(rng, d, True, (13, 37, 20))],
+    "softmax": [_softmax_of_scores, lambda rng, d: _softmax(rng, d, True), lambda rng, d: _softmax(rng, d, False),
+                lambda rng, d: _softmax_of_scores(rng, d, 20),
+                lambda rng, d: _softmax(rng, d, True, (5e-5, 2e-4), 20)],
     "layer_norm": [_layer_norm, lambda rng, d: _layer_norm(rng, d, eps=0.0), lambda rng, d: _layer_norm(rng, d, 1000)],
     "masked_mean": [_masked_mean],
 }
@@ -380,7 +398,8 @@ def _tvm_integers(qgraph: QuantizedGraph, x: dict[str, np.ndarray], portable: bo
 
     target = parse_target(DEFAULT_TARGET)
     conv2d, dense, kernels = (None, None, "portable") if portable else layer_kernels(target)
-    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True)
+    lowered = lower(qgraph, conv2d, dense, fuse_residuals=kernels != "portable", integer_outputs=True,
+                    encoder_threads=0 if kernels == "portable" else 2)
     vm = tvm.relax.VirtualMachine(tvm.compile(lowered.mod, target=tvm.target.Target(target)), tvm.cpu())
     params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
     samples, first = len(next(iter(x.values()))), len(lowered.outputs)  # the integers follow the float outputs

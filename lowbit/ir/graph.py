@@ -14,7 +14,7 @@ weights are stored as their format says (`lowbit.ir.weights`: int4 packed two pe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,16 @@ class QuantizedGraph:
         """The typed requantizers lowering attached to `op` (validated: ranges, shifts, mantissas)."""
         reader = OPS[op.op].requantizers
         return [] if reader is None else reader(op, self)
+
+    def with_batch(self, batch: int) -> QuantizedGraph:
+        """The same graph at another static batch size (for backends that compile static shapes): every value's
+        leading dim becomes `batch`. Exact because every op keeps the batch dimension (reshape's target shape,
+        the constants of add_constant and the masks exclude it). The ops are shared, not copied."""
+        if batch < 1:
+            raise LowbitError(f"{self.name}: batch size {batch} must be at least 1")
+        values = {name: replace(v, shape=(batch, *v.shape[1:])) if len(v.shape) else v
+                  for name, v in self.values.items()}
+        return QuantizedGraph(values, self.ops, self.inputs, self.outputs, self.name, self.float_to_int)
 
     def bit_plan(self) -> dict[str, int]:
         return {o.name: int(o.attrs["weight_bits"]) for o in self.layers}

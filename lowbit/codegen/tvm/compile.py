@@ -69,8 +69,9 @@ def build(qgraph: QuantizedGraph, target: dict[str, Any], conv2d: Callable[..., 
     use_target_threads(target)
     fast_conv2d, fast_dense, kernel_set = layer_kernels(target)
     # lowbit's x86 conv kernels (and TunedKernels, which falls back to them) fuse residual adds
-    lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense, fuse_residuals=kernel_set != "portable",
-                    integer_outputs=integer_outputs)
+    x86 = kernel_set != "portable"
+    lowered = lower(qgraph, conv2d or fast_conv2d, dense or fast_dense, fuse_residuals=x86,
+                    integer_outputs=integer_outputs, encoder_threads=int(target.get("num-cores", 1)) if x86 else 0)
     try:
         executable = tvm.compile(lowered.mod, target=tvm.target.Target(target))
     except Exception as e:  # TVM's errors carry the failing pass and IR

@@ -4,8 +4,9 @@ layer_norm and masked_mean, registered in `lower.CONVERTERS`, bit-exact with the
 Correctness first: every kernel computes in int64 exactly as the reference's comment block states it (an
 arithmetic `>>` floors, `floordiv` floors), its tensors in the IR's order (these ops never see NHWC). Row
 statistics (max, sums, the integer square root) are small stages of their own, so no expression is repeated;
-the stages are scheduled only by parallelizing their outer loop. Dedicated kernels (VNNI batched matmuls, fused
-softmax and LayerNorm rows) are the next step for speed.
+the stages are scheduled only by parallelizing their outer loop. These generic kernels serve portable builds and
+the cases the fast ones refuse: x86 builds (`lower`'s `encoder_threads`) run the matmuls on `x86.matmul_pairs`
+(AVX2) and the softmax and LayerNorm rows on `rows` (int32 where bounded, exact float64 divisions).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ...ir.ops import embedding, layer_norm, matmul, softmax
 from ...ir.ops.add_constant import requantizer as add_constant_requantizer
 from ...ir.ops.layer_norm import LN_H, LN_P, LayerNormConstants
 from ...ir.ops.softmax import SOFTMAX_EXP_BITS, SOFTMAX_FRAC_BITS, SoftmaxConstants
-from . import kernels
+from . import kernels, rows, x86
 from .kernels import requantize_expr
 from .lower import _Context, converter
 
@@ -279,25 +280,34 @@ def _matmul(ctx: _Context, op: Op) -> relax.Expr:
     rq = matmul.requantizer(op, ctx.qgraph)
     requant = None if rq is None else (int(rq.mantissa.reshape(-1)[0]), int(rq.shift.reshape(-1)[0]), rq.qmin,
                                        rq.qmax, rq.dtype)
-    func = matmul_kernel(_ir_shape(ctx, op, 0), _ir_shape(ctx, op, 1),
-                         (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1])), requant)
+    shapes, dtypes = (_ir_shape(ctx, op, 0), _ir_shape(ctx, op, 1)), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1]))
+    if ctx.encoder_threads:  # the lowering allows only 8-bit operands, which the AVX2 kernel takes
+        func, arrays = x86.matmul_pairs(*shapes, *dtypes, requant, ctx.encoder_threads)
+    else:
+        func, arrays = matmul_kernel(*shapes, dtypes, requant), []
     args = [ctx.arg(op, 0, nhwc=False), ctx.arg(op, 1, nhwc=False)]
-    return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
+    return ctx.call(op, func, args, arrays, ctx.shape(op.output), ctx.dtype(op.output))
 
 
 @converter("softmax")
 def _softmax(ctx: _Context, op: Op) -> relax.Expr:
-    func = softmax_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), len(op.inputs) > 1,
-                          softmax.constants_of(op), ctx.dtype(op.output))
-    args = [ctx.arg(op, i, nhwc=False) for i in range(len(op.inputs))]
-    return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
+    args = (_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), len(op.inputs) > 1, softmax.constants_of(op),
+            ctx.dtype(op.output))
+    func = rows.softmax_rows(*args, ctx.encoder_threads) if ctx.encoder_threads else None
+    if func is None:  # portable, or the row kernel's int32 bounds fail for these constants
+        func = softmax_kernel(*args)
+    inputs = [ctx.arg(op, i, nhwc=False) for i in range(len(op.inputs))]
+    return ctx.call(op, func, inputs, [], ctx.shape(op.output), ctx.dtype(op.output))
 
 
 @converter("layer_norm")
 def _layer_norm(ctx: _Context, op: Op) -> relax.Expr:
     c = layer_norm.constants_of(op)
-    func = layer_norm_kernel(_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), c, ctx.dtype(op.output))
-    arrays = [np.asarray(a, dtype=np.int64) for a in (c.mantissa, c.shift, c.beta)]
+    args = (_ir_shape(ctx, op, 0), ctx.dtype(op.inputs[0]), c, ctx.dtype(op.output))
+    kernel = rows.layer_norm_rows(*args, ctx.encoder_threads) if ctx.encoder_threads else None
+    if kernel is None:  # portable, or the row kernel's bounds fail for these constants
+        kernel = layer_norm_kernel(*args), [np.asarray(a, dtype=np.int64) for a in (c.mantissa, c.shift, c.beta)]
+    func, arrays = kernel
     return ctx.call(op, func, [ctx.arg(op, nhwc=False)], arrays, ctx.shape(op.output), ctx.dtype(op.output))
 
 

@@ -46,6 +46,7 @@ class _Context:
     conv2d: ConvKernel
     dense: DenseKernel
     residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
+    encoder_threads: int = 0  # > 0: lowbit's x86 encoder kernels (`encoder`) with that many parallel tasks
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
@@ -121,8 +122,8 @@ def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str,
     """The fused kernel (accumulate, bias, requantize) of one conv/linear op; `x_shape` is NHWC for a conv.
 
     With `residual` (a conv only; `out_dtype` is then the add's), the kernel also computes that add, or is None
-    where `conv2d` cannot fuse it. Only the portable kernels take int16 (`_layer` sends int16 layers to the
-    others byte by byte)."""
+    where `conv2d` cannot fuse it. Only the portable kernels take int16 inputs (`_layer` sends them to the others
+    byte by byte, and int16 outputs too unless `_int16_output_fits`)."""
     a, arr = op.attrs, op.arrays
     common = dict(bias=arr["bias"], mantissa=arr.get("multiplier"), shift=arr.get("shift"), qmin=a.get("qmin", 0),
                   qmax=a.get("qmax", 0), out_dtype=out_dtype, weight_bits=int(a["weight_bits"]))
@@ -185,7 +186,8 @@ def _layer(ctx: _Context, op: Op) -> relax.Expr:
 def _layer_2d(ctx: _Context, op: Op, x: relax.Expr | None, x_shape: tuple[int, ...],
               out_shape: tuple[int, ...]) -> relax.Expr:
     """The layer on `x` (default: its input as held) of `x_shape` (NHWC for a conv, [N, K] for a linear)."""
-    if "int16" in (ctx.dtype(op.inputs[0]), ctx.dtype(op.output)) and ctx.conv2d is not kernels.conv2d_nhwc:
+    if "int16" in (ctx.dtype(op.inputs[0]), ctx.dtype(op.output)) and ctx.conv2d is not kernels.conv2d_nhwc \
+            and not _int16_output_fits(ctx, op):
         return _layer_by_bytes(ctx, op, ctx.arg(op) if x is None else x, x_shape, out_shape)  # bytes on x86
     if op.op == "conv":
         if op.name in ctx.residual_adds:
@@ -196,9 +198,23 @@ def _layer_2d(ctx: _Context, op: Op, x: relax.Expr | None, x_shape: tuple[int, .
     return ctx.call(op, func, [ctx.arg(op) if x is None else x], arrays, out_shape, ctx.dtype(op.output))
 
 
+def _int16_output_fits(ctx: _Context, op: Op) -> bool:
+    """Whether the x86 dense kernel can write an 8-bit input linear's int16 output itself: its int32 accumulator
+    (bias included) cannot wrap for any input (`x86.acc_bound`) and its mantissas are below 2^30 (the
+    epilogue's int32 x int32 products). Else `_layer_by_bytes` requantizes the accumulator in int64."""
+    from . import x86
+
+    x_dtype = ctx.dtype(op.inputs[0])
+    if op.op != "linear" or x_dtype == "int16" or "multiplier" not in op.arrays:
+        return False
+    bound = x86.acc_bound(op.arrays["weight"], op.arrays["bias"], x_dtype)
+    return int(bound.max(initial=0)) < 1 << 31 and int(op.arrays["multiplier"].max(initial=0)) < 1 << 30
+
+
 def _layer_by_bytes(ctx: _Context, op: Op, x_expr: relax.Expr, x_shape: tuple[int, ...],
                     out_shape: tuple[int, ...]) -> relax.Expr:
-    """A layer reading or writing int16 on the 8-bit layer kernels (x86: u8/s8 bytes into int32).
+    """A layer reading int16, or writing int16 where `_int16_output_fits` fails, on the 8-bit layer kernels (x86:
+    u8/s8 bytes into int32).
 
     An int16 input x = 256 * h + l is split into its high byte h (int8) and low byte l (uint8); the kernel runs
     on each without bias or requantizer, giving int32 sums W . h and W . l (each at most K * 255 * 127 < 2^31),
@@ -376,15 +392,17 @@ def check_supported(qgraph: QuantizedGraph) -> None:
 
 
 def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: DenseKernel | None = None,
-          fuse_residuals: bool = False, integer_outputs: bool = False) -> Lowered:
+          fuse_residuals: bool = False, integer_outputs: bool = False, encoder_threads: int = 0) -> Lowered:
     """Build the Relax module for `qgraph`; `conv2d`/`dense` pick the layer kernels (portable by default).
 
     `fuse_residuals`: `conv2d` takes a `residual` (see `layer_kernel`), so residual adds go into conv epilogues.
-    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs."""
+    `integer_outputs`: `main` also returns `qgraph.int_outputs`, after the float outputs.
+    `encoder_threads` > 0 (an x86 target with AVX2): the encoder's matmuls, softmaxes and LayerNorms run on
+    lowbit's fast kernels (`encoder`) with that many parallel tasks, where their bounds hold."""
     check_supported(qgraph)
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
-                   residual_adds(qgraph) if fuse_residuals else {})
+                   residual_adds(qgraph) if fuse_residuals else {}, int(encoder_threads))
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
               for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):

@@ -24,10 +24,11 @@ Modules
   `residual_is_exact`);
 - `gemm` + `im2col`: pointwise, general and grouped convs, dense; `depthwise`: depthwise convs;
 - `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family;
-- `matmul`: `matmul_nt`, a batched int8 matmul of two run-time tensors (attention), VNNI only so far.
+- `matmul`: batched 8-bit matmuls of two run-time tensors (attention): `matmul_pairs` a @ b on AVX2 (int16 pairs,
+  vpmaddwd, with the requantize epilogue), wired into the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet.
 
 Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
-alone; `conv2d_nhwc`, `dense` and `matmul_nt` import the TIR builders when first used.
+alone; `conv2d_nhwc`, `dense`, `matmul_pairs` and `matmul_nt` import the TIR builders when first used.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 from .requant import acc_bound, f64_requant_is_exact, residual_is_exact
 
 __all__ = ["NUM_THREADS", "acc_bound", "conv2d_nhwc", "dense", "f64_requant_is_exact", "matmul_nt",
-           "residual_is_exact"]
+           "matmul_pairs", "residual_is_exact"]
 
 
 def __getattr__(name: str) -> Any:
@@ -46,10 +47,10 @@ def __getattr__(name: str) -> Any:
         from . import layers
 
         return getattr(layers, name)
-    if name == "matmul_nt":
-        from .matmul import matmul_nt
+    if name in ("matmul_nt", "matmul_pairs"):
+        from . import matmul
 
-        return matmul_nt
+        return getattr(matmul, name)
     if name == "NUM_THREADS":
         from .plans import NUM_THREADS
 

@@ -13,9 +13,11 @@ The requantize epilogue (and a fused residual add) runs on the accumulator tile 
 chunked per thread (`num_threads` tasks) so the per-task accumulator scratch is allocated once per task.
 
 `gemm_func` reads only its `GemmPlan`, which holds shapes and choices, never weight values: W32 and BIAS are
-PrimFunc parameters like X. Attention's Q.K^T and A.V (two activation operands) have their own kernel for now,
-`matmul.matmul_nt`, which packs its second operand at run time into these words (VNNI) but has no register
-tiles or requantize epilogue. What still ties this GEMM to constant weights, and what reusing it needs:
+PrimFunc parameters like X. Attention's Q.K^T and A.V (two activation operands) have their own kernels,
+`matmul.matmul_pairs` (AVX2: both operands packed at run time into these int16-pair words, the same register
+tiles and requantize epilogue) and `matmul.matmul_nt` (VNNI, not wired in). Where a register tile's weights pass
+16 KB (`GemmPlan.KCW`), each task sweeps K in chunks, its partial sums in a scratch buffer between chunks. What
+still ties this GEMM to constant weights, and what reusing it needs:
 - the weight words are packed in numpy (`packing.pack_gemm_weight`): a run-time operand needs a TIR pass that
   packs it into the same words (`packing.pack_k_major_vnni` is that layout from [G, N, K] values);
 - int8 activations are fed as x + 128, and -128 * sum_k w is folded into BIAS in numpy: with a run-time operand
@@ -118,37 +120,7 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                 )
 
     @T.macro
-    def micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, cv0, mr, nv, partial):
-        for r in T.unroll(mr):
-            for v in T.unroll(nv):
-                acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * lay.OCBP + (cv0 + v) * VEC, 1, VEC)]
-        if p.wbits == 4:
-            for q in T.serial(lay.KQ2):
-                if p.isa.vnni:
-                    kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q)
-                else:
-                    kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
-        elif p.isa.vnni:
-            for q in T.serial(lay.KQ):
-                for r in T.unroll(mr):
-                    for v in T.unroll(nv):
-                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
-                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
-                            x_word(XP32, g, m0 + r, q),
-                            T.reinterpret("int8x32", W32[g, cv0 + v, q, T.ramp(0, 1, VEC)]),
-                        )
-        else:
-            for kp in T.serial(lay.KP):
-                for r in T.unroll(mr):
-                    for v in T.unroll(nv):
-                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
-                            T.ramp((r * nv + v) * VEC, 1, VEC)
-                        ] + T.call_llvm_pure_intrin(
-                            "int32x8",
-                            PMADDWD,
-                            T.reinterpret("int16x16", T.broadcast(XP32[g, m0 + r, kp], VEC)),
-                            T.reinterpret("int16x16", W32[g, cv0 + v, kp, T.ramp(0, 1, VEC)]),
-                        )
+    def store(R, OUT, acc, accs, g, m0, cv0, mr, nv, partial):
         for r in T.unroll(mr):
             for v in T.unroll(nv - 1 if partial else nv):
                 if ep.requant:
@@ -178,20 +150,69 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                     )
 
     @T.macro
-    def row_block(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct, mr):
+    def micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, cv0, mr, nv, partial, ACCB, slot, kc):
+        # words [kc * KCW, min((kc + 1) * KCW, WK)) of K; partial sums kept in ACCB[slot] between chunks
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                if p.NKC == 1:
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * lay.OCBP + (cv0 + v) * VEC, 1, VEC)]
+                elif kc == 0:
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = BIAS[T.ramp(g * lay.OCBP + (cv0 + v) * VEC, 1, VEC)]
+                else:
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = ACCB[slot, T.ramp((r * nv + v) * VEC, 1, VEC)]
+        if p.wbits == 4:
+            for q in T.serial(kc * p.KCW, T.min((kc + 1) * p.KCW, lay.KQ2)):
+                if p.isa.vnni:
+                    kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+                else:
+                    kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
+        elif p.isa.vnni:
+            for q in T.serial(kc * p.KCW, T.min((kc + 1) * p.KCW, lay.KQ)):
+                for r in T.unroll(mr):
+                    for v in T.unroll(nv):
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
+                            acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
+                            x_word(XP32, g, m0 + r, q),
+                            T.reinterpret("int8x32", W32[g, cv0 + v, q, T.ramp(0, 1, VEC)]),
+                        )
+        else:
+            for kp in T.serial(kc * p.KCW, T.min((kc + 1) * p.KCW, lay.KP)):
+                for r in T.unroll(mr):
+                    for v in T.unroll(nv):
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[
+                            T.ramp((r * nv + v) * VEC, 1, VEC)
+                        ] + T.call_llvm_pure_intrin(
+                            "int32x8",
+                            PMADDWD,
+                            T.reinterpret("int16x16", T.broadcast(XP32[g, m0 + r, kp], VEC)),
+                            T.reinterpret("int16x16", W32[g, cv0 + v, kp, T.ramp(0, 1, VEC)]),
+                        )
+        if p.NKC > 1:
+            if kc < p.NKC - 1:
+                for r in T.unroll(mr):
+                    for v in T.unroll(nv):
+                        ACCB[slot, T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[T.ramp((r * nv + v) * VEC, 1, VEC)]
+            else:
+                store(R, OUT, acc, accs, g, m0, cv0, mr, nv, partial)
+        else:
+            store(R, OUT, acc, accs, g, m0, cv0, mr, nv, partial)
+
+    @T.macro
+    def row_block(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct, mr, ACCB, slot, kc):
         if p.NV_TAIL == 0:
             if p.LAST_LANES == VEC:
-                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False)
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False, ACCB, slot, kc)
             else:
                 if ct < p.NCT_FULL - 1:
-                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False)
+                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False, ACCB, slot, kc)
                 else:
-                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, True)
+                    micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, True, ACCB, slot, kc)
         else:
             if ct < p.NCT_FULL:
-                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False)
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, ct * p.NV, mr, p.NV, False, ACCB, slot, kc)
             else:
-                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, p.NCT_FULL * p.NV, mr, p.NV_TAIL, p.LAST_LANES != VEC)
+                micro(XP32, W32, BIAS, R, OUT, acc, accs, g, m0, p.NCT_FULL * p.NV, mr, p.NV_TAIL,
+                      p.LAST_LANES != VEC, ACCB, slot, kc)
 
 
     @T.macro
@@ -212,15 +233,17 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
         for tid in T.parallel(p.num_threads):
             acc = T.alloc_buffer((p.MR * p.NV * VEC,), "int32", scope="local")
             accs = T.meta_var(acc)
+            ACCB = T.alloc_buffer((p.CH if p.NKC > 1 else 1, p.MR * p.NV * VEC), "int32")  # sums between K chunks
             if p.pack_in_tasks:
                 pack_rows(XF, XPADF, XP32A, T.min(tid * p.RB * p.MR, p.M), T.min((tid + 1) * p.RB * p.MR, p.M))
-            for ti in T.serial(p.CH):
-                if tid * p.CH + ti < p.TOT:
-                    gi, m0, ct = T.meta_var(tile_coords(tid * p.CH + ti))
-                    row_block(XP32, W32, BIAS, R, Ov, acc, accs, gi, m0, ct, p.MR)
-                elif tid * p.CH + ti < p.TOT + p.TOT_T:
-                    row_block(XP32, W32, BIAS, R, Ov, acc, accs, (tid * p.CH + ti - p.TOT) // p.NCT, p.NRB * p.MR,
-                              (tid * p.CH + ti - p.TOT) % p.NCT, p.MR_TAIL)
+            for kc in T.serial(p.NKC):
+                for ti in T.serial(p.CH):
+                    if tid * p.CH + ti < p.TOT:
+                        gi, m0, ct = T.meta_var(tile_coords(tid * p.CH + ti))
+                        row_block(XP32, W32, BIAS, R, Ov, acc, accs, gi, m0, ct, p.MR, ACCB, ti, kc)
+                    elif tid * p.CH + ti < p.TOT + p.TOT_T:
+                        row_block(XP32, W32, BIAS, R, Ov, acc, accs, (tid * p.CH + ti - p.TOT) // p.NCT,
+                                  p.NRB * p.MR, (tid * p.CH + ti - p.TOT) % p.NCT, p.MR_TAIL, ACCB, ti, kc)
 
     # TVMScript signatures are fixed: the fused-add variant differs only in its SKIP parameter
     if ep.residual is None:

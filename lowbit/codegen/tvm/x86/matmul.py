@@ -13,12 +13,16 @@ Exact while |sum_k x y| + 128 * sum_k |y| < 2^31: K <= 65,000 or so.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .isa import VPDPBUSD, word4, xbyte
+from ....ir.dtypes import qrange
+from .epilogue import requantize_vec
+from .isa import PMADDWD, VPDPBUSD, word4, xbyte
 from .packing import VEC, cdiv
-from .plans import NUM_THREADS
+from .plans import NUM_THREADS, choose_tile
+from .requant import epilogue_constants, f64_requant_is_exact, requant_arrays
 
 
 def matmul_nt(x_shape: tuple[int, int, int], y_shape: tuple[int, int, int], x_dtype: str, y_dtype: str = "int8",
@@ -84,3 +88,151 @@ def matmul_nt(x_shape: tuple[int, int, int], y_shape: tuple[int, int, int], x_dt
                             OUT[b, m, NB_FULL * VEC + lane] = acc[lane]
 
     return func, []
+
+
+def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: str, b_dtype: str,
+                 requant: tuple[int, int, int, int, str] | None = None, num_threads: int = NUM_THREADS,
+                 avx512: bool = False) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+    """Batched a [..., M, K] @ b [..., K, N] of 8-bit operands (int8 or uint8 each), the exact int32 sum, then the
+    per-tensor requantizer (mantissa, shift, qmin, qmax, dtype) or the raw sum: AVX2, no VNNI needed.
+
+    Each batch item's operands are packed at run time into int16 pairs along K (the AVX2 GEMM's words, `gemm`):
+    a into [M, KP] words (a[m, 2p] low, a[m, 2p+1] high), b into [N/8, KP, 8] words (lane c: column 8j+c), both
+    zero-padded; then an MR x NV register tile of int32x8 accumulators takes one broadcast a word per row and
+    one b vector per column block, `vpmaddwd` (two int16 products summed exactly into int32: |a b| <= 2^15, so
+    no sum of K < 2^16 terms leaves int32). The requantizer is the GEMM's epilogue (`epilogue.requantize_vec`).
+    PrimFunc (a, b, [ALO, AHI, MANT, C1, SH, C2, MD,] out) and the constants to pass after a and b."""
+    a_shape, b_shape = tuple(int(v) for v in a_shape), tuple(int(v) for v in b_shape)
+    if a_shape[:-2] != b_shape[:-2] or a_shape[-1] != b_shape[-2] or len(a_shape) < 3:
+        raise ValueError(f"matmul_pairs: a {a_shape} and b {b_shape} are not [..., M, K] @ [..., K, N]")
+    if a_dtype not in ("int8", "uint8") or b_dtype not in ("int8", "uint8"):
+        raise ValueError(f"matmul_pairs takes 8-bit operands, not {a_dtype} x {b_dtype}")
+    M, K, N = a_shape[-2], a_shape[-1], b_shape[-1]
+    TB = int(np.prod(a_shape[:-2]))  # batch items
+    KP, NB = cdiv(K, 2), cdiv(N, VEC)
+    NB_FULL, LAST = N // VEC, N - N // VEC * VEC
+    MR, NV = choose_tile(M, NB)
+    NCT_FULL, NV_TAIL = NB // NV, NB % NV
+    NRB, MR_TAIL = M // MR, M % MR
+    CH = cdiv(TB, num_threads)
+    out_shape = (*a_shape[:-1], N)
+    out_dtype = "int32" if requant is None else requant[4]
+    consts: list[np.ndarray] = []
+    f64 = False
+    if requant is not None:
+        mantissa, shift, qmin, qmax, _ = requant
+        m_arr, s_arr = np.full(N, mantissa, np.int64), np.full(N, shift, np.int64)
+        bound = K * max(abs(v) for v in qrange(a_dtype)) * max(abs(v) for v in qrange(b_dtype))
+        f64 = f64_requant_is_exact(m_arr, s_arr, qmin, qmax, np.full(N, bound, np.int64))
+        consts = epilogue_constants(requant_arrays(np.zeros(N, np.int64), m_arr, s_arr, qmin, qmax, N, NB * VEC),
+                                    True)[1:]  # no bias
+
+    def pair(lo, hi, lanes=1):
+        """int32 words (`lanes` of them) of the int16 pairs (lo, hi)."""
+        mask, sixteen = (T.int32(0xFFFF), T.int32(16)) if lanes == 1 else (T.broadcast(T.int32(0xFFFF), lanes),
+                                                                           T.broadcast(T.int32(16), lanes))
+        return T.bitwise_or(T.bitwise_and(lo, mask), T.shift_left(hi, sixteen))
+
+    def b_odd(BF, t, p, n, lanes=1):
+        """b[t, 2p + 1, n] (n a ramp of `lanes`), zero past K."""
+        if K % 2 == 0:
+            return BF[t, 2 * p + 1, n]
+        inside = T.Cast(b_dtype, 2 * p + 1 < K)
+        return BF[t, T.min(2 * p + 1, K - 1), n] * (inside if lanes == 1 else T.broadcast(inside, lanes))
+
+    def result(R, nb, accv):
+        """The 8 sums of column block nb as stored: requantized where asked."""
+        if requant is None:
+            return accv
+        return T.Cast(f"{out_dtype}x{VEC}", requantize_vec(accv, R, nb * VEC, requant[2], requant[3], f64, avx512))
+
+    @T.macro
+    def tile(AW, BW, R, OF, acc, t, m0, nb0, mr, nv):
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = T.broadcast(T.int32(0), VEC)
+        for p in T.serial(KP):
+            for r in T.unroll(mr):
+                for v in T.unroll(nv):
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = acc[T.ramp((r * nv + v) * VEC, 1, VEC)] + \
+                        T.call_llvm_pure_intrin("int32x8", PMADDWD,
+                                                T.reinterpret("int16x16", T.broadcast(AW[m0 + r, p], VEC)),
+                                                T.reinterpret("int16x16", BW[nb0 + v, p, T.ramp(0, 1, VEC)]))
+        for r in T.unroll(mr):
+            for v in T.unroll(nv):
+                if LAST == 0:
+                    OF[t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC)] = result(R, nb0 + v, acc[T.ramp((r * nv + v) * VEC,
+                                                                                                  1, VEC)])
+                elif nb0 + v < NB_FULL:
+                    OF[t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC)] = result(R, nb0 + v, acc[T.ramp((r * nv + v) * VEC,
+                                                                                                  1, VEC)])
+                else:  # the partial last block: lane by lane
+                    acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = T.Cast("int32x8", result(
+                        R, nb0 + v, acc[T.ramp((r * nv + v) * VEC, 1, VEC)]))
+                    for ln in T.serial(LAST):
+                        OF[t, m0 + r, NB_FULL * VEC + ln] = T.Cast(out_dtype, acc[(r * nv + v) * VEC + ln])
+
+    @T.macro
+    def body(A, B, R, OUT):
+        AF = T.decl_buffer((TB, M, K), a_dtype, data=A.data)
+        BF = T.decl_buffer((TB, K, N), b_dtype, data=B.data)
+        OF = T.decl_buffer((TB, M, N), out_dtype, data=OUT.data)
+        for task in T.parallel(num_threads):
+            AW = T.alloc_buffer((M, KP), "int32")
+            BW = T.alloc_buffer((NB, KP, VEC), "int32")
+            acc = T.alloc_buffer((MR * NV * VEC,), "int32", scope="local")
+            for ti in T.serial(CH):
+                if task * CH + ti < TB:
+                    t = T.meta_var(task * CH + ti)
+                    # b: int16 pairs of rows 2p, 2p+1 per column lane, zero past K and N
+                    for p in T.serial(KP):
+                        for nb in T.serial(NB_FULL):
+                            cols = T.meta_var(T.ramp(nb * VEC, 1, VEC))
+                            BW[nb, p, T.ramp(0, 1, VEC)] = pair(T.Cast("int32x8", BF[t, 2 * p, cols]),
+                                                                T.Cast("int32x8", b_odd(BF, t, p, cols, VEC)), VEC)
+                        for ln in T.serial(VEC * (NB - NB_FULL)):
+                            BW[NB_FULL, p, ln] = T.if_then_else(
+                                NB_FULL * VEC + ln < N,
+                                pair(T.Cast("int32", BF[t, 2 * p, T.min(NB_FULL * VEC + ln, N - 1)]),
+                                     T.Cast("int32", b_odd(BF, t, p, T.min(NB_FULL * VEC + ln, N - 1)))), 0)
+                    # a: int16 pairs along K, 16 values (8 words) at a time
+                    for m in T.serial(M):
+                        for q in T.serial(K // 16):
+                            AW[m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
+                                "int32x8", T.Cast("int16x16", AF[t, m, T.ramp(q * 16, 1, 16)]))
+                        for p in T.serial(KP - K // 16 * 8):
+                            AW[m, K // 16 * 8 + p] = T.bitwise_or(
+                                T.bitwise_and(T.Cast("int32", AF[t, m, K // 16 * 16 + 2 * p]), 0xFFFF),
+                                T.shift_left(T.Cast("int32", AF[t, m, T.min(K // 16 * 16 + 2 * p + 1, K - 1)])
+                                             * T.Cast("int32", K // 16 * 16 + 2 * p + 1 < K), 16))
+                    for ct in T.serial(NCT_FULL):
+                        for rb in T.serial(NRB):
+                            tile(AW, BW, R, OF, acc, t, rb * MR, ct * NV, MR, NV)
+                        if MR_TAIL > 0:
+                            tile(AW, BW, R, OF, acc, t, NRB * MR, ct * NV, MR_TAIL, NV)
+                    if NV_TAIL > 0:
+                        for rb in T.serial(NRB):
+                            tile(AW, BW, R, OF, acc, t, rb * MR, NCT_FULL * NV, MR, NV_TAIL)
+                        if MR_TAIL > 0:
+                            tile(AW, BW, R, OF, acc, t, NRB * MR, NCT_FULL * NV, MR_TAIL, NV_TAIL)
+
+    if requant is None:
+
+        @T.prim_func(private=True)
+        def func(A: T.Buffer(a_shape, a_dtype), B: T.Buffer(b_shape, b_dtype), OUT: T.Buffer(out_shape, "int32")):
+            T.func_attr({"tirx.noalias": True})
+            body(A, B, None, OUT)
+
+    else:
+        NP = NB * VEC
+
+        @T.prim_func(private=True)
+        def func(A: T.Buffer(a_shape, a_dtype), B: T.Buffer(b_shape, b_dtype), ALO: T.Buffer((NP,), "int32"),
+                 AHI: T.Buffer((NP,), "int32"), MANT: T.Buffer((NP + VEC,), "int32"), C1: T.Buffer((NP,), "int64"),
+                 SH: T.Buffer((NP,), "int64"), C2: T.Buffer((NP,), "int32"), MD: T.Buffer((NP,), "float64"),
+                 OUT: T.Buffer(out_shape, out_dtype)):
+            T.func_attr({"tirx.noalias": True})
+            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
+            body(A, B, R, OUT)
+
+    return func, consts

@@ -17,6 +17,7 @@ from .isa import Isa
 from .packing import DW_VEC, DWQ_VEC, VEC, GemmLayout, cdiv
 
 NUM_THREADS = 2  # default parallel tasks per loop nest; callers pass the target's core count
+L1_TILE_BYTES = 16384  # the weights of one register tile that stay in a 32 KB L1 beside the activation rows
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,22 @@ class GemmPlan:
         """Tile order: keep the larger operand streaming once."""
         KP = self.layout.KP
         return self.G * self.layout.OCBP * KP <= self.G * self.M * KP or self.NRB <= 2
+
+    @property
+    def KCW(self) -> int:
+        """Weight words per K chunk. A register tile's weights (NV vectors of WK words) are read once per row
+        block; where they pass L1_TILE_BYTES (MiniLM's FFN-down: 48 KB at K = 1536), every row block reads them
+        from L2 again and the AVX2 kernel runs at half speed (measured). Each task then sweeps its tiles once per
+        chunk of K, keeping the partial sums in a scratch buffer between chunks."""
+        wk, tile_bytes = self.layout.WK, self.NV * VEC * 4 * self.layout.WK
+        if tile_bytes <= L1_TILE_BYTES:
+            return wk
+        return max(1, L1_TILE_BYTES // (self.NV * VEC * 4))
+
+    @property
+    def NKC(self) -> int:
+        """K chunks (1: no chunking)."""
+        return cdiv(self.layout.WK, self.KCW)
 
     @property
     def RB(self) -> int:
