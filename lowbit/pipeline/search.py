@@ -213,6 +213,9 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
             chosen, tried = s.bisect_max_drop(problem, sens, costs, evaluator, metric, drop, baseline, o.bisect_steps,
                                               echo=lambda m: progress.echo("bisect", m))
         points += tried
+        # A frontier point bisection did not try may be cheaper and still within the band.
+        chosen = min((p for p in points if baseline.measured["score"] - p.measured["score"] <= drop + 1e-12),
+                     key=lambda p: (p.costs[metric], -p.measured["score"]))
         progress.echo("bisect", f"cheapest plan within {100 * drop:.2f}%: "
                                 f"{s.format_metric(metric, chosen.costs[metric])}, "
                                 f"{fidelity.label} {fidelity.short(chosen.measured)}")
