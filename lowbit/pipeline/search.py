@@ -93,6 +93,7 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     progress = progress or Progress()
     _check_options(o)
     result = run_search(prepare(source, progress), o, progress)
+    result.summary["seconds"] = progress.elapsed()
     with atomic_directory(output, force) as tmp:
         write_search(tmp, result)
     progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
@@ -144,7 +145,9 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
         stats = calibrate(graph, prepared.calib.data, log)
     sensitivity_written = sens is None
     if sens is None:
-        sens = run_sensitivity(prepared, stats, SensitivityConfig(pair_bits=bits, seed=seed), None, 0, progress)
+        # Ω and the quadratic terms at the bit-widths searched only: each more is a GPTQ pass per layer.
+        sens = run_sensitivity(prepared, stats, SensitivityConfig(bits=tuple(bits), pair_bits=tuple(bits), seed=seed),
+                               None, 0, progress)
 
     if wants_latency and table is None:
         from ..quantizer.quantize import quantize
