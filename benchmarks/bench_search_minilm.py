@@ -36,6 +36,7 @@ from lowbit.ir import QuantizedGraph
 from lowbit.metrics import bootstrap_interval, paired_difference
 from lowbit.pipeline.prepare import Source, prepare
 from lowbit.pipeline.progress import Progress
+from lowbit.pipeline.sensitivity import activation_grids
 from lowbit.quantizer.config import BitPlan, QuantConfig
 from lowbit.quantizer.graph import run_graph
 from lowbit.quantizer.quantize import calibrate, quantize
@@ -94,7 +95,8 @@ def run_search(directory: Path, max_drop: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--search-dir", type=Path, help="a finished `lowbit search zoo:minilm_l6` output to measure")
+    parser.add_argument("--search-dir", type=Path, help="a `lowbit search zoo:minilm_l6` output to measure (waited "
+                                                        "for if it is still running)")
     parser.add_argument("--max-drop", default="1%")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
@@ -108,38 +110,48 @@ def main(argv: list[str] | None = None) -> None:
     if args.search_dir is None:
         log(f"running lowbit search zoo:minilm_l6 --max-drop {args.max_drop} -o {directory}")
         run_search(directory, args.max_drop)
-    frontier = json.loads((directory / "frontier.json").read_text())
-    chosen = BitPlan.load(directory / "plan.json")
-    search_s = frontier.get("seconds")
 
     prepared = prepare(Source("zoo:minilm_l6"), Progress(write=lambda _: None))
     graph, calib = prepared.graph, prepared.calib.data
     ids, mask = prepared.heldout.arrays["input_ids"], prepared.heldout.arrays["attention_mask"]
-    uniform = BitPlan.uniform(graph, 8)
-    plans = {"uniform INT8 (residual stream int16)": uniform,
-             "all-16-bit (every activation that may be 16-bit)": BitPlan(uniform.bits, dict.fromkeys(
-                 frontier["activation_choices"], 16)),
-             "search --max-drop " + args.max_drop: chosen}
     stats = calibrate(graph, calib)
     config = QuantConfig(seed=0)
-    recipe = choose_recipe(graph, calib, config, uniform)
+    uniform = BitPlan.uniform(graph, 8)
+    recipe = choose_recipe(graph, calib, config, uniform)  # as the search's PlanEvaluator chooses it
+    wide = list(activation_grids(graph, calib, stats, config)[1])  # the tensors the search may keep at 16
+    plans = {"uniform INT8 (residual stream int16)": uniform,
+             "all-16-bit (every activation that may be 16-bit)": BitPlan(uniform.bits, dict.fromkeys(wide, 16))}
     with torch.inference_mode():
         fp32 = np.concatenate([run_graph(graph, {"input_ids": torch.from_numpy(ids[i:i + 32]),
                                                  "attention_mask": torch.from_numpy(mask[i:i + 32])})[
                                    graph.outputs[0]].numpy() for i in range(0, len(ids), 32)])
     check = {"input_ids": ids[:8], "attention_mask": mask[:8]}
-    contenders, scores, table_ms = [], {}, {}
-    table = frontier["latency_table"]
-    costs = layer_costs(graph, [8], LatencyTable.from_json(table)) if table else None
-    for name, plan in plans.items():
+    contenders, scores = [], {}
+
+    def build(name: str, plan: BitPlan) -> int:
         start = time.perf_counter()
         qgraph = quantize(graph, calib, config, plan, stats=stats, recipe=recipe)
         log(f"{name}: quantized in {time.perf_counter() - start:.0f}s, {len(plan.activation_bits)} tensors at 16")
         embed, batch = tvm_embed(qgraph, check)
-        out = embed(ids, mask)
-        scores[name] = COSINE.per_sample(fp32, out)
+        scores[name] = COSINE.per_sample(fp32, embed(ids, mask))
         contenders.append(Contender(name, lambda _x, embed=embed, b=batch: embed(ids[:b], mask[:b])))
-        table_ms[name] = None if costs is None else all_costs(costs, plan)["latency"]
+        return batch
+
+    for name, plan in plans.items():  # these two do not depend on the search: built while it may still run
+        batch = build(name, plan)
+    while not (directory / "frontier.json").exists():
+        log(f"waiting for the search to finish ({directory})")
+        time.sleep(30)
+    frontier = json.loads((directory / "frontier.json").read_text())
+    if sorted(frontier["activation_choices"]) != sorted(wide):
+        raise SystemExit(f"{directory}: the search chose among other tensors than {wide}")
+    chosen = BitPlan.load(directory / "plan.json")
+    plans["search --max-drop " + args.max_drop] = chosen
+    build(list(plans)[-1], chosen)
+    search_s = frontier.get("seconds")
+    table = frontier["latency_table"]
+    costs = layer_costs(graph, [8], LatencyTable.from_json(table)) if table else None
+    table_ms = {name: None if costs is None else all_costs(costs, plan)["latency"] for name, plan in plans.items()}
     log(f"latency at batch {batch}")
     measure_latency(contenders, ids[:batch], args.runs, args.rounds)
 
