@@ -139,3 +139,20 @@ def test_search_a_text_model_within_the_cosine_band(outlier_text: tuple[Path, Pa
     report = (out / "report.md").read_text()
     assert "| embedding cosine | worst 1% / min cosine | drop vs baseline |" in report
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layers_of_one_signature_share_one_timed_kernel(prepared: Prepared) -> None:
+    """The latency table times each kernel signature once: Q, K and V (one shape, one dtype) share one, the FFN's
+    two linears (other shapes) have their own, and every layer maps to a layer of its own signature."""
+    pytest.importorskip("tvm")
+    from lowbit.codegen.tvm.latency import kernel_signature, representatives
+    from lowbit.quantizer.quantize import quantize
+
+    qgraph = quantize(prepared.graph, prepared.calib.data, QuantConfig(calib_method="minmax", rounding="nearest"))
+    same = representatives([qgraph])
+    block = "encoder.layer.0."
+    q, k, v = (f"{block}attention.self.{n}" for n in ("query", "key", "value"))
+    assert same[q] == same[k] == same[v] == q
+    up, down = f"{block}intermediate.dense", f"{block}output.dense"
+    assert same[up] == up and same[down] == down
+    assert all(kernel_signature(qgraph, layer) == kernel_signature(qgraph, first) for layer, first in same.items())

@@ -49,11 +49,13 @@ class LayerKernel:
 
 
 def kernel_signature(qgraph: QuantizedGraph, layer: str) -> tuple:
-    """What a layer's compiled kernel depends on: its op, attributes, and the shapes and dtypes of its input,
-    output and constants (not their values)."""
+    """What a layer's compiled kernel depends on: its op, integer and text attributes (ranges, bit-widths, strides),
+    and the shapes and dtypes of its input, output and constants; not their values (scales, weights)."""
     op = qgraph.op(layer)
     x, out = qgraph.values[op.inputs[0]], qgraph.values[op.output]
-    return (op.op, repr(sorted(op.attrs.items())), x.dtype, tuple(x.shape), out.dtype, tuple(out.shape),
+    structure = sorted((k, v) for k, v in op.attrs.items() if isinstance(v, bool | int | str)
+                       or (isinstance(v, list | tuple) and all(isinstance(e, int) for e in v)))
+    return (op.op, repr(structure), x.dtype, tuple(x.shape), out.dtype, tuple(out.shape),
             tuple((k, a.dtype.str, a.shape) for k, a in sorted(op.arrays.items())))
 
 
