@@ -101,6 +101,7 @@ def test_text_sensitivity_predicts_the_cosine_drop(prepared: Prepared) -> None:
 def test_text_models_default_to_wide_activations(tiny_text: tuple[Path, Path, Path]) -> None:
     defaults = text_model_defaults(str(tiny_text[0]))
     assert defaults["bits"] == (8,) and defaults["wide_activations"] and defaults["bisect"] in ("latency", "bops")
+    assert defaults["budgets_of_widest"]  # --latency 0.8x is of the all-16-bit plan, as in Schaefer et al.
     assert text_model_defaults("zoo:small_cnn") == {}
 
 

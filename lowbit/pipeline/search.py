@@ -45,6 +45,9 @@ class SearchOptions:
     wide_activations: bool = False  # let the ILP keep activation tensors at 16 bits
     # The cost --max-drop minimises (None: the budget's, else BOPs with 16-bit activations, else size).
     bisect: str | None = None
+    # Budgets like 0.8x are fractions of the uniform highest-bit plan with every activation that may be 16-bit at
+    # 16 bits (Schaefer et al.'s 16-bit baseline; the text-model default), not of its all-8-bit-activation plan.
+    budgets_of_widest: bool = False
 
 
 def text_model_defaults(model: str) -> dict[str, Any]:
@@ -66,7 +69,8 @@ def text_model_defaults(model: str) -> dict[str, Any]:
     from .checks import tvm_available
 
     # Latency is timed in TVM only for 16-bit activations; without TVM, BOPs stand in for it.
-    return {"bits": (8,), "wide_activations": True, "bisect": "latency" if tvm_available() else "bops"}
+    return {"bits": (8,), "wide_activations": True, "bisect": "latency" if tvm_available() else "bops",
+            "budgets_of_widest": True}
 
 
 @dataclass
@@ -181,7 +185,9 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
                                  f"({progress.timings['latency']:.1f}s){caveat}")
     costs = layer_costs(graph, bits, table)
     top = {layer.name: max(bits) for layer in graph.layers}
-    budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}
+    widest = {t: 16 for t in sens.activation_tensors} if o.wide_activations and o.budgets_of_widest else {}
+    budgets = {m: s.parse_budget(m, text, s.all_costs(costs, BitPlan(top, widest))[m])
+               for m, text in requested.items()}
     # Without a budget, --max-drop bisects size, or BOPs when activations may widen (they cost no size).
     metric = o.bisect or next(iter(budgets), "bops" if o.wide_activations else "size")
     problem = s.build_problem(graph, sens, costs, bits, {metric: math.inf, **budgets}, o.ties,
@@ -230,6 +236,7 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     activation_costs = wide_activation_costs(chosen.plan, sens, costs)
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
                "fidelity": fidelity.key, "baseline_plan": highest,
+               "budgets_of": f"uniform {max(bits)}-bit" + (", activations 16-bit where they may be" if widest else ""),
                "heldout": reports.data_summary(prepared.heldout),
                "max_drop": drop, "baseline": baseline.to_json(), "objective": o.objective,
                "ties": o.ties, "groups": problem.groups, "activation_choices": problem.tensors,

@@ -23,7 +23,9 @@ from ..options import bit_list, fraction, model_and_data_options, rpc_options, r
 @click.option("--size", "size_budget", help="Weight-size budget: 0.75x (of all layers at the highest bit-width) "
                                             "or absolute, e.g. 2.5MB.")
 @click.option("--bops", "bops_budget", help="BOPs budget: 0.6x or absolute, e.g. 150G.")
-@click.option("--latency", "latency_budget", help="Latency budget: 0.8x or absolute, e.g. 3ms.")
+@click.option("--latency", "latency_budget", help="Latency budget: 0.8x or absolute, e.g. 3ms. For a text model, "
+                                                  "0.8x is of the plan with every activation that may be 16-bit at "
+                                                  "16 bits (else of uniform highest-bit weights, 8-bit activations).")
 @click.option("--latency-table", type=click.Path(path_type=Path),
               help="Per-layer latency table (JSON) measured on the target; default: measure (--latency-source).")
 @click.option("--latency-source", type=click.Choice(LATENCY_SOURCES), default="auto", show_default=True,
@@ -80,6 +82,6 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
         bisect = defaults.get("bisect")
     options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, objective,
                             not no_ties, frontier_points, bisect_steps, target, rpc_target(rpc_tracker, rpc_key),
-                            wide, bisect)
+                            wide, bisect, defaults.get("budgets_of_widest", False) and wide)
     check_output_dir(output, force)  # fail before the slow part, not after it
     search(Source(model, calib, eval_path, factory, seed, seq_len), options, output, force, Progress())
