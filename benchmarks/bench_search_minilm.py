@@ -85,11 +85,12 @@ def tvm_embed(qgraph: QuantizedGraph, check: dict[str, np.ndarray]) -> tuple[Emb
     return embed, batch
 
 
-def run_search(directory: Path, max_drop: str) -> float:
+def run_search(directory: Path, max_drop: str, calib: Path | None) -> float:
     """`lowbit search zoo:minilm_l6 --max-drop X -o DIR` as a user runs it; its wall seconds."""
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from lowbit.cli.main import main; main()", "search", "zoo:minilm_l6",
-                    "--max-drop", max_drop, "-o", str(directory), "--force"], check=True)
+                    "--max-drop", max_drop, "-o", str(directory), "--force",
+                    *(["--calib", str(calib)] if calib else [])], check=True)
     return time.perf_counter() - start
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--search-dir", type=Path, help="a `lowbit search zoo:minilm_l6` output to measure (waited "
                                                         "for if it is still running)")
     parser.add_argument("--max-drop", default="1%")
+    parser.add_argument("--calib", type=Path, help="the calibration sentences the search was given (--calib); "
+                                                   "default: the zoo's")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument("--threads", type=int, default=2)
@@ -109,16 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     directory = args.search_dir or Path(tempfile.mkdtemp(prefix="bench_search_minilm.")) / "search"
     if args.search_dir is None:
         log(f"running lowbit search zoo:minilm_l6 --max-drop {args.max_drop} -o {directory}")
-        run_search(directory, args.max_drop)
+        run_search(directory, args.max_drop, args.calib)
 
-    prepared = prepare(Source("zoo:minilm_l6"), Progress(write=lambda _: None))
+    prepared = prepare(Source("zoo:minilm_l6", args.calib), Progress(write=lambda _: None))
     graph, calib = prepared.graph, prepared.calib.data
     ids, mask = prepared.heldout.arrays["input_ids"], prepared.heldout.arrays["attention_mask"]
     stats = calibrate(graph, calib)
     config = QuantConfig(seed=0)
     uniform = BitPlan.uniform(graph, 8)
     recipe = choose_recipe(graph, calib, config, uniform)  # as the search's PlanEvaluator chooses it
-    wide = list(activation_grids(graph, calib, stats, config)[1])  # the tensors the search may keep at 16
+    wide = list(activation_grids(graph, calib, stats, QuantConfig(calib_method=recipe.calib_method))[1])
     plans = {"uniform INT8 (residual stream int16)": uniform,
              "all-16-bit (every activation that may be 16-bit)": BitPlan(uniform.bits, dict.fromkeys(wide, 16))}
     with torch.inference_mode():
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
              f"the search's latency table was timed at), seq {SEQ_LEN}",
              f"- The search: `lowbit search zoo:minilm_l6 --max-drop {args.max_drop}` with the text-model defaults "
              "(8-bit weights; each activation tensor that may be 16-bit is an 8/16 choice; per-layer latency "
-             "measured in TVM; bisection on latency)"
+             f"measured in TVM; bisection on latency), calibrated on {len(prepared.calib)} sentences "
+             f"({prepared.calib.source})"
              + (f", {search_s / 60:.1f} min wall on this machine" if search_s else "") + ". It measured "
              f"{len(frontier['points'])} plans on {frontier['heldout']['samples']} held-out sentences (fake-quant "
              "executor); the band is 1% of mean cosine below the all-16-bit plan.",

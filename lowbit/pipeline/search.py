@@ -147,11 +147,17 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
         raise LowbitError(f"{sensitivity_dir}: measured on a different model ({sens.model}); its layers do not match")
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
         stats = calibrate(graph, prepared.calib.data, log)
+    evaluator = s.PlanEvaluator(graph, prepared.calib.data, prepared.heldout.data, config, stats,
+                                prepared.heldout.photos)
     sensitivity_written = sens is None
     if sens is None:
+        # The activation grids the plans will be measured with: the uniform plan's range method, chosen once here
+        # (an "auto" recipe per grid would run its validation passes again, twice).
+        with progress.stage("recipe"), progress.steps_of("recipe") as log:
+            recipe = evaluator.recipe(BitPlan.uniform(graph, max(bits)), log)
         # Ω and the quadratic terms at the bit-widths searched only: each more is a GPTQ pass per layer.
         sens = run_sensitivity(prepared, stats, SensitivityConfig(bits=tuple(bits), pair_bits=tuple(bits), seed=seed),
-                               None, 0, progress)
+                               None, 0, progress, QuantConfig(calib_method=recipe.calib_method))
 
     if wants_latency and table is None:
         from ..quantizer.quantize import quantize
@@ -195,8 +201,6 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
                             f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
 
-    evaluator = s.PlanEvaluator(graph, prepared.calib.data, prepared.heldout.data, config, stats,
-                                prepared.heldout.photos)
     fidelity = evaluator.fidelity
     points: list[s.FrontierPoint] = []
 

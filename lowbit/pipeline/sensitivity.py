@@ -49,11 +49,13 @@ def activation_grids(graph: Graph, calib: CalibData, stats: dict, config: QuantC
 
 
 def run_sensitivity(prepared: Prepared, stats: dict, config: SensitivityConfig, labels: np.ndarray | None,
-                    check_configs: int, progress: Progress) -> Sensitivity:
+                    check_configs: int, progress: Progress, quant: QuantConfig | None = None) -> Sensitivity:
+    """The sensitivity on the calibration data, its activation noise on the grids `quant` gives (default: the
+    default recipe's; give a concrete range method to skip choosing one)."""
     from ..sensitivity.analyze import check_predictions, compute_sensitivity
 
     x = prepared.calib.data
-    narrow, wide = activation_grids(prepared.graph, x, stats, QuantConfig())
+    narrow, wide = activation_grids(prepared.graph, x, stats, quant or QuantConfig())
     with progress.stage("sensitivity"), progress.steps_of("sensitivity") as log:
         sens = compute_sensitivity(prepared.graph, x, narrow, config, labels, log, wide_quantizers=wide)
     widest = max(layer.trace_half_width / layer.trace for layer in sens.layers if layer.trace > 0)
