@@ -258,11 +258,14 @@ def schaefer_figure(frontier: dict, contenders: list, scores: dict, all16: str, 
                label=f"band: within {100 * band:g}% of the all-16-bit plan")
     ax.scatter([x for x, i in zip(xs, inside, strict=True) if i], [y for y, i in zip(ys, inside, strict=True) if i],
                color="tab:blue", label="plans measured in the search (table latency, simulated cosine)")
-    ax.scatter([x for x, i in zip(xs, inside, strict=True) if not i],
-               [y for y, i in zip(ys, inside, strict=True) if not i], color="tab:gray", label="outside the band")
+    if not all(inside):
+        ax.scatter([x for x, i in zip(xs, inside, strict=True) if not i],
+                   [y for y, i in zip(ys, inside, strict=True) if not i], color="tab:gray", label="outside the band")
     measured = next((c.latency_ms for c in contenders if c.name == all16), 1.0)
-    ax.scatter([100 * (1 - c.latency_ms / measured) for c in contenders], [scores[c.name].mean() for c in contenders],
-               marker="*", s=180, color="tab:red", label="compiled in TVM and measured (200 sentences)")
+    if contenders:
+        ax.scatter([100 * (1 - c.latency_ms / measured) for c in contenders],
+                   [scores[c.name].mean() for c in contenders], marker="*", s=180, color="tab:red",
+                   label="compiled in TVM and measured (200 sentences)")
     for c in contenders:
         ax.annotate(c.name.split(" (")[0], (100 * (1 - c.latency_ms / measured), scores[c.name].mean()),
                     textcoords="offset points", xytext=(6, -10), fontsize=8)
