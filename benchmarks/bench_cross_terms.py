@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             plan = plan_for_budget(problem).bits
             solve_s = time.perf_counter() - t0
-            agrees = evaluator.agrees(plan)
+            agrees = evaluator.scores(plan)
             fronts.append({"fraction": fraction, "objective": objective, "plan": plan, "solve_s": solve_s,
                            "agrees": agrees, "size": costs.total("size", plan),
                            "predicted": {m: sens.predict(plan, m) for m in ("cross", "diagonal", "trace")},
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{label} {100 * agrees[offsets[i]:offsets[i + 1]].mean():.1f}%"
                             for i, label in enumerate(sets)))
     lines = render(args, command, load_start, entry.name, sens, plans, strata, sets, ranking, fronts, offsets,
-                   evaluator.agrees(top), uniform_size)
+                   evaluator.scores(top), uniform_size)
     write_section(args.out, "cross_terms", "\n".join(lines))
     log(f"wrote {args.out}")
     return 0

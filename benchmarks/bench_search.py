@@ -146,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                                         steps=args.bisect_steps, echo=log)
     # Per crop, the share of random plans that agree with FP32: its mean is their mean agreement, its bootstrap
     # over photos the interval of that mean.
-    random_agrees = np.mean([evaluator.agrees(p) for p in random_plans], axis=0)
+    random_agrees = np.mean([evaluator.scores(p) for p in random_plans], axis=0)
     random_mean = float(np.mean(random_agrees))
     random_interval = bootstrap_interval(random_agrees, photos)
     differences = [
-        ("ILP − INT8 with the largest layers INT4", evaluator.agrees(ilp_plan), evaluator.agrees(largest_first)),
-        (f"ILP − mean of {args.random_plans} random plans", evaluator.agrees(ilp_plan), random_agrees),
-        ("ILP with every cross term − ILP", evaluator.agrees(cross_plan), evaluator.agrees(ilp_plan)),
+        ("ILP − INT8 with the largest layers INT4", evaluator.scores(ilp_plan), evaluator.scores(largest_first)),
+        (f"ILP − mean of {args.random_plans} random plans", evaluator.scores(ilp_plan), random_agrees),
+        ("ILP with every cross term − ILP", evaluator.scores(cross_plan), evaluator.scores(ilp_plan)),
     ]
 
     cpu, _ = cpu_info()
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"ILP solve time: {1000 * ilp_seconds:.0f} ms ({len(problem.groups)} choices).", ""]
     if tried:
         lines += bisection_lines(tried, chosen, rows[0][2]["top1_agreement"], args.max_drop, costs.total("size", top),
-                                 lambda p: evaluator.agreement_drop(top, p.plan))
+                                 lambda p: evaluator.drop(top, p.plan))
     write_section(args.out, "search", "\n".join(lines))
     log(f"wrote {args.out}")
     return 0

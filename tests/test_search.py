@@ -270,7 +270,7 @@ def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
             assert (drop["value"], drop["low"], drop["high"]) == (0.0, 0.0, 0.0)
     assert frontier["heldout"]["samples"] == 64
     report_md = (search_dir / "report.md").read_text()
-    assert "| top-1 agreement | confident inputs | drop vs uniform (points) |" in report_md
+    assert "| top-1 agreement | confident inputs | drop vs baseline |" in report_md
 
     r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "-o", out)
     assert r.exit_code == 0, r.output

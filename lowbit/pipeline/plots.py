@@ -66,16 +66,21 @@ def cross_term_heatmap(sens: Sensitivity, bits: int, path: Path) -> None:
 
 
 def pareto_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
-    """Measured top-1 agreement against the budget metric, for every plan measured; the chosen one marked."""
+    """Measured fidelity (top-1 agreement, or embedding cosine) against the budget metric, for every plan
+    measured; the chosen one marked."""
+    from ..search.fidelity import TOP1, fidelity_of_record
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
+    fidelity = fidelity_of_record(points[0]["measured"]) if points else TOP1
+    scale = 100 if fidelity is TOP1 else 1
     xs = [p["costs"][metric] for p in points]
-    ys = [100 * p["measured"]["top1_agreement"] for p in points]
+    ys = [scale * p["measured"]["score"] for p in points]
     ax.scatter(xs, ys, color="tab:blue", label="plans measured")
-    intervals = [(p["measured"].get("agreement") or {}).get("top1") for p in points]
-    if all(intervals):  # bootstrap 95% intervals as error bars
-        below = [y - 100 * t["low"] for y, t in zip(ys, intervals, strict=True)]
-        above = [100 * t["high"] - y for y, t in zip(ys, intervals, strict=True)]
+    intervals = [p["measured"].get("score_interval") for p in points]
+    if all(i and None not in i for i in intervals):  # bootstrap 95% intervals as error bars
+        below = [y - scale * low for y, (low, _) in zip(ys, intervals, strict=True)]
+        above = [scale * high - y for y, (_, high) in zip(ys, intervals, strict=True)]
         ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor="tab:blue", alpha=0.35, capsize=2)
     order = np.argsort(xs)
     best = -np.inf
@@ -90,7 +95,8 @@ def pareto_plot(points: list[dict[str, Any]], metric: str, path: Path, title: st
         ax.scatter([xs[i] for i in chosen], [ys[i] for i in chosen], s=160, facecolors="none", edgecolors="tab:red",
                    linewidths=2, label="chosen plan")
     ax.set_xlabel({"size": "weight size (bytes)", "bops": "BOPs", "latency": "latency (ms)"}[metric])
-    ax.set_ylabel("top-1 agreement with FP32 (%), bootstrap 95% interval")
+    ax.set_ylabel("top-1 agreement with FP32 (%), bootstrap 95% interval" if fidelity is TOP1
+                  else "mean embedding cosine with FP32, bootstrap 95% interval")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file, write_json
-from ..metrics import Agreement
 from ..quantizer.config import BitPlan, QuantConfig
 from ..search.ilp import DEFAULT_OBJECTIVE
 from ..sensitivity.analyze import SensitivityConfig
@@ -44,6 +43,34 @@ class SearchOptions:
     target: str | None = None  # TVM target of the latency table (default: this CPU; with `rpc`, the remote devices')
     rpc: RpcTarget | None = None  # time the latency table on the devices under this tracker's key
     wide_activations: bool = False  # let the ILP keep activation tensors at 16 bits
+    # The cost --max-drop minimises (None: the budget's, else BOPs with 16-bit activations, else size).
+    bisect: str | None = None
+    # Budgets like 0.8x are fractions of the uniform highest-bit plan with every activation that may be 16-bit at
+    # 16 bits (Schaefer et al.'s 16-bit baseline; the text-model default), not of its all-8-bit-activation plan.
+    budgets_of_widest: bool = False
+
+
+def text_model_defaults(model: str) -> dict[str, Any]:
+    """The search a text model gets unless told otherwise: 8-bit weights, activations 8 or 16 bits, and
+    --max-drop minimising measured latency.
+
+    On a CPU a 4-bit weight does not make a GEMM faster (the VNNI kernels multiply bytes), so the
+    trade that buys time is the activations' width: an int16 input runs a linear as two 8-bit
+    passes. It is also where the accuracy is: MiniLM at W8A8 keeps a mean embedding cosine of
+    0.972, with the GELU outputs at 16 bits 0.983, with the LayerNorm outputs too about 0.997
+    (simulated, 64 held-out sentences), while 4-bit weights cost accuracy and save no time. Give --bits and
+    --narrow-activations to search otherwise."""
+    from ..models.zoo import ZOO_PREFIX, get_zoo_entry
+    from .text import text_model_directory
+
+    entry = get_zoo_entry(model) if model.startswith(ZOO_PREFIX) else None
+    if text_model_directory(model, entry) is None:
+        return {}
+    from .checks import tvm_available
+
+    # Latency is timed in TVM only for 16-bit activations; without TVM, BOPs stand in for it.
+    return {"bits": (8,), "wide_activations": True, "bisect": "latency" if tvm_available() else "bops",
+            "budgets_of_widest": True}
 
 
 @dataclass
@@ -70,6 +97,7 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     progress = progress or Progress()
     _check_options(o)
     result = run_search(prepare(source, progress), o, progress)
+    result.summary["seconds"] = progress.elapsed()
     with atomic_directory(output, force) as tmp:
         write_search(tmp, result)
     progress.echo("done", f"wrote {output} in {progress.elapsed():.1f}s; apply the plan with "
@@ -79,12 +107,18 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
 
 def _check_options(o: SearchOptions) -> None:
     """Refuse a search that cannot be run, before anything slow."""
+    from ..search import search as s
+
     if len(o.bits) < 2 and not o.wide_activations:
         raise LowbitError(f"--bits {','.join(map(str, o.bits))}: a search needs at least two bit-widths (or "
                           "--wide-activations, to choose activation widths alone)")
     requested = o.budgets or {}
     if not requested and o.max_drop is None:
         raise LowbitError("give a budget (--size, --bops or --latency) and/or --max-drop")
+    if o.bisect is not None and o.bisect not in s.METRICS:
+        raise LowbitError(f"--bisect {o.bisect!r}: expected one of {', '.join(s.METRICS)}")
+    if o.bisect is not None and o.max_drop is None:
+        raise LowbitError(f"--bisect {o.bisect}: it names the cost that --max-drop minimises; give --max-drop")
     if o.wide_activations and o.max_drop is None and not {"latency", "bops"} & set(requested):
         raise LowbitError("16-bit activations cost time, not weight size, so a search that may choose them needs "
                           "a --latency or --bops budget, or --max-drop alone (it then bisects BOPs)")
@@ -101,7 +135,8 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     _check_options(o)
     bits, requested, drop = o.bits, o.budgets or {}, o.max_drop
     sensitivity_dir = o.sensitivity_dir
-    latency_source = _latency_source(o, needed="latency" in requested and o.latency_table is None)
+    wants_latency = "latency" in requested or o.bisect == "latency"
+    latency_source = _latency_source(o, needed=wants_latency and o.latency_table is None)
     table = LatencyTable.load(o.latency_table) if o.latency_table else None
     sens = Sensitivity.load(sensitivity_dir) if sensitivity_dir else None
 
@@ -111,12 +146,20 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     if sens is not None and sorted(layer.name for layer in sens.layers) != sorted(n.name for n in graph.layers):
         raise LowbitError(f"{sensitivity_dir}: measured on a different model ({sens.model}); its layers do not match")
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
-        stats = calibrate(graph, prepared.calib.x, log)
+        stats = calibrate(graph, prepared.calib.data, log)
+    evaluator = s.PlanEvaluator(graph, prepared.calib.data, prepared.heldout.data, config, stats,
+                                prepared.heldout.photos)
     sensitivity_written = sens is None
     if sens is None:
-        sens = run_sensitivity(prepared, stats, SensitivityConfig(pair_bits=bits, seed=seed), None, 0, progress)
+        # The activation grids the plans will be measured with: the uniform plan's range method, chosen once here
+        # (an "auto" recipe per grid would run its validation passes again, twice).
+        with progress.stage("recipe"), progress.steps_of("recipe") as log:
+            recipe = evaluator.recipe(BitPlan.uniform(graph, max(bits)), log)
+        # Ω and the quadratic terms at the bit-widths searched only: each more is a GPTQ pass per layer.
+        sens = run_sensitivity(prepared, stats, SensitivityConfig(bits=tuple(bits), pair_bits=tuple(bits), seed=seed),
+                               None, 0, progress, QuantConfig(calib_method=recipe.calib_method))
 
-    if "latency" in requested and table is None:
+    if wants_latency and table is None:
         from ..quantizer.quantize import quantize
         from .checks import tvm_available
 
@@ -125,7 +168,7 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
         with progress.stage("latency"), progress.steps_of("latency") as log:
             # Kernel time does not depend on the ranges or the rounding: take the cheapest recipe.
             timing_config = QuantConfig(calib_method="minmax", rounding="nearest")
-            uniform = {b: quantize(graph, prepared.calib.x, timing_config, BitPlan.uniform(graph, b), stats=stats)
+            uniform = {b: quantize(graph, prepared.calib.data, timing_config, BitPlan.uniform(graph, b), stats=stats)
                        for b in bits}
             if latency_source in ("tvm", "tvm-rpc"):
                 from ..codegen.tvm.latency import measure_layers
@@ -135,7 +178,7 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
                 if o.wide_activations:
                     wide_plan = BitPlan(BitPlan.uniform(graph, max(bits)).bits,
                                         {t: 16 for t in sens.activation_tensors})
-                    wide = quantize(graph, prepared.calib.x, timing_config, wide_plan, stats=stats)
+                    wide = quantize(graph, prepared.calib.data, timing_config, wide_plan, stats=stats)
                 table = measure_layers(uniform, o.target or DEFAULT_TARGET, log=log, rpc=o.rpc, wide_input=wide)
             elif o.wide_activations:
                 raise LowbitError("16-bit activations are timed in TVM only (ONNX Runtime's QDQ models have no "
@@ -148,23 +191,27 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
                                  f"({progress.timings['latency']:.1f}s){caveat}")
     costs = layer_costs(graph, bits, table)
     top = {layer.name: max(bits) for layer in graph.layers}
-    budgets = {m: s.parse_budget(m, text, costs.total(m, top)) for m, text in requested.items()}
+    widest = {t: 16 for t in sens.activation_tensors} if o.wide_activations and o.budgets_of_widest else {}
+    budgets = {m: s.parse_budget(m, text, s.all_costs(costs, BitPlan(top, widest))[m])
+               for m, text in requested.items()}
     # Without a budget, --max-drop bisects size, or BOPs when activations may widen (they cost no size).
-    metric = next(iter(budgets), "bops" if o.wide_activations else "size")
-    problem = s.build_problem(graph, sens, costs, bits, budgets or {metric: math.inf}, o.ties,
+    metric = o.bisect or next(iter(budgets), "bops" if o.wide_activations else "size")
+    problem = s.build_problem(graph, sens, costs, bits, {metric: math.inf, **budgets}, o.ties,
                               o.objective, o.wide_activations)
     progress.echo("search", f"{len(problem.groups)} choices for {len(graph.layers)} layers "
                             f"({len(graph.layers) - len(problem.groups)} tied by residual adds), bits {list(bits)}")
 
-    evaluator = s.PlanEvaluator(graph, prepared.calib.x, prepared.heldout.x, config, stats, prepared.heldout.photos)
+    fidelity = evaluator.fidelity
     points: list[s.FrontierPoint] = []
 
     def measure(budget: dict[str, float], what: str) -> s.FrontierPoint:
         with progress.stage("measure"), progress.steps_of("measure") as log:
             point = s.evaluate_point(problem, sens, costs, evaluator, budget, log)
         points.append(point)
-        progress.echo("measure", f"{what}: bits {point.bit_counts}, {s.format_metric(metric, point.costs[metric])}, "
-                                 f"top-1 agreement {_short(point.measured)} ({point.measured['seconds']:.0f}s)")
+        progress.echo("measure", f"{what}: bits {point.bit_counts}{s.wide_text(point.plan)}, "
+                                 f"{s.format_metric(metric, point.costs[metric])}, "
+                                 f"{fidelity.label} {fidelity.short(point.measured)} "
+                                 f"({point.measured['seconds']:.0f}s)")
         return point
 
     cheapest, dearest = problem.metric_range(metric)
@@ -179,16 +226,21 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
             chosen, tried = s.bisect_max_drop(problem, sens, costs, evaluator, metric, drop, baseline, o.bisect_steps,
                                               echo=lambda m: progress.echo("bisect", m))
         points += tried
+        # A frontier point bisection did not try may be cheaper and still within the band.
+        chosen = min((p for p in points if baseline.measured["score"] - p.measured["score"] <= drop + 1e-12),
+                     key=lambda p: (p.costs[metric], -p.measured["score"]))
         progress.echo("bisect", f"cheapest plan within {100 * drop:.2f}%: "
                                 f"{s.format_metric(metric, chosen.costs[metric])}, "
-                                f"top-1 agreement {_short(chosen.measured)}")
+                                f"{fidelity.label} {fidelity.short(chosen.measured)}")
     assert chosen is not None
 
     unique = {s.plan_key(p.plan): p for p in reversed(points)}  # each plan once, as first measured
     frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan,
-                 "drop_vs_baseline": evaluator.agreement_drop(baseline.plan, p.plan)} for p in unique.values()]
+                 "drop_vs_baseline": evaluator.drop(baseline.plan, p.plan)} for p in unique.values()]
     activation_costs = wide_activation_costs(chosen.plan, sens, costs)
     summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
+               "fidelity": fidelity.key, "baseline_plan": highest,
+               "budgets_of": f"uniform {max(bits)}-bit" + (", activations 16-bit where they may be" if widest else ""),
                "heldout": reports.data_summary(prepared.heldout),
                "max_drop": drop, "baseline": baseline.to_json(), "objective": o.objective,
                "ties": o.ties, "groups": problem.groups, "activation_choices": problem.tensors,
@@ -251,31 +303,37 @@ def _latency_source(o: SearchOptions, needed: bool) -> str:
 
 
 def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metric: str) -> str:
+    from ..search.fidelity import FIDELITIES, TOP1, extra_column
     from ..search.search import OBJECTIVES, format_metric
 
     heldout = summary.get("heldout")
     on = "" if heldout is None else f" ({reports.samples_text(heldout)})"
+    fidelity = FIDELITIES[summary.get("fidelity", TOP1.key)]
+    baseline = summary.get("baseline_plan", "the uniform highest-precision plan")
+    what = ("top-1 agreement with FP32" if fidelity is TOP1 else
+            "the cosine of each sentence's embedding with FP32's (mean over sentences)")
+    extra = extra_column(points[0]["measured"])[0] if points else ""
     lines = [f"# Bit-width search: {summary['model']}", "",
              f"- bit-widths: {summary['bits']}; budgets: " +
              (", ".join(f"{m} <= {format_metric(m, v)}" for m, v in summary["budgets"].items()) or "none") +
              (f"; max drop {100 * summary['max_drop']:.2f}%" if summary["max_drop"] is not None else ""),
              f"- objective ({summary['objective']}): {OBJECTIVES[summary['objective']]}",
-             f"- fidelity: top-1 agreement with FP32 on held-out data{on}, fake-quant executor, plans quantized as "
-             "`lowbit quantize` does; [low, high] are bootstrap 95% intervals, the drop's paired (both plans scored "
-             "on the same samples); confident: FP32 top-1/top-2 logit gap above 1.0", "",
-             f"| plan | {metric} | bits | predicted loss increase | top-1 agreement | confident inputs "
-             "| drop vs uniform (points) | SQNR |",
+             f"- fidelity: {what} on held-out data{on}, fake-quant executor, plans quantized as `lowbit quantize` "
+             "does; [low, high] are bootstrap 95% intervals, the drop's paired (both plans scored on the same "
+             f"samples) and measured against the baseline, {baseline}"
+             + ("; confident: FP32 top-1/top-2 logit gap above 1.0" if fidelity is TOP1 else ""), "",
+             f"| plan | {metric} | bits | predicted loss increase | {fidelity.label} | {extra} "
+             "| drop vs baseline | SQNR |",
              "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["costs"][metric]):
         sqnr = p["measured"]["sqnr_db"]
         drop = p.get("drop_vs_baseline")
-        drop_text = "-" if drop is None else (f"{100 * drop['value']:+.1f} [{100 * drop['low']:+.1f}, "
-                                              f"{100 * drop['high']:+.1f}]")
-        agreement = p["measured"].get("agreement")
-        confident = "-" if agreement is None else Agreement.from_json(agreement["confident"]).describe()
+        drop_text = "-" if drop is None else (f"{fidelity.difference(drop['value'])} "
+                                              f"[{fidelity.difference(drop['low'])}, "
+                                              f"{fidelity.difference(drop['high'])}]")
         lines.append(f"| {'**chosen**' if p['chosen'] else ''} | {format_metric(metric, p['costs'][metric])} | "
-                     f"{p['bit_counts']}{_wide_text(p)} | {p['predicted_loss']:.4g} | {_short(p['measured'])} | "
-                     f"{confident} | "
+                     f"{p['bit_counts']}{_wide_text(p)} | {p['predicted_loss']:.4g} | "
+                     f"{fidelity.short(p['measured'])} | {extra_column(p['measured'])[1]} | "
                      f"{drop_text} | {'-' if sqnr is None else f'{sqnr:.1f} dB'} |")
     wide = summary.get("chosen_activation_costs") or {}
     if summary.get("activation_choices"):
@@ -294,10 +352,3 @@ def search_markdown(summary: dict[str, Any], points: list[dict[str, Any]], metri
 def _wide_text(point: dict[str, Any]) -> str:
     wide = sum(b == 16 for b in point.get("activation_bits", {}).values())
     return f", {wide} activations at 16" if wide else ""
-
-
-def _short(measured: dict[str, Any]) -> str:
-    """'84.9% [79.2, 90.1]' for a measured plan."""
-    if "agreement" not in measured:
-        return f"{100 * measured['top1_agreement']:.1f}%"
-    return Agreement.from_json(measured["agreement"]["top1"]).short()

@@ -10,6 +10,7 @@ from ..errors import LowbitError
 from ..io import atomic_directory, atomic_file
 from ..quantizer.config import QuantConfig
 from ..quantizer.graph import Graph
+from ..quantizer.inputs import CalibData
 from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
@@ -30,7 +31,7 @@ def load_labels(path: Path | None, n: int) -> np.ndarray | None:
     return labels
 
 
-def activation_grids(graph: Graph, calib: np.ndarray, stats: dict, config: QuantConfig) -> tuple[dict, dict]:
+def activation_grids(graph: Graph, calib: CalibData, stats: dict, config: QuantConfig) -> tuple[dict, dict]:
     """The 8-bit activation grids `lowbit quantize` uses (they don't depend on the weights' rounding), and the
     16-bit grids of the tensors a plan may keep at 16 bits."""
     from ..quantizer.config import BitPlan
@@ -42,15 +43,19 @@ def activation_grids(graph: Graph, calib: np.ndarray, stats: dict, config: Quant
     candidates = int16_candidates(graph)
     wide_plan = BitPlan(BitPlan.uniform(graph, 8).bits, {t: 16 for t in candidates})
     wide = fake_quantizers(quantize(graph, calib, cheap, wide_plan, stats=stats))
-    return narrow, {t: wide[t] for t in candidates}
+    # A tensor with no grid in either is not rounded at all (a matmul's raw int32 sum that only a softmax reads):
+    # its width is no choice.
+    return narrow, {t: wide[t] for t in candidates if t in wide and t in narrow}
 
 
 def run_sensitivity(prepared: Prepared, stats: dict, config: SensitivityConfig, labels: np.ndarray | None,
-                    check_configs: int, progress: Progress) -> Sensitivity:
+                    check_configs: int, progress: Progress, quant: QuantConfig | None = None) -> Sensitivity:
+    """The sensitivity on the calibration data, its activation noise on the grids `quant` gives (default: the
+    default recipe's; give a concrete range method to skip choosing one)."""
     from ..sensitivity.analyze import check_predictions, compute_sensitivity
 
-    x = prepared.calib.x
-    narrow, wide = activation_grids(prepared.graph, x, stats, QuantConfig())
+    x = prepared.calib.data
+    narrow, wide = activation_grids(prepared.graph, x, stats, quant or QuantConfig())
     with progress.stage("sensitivity"), progress.steps_of("sensitivity") as log:
         sens = compute_sensitivity(prepared.graph, x, narrow, config, labels, log, wide_quantizers=wide)
     widest = max(layer.trace_half_width / layer.trace for layer in sens.layers if layer.trace > 0)
@@ -117,7 +122,7 @@ def measure_sensitivity(source: Source, config: SensitivityConfig, labels: Path 
     prepared = prepare(source, progress)
     label_array = load_labels(labels, min(config.samples, len(prepared.calib)))
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
-        stats = calibrate(prepared.graph, prepared.calib.x, log)
+        stats = calibrate(prepared.graph, prepared.calib.data, log)
     sens = run_sensitivity(prepared, stats, config, label_array, check_configs, progress)
     with atomic_directory(output, force) as tmp:
         write_sensitivity(tmp, sens)

@@ -6,11 +6,12 @@
   exactly), or HAWQ-V3's trace estimate. Which is the default, and why, is measured
   out of sample by benchmarks/bench_cross_terms.py (BENCHMARKS.md, cross_terms).
 - `PlanEvaluator`: quantizes a plan for real (same pipeline as `lowbit quantize`,
-  calibration statistics shared) and measures top-1 agreement with FP32 on
-  held-out data, with the fake-quant executor. The recipe's `auto` parts are chosen
+  calibration statistics shared) and measures its fidelity to FP32 on held-out
+  data with the fake-quant executor: top-1 agreement for a classifier, the embedding
+  cosine for a sentence encoder (`fidelity`). The recipe's `auto` parts are chosen
   once per bit-width, on the uniform plan: a layer at b bits gets GPTQ if it did in
   the uniform b-bit plan, so every plan does not pay for its own choice.
-  Agreement comes with bootstrap intervals over photos.
+  Scores come with bootstrap intervals (over photos, where crops share one).
 - `bisect_max_drop`: the cheapest plan whose measured drop stays within a band.
 """
 
@@ -27,15 +28,17 @@ import torch
 
 from ..errors import LowbitError
 from ..ir.ops import QUANTIZABLE_OPS
-from ..metrics import Agreement, agreement_summary, paired_difference, sqnr_db, top1_agreement
+from ..metrics import paired_difference, sqnr_db
 from ..quantizer.calibrate import TensorStats
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.graph import Graph, run_graph
+from ..quantizer.inputs import CalibData, ModelInputs, TorchInputs, model_inputs
 from ..quantizer.quantize import quantize
 from ..quantizer.recipe import Recipe, choose_recipe
 from ..quantizer.simulate import simulate
 from ..sensitivity.artifact import Sensitivity, activation_key, weight_key
 from .costs import CostModel
+from .fidelity import Fidelity, fidelity_of
 from .ilp import ACTIVATION_BITS, DEFAULT_OBJECTIVE, OBJECTIVES, Plan, Problem, solve, tie_groups
 
 Log = Callable[[str], None]
@@ -139,6 +142,12 @@ def _bitplan(plan: BitPlan | Plan) -> BitPlan:
     return plan if isinstance(plan, BitPlan) else BitPlan(dict(plan))
 
 
+def wide_text(plan: BitPlan) -> str:
+    """', 5 activations at 16' for a plan that keeps some activations at 16 bits."""
+    wide = sum(b == 16 for b in plan.activation_bits.values())
+    return f", {wide} activations at 16" if wide else ""
+
+
 def plan_key(plan: BitPlan) -> tuple[frozenset, frozenset]:
     return frozenset(plan.bits.items()), frozenset(plan.activation_bits.items())
 
@@ -147,29 +156,31 @@ def plan_key(plan: BitPlan) -> tuple[frozenset, frozenset]:
 class PlanEvaluator:
     """Measures plans for real: quantize (shared calibration statistics), then fake-quant on held-out data.
 
-    `photos`: each held-out sample's source photo, for the agreement intervals (None: samples independent).
+    `calib`, `heldout`: one array per graph input (or an image model's single array). `groups`: each held-out
+    sample's source photo, for the intervals (None: samples independent, as sentences are). The score is
+    `fidelity`: top-1 agreement for class scores, the embedding cosine for a pooled embedding.
     """
 
     graph: Graph
-    calib: np.ndarray
-    heldout: np.ndarray
+    calib: CalibData
+    heldout: CalibData
     config: QuantConfig
     stats: dict[str, TensorStats]
-    photos: np.ndarray | None = None
+    groups: np.ndarray | None = None
     reference: np.ndarray = field(init=False)
+    fidelity: Fidelity = field(init=False)
+    _inputs: ModelInputs = field(init=False)
     _measured: dict[tuple, dict[str, Any]] = field(init=False, default_factory=dict)
     _recipes: dict[int, Recipe] = field(init=False, default_factory=dict)  # per bit-width, uniform plans
-    _agrees: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)  # per held-out sample
+    _scores: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)  # per held-out sample
 
     def __post_init__(self) -> None:
-        self.reference = self._logits(lambda x: run_graph(self.graph, x))
+        self._inputs = model_inputs(self.graph, self.heldout, "the held-out data")
+        self.fidelity = fidelity_of(self.graph.is_embedding(self.graph.outputs[0]))
+        self.reference = self._outputs(lambda x: run_graph(self.graph, x))
 
-    def _logits(self, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> np.ndarray:
-        out = []
-        for i in range(0, len(self.heldout), EVAL_BATCH):
-            x = torch.from_numpy(np.ascontiguousarray(self.heldout[i:i + EVAL_BATCH], dtype=np.float32))
-            out.append(fn(x)[self.graph.outputs[0]].numpy())
-        return np.concatenate(out)
+    def _outputs(self, fn: Callable[[TorchInputs], dict[str, torch.Tensor]]) -> np.ndarray:
+        return np.concatenate([fn(x)[self.graph.outputs[0]].numpy() for x in self._inputs.batches(EVAL_BATCH)])
 
     def measure(self, plan: BitPlan | Plan, log: Log = lambda _: None) -> dict[str, Any]:
         """Quantize `plan` (a `BitPlan`, or weight bits per layer) and score it on the held-out data."""
@@ -192,22 +203,21 @@ class PlanEvaluator:
         t0 = time.perf_counter()
         qgraph = quantize(self.graph, self.calib, self.config, plan, log, stats=self.stats,
                           recipe=self.recipe(plan, log))
-        logits = self._logits(lambda x: simulate(self.graph, qgraph, x))
-        self._agrees[plan_key(plan)] = self.reference.argmax(1) == logits.argmax(1)
-        sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((logits - self.reference) ** 2)))
-        return {"top1_agreement": top1_agreement(self.reference, logits),
-                "agreement": agreement_summary(self.reference, logits, self.photos), "sqnr_db": sqnr,
+        out = self._outputs(lambda x: simulate(self.graph, qgraph, x))
+        self._scores[plan_key(plan)] = self.fidelity.per_sample(self.reference, out)
+        sqnr = sqnr_db(float(np.sum(self.reference ** 2)), float(np.sum((out - self.reference) ** 2)))
+        return {**self.fidelity.measure(self.reference, out, self.groups), "sqnr_db": sqnr,
                 "weight_bytes": qgraph.weight_bytes(), "seconds": time.perf_counter() - t0}
 
-    def agrees(self, plan: BitPlan | Plan) -> np.ndarray:
-        """Per held-out sample: does the plan's top-1 class match FP32's? (Measures the plan if needed.)"""
+    def scores(self, plan: BitPlan | Plan) -> np.ndarray:
+        """Per held-out sample, the plan's fidelity score (measuring the plan if needed)."""
         self.measure(plan)
-        return self._agrees[plan_key(_bitplan(plan))]
+        return self._scores[plan_key(_bitplan(plan))]
 
-    def agreement_drop(self, baseline: BitPlan | Plan, plan: BitPlan | Plan) -> dict[str, float]:
-        """`baseline`'s agreement minus `plan`'s, with a paired bootstrap 95% interval: both are scored on the
-        same held-out samples, so photos that are hard for both do not widen it."""
-        drop, interval = paired_difference(self.agrees(baseline), self.agrees(plan), self.photos)
+    def drop(self, baseline: BitPlan | Plan, plan: BitPlan | Plan) -> dict[str, float]:
+        """`baseline`'s mean score minus `plan`'s, with a paired bootstrap 95% interval: both are scored on the
+        same held-out samples, so samples that are hard for both do not widen it."""
+        drop, interval = paired_difference(self.scores(baseline), self.scores(plan), self.groups)
         return {"value": drop, "low": interval.low, "high": interval.high}
 
 
@@ -254,7 +264,7 @@ def evaluate_point(problem: Problem, sens: Sensitivity, costs: CostModel, evalua
 def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evaluator: PlanEvaluator, metric: str,
                     max_drop: float, baseline: FrontierPoint, steps: int = 6, log: Log = lambda _: None,
                     echo: Log = lambda _: None) -> tuple[FrontierPoint, list[FrontierPoint]]:
-    """Bisect the `metric` budget for the cheapest plan whose measured agreement drop is at most `max_drop`.
+    """Bisect the `metric` budget for the cheapest plan whose measured fidelity drop is at most `max_drop`.
 
     The drop is measured against `baseline`, the uniform highest-precision plan. The
     budget ranges from the cheapest plan up to the problem's own `metric` budget (the
@@ -268,19 +278,21 @@ def bisect_max_drop(problem: Problem, sens: Sensitivity, costs: CostModel, evalu
         budgets = {**problem.budgets, metric: cheapest + f * (cap - cheapest)}
         point = evaluate_point(problem, sens, costs, evaluator, budgets, log)
         tried.append(point)
-        drop = baseline.measured["top1_agreement"] - point.measured["top1_agreement"]
+        drop = baseline.measured["score"] - point.measured["score"]
         ok = drop <= max_drop + 1e-12
-        interval = evaluator.agreement_drop(baseline.plan, point.plan)
-        echo(f"{label}: {metric} <= {format_metric(metric, budgets[metric])}, bits {point.bit_counts}, top-1 "
-             f"agreement {Agreement.from_json(point.measured['agreement']['top1']).short()} (drop "
-             f"{100 * drop:+.1f}% [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]): "
+        interval = evaluator.drop(baseline.plan, point.plan)
+        f = evaluator.fidelity
+        echo(f"{label}: {metric} <= {format_metric(metric, budgets[metric])}, bits {point.bit_counts}"
+             f"{wide_text(point.plan)}, {f.label} {f.short(point.measured)} (drop {f.difference(drop)} "
+             f"[{f.difference(interval['low'])}, {f.difference(interval['high'])}]): "
              f"{'within' if ok else 'outside'} the band")
         return point, ok
 
     best, ok = attempt(1.0, "largest budget")
     if not ok:
-        raise LowbitError(f"no plan within {metric} <= {format_metric(metric, cap)} keeps the top-1 agreement drop "
-                          f"within {100 * max_drop:.2f}%; raise the budget or widen --max-drop")
+        raise LowbitError(f"no plan within {metric} <= {format_metric(metric, cap)} keeps the "
+                          f"{evaluator.fidelity.label} drop within {100 * max_drop:.2f}%; raise the budget or widen "
+                          "--max-drop")
     point, ok = attempt(0.0, "cheapest plan")
     if ok:
         return point, tried

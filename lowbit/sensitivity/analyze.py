@@ -22,16 +22,18 @@ import torch
 from ..errors import LowbitError
 from ..quantizer.calibrate import weight_error, weight_scales
 from ..quantizer.graph import Graph, forward
+from ..quantizer.inputs import CalibData, TorchInputs, model_inputs
 from ..quantizer.quantize import gptq_weight, layer_hessian
 from ..quantizer.simulate import FakeQuant
 from .artifact import LayerSensitivity, Sensitivity, activation_key, weight_key
 from .hessian import (
     Log,
-    OutputCurvature,
+    curvature_of,
     float_activations,
     hutchinson_traces,
     layer_output_change,
     loss_of,
+    output_loss,
     push_tangent,
 )
 
@@ -86,11 +88,18 @@ class WeightErrors:
         return self._cache[layer, bits]
 
 
-def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict[str, FakeQuant],
+def first_samples(graph: Graph, x: CalibData, n: int) -> TorchInputs:
+    """The first `n` samples of `x` (one array, or one per graph input) as tensors, by input name."""
+    return model_inputs(graph, x, "the sensitivity data").take(slice(0, n)).tensors()
+
+
+def compute_sensitivity(graph: Graph, x: CalibData, activation_quantizers: dict[str, FakeQuant],
                         config: SensitivityConfig | None = None, labels: np.ndarray | None = None,
                         log: Log = lambda _: None, errors: WeightErrors | None = None,
                         wide_quantizers: dict[str, FakeQuant] | None = None) -> Sensitivity:
-    """Sensitivity of `graph` to weight and activation quantization, measured on `x` (first `config.samples`).
+    """Sensitivity of `graph` to weight and activation quantization, measured on `x` (first `config.samples`;
+    one array, or one per graph input). The loss is `hessian.output_loss`: KL or cross-entropy for class
+    scores, 1 - cos for a pooled embedding.
 
     `activation_quantizers` maps float tensor names to their 8-bit grids, as
     `quantizer.simulate.fake_quantizers` returns them for a quantized graph.
@@ -98,8 +107,9 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     gets its rounding noise at 8 and at 16 bits as perturbations (`activation_key`).
     """
     config = config or SensitivityConfig()
-    n = min(config.samples, len(x))
-    xt = torch.from_numpy(np.ascontiguousarray(x[:n], dtype=np.float32))
+    loss = output_loss(graph, labels)
+    xt = first_samples(graph, x, config.samples)
+    n = len(next(iter(xt.values())))
     label_t = None if labels is None else torch.as_tensor(labels[:n], dtype=torch.long)
     timings: dict[str, float] = {}
     layers = graph.layers
@@ -114,7 +124,7 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     t0 = time.perf_counter()
     primals = float_activations(graph, xt)
     output = graph.outputs[0]
-    curvature = OutputCurvature(primals[output])
+    curvature = curvature_of(loss, primals[output])
     errors = errors or WeightErrors(graph, primals, config.weight_method, config.rounding)
     keys: list[str] = []
     projected: list[torch.Tensor] = []  # Aᵀ (J δ) per perturbation, [n, classes]
@@ -156,14 +166,15 @@ def compute_sensitivity(graph: Graph, x: np.ndarray, activation_quantizers: dict
     if label_t is not None:
         gradient = _first_order_terms(graph, xt, label_t, keys, weight_deltas, primals[output])
     return Sensitivity(
-        model=graph.name, loss="kl" if labels is None else "cross_entropy", samples=n,
+        model=graph.name, loss=loss, samples=n,
         bits=sorted(config.bits), pair_bits=sorted(config.pair_bits), layers=results,
-        trace_draws=max(t.draws for t in traces.values()), head_classes=config.head_classes,
+        trace_draws=max(t.draws for t in traces.values()),
+        head_classes=0 if loss == "cosine" else config.head_classes,
         rounding=config.rounding, keys=keys, cross=cross, gradient=gradient,
         timings=timings)
 
 
-def _first_order_terms(graph: Graph, x: torch.Tensor, labels: torch.Tensor, keys: list[str],
+def _first_order_terms(graph: Graph, x: TorchInputs, labels: torch.Tensor, keys: list[str],
                        weight_deltas: dict[str, tuple[str, torch.Tensor]], reference: torch.Tensor) -> np.ndarray:
     """gᵀ δ for weight perturbations (activation ones are left at zero: their gradient is per sample)."""
     weights = {n.name: graph.weight(n.name).detach().clone().requires_grad_(True) for n in graph.layers}
@@ -176,25 +187,26 @@ def _first_order_terms(graph: Graph, x: torch.Tensor, labels: torch.Tensor, keys
 class LossProbe:
     """Measures the real loss change of weight plans (weights rounded as `errors` says, activations float)."""
 
-    def __init__(self, graph: Graph, x: np.ndarray, errors: WeightErrors, labels: np.ndarray | None = None):
+    def __init__(self, graph: Graph, x: CalibData, errors: WeightErrors, labels: np.ndarray | None = None):
         self.graph, self.errors = graph, errors
-        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self.x = first_samples(graph, x, len(model_inputs(graph, x, "the sensitivity data")))
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.loss = output_loss(graph, labels)
         with torch.no_grad():
             self.reference = forward(graph, self.x)[graph.outputs[0]]
-            self.base = float(loss_of(self.reference, self.reference, self.labels))
+            self.base = float(loss_of(self.reference, self.reference, self.labels, self.loss))
 
     @torch.no_grad()
     def loss_increase(self, plan: dict[str, int]) -> float:
         weights = {name: self.graph.weight(name) + self.errors(name, bits) for name, bits in plan.items()}
         logits = forward(self.graph, self.x, weights=weights)[self.graph.outputs[0]]
-        return float(loss_of(logits, self.reference, self.labels)) - self.base
+        return float(loss_of(logits, self.reference, self.labels, self.loss)) - self.base
 
 
 PREDICTION_MODELS = ("cross", "diagonal", "trace")
 
 
-def check_predictions(graph: Graph, sens: Sensitivity, x: np.ndarray, configs: int = 30, bits: tuple[int, int] = (4, 8),
+def check_predictions(graph: Graph, sens: Sensitivity, x: CalibData, configs: int = 30, bits: tuple[int, int] = (4, 8),
                       weight_method: str = "mse", labels: np.ndarray | None = None, seed: int = 0,
                       log: Log = lambda _: None, errors: WeightErrors | None = None) -> dict[str, Any]:
     """Random low/high-bit plans: measured loss increase vs each prediction, and their Spearman correlations.
@@ -204,9 +216,9 @@ def check_predictions(graph: Graph, sens: Sensitivity, x: np.ndarray, configs: i
     on the samples the sensitivity was computed on.
     """
     rng = np.random.default_rng(seed)
-    xs = x[:sens.samples]
+    xs = first_samples(graph, x, sens.samples)
     if errors is None:
-        primals = float_activations(graph, torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)))
+        primals = float_activations(graph, xs)
         errors = WeightErrors(graph, primals, weight_method, sens.rounding)
     probe = LossProbe(graph, xs, errors, None if labels is None else labels[:sens.samples])
     names = [n.name for n in graph.layers]

@@ -4,6 +4,10 @@ The result is the search's `LatencyTable`, so `lowbit search --latency` can budg
 what the compiled model will spend, 4-bit layers included (ONNX Runtime has no
 int4 kernels, so its table cannot tell 4 from 8 bits).
 
+Layers of one signature (op, shapes, dtypes, attributes: an encoder's six blocks) compile
+to the same kernel, so here each signature is compiled and timed once and its time given
+to all its layers; a transformer's table then costs one block's compiles, not six.
+
 With an `RpcTarget`, the kernels are compiled here and timed on the devices under the
 tracker's key, every device in parallel (`remote.run_on_devices`); the table is complete
 or an error, never partial.
@@ -44,14 +48,34 @@ class LayerKernel:
     args: list[np.ndarray]
 
 
+def kernel_signature(qgraph: QuantizedGraph, layer: str) -> tuple:
+    """What a layer's compiled kernel depends on: its op, integer and text attributes (ranges, bit-widths, strides),
+    and the shapes and dtypes of its input, output and constants; not their values (scales, weights)."""
+    op = qgraph.op(layer)
+    x, out = qgraph.values[op.inputs[0]], qgraph.values[op.output]
+    structure = sorted((k, v) for k, v in op.attrs.items() if isinstance(v, bool | int | str)
+                       or (isinstance(v, list | tuple) and all(isinstance(e, int) for e in v)))
+    return (op.op, repr(structure), x.dtype, tuple(x.shape), out.dtype, tuple(out.shape),
+            tuple((k, a.dtype.str, a.shape) for k, a in sorted(op.arrays.items())))
+
+
+def representatives(qgraphs: list[QuantizedGraph]) -> dict[str, str]:
+    """Per layer, the first layer whose kernels (in every one of `qgraphs`) have the same signature."""
+    first: dict[tuple, str] = {}
+    return {op.name: first.setdefault(tuple(kernel_signature(q, op.name) for q in qgraphs), op.name)
+            for op in qgraphs[0].layers}
+
+
 def layer_kernels_to_time(qgraphs: dict[int, QuantizedGraph], target: dict[str, Any],
-                          layers: int | None = None) -> Iterator[LayerKernel]:
-    """Every layer of `qgraphs` (one uniform quantization per bit-width), or the first `layers`, layer by layer,
-    bit-widths ascending."""
+                          layers: int | None = None, only: set[str] | None = None) -> Iterator[LayerKernel]:
+    """Every layer of `qgraphs` (one uniform quantization per bit-width), or the first `layers`, or those in
+    `only`, layer by layer, bit-widths ascending."""
     conv2d, dense, _ = layer_kernels(target)
     conv2d, dense = conv2d or kernels.conv2d_nhwc, dense or kernels.dense  # None: the portable kernels
     rng = np.random.default_rng(0)
     for first in next(iter(qgraphs.values())).layers[:layers]:
+        if only is not None and first.name not in only:
+            continue
         for bits, qgraph in sorted(qgraphs.items()):
             op = qgraph.op(first.name)
             x_value, out_value = qgraph.values[op.inputs[0]], qgraph.values[op.output]
@@ -91,15 +115,18 @@ def measure_layers(qgraphs: dict[int, QuantizedGraph], target_spec: str = DEFAUL
             return time_on_devices(compile_layers(qgraphs, target, Path(tmp), log), rpc, repeats, min_ms, log)
     use_target_threads(target)
     device = tvm.cpu(0)
-    ms: dict[str, dict[int, float]] = {}
-    for kernel in layer_kernels_to_time(qgraphs, target):
+    same = representatives(list(qgraphs.values()))
+    timed: dict[str, dict[int, float]] = {}
+    for kernel in layer_kernels_to_time(qgraphs, target, only=set(same.values())):
         args = [tvm.runtime.tensor(a, device) for a in kernel.args]
-        ms.setdefault(kernel.layer, {})[kernel.bits] = float(
+        timed.setdefault(kernel.layer, {})[kernel.bits] = float(
             np.median(time_function(kernel.library, "main", device, args, repeats, min_ms)))
         if kernel.bits == max(qgraphs):
-            log(f"latency (tvm): layer {len(ms)}/{len(layers)}")
+            log(f"latency (tvm): kernel {len(timed)}/{len(set(same.values()))} ({len(layers)} layers)")
+    ms = {layer.name: dict(timed[same[layer.name]]) for layer in layers}
     return LatencyTable(target_string(target), f"tvm per-layer kernels ({kernel_set})", ms,
-                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": _batch(qgraphs)})
+                        {"repeats": repeats, "min_repeat_ms": min_ms, "batch": _batch(qgraphs),
+                         "kernels_timed": len(timed)})
 
 
 def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[str, Any], repeats: int = 5,
@@ -110,7 +137,9 @@ def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[
     timed as compiled: the layer alone between a quantize and a dequantize, built as a whole model, on each
     input; the quantize and dequantize cost both the same, and cancel in the difference. With `rpc`, the
     executables run on the devices under its key (all built here first), one layer per job."""
-    layers = [op.name for op in wide.layers if wide.values[op.inputs[0]].dtype == "int16"]
+    all_layers = [op.name for op in wide.layers if wide.values[op.inputs[0]].dtype == "int16"]
+    same = representatives([narrow, wide])
+    layers = [layer for layer in all_layers if same[layer] == layer]  # one per signature; the rest share its time
     where = "tvm-rpc" if rpc is not None else "tvm"
     with tempfile.TemporaryDirectory(prefix="lowbit-wide-") as tmp:
         built: dict[str, list[tuple[Any, list[np.ndarray]]]] = {}
@@ -139,7 +168,7 @@ def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[
 
             done = run_on_devices(rpc, {layer: job(row) for layer, row in built.items()}, "layer",
                                   lambda m: log(f"latency ({where}): 16-bit input, {m}"))
-            return {layer: done.results[layer] for layer in layers}
+            return {layer: done.results[same[layer]] for layer in all_layers}
         use_target_threads(target)
         device = tvm.cpu(0)
         extra = {}
@@ -148,8 +177,8 @@ def wide_input_extra(narrow: QuantizedGraph, wide: QuantizedGraph, target: dict[
                             [tvm.runtime.tensor(a, device) for a in arrays], repeats, min_ms)
                      for executable, arrays in row]
             extra[layer] = times[1] - times[0]
-            log(f"latency ({where}): 16-bit input of layer {i + 1}/{len(layers)}")
-        return extra
+            log(f"latency ({where}): 16-bit input of kernel {i + 1}/{len(layers)} ({len(all_layers)} layers)")
+        return {layer: extra[same[layer]] for layer in all_layers}
 
 
 def _vm_ms(vm: relax.VirtualMachine, device: Any, args: list[Any], repeats: int, min_ms: int) -> float:
