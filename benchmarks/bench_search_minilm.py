@@ -26,6 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import bench_minilm
 import numpy as np
 import torch
 from bench_minilm import SEQ_LEN
@@ -41,7 +42,6 @@ from lowbit.quantizer.config import BitPlan, QuantConfig
 from lowbit.quantizer.graph import run_graph
 from lowbit.quantizer.quantize import calibrate, quantize
 from lowbit.quantizer.recipe import choose_recipe
-from lowbit.quantizer.reference import run_reference
 from lowbit.search.costs import LatencyTable, layer_costs
 from lowbit.search.fidelity import COSINE
 from lowbit.search.search import all_costs
@@ -51,38 +51,10 @@ Embed = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def tvm_embed(qgraph: QuantizedGraph, check: dict[str, np.ndarray]) -> tuple[Embed, int]:
-    """The TVM build of `qgraph` on this CPU, checked bit for bit against the reference executor on `check`, and
-    its batch: the batch the graph was captured at (lowbit captures text encoders at batch 2, and the search
-    timed its per-layer table there too). Larger inputs run in chunks of it."""
-    import tvm
-
-    from lowbit.codegen.tvm.compile import build
-    from lowbit.codegen.tvm.target import DEFAULT_TARGET, parse_target
-
-    start = time.perf_counter()
-    executable, lowered, kernels = build(qgraph, parse_target(DEFAULT_TARGET), integer_outputs=True)
-    log(f"TVM build ({kernels} kernels) in {time.perf_counter() - start:.0f}s")
-    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
-    params = [tvm.runtime.tensor(a) for a in lowered.params.values()]
+    """bench_minilm's checked TVM build of `qgraph` at the batch the graph was captured at (lowbit captures text
+    encoders at batch 2, and the search timed its per-layer table there too), and that batch."""
     batch = qgraph.values[qgraph.inputs[0]].shape[0]
-
-    def run(ids: np.ndarray, mask: np.ndarray) -> list:
-        return vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask), *params)
-
-    want = run_reference(qgraph, check, integer_outputs=True)[qgraph.int_outputs[0]]
-    for i in range(0, len(want), batch):
-        got = run(check["input_ids"][i:i + batch], check["attention_mask"][i:i + batch])[len(lowered.outputs)]
-        if not np.array_equal(got.numpy(), want[i:i + batch]):
-            raise SystemExit(f"the TVM build of {qgraph.name} differs from the reference executor at sentence {i}")
-
-    def embed(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        n = len(ids)
-        pad = -n % batch  # the last chunk padded with copies of the first sentence
-        ids, mask = (np.ascontiguousarray(np.concatenate([a, np.repeat(a[:1], pad, 0)])) for a in (ids, mask))
-        return np.concatenate([run(ids[i:i + batch], mask[i:i + batch])[0].numpy()
-                               for i in range(0, len(ids), batch)])[:n]
-
-    return embed, batch
+    return bench_minilm.tvm_embed(qgraph, check, batch), batch
 
 
 def run_search(directory: Path, max_drop: str, calib: Path | None) -> float:
