@@ -12,6 +12,9 @@ __all__ = ["DEFAULT_TARGET", "Lowered", "build", "check_supported", "compile_to"
            "target_string"]
 
 try:
+    from . import script_speed
+
+    script_speed.install()  # before any kernel is parsed
     from . import encoder  # noqa: F401  (registers the encoder ops' converters)
     from .compile import build, compile_to
     from .lower import Lowered, check_supported, lower

@@ -53,6 +53,9 @@ class _Context:
     nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
     params: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # kernel -> its function in the module: layers that share a kernel object (the x86 builders cache them per
+    # plan) call one compiled function, so the module compiles each distinct kernel once
+    functions: dict[tirx.PrimFunc, relax.GlobalVar] = field(default_factory=dict)
 
     def shape(self, value: str) -> tuple[int, ...]:
         """The shape as held in the Relax module (NHWC for 4-D integer values)."""
@@ -65,7 +68,10 @@ class _Context:
     def call(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr], arrays: list[np.ndarray],
              out_shape: tuple[int, ...], out_dtype: str) -> relax.Expr:
         """Add `func` to the module and call it on `args` plus `arrays` (as new parameters of main)."""
-        gv = self.bb.add_func(func.with_attr("global_symbol", _symbol(op.name)), _symbol(op.name))
+        gv = self.functions.get(func)
+        if gv is None:
+            gv = self.functions[func] = self.bb.add_func(func.with_attr("global_symbol", _symbol(op.name)),
+                                                         _symbol(op.name))
         consts = []
         for i, array in enumerate(arrays):
             name = f"{op.name}::{i}"

@@ -13,6 +13,8 @@ The builders read only their `DepthwisePlan`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
@@ -57,6 +59,7 @@ WORD_QUADS = [in_lane_interleave(2, hi) for hi in (0, 1)]
 UNQUAD = [[half * 4 + i for i in range(4)] + [VEC + half * 4 + i for i in range(4)] for half in (0, 1)]
 
 
+@functools.cache  # one parse per distinct plan, as `gemm_func`
 def depthwise_func(d: DepthwisePlan) -> tirx.PrimFunc:
     """16 channels at a time: PrimFunc (X, W16, BIAS, ALO, AHI, MANT, C1, SH, C2, MD, OUT) of plan `d`."""
     geo, ep = d.geo, d.epilogue
@@ -248,6 +251,7 @@ def depthwise_func(d: DepthwisePlan) -> tirx.PrimFunc:
     return func
 
 
+@functools.cache
 def depthwise_quad_func(d: DepthwisePlan) -> tirx.PrimFunc:
     """32 channels at a time, tap quads (VNNI): PrimFunc (X, WQ, BIASQ, ALO, AHI, MANT, C1, SH, C2, MD, OUT)."""
     geo, ep = d.geo, d.epilogue

@@ -30,6 +30,8 @@ still ties this GEMM to constant weights, and what reusing it needs:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
@@ -50,6 +52,7 @@ from .requant import (
 )
 
 
+@functools.cache  # one parse per distinct plan: layers of one shape share the kernel (`lower` adds it once)
 def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
     """The PrimFunc (X, [SKIP,] W32, BIAS, ALO, AHI, MANT, C1, SH, C2, MD, OUT) of plan `p`."""
     geo, lay, ep = p.geo, p.layout, p.epilogue
