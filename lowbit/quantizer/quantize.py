@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 16
-HESSIAN_CHUNK_ELEMENTS = 1 << 22  # input elements per unfold for a layer's Hessian: ~4 large images, as before
+HESSIAN_CHUNK_ELEMENTS = 1 << 20  # input elements per unfold for a layer's Hessian (memory: times the kernel size)
 
 
 def fusable_clamps(graph: Graph) -> dict[str, Node]:
