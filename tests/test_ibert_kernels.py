@@ -43,6 +43,22 @@ def _float_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None) -> np.n
     return torch.softmax(x, -1).numpy()
 
 
+@pytest.mark.parametrize("out_bits", [8, 16])
+def test_masked_softmax_skipping_padded_keys_is_exact(out_bits: int) -> None:
+    """The kernel computes only the keys up to each sample's last unmasked one; `record` makes it compute every key."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(-(2 ** 31), 2 ** 31, (6, 3, 16, 16), dtype=np.int64).astype(np.int32)
+    q[:3] = (q[:3] >> 16).astype(np.int32)  # and scores close together, where many keys survive
+    mask = (np.arange(16)[None, :] < np.array([[16], [1], [5], [9], [16], [3]])).astype(np.int64)
+    mask[1] = 0  # every key masked
+    mask[3, 2] = 0  # a hole before the last kept key
+    consts = softmax_constants(0.01)
+    fast = integer_softmax_int(q, consts, mask, out_bits=out_bits)
+    full = integer_softmax_int(q, consts, mask, record={}, out_bits=out_bits)
+    assert fast.dtype == full.dtype and np.array_equal(fast, full)
+    assert np.all(fast[5, ..., 3:] == 0) and fast[1].any(axis=-1).all()
+
+
 @pytest.mark.parametrize("scale", [0.2, 0.03, 1e-4])
 def test_integer_softmax_against_float(scale: float) -> None:
     rng = np.random.default_rng(1)

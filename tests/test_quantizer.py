@@ -187,6 +187,36 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs() -> None:
     assert q_gptq.abs().max() <= 7
 
 
+def _gptq_column_by_column(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """GPTQ as the paper states it, one column at a time (no blocks), for `gptq_round` to match."""
+    w, h = w.double().clone(), h.double().clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag == 0
+    diag[dead] = 1.0
+    w[dead.unsqueeze(1).expand_as(w)] = 0.0
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
+        h + 0.01 * diag.mean(1)[:, None, None] * torch.eye(h.shape[-1], dtype=h.dtype))), upper=True)
+    q = torch.empty_like(w)
+    for i in range(w.shape[-1]):
+        q[:, :, i] = torch.clamp(torch.round(w[:, :, i] / scale), qmin, qmax)
+        err = (w[:, :, i] - q[:, :, i] * scale) / hinv[:, i, i].unsqueeze(1)
+        w[:, :, i + 1:] -= err.unsqueeze(2) * hinv[:, i, i + 1:].unsqueeze(1)
+    return q
+
+
+def test_gptq_blocks_give_the_column_by_column_result() -> None:
+    torch.manual_seed(1)
+    k = 300  # over two blocks of 128 and a partial one
+    x = torch.randn(k, k).double().div(k ** 0.5) @ torch.randn(2, k, 2000).double()  # correlated inputs
+    x[:, 5] = 0  # a dead input
+    h = x @ x.transpose(1, 2) / x.shape[-1]
+    w = torch.randn(2, 24, k) * 0.05
+    scale = w.abs().amax(-1).double() / 127
+    blocked = gptq_round(w, h, scale, -127, 127)
+    assert torch.equal(blocked, _gptq_column_by_column(w, h, scale, -127, 127))
+    assert not torch.equal(blocked, torch.clamp(torch.round(w / scale[..., None]), -127, 127))  # GPTQ did move
+
+
 # -- IR, reference executor, simulation ---------------------------------------------------
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 16
-HESSIAN_CHUNK = 4  # images per unfold when accumulating a layer's Hessian
+HESSIAN_CHUNK_ELEMENTS = 1 << 20  # input elements per unfold for a layer's Hessian (memory: times the kernel size)
 
 
 def fusable_clamps(graph: Graph) -> dict[str, Node]:
@@ -277,7 +277,9 @@ def layer_hessian(graph: Graph, node: Node, x: torch.Tensor) -> torch.Tensor:
     columns = op_def(node.op).input_columns
     weight_shape = tuple(graph.weight(node.name).shape)
     hessian = HessianAccumulator()
-    for chunk in torch.split(x, HESSIAN_CHUNK):
+    # Bounded memory, yet few calls: a linear's token rows (a few hundred elements each) go thousands at once.
+    rows = max(1, HESSIAN_CHUNK_ELEMENTS // max(1, x[0].numel()))
+    for chunk in torch.split(x, rows):
         hessian.add(columns(node.attrs, weight_shape, chunk))
     return hessian.result()
 
@@ -307,11 +309,13 @@ LayerStep = Callable[[Node, Op, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, layer_step: LayerStep) -> None:
+def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, layer_step: LayerStep,
+                      float_rows: slice = slice(None)) -> None:
     """Run the float graph and the fake-quant graph side by side on inputs `x`, each layer through `layer_step`.
 
     The step may change the layer's IR op in place (its weights or bias), so later layers see the
     refined earlier ones: the basis of GPTQ's and bias correction's layer-by-layer refinement.
+    The float graph runs on the samples `float_rows` of `x` only (the step's float output has just those).
     """
     quantizers = fake_quantizers(qgraph)
     last_use = graph.last_uses()
@@ -319,7 +323,8 @@ def walk_side_by_side(graph: Graph, qgraph: QuantizedGraph, x: TorchInputs, laye
     quant_env: dict[str, torch.Tensor] = {}
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
-            f = q = x[node.name]
+            q = x[node.name]
+            f = q[float_rows]
         else:
             f = run_node(graph, node, [float_env[n] for n in node.inputs])
             args = [quant_env[n] for n in node.inputs]

@@ -155,27 +155,26 @@ def choose_gptq_layers(graph: Graph, qgraph: QuantizedGraph, fit: TorchInputs, v
     errors: dict[str, dict[str, float]] = {}
 
     def choose(node: Node, op: Op, q_input: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        nearest_weight = op.arrays["weight"]
-        q_nearest = run_node(graph, node, [q_input], weights[node.name], biases[node.name])
+        # Both roundings are scored on the validation rows; only the winner runs on the fit rows.
+        q_val = q_input[n_fit:]
+        nearest = op.arrays["weight"], weights[node.name], run_node(graph, node, [q_val], weights[node.name],
+                                                                   biases[node.name])
         # sets op.arrays["weight"]
         gptq_weight = gptq_layer(graph, node, op, real_tokens(q_input[:n_fit], fit_mask))
-        q_gptq = run_node(graph, node, [q_input], gptq_weight, biases[node.name])
-        target = real_tokens(f[n_fit:], val_mask).double()
+        gptq = op.arrays["weight"], gptq_weight, run_node(graph, node, [q_val], gptq_weight, biases[node.name])
+        target = real_tokens(f, val_mask).double()  # the float graph ran on the validation rows only
         power = max(float((target ** 2).sum()), 1e-30)
 
         def error_of(q: torch.Tensor) -> float:
-            return float(((real_tokens(q[n_fit:], val_mask).double() - target) ** 2).sum()) / power
+            return float(((real_tokens(q, val_mask).double() - target) ** 2).sum()) / power
 
-        error = {"nearest": error_of(q_nearest), "gptq": error_of(q_gptq)}
+        error = {"nearest": error_of(nearest[2]), "gptq": error_of(gptq[2])}
         errors[node.name] = error
         log(f"choosing the recipe: GPTQ or nearest rounding, layer {len(errors)}/{n_layers}")
-        if error["gptq"] < error["nearest"]:
-            weights[node.name] = gptq_weight
-            return q_gptq
-        op.arrays["weight"] = nearest_weight
-        return q_nearest
+        op.arrays["weight"], weights[node.name], q_val = gptq if error["gptq"] < error["nearest"] else nearest
+        return torch.cat([run_node(graph, node, [q_input[:n_fit]], weights[node.name], biases[node.name]), q_val])
 
-    walk_side_by_side(graph, qgraph, x, choose)
+    walk_side_by_side(graph, qgraph, x, choose, float_rows=slice(n_fit, None))
     return errors
 
 

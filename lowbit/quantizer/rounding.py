@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added for numerical stability
+BLOCK = 128  # columns per lazy batch update in `gptq_round`
 
 
 class HessianAccumulator:
@@ -52,7 +53,11 @@ def _inverse_cholesky(h: torch.Tensor, mean_diag: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer weights for `w` [G, O, K] given Hessians `h` [G, K, K] and scales [G, O]."""
+    """Integer weights for `w` [G, O, K] given Hessians `h` [G, K, K] and scales [G, O].
+
+    Columns go in blocks of `BLOCK` (the paper's lazy batch updates): each column's error feeds the rest of its
+    block at once, and the block's errors reach the columns after it in one matmul, not one pass per column.
+    """
     w = w.double().clone()
     h = h.double().clone()
     scale = scale.double()
@@ -63,9 +68,17 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int,
     w[dead.unsqueeze(1).expand_as(w)] = 0.0
     hinv = _inverse_cholesky(h, diag.mean(1))
     q = torch.empty_like(w)
-    for i in range(k):
-        col = w[:, :, i]
-        q[:, :, i] = torch.clamp(torch.round(col / scale), qmin, qmax)
-        err = (col - q[:, :, i] * scale) / hinv[:, i, i].unsqueeze(1)
-        w[:, :, i + 1:] -= err.unsqueeze(2) * hinv[:, i, i + 1:].unsqueeze(1)
+    for start in range(0, k, BLOCK):
+        stop = min(start + BLOCK, k)
+        block = w[:, :, start:stop]  # a view: updates land in w
+        errors = torch.empty_like(block)
+        for j in range(stop - start):
+            i = start + j
+            col = block[:, :, j]
+            q[:, :, i] = torch.clamp(torch.round(col / scale), qmin, qmax)
+            err = (col - q[:, :, i] * scale) / hinv[:, i, i].unsqueeze(1)
+            block[:, :, j + 1:] -= err.unsqueeze(2) * hinv[:, i, i + 1:stop].unsqueeze(1)
+            errors[:, :, j] = err
+        if stop < k:
+            w[:, :, stop:] -= errors @ hinv[:, start:stop, stop:]
     return q

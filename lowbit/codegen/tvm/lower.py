@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 
 from ...errors import LowbitError
@@ -53,9 +54,7 @@ class _Context:
     nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
     params: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    # kernel -> its function in the module: layers that share a kernel object (the x86 builders cache them per
-    # plan) call one compiled function, so the module compiles each distinct kernel once
-    functions: dict[tirx.PrimFunc, relax.GlobalVar] = field(default_factory=dict)
+    kernels: dict[tvm_ffi.StructuralKey, relax.GlobalVar] = field(default_factory=dict)  # one per distinct PrimFunc
 
     def shape(self, value: str) -> tuple[int, ...]:
         """The shape as held in the Relax module (NHWC for 4-D integer values)."""
@@ -68,10 +67,13 @@ class _Context:
     def call(self, op: Op, func: tirx.PrimFunc, args: list[relax.Expr], arrays: list[np.ndarray],
              out_shape: tuple[int, ...], out_dtype: str) -> relax.Expr:
         """Add `func` to the module and call it on `args` plus `arrays` (as new parameters of main)."""
-        gv = self.functions.get(func)
+        # Layers repeat the same kernels (weights are parameters; the x86 templates are cached per plan):
+        # compile each distinct one once.
+        key = tvm_ffi.StructuralKey(func.without_attr("global_symbol"))
+        gv = self.kernels.get(key)
         if gv is None:
-            gv = self.functions[func] = self.bb.add_func(func.with_attr("global_symbol", _symbol(op.name)),
-                                                         _symbol(op.name))
+            gv = self.kernels[key] = self.bb.add_func(func.with_attr("global_symbol", _symbol(op.name)),
+                                                      _symbol(op.name))
         consts = []
         for i, array in enumerate(arrays):
             name = f"{op.name}::{i}"

@@ -179,32 +179,69 @@ def integer_softmax_int(q: np.ndarray, consts: SoftmaxConstants, mask: np.ndarra
                          f"[{q.min(initial=0)}, {q.max(initial=0)}]")
     if q.shape[-1] > SOFTMAX_MAX_KEYS:
         raise ValueError(f"softmax over {q.shape[-1]} keys; at most {SOFTMAX_MAX_KEYS} keep the sum in int64")
-    q = q.astype(np.int64)
+    out_dtype = np.uint8 if out_bits == 8 else np.uint16
     if mask is None:
-        keep = np.ones(q.shape, dtype=bool)
-    else:
-        mask = np.asarray(mask)
-        if mask.shape != (q.shape[0], q.shape[-1]):
-            raise ValueError(f"softmax: mask of shape {mask.shape} for scores {q.shape}; expected [B, S]")
-        keep = np.broadcast_to((mask != 0).reshape(mask.shape[0], *[1] * (q.ndim - 2), mask.shape[1]), q.shape)
-        # A row with every key masked: the float op adds the same bias to all keys, i.e. it is unmasked.
-        keep = keep | ~keep.any(-1, keepdims=True)
+        return _softmax_rows(q, None, consts, out_bits, record).astype(out_dtype)
+    mask = np.asarray(mask)
+    if mask.shape != (q.shape[0], q.shape[-1]):
+        raise ValueError(f"softmax: mask of shape {mask.shape} for scores {q.shape}; expected [B, S]")
+    keep = mask != 0
+    # A row with every key masked: the float op adds the same bias to all keys, i.e. it is unmasked.
+    keep[~keep.any(-1)] = True
+    if record is not None:  # the bounds' tests see every intermediate, masked keys too
+        full = np.broadcast_to(keep.reshape(keep.shape[0], *[1] * (q.ndim - 2), keep.shape[1]), q.shape)
+        return _softmax_rows(q, full, consts, out_bits, record).astype(out_dtype)
+    # Keys after a sample's last kept one get e = 0, so p = (sum(e) >> 1) // sum(e) = 0 exactly (sum(e) > 2^29):
+    # only the keys up to it are computed (a short sentence padded to 128 tokens has few).
+    out = np.zeros(q.shape, dtype=out_dtype)
+    for b in range(q.shape[0]):
+        stop = int(np.flatnonzero(keep[b])[-1]) + 1
+        row_keep = keep[b, :stop].reshape(*[1] * (q.ndim - 2), stop)
+        out[b, ..., :stop] = _softmax_rows(q[b, ..., :stop], None if row_keep.all() else row_keep, consts, out_bits)
+    return out
+
+
+def _softmax_rows(q: np.ndarray, keep: np.ndarray | None, consts: SoftmaxConstants, out_bits: int,
+                  record: dict[str, int] | None = None) -> np.ndarray:
+    """`integer_softmax_int` on rows of scores, `keep` (broadcast to q; None: every key) marking the unmasked keys;
+    returns int64 probabilities. In-place steps: the same integers with fewer temporaries."""
+    q = q.astype(np.int64)
     low = np.int64(np.iinfo(np.int64).min)
-    x = q - np.where(keep, q, low).max(-1, keepdims=True)
-    v = (x * consts.mantissa + (np.int64(1) << consts.shift >> 1)) >> consts.shift
-    f = (-v) & ((1 << SOFTMAX_FRAC_BITS) - 1)
-    z = (-v) >> SOFTMAX_FRAC_BITS
+    x = q - (q if keep is None else np.where(keep, q, low)).max(-1, keepdims=True)
+    if record is not None:
+        record.update(x=int(np.abs(x).max()), **{"x*m": int(np.abs(x * consts.mantissa).max())})
+    v = x  # x is not needed after this
+    v *= consts.mantissa
+    v += np.int64(1) << consts.shift >> 1
+    v >>= consts.shift
+    np.negative(v, out=v)  # -v >= 0 from here
+    f = v & ((1 << SOFTMAX_FRAC_BITS) - 1)
+    z = v
+    z >>= SOFTMAX_FRAC_BITS
     y = np.full(q.shape, consts.coefficients[0], dtype=np.int64)
     for a in consts.coefficients[1:]:
-        y = ((y * f) >> SOFTMAX_FRAC_BITS) + a
-    e = np.where(keep & (z <= SOFTMAX_EXP_BITS), y >> np.minimum(z, SOFTMAX_EXP_BITS), 0)
-    total = e.sum(-1, keepdims=True)
-    num = e * ((1 << out_bits) - 1) + (total >> 1)
+        y *= f
+        y >>= SOFTMAX_FRAC_BITS
+        y += a
     if record is not None:
-        record.update({name: int(np.abs(a).max()) for name, a in
-                       (("x", x), ("x*m", x * consts.mantissa), ("y", y), ("e", e), ("sum", total), ("num", num))})
-        record["min_sum"] = int(total.min())
-    return (num // total).astype(np.uint8 if out_bits == 8 else np.uint16)
+        record["y"] = int(np.abs(y).max())
+    cut = z > SOFTMAX_EXP_BITS
+    if keep is not None:
+        cut |= ~keep
+    np.minimum(z, SOFTMAX_EXP_BITS, out=z)
+    e = y
+    e >>= z
+    e[cut] = 0
+    total = e.sum(-1, keepdims=True)
+    if record is not None:
+        record.update(e=int(np.abs(e).max()), sum=int(np.abs(total).max()), min_sum=int(total.min()))
+    num = e
+    num *= (1 << out_bits) - 1
+    num += total >> 1
+    if record is not None:
+        record["num"] = int(np.abs(num).max())
+    num //= total
+    return num
 
 
 def integer_softmax(q: np.ndarray, scale: float, mask: np.ndarray | None = None, degree: int = SOFTMAX_DEGREE,
