@@ -25,7 +25,7 @@ from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
 from ...ir.ops import lut as lut_op
 from . import kernels
-from .kernel_api import ConvKernel, DenseKernel, Residual
+from .kernel_api import ConvKernel, DenseKernel, Lut, Residual
 
 
 @dataclass
@@ -48,6 +48,7 @@ class _Context:
     residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
     encoder_threads: int = 0  # > 0: lowbit's x86 encoder kernels (`encoder`) with that many parallel tasks
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
+    dense_fusions: dict[str, Op] = field(default_factory=dict)  # linear -> the add or lut fused into it
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
     nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
@@ -161,6 +162,30 @@ def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
     return fusions
 
 
+def dense_fusions(qgraph: QuantizedGraph) -> dict[str, Op]:
+    """linear name -> the op that its epilogue can compute: the lut that is the only reader of its output (an
+    encoder's GELU), or the add that is, where the add's other input exists before the linear runs (the
+    residual adds of an encoder layer, per-channel multipliers included)."""
+    position = {name: -1 for name in qgraph.inputs}
+    readers: dict[str, list[Op]] = {name: [] for name in qgraph.outputs}  # a graph output: never fused
+    for i, op in enumerate(qgraph.ops):
+        position[op.output] = i
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    fusions: dict[str, Op] = {}
+    for op in qgraph.ops:
+        if op.op != "linear" or "multiplier" not in op.arrays or len(readers.get(op.output, [])) != 1:
+            continue
+        (reader,) = readers[op.output]
+        if reader.op == "lut":
+            fusions[op.name] = reader
+        elif reader.op == "add" and len(reader.inputs) == 2 and reader.inputs[0] != reader.inputs[1]:
+            skip = reader.inputs[1 - reader.inputs.index(op.output)]
+            if position[skip] < position[op.output]:
+                fusions[op.name] = reader
+    return fusions
+
+
 def kernel_shape(op_kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """An IR layer input's or output's shape as its kernel takes it: NHWC for a conv, rows [N, K] for a linear
     (the dense kernels take 2-D rows: a linear on [..., K], an encoder's [B, S, H], runs on its B * S rows)."""
@@ -178,9 +203,59 @@ def _layer(ctx: _Context, op: Op) -> relax.Expr:
     x_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
     if op.op == "linear" and len(x_shape) > 2:
         x = ctx.bb.emit(relax.op.reshape(ctx.arg(op), kernel_shape("linear", x_shape)))
-        y = _layer_2d(ctx, op, x, kernel_shape("linear", x_shape), kernel_shape("linear", out_shape))
+        x_shape, rows_shape = kernel_shape("linear", x_shape), kernel_shape("linear", out_shape)
+        fused = _dense_fused(ctx, op, x, x_shape, rows_shape) if op.name in ctx.dense_fusions else None
+        if fused is not None:
+            return fused
+        y = _layer_2d(ctx, op, x, x_shape, rows_shape)
         return ctx.bb.emit(relax.op.reshape(y, out_shape), name_hint=_symbol(op.output))
+    if op.op == "linear" and op.name in ctx.dense_fusions:
+        fused = _dense_fused(ctx, op, ctx.arg(op), x_shape, out_shape)
+        if fused is not None:
+            return fused
     return _layer_2d(ctx, op, None, x_shape, out_shape)
+
+
+def _dense_fused(ctx: _Context, op: Op, x: relax.Expr, x_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...]) -> relax.Expr | None:
+    """One x86 dense kernel for linear `op` (on rows `x`) and the add or lut reading its output
+    (`dense_fusions`); None where it cannot fuse (an int16 input, an int16 output `_int16_output_fits` refuses,
+    or the kernel's own bounds). Returns the fused op's result, bound to its output (the linear's own output
+    has no other reader)."""
+    then = ctx.dense_fusions[op.name]
+    x_dtype, y_dtype = ctx.dtype(op.inputs[0]), ctx.dtype(op.output)
+    if x_dtype == "int16" or (y_dtype == "int16" and not _int16_output_fits(ctx, op)):
+        return None
+    a, arr = op.attrs, op.arrays
+    common = dict(bias=arr["bias"], mantissa=arr["multiplier"], shift=arr["shift"], qmin=a["qmin"], qmax=a["qmax"],
+                  out_dtype=y_dtype, weight_bits=int(a["weight_bits"]))
+    if then.op == "lut":
+        lut_op.check_channels(then, ctx.qgraph)
+        table = then.arrays["table"].astype(ctx.dtype(then.output))
+        row = table.shape[1] if lut_op.channels(then) else 0
+        lut = Lut(lut_op.index_offset(then, ctx.qgraph), row, table.size, ctx.dtype(then.output))
+        kernel = ctx.dense(x_shape, x_dtype, arr["weight"], lut=(lut, table), **common)
+        args = [x]
+    else:
+        add_op.check_channels(then, ctx.qgraph)
+        k = then.inputs.index(op.output)
+        skip = then.inputs[1 - k]
+        if skip in ctx.nhwc:
+            return None
+        m = [tuple(int(v) for v in mi) if np.ndim(mi) else int(mi) for mi in add_op.input_multipliers(then)]
+        rq = add_op.requantizer(then, ctx.qgraph)
+        residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(rq.shift[0]), rq.qmin, rq.qmax)
+        kernel = ctx.dense(x_shape, x_dtype, arr["weight"], residual=residual,
+                           **{**common, "out_dtype": ctx.dtype(then.output)})
+        args = [x, ctx.bb.emit(relax.op.reshape(ctx.env[skip], out_shape))]
+    if kernel is None:
+        return None
+    func, arrays = kernel
+    ctx.fused.add(then.name)
+    out = ctx.call(op, func, args, arrays, out_shape, ctx.dtype(then.output))
+    out = ctx.bb.emit(relax.op.reshape(out, ctx.shape(then.output)), name_hint=_symbol(then.output))
+    ctx.env[then.output] = out
+    return out
 
 
 def _layer_2d(ctx: _Context, op: Op, x: relax.Expr | None, x_shape: tuple[int, ...],
@@ -386,6 +461,13 @@ def _dequantize(ctx: _Context, op: Op) -> relax.Expr:
     return ctx.call(op, func, [ctx.env[v.name]], arrays, tuple(v.shape), "float32")
 
 
+def _is_x86_dense(dense: DenseKernel) -> bool:
+    """Whether `dense` is lowbit's x86 dense kernel (with its options bound), the one that fuses adds and luts."""
+    from . import x86
+
+    return getattr(dense, "func", dense) is x86.dense
+
+
 def check_supported(qgraph: QuantizedGraph) -> None:
     """Fail fast, naming every op the TVM backend cannot lower, not just the first."""
     check_backend(qgraph, CONVERTERS, "TVM")
@@ -403,6 +485,8 @@ def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: Dense
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
                    residual_adds(qgraph) if fuse_residuals else {}, int(encoder_threads))
+    if fuse_residuals and _is_x86_dense(ctx.dense):
+        ctx.dense_fusions = dense_fusions(qgraph)
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
               for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):
