@@ -62,12 +62,11 @@ def test_softmax_row_plan_refuses_scores_too_fine_for_int32_rows() -> None:
 
 
 
-@pytest.mark.parametrize(("scale", "f64_scale"), [(3e-5, True), (1e-3, True), (2e-6, True), (1e-7, False)])
+@pytest.mark.parametrize("scale", [3e-5, 1e-3, 2e-6])
 @pytest.mark.parametrize("keys", [16, 13])
-def test_softmax_rows_equal_the_reference_on_edge_rows(scale: float, f64_scale: bool, keys: int) -> None:
+def test_softmax_rows_equal_the_reference_on_edge_rows(scale: float, keys: int) -> None:
     """Rows at int32's ends (the clamp at INT32_MIN), constant rows, masked keys above the max, a batch item
-    with every key masked, nonzero mask values other than 1; the exponent's scaling in float64 or in int64."""
-    assert softmax_row_plan(softmax_constants(scale), keys, 255).f64_scale == f64_scale
+    with every key masked, nonzero mask values other than 1."""
     rng = np.random.default_rng(keys)
     shape = (3, 2, 6, keys)
     q = rng.integers(-(2**20), 2**20, shape).astype(np.int32)
