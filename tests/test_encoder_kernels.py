@@ -221,3 +221,27 @@ def test_dense_with_a_fused_add_is_exact(y_dtype: str, skip_dtype: str, k: int, 
     func, consts = dense((m, k), "int8", w, bias, mantissa, shift, qmin, qmax, "int16", num_threads=2,
                          residual=residual)
     np.testing.assert_array_equal(_run(func, [x, skip, *consts], np.zeros((m, n), np.int16)), want)
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+@pytest.mark.parametrize(("seq", "head"), [(13, 20), (16, 32)])
+def test_matmul_pairs_with_folded_permutes_is_exact(seq: int, head: int) -> None:
+    """Attention's permutes folded into `matmul_pairs`: Q and K^T read in place from [B, S, h, d] (K^T's
+    columns strided), A.V's V too, and its result written as [B, S, h, d]; odd and even sizes."""
+    rng = np.random.default_rng(seq)
+    shape = (2, seq, 3, head)
+    xq, xk, xv = (_draw(rng, shape, "int8") for _ in range(3))
+    q, kt, v = xq.transpose(0, 2, 1, 3), xk.transpose(0, 2, 3, 1), xv.transpose(0, 2, 1, 3)
+    scores = q.astype(np.int64) @ kt.astype(np.int64)
+    func, consts = matmul_pairs(q.shape, kt.shape, "int8", "int8", None, 2, a_view=(shape, (0, 2, 1, 3)),
+                                b_view=(shape, (0, 2, 3, 1)))
+    np.testing.assert_array_equal(_run(func, [xq, xk, *consts], np.zeros(scores.shape, np.int32)), scores)
+    a = _draw(rng, scores.shape, "uint8")
+    mantissa, shift = dyadic(np.array([3e-4]))
+    requant = (int(mantissa[0]), int(shift[0]), -128, 127, "int8")
+    out = np.clip((a.astype(np.int64) @ v.astype(np.int64) * int(mantissa[0]) + (1 << int(shift[0]) >> 1))
+                  >> int(shift[0]), -128, 127)
+    func, consts = matmul_pairs(a.shape, v.shape, "uint8", "int8", requant, 2, b_view=(shape, (0, 2, 1, 3)),
+                                out_view=(shape, (0, 2, 1, 3)))
+    got = _run(func, [a, xv, *consts], np.zeros(shape, np.int8))
+    np.testing.assert_array_equal(got, out.transpose(0, 2, 1, 3))

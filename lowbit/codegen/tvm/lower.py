@@ -49,6 +49,8 @@ class _Context:
     encoder_threads: int = 0  # > 0: lowbit's x86 encoder kernels (`encoder`) with that many parallel tasks
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
     dense_fusions: dict[str, Op] = field(default_factory=dict)  # linear -> the add or lut fused into it
+    # matmul -> {0 / 1: the permute its input comes from, "out": the permute of its output}, folded into it
+    matmul_views: dict[str, dict[int | str, Op]] = field(default_factory=dict)
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
     nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
@@ -184,6 +186,32 @@ def dense_fusions(qgraph: QuantizedGraph) -> dict[str, Op]:
             if position[skip] < position[op.output]:
                 fusions[op.name] = reader
     return fusions
+
+
+def permute_folds(qgraph: QuantizedGraph) -> dict[str, dict[int | str, Op]]:
+    """matmul name -> the permutes that its kernel can fold into its reads and writes (`x86.matmul_pairs`'s
+    views): input k's producer, if a permute read by nothing else, and the output's only reader, if a permute
+    (an encoder's heads transposed in and out of attention)."""
+    readers: dict[str, list[Op]] = {name: [None] for name in qgraph.outputs}  # a graph output: never folded
+    for op in qgraph.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    producer = {op.output: op for op in qgraph.ops}
+    folds: dict[str, dict[int | str, Op]] = {}
+    for op in qgraph.ops:
+        if op.op != "matmul":
+            continue
+        views: dict[int | str, Op] = {}
+        for k, name in enumerate(op.inputs):
+            source = producer.get(name)
+            if source is not None and source.op == "permute" and len(readers[name]) == 1:
+                views[k] = source
+        (after, *more) = readers.get(op.output, [None])
+        if not more and after is not None and after.op == "permute":
+            views["out"] = after
+        if views:
+            folds[op.name] = views
+    return folds
 
 
 def kernel_shape(op_kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -487,6 +515,9 @@ def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: Dense
                    residual_adds(qgraph) if fuse_residuals else {}, int(encoder_threads))
     if fuse_residuals and _is_x86_dense(ctx.dense):
         ctx.dense_fusions = dense_fusions(qgraph)
+    if ctx.encoder_threads:  # the x86 attention matmul reads and writes through permutes
+        ctx.matmul_views = permute_folds(qgraph)
+        ctx.fused.update(p.name for views in ctx.matmul_views.values() for p in views.values())
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
               for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):
