@@ -6,9 +6,9 @@ arithmetic `>>` floors, `floordiv` floors), its tensors in the IR's order (these
 statistics (max, sums, the integer square root) are small stages of their own, so no expression is repeated;
 the stages are scheduled only by parallelizing their outer loop. These generic kernels serve portable builds and
 the cases the fast ones refuse: x86 builds (`lower`'s `encoder_threads`) run the matmuls on `x86.matmul_pairs`
-(AVX2), reading the heads through the permutes around them (`lower.permute_folds`: no transpose kernels), and
+(AVX2), reading the heads through the permutes around them (`fusions.permute_folds`: no transpose kernels), and
 the softmax and LayerNorm rows on `rows` (int32 where bounded, exact float64 divisions). The GELU lut and the
-residual adds run in the epilogues of the linears before them (`lower.dense_fusions`).
+residual adds run in the epilogues of the linears before them (`fusions.dense_fusions`).
 """
 
 from __future__ import annotations
