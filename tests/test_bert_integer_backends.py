@@ -102,6 +102,25 @@ def test_int_onnx_and_tvm_match_the_reference_bit_for_bit_on_padded_inputs(tiny_
         run_reference(tiny_ir, {"input_ids": np.full_like(ids, vocab), "attention_mask": mask})
 
 
+def test_x86_lowering_fuses_gelu_luts_residual_adds_and_head_permutes(tiny_ir: QuantizedGraph) -> None:
+    """On x86 (AVX2) every gelu lut and residual add is computed in the epilogue of the linear before it and every
+    head permute is folded into the attention matmuls: none has a kernel of its own (the build above checks the
+    integers)."""
+    pytest.importorskip("tvm")
+    from lowbit.codegen.tvm.compile import layer_kernels
+    from lowbit.codegen.tvm.lower import _symbol, lower
+    from lowbit.codegen.tvm.target import parse_target
+
+    conv2d, dense, kernel_set = layer_kernels(parse_target("llvm -mcpu=native -num-cores=2"))
+    if kernel_set == "portable":
+        pytest.skip("the x86 kernels need AVX2")
+    lowered = lower(tiny_ir, conv2d, dense, fuse_residuals=True, encoder_threads=2)
+    kernels = {gv.name_hint for gv in lowered.mod.functions}
+    folded = {_symbol(o.name) for o in tiny_ir.ops if o.op in ("lut", "add", "permute")}
+    assert len(folded) == 7 * TINY["num_hidden_layers"] and not kernels & folded
+    assert {_symbol(o.name) for o in tiny_ir.ops if o.op in ("linear", "matmul")} <= kernels
+
+
 def test_qdq_model_is_close_to_the_reference(tiny_ir: QuantizedGraph, tmp_path: Path) -> None:
     x = _tokens(np.random.default_rng(2), 8)
     x["attention_mask"][-1] = 1  # a row of no tokens has no direction to compare

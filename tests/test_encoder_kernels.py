@@ -153,3 +153,95 @@ def test_a_graph_rebatched_for_a_static_batch_build_computes_the_same_integers()
     out = vm["main"](*[tvm.runtime.tensor(x[name]) for name in qgraph.inputs],
                      *[tvm.runtime.tensor(a) for a in lowered.params.values()])
     np.testing.assert_array_equal(out[len(lowered.outputs)].numpy(), want)
+
+
+def _requantize(acc: np.ndarray, mantissa: np.ndarray, shift: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return np.clip((acc * mantissa + (np.int64(1) << shift >> 1)) >> shift, qmin, qmax)
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+@pytest.mark.parametrize(("x_dtype", "y_dtype", "k"), [("int8", "int8", 40), ("uint8", "uint8", 1540)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dense_with_a_fused_lut_is_exact(x_dtype: str, y_dtype: str, k: int, per_channel: bool) -> None:
+    """The lut fused into a dense's epilogue (an encoder's GELU) reads the table at the requantized integers:
+    one table per channel or one for all, a row tail, K in one chunk or several; refused where y can index
+    outside the table."""
+    from lowbit.codegen.tvm.kernel_api import Lut
+    from lowbit.codegen.tvm.x86 import dense
+
+    m, n = 13, 24
+    rng = np.random.default_rng(k)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    x = _draw(rng, (m, k), x_dtype)
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    mantissa, shift = dyadic(rng.uniform(3e-3, 6e-3, n) * np.sqrt(40 / k))
+    qmin, qmax = (int(v) for v in (np.iinfo(y_dtype).min, np.iinfo(y_dtype).max))
+    y = _requantize(x.astype(np.int64) @ w.astype(np.int64).T + bias, mantissa, shift, qmin, qmax)
+    assert qmin in y and qmax in y  # both table ends are read
+    table = rng.integers(-128, 128, (n, 256) if per_channel else (256,)).astype(np.int8)
+    offset = -qmin
+    want = table[np.arange(n), y + offset] if per_channel else table[y + offset]
+    lut = Lut(offset, 256 if per_channel else 0, table.size, "int8")
+    func, consts = dense((m, k), x_dtype, w, bias, mantissa, shift, qmin, qmax, y_dtype, num_threads=2,
+                         lut=(lut, table))
+    np.testing.assert_array_equal(_run(func, [x, *consts], np.zeros((m, n), np.int8)), want)
+    short = Lut(offset + 1, lut.row, lut.size, "int8")  # y = qmax would read past a channel's table
+    assert dense((m, k), x_dtype, w, bias, mantissa, shift, qmin, qmax, y_dtype, num_threads=2,
+                 lut=(short, table)) is None
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+@pytest.mark.parametrize(("y_dtype", "skip_dtype", "k"), [("int16", "int8", 40), ("int8", "int16", 1540)])
+@pytest.mark.parametrize("per_channel", ["skip", "y", None])
+def test_dense_with_a_fused_add_is_exact(y_dtype: str, skip_dtype: str, k: int, per_channel: str | None) -> None:
+    """The add fused into a dense's epilogue (an encoder's residual) computes the add's integers from the
+    requantized y: scalar multipliers, or per-channel ones on either input (SmoothQuant's rescale)."""
+    from lowbit.codegen.tvm.kernel_api import Residual
+    from lowbit.codegen.tvm.x86 import dense
+
+    m, n = 13, 24
+    rng = np.random.default_rng(k + 7)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    x = _draw(rng, (m, k), "int8")
+    skip = _draw(rng, (m, n), skip_dtype)
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    mantissa, shift = dyadic(rng.uniform(1e-3, 1e-1, n) if y_dtype == "int16" else rng.uniform(1e-4, 1e-3, n))
+    qmin, qmax = (int(v) for v in (np.iinfo(y_dtype).min, np.iinfo(y_dtype).max))
+    y = _requantize(x.astype(np.int64) @ w.astype(np.int64).T + bias, mantissa, shift, qmin, qmax)
+    m_y = rng.integers(1 << 13, 1 << 14, n) if per_channel == "y" else np.int64(12345)
+    m_skip = rng.integers(1 << 13, 1 << 14, n) if per_channel == "skip" else np.int64(23456)
+    s = 14
+    want = np.clip((y * m_y + skip.astype(np.int64) * m_skip + (1 << (s - 1))) >> s, -32768, 32767)
+    assert -32768 in want or 32767 in want or len(np.unique(want)) > 100
+
+    def multiplier(v: np.ndarray) -> int | tuple[int, ...]:
+        return tuple(int(e) for e in v) if np.ndim(v) else int(v)
+
+    residual = Residual(skip_dtype, multiplier(m_y), multiplier(m_skip), s, -32768, 32767)
+    func, consts = dense((m, k), "int8", w, bias, mantissa, shift, qmin, qmax, "int16", num_threads=2,
+                         residual=residual)
+    np.testing.assert_array_equal(_run(func, [x, skip, *consts], np.zeros((m, n), np.int16)), want)
+
+
+@pytest.mark.skipif(layer_kernels(TARGET)[2] == "portable", reason="the x86 kernels need AVX2")
+@pytest.mark.parametrize(("seq", "head"), [(13, 20), (16, 32)])
+def test_matmul_pairs_with_folded_permutes_is_exact(seq: int, head: int) -> None:
+    """Attention's permutes folded into `matmul_pairs`: Q and K^T read in place from [B, S, h, d] (K^T's
+    columns strided), A.V's V too, and its result written as [B, S, h, d]; odd and even sizes."""
+    rng = np.random.default_rng(seq)
+    shape = (2, seq, 3, head)
+    xq, xk, xv = (_draw(rng, shape, "int8") for _ in range(3))
+    q, kt, v = xq.transpose(0, 2, 1, 3), xk.transpose(0, 2, 3, 1), xv.transpose(0, 2, 1, 3)
+    scores = q.astype(np.int64) @ kt.astype(np.int64)
+    func, consts = matmul_pairs(q.shape, kt.shape, "int8", "int8", None, 2, a_view=(shape, (0, 2, 1, 3)),
+                                b_view=(shape, (0, 2, 3, 1)))
+    np.testing.assert_array_equal(_run(func, [xq, xk, *consts], np.zeros(scores.shape, np.int32)), scores)
+    a = _draw(rng, scores.shape, "uint8")
+    mantissa, shift = dyadic(np.array([3e-4]))
+    requant = (int(mantissa[0]), int(shift[0]), -128, 127, "int8")
+    out = np.clip((a.astype(np.int64) @ v.astype(np.int64) * int(mantissa[0]) + (1 << int(shift[0]) >> 1))
+                  >> int(shift[0]), -128, 127)
+    func, consts = matmul_pairs(a.shape, v.shape, "uint8", "int8", requant, 2, b_view=(shape, (0, 2, 1, 3)),
+                                out_view=(shape, (0, 2, 1, 3)))
+    got = _run(func, [a, xv, *consts], np.zeros(shape, np.int8))
+    np.testing.assert_array_equal(got, out.transpose(0, 2, 1, 3))

@@ -6,7 +6,9 @@ arithmetic `>>` floors, `floordiv` floors), its tensors in the IR's order (these
 statistics (max, sums, the integer square root) are small stages of their own, so no expression is repeated;
 the stages are scheduled only by parallelizing their outer loop. These generic kernels serve portable builds and
 the cases the fast ones refuse: x86 builds (`lower`'s `encoder_threads`) run the matmuls on `x86.matmul_pairs`
-(AVX2) and the softmax and LayerNorm rows on `rows` (int32 where bounded, exact float64 divisions).
+(AVX2), reading the heads through the permutes around them (`fusions.permute_folds`: no transpose kernels), and
+the softmax and LayerNorm rows on `rows` (int32 where bounded, exact float64 divisions). The GELU lut and the
+residual adds run in the epilogues of the linears before them (`fusions.dense_fusions`).
 """
 
 from __future__ import annotations
@@ -281,12 +283,27 @@ def _matmul(ctx: _Context, op: Op) -> relax.Expr:
     requant = None if rq is None else (int(rq.mantissa.reshape(-1)[0]), int(rq.shift.reshape(-1)[0]), rq.qmin,
                                        rq.qmax, rq.dtype)
     shapes, dtypes = (_ir_shape(ctx, op, 0), _ir_shape(ctx, op, 1)), (ctx.dtype(op.inputs[0]), ctx.dtype(op.inputs[1]))
-    if ctx.encoder_threads:  # the lowering allows only 8-bit operands, which the AVX2 kernel takes
-        func, arrays = x86.matmul_pairs(*shapes, *dtypes, requant, ctx.encoder_threads)
-    else:
-        func, arrays = matmul_kernel(*shapes, dtypes, requant), []
-    args = [ctx.arg(op, 0, nhwc=False), ctx.arg(op, 1, nhwc=False)]
-    return ctx.call(op, func, args, arrays, ctx.shape(op.output), ctx.dtype(op.output))
+    if not ctx.encoder_threads:
+        func = matmul_kernel(*shapes, dtypes, requant)
+        args = [ctx.arg(op, 0, nhwc=False), ctx.arg(op, 1, nhwc=False)]
+        return ctx.call(op, func, args, [], ctx.shape(op.output), ctx.dtype(op.output))
+    # the AVX2 kernel (the lowering allows only 8-bit operands, which it takes), through the permutes it folds
+    views, args, kw = ctx.matmul_views.get(op.name, {}), [], {}
+    for k in (0, 1):
+        permute = views.get(k)
+        if permute is None:
+            args.append(ctx.arg(op, k, nhwc=False))
+        else:
+            args.append(ctx.arg(permute, 0, nhwc=False))
+            kw["ab"[k] + "_view"] = (_ir_shape(ctx, permute, 0), tuple(permute.attrs["dims"]))
+    out = views.get("out")
+    if out is not None:
+        kw["out_view"] = (tuple(ctx.qgraph.values[out.output].shape), tuple(out.attrs["dims"]))
+    func, arrays = x86.matmul_pairs(*shapes, *dtypes, requant, ctx.encoder_threads, **kw)
+    if out is None:
+        return ctx.call(op, func, args, arrays, ctx.shape(op.output), ctx.dtype(op.output))
+    ctx.env[out.output] = ctx.call(op, func, args, arrays, ctx.shape(out.output), ctx.dtype(out.output))
+    return ctx.env[out.output]
 
 
 @converter("softmax")

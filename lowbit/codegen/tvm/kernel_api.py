@@ -17,15 +17,27 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Residual:
-    """A rescaled add fused into the epilogue of the conv that makes one of its inputs (y; the other is skip):
-    clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax)."""
+    """A rescaled add fused into the epilogue of the conv or linear that makes one of its inputs (y; the other
+    is skip): clip((y * y_multiplier + skip * skip_multiplier + 2^(shift-1)) >> shift, qmin, qmax). A multiplier
+    is one integer, or a tuple of one per output channel (an add with a per-channel multiplier, `ir.ops.add`)."""
 
     skip_dtype: str
-    y_multiplier: int
-    skip_multiplier: int
+    y_multiplier: int | tuple[int, ...]
+    skip_multiplier: int | tuple[int, ...]
     shift: int
     qmin: int
     qmax: int
+
+
+@dataclass(frozen=True)
+class Lut:
+    """A table lookup fused into the epilogue of the linear that makes its input: out = table[y + offset +
+    channel * row] with y the requantized output (`row` = 0: one table for every channel)."""
+
+    offset: int
+    row: int
+    size: int  # entries in the flat table
+    dtype: str
 
 
 class ConvKernel(Protocol):

@@ -26,7 +26,8 @@ from ...ir.ops import add as add_op
 from ...ir.ops import check_backend
 from ...ir.ops import lut as lut_op
 from . import kernels
-from .kernel_api import ConvKernel, DenseKernel, Residual
+from .fusions import dense_fusions, permute_folds, residual_adds
+from .kernel_api import ConvKernel, DenseKernel, Lut, Residual
 
 
 @dataclass
@@ -49,6 +50,9 @@ class _Context:
     residual_adds: dict[str, tuple[Op, int]] = field(default_factory=dict)  # conv -> (add, input index of y)
     encoder_threads: int = 0  # > 0: lowbit's x86 encoder kernels (`encoder`) with that many parallel tasks
     fused: set[str] = field(default_factory=set)  # adds computed inside their conv's kernel
+    dense_fusions: dict[str, Op] = field(default_factory=dict)  # linear -> the add or lut fused into it
+    # matmul -> {0 / 1: the permute its input comes from, "out": the permute of its output}, folded into it
+    matmul_views: dict[str, dict[int | str, Op]] = field(default_factory=dict)
     env: dict[str, relax.Expr] = field(default_factory=dict)
     nhwc: set[str] = field(default_factory=set)  # 4-D values held as NHWC
     nchw: dict[str, relax.Expr] = field(default_factory=dict)  # NHWC values converted back, for their NCHW readers
@@ -144,31 +148,6 @@ def layer_kernel(op: Op, x_shape: tuple[int, ...], x_dtype: str, out_dtype: str,
                   dilation=tuple(a["dilation"]), groups=int(a["groups"]), **common)
 
 
-def residual_adds(qgraph: QuantizedGraph) -> dict[str, tuple[Op, int]]:
-    """conv name -> (add, k) for each add whose input k only a conv reads, and whose other input exists before
-    that conv runs: the add can be computed in the conv's epilogue (the skip connections of residual blocks)."""
-    position = {name: -1 for name in qgraph.inputs}
-    readers: dict[str, int] = {name: 1 for name in qgraph.outputs}
-    for i, op in enumerate(qgraph.ops):
-        position[op.output] = i
-        for name in op.inputs:
-            readers[name] = readers.get(name, 0) + 1
-    producer = {op.output: op for op in qgraph.ops}
-    fusions: dict[str, tuple[Op, int]] = {}
-    for add in qgraph.ops:
-        if (add.op != "add" or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]
-                or add_op.channel_input(add) is not None):  # a per-channel add runs as its own kernel
-            continue
-        for k in (0, 1):
-            y, skip = add.inputs[k], add.inputs[1 - k]
-            conv = producer.get(y)
-            if (conv is not None and conv.op == "conv" and readers[y] == 1 and conv.name not in fusions
-                    and position[skip] < position[y]):
-                fusions[conv.name] = (add, k)
-                break
-    return fusions
-
-
 def kernel_shape(op_kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """An IR layer input's or output's shape as its kernel takes it: NHWC for a conv, rows [N, K] for a linear
     (the dense kernels take 2-D rows: a linear on [..., K], an encoder's [B, S, H], runs on its B * S rows)."""
@@ -186,9 +165,59 @@ def _layer(ctx: _Context, op: Op) -> relax.Expr:
     x_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
     if op.op == "linear" and len(x_shape) > 2:
         x = ctx.bb.emit(relax.op.reshape(ctx.arg(op), kernel_shape("linear", x_shape)))
-        y = _layer_2d(ctx, op, x, kernel_shape("linear", x_shape), kernel_shape("linear", out_shape))
+        x_shape, rows_shape = kernel_shape("linear", x_shape), kernel_shape("linear", out_shape)
+        fused = _dense_fused(ctx, op, x, x_shape, rows_shape) if op.name in ctx.dense_fusions else None
+        if fused is not None:
+            return fused
+        y = _layer_2d(ctx, op, x, x_shape, rows_shape)
         return ctx.bb.emit(relax.op.reshape(y, out_shape), name_hint=_symbol(op.output))
+    if op.op == "linear" and op.name in ctx.dense_fusions:
+        fused = _dense_fused(ctx, op, ctx.arg(op), x_shape, out_shape)
+        if fused is not None:
+            return fused
     return _layer_2d(ctx, op, None, x_shape, out_shape)
+
+
+def _dense_fused(ctx: _Context, op: Op, x: relax.Expr, x_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...]) -> relax.Expr | None:
+    """One x86 dense kernel for linear `op` (on rows `x`) and the add or lut reading its output
+    (`dense_fusions`); None where it cannot fuse (an int16 input, an int16 output `_int16_output_fits` refuses,
+    or the kernel's own bounds). Returns the fused op's result, bound to its output (the linear's own output
+    has no other reader)."""
+    then = ctx.dense_fusions[op.name]
+    x_dtype, y_dtype = ctx.dtype(op.inputs[0]), ctx.dtype(op.output)
+    if x_dtype == "int16" or (y_dtype == "int16" and not _int16_output_fits(ctx, op)):
+        return None
+    a, arr = op.attrs, op.arrays
+    common = dict(bias=arr["bias"], mantissa=arr["multiplier"], shift=arr["shift"], qmin=a["qmin"], qmax=a["qmax"],
+                  out_dtype=y_dtype, weight_bits=int(a["weight_bits"]))
+    if then.op == "lut":
+        lut_op.check_channels(then, ctx.qgraph)
+        table = then.arrays["table"].astype(ctx.dtype(then.output))
+        row = table.shape[1] if lut_op.channels(then) else 0
+        lut = Lut(lut_op.index_offset(then, ctx.qgraph), row, table.size, ctx.dtype(then.output))
+        kernel = ctx.dense(x_shape, x_dtype, arr["weight"], lut=(lut, table), **common)
+        args = [x]
+    else:
+        add_op.check_channels(then, ctx.qgraph)
+        k = then.inputs.index(op.output)
+        skip = then.inputs[1 - k]
+        if skip in ctx.nhwc:
+            return None
+        m = [tuple(int(v) for v in mi) if np.ndim(mi) else int(mi) for mi in add_op.input_multipliers(then)]
+        rq = add_op.requantizer(then, ctx.qgraph)
+        residual = Residual(ctx.dtype(skip), m[k], m[1 - k], int(rq.shift[0]), rq.qmin, rq.qmax)
+        kernel = ctx.dense(x_shape, x_dtype, arr["weight"], residual=residual,
+                           **{**common, "out_dtype": ctx.dtype(then.output)})
+        args = [x, ctx.bb.emit(relax.op.reshape(ctx.env[skip], out_shape))]
+    if kernel is None:
+        return None
+    func, arrays = kernel
+    ctx.fused.add(then.name)
+    out = ctx.call(op, func, args, arrays, out_shape, ctx.dtype(then.output))
+    out = ctx.bb.emit(relax.op.reshape(out, ctx.shape(then.output)), name_hint=_symbol(then.output))
+    ctx.env[then.output] = out
+    return out
 
 
 def _layer_2d(ctx: _Context, op: Op, x: relax.Expr | None, x_shape: tuple[int, ...],
@@ -394,6 +423,13 @@ def _dequantize(ctx: _Context, op: Op) -> relax.Expr:
     return ctx.call(op, func, [ctx.env[v.name]], arrays, tuple(v.shape), "float32")
 
 
+def _is_x86_dense(dense: DenseKernel) -> bool:
+    """Whether `dense` is lowbit's x86 dense kernel (with its options bound), the one that fuses adds and luts."""
+    from . import x86
+
+    return getattr(dense, "func", dense) is x86.dense
+
+
 def check_supported(qgraph: QuantizedGraph) -> None:
     """Fail fast, naming every op the TVM backend cannot lower, not just the first."""
     check_backend(qgraph, CONVERTERS, "TVM")
@@ -411,6 +447,11 @@ def lower(qgraph: QuantizedGraph, conv2d: ConvKernel | None = None, dense: Dense
     bb = relax.BlockBuilder()
     ctx = _Context(qgraph, bb, conv2d or kernels.conv2d_nhwc, dense or kernels.dense,
                    residual_adds(qgraph) if fuse_residuals else {}, int(encoder_threads))
+    if fuse_residuals and _is_x86_dense(ctx.dense):
+        ctx.dense_fusions = dense_fusions(qgraph)
+    if ctx.encoder_threads:  # the x86 attention matmul reads and writes through permutes
+        ctx.matmul_views = permute_folds(qgraph)
+        ctx.fused.update(p.name for views in ctx.matmul_views.values() for p in views.values())
     inputs = [relax.Var(_symbol(name), relax.TensorType(tuple(qgraph.values[name].shape), qgraph.values[name].dtype))
               for name in qgraph.inputs]  # float32, or int64 (token ids, masks)
     with bb.function("main"):

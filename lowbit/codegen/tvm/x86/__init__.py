@@ -3,7 +3,7 @@
 Public entry points
 -------------------
 ``conv2d_nhwc(...)`` and ``dense(...)`` (the `kernel_api` interface, plus ``num_threads``, ``vnni``,
-``avx512`` and, for convs, ``residual``) return ``(prim_func, constants)``. The PrimFunc parameters are
+``avx512``, ``residual`` and, for dense, ``lut``) return ``(prim_func, constants)``. The PrimFunc parameters are
 ``(x, *constants, out)``; ``constants`` are numpy arrays (prepacked weights, bias, requantization parameters)
 the caller passes as-is.
 
@@ -21,11 +21,12 @@ Modules
   the LLVM intrinsics; `packing`: operand layouts and numpy weight packers (no TVM);
 - `requant`: the requantizer's constants and exactness checks (no TVM); `epilogue`: it as TIR, fused on the
   accumulator tile (exact int64 lanes, or float64 where `f64_requant_is_exact`; a residual add in float64 where
-  `residual_is_exact`);
+  `residual_is_exact`, its multipliers per channel or not; a table lookup on the requantized value);
 - `gemm` + `im2col`: pointwise, general and grouped convs, dense; `depthwise`: depthwise convs;
 - `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family;
 - `matmul`: batched 8-bit matmuls of two run-time tensors (attention): `matmul_pairs` a @ b on AVX2 (int16 pairs,
-  vpmaddwd, with the requantize epilogue), wired into the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet.
+  vpmaddwd, with the requantize epilogue, operands and result read and written through permutes), wired into
+  the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet.
 
 Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
 alone; `conv2d_nhwc`, `dense`, `matmul_pairs` and `matmul_nt` import the TIR builders when first used.

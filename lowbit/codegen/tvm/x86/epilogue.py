@@ -12,16 +12,17 @@ times m, plus r, is below 2^53, and m / 2^s < 1/2, as for all but the odd layer)
 ``floor(fma(float64(acc), m / 2^s, 0.5))`` converted to int32 (one round-down conversion with AVX-512), then
 clipped: exact inside the window, monotone outside it, and never outside the int32 range.
 
-A residual add can be fused into a GEMM conv's epilogue: ``floor(fma(y, m_y / 2^s, fma(skip, m_skip / 2^s,
-0.5)))`` in float64 on the requantized conv output y and the skip tensor's values, then clipped; exact where
-``residual_is_exact`` (every integer sum below 2^53).
+A residual add can be fused into a GEMM's epilogue: ``floor(fma(y, m_y / 2^s, fma(skip, m_skip / 2^s,
+0.5)))`` in float64 on the requantized output y and the skip tensor's values (multipliers per channel), then
+clipped; exact where ``residual_is_exact`` (every integer sum below 2^53). So can a table lookup on y (`lut_vec`:
+an int8 GELU after an encoder's intermediate linear), exact by construction: the table reads the same integer.
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..kernel_api import Residual
+from ..kernel_api import Lut, Residual
 from .isa import Expr, floor_clip, fma, sx32
 from .packing import VEC
 
@@ -52,11 +53,18 @@ def requantize_vec(accv: Expr, R: tuple, ch: Expr, qmin: int, qmax: int, f64: bo
 
 
 
-def residual_vec(y: Expr, skip: Expr, residual: Residual, avx512: bool) -> Expr:
-    """The add fused into a conv's epilogue, on int32x8 conv outputs `y` and the 8 skip values `skip`:
-    clip(floor((y * m_y + skip * m_skip) / 2^s + 1/2), qmin, qmax), exact where `residual_is_exact`."""
-    scale = 2.0 ** -residual.shift
-    inner = fma(T.Cast("float64x8", skip), T.broadcast(T.float64(residual.skip_multiplier * scale), VEC),
-                 T.broadcast(T.float64(0.5), VEC))
-    d = fma(T.Cast("float64x8", y), T.broadcast(T.float64(residual.y_multiplier * scale), VEC), inner)
-    return floor_clip(d, residual.qmin, residual.qmax, avx512)
+def residual_vec(y: Expr, skip: Expr, y_scale: Expr, skip_scale: Expr, residual: Residual, avx512: bool) -> Expr:
+    """The add fused into a GEMM's epilogue, on int32x8 outputs `y` and the 8 skip values `skip`, with
+    float64x8 `y_scale` = m_y / 2^s and `skip_scale` = m_skip / 2^s (per channel; powers of two times integers,
+    exact): clip(floor((y * m_y + skip * m_skip) / 2^s + 1/2), qmin, qmax), exact where `residual_is_exact`."""
+    inner = fma(T.Cast("float64x8", skip), skip_scale, T.broadcast(T.float64(0.5), VEC))
+    return floor_clip(fma(T.Cast("float64x8", y), y_scale, inner), residual.qmin, residual.qmax, avx512)
+
+
+def lut_vec(y: Expr, table: Expr, col: Expr, lut: Lut) -> Expr:
+    """The table lookup fused into a GEMM's epilogue: table[y + offset + (col..col+7) * row] for the int32x8
+    requantized outputs `y` of columns col.. (a gather, one byte per lane)."""
+    index = y + T.broadcast(T.int32(lut.offset), VEC)
+    if lut.row:
+        index = index + T.ramp(col, 1, VEC) * T.broadcast(T.int32(lut.row), VEC)
+    return table[index]

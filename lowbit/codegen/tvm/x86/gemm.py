@@ -36,8 +36,8 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ..kernel_api import Residual
-from .epilogue import requantize_vec, residual_vec
+from ..kernel_api import Lut, Residual
+from .epilogue import lut_vec, requantize_vec, residual_vec
 from .im2col import View4, activation_macros
 from .isa import PMADDUBSW, PMADDWD, VPDPBUSD, Isa, nib8
 from .packing import VEC, pack_gemm_weight
@@ -47,8 +47,10 @@ from .requant import (
     epilogue_constants,
     f64_requant_is_exact,
     fold_input_offset,
+    multipliers,
     requant_arrays,
     residual_is_exact,
+    residual_scales,
 )
 
 
@@ -67,11 +69,15 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
         return g, r % nrb * p.MR, r // nrb
 
     def requantized(accv, R, ch, m, col):
-        """Output row m, columns col.. (8 channels, constants at ch..): requantized, plus the fused add if any."""
+        """Output row m, columns col.. (8 channels, constants at ch..): requantized, then the fused add or
+        table lookup if any."""
         y = requantize_vec(accv, R, ch, ep.qmin, ep.qmax, ep.f64, p.isa.avx512)
+        if ep.lut is not None:
+            return lut_vec(y, R[7], col, ep.lut)
         if ep.residual is None:
             return y
-        return residual_vec(y, T.Cast("int32x8", R[7][m, T.ramp(col, 1, VEC)]), ep.residual, p.isa.avx512)
+        return residual_vec(y, T.Cast("float64x8", R[7][m, T.ramp(col, 1, VEC)]), R[8][T.ramp(ch, 1, VEC)],
+                            R[9][T.ramp(ch, 1, VEC)], ep.residual, p.isa.avx512)
 
     def x_word(XP32, g, m, q):
         """Activation word q of row m as the u8 operand: bytes x' (see the plan's x_flip)."""
@@ -248,8 +254,29 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                         row_block(XP32, W32, BIAS, R, Ov, acc, accs, (tid * p.CH + ti - p.TOT) // p.NCT,
                                   p.NRB * p.MR, (tid * p.CH + ti - p.TOT) % p.NCT, p.MR_TAIL, ACCB, ti, kc)
 
-    # TVMScript signatures are fixed: the fused-add variant differs only in its SKIP parameter
-    if ep.residual is None:
+    # TVMScript signatures are fixed: the fused-add variant adds SKIP, MY and MS, the fused-lut one TABLE
+    if ep.lut is not None:
+
+        @T.prim_func(private=True)
+        def func(
+            X: T.Buffer(p.x_buf_shape, p.x_dtype),
+            W32: T.Buffer((p.G, lay.OCB, lay.WK, VEC), "int32"),
+            BIAS: T.Buffer((p.NP,), "int32"),
+            ALO: T.Buffer((p.NP,), "int32"),
+            AHI: T.Buffer((p.NP,), "int32"),
+            MANT: T.Buffer((p.NP + VEC,), "int32"),
+            C1: T.Buffer((p.NP,), "int64"),
+            SH: T.Buffer((p.NP,), "int64"),
+            C2: T.Buffer((p.NP,), "int32"),
+            MD: T.Buffer((p.NP,), "float64"),
+            TABLE: T.Buffer((ep.lut.size,), ep.lut.dtype),
+            OUT: T.Buffer(p.out_shape, ep.out_dtype),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD, TABLE))
+            body(X, W32, BIAS, R, OUT)
+
+    elif ep.residual is None:
 
         @T.prim_func(private=True)
         def func(
@@ -284,11 +311,13 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
             SH: T.Buffer((p.NP,), "int64"),
             C2: T.Buffer((p.NP,), "int32"),
             MD: T.Buffer((p.NP,), "float64"),
+            MY: T.Buffer((p.NP,), "float64"),
+            MS: T.Buffer((p.NP,), "float64"),
             OUT: T.Buffer(p.out_shape, ep.out_dtype),
         ):
             T.func_attr({"tirx.noalias": True})
             SKIPv = T.decl_buffer((p.M, geo.OC), ep.residual.skip_dtype, data=SKIP.data)
-            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD, SKIPv))
+            R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD, SKIPv, MY, MS))
             body(X, W32, BIAS, R, OUT)
 
     return func
@@ -299,8 +328,11 @@ def gemm_conv(x_shape: tuple[int, ...], x_dtype: str, weight: np.ndarray, stride
               mantissa: np.ndarray | None, shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str,
               out_shape: tuple[int, ...] | None = None, x_buf_shape: tuple[int, ...] | None = None, wbits: int = 8,
               num_threads: int = NUM_THREADS, isa: Isa | None = None,
-              residual: Residual | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
-    """A GEMM-shaped conv's (PrimFunc, constants); None where `residual` cannot be fused exactly."""
+              residual: Residual | None = None,
+              lut: tuple[Lut, np.ndarray] | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
+    """A GEMM-shaped conv's (PrimFunc, constants); None where `residual` or `lut` (its kind and flat table; the
+    PrimFunc then takes the table after MD) cannot be fused exactly: each needs whole vectors of channels and
+    one group, the residual also `residual_is_exact`, the lut a table that every requantized y indexes."""
     geo = ConvGeometry.of(x_shape, weight.shape, stride, padding, dilation)
     G = int(groups)
     if geo.C != geo.ICg * G or geo.OC % G:
@@ -310,12 +342,17 @@ def gemm_conv(x_shape: tuple[int, ...], x_dtype: str, weight: np.ndarray, stride
     if not requant:
         out_dtype = "int32"
     f64 = f64_requant_is_exact(mantissa, shift, qmin, qmax, acc_bound(weight, bias, x_dtype))
-    if residual is not None and not (G == 1 and OCg % VEC == 0 and f64
-                                     and residual_is_exact(residual, (int(qmin), int(qmax)))):
+    whole = G == 1 and OCg % VEC == 0 and requant
+    if residual is not None and not (whole and residual_is_exact(residual, (int(qmin), int(qmax)))
+                                     and all(len(m) in (1, geo.OC) for m in (multipliers(residual.y_multiplier),
+                                                                             multipliers(residual.skip_multiplier)))):
+        return None
+    if lut is not None and not (whole and residual is None and lut_fits(lut[0], geo.OC, int(qmin), int(qmax))):
         return None
     plan = GemmPlan(geo=geo, G=G, x_dtype=x_dtype, x_buf_shape=tuple(x_buf_shape or (geo.N, geo.H, geo.W, geo.C)),
                     out_shape=tuple(out_shape or (geo.N, geo.OH, geo.OW, geo.OC)),
-                    epilogue=Epilogue(requant, int(qmin), int(qmax), out_dtype, f64, residual), isa=isa or Isa(),
+                    epilogue=Epilogue(requant, int(qmin), int(qmax), lut[0].dtype if lut else out_dtype, f64,
+                                      residual, lut[0] if lut else None), isa=isa or Isa(),
                     wbits=wbits, num_threads=num_threads)
     func = gemm_func(plan)
     lay = plan.layout
@@ -338,4 +375,14 @@ def gemm_conv(x_shape: tuple[int, ...], x_dtype: str, weight: np.ndarray, stride
         if i == 3:  # mant has VEC trailing pad per group: drop it between groups
             parts = [p_[: lay.OCBP] for p_ in parts] + [np.zeros(VEC, np.int32)]
         consts.append(np.ascontiguousarray(np.concatenate(parts)))
+    if residual is not None:
+        consts += residual_scales(residual, geo.OC, lay.OCBP)
+    if lut is not None:
+        consts.append(np.ascontiguousarray(lut[1].reshape(-1)))
     return func, consts
+
+
+def lut_fits(lut: Lut, channels: int, qmin: int, qmax: int) -> bool:
+    """Whether every y in [qmin, qmax] of every channel indexes inside the flat table."""
+    return (qmin + lut.offset >= 0 and qmax + lut.offset < (lut.row or lut.size)
+            and lut.row * (channels - 1) + qmax + lut.offset < lut.size)

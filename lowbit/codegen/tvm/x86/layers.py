@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import tirx
 
-from ..kernel_api import Residual
+from ..kernel_api import Lut, Residual
 from .depthwise import depthwise_conv
 from .gemm import gemm_conv
 from .isa import Isa
@@ -47,9 +47,15 @@ def conv2d_nhwc(x_shape: tuple[int, int, int, int], x_dtype: str, weight: np.nda
 
 def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.ndarray, mantissa: np.ndarray | None,
           shift: np.ndarray | None, qmin: int, qmax: int, out_dtype: str, weight_bits: int = 8,
-          num_threads: int = NUM_THREADS, vnni: bool = False,
-          avx512: bool = False) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
-    """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts)."""
+          num_threads: int = NUM_THREADS, vnni: bool = False, avx512: bool = False,
+          residual: Residual | None = None,
+          lut: tuple[Lut, np.ndarray] | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]] | None:
+    """Quantized dense: x [N, IN] . weight[OUT, IN]^T.  Returns (PrimFunc(x, *consts, out), consts).
+
+    `residual` fuses a rescaled add as `conv2d_nhwc` does (PrimFunc(x, skip, *consts, out), skip [N, OUT];
+    its multipliers may be per channel); `lut` (a `Lut` and its table) fuses a table lookup on the
+    requantized output (the table is the last constant, `out_dtype` the table's). Either returns None where
+    the kernel cannot fuse it exactly (`gemm.gemm_conv`)."""
     Nb, IN = (int(v) for v in x_shape)
     OUT = int(weight.shape[0])
     wbits = 4 if int(weight_bits) == 4 else 8
@@ -58,7 +64,7 @@ def dense(x_shape: tuple[int, int], x_dtype: str, weight: np.ndarray, bias: np.n
     w4 = np.asarray(weight).reshape(OUT, IN, 1, 1)
     kernel = gemm_conv((Nb, 1, 1, IN), x_dtype, w4, (1, 1), (0, 0, 0, 0), (1, 1), 1, bias, mantissa, shift, qmin,
                        qmax, out_dtype, out_shape=(Nb, OUT), x_buf_shape=(Nb, IN), wbits=wbits,
-                       num_threads=num_threads, isa=Isa(vnni=vnni, avx512=avx512))
-    if kernel is None:  # only a residual add is ever refused, and dense takes none
+                       num_threads=num_threads, isa=Isa(vnni=vnni, avx512=avx512), residual=residual, lut=lut)
+    if kernel is None and residual is None and lut is None:  # only a fusion is ever refused
         raise RuntimeError("the GEMM kernel refused a dense layer")
     return kernel

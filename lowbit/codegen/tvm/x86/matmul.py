@@ -90,9 +90,51 @@ def matmul_nt(x_shape: tuple[int, int, int], y_shape: tuple[int, int, int], x_dt
     return func, []
 
 
+View = tuple[tuple[int, ...], tuple[int, ...]]  # (a stored tensor's shape, dims): see `matmul_pairs`
+
+
+def _indexer(shape: tuple[int, ...], view: View | None, stored_out: bool = False):
+    """(the buffer's shape, at(t, i, j) -> its flat index) for element [.., i, j] of batch item t (the leading
+    axes of `shape` flattened) of a logical operand of `shape`. Without `view` the buffer is the operand. An
+    input view (shape S, dims) is the operand transpose(x, dims) read from x [S]; an output view stores the
+    result as transpose(out, dims). Flat, because only a buffer's last index may be a vector (j a ramp)."""
+    lead = shape[:-2]
+    stored, dims = (shape, tuple(range(len(shape)))) if view is None else (
+        tuple(int(v) for v in view[0]), tuple(int(d) for d in view[1]))
+    if sorted(dims) != list(range(len(shape))) or tuple(
+            (shape[d] for d in dims) if stored_out else (stored[d] for d in dims)) != (stored if stored_out else shape):
+        raise ValueError(f"matmul_pairs: view {view} does not give an operand of shape {shape}")
+    strides = [int(np.prod(stored[q + 1:], dtype=np.int64)) for q in range(len(stored))]
+
+    def at(t, i, j):
+        logical = (*_unflatten(t, lead), i, j)
+        if stored_out:
+            index = [logical[d] for d in dims]
+        else:
+            index = [None] * len(dims)
+            for axis, d in enumerate(dims):
+                index[d] = logical[axis]
+        flat = index[-1]
+        for q in range(len(index) - 1):
+            flat = index[q] * strides[q] + flat
+        return flat
+
+    return stored, at
+
+
+def _unflatten(t, lead: tuple[int, ...]) -> list:
+    """The indices over axes `lead` of flat index t (row-major)."""
+    out = []
+    for q, size in enumerate(lead):
+        inner = int(np.prod(lead[q + 1:], dtype=np.int64))
+        out.append(t // inner if q == 0 else t // inner % size)
+    return out
+
+
 def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: str, b_dtype: str,
                  requant: tuple[int, int, int, int, str] | None = None, num_threads: int = NUM_THREADS,
-                 avx512: bool = False) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
+                 avx512: bool = False, a_view: View | None = None, b_view: View | None = None,
+                 out_view: View | None = None) -> tuple[tirx.PrimFunc, list[np.ndarray]]:
     """Batched a [..., M, K] @ b [..., K, N] of 8-bit operands (int8 or uint8 each), the exact int32 sum, then the
     per-tensor requantizer (mantissa, shift, qmin, qmax, dtype) or the raw sum: AVX2, no VNNI needed.
 
@@ -101,7 +143,11 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
     zero-padded; then an MR x NV register tile of int32x8 accumulators takes one broadcast a word per row and
     one b vector per column block, `vpmaddwd` (two int16 products summed exactly into int32: |a b| <= 2^15, so
     no sum of K < 2^16 terms leaves int32). The requantizer is the GEMM's epilogue (`epilogue.requantize_vec`).
-    PrimFunc (a, b, [ALO, AHI, MANT, C1, SH, C2, MD,] out) and the constants to pass after a and b."""
+    PrimFunc (a, b, [ALO, AHI, MANT, C1, SH, C2, MD,] out) and the constants to pass after a and b.
+
+    Views fold an attention's permutes into the operand reads and the result's writes: `a_view` = (S, dims)
+    takes a as transpose(x, dims) of a tensor x of shape S, read in place (the PrimFunc's a is x); so does
+    `b_view`; `out_view` = (S, dims) writes transpose(out, dims), of shape S."""
     a_shape, b_shape = tuple(int(v) for v in a_shape), tuple(int(v) for v in b_shape)
     if a_shape[:-2] != b_shape[:-2] or a_shape[-1] != b_shape[-2] or len(a_shape) < 3:
         raise ValueError(f"matmul_pairs: a {a_shape} and b {b_shape} are not [..., M, K] @ [..., K, N]")
@@ -116,6 +162,9 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
     NRB, MR_TAIL = M // MR, M % MR
     CH = cdiv(TB, num_threads)
     out_shape = (*a_shape[:-1], N)
+    a_buf, a_at = _indexer(a_shape, a_view)
+    b_buf, b_at = _indexer(b_shape, b_view)
+    out_buf, out_at = _indexer(out_shape, out_view, stored_out=True)
     out_dtype = "int32" if requant is None else requant[4]
     consts: list[np.ndarray] = []
     f64 = False
@@ -136,9 +185,9 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
     def b_odd(BF, t, p, n, lanes=1):
         """b[t, 2p + 1, n] (n a ramp of `lanes`), zero past K."""
         if K % 2 == 0:
-            return BF[t, 2 * p + 1, n]
+            return BF[b_at(t, 2 * p + 1, n)]
         inside = T.Cast(b_dtype, 2 * p + 1 < K)
-        return BF[t, T.min(2 * p + 1, K - 1), n] * (inside if lanes == 1 else T.broadcast(inside, lanes))
+        return BF[b_at(t, T.min(2 * p + 1, K - 1), n)] * (inside if lanes == 1 else T.broadcast(inside, lanes))
 
     def result(R, nb, accv):
         """The 8 sums of column block nb as stored: requantized where asked."""
@@ -161,22 +210,22 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
         for r in T.unroll(mr):
             for v in T.unroll(nv):
                 if LAST == 0:
-                    OF[t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC)] = result(R, nb0 + v, acc[T.ramp((r * nv + v) * VEC,
-                                                                                                  1, VEC)])
+                    OF[out_at(t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC))] = result(
+                        R, nb0 + v, acc[T.ramp((r * nv + v) * VEC, 1, VEC)])
                 elif nb0 + v < NB_FULL:
-                    OF[t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC)] = result(R, nb0 + v, acc[T.ramp((r * nv + v) * VEC,
-                                                                                                  1, VEC)])
+                    OF[out_at(t, m0 + r, T.ramp((nb0 + v) * VEC, 1, VEC))] = result(
+                        R, nb0 + v, acc[T.ramp((r * nv + v) * VEC, 1, VEC)])
                 else:  # the partial last block: lane by lane
                     acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = T.Cast("int32x8", result(
                         R, nb0 + v, acc[T.ramp((r * nv + v) * VEC, 1, VEC)]))
                     for ln in T.serial(LAST):
-                        OF[t, m0 + r, NB_FULL * VEC + ln] = T.Cast(out_dtype, acc[(r * nv + v) * VEC + ln])
+                        OF[out_at(t, m0 + r, NB_FULL * VEC + ln)] = T.Cast(out_dtype, acc[(r * nv + v) * VEC + ln])
 
     @T.macro
     def body(A, B, R, OUT):
-        AF = T.decl_buffer((TB, M, K), a_dtype, data=A.data)
-        BF = T.decl_buffer((TB, K, N), b_dtype, data=B.data)
-        OF = T.decl_buffer((TB, M, N), out_dtype, data=OUT.data)
+        AF = T.decl_buffer((int(np.prod(a_buf)),), a_dtype, data=A.data)
+        BF = T.decl_buffer((int(np.prod(b_buf)),), b_dtype, data=B.data)
+        OF = T.decl_buffer((int(np.prod(out_buf)),), out_dtype, data=OUT.data)
         for task in T.parallel(num_threads):
             AW = T.alloc_buffer((M, KP), "int32")
             BW = T.alloc_buffer((NB, KP, VEC), "int32")
@@ -188,22 +237,22 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
                     for p in T.serial(KP):
                         for nb in T.serial(NB_FULL):
                             cols = T.meta_var(T.ramp(nb * VEC, 1, VEC))
-                            BW[nb, p, T.ramp(0, 1, VEC)] = pair(T.Cast("int32x8", BF[t, 2 * p, cols]),
+                            BW[nb, p, T.ramp(0, 1, VEC)] = pair(T.Cast("int32x8", BF[b_at(t, 2 * p, cols)]),
                                                                 T.Cast("int32x8", b_odd(BF, t, p, cols, VEC)), VEC)
                         for ln in T.serial(VEC * (NB - NB_FULL)):
                             BW[NB_FULL, p, ln] = T.if_then_else(
                                 NB_FULL * VEC + ln < N,
-                                pair(T.Cast("int32", BF[t, 2 * p, T.min(NB_FULL * VEC + ln, N - 1)]),
+                                pair(T.Cast("int32", BF[b_at(t, 2 * p, T.min(NB_FULL * VEC + ln, N - 1))]),
                                      T.Cast("int32", b_odd(BF, t, p, T.min(NB_FULL * VEC + ln, N - 1)))), 0)
                     # a: int16 pairs along K, 16 values (8 words) at a time
                     for m in T.serial(M):
                         for q in T.serial(K // 16):
                             AW[m, T.ramp(q * 8, 1, 8)] = T.reinterpret(
-                                "int32x8", T.Cast("int16x16", AF[t, m, T.ramp(q * 16, 1, 16)]))
+                                "int32x8", T.Cast("int16x16", AF[a_at(t, m, T.ramp(q * 16, 1, 16))]))
                         for p in T.serial(KP - K // 16 * 8):
                             AW[m, K // 16 * 8 + p] = T.bitwise_or(
-                                T.bitwise_and(T.Cast("int32", AF[t, m, K // 16 * 16 + 2 * p]), 0xFFFF),
-                                T.shift_left(T.Cast("int32", AF[t, m, T.min(K // 16 * 16 + 2 * p + 1, K - 1)])
+                                T.bitwise_and(T.Cast("int32", AF[a_at(t, m, K // 16 * 16 + 2 * p)]), 0xFFFF),
+                                T.shift_left(T.Cast("int32", AF[a_at(t, m, T.min(K // 16 * 16 + 2 * p + 1, K - 1))])
                                              * T.Cast("int32", K // 16 * 16 + 2 * p + 1 < K), 16))
                     for ct in T.serial(NCT_FULL):
                         for rb in T.serial(NRB):
@@ -219,7 +268,7 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
     if requant is None:
 
         @T.prim_func(private=True)
-        def func(A: T.Buffer(a_shape, a_dtype), B: T.Buffer(b_shape, b_dtype), OUT: T.Buffer(out_shape, "int32")):
+        def func(A: T.Buffer(a_buf, a_dtype), B: T.Buffer(b_buf, b_dtype), OUT: T.Buffer(out_buf, "int32")):
             T.func_attr({"tirx.noalias": True})
             body(A, B, None, OUT)
 
@@ -227,10 +276,10 @@ def matmul_pairs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_dtype: st
         NP = NB * VEC
 
         @T.prim_func(private=True)
-        def func(A: T.Buffer(a_shape, a_dtype), B: T.Buffer(b_shape, b_dtype), ALO: T.Buffer((NP,), "int32"),
+        def func(A: T.Buffer(a_buf, a_dtype), B: T.Buffer(b_buf, b_dtype), ALO: T.Buffer((NP,), "int32"),
                  AHI: T.Buffer((NP,), "int32"), MANT: T.Buffer((NP + VEC,), "int32"), C1: T.Buffer((NP,), "int64"),
                  SH: T.Buffer((NP,), "int64"), C2: T.Buffer((NP,), "int32"), MD: T.Buffer((NP,), "float64"),
-                 OUT: T.Buffer(out_shape, out_dtype)):
+                 OUT: T.Buffer(out_buf, out_dtype)):
             T.func_attr({"tirx.noalias": True})
             R = T.meta_var((ALO, AHI, MANT, C1, SH, C2, MD))
             body(A, B, R, OUT)

@@ -72,7 +72,7 @@ class ConvGeometry:
 class Epilogue:
     """The fused requantization: y = clip((acc * m + 2^(s-1)) >> s, qmin, qmax) as `out_dtype`, or acc itself
     (int32) where not `requant`; `f64` where `f64_requant_is_exact` (the float64 form is then used);
-    `residual` a fused add (GEMM only; fields as `kernel_api.Residual`)."""
+    `residual` a fused add, `lut` a fused table lookup (GEMM only; `kernel_api.Residual`, `kernel_api.Lut`)."""
 
     requant: bool
     qmin: int
@@ -80,6 +80,7 @@ class Epilogue:
     out_dtype: str
     f64: bool
     residual: Any = None
+    lut: Any = None
 
     @property
     def out_vec(self) -> str:

@@ -60,12 +60,29 @@ def residual_is_exact(residual: Residual, y_range: tuple[int, int]) -> bool:
     """Whether the fused add (`epilogue.residual_vec`) is exact in float64 for conv outputs y in `y_range` and
     every skip value of its dtype: each sum y*m_y + skip*m_skip + 2^(s-1) is an integer below 2^53 (so every
     fma step is exact and floor is exact), and the result converts to int32."""
-    if min(residual.y_multiplier, residual.skip_multiplier) < 0 or not 0 <= residual.shift <= 62:
+    m_y, m_skip = multipliers(residual.y_multiplier), multipliers(residual.skip_multiplier)
+    if min(*m_y, *m_skip) < 0 or not 0 <= residual.shift <= 62:
         return False
     skip_lo, skip_hi = qrange(residual.skip_dtype)
-    bound = (max(abs(v) for v in y_range) * residual.y_multiplier
-             + max(-skip_lo, skip_hi) * residual.skip_multiplier + ((1 << residual.shift) >> 1))
+    bound = (max(abs(v) for v in y_range) * max(m_y)
+             + max(-skip_lo, skip_hi) * max(m_skip) + ((1 << residual.shift) >> 1))
     return bound < 1 << 53 and bound >> residual.shift < 1 << 30
+
+
+def multipliers(m: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A `Residual` multiplier as a tuple: one per channel, or the one for all."""
+    return tuple(int(v) for v in m) if isinstance(m, tuple) else (int(m),)
+
+
+def residual_scales(residual: Residual, n: int, n_pad: int) -> list[np.ndarray]:
+    """The fused add's float64 constants m_y / 2^s and m_skip / 2^s for `n` channels, padded to `n_pad` (exact:
+    integers below 2^53 times a power of two)."""
+    out = []
+    for m in (residual.y_multiplier, residual.skip_multiplier):
+        values = np.zeros(n_pad, np.float64)
+        values[:n] = np.asarray(multipliers(m), np.float64) * 2.0 ** -residual.shift
+        out.append(values)
+    return out
 
 
 def fold_input_offset(bias: np.ndarray, weight: np.ndarray, x_dtype: str, n: int) -> np.ndarray:
