@@ -2,9 +2,9 @@
 
 apache-tvm 0.27's `ScriptMacro._find_parser_def` finds the parser that expands a macro with
 `inspect.getouterframes(...)`, which reads one line of source for every frame on the stack (and maps each
-frame to its module through `inspect.getmodule`, a scan of `sys.modules`). The parser recurses deeply, so
-every macro call costs ~0.7 s under a profiler. lowbit's kernels call macros hundreds of times: this lookup
-was three quarters of `lower` (MobileNetV2: 53 layers, 806 macro calls).
+frame to its module through `inspect.getmodule`, a scan of `sys.modules`). The parser recurses deeply and
+lowbit's kernels call macros hundreds of times (MobileNetV2: 806 calls for 53 layers), so the lookup alone
+took 19% of `lower`'s wall time on MiniLM (67.0 s -> 54.5 s, same background load, identical module).
 
 The replacement walks the same frames in the same order (the current one, then each caller) and tests the
 same condition, without building frame records: the parser is found two frames up, in the globals of the
@@ -22,10 +22,10 @@ from tvm.script.parser.core.parser import ScriptMacro
 TVM_FIND_PARSER_DEF = ScriptMacro.__dict__["_find_parser_def"]  # TVM's own, kept for the equivalence test
 
 
-def find_macro_parser(start: FrameType | None = None) -> Any:
-    """The TVMScript parser expanding the macro being called: the first frame from `start` outwards
-    (default: the caller's) whose globals hold it, exactly the frame `_find_parser_def` would find."""
-    frame = start or sys._getframe(1)
+def find_macro_parser(start: FrameType) -> Any:
+    """The TVMScript parser expanding the macro being called: the first frame from `start` outwards whose
+    globals hold it, exactly the frame `_find_parser_def` would find."""
+    frame: FrameType | None = start
     while frame is not None:
         parser = frame.f_globals.get(ScriptMacro.parser_object_name)
         if parser is not None:
