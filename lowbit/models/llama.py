@@ -209,7 +209,7 @@ def load_gguf_weights(model: LlamaDecoder, checkpoint: GgufCheckpoint) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for gguf_name, module_name in gguf_to_module_names(model.config).items():
-            params[module_name].copy_(torch.from_numpy(checkpoint.tensors[gguf_name]))
+            params[module_name].copy_(torch.from_numpy(checkpoint.tensors[gguf_name].copy()))  # copy: read-only array
 
 
 class LoadedDecoder(NamedTuple):

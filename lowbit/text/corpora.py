@@ -159,10 +159,15 @@ def split_sentences(document: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(document) if s.strip()]
 
 
+def background_documents() -> tuple[str, ...]:
+    """The 300 news documents of lee_background.cor, in file order."""
+    return _documents(LEE_BACKGROUND, LEE_BACKGROUND_DOCUMENTS, None)
+
+
 @lru_cache(maxsize=1)
 def background_sentences() -> tuple[str, ...]:
     """Every distinct sentence of at least MIN_CALIBRATION_WORDS words in lee_background.cor, in file order."""
-    documents = _documents(LEE_BACKGROUND, LEE_BACKGROUND_DOCUMENTS, None)
+    documents = background_documents()
     return tuple(dict.fromkeys(  # dict: drop repeats, keep order
         s for doc in documents for s in split_sentences(doc) if len(s.split()) >= MIN_CALIBRATION_WORDS
     ))
