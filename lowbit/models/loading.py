@@ -120,8 +120,10 @@ def load_program(
     """Load MODEL as an exported program. `example` is a batch-1 input for formats that need tracing."""
     if spec.startswith("zoo:"):
         from . import get_zoo_entry
+        from .zoo import entry_is_not_a_decoder
 
         entry = get_zoo_entry(spec[4:])
+        entry_is_not_a_decoder(entry)
         if entry.text is not None:
             from .minilm import load_text_encoder
 

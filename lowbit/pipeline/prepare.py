@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
-from ..models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry
+from ..models.zoo import ZOO_PREFIX, ZooEntry, entry_is_not_a_decoder, get_zoo_entry
 from ..quantizer.graph import Graph
 from ..runtime.text import EMBEDDING as TEXT_OUTPUT
 from . import report as reports
@@ -154,6 +154,8 @@ def prepare(source: Source, progress: Progress) -> Prepared:
     seed_everything(source.seed)
     spec = source.model
     entry = get_zoo_entry(spec) if spec.startswith(ZOO_PREFIX) else None
+    if entry is not None:
+        entry_is_not_a_decoder(entry)
     text_dir = text_model_directory(spec, entry)
     if text_dir is not None:
         return _prepare_text(source, entry, text_dir, progress)

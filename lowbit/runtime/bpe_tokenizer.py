@@ -1,4 +1,4 @@
-"""A decoder's tokenizer built from the vocabulary a GGUF file carries (byte-level BPE, ``tokenizer.ggml.model = gpt2``).
+"""A decoder's tokenizer from the vocabulary a GGUF file carries (byte-level BPE, ``tokenizer.ggml.model = gpt2``).
 
 Part of the runtime, so it imports neither torch nor any lowbit module outside the runtime: an artifact can carry
 the vocabulary (tokens, merges, token types) and rebuild the tokenizer with just `tokenizers`.
