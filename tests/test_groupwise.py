@@ -154,7 +154,16 @@ def test_gptq_per_channel_grid_fixed_up_front_is_gptq_round() -> None:
     h = _hessian(_correlated(2048, k, seed=3)).unsqueeze(0)
     w = torch.randn(1, 8, k, generator=torch.Generator().manual_seed(3)) * 0.05
     w[0, :, 0], w[0, :, 1] = -0.35, 0.4  # every row's range is [-0.35, 0.4] = [-7s, 8s] with s = 0.05
-    q = gptq_groupwise(w[0], h[0], 4, k)
+    q = gptq_groupwise(w[0], h[0], 4, k, dtype=torch.float64)
     assert np.allclose(q.scale, 0.05) and np.all(q.zero == 7)
     reference = gptq_round(w, h, torch.full((1, 8), float(np.float32(0.05)), dtype=torch.float64), -7, 8)[0]
     assert np.array_equal(q.values.astype(np.int64) - 7, reference.numpy().astype(np.int64))
+
+
+def test_float32_column_loop_keeps_the_float64_loss() -> None:
+    k = 256
+    h = _hessian(_correlated(2048, k, seed=4))
+    w = torch.randn(64, k, generator=torch.Generator().manual_seed(4)) * 0.05
+    losses = [hessian_loss(w, gptq_groupwise(w, h, 3, 64, dtype=dtype).dequantize(), h)
+              for dtype in (torch.float32, torch.float64)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)

