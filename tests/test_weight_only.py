@@ -137,3 +137,31 @@ def test_config_and_walk_errors_are_clear() -> None:
     with pytest.raises(LowbitError, match="never ran block 0"):
         quantize_weights(model, model.layers, WeightOnlyConfig(), _samples(1, 1), forward=lambda m, x: None)
     assert torch.equal(model.layers[0].q.weight, _model().layers[0].q.weight)  # nothing was touched
+
+
+class KVCache:
+    """Stands in for a decoder's cache object: the walk refuses to rerun blocks that append to one."""
+
+
+def test_a_kv_cache_in_the_calibration_forward_is_refused() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+            return self.fc(x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+            return self.layers[0](x, cache)
+
+    model = Model()
+    with pytest.raises(LowbitError, match="KV cache .*KVCache"):
+        quantize_weights(model, model.layers, WeightOnlyConfig(group=8), [torch.randn(1, 8)],
+                         forward=lambda m, x: m(x, KVCache()))
+    quantize_weights(model, model.layers, WeightOnlyConfig(group=8), [torch.randn(1, 8)])  # no cache: fine

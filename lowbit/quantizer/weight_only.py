@@ -144,7 +144,7 @@ def _capture_block_inputs(model: nn.Module, first: nn.Module, calibration: Itera
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         caching = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None] + (["use_cache"] * bool(kwargs.get(
-            "use_cache")))
+            "use_cache"))) + [type(a).__name__ for a in (*args, *kwargs.values()) if type(a).__name__.endswith("Cache")]
         if caching:
             raise LowbitError(f"the calibration forward passes block 0 a KV cache ({', '.join(caching)}): "
                               "run it without one (each block reruns on its stored inputs)")
