@@ -1,0 +1,247 @@
+"""Weight-only group-wise quantization of a torch model's linears: GPTQ's sequential walk over its blocks.
+
+Generic over models: the caller names the blocks (nn.Modules the model runs in sequence, e.g. decoder layers,
+each taking the hidden states as its first argument or as `hidden_states=`) and gives calibration samples with a
+`forward(model, sample)` that runs the model on one. The walk (Frantar et al. 2022, as their opt.py/llama.py):
+1. a forward pre-hook on block 0 catches each sample's block inputs (args and kwargs) and stops the model there;
+2. per block: hooks on its nn.Linear modules accumulate each one's input Hessian over all samples (one product
+   per distinct input tensor: q/k/v read the same one), every linear is rounded (`groupwise.py`; linears that
+   read the same input are rounded together, as one stack of rows), its dequantized weights are written in
+   place, and the block reruns on its inputs with the quantized weights to give the next block's inputs, so
+   each block is calibrated on what the quantized blocks before it really produce.
+Only the blocks' linears are quantized: an embedding or lm_head outside them stays as it is (`skip` leaves
+more in float). Memory: one hidden state per sample (32 x 512 tokens at hidden 576: 38 MB) and one block's
+Hessians at a time. Round-to-nearest needs no calibration and runs no forward.
+
+The calibration forward must not fill a KV cache: each block reruns on its stored inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..ir.groupwise_weights import GroupWiseWeights
+from .groupwise import CLIP_RATIOS, gptq_groupwise, rtn_groupwise
+from .rounding import DAMPING, HessianAccumulator
+
+ROUNDINGS = ("rtn", "gptq")
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "kv_cache")
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    bits: int = 4  # 2, 3, 4 or 8
+    group: int = 128  # input columns per scale and zero point; 0: one group per output channel
+    rounding: str = "gptq"  # rtn | gptq
+    damp: float = DAMPING  # GPTQ: fraction of the mean Hessian diagonal added to it
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    clip_search: bool = False  # per group, the clipping ratio (`CLIP_RATIOS`) of least squared error
+    skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
+
+    def __post_init__(self) -> None:
+        if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
+            raise LowbitError(f"--weights int{self.bits}: group-wise weights have "
+                              f"{', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
+        if self.group < 0:
+            raise LowbitError(f"--group {self.group}: give input columns per group (32, 64, 128), "
+                              "or 0 for one group per output channel")
+        if self.rounding not in ROUNDINGS:
+            raise LowbitError(f"--rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
+        if not 0.0 < self.damp < 1.0:
+            raise LowbitError(f"GPTQ damping {self.damp}: expected a fraction of the mean Hessian diagonal in (0, 1)")
+        if isinstance(self.skip, str):
+            raise LowbitError(f"skip={self.skip!r}: give a tuple of name patterns, not one string")
+
+    def group_for(self, in_features: int) -> int:
+        return in_features if self.group == 0 else self.group
+
+    def describe(self) -> str:
+        group = "per channel" if self.group == 0 else f"g{self.group}"
+        extras = [e for e, on in (("act-order", self.act_order), ("clip search", self.clip_search)) if on]
+        return f"int{self.bits} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
+
+    def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
+        """One weight [out, in] (stacked rows of linears that share `h`), by this config's rounding."""
+        group = self.group_for(w.shape[1])
+        ratios = CLIP_RATIOS if self.clip_search else (1.0,)
+        if self.rounding == "rtn":
+            return rtn_groupwise(w, self.bits, group, ratios)
+        assert h is not None, "GPTQ needs the linear's input Hessian"
+        return gptq_groupwise(w, h, self.bits, group, self.damp, act_order=self.act_order, clip_ratios=ratios)
+
+
+def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: WeightOnlyConfig,
+                     calibration: Iterable[Any] = (), forward: Callable[[nn.Module, Any], object] | None = None,
+                     log: Callable[[str], object] = lambda _: None) -> dict[str, GroupWiseWeights]:
+    """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its GroupWiseWeights.
+
+    `forward(model, sample)` runs the model on one calibration sample (default: `model(**sample)` for a
+    mapping, else `model(sample)`); GPTQ needs at least one sample, round-to-nearest none. `log` gets a line per
+    block and step (a `Progress.steps_of` log, as the pipeline's other stages).
+    """
+    linears = _block_linears(model, blocks, config.skip)
+    result: dict[str, GroupWiseWeights] = {}
+    if config.rounding == "rtn":
+        for b, named in enumerate(linears):
+            log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
+            for name, linear in named:
+                result[name] = _write(linear, config.round(linear.weight.detach(), None))
+        return result
+    with torch.no_grad():
+        inputs = _capture_block_inputs(model, blocks[0], calibration, forward or _default_forward)
+        for b, (block, named) in enumerate(zip(blocks, linears, strict=True)):
+            log(f"block {b + 1}/{len(blocks)}: Hessians of {len(named)} linears on {len(inputs)} samples")
+            shared = _block_hessians(block, named, inputs, f"block {b}")
+            log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
+            modules = dict(named)
+            for names, hessian in shared:
+                stacked = torch.cat([modules[n].weight.detach() for n in names])
+                for name, part in zip(names, _split_rows(config.round(stacked, hessian),
+                                                         [modules[n].out_features for n in names]), strict=True):
+                    result[name] = _write(modules[name], part)
+            del shared
+            log(f"block {b + 1}/{len(blocks)}: rerun with quantized weights")
+            for n, (args, kwargs) in enumerate(inputs):
+                inputs[n] = _with_hidden(args, kwargs, _hidden_of(block(*args, **kwargs)))
+    return {name: result[name] for named in linears for name, _ in named}  # in definition order
+
+
+def _default_forward(model: nn.Module, sample: Any) -> object:
+    return model(**sample) if isinstance(sample, Mapping) else model(sample)
+
+
+def _block_linears(model: nn.Module, blocks: Sequence[nn.Module],
+                   skip: tuple[str, ...]) -> list[list[tuple[str, nn.Linear]]]:
+    """Per block, its (full name, nn.Linear) pairs in definition order, without the skipped ones."""
+    if not blocks:
+        raise LowbitError("weight-only quantization: no blocks given; pass the model's decoder layers")
+    names = {id(m): n for n, m in model.named_modules()}
+    per_block = []
+    for b, block in enumerate(blocks):
+        if id(block) not in names:
+            raise LowbitError(f"block {b} ({type(block).__name__}) is not a submodule of the model "
+                              f"{type(model).__name__}; pass blocks taken from the model itself")
+        per_block.append([(names[id(m)], m) for m in block.modules() if isinstance(m, nn.Linear)
+                          and not any(fnmatch.fnmatchcase(names[id(m)], p) for p in skip)])
+    return per_block
+
+
+class _Reached(Exception):
+    """Raised by block 0's pre-hook: the calibration forward has what it needs."""
+
+
+def _capture_block_inputs(model: nn.Module, first: nn.Module, calibration: Iterable[Any],
+                          forward: Callable[[nn.Module, Any], object]) -> list[tuple[tuple, dict]]:
+    """Block 0's (args, kwargs) for every calibration sample; the model stops there (nothing after it runs)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        caching = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None] + (["use_cache"] * bool(kwargs.get(
+            "use_cache"))) + [type(a).__name__ for a in (*args, *kwargs.values()) if type(a).__name__.endswith("Cache")]
+        if caching:
+            raise LowbitError(f"the calibration forward passes block 0 a KV cache ({', '.join(caching)}): "
+                              "run it without one (each block reruns on its stored inputs)")
+        if not args and "hidden_states" not in kwargs:
+            raise LowbitError(f"block 0 ({type(_module).__name__}) got no positional argument and no "
+                              "hidden_states=: the walk needs the hidden states as one of those")
+        captured.append((args, dict(kwargs)))
+        raise _Reached
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for n, sample in enumerate(calibration):
+            try:
+                forward(model, sample)
+            except _Reached:
+                continue
+            raise LowbitError(f"calibration sample {n}: the model's forward never ran block 0 "
+                              f"({type(first).__name__}); pass the blocks the forward executes, in order")
+    finally:
+        handle.remove()
+    if not captured:
+        raise LowbitError("GPTQ needs calibration samples (got none); or use rounding='rtn', which needs none")
+    return captured
+
+
+def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs: list[tuple[tuple, dict]],
+                    where: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """Run `block` on every sample; returns (names of the linears that read the same input, their Hessian [in, in])
+    in execution order. Which linears share an input is read from the first sample and checked on the others."""
+    calls: dict[str, list[torch.Tensor]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            calls.setdefault(name, []).append(args[0])
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in named]
+    groups: list[tuple[str, ...]] = []
+    accumulators: list[HessianAccumulator] = []
+    try:
+        for n, (args, kwargs) in enumerate(inputs):
+            calls.clear()
+            block(*args, **kwargs)
+            signature = {name: tuple(id(x) for x in xs) for name, xs in calls.items()}
+            if n == 0:
+                missing = [name for name, _ in named if name not in calls]
+                if missing:
+                    raise LowbitError(f"{where}: the linears {', '.join(missing)} did not run in the block's "
+                                      "forward, so they have no calibration inputs; leave them out with skip=")
+                by_input: dict[tuple[int, ...], list[str]] = {}
+                for name in calls:  # execution order
+                    by_input.setdefault(signature[name], []).append(name)
+                groups = [tuple(names) for names in by_input.values()]
+                accumulators = [HessianAccumulator(torch.float32) for _ in groups]
+            for names, acc in zip(groups, accumulators, strict=True):
+                if len({signature.get(name) for name in names}) != 1:
+                    raise LowbitError(f"{where}, calibration sample {n}: the linears {', '.join(names)} read one "
+                                      "input tensor on sample 0 but not on this one; the walk needs one fixed "
+                                      "block structure")
+                for x in calls[names[0]]:
+                    acc.add(x.reshape(-1, x.shape[-1]).T.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+        calls.clear()
+    return [(names, acc.result()[0]) for names, acc in zip(groups, accumulators, strict=True)]
+
+
+def _split_rows(weights: GroupWiseWeights, rows: list[int]) -> list[GroupWiseWeights]:
+    """The stacked linears' own GroupWiseWeights (GPTQ rounds rows independently given H)."""
+    parts, start = [], 0
+    for n in rows:
+        s = slice(start, start + n)
+        parts.append(GroupWiseWeights(weights.values[s], weights.scale[s], weights.zero[s], weights.bits,
+                                      weights.group))
+        start += n
+    return parts
+
+
+def _write(linear: nn.Linear, weights: GroupWiseWeights) -> GroupWiseWeights:
+    """Put the dequantized weights into the model, so the same module evaluates the quantized layer."""
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weights.dequantize()))
+    return weights
+
+
+def _hidden_of(output: object) -> torch.Tensor:
+    """A block's hidden-state output: the output itself, or the first item of a tuple (Hugging Face style)."""
+    hidden = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(hidden, torch.Tensor):
+        raise LowbitError(f"a block returned {type(hidden).__name__}; the walk needs the hidden states as its "
+                          "output or as the first item of a tuple")
+    return hidden
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The block call (args, kwargs) with the hidden states replaced (the first positional or hidden_states=)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
