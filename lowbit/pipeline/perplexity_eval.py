@@ -1,4 +1,6 @@
-"""`lowbit eval`: the perplexity of a decoder LLM (zoo:NAME or a .gguf file, in float32) on a user's UTF-8 text.
+"""`lowbit eval`: the perplexity of a decoder LLM on a user's UTF-8 text.
+
+MODEL is zoo:NAME, a .gguf file (float32), or a weight-quantized decoder artifact (its dequantized weights).
 
 The text is read whole and tokenized as one sequence (no BOS unless the GGUF asks for one), then scored in
 non-overlapping windows (`lowbit.text.perplexity`). Cheap checks come first: a bad text or window fails before
@@ -10,14 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LowbitError
-from ..models.llama import LoadedDecoder, decoder_logits_fn, load_llama_gguf
-from ..models.zoo import ZOO_PREFIX, get_zoo_entry
+from ..models.llama import decoder_logits_fn
 from ..text.files import read_text
 from ..text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity, window_bounds
+from .decoder import load_decoder
 from .progress import Progress
-
-GGUF_SUFFIX = ".gguf"
 
 
 @dataclass(frozen=True)
@@ -31,23 +30,6 @@ class TextPerplexity:
 
     def as_dict(self) -> dict[str, object]:
         return {"model": self.model, "text": self.text, "text_tokens": self.text_tokens, **self.result.as_dict()}
-
-
-def load_decoder(model: str) -> LoadedDecoder:
-    """A decoder LLM: ``zoo:NAME`` of a decoder, or a path to a Llama-architecture .gguf file."""
-    if model.startswith(ZOO_PREFIX):
-        entry = get_zoo_entry(model)
-        if entry.decoder is None:
-            raise LowbitError(f"{model} is not a decoder LLM; perplexity needs one (zoo:smollm2_135m, or a .gguf "
-                              "file)")
-        return entry.decoder.load()
-    path = Path(model)
-    if path.is_dir():
-        raise LowbitError(f"{path}: is a folder; give zoo:smollm2_135m or a {GGUF_SUFFIX} file (quantized decoder "
-                          "artifacts are not evaluated yet)")
-    if path.exists() and path.suffix.lower() != GGUF_SUFFIX:
-        raise LowbitError(f"{path}: not a {GGUF_SUFFIX} file; MODEL is zoo:NAME of a decoder or a GGUF checkpoint")
-    return load_llama_gguf(path)
 
 
 def text_perplexity(model: str, text_path: Path | str, window: int = DEFAULT_WINDOW,

@@ -13,14 +13,22 @@ from ...codegen.onnx import ONNX_WEIGHTS
 from ...errors import LowbitError
 from ...io import check_output_dir
 from ...pipeline.checks import tvm_available
+from ...pipeline.decoder import is_decoder, quantize_decoder_model
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
+from ...quantizer.weight_only import WeightOnlyConfig
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
+DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
+DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
+# Options of the integer pipeline that mean nothing for a weight-only decoder (TVM decode kernels: not yet wired).
+DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_drop", "calib_method",
+                   "output_aware_ranges", "smooth", "target", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
+                   "onnx_weights", "allow_mismatch")
 
 
 @click.command("quantize")
@@ -41,6 +49,12 @@ DEFAULTS = QuantConfig()
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
               help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
+@click.option("--weights", "weight_format", type=click.Choice(DECODER_WEIGHTS),
+              help="Decoder LLMs: group-wise weight-only integers of this width (asymmetric, one scale and zero "
+                   "point per group; default int4). Activations stay float32.")
+@click.option("--group", type=click.IntRange(min=0),
+              help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
+                   "Default 128.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
@@ -52,7 +66,7 @@ DEFAULTS = QuantConfig()
                    "validation split of the calibration data.")
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
               help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
-                   "(and only if the whole model gains), round-to-nearest elsewhere.")
+                   "(and only if the whole model gains), round-to-nearest elsewhere. Decoder LLMs: auto is GPTQ.")
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
@@ -80,7 +94,8 @@ DEFAULTS = QuantConfig()
                    "a float tensor in model.int.onnx), for debugging; report.md then says so at the top.")
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
-                     factory: str | None, bits: int, plan_path: Path | None, max_drop: str | None,
+                     factory: str | None, bits: int, weight_format: str | None, group: int | None,
+                     plan_path: Path | None, max_drop: str | None,
                      calib_method: str, rounding: str, output_aware_ranges: bool, smooth: str, seed: int,
                      target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
@@ -90,8 +105,20 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     MODEL is zoo:NAME, a torch.export program (.pt2), a TorchScript file, a
     state dict (.safetensors or .pt) with --factory, or a Hugging Face-style
     directory (config.json, model.safetensors, tokenizer.json) of a BERT-family
-    text encoder.
+    text encoder. A decoder LLM (zoo:smollm2_135m, or a Llama .gguf file) is
+    quantized weight-only instead: --weights, --group, --rounding, --calib.
     """
+    if is_decoder(model):
+        check_output_dir(output, force)
+        config = WeightOnlyConfig(bits=int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int")),
+                                  group=DEFAULT_DECODER_GROUP if group is None else group,
+                                  rounding="rtn" if rounding == "nearest" else "gptq")
+        _refuse_encoder_options(click.get_current_context(), config.describe())
+        quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
+        return
+    if weight_format is not None or group is not None:
+        raise LowbitError(f"--weights and --group are for decoder LLMs (zoo:smollm2_135m, a .gguf file); {model} "
+                          "is quantized to integers by --bits / --plan")
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
                          output_aware_ranges=output_aware_ranges, smooth=smooth, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
@@ -112,6 +139,17 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
                         max_drop=drop, progress=progress, seq_len=seq_len)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
+
+
+def _refuse_encoder_options(ctx: click.Context, what: str) -> None:
+    """A decoder is quantized weight-only: options of the integer pipeline would be silently ignored."""
+    from click.core import ParameterSource
+
+    ignored = [f"--{name.replace('_', '-')}" for name in DECODER_IGNORES
+               if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    if ignored:
+        raise LowbitError(f"{', '.join(ignored)}: not used for a decoder LLM, which is quantized weight-only "
+                          f"({what}); drop {'it' if len(ignored) == 1 else 'them'}")
 
 
 def resolve_target(target: str | None) -> str | None:

@@ -1,0 +1,280 @@
+"""Weight-only quantization of a decoder LLM, and the artifact directory it writes.
+
+`quantize_decoder(model, config)` loads a Llama decoder (zoo:NAME or a .gguf file), rounds the linears of its
+blocks group-wise (`lowbit.quantizer.weight_only`: RTN, or GPTQ's sequential walk on calibration text), rounds the
+token embedding (tied to the LM head in SmolLM2) to `EMBEDDING_FORMAT`, and measures perplexity before and after
+on the first windows of each evaluation text. `DecoderArtifact.save(DIR)` writes, atomically:
+
+- ``config.json``: the `LlamaConfig`;
+- ``weights.safetensors``: every group-wise weight as `GroupWiseWeights.to_tensors` stores it, under
+  ``<parameter name>.``, and the float tensors (the RMSNorm gains) under their parameter names;
+- ``vocabulary.json``: the tokenizer's `Vocabulary`, from which the runtime rebuilds the tokenizer;
+- ``report.json`` and ``report.md``: sizes (bits per weight counted with scales and zero points), perplexity with
+  intervals, stage times;
+- ``manifest.json``: format, version, what the weights are, and each file's sha256.
+
+`load_decoder_artifact(DIR)` checks the manifest and the tensors and rebuilds the float model with the dequantized
+weights: the reference the kernels are checked against, and what `lowbit eval DIR` scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LowbitError
+from ..io import atomic_directory, write_json
+from ..ir.groupwise_weights import GroupWiseWeights
+from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf
+from ..models.llama_config import LlamaConfig
+from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
+from ..quantizer.weight_only import WeightOnlyConfig, quantize_weights
+from ..runtime.bpe_tokenizer import BpeTokenizer, Vocabulary
+from ..text.files import read_text
+from ..text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
+from .artifact import ARTIFACT_FORMAT, MANIFEST, file_hashes, verify_manifest
+from .progress import Progress
+
+DECODER_KIND = "decoder"
+DECODER_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+VOCABULARY_FILE = "vocabulary.json"
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+# The embedding table is also the LM head; 8 bits in groups of 32 keep it as close as the GGUF's own Q8_0.
+EMBEDDING_FORMAT = WeightOnlyConfig(bits=8, group=32, rounding="rtn")
+EMBEDDING = "embed_tokens.weight"
+CALIBRATION_WINDOWS = 32  # of DEFAULT_WINDOW tokens: ~16k tokens, as GPTQ's 128 x 2048 scaled to 2 cores
+REPORT_WINDOWS = 8  # per evaluation text in the report; `lowbit eval` or the benchmark scores whole texts
+PAIRED_SAMPLES = 2000
+GGUF_SUFFIX = ".gguf"
+DEFAULT_TEXTS_FROM = "zoo:smollm2_135m"  # a user's .gguf is calibrated and reported on this zoo model's texts
+
+
+@dataclass(frozen=True)
+class DecoderArtifact:
+    """A weight-quantized decoder: its config, tokenizer vocabulary, group-wise weights, float tensors, report."""
+
+    config: LlamaConfig
+    vocabulary: Vocabulary
+    weights: dict[str, GroupWiseWeights]  # parameter name (e.g. "layers.0.mlp.up_proj.weight") -> format
+    tensors: dict[str, np.ndarray]  # the parameters kept in float32
+    quant: WeightOnlyConfig
+    report: dict[str, Any]
+
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        """Write the artifact directory (nothing is left behind on failure); returns its path."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        with atomic_directory(directory, force) as tmp:
+            write_json(tmp / CONFIG_FILE, dataclasses.asdict(self.config))
+            write_json(tmp / VOCABULARY_FILE, dataclasses.asdict(self.vocabulary))
+            arrays = {name: np.ascontiguousarray(t, np.float32) for name, t in self.tensors.items()}
+            for name, weights in self.weights.items():
+                arrays.update(weights.to_tensors(f"{name}."))
+            save_file(arrays, str(tmp / WEIGHTS_FILE))
+            write_json(tmp / REPORT_JSON, self.report)
+            (tmp / REPORT_MD).write_text(report_markdown(self.report))
+            write_json(tmp / MANIFEST, {"format": ARTIFACT_FORMAT, "version": DECODER_VERSION, "kind": DECODER_KIND,
+                                        "weights": dataclasses.asdict(self.quant), "files": file_hashes(tmp)})
+        return directory
+
+
+def is_decoder_artifact(directory: Path) -> bool:
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("kind") == DECODER_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_decoder_artifact(directory: str | Path) -> LoadedDecoder:
+    """The float model (dequantized weights, eval mode) and tokenizer of a decoder artifact, after checking it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    if not is_decoder_artifact(directory):
+        raise LowbitError(f"{directory}: not a decoder artifact (no {MANIFEST} of kind {DECODER_KIND!r}); write one "
+                          "with `lowbit quantize zoo:smollm2_135m -o DIR`")
+    problems = verify_manifest(directory)
+    if problems:
+        raise LowbitError(f"{directory}: the files do not match {MANIFEST}: {'; '.join(problems)}")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("version") != DECODER_VERSION:
+        raise LowbitError(f"{directory}: decoder artifact version {manifest.get('version')!r}; this lowbit reads "
+                          f"version {DECODER_VERSION}: quantize the model again")
+    try:
+        config = LlamaConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        vocabulary = Vocabulary(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in json.loads((directory / VOCABULARY_FILE).read_text()).items()})
+        arrays = load_file(str(directory / WEIGHTS_FILE))
+    except (TypeError, ValueError, SafetensorError) as e:
+        raise LowbitError(f"{directory}: cannot read the artifact: {e}") from e
+    model = LlamaDecoder(config)
+    params = dict(model.named_parameters())
+    where = str(directory / WEIGHTS_FILE)
+    with torch.no_grad():
+        for name, param in params.items():
+            if f"{name}.layout" in arrays:
+                value = GroupWiseWeights.from_tensors(arrays, f"{name}.", where).dequantize()
+            elif name in arrays:
+                value = arrays[name]
+            else:
+                raise LowbitError(f"{where}: no tensor for the parameter {name!r}; the file is incomplete")
+            if tuple(value.shape) != tuple(param.shape):
+                raise LowbitError(f"{where}: {name} is {list(value.shape)}, the model needs {list(param.shape)}")
+            param.copy_(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+    return LoadedDecoder(model.eval(), BpeTokenizer(vocabulary))
+
+
+def calibration_windows(tokenizer: BpeTokenizer, text: str, windows: int = CALIBRATION_WINDOWS,
+                        window: int = DEFAULT_WINDOW) -> list[torch.Tensor]:
+    """Consecutive windows of `window` tokens of `text` (at most `windows`; a shorter last one is dropped unless
+    it is the only one), as int64 [1, t] inputs."""
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise LowbitError(f"the calibration text has {len(ids)} token(s); give at least a few sentences "
+                          f"(GPTQ is calibrated on up to {windows} windows of {window} tokens)")
+    starts = range(0, max(len(ids) - window, 0) + 1, window)
+    return [torch.from_numpy(ids[s:s + window].copy())[None, :] for s in list(starts)[:windows]]
+
+
+def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibration_text: str,
+                     evaluation: dict[str, str], *, model_name: str, report_windows: int = REPORT_WINDOWS,
+                     progress: Progress | None = None) -> DecoderArtifact:
+    """Round `loaded.model`'s block linears by `config` and its embedding by `EMBEDDING_FORMAT` (in place), and
+    report perplexity before and after on the first `report_windows` windows of each `evaluation` text."""
+    progress = progress or Progress()
+    model, tokenizer = loaded
+    window = min(DEFAULT_WINDOW, model.config.context_length)
+    texts = {name: tokenizer.encode(text) for name, text in evaluation.items()}
+    with progress.stage("perplexity (float)"), progress.steps_of("perplexity (float)") as log:
+        before = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
+                  for name, ids in texts.items()}
+    samples = [] if config.rounding == "rtn" else calibration_windows(tokenizer, calibration_text, window=window)
+    with progress.stage("quantize"), progress.steps_of("quantize") as log:
+        if samples:
+            log(f"calibration: {len(samples)} windows, {sum(s.shape[1] for s in samples)} tokens")
+        linears = quantize_weights(model, list(model.layers), config, samples, log=log)
+        weights = {f"{name}.weight": w for name, w in linears.items()}
+        embedding = EMBEDDING_FORMAT.round(model.embed_tokens.weight.detach(), None)
+        with torch.no_grad():  # tied: the LM head reads the same (now rounded) table
+            model.embed_tokens.weight.copy_(torch.from_numpy(embedding.dequantize()))
+        weights[EMBEDDING] = embedding
+    with progress.stage("perplexity (quantized)"), progress.steps_of("perplexity (quantized)") as log:
+        after = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
+                 for name, ids in texts.items()}
+    tensors = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name not in weights}
+    report = decoder_report(model_name, config, weights, tensors, before, after, progress)
+    return DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, config, report)
+
+
+def paired_ratio(before: PerplexityResult, after: PerplexityResult, samples: int = PAIRED_SAMPLES,
+                 seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """after / before perplexity on the same windows, with a paired percentile bootstrap interval over windows."""
+    nll_b, nll_a = np.array(before.window_nll), np.array(after.window_nll)
+    tokens = np.array(before.window_tokens)
+    ratio = float(np.exp((nll_a.sum() - nll_b.sum()) / tokens.sum()))
+    if len(tokens) == 1:
+        return ratio, (ratio, ratio)
+    picks = np.random.default_rng(seed).integers(0, len(tokens), size=(samples, len(tokens)))
+    boot = np.exp((nll_a[picks].sum(1) - nll_b[picks].sum(1)) / tokens[picks].sum(1))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return ratio, (float(low), float(high))
+
+
+def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str, GroupWiseWeights],
+                   tensors: dict[str, np.ndarray], before: dict[str, PerplexityResult],
+                   after: dict[str, PerplexityResult], progress: Progress) -> dict[str, Any]:
+    linear_values = sum(w.values.size for name, w in weights.items() if name != EMBEDDING)
+    linear_bytes = sum(w.nbytes for name, w in weights.items() if name != EMBEDDING)
+    float_bytes = sum(4 * t.size for t in tensors.values())
+    total = sum(w.nbytes for w in weights.values()) + float_bytes
+    perplexities = {}
+    for name in before:
+        ratio, interval = paired_ratio(before[name], after[name])
+        perplexities[name] = {"float": before[name].as_dict(), "quantized": after[name].as_dict(),
+                              "ratio": ratio, "ratio_interval": list(interval)}
+    return {
+        "model": model_name,
+        "weights": config.describe(),
+        "embedding": f"{EMBEDDING_FORMAT.describe()} (tied LM head)",
+        "linear_bits_per_weight": 8 * linear_bytes / linear_values,
+        "model_bytes": total,
+        "float_bytes": float_bytes,
+        "perplexity": perplexities,
+        "timings_s": dict(progress.timings),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# {report['model']}: weight-only {report['weights']}", "",
+             f"- block linears: {report['linear_bits_per_weight']:.3f} bits per weight (scales and zero points "
+             "included)",
+             f"- token embedding: {report['embedding']}",
+             f"- model size: {report['model_bytes'] / 1e6:.1f} MB ({report['float_bytes'] / 1e3:.0f} kB float32)",
+             "", "| text | windows | tokens | float PPL | quantized PPL | ratio (paired 95% interval) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, p in report["perplexity"].items():
+        f, q = p["float"], p["quantized"]
+        low, high = p["ratio_interval"]
+        lines.append(f"| {name} | {f['windows']} | {f['tokens']} | {f['perplexity']:.3f} | {q['perplexity']:.3f} | "
+                     f"{p['ratio']:.4f} [{low:.4f}, {high:.4f}] |")
+    lines += ["", "Perplexity on the first windows of each text only; `lowbit eval DIR --text FILE` scores a "
+              "whole text.", "", "Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in
+                                                          report["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def load_decoder(model: str) -> LoadedDecoder:
+    """A decoder LLM in float32: ``zoo:NAME`` of a decoder, a Llama-architecture .gguf file, or a decoder artifact
+    directory (its dequantized weights)."""
+    if model.startswith(ZOO_PREFIX):
+        return _zoo_decoder(model).load()
+    path = Path(model)
+    if path.is_dir():
+        return load_decoder_artifact(path)
+    if path.exists() and path.suffix.lower() != GGUF_SUFFIX:
+        raise LowbitError(f"{path}: not a {GGUF_SUFFIX} file; a decoder MODEL is zoo:NAME of a decoder, a GGUF "
+                          "checkpoint or a decoder artifact directory")
+    return load_llama_gguf(path)
+
+
+def is_decoder(model: str) -> bool:
+    """Whether MODEL names a decoder LLM (the weight-only path) rather than a model for the integer pipeline."""
+    if model.startswith(ZOO_PREFIX):
+        return get_zoo_entry(model).decoder is not None
+    path = Path(model)
+    return path.suffix.lower() == GGUF_SUFFIX or (path.is_dir() and is_decoder_artifact(path))
+
+
+def quantize_decoder_model(model: str, config: WeightOnlyConfig, calib: Path | None = None, *,
+                           report_windows: int = REPORT_WINDOWS, progress: Progress | None = None) -> DecoderArtifact:
+    """`quantize_decoder` on MODEL (zoo:NAME or a .gguf), calibrated on `calib` (a UTF-8 text file) or the zoo's
+    calibration text, and reported on the zoo's evaluation texts (a .gguf uses zoo:smollm2_135m's texts)."""
+    progress = progress or Progress()
+    zoo = _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM)
+    if Path(model).is_dir():
+        raise LowbitError(f"{model}: is a folder; quantize a zoo decoder or a {GGUF_SUFFIX} file")
+    calibration = zoo.calibration() if calib is None else read_text(calib, "calibration")
+    with progress.stage("load"):
+        progress.echo("load", f"loading {model}")
+        loaded = load_decoder(model)
+        evaluation = {name: text() for name, text in zoo.evaluation.items()}
+    return quantize_decoder(loaded, config, calibration, evaluation, model_name=model,
+                            report_windows=report_windows, progress=progress)
+
+
+def _zoo_decoder(model: str) -> ZooDecoder:
+    entry = get_zoo_entry(model)
+    if entry.decoder is None:
+        raise LowbitError(f"{model} is not a decoder LLM (zoo decoders: "
+                          f"{', '.join(ZOO_PREFIX + n for n in zoo_names() if get_zoo_entry(n).decoder)})")
+    return entry.decoder
