@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,22 +159,31 @@ def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibratio
     with progress.stage("perplexity (float)"), progress.steps_of("perplexity (float)") as log:
         before = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                   for name, ids in texts.items()}
-    samples = [] if config.rounding == "rtn" else calibration_windows(tokenizer, calibration_text, window=window)
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
-        if samples:
-            log(f"calibration: {len(samples)} windows, {sum(s.shape[1] for s in samples)} tokens")
-        linears = quantize_weights(model, list(model.layers), config, samples, log=log)
-        weights = {f"{name}.weight": w for name, w in linears.items()}
-        embedding = EMBEDDING_FORMAT.round(model.embed_tokens.weight.detach(), None)
-        with torch.no_grad():  # tied: the LM head reads the same (now rounded) table
-            model.embed_tokens.weight.copy_(torch.from_numpy(embedding.dequantize()))
-        weights[EMBEDDING] = embedding
+        weights = round_decoder(model, tokenizer, config, calibration_text, window, log)
     with progress.stage("perplexity (quantized)"), progress.steps_of("perplexity (quantized)") as log:
         after = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                  for name, ids in texts.items()}
     tensors = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name not in weights}
     report = decoder_report(model_name, config, weights, tensors, before, after, progress)
     return DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, config, report)
+
+
+def round_decoder(model: LlamaDecoder, tokenizer: BpeTokenizer, config: WeightOnlyConfig, calibration_text: str,
+                  window: int = DEFAULT_WINDOW, log: Callable[[str], object] = lambda _: None,
+                  ) -> dict[str, GroupWiseWeights]:
+    """Round the block linears by `config` (GPTQ calibrated on `calibration_text`) and the embedding by
+    `EMBEDDING_FORMAT`, writing the dequantized weights into `model`; parameter name -> its stored weights."""
+    samples = [] if config.rounding == "rtn" else calibration_windows(tokenizer, calibration_text, window=window)
+    if samples:
+        log(f"calibration: {len(samples)} windows, {sum(s.shape[1] for s in samples)} tokens")
+    linears = quantize_weights(model, list(model.layers), config, samples, log=log)
+    weights = {f"{name}.weight": w for name, w in linears.items()}
+    embedding = EMBEDDING_FORMAT.round(model.embed_tokens.weight.detach(), None)
+    with torch.no_grad():  # tied: the LM head reads the same (now rounded) table
+        model.embed_tokens.weight.copy_(torch.from_numpy(embedding.dequantize()))
+    weights[EMBEDDING] = embedding
+    return weights
 
 
 def paired_ratio(before: PerplexityResult, after: PerplexityResult, samples: int = PAIRED_SAMPLES,

@@ -1,0 +1,115 @@
+"""SmolLM2-135M weight-only quantization: perplexity and size per setting (issue #14's table, first part).
+
+Every setting starts from the same float32 model (the GGUF's Q4_1/Q8_0 weights, dequantized: "FP32" means those
+weights) and is rounded by `lowbit.pipeline.decoder.round_decoder`, as `lowbit quantize` does: the block linears
+group-wise by the setting, the tied embedding / LM head to int8 g32. Perplexity on the first `--windows`
+non-overlapping 512-token windows of each evaluation text (gensim's Lee news, the enwiki sample), with the paired
+ratio to FP32 and its 95% bootstrap interval over windows. Sizes count packed values, zero points and float32
+scales. Writes the smollm2_weights section of BENCHMARKS.md.
+
+    python benchmarks/bench_smollm2_weights.py [--windows 8] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from sections import cpu_info, lowbit_revision, write_section
+
+from lowbit.models.llama import decoder_logits_fn
+from lowbit.models.zoo import get_zoo_entry
+from lowbit.pipeline.decoder import EMBEDDING, EMBEDDING_FORMAT, paired_ratio, round_decoder
+from lowbit.quantizer.weight_only import WeightOnlyConfig
+from lowbit.text.perplexity import perplexity
+
+SETTINGS: dict[str, WeightOnlyConfig | None] = {
+    "FP32 (dequantized GGUF)": None,
+    "W8 g128 RTN": WeightOnlyConfig(bits=8, group=128, rounding="rtn"),
+    "W8 g128 GPTQ": WeightOnlyConfig(bits=8, group=128, rounding="gptq"),
+    "INT4 g128 RTN": WeightOnlyConfig(bits=4, group=128, rounding="rtn"),
+    "INT4 g128 GPTQ": WeightOnlyConfig(bits=4, group=128, rounding="gptq"),
+    "INT4 g32 GPTQ": WeightOnlyConfig(bits=4, group=32, rounding="gptq"),
+    "INT3 g128 RTN": WeightOnlyConfig(bits=3, group=128, rounding="rtn"),
+    "INT3 g128 GPTQ": WeightOnlyConfig(bits=3, group=128, rounding="gptq"),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--windows", type=int, default=8, help="512-token windows per evaluation text")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    zoo = get_zoo_entry("zoo:smollm2_135m").decoder
+    base, tokenizer = zoo.load()
+    calibration = zoo.calibration()
+    texts = {name: tokenizer.encode(text()) for name, text in zoo.evaluation.items()}
+    params = sum(p.numel() for p in base.parameters())
+    rows, reference = [], {}
+    for name in args.settings.split(","):
+        config = SETTINGS[name]
+        t0 = time.perf_counter()
+        model, size, bpw = base, 4 * params, 32.0
+        if config is not None:
+            model = copy.deepcopy(base)
+            weights = round_decoder(model, tokenizer, config, calibration, log=lambda m, n=name: log(f"{n}: {m}"))
+            linears = [w for k, w in weights.items() if k != EMBEDDING]
+            bpw = 8 * sum(w.nbytes for w in linears) / sum(w.values.size for w in linears)
+            size = sum(w.nbytes for w in weights.values()) + 4 * sum(
+                p.numel() for k, p in model.named_parameters() if k not in weights)
+        rounding_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            results = {text: perplexity(decoder_logits_fn(model), ids, max_windows=args.windows)
+                       for text, ids in texts.items()}
+        if config is None:
+            reference = results
+        rows.append((name, bpw, size, rounding_s, results))
+        log(f"{name}: {bpw:.2f} bits/weight, {size / 1e6:.1f} MB, " + ", ".join(
+            f"{t} {r.perplexity:.3f}" for t, r in results.items()) + f" ({time.perf_counter() - t0:.0f} s)")
+
+    names = list(texts)
+    tokens = reference[names[0]].tokens
+    lines = [
+        "## SmolLM2-135M: weight-only quantization, perplexity and size (issue #14)",
+        "",
+        f"- Command: `python benchmarks/bench_smollm2_weights.py --windows {args.windows}`",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
+        f"{lowbit_revision()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{time.perf_counter() - started:.0f} s",
+        f"- Perplexity on the first {args.windows} non-overlapping 512-token windows of each text ({tokens} scored "
+        "tokens of Lee; " + ", ".join(f"{reference[t].tokens} of {t}" for t in names[1:]) + "). Ratio: quantized / "
+        "FP32 perplexity on the same windows, 95% paired bootstrap interval over windows.",
+        f"- FP32 is the released GGUF's weights (Q4_1 block linears, Q8_0 embedding) dequantized to float32. Every "
+        f"quantized row also rounds the tied embedding / LM head to {EMBEDDING_FORMAT.describe()}. GPTQ: calibrated "
+        "on up to 32 windows of lee.cor + pang_lee_polarity.cor (never evaluated on), sequential over blocks.",
+        "- Bits per weight: the block linears, packed values + zero points + float32 scales. Size: the whole "
+        "model as the artifact stores it (embedding and RMSNorm gains included).",
+        "",
+        "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
+        "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
+    ]
+    for name, bpw, size, rounding_s, results in rows:
+        cells = []
+        for t in names:
+            r = results[t]
+            ratio, (low, high) = paired_ratio(reference[t], r)
+            cells += [f"{r.perplexity:.3f} [{r.interval[0]:.2f}, {r.interval[1]:.2f}]",
+                      "1" if r is reference[t] else f"{ratio:.4f} [{low:.4f}, {high:.4f}]"]
+        lines.append(f"| {name} | {bpw:.2f} | {size / 1e6:.1f} | " + " | ".join(cells) + f" | {rounding_s:.0f} |")
+    write_section(args.out, "smollm2_weights", "\n".join(lines) + "\n")
+    log(f"wrote the smollm2_weights section of {args.out}")
+
+
+if __name__ == "__main__":
+    main()
