@@ -1,0 +1,116 @@
+"""`lowbit quantize` of a decoder LLM (weight-only, group-wise) on a tiny GGUF: the artifact, its loader, the CLI.
+
+The tiny GGUF and its vocabulary come from test_llama.py; the quantize path reports on zoo:smollm2_135m's
+evaluation texts and calibrates on its calibration text (files of the gensim wheel), in 64-token windows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_llama import tiny_vocabulary, write_gguf  # pytest puts tests/ on the path (no package there)
+
+from lowbit.cli.main import lowbit
+from lowbit.errors import LowbitError
+from lowbit.ir.groupwise_weights import GroupWiseWeights
+from lowbit.models.llama import load_llama_gguf
+from lowbit.pipeline.decoder import (
+    EMBEDDING,
+    MANIFEST,
+    WEIGHTS_FILE,
+    calibration_windows,
+    load_decoder_artifact,
+    round_decoder,
+)
+from lowbit.quantizer.weight_only import WeightOnlyConfig
+from lowbit.runtime.bpe_tokenizer import BpeTokenizer
+
+CALIBRATION = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    calib = tmp_path_factory.mktemp("text") / "calib.txt"
+    calib.write_text(CALIBRATION)
+    out = tmp_path_factory.mktemp("out") / "tiny-int4"
+    result = CliRunner().invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(out), "--weights", "int4",
+                                         "--group", "16", "--rounding", "gptq", "--calib", str(calib)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    assert manifest["kind"] == "decoder" and manifest["weights"]["bits"] == 4 and manifest["weights"]["group"] == 16
+    report = json.loads((artifact / "report.json").read_text())
+    assert set(report["perplexity"]) == {"lee", "enwiki"}
+    assert all(np.isfinite(p["ratio"]) for p in report["perplexity"].values())
+    # The same rounding applied here gives the same model the artifact loads, logits bit for bit.
+    model, tokenizer = load_llama_gguf(tiny_gguf)
+    weights = round_decoder(model, tokenizer, WeightOnlyConfig(bits=4, group=16, rounding="gptq"), CALIBRATION,
+                            window=model.config.context_length)
+    loaded, loaded_tokenizer = load_decoder_artifact(artifact)
+    ids = torch.from_numpy(tokenizer.encode("the cat sat on the mat, then the dog")[None, :])
+    with torch.inference_mode():
+        assert torch.equal(model(ids), loaded(ids))
+    assert loaded_tokenizer.encode("some text 123") .tolist() == tokenizer.encode("some text 123").tolist()
+    assert weights[EMBEDDING].bits == 8
+    # Every block linear is stored group-wise, and nothing else is.
+    assert {k for k in weights if k != EMBEDDING} == {f"{n}.weight" for n, m in model.layers.named_modules(
+        prefix="layers") if isinstance(m, torch.nn.Linear)}
+    assert all(isinstance(w, GroupWiseWeights) and w.bits == 4 for k, w in weights.items() if k != EMBEDDING)
+
+
+def test_eval_reads_an_artifact(artifact: Path, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("The rain in Spain stays mainly in the plain. " * 10)
+    result = CliRunner().invoke(lowbit, ["eval", str(artifact), "--text", str(text), "--window", "32"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{"):])
+    assert out["windows"] >= 2 and np.isfinite(out["perplexity"])
+
+
+def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(LowbitError, match="sha256 mismatch"):
+        load_decoder_artifact(copy)
+    with pytest.raises(LowbitError, match="not a decoder artifact"):
+        load_decoder_artifact(tmp_path)
+
+
+def test_bad_options_are_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(tmp_path / "a"), "--seq-len", "32"])
+    assert result.exit_code != 0 and "--seq-len" in result.output and "weight-only" in result.output
+    result = runner.invoke(lowbit, ["quantize", "zoo:small_cnn", "-o", str(tmp_path / "b"), "--weights", "int4"])
+    assert result.exit_code != 0 and "decoder LLMs" in result.output
+    result = runner.invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(tmp_path / "c"), "--weights", "int5"])
+    assert result.exit_code != 0
+    assert not any(tmp_path.iterdir())  # nothing written half-way
+
+
+def test_calibration_windows() -> None:
+    tokenizer = BpeTokenizer(tiny_vocabulary())
+    windows = calibration_windows(tokenizer, CALIBRATION, windows=3, window=50)
+    assert len(windows) == 3 and all(w.shape == (1, 50) and w.dtype == torch.int64 for w in windows)
+    assert len(calibration_windows(tokenizer, "a short text", window=512)) == 1
+    with pytest.raises(LowbitError, match="calibration text has 1 token"):
+        calibration_windows(tokenizer, "a")
