@@ -6,8 +6,11 @@ size in bytes, and its serialization into the IR's tensors. Sizes, costs and the
 fake-quant simulation ask the format; a new format (group-wise scales, codebooks
 for vector quantization) is a new class here plus the backends' kernels for it.
 
-Today's format is dense, per output channel and symmetric: int8 values, or int4
-values stored two per byte (`pack_int4`).
+This file's format is dense, per output channel and symmetric: int8 values, or int4
+values stored two per byte (`pack_int4`). Each further format has its own file with
+the same methods where they mean the same (`name`, `dequantize`, `nbytes`,
+`bytes_for`): `groupwise_weights.GroupWiseWeights` (2/3/4/8-bit weights with a scale
+and zero point per group of input columns, for weight-only decoder quantization).
 """
 
 from __future__ import annotations

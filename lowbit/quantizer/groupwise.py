@@ -158,6 +158,7 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
 
 
 def hessian_loss(w: torch.Tensor | np.ndarray, dq: torch.Tensor | np.ndarray, h: torch.Tensor) -> float:
-    """GPTQ's proxy loss tr((W - Q) H (W - Q)ᵀ): the layer's summed squared output error on the inputs of `h`."""
+    """GPTQ's proxy loss tr((W - Q) H (W - Q)ᵀ): with H = mean X Xᵀ, the layer's squared output error (summed over
+    outputs) per input row of X."""
     d = torch.as_tensor(w).double() - torch.as_tensor(dq).double()
     return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
