@@ -28,6 +28,7 @@ from lowbit.pipeline.decoder import (
     round_decoder,
 )
 from lowbit.quantizer.weight_only import WeightOnlyConfig
+from lowbit.runtime import DecoderModel, load
 from lowbit.runtime.bpe_tokenizer import BpeTokenizer
 
 CALIBRATION = "The quick brown fox jumps over the lazy dog. " * 40
@@ -65,7 +66,7 @@ def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> No
     ids = torch.from_numpy(tokenizer.encode("the cat sat on the mat, then the dog")[None, :])
     with torch.inference_mode():
         assert torch.equal(model(ids), loaded(ids))
-    assert loaded_tokenizer.encode("some text 123") .tolist() == tokenizer.encode("some text 123").tolist()
+    assert loaded_tokenizer.encode("some text 123").tolist() == tokenizer.encode("some text 123").tolist()
     assert weights[EMBEDDING].bits == 8
     # Every block linear is stored group-wise, and nothing else is.
     assert {k for k in weights if k != EMBEDDING} == {f"{n}.weight" for n, m in model.layers.named_modules(
@@ -114,3 +115,35 @@ def test_calibration_windows() -> None:
     assert len(calibration_windows(tokenizer, "a short text", window=512)) == 1
     with pytest.raises(LowbitError, match="calibration text has 1 token"):
         calibration_windows(tokenizer, "a")
+
+
+def test_numpy_runtime_matches_the_torch_model(artifact: Path) -> None:
+    runtime = load(artifact)
+    assert isinstance(runtime, DecoderModel)
+    model, tokenizer = load_decoder_artifact(artifact)
+    ids = tokenizer.encode("the theme of the thin thing")
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(ids[None, :]))[0].numpy()
+    got = runtime.logits(ids)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # Prefill, then one token at a time through the KV cache: the same logits.
+    cache = runtime.new_cache()
+    steps = [runtime.logits(ids[:5], cache)] + [runtime.logits(ids[i:i + 1], cache) for i in range(5, len(ids))]
+    np.testing.assert_allclose(np.concatenate(steps), got, rtol=0, atol=1e-4 * np.abs(got).max())
+
+
+def test_generate(artifact: Path) -> None:
+    runtime = load(artifact)
+    pieces: list[str] = []
+    greedy = runtime.generate("the", max_new_tokens=8, stream=pieces.append)
+    assert "".join(pieces) == greedy.text and 1 <= len(greedy.token_ids) <= 8
+    assert greedy.token_ids == runtime.generate("the", max_new_tokens=8).token_ids
+    # Greedy continues with the argmax of the logits after the prompt.
+    assert greedy.token_ids[0] == int(np.argmax(runtime.logits(runtime.tokenizer.encode("the"))[-1]))
+    a = runtime.generate("the", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert a.token_ids == runtime.generate("the", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3).token_ids
+    with pytest.raises(LowbitError, match="exceeds the context length"):
+        runtime.generate("the " * 40, max_new_tokens=30)
+    result = CliRunner().invoke(lowbit, ["generate", str(artifact), "--prompt", "the", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from .commands import bench, compile, embed, evaluate, quantize, run, search, sensitivity
+from .commands import bench, compile, embed, evaluate, generate, quantize, run, search, sensitivity
 from .options import EXIT_INTERRUPTED, EXIT_USER_ERROR, user_errors
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "lowbit", "main", "quantize_main", "user_errors"]
@@ -22,7 +22,8 @@ def lowbit() -> None:
 
 
 for _command in (quantize.quantize_command, compile.compile_command, run.run_command, embed.embed_command,
-                 bench.bench_command, sensitivity.sensitivity_command, search.search_command, evaluate.eval_command):
+                 bench.bench_command, sensitivity.sensitivity_command, search.search_command, evaluate.eval_command,
+                 generate.generate_command):
     lowbit.add_command(_command)
 
 

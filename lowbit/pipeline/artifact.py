@@ -6,39 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..runtime.loader import MANIFEST, sha256_file
+from ..runtime.loader import MANIFEST, file_hashes, sha256_file, verify_manifest
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "MANIFEST", "file_hashes", "sha256_file", "update_manifest",
            "verify_manifest"]
 
 ARTIFACT_FORMAT = "lowbit-artifact"
 ARTIFACT_VERSION = 1
-
-
-def file_hashes(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
-    """Relative POSIX path -> {sha256, bytes} for every file under `directory`, sorted by path."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    hashes = {}
-    for path in files:
-        rel = path.relative_to(directory).as_posix()
-        if rel not in exclude:
-            hashes[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return hashes
-
-
-def verify_manifest(directory: Path) -> list[str]:
-    """Problems found checking the files against `manifest.json` (empty when everything matches)."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        return [f"{directory / MANIFEST}: cannot read: {e}"]
-    expected = manifest.get("files", {})
-    actual = file_hashes(directory)
-    problems = [f"{name}: missing" for name in sorted(set(expected) - set(actual))]
-    problems += [f"{name}: not listed in the manifest" for name in sorted(set(actual) - set(expected))]
-    problems += [f"{name}: sha256 mismatch" for name in sorted(set(expected) & set(actual))
-                 if expected[name]["sha256"] != actual[name]["sha256"]]
-    return problems
 
 
 def update_manifest(directory: Path, tvm_summary: dict[str, Any]) -> None:

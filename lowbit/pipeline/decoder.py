@@ -20,7 +20,6 @@ weights: the reference the kernels are checked against, and what `lowbit eval DI
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +36,20 @@ from ..models.llama_config import LlamaConfig
 from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
 from ..quantizer.weight_only import WeightOnlyConfig, quantize_weights
 from ..runtime.bpe_tokenizer import BpeTokenizer, Vocabulary
+from ..runtime.decoder import (
+    CONFIG_FILE,
+    DECODER_KIND,
+    DECODER_VERSION,
+    VOCABULARY_FILE,
+    WEIGHTS_FILE,
+    is_decoder_artifact,
+    read_decoder_artifact,
+)
 from ..text.files import read_text
 from ..text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
-from .artifact import ARTIFACT_FORMAT, MANIFEST, file_hashes, verify_manifest
+from .artifact import ARTIFACT_FORMAT, MANIFEST, file_hashes
 from .progress import Progress
 
-DECODER_KIND = "decoder"
-DECODER_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
-VOCABULARY_FILE = "vocabulary.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # The embedding table is also the LM head; 8 bits in groups of 32 keep it as close as the GGUF's own Q8_0.
 EMBEDDING_FORMAT = WeightOnlyConfig(bits=8, group=32, rounding="rtn")
@@ -88,51 +91,24 @@ class DecoderArtifact:
         return directory
 
 
-def is_decoder_artifact(directory: Path) -> bool:
-    try:
-        return json.loads((directory / MANIFEST).read_text()).get("kind") == DECODER_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_decoder_artifact(directory: str | Path) -> LoadedDecoder:
     """The float model (dequantized weights, eval mode) and tokenizer of a decoder artifact, after checking it."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    directory = Path(directory)
-    if not is_decoder_artifact(directory):
-        raise LowbitError(f"{directory}: not a decoder artifact (no {MANIFEST} of kind {DECODER_KIND!r}); write one "
-                          "with `lowbit quantize zoo:smollm2_135m -o DIR`")
-    problems = verify_manifest(directory)
-    if problems:
-        raise LowbitError(f"{directory}: the files do not match {MANIFEST}: {'; '.join(problems)}")
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if manifest.get("version") != DECODER_VERSION:
-        raise LowbitError(f"{directory}: decoder artifact version {manifest.get('version')!r}; this lowbit reads "
-                          f"version {DECODER_VERSION}: quantize the model again")
+    files = read_decoder_artifact(directory)
+    where = Path(directory) / WEIGHTS_FILE
     try:
-        config = LlamaConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-        vocabulary = Vocabulary(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in json.loads((directory / VOCABULARY_FILE).read_text()).items()})
-        arrays = load_file(str(directory / WEIGHTS_FILE))
-    except (TypeError, ValueError, SafetensorError) as e:
-        raise LowbitError(f"{directory}: cannot read the artifact: {e}") from e
+        config = LlamaConfig(**files.config)
+    except TypeError as e:
+        raise LowbitError(f"{Path(directory) / CONFIG_FILE}: not a Llama config: {e}") from e
     model = LlamaDecoder(config)
-    params = dict(model.named_parameters())
-    where = str(directory / WEIGHTS_FILE)
     with torch.no_grad():
-        for name, param in params.items():
-            if f"{name}.layout" in arrays:
-                value = GroupWiseWeights.from_tensors(arrays, f"{name}.", where).dequantize()
-            elif name in arrays:
-                value = arrays[name]
-            else:
+        for name, param in model.named_parameters():
+            value = files.parameters.get(name)
+            if value is None:
                 raise LowbitError(f"{where}: no tensor for the parameter {name!r}; the file is incomplete")
             if tuple(value.shape) != tuple(param.shape):
                 raise LowbitError(f"{where}: {name} is {list(value.shape)}, the model needs {list(param.shape)}")
-            param.copy_(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
-    return LoadedDecoder(model.eval(), BpeTokenizer(vocabulary))
+            param.copy_(torch.from_numpy(value))
+    return LoadedDecoder(model.eval(), BpeTokenizer(files.vocabulary))
 
 
 def calibration_windows(tokenizer: BpeTokenizer, text: str, windows: int = CALIBRATION_WINDOWS,

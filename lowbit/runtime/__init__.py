@@ -1,9 +1,11 @@
 """The thin runtime: load a compiled lowbit artifact and run it with numpy in and out.
 
 Imports only numpy and the TVM runtime (never torch), so a deployment needs just
-`pip install apache-tvm numpy` and this package's runtime files.
+`pip install apache-tvm numpy` and this package's runtime files. A decoder LLM's weight-quantized artifact
+runs with numpy alone (`DecoderModel`, plus `safetensors` and `tokenizers`).
 """
 
+from .decoder import DecoderModel
 from .loader import CompiledModel, load
 
-__all__ = ["CompiledModel", "load"]
+__all__ = ["CompiledModel", "DecoderModel", "load"]

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import LowbitError
 
 if TYPE_CHECKING:  # the text modules are imported on first use: an image model's runtime needs only this file
+    from .decoder import DecoderModel
     from .tokenizer import TextTokenizer
 
 TVM_DIR = "tvm"
@@ -32,6 +33,32 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_hashes(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
+    """Relative POSIX path -> {sha256, bytes} for every file under `directory`, sorted by path."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    hashes = {}
+    for path in files:
+        rel = path.relative_to(directory).as_posix()
+        if rel not in exclude:
+            hashes[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return hashes
+
+
+def verify_manifest(directory: Path) -> list[str]:
+    """Problems found checking the files against `manifest.json` (empty when everything matches)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{directory / MANIFEST}: cannot read: {e}"]
+    expected = manifest.get("files", {})
+    actual = file_hashes(directory)
+    problems = [f"{name}: missing" for name in sorted(set(expected) - set(actual))]
+    problems += [f"{name}: not listed in the manifest" for name in sorted(set(actual) - set(expected))]
+    problems += [f"{name}: sha256 mismatch" for name in sorted(set(expected) & set(actual))
+                 if expected[name]["sha256"] != actual[name]["sha256"]]
+    return problems
 
 
 def host_features() -> list[str]:
@@ -330,9 +357,16 @@ def read_verified_meta(directory: str | Path, verify: bool = True) -> dict[str, 
     return meta
 
 
-def load(directory: str | Path, verify: bool = True) -> CompiledModel:
-    """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first."""
+def load(directory: str | Path, verify: bool = True) -> CompiledModel | DecoderModel:
+    """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first.
+
+    A decoder LLM's artifact gives a `DecoderModel` (`.generate(prompt, max_new_tokens=N)`), whose files are
+    always checked against the manifest."""
     directory = Path(directory)
+    from .decoder import DecoderModel, is_decoder_artifact
+
+    if is_decoder_artifact(directory):
+        return DecoderModel(directory)
     meta = read_verified_meta(directory, verify)
     _check_device(meta)
     return CompiledModel(directory / TVM_DIR, meta)
