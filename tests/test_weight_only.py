@@ -70,19 +70,21 @@ def test_gptq_walk_beats_rtn_on_held_out_inputs() -> None:
     reference = _model()
     calib, held_out = _samples(16, seed=1), _samples(8, seed=2)
     errors = {}
-    for rounding in ("rtn", "gptq"):
+    for name, rounding, sequential in (("rtn", "rtn", False), ("gptq", "gptq", False), ("seq", "gptq", True)):
         model = copy.deepcopy(reference)
-        quantize_weights(model, model.layers, WeightOnlyConfig(bits=3, group=32, rounding=rounding), calib)
-        errors[rounding] = _output_error(model, reference, held_out)
+        config = WeightOnlyConfig(bits=3, group=32, rounding=rounding, true_sequential=sequential)
+        quantize_weights(model, model.layers, config, calib)
+        errors[name] = _output_error(model, reference, held_out)
     assert errors["gptq"] < 0.7 * errors["rtn"], errors
+    assert errors["seq"] < 0.7 * errors["rtn"], errors
 
 
-@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
-def test_walk_covers_every_block_linear_and_writes_the_dequantized_weights(rounding: str) -> None:
+@pytest.mark.parametrize("rounding,sequential", [("rtn", False), ("gptq", False), ("gptq", True)])
+def test_walk_covers_every_block_linear_and_writes_the_dequantized_weights(rounding: str, sequential: bool) -> None:
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lines: list[str] = []
-    config = WeightOnlyConfig(bits=4, group=64, rounding=rounding, skip=("layers.1.down",))
+    config = WeightOnlyConfig(bits=4, group=64, rounding=rounding, skip=("layers.1.down",), true_sequential=sequential)
     result = quantize_weights(model, model.layers, config, _samples(4, seed=1), log=lines.append)
     expected = [n for n in _linear_names(model) if n != "layers.1.down"]
     assert list(result) == expected  # definition order
@@ -98,6 +100,9 @@ def test_walk_covers_every_block_linear_and_writes_the_dequantized_weights(round
     for name in ("embed.weight", "head.weight", "layers.1.down.weight"):
         assert torch.equal(dict(model.named_parameters())[name], before[name])
     assert any("block 3/3" in line for line in lines)
+    if sequential:  # one stage per input the linears read, in execution order
+        stages = [line.split(" of ")[-1] for line in lines if "block 1/3: int4 g64 gptq" in line]
+        assert stages == ["layers.0.q, layers.0.k", "layers.0.o", "layers.0.up", "layers.0.down"]
 
 
 def test_linears_sharing_an_input_get_its_hessian_once_and_round_as_a_stack() -> None:

@@ -1,9 +1,9 @@
 """Read a GGUF checkpoint (llama.cpp's format): validated metadata, float32 (dequantized) tensors and the vocabulary.
 
-The `gguf` package parses the file and dequantizes its blocks (Q4_1, Q8_0, ...). Its own errors on a damaged file
-are an IndexError or a reshape ValueError, so every failure is rephrased here as a LowbitError naming the file:
-missing, not GGUF (wrong magic), truncated (a tensor's data runs past the end), an architecture lowbit does not
-model, missing metadata keys or tensors, tensors of the wrong shape, and tensors lowbit would silently ignore.
+gguf_parse.py parses the container; the `gguf` package dequantizes the blocks (Q4_1, Q8_0, ...). Every failure
+is a LowbitError naming the file: missing, not GGUF (wrong magic), truncated (the header or a tensor's data runs
+past the end), an architecture lowbit does not model, missing metadata keys or tensors, tensors of the wrong
+shape, and tensors lowbit would silently ignore.
 
 Tensor names follow llama.cpp: ``token_embd``, ``output_norm``, ``output`` (absent when tied to the embedding) and
 ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}``. Arrays come out
@@ -23,13 +23,10 @@ import numpy as np
 
 from ..errors import LowbitError
 from ..runtime.bpe_tokenizer import Vocabulary
+from .gguf_parse import parse_gguf
 from .llama_config import LlamaConfig
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
-BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                 "ffn_down")
-_INSTALL_HINT = "pip install gguf"
 
 
 @dataclass(frozen=True)
@@ -45,65 +42,26 @@ class GgufCheckpoint:
     tensor_types: Mapping[str, str]  # the stored quantization of each tensor (Q4_1, Q8_0, F32, ...)
 
 
-def _reader(path: Path) -> Any:
-    try:
-        import gguf
-    except ImportError as e:
-        raise LowbitError(f"reading {path} needs the 'gguf' package: {_INSTALL_HINT}") from e
-    if path.is_dir():
-        raise LowbitError(f"{path}: is a folder; give the path of a .gguf file")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(len(GGUF_MAGIC))
-    except FileNotFoundError:
-        raise LowbitError(f"{path}: no such file; give the path of a .gguf checkpoint (llama.cpp format)") from None
-    except OSError as e:
-        raise LowbitError(f"{path}: cannot read it: {e}") from e
-    if magic != GGUF_MAGIC:
-        raise LowbitError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); convert the "
-                          "checkpoint with llama.cpp's convert_hf_to_gguf.py")
-    size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises IndexError/ValueError/struct errors on damaged files
-        raise LowbitError(f"{path}: truncated or damaged GGUF file ({size} bytes; the parser stopped with "
-                          f"{type(e).__name__}: {e}); download or convert it again") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise LowbitError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end} but the file has "
-                              f"{size} bytes; download or convert it again")
-    return reader
-
-
-def _scalar_metadata(reader: Any) -> dict[str, Any]:
-    from gguf import GGUFValueType
-
-    out = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] != GGUFValueType.ARRAY:
-            out[key] = field.contents()
-    return out
-
-
-def _array(reader: Any, key: str, path: Path) -> list[Any]:
-    field = reader.fields.get(key)
-    if field is None:
+def _array(metadata: Mapping[str, Any], key: str, path: Path) -> list[Any]:
+    if key not in metadata:
         raise LowbitError(f"{path}: GGUF metadata lacks {key}; the decoder's tokenizer needs it")
-    return list(field.contents())
+    value = metadata[key]
+    if not isinstance(value, (list, np.ndarray)):
+        raise LowbitError(f"{path}: GGUF metadata {key} is not an array")
+    return list(value)
 
 
-def read_vocabulary(reader: Any, metadata: Mapping[str, Any], path: Path) -> Vocabulary:
-    """The tokenizer fields (tokenizer.ggml.*) of an open GGUF, validated."""
+def read_vocabulary(metadata: Mapping[str, Any], path: Path) -> Vocabulary:
+    """The tokenizer fields (tokenizer.ggml.*) of a GGUF's metadata, validated."""
     missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
                if k not in metadata]
     if missing:
         raise LowbitError(f"{path}: GGUF metadata lacks {', '.join(missing)}; the decoder's tokenizer needs them")
     try:
         return Vocabulary(
-            tokens=tuple(_array(reader, "tokenizer.ggml.tokens", path)),
-            merges=tuple(_array(reader, "tokenizer.ggml.merges", path)),
-            token_types=tuple(int(t) for t in _array(reader, "tokenizer.ggml.token_type", path)),
+            tokens=tuple(_array(metadata, "tokenizer.ggml.tokens", path)),
+            merges=tuple(_array(metadata, "tokenizer.ggml.merges", path)),
+            token_types=tuple(int(t) for t in _array(metadata, "tokenizer.ggml.token_type", path)),
             bos_id=int(metadata["tokenizer.ggml.bos_token_id"]),
             eos_id=int(metadata["tokenizer.ggml.eos_token_id"]),
             model=str(metadata["tokenizer.ggml.model"]),
@@ -129,19 +87,20 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def read_gguf(path: Path | str) -> GgufCheckpoint:
     """Read, validate and dequantize a Llama-architecture GGUF (see the module docstring for what is checked)."""
-    import gguf
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
 
     path = Path(path)
-    reader = _reader(path)
-    metadata = _scalar_metadata(reader)
+    contents = parse_gguf(path)
+    metadata = contents.metadata
     arch = metadata.get("general.architecture")
     if arch is None:
         raise LowbitError(f"{path}: GGUF metadata lacks general.architecture; is it a model checkpoint?")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise LowbitError(f"{path}: architecture {arch!r} is not modelled by lowbit; supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    vocabulary = read_vocabulary(reader, metadata, path)
-    by_name = {t.name: t for t in reader.tensors}
+    vocabulary = read_vocabulary(metadata, path)
+    by_name = {t.name: t for t in contents.tensors}
     config = LlamaConfig.from_gguf_metadata(metadata, len(vocabulary.tokens), "output.weight" not in by_name,
                                             str(path))
     expected = _expected_shapes(config)
@@ -157,11 +116,13 @@ def read_gguf(path: Path | str) -> GgufCheckpoint:
     types: dict[str, str] = {}
     for name, shape in expected.items():
         t = by_name[name]
+        qtype = GGMLQuantizationType(t.type_id)
+        raw = contents.tensor_bytes(t)
         try:
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            array = dequantize(raw.reshape(*t.shape[:-1], -1), qtype)
         except NotImplementedError as e:
-            raise LowbitError(f"{path}: tensor {name} is stored as {t.tensor_type.name}, which the gguf package "
-                              f"cannot dequantize ({e})") from e
+            raise LowbitError(f"{path}: tensor {name} is stored as {qtype.name}, which the gguf package cannot "
+                              f"dequantize ({e})") from e
         array = np.array(array, dtype=np.float32, order="C")  # a copy: F32 tensors are views of the file's memmap
         if array.shape != shape:
             raise LowbitError(f"{path}: tensor {name} has shape {array.shape}, expected {shape} from the metadata")
@@ -169,5 +130,6 @@ def read_gguf(path: Path | str) -> GgufCheckpoint:
             raise LowbitError(f"{path}: tensor {name} holds NaN or infinite values")
         array.flags.writeable = False
         tensors[name] = array
-        types[name] = t.tensor_type.name
-    return GgufCheckpoint(path, config, tensors, vocabulary, metadata, types)
+        types[name] = qtype.name
+    scalars = {k: v for k, v in metadata.items() if not isinstance(v, (list, np.ndarray))}
+    return GgufCheckpoint(path, config, tensors, vocabulary, scalars, types)

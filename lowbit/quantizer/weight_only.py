@@ -43,6 +43,9 @@ class WeightOnlyConfig:
     damp: float = DAMPING  # GPTQ: fraction of the mean Hessian diagonal added to it
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
     clip_search: bool = False  # per group, the clipping ratio (`CLIP_RATIOS`) of least squared error
+    # GPTQ: within a block, each set of linears reading one input gets its Hessian after the sets before it are
+    # quantized (q/k/v, then o on their quantized attention, ...), as GPTQ's LLaMA script; one forward per set.
+    true_sequential: bool = False
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
 
     def __post_init__(self) -> None:
@@ -64,7 +67,8 @@ class WeightOnlyConfig:
 
     def describe(self) -> str:
         group = "per channel" if self.group == 0 else f"g{self.group}"
-        extras = [e for e, on in (("act-order", self.act_order), ("clip search", self.clip_search)) if on]
+        extras = [e for e, on in (("act-order", self.act_order), ("clip search", self.clip_search),
+                                  ("true-sequential", self.true_sequential)) if on]
         return f"int{self.bits} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
 
     def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
@@ -97,20 +101,35 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
     with torch.no_grad():
         inputs = _capture_block_inputs(model, blocks[0], calibration, forward or _default_forward)
         for b, (block, named) in enumerate(zip(blocks, linears, strict=True)):
-            log(f"block {b + 1}/{len(blocks)}: Hessians of {len(named)} linears on {len(inputs)} samples")
-            shared = _block_hessians(block, named, inputs, f"block {b}")
-            log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
+            step = f"block {b + 1}/{len(blocks)}"
             modules = dict(named)
-            for names, hessian in shared:
-                stacked = torch.cat([modules[n].weight.detach() for n in names])
-                for name, part in zip(names, _split_rows(config.round(stacked, hessian),
-                                                         [modules[n].out_features for n in names]), strict=True):
-                    result[name] = _write(modules[name], part)
-            del shared
-            log(f"block {b + 1}/{len(blocks)}: rerun with quantized weights")
+            if config.true_sequential:
+                pending = named
+                while pending:
+                    log(f"{step}: Hessians of the next linears of {len(pending)} on {len(inputs)} samples")
+                    (names, hessian), = _block_hessians(block, pending, inputs, f"block {b}", first_stage=True)
+                    log(f"{step}: {config.describe()} of {', '.join(names)}")
+                    result.update(_round_stack(config, modules, names, hessian))
+                    pending = [(n, m) for n, m in pending if n not in names]
+            else:
+                log(f"{step}: Hessians of {len(named)} linears on {len(inputs)} samples")
+                shared = _block_hessians(block, named, inputs, f"block {b}")
+                log(f"{step}: {config.describe()} of {len(named)} linears")
+                for names, hessian in shared:
+                    result.update(_round_stack(config, modules, names, hessian))
+                del shared
+            log(f"{step}: rerun with quantized weights")
             for n, (args, kwargs) in enumerate(inputs):
                 inputs[n] = _with_hidden(args, kwargs, _hidden_of(block(*args, **kwargs)))
     return {name: result[name] for named in linears for name, _ in named}  # in definition order
+
+
+def _round_stack(config: WeightOnlyConfig, modules: dict[str, nn.Linear], names: tuple[str, ...],
+                 hessian: torch.Tensor) -> dict[str, GroupWiseWeights]:
+    """Round the linears `names` (that share `hessian`) as one stack of rows; write each one's weights in place."""
+    stacked = torch.cat([modules[n].weight.detach() for n in names])
+    parts = _split_rows(config.round(stacked, hessian), [modules[n].out_features for n in names])
+    return {name: _write(modules[name], part) for name, part in zip(names, parts, strict=True)}
 
 
 def _default_forward(model: nn.Module, sample: Any) -> object:
@@ -171,13 +190,18 @@ def _capture_block_inputs(model: nn.Module, first: nn.Module, calibration: Itera
 
 
 def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs: list[tuple[tuple, dict]],
-                    where: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+                    where: str, first_stage: bool = False) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """Run `block` on every sample; returns (names of the linears that read the same input, their Hessian [in, in])
-    in execution order. Which linears share an input is read from the first sample and checked on the others."""
+    in execution order. Which linears share an input is read from the first sample and checked on the others.
+
+    `first_stage`: only the first of those sets, and each forward stops as soon as a linear of `named` reads
+    another input (the set is complete then; the rest of the block need not run)."""
     calls: dict[str, list[torch.Tensor]] = {}
 
     def record(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_module: nn.Module, args: tuple) -> None:
+            if first_stage and calls and all(args[0] is not xs[0] for xs in calls.values()):
+                raise _Reached
             calls.setdefault(name, []).append(args[0])
         return hook
 
@@ -187,17 +211,20 @@ def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs
     try:
         for n, (args, kwargs) in enumerate(inputs):
             calls.clear()
-            block(*args, **kwargs)
+            try:
+                block(*args, **kwargs)
+            except _Reached:
+                pass
             signature = {name: tuple(id(x) for x in xs) for name, xs in calls.items()}
             if n == 0:
-                missing = [name for name, _ in named if name not in calls]
+                missing = [] if first_stage and calls else [name for name, _ in named if name not in calls]
                 if missing:
                     raise LowbitError(f"{where}: the linears {', '.join(missing)} did not run in the block's "
                                       "forward, so they have no calibration inputs; leave them out with skip=")
                 by_input: dict[tuple[int, ...], list[str]] = {}
                 for name in calls:  # execution order
                     by_input.setdefault(signature[name], []).append(name)
-                groups = [tuple(names) for names in by_input.values()]
+                groups = [tuple(names) for names in by_input.values()][:1 if first_stage else None]
                 accumulators = [HessianAccumulator(torch.float32) for _ in groups]
             for names, acc in zip(groups, accumulators, strict=True):
                 if len({signature.get(name) for name in names}) != 1:
