@@ -1,0 +1,163 @@
+"""Float-activation GEMV/GEMM with group-wise INT4 weights (decode and prefill linears of a decoder): AVX2 + FMA.
+
+y[m, o] = sum_i x[m, i] * (q[o, i] - z[o, g(i)]) * s[o, g(i)], x and y float32, weights packed by
+`int4_groups.pack_int4_gemv`. Per group the kernel accumulates sum_i q * x in float32 lanes (8 output
+channels per vector), the nibbles unpacked in registers (shift, mask, int -> float), then folds the group into
+the output with two FMAs: + s * dot and + (-z * s) * sum_i x. The per-group sums of x are computed once per call,
+before the parallel loop.
+
+Batch-1 decode reads every weight once per token, so the weights are streamed once in tiles of NV vectors of
+output channels (parallel over tiles, chunked per thread); for M > 1 a register tile of MR rows reuses each
+unpacked weight vector MR times.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .int4_groups import LANES, NIBBLES, cdiv, check_int4_shape
+
+FMA = "llvm.fma.v8f32"
+REGISTERS = 16  # ymm registers on AVX2
+
+
+@dataclass(frozen=True)
+class Int4GemvPlan:
+    """Shapes and tiles of one kernel: x [M, K], weight [N, K] in groups of `group`, NV output vectors and MR
+    rows per register tile, parallel over `num_threads` tasks."""
+
+    M: int
+    K: int
+    N: int
+    group: int
+    NV: int
+    MR: int
+    num_threads: int
+
+    @classmethod
+    def of(cls, M: int, K: int, N: int, group: int, num_threads: int, nv: int | None = None,
+           mr: int | None = None) -> Int4GemvPlan:
+        """The default tiles: MR = min(M, 4) rows; NV the largest of 4, 2, 1 that divides the output vectors
+        and keeps MR * NV group accumulators in half the registers (the other half holds the output sums)."""
+        check_int4_shape(N, K, group)
+        if M <= 0:
+            raise ValueError(f"int4 GEMV: M = {M} rows")
+        mr = mr or min(M, 4)
+        if nv is None:
+            nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0 and mr * v <= REGISTERS // 2 or v == 1)
+        if (N // LANES) % nv:
+            raise ValueError(f"int4 GEMV: NV = {nv} does not divide {N // LANES} output vectors")
+        return cls(M, K, N, group, nv, mr, num_threads)
+
+    @property
+    def OB(self) -> int:
+        return self.N // LANES
+
+    @property
+    def NG(self) -> int:
+        return cdiv(self.K, self.group)
+
+    @property
+    def GW(self) -> int:
+        """Words (of 8 input columns) per full group."""
+        return self.group // NIBBLES
+
+    @property
+    def LW(self) -> int:
+        """Words in the last group (short where group does not divide K)."""
+        return (self.K - (self.NG - 1) * self.group) // NIBBLES
+
+    @property
+    def tiles(self) -> int:
+        return self.OB // self.NV
+
+    @property
+    def CH(self) -> int:
+        """Tiles per task."""
+        return cdiv(self.tiles, self.num_threads)
+
+
+def _nibbles(word: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Nibble j of every lane of the int32x8 `word`, as float32x8."""
+    v = T.shift_right(word, T.broadcast(T.Cast("int32", 4 * j), LANES))
+    return T.Cast("float32x8", T.bitwise_and(v, T.broadcast(T.int32(15), LANES)))
+
+
+@functools.cache  # one parse per distinct plan
+def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
+    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (all float32 but W, int32)."""
+    NV, MR, GW = p.NV, p.MR, p.GW
+    rb, mt = p.M // MR, p.M % MR
+
+    @T.macro
+    def group_dot(X, W, gacc, m0, mr, t, g, nw):
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                gacc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+        for kq in T.serial(nw):
+            for v in T.unroll(NV):
+                for j in T.unroll(NIBBLES):
+                    for r in T.unroll(mr):
+                        gacc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "float32x8", FMA, _nibbles(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)], j),
+                            T.broadcast(X[m0 + r, g * p.group + kq * NIBBLES + j], LANES),
+                            gacc[T.ramp((r * NV + v) * LANES, 1, LANES)])
+
+    @T.macro
+    def fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g):
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                    "float32x8", FMA, NEG_ZS[t * NV + v, g, T.ramp(0, 1, LANES)], T.broadcast(SX[m0 + r, g], LANES),
+                    T.call_llvm_pure_intrin("float32x8", FMA, SCALE[t * NV + v, g, T.ramp(0, 1, LANES)],
+                                            gacc[T.ramp((r * NV + v) * LANES, 1, LANES)],
+                                            acc[T.ramp((r * NV + v) * LANES, 1, LANES)]))
+
+    @T.macro
+    def tile(X, W, SCALE, NEG_ZS, SX, Y, gacc, acc, m0, mr, t):
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+        for g in T.serial(p.NG - 1):
+            group_dot(X, W, gacc, m0, mr, t, g, GW)
+            fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g)
+        group_dot(X, W, gacc, m0, mr, t, p.NG - 1, p.LW)
+        fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, p.NG - 1)
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1, LANES)]
+
+    @T.prim_func(private=True)
+    def func(
+        X: T.Buffer((p.M, p.K), "float32"),
+        W: T.Buffer((p.OB, p.K // NIBBLES, LANES), "int32"),
+        SCALE: T.Buffer((p.OB, p.NG, LANES), "float32"),
+        NEG_ZS: T.Buffer((p.OB, p.NG, LANES), "float32"),
+        Y: T.Buffer((p.M, p.N), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        # per-(row, group) sums of x: 8 lanes of partial sums, then the lanes added
+        SX = T.alloc_buffer((p.M, p.NG), "float32")
+        SV = T.alloc_buffer((LANES,), "float32", scope="local")
+        for m in T.serial(p.M):
+            for g in T.serial(p.NG):
+                SV[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                for kq in T.serial(T.min(GW, p.K // NIBBLES - g * GW)):
+                    SV[T.ramp(0, 1, LANES)] = SV[T.ramp(0, 1, LANES)] + X[m, T.ramp(g * p.group + kq * NIBBLES, 1,
+                                                                                      LANES)]
+                SX[m, g] = ((SV[0] + SV[4]) + (SV[1] + SV[5])) + ((SV[2] + SV[6]) + (SV[3] + SV[7]))
+        for tid in T.parallel(p.num_threads):
+            gacc = T.alloc_buffer((MR * NV * LANES,), "float32", scope="local")
+            acc = T.alloc_buffer((MR * NV * LANES,), "float32", scope="local")
+            for ti in T.serial(p.CH):
+                if tid * p.CH + ti < p.tiles:
+                    for b in T.serial(rb):
+                        tile(X, W, SCALE, NEG_ZS, SX, Y, gacc, acc, b * MR, MR, tid * p.CH + ti)
+                    if mt > 0:
+                        tile(X, W, SCALE, NEG_ZS, SX, Y, gacc, acc, rb * MR, mt, tid * p.CH + ti)
+
+    return func
