@@ -27,7 +27,7 @@ from collections.abc import Callable
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--groups", default="32,64,128")
 ap.add_argument("--rows", default="1", help="comma-separated M values (1 = decode)")
-ap.add_argument("--rounds", type=int, default=7)
+ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--min-ms", type=float, default=20.0, help="time per contender per round")
 ap.add_argument("--threads", type=int, default=2)
 args = ap.parse_args()
