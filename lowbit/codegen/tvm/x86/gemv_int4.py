@@ -10,12 +10,12 @@ Batch-1 decode reads every weight once per token, so the weights are streamed on
 output channels (parallel over tiles, chunked per thread); for M > 1 a register tile of MR rows reuses each
 unpacked weight vector MR times.
 
-Measured (benchmarks/bench_gemv_int4.py, 2 threads, AVX2 znver1, one core shared with other work): 4-8x faster
+Measured (benchmarks/bench_gemv_int4.py, 2 threads, AVX2 znver1, one core shared with other work): 3-8x faster
 than ORT MatMulNBits with float32 activations (accuracy_level 0) on every SmolLM2-135M shape and group, and
-1.2-3x faster than its int8-activation path (accuracy_level 4). It is compute-bound, not memory-bound: about
-3 GB/s of INT4 weights per core against an 11.6 GB/s single-thread read bound, at 3 vector instructions (mask,
-int -> float, FMA) per 8 multiply-adds. The unpack variants ("shift": shift + mask; "mask": mask only, x
-prescaled) and tiles NV 2/4/8, KS 1/2 all ran within noise of each other at M = 1.
+1.2-2.7x faster (medians) than its int8-activation path (accuracy_level 4). It is compute-bound, not
+memory-bound: about 3 GB/s of INT4 weights per core against an 11.6 GB/s single-thread read bound, at 3 vector
+instructions (mask, int -> float, FMA) per 8 multiply-adds. The unpack variants ("shift": shift + mask; "mask":
+mask only, x prescaled) and tiles NV 2/4/8, KS 1/2 all ran within noise of each other at M = 1.
 """
 
 from __future__ import annotations
