@@ -26,7 +26,9 @@ Modules
 - `layers`: `conv2d_nhwc` and `dense`, which pick the kernel family;
 - `matmul`: batched 8-bit matmuls of two run-time tensors (attention): `matmul_pairs` a @ b on AVX2 (int16 pairs,
   vpmaddwd, with the requantize epilogue, operands and result read and written through permutes), wired into
-  the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet.
+  the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet;
+- `gemv_int4` + `int4_groups`: float32 activations times group-wise asymmetric INT4 weights (decoder linears:
+  GEMV at batch 1, a row-tiled GEMM for prefill), its layout and numpy packer `pack_int4_gemv`; not wired yet.
 
 Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
 alone; `conv2d_nhwc`, `dense`, `matmul_pairs` and `matmul_nt` import the TIR builders when first used.
