@@ -109,7 +109,7 @@ def test_linears_sharing_an_input_get_its_hessian_once_and_round_as_a_stack() ->
     """q and k read the same tensor: they are rounded together, with the same result as one by one."""
     model = _model()
     calib = _samples(4, seed=1)
-    config = WeightOnlyConfig(bits=4, group=32)
+    config = WeightOnlyConfig(bits=4, group=32, rounding="gptq")
     quantized = copy.deepcopy(model)
     stacked = quantize_weights(quantized, quantized.layers[:1], config, calib)  # only block 0
     assert set(stacked) == {f"layers.0.{n}" for n in ("q", "k", "o", "up", "down")}
@@ -136,11 +136,12 @@ def test_config_and_walk_errors_are_clear() -> None:
     assert WeightOnlyConfig(group=0).group_for(576) == 576
     model = _model()
     with pytest.raises(LowbitError, match="needs calibration samples"):
-        quantize_weights(model, model.layers, WeightOnlyConfig())
+        quantize_weights(model, model.layers, WeightOnlyConfig(rounding="gptq"))
     with pytest.raises(LowbitError, match="not a submodule"):
         quantize_weights(model, [Block()], WeightOnlyConfig(), _samples(1, 1))
     with pytest.raises(LowbitError, match="never ran block 0"):
-        quantize_weights(model, model.layers, WeightOnlyConfig(), _samples(1, 1), forward=lambda m, x: None)
+        quantize_weights(model, model.layers, WeightOnlyConfig(rounding="gptq"), _samples(1, 1),
+                         forward=lambda m, x: None)
     assert torch.equal(model.layers[0].q.weight, _model().layers[0].q.weight)  # nothing was touched
 
 
@@ -167,6 +168,7 @@ def test_a_kv_cache_in_the_calibration_forward_is_refused() -> None:
 
     model = Model()
     with pytest.raises(LowbitError, match="KV cache .*KVCache"):
-        quantize_weights(model, model.layers, WeightOnlyConfig(group=8), [torch.randn(1, 8)],
+        quantize_weights(model, model.layers, WeightOnlyConfig(group=8, rounding="gptq"), [torch.randn(1, 8)],
                          forward=lambda m, x: m(x, KVCache()))
-    quantize_weights(model, model.layers, WeightOnlyConfig(group=8), [torch.randn(1, 8)])  # no cache: fine
+    # Without a cache it runs.
+    quantize_weights(model, model.layers, WeightOnlyConfig(group=8, rounding="gptq"), [torch.randn(1, 8)])

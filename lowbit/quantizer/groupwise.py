@@ -32,10 +32,10 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _TINY = float(np.finfo(np.float32).tiny)  # smallest scale: a normal float32
 
 
-def find_params(w: torch.Tensor, bits: int, clip_ratios: Sequence[float] = (1.0,),
-                col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, bits: int,
+                clip_ratios: Sequence[float] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (float64 [rows], the scale float32-representable) of each row of `w` [rows, cols],
-    the clipping ratio chosen per row by the (column-weighted) squared rounding error."""
+    the clipping ratio chosen per row by the squared rounding error."""
     w = w.double()
     qmax = (1 << bits) - 1
     lo0 = torch.clamp(w.amin(1), max=0.0)
@@ -48,8 +48,7 @@ def find_params(w: torch.Tensor, bits: int, clip_ratios: Sequence[float] = (1.0,
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         if len(clip_ratios) == 1:
             return scale, zero
-        err = (dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w) ** 2
-        err = (err if col_weight is None else err * col_weight).sum(1)
+        err = ((dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w) ** 2).sum(1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
