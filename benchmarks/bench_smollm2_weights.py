@@ -24,24 +24,60 @@ from sections import cpu_info, lowbit_revision, write_section
 
 from lowbit.models.llama import decoder_logits_fn
 from lowbit.models.zoo import get_zoo_entry
-from lowbit.pipeline.decoder import EMBEDDING, EMBEDDING_FORMAT, paired_ratio, round_decoder
+from lowbit.pipeline.decoder import EMBEDDING, EMBEDDING_FORMAT, calibration_windows, paired_ratio, round_decoder
 from lowbit.quantizer.weight_only import WeightOnlyConfig
-from lowbit.text.perplexity import perplexity
+from lowbit.text.perplexity import PerplexityResult, perplexity
 
+# In order of interest: a run cut short still records the first rows (the section is rewritten after each).
 SETTINGS: dict[str, WeightOnlyConfig | None] = {
     "FP32 (dequantized GGUF)": None,
-    "W8 g128 RTN": WeightOnlyConfig(bits=8, group=128, rounding="rtn"),
-    "W8 g128 GPTQ": WeightOnlyConfig(bits=8, group=128, rounding="gptq"),
     "INT4 g128 RTN": WeightOnlyConfig(bits=4, group=128, rounding="rtn"),
-    "INT4 g128 GPTQ": WeightOnlyConfig(bits=4, group=128, rounding="gptq"),
-    "INT4 g32 GPTQ": WeightOnlyConfig(bits=4, group=32, rounding="gptq"),
+    "INT4 g128 GPTQ act-order": WeightOnlyConfig(bits=4, group=128, rounding="gptq", act_order=True),
+    "W8 g128 RTN": WeightOnlyConfig(bits=8, group=128, rounding="rtn"),
     "INT3 g128 RTN": WeightOnlyConfig(bits=3, group=128, rounding="rtn"),
-    "INT3 g128 GPTQ": WeightOnlyConfig(bits=3, group=128, rounding="gptq"),
+    "INT3 g128 GPTQ act-order": WeightOnlyConfig(bits=3, group=128, rounding="gptq", act_order=True),
+    "INT4 g128 GPTQ": WeightOnlyConfig(bits=4, group=128, rounding="gptq"),
+    "W8 g128 GPTQ act-order": WeightOnlyConfig(bits=8, group=128, rounding="gptq", act_order=True),
 }
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def write_table(args: argparse.Namespace, rows: list, reference: dict[str, PerplexityResult], names: list[str],
+                started: float) -> None:
+    """(Re)write the section with the rows measured so far."""
+    tokens = reference[names[0]].tokens
+    lines = [
+        "## SmolLM2-135M: weight-only quantization, perplexity and size (issue #14)",
+        "",
+        f"- Command: `python benchmarks/bench_smollm2_weights.py --windows {args.windows}`",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
+        f"{lowbit_revision()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{time.perf_counter() - started:.0f} s",
+        f"- Perplexity on the first {args.windows} non-overlapping 512-token windows of each text ({tokens} scored "
+        "tokens of Lee; " + ", ".join(f"{reference[t].tokens} of {t}" for t in names[1:]) + "). Ratio: quantized / "
+        "FP32 perplexity on the same windows, 95% paired bootstrap interval over windows.",
+        f"- FP32 is the released GGUF's weights (Q4_1 block linears, Q8_0 embedding) dequantized to float32. Every "
+        f"quantized row also rounds the tied embedding / LM head to {EMBEDDING_FORMAT.describe()}. GPTQ: calibrated "
+        f"on {args.calibration_windows} windows of 512 tokens of lee.cor + pang_lee_polarity.cor (all there is; "
+        "never evaluated on), sequential over blocks.",
+        "- Bits per weight: the block linears, packed values + zero points + float32 scales. Size: the whole "
+        "model as the artifact stores it (embedding and RMSNorm gains included).",
+        "",
+        "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
+        "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
+    ]
+    for name, bpw, size, rounding_s, results in rows:
+        cells = []
+        for t in names:
+            r = results[t]
+            ratio, (low, high) = paired_ratio(reference[t], r)
+            cells += [f"{r.perplexity:.3f} [{r.interval[0]:.2f}, {r.interval[1]:.2f}]",
+                      "1" if r is reference[t] else f"{ratio:.4f} [{low:.4f}, {high:.4f}]"]
+        lines.append(f"| {name} | {bpw:.2f} | {size / 1e6:.1f} | " + " | ".join(cells) + f" | {rounding_s:.0f} |")
+    write_section(args.out, "smollm2_weights", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     zoo = get_zoo_entry("zoo:smollm2_135m").decoder
     base, tokenizer = zoo.load()
     calibration = zoo.calibration()
+    args.calibration_windows = len(calibration_windows(tokenizer, calibration))
     texts = {name: tokenizer.encode(text()) for name, text in zoo.evaluation.items()}
     params = sum(p.numel() for p in base.parameters())
     rows, reference = [], {}
@@ -77,37 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, bpw, size, rounding_s, results))
         log(f"{name}: {bpw:.2f} bits/weight, {size / 1e6:.1f} MB, " + ", ".join(
             f"{t} {r.perplexity:.3f}" for t, r in results.items()) + f" ({time.perf_counter() - t0:.0f} s)")
+        write_table(args, rows, reference, list(texts), started)
 
-    names = list(texts)
-    tokens = reference[names[0]].tokens
-    lines = [
-        "## SmolLM2-135M: weight-only quantization, perplexity and size (issue #14)",
-        "",
-        f"- Command: `python benchmarks/bench_smollm2_weights.py --windows {args.windows}`",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
-        f"{lowbit_revision()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"{time.perf_counter() - started:.0f} s",
-        f"- Perplexity on the first {args.windows} non-overlapping 512-token windows of each text ({tokens} scored "
-        "tokens of Lee; " + ", ".join(f"{reference[t].tokens} of {t}" for t in names[1:]) + "). Ratio: quantized / "
-        "FP32 perplexity on the same windows, 95% paired bootstrap interval over windows.",
-        f"- FP32 is the released GGUF's weights (Q4_1 block linears, Q8_0 embedding) dequantized to float32. Every "
-        f"quantized row also rounds the tied embedding / LM head to {EMBEDDING_FORMAT.describe()}. GPTQ: calibrated "
-        "on up to 32 windows of lee.cor + pang_lee_polarity.cor (never evaluated on), sequential over blocks.",
-        "- Bits per weight: the block linears, packed values + zero points + float32 scales. Size: the whole "
-        "model as the artifact stores it (embedding and RMSNorm gains included).",
-        "",
-        "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
-        "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
-    ]
-    for name, bpw, size, rounding_s, results in rows:
-        cells = []
-        for t in names:
-            r = results[t]
-            ratio, (low, high) = paired_ratio(reference[t], r)
-            cells += [f"{r.perplexity:.3f} [{r.interval[0]:.2f}, {r.interval[1]:.2f}]",
-                      "1" if r is reference[t] else f"{ratio:.4f} [{low:.4f}, {high:.4f}]"]
-        lines.append(f"| {name} | {bpw:.2f} | {size / 1e6:.1f} | " + " | ".join(cells) + f" | {rounding_s:.0f} |")
-    write_section(args.out, "smollm2_weights", "\n".join(lines) + "\n")
     log(f"wrote the smollm2_weights section of {args.out}")
 
 
