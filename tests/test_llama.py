@@ -236,8 +236,11 @@ def test_decoder_bad_inputs() -> None:
         model(torch.zeros(1, 60, dtype=torch.int64), cache)
     with pytest.raises(LowbitError, match="60 cached"):
         model(torch.zeros(1, 5, dtype=torch.int64), cache)
-    with pytest.raises(LowbitError, match="batch 1"):
+    with pytest.raises(LowbitError, match="not made for this input"):
         model(torch.zeros(2, 1, dtype=torch.int64), model.new_cache(batch=1))
+    other = LlamaDecoder(LlamaConfig(**{**TINY.__dict__, "num_layers": 1}))
+    with pytest.raises(LowbitError, match="not made for this input"):
+        model(torch.zeros(1, 1, dtype=torch.int64), other.new_cache())
 
 
 @pytest.mark.parametrize("change, message", [
