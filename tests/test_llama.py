@@ -287,6 +287,10 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="text.gguf: not a GGUF file"):
         read_gguf(text)
     data = good.read_bytes()
+    future = tmp_path / "v99.gguf"
+    future.write_bytes(data[:4] + (99).to_bytes(4, "little") + data[8:])
+    with pytest.raises(LowbitError, match="v99.gguf: GGUF version 99 is not supported"):
+        read_gguf(future)
     for cut in (len(data) - 100, 2000, 10):
         short = tmp_path / f"cut{cut}.gguf"
         short.write_bytes(data[:cut])
