@@ -236,8 +236,11 @@ def test_decoder_bad_inputs() -> None:
         model(torch.zeros(1, 60, dtype=torch.int64), cache)
     with pytest.raises(LowbitError, match="60 cached"):
         model(torch.zeros(1, 5, dtype=torch.int64), cache)
-    with pytest.raises(LowbitError, match="batch 1"):
+    with pytest.raises(LowbitError, match="not made for this input"):
         model(torch.zeros(2, 1, dtype=torch.int64), model.new_cache(batch=1))
+    other = LlamaDecoder(LlamaConfig(**{**TINY.__dict__, "num_layers": 1}))
+    with pytest.raises(LowbitError, match="not made for this input"):
+        model(torch.zeros(1, 1, dtype=torch.int64), other.new_cache())
 
 
 @pytest.mark.parametrize("change, message", [
@@ -284,6 +287,10 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="text.gguf: not a GGUF file"):
         read_gguf(text)
     data = good.read_bytes()
+    future = tmp_path / "v99.gguf"
+    future.write_bytes(data[:4] + (99).to_bytes(4, "little") + data[8:])
+    with pytest.raises(LowbitError, match="v99.gguf: GGUF version 99 is not supported"):
+        read_gguf(future)
     for cut in (len(data) - 100, 2000, 10):
         short = tmp_path / f"cut{cut}.gguf"
         short.write_bytes(data[:cut])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import operator
@@ -31,6 +32,7 @@ from lowbit.models import (
     small_cnn,
     zoo_names,
 )
+from lowbit.models.loading import load_program
 from lowbit.models.mnist import MNIST_MEAN, MNIST_STD, mnist_preprocess, mnist_splits, read_mnist_pickle
 from lowbit.models.mnist_resnet import MnistResNet, load_mnist_resnet_weights, mnist_resnet
 
@@ -238,7 +240,7 @@ def test_calibration_and_heldout_deterministic(default_split: ImageSplit) -> Non
 
 
 def test_zoo_registry() -> None:
-    assert zoo_names() == ["minilm_l6", "mnist_cnn", "mobilenet_v2", "small_cnn"]
+    assert zoo_names() == ["minilm_l6", "mnist_cnn", "mobilenet_v2", "small_cnn", "smollm2_135m"]
     assert get_zoo_entry("zoo:small_cnn") is get_zoo_entry("small_cnn")
     with pytest.raises(LowbitError, match="zoo:mobilenet_v2"):
         get_zoo_entry("zoo:resnet9000")
@@ -246,6 +248,23 @@ def test_zoo_registry() -> None:
     mobilenet = get_zoo_entry("mobilenet_v2")
     assert mobilenet.input_shape == (1, 3, 224, 224) and mobilenet.labelled is not None
     assert mobilenet.input_name == "input"
+
+
+def test_zoo_entry_kinds() -> None:
+    """An entry is exactly one kind: arrays, an encoder's text, or a decoder; the decoder entry is refused by the
+    commands that do not handle decoders yet, with the command that does."""
+    smollm2 = get_zoo_entry("zoo:smollm2_135m")
+    assert smollm2.decoder is not None and smollm2.text is None and smollm2.calibration is None
+    assert sorted(smollm2.decoder.evaluation) == ["enwiki", "lee"]
+    small = get_zoo_entry("small_cnn")
+    with pytest.raises(ValueError, match="exactly one"):
+        dataclasses.replace(small, decoder=smollm2.decoder)
+    with pytest.raises(ValueError, match="exactly one"):
+        dataclasses.replace(smollm2, decoder=None)
+    with pytest.raises(ValueError, match="both calibration and held-out"):
+        dataclasses.replace(small, heldout=None)
+    with pytest.raises(LowbitError, match="is a decoder LLM.*lowbit eval zoo:smollm2_135m"):
+        load_program("zoo:smollm2_135m", None)
 
 
 def test_zoo_small_cnn_data() -> None:

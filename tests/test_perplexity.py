@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +112,11 @@ def test_eval_cli_bad_model(tmp_path: Path) -> None:
         result = CliRunner().invoke(lowbit, ["eval", model, "--text", str(text)])
         assert result.exit_code == 2, result.output
         assert message in result.stderr
+
+
+def test_tokenizer_and_perplexity_import_without_torch() -> None:
+    """The runtime's decoder tokenizer and the perplexity loop run without torch (a deployed artifact has none)."""
+    code = ("import sys, lowbit.runtime.bpe_tokenizer, lowbit.text.perplexity; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -194,10 +194,10 @@ def test_zoo_text_entry() -> None:
     assert entry.text is not None and entry.calibration is None and entry.heldout is None
     assert entry.input_shape == (1, 128)
     text = ZooText(directory=Path, calibration=lambda s: ["a"], heldout=lambda s: ["b"])
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         ZooEntry(name="both", description="", build=torch.nn.Identity, input_shape=(1, 4), text=text,
                  calibration=lambda s: np.zeros((1, 4)), heldout=lambda s: np.zeros((1, 4)))
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         ZooEntry(name="neither", description="", build=torch.nn.Identity, input_shape=(1, 4))
 
 

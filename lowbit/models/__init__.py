@@ -1,6 +1,7 @@
 """Built-in models and the real data (photos, MNIST digits, text) used to calibrate and evaluate them."""
 
 from lowbit.models.bert import BertConfig, BertEncoder, load_bert_encoder
+from lowbit.models.gguf_file import GgufCheckpoint, read_gguf
 from lowbit.models.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -13,6 +14,7 @@ from lowbit.models.images import (
     natural_image_sources,
     random_crops,
 )
+from lowbit.models.llama import KVCache, LlamaConfig, LlamaDecoder, LoadedDecoder, load_llama_gguf
 from lowbit.models.minilm import TextEncoder, load_text_encoder, minilm_l6
 from lowbit.models.mnist import mnist_preprocess, mnist_splits
 from lowbit.models.mnist_resnet import MnistResNet, mnist_resnet
@@ -22,11 +24,17 @@ from lowbit.models.mobilenet_v2 import (
     pretrained_weights_path,
 )
 from lowbit.models.small_cnn import SmallCNN, small_cnn
+from lowbit.models.smollm2 import smollm2_135m
 from lowbit.models.zoo import ZOO_PREFIX, ZooEntry, get_zoo_entry, zoo_names
 
 __all__ = [
     "BertConfig",
     "BertEncoder",
+    "GgufCheckpoint",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaDecoder",
+    "LoadedDecoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ZOO_PREFIX",
@@ -43,6 +51,7 @@ __all__ = [
     "imagenet_preprocess",
     "load_bert_encoder",
     "load_image_folder",
+    "load_llama_gguf",
     "load_text_encoder",
     "minilm_l6",
     "mnist_preprocess",
@@ -52,6 +61,8 @@ __all__ = [
     "natural_image_sources",
     "pretrained_weights_path",
     "random_crops",
+    "read_gguf",
     "small_cnn",
+    "smollm2_135m",
     "zoo_names",
 ]

@@ -123,7 +123,7 @@ def read_gguf(path: Path | str) -> GgufCheckpoint:
         except NotImplementedError as e:
             raise LowbitError(f"{path}: tensor {name} is stored as {qtype.name}, which the gguf package cannot "
                               f"dequantize ({e})") from e
-        array = np.array(array, dtype=np.float32, order="C")  # a copy: F32 tensors are views of the file's memmap
+        array = np.array(array, dtype=np.float32, order="C")  # a copy: F32 tensors are views of the file buffer
         if array.shape != shape:
             raise LowbitError(f"{path}: tensor {name} has shape {array.shape}, expected {shape} from the metadata")
         if not np.isfinite(array).all():

@@ -164,8 +164,9 @@ class LlamaDecoder(nn.Module):
                               f"{tuple(input_ids.shape)}")
         b, t = input_ids.shape
         past = 0 if cache is None else cache.length
-        if cache is not None and cache.batch != b:
-            raise LowbitError(f"LlamaDecoder: the KV cache holds batch {cache.batch}, the input has batch {b}")
+        if cache is not None and (cache.batch != b or cache.config != self.config):
+            raise LowbitError(f"LlamaDecoder: the KV cache (batch {cache.batch}) was not made for this input (batch "
+                              f"{b}) and model; make one with model.new_cache(batch)")
         if past + t > self.config.context_length:
             raise LowbitError(f"LlamaDecoder: {past} cached + {t} new tokens exceed the context length "
                               f"{self.config.context_length}; shorten the prompt or the text window")
