@@ -106,7 +106,7 @@ def test_eval_cli_bad_text(tmp_path: Path, content: bytes | None, args: list[str
 def test_eval_cli_bad_model(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("some text", encoding="utf-8")
-    cases = {"zoo:small_cnn": "zoo:small_cnn is not a decoder LLM", str(tmp_path): "is a folder",
+    cases = {"zoo:small_cnn": "zoo:small_cnn is not a decoder LLM", str(tmp_path): "not a decoder artifact",
              str(text): "not a .gguf file", str(tmp_path / "none.gguf"): "none.gguf: no such file"}
     for model, message in cases.items():
         result = CliRunner().invoke(lowbit, ["eval", model, "--text", str(text)])

@@ -283,7 +283,10 @@ def get_zoo_entry(name: str) -> ZooEntry:
 
 
 def entry_is_not_a_decoder(entry: ZooEntry) -> None:
-    """A LowbitError for a decoder LLM where only encoders and CNNs are supported (quantize, compile, search)."""
+    """A LowbitError for a decoder LLM where only encoders and CNNs are supported (the integer pipeline: compile,
+    sensitivity, search, `lowbit.pipeline.quantize`)."""
     if entry.decoder is not None:
-        raise LowbitError(f"{ZOO_PREFIX}{entry.name} is a decoder LLM; this command does not handle decoders yet. "
-                          f"Measure its perplexity with: lowbit eval {ZOO_PREFIX}{entry.name} --text FILE")
+        raise LowbitError(f"{ZOO_PREFIX}{entry.name} is a decoder LLM, which this command does not handle yet. "
+                          f"Quantize it weight-only with `lowbit quantize {ZOO_PREFIX}{entry.name} -o DIR --weights "
+                          f"int4` (lowbit.pipeline.decoder.quantize_decoder_model) and measure its perplexity with "
+                          f"`lowbit eval {ZOO_PREFIX}{entry.name} --text FILE`")

@@ -21,7 +21,8 @@ from ..options import user_errors
               help="Score only the first N windows (a quick estimate on a long text).")
 @user_errors
 def eval_command(model: str, text_path: Path, window: int, max_windows: int | None) -> None:
-    """Perplexity of MODEL (zoo:smollm2_135m or a Llama .gguf file, float32) on a text file; progress on stderr,
+    """Perplexity of MODEL (zoo:smollm2_135m or a Llama .gguf file in float32, or a decoder artifact DIR from
+    `lowbit quantize`) on a text file; progress on stderr,
     JSON (perplexity, 95% bootstrap interval over windows, tokens, windows) on stdout."""
     from ...pipeline.perplexity_eval import text_perplexity
 
