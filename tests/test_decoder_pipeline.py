@@ -55,12 +55,14 @@ def artifact(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> None:
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["kind"] == "decoder" and manifest["weights"]["bits"] == 4 and manifest["weights"]["group"] == 16
+    assert manifest["weights"]["rounding"] == "gptq" and manifest["weights"]["act_order"]
     report = json.loads((artifact / "report.json").read_text())
     assert set(report["perplexity"]) == {"lee", "enwiki"}
     assert all(np.isfinite(p["ratio"]) for p in report["perplexity"].values())
     # The same rounding applied here gives the same model the artifact loads, logits bit for bit.
     model, tokenizer = load_llama_gguf(tiny_gguf)
-    weights = round_decoder(model, tokenizer, WeightOnlyConfig(bits=4, group=16, rounding="gptq"), CALIBRATION,
+    weights = round_decoder(model, tokenizer, WeightOnlyConfig(bits=4, group=16, rounding="gptq", act_order=True),
+                            CALIBRATION,
                             window=model.config.context_length)
     loaded, loaded_tokenizer = load_decoder_artifact(artifact)
     ids = torch.from_numpy(tokenizer.encode("the cat sat on the mat, then the dog")[None, :])

@@ -66,7 +66,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
                    "validation split of the calibration data.")
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
               help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
-                   "(and only if the whole model gains), round-to-nearest elsewhere. Decoder LLMs: auto is GPTQ.")
+                   "(and only if the whole model gains), round-to-nearest elsewhere. Decoder LLMs: gptq is GPTQ with "
+                   "act-order; auto is round-to-nearest (the best measured so far).")
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
@@ -110,9 +111,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     if is_decoder(model):
         check_output_dir(output, force)
-        config = WeightOnlyConfig(bits=int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int")),
-                                  group=DEFAULT_DECODER_GROUP if group is None else group,
-                                  rounding="rtn" if rounding == "nearest" else "gptq")
+        config = decoder_config(weight_format, group, rounding)
         _refuse_encoder_options(click.get_current_context(), config.describe())
         quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
         return
@@ -139,6 +138,17 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
                         max_drop=drop, progress=progress, seq_len=seq_len)
     artifact.save(output, target=target, tune_trials=tune_trials, tuning_cache=tuning_cache,
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
+
+
+def decoder_config(weight_format: str | None, group: int | None, rounding: str) -> WeightOnlyConfig:
+    """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
+    worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default."""
+    bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
+    group = DEFAULT_DECODER_GROUP if group is None else group
+    if rounding == "auto":
+        return WeightOnlyConfig(bits=bits, group=group)
+    return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
+                            act_order=rounding == "gptq")
 
 
 def _refuse_encoder_options(ctx: click.Context, what: str) -> None:
