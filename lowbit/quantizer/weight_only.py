@@ -39,15 +39,14 @@ _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "kv_cache")
 class WeightOnlyConfig:
     bits: int = 4  # 2, 3, 4 or 8
     group: int = 128  # input columns per scale and zero point; 0: one group per output channel
-    # rtn | gptq. Measured on SmolLM2-135M (llama branch's decoder, int4 g128, 16 x 512 calibration tokens of
-    # decoder_calibration_text, first 6 windows of 512): perplexity Lee/enwiki FP32 32.99/22.73, RTN 42.87/29.67,
-    # GPTQ 48.53/34.86, although GPTQ lowers every checked linear's held-out output error 2-3x below RTN's.
-    # With only the first 6 blocks quantized (mean NLL on 3 Lee windows; FP32 3.3844): RTN 3.4442, GPTQ 3.4501,
-    # GPTQ + act_order 3.4203, GPTQ damp 0.1 3.4205, GPTQ true_sequential 3.4372: plain GPTQ seems ill-conditioned
-    # on this model's outlier input channels. Until act_order/damp are measured on the whole model, RTN is the default.
-    rounding: str = "rtn"
+    # rtn | gptq. On SmolLM2-135M int4 g128 (BENCHMARKS.md smollm2_weights, 16 windows per text), GPTQ with
+    # act_order is the best measured: Lee/enwiki perplexity x1.233/x1.296 of FP32 against RTN's x1.306/x1.323.
+    # Plain GPTQ measured worse than RTN (first 6 blocks, mean NLL on 3 Lee windows, FP32 3.3844: RTN 3.4442,
+    # GPTQ 3.4501, GPTQ + act_order 3.4203, GPTQ damp 0.1 3.4205, true_sequential 3.4372), although it lowers each
+    # checked linear's held-out output error 2-3x below RTN's: it seems ill-conditioned on the outlier input channels.
+    rounding: str = "gptq"
     damp: float = DAMPING  # GPTQ: fraction of the mean Hessian diagonal added to it
-    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal (static groups)
     # Per group, the clipping ratio (`CLIP_RATIOS`) of least squared weight error. Off: on SmolLM2 int4 g128 RTN
     # it raised perplexity (Lee 42.87 -> 47.80, enwiki 29.67 -> 32.23; it does lower Gaussian weights' error).
     clip_search: bool = False

@@ -67,7 +67,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULTS.rounding, show_default=True,
               help="Weight rounding; auto: GPTQ on the layers where it lowers the error on the validation split "
                    "(and only if the whole model gains), round-to-nearest elsewhere. Decoder LLMs: gptq is GPTQ with "
-                   "act-order; auto is round-to-nearest (the best measured so far).")
+                   "act-order, the best measured on SmolLM2, and also what auto picks.")
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
@@ -142,7 +142,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
 
 def decoder_config(weight_format: str | None, group: int | None, rounding: str) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
-    worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default."""
+    worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
+    the best setting measured there (GPTQ with act-order)."""
     bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
     group = DEFAULT_DECODER_GROUP if group is None else group
     if rounding == "auto":
