@@ -24,9 +24,16 @@ from sections import cpu_info, lowbit_revision, write_section
 
 from lowbit.models.llama import decoder_logits_fn
 from lowbit.models.zoo import get_zoo_entry
-from lowbit.pipeline.decoder import EMBEDDING, EMBEDDING_FORMAT, calibration_windows, paired_ratio, round_decoder
+from lowbit.pipeline.decoder import (
+    EMBEDDING,
+    EMBEDDING_FORMAT,
+    calibration_windows,
+    leading_tokens,
+    paired_ratio,
+    round_decoder,
+)
 from lowbit.quantizer.weight_only import WeightOnlyConfig
-from lowbit.text.perplexity import PerplexityResult, perplexity
+from lowbit.text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 
 # In order of interest: a run cut short still records the first rows (the section is rewritten after each).
 SETTINGS: dict[str, WeightOnlyConfig | None] = {
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     base, tokenizer = zoo.load()
     calibration = zoo.calibration()
     args.calibration_windows = len(calibration_windows(tokenizer, calibration))
-    texts = {name: tokenizer.encode(text()) for name, text in zoo.evaluation.items()}
+    texts = {name: leading_tokens(tokenizer, text(), args.windows * DEFAULT_WINDOW)
+             for name, text in zoo.evaluation.items()}
     params = sum(p.numel() for p in base.parameters())
     rows, reference = [], {}
     for name in args.settings.split(","):

@@ -24,6 +24,7 @@ from lowbit.pipeline.decoder import (
     MANIFEST,
     WEIGHTS_FILE,
     calibration_windows,
+    leading_tokens,
     load_decoder_artifact,
     round_decoder,
 )
@@ -149,3 +150,12 @@ def test_generate(artifact: Path) -> None:
     result = CliRunner().invoke(lowbit, ["generate", str(artifact), "--prompt", "the", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output
+
+
+def test_leading_tokens_are_those_of_the_whole_text() -> None:
+    tokenizer = BpeTokenizer(tiny_vocabulary())
+    text = "the thin theme, then 12345 things. " * 200
+    whole = tokenizer.encode(text)
+    for n in (1, 50, 700):
+        assert leading_tokens(tokenizer, text, n).tolist() == whole[:n].tolist()
+    assert leading_tokens(tokenizer, text, 10**6).tolist() == whole.tolist()

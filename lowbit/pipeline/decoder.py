@@ -131,7 +131,7 @@ def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibratio
     progress = progress or Progress()
     model, tokenizer = loaded
     window = min(DEFAULT_WINDOW, model.config.context_length)
-    texts = {name: tokenizer.encode(text) for name, text in evaluation.items()}
+    texts = {name: leading_tokens(tokenizer, text, report_windows * window) for name, text in evaluation.items()}
     with progress.stage("perplexity (float)"), progress.steps_of("perplexity (float)") as log:
         before = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                   for name, ids in texts.items()}
@@ -143,6 +143,19 @@ def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibratio
     tensors = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name not in weights}
     report = decoder_report(model_name, config, weights, tensors, before, after, progress)
     return DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, config, report)
+
+
+def leading_tokens(tokenizer: BpeTokenizer, text: str, n: int) -> np.ndarray:
+    """The first `n` token ids of `text` (all of them if it has fewer), without tokenizing a long text whole: a
+    prefix of it is tokenized, doubled until it holds more than `n` tokens, so the cut never reaches them."""
+    chars = 8 * n
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if chars >= len(text):
+            return ids
+        if len(ids) > n + 64:  # the last tokens may be cut mid-word; the first n are those of the whole text
+            return ids[:n]
+        chars *= 2
 
 
 def round_decoder(model: LlamaDecoder, tokenizer: BpeTokenizer, config: WeightOnlyConfig, calibration_text: str,
