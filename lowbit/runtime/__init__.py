@@ -5,7 +5,16 @@ Imports only numpy and the TVM runtime (never torch), so a deployment needs just
 runs with numpy alone (`DecoderModel`, plus `safetensors` and `tokenizers`).
 """
 
-from .decoder import DecoderModel
+from typing import Any
+
 from .loader import CompiledModel, load
 
 __all__ = ["CompiledModel", "DecoderModel", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DecoderModel":  # imported on use: a CNN's deployment needs only loader.py
+        from .decoder import DecoderModel
+
+        return DecoderModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

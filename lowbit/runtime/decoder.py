@@ -21,9 +21,8 @@ import numpy as np
 from ..errors import LowbitError
 from ..ir.groupwise_weights import GroupWiseWeights
 from .bpe_tokenizer import BpeTokenizer, Vocabulary
-from .loader import MANIFEST, read_manifest, verify_manifest
+from .loader import DECODER_KIND, MANIFEST, read_manifest, verify_manifest
 
-DECODER_KIND = "decoder"
 DECODER_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"

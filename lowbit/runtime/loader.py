@@ -22,6 +22,7 @@ TVM_DIR = "tvm"
 TVM_META = "tvm.json"
 TVM_FORMAT = "lowbit-tvm-v1"
 MANIFEST = "manifest.json"
+DECODER_KIND = "decoder"  # manifest.json's "kind" of a weight-quantized decoder LLM (runtime/decoder.py)
 # x86 instruction sets that decide whether compiled code can run here, as LLVM names them.
 X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
                 "avxvnni", "avx512bf16", "avx512fp16", "amx-int8", "amx-tile")
@@ -363,9 +364,9 @@ def load(directory: str | Path, verify: bool = True) -> CompiledModel | DecoderM
     A decoder LLM's artifact gives a `DecoderModel` (`.generate(prompt, max_new_tokens=N)`), whose files are
     always checked against the manifest."""
     directory = Path(directory)
-    from .decoder import DecoderModel, is_decoder_artifact
+    if read_manifest(directory).get("kind") == DECODER_KIND:
+        from .decoder import DecoderModel  # on use: a CNN's deployment needs only this file
 
-    if is_decoder_artifact(directory):
         return DecoderModel(directory)
     meta = read_verified_meta(directory, verify)
     _check_device(meta)
