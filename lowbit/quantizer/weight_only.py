@@ -74,8 +74,9 @@ class WeightOnlyConfig:
 
     def describe(self) -> str:
         group = "per channel" if self.group == 0 else f"g{self.group}"
-        extras = [e for e, on in (("act-order", self.act_order), ("clip search", self.clip_search),
-                                  ("true-sequential", self.true_sequential)) if on]
+        gptq = self.rounding == "gptq"  # act-order and true-sequential are GPTQ's; RTN ignores them
+        extras = [e for e, on in (("act-order", gptq and self.act_order), ("clip search", self.clip_search),
+                                  ("true-sequential", gptq and self.true_sequential)) if on]
         return f"int{self.bits} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
 
     def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
