@@ -1,9 +1,10 @@
 """Weight-only quantization of a decoder LLM, and the artifact directory it writes.
 
-`quantize_decoder(model, config)` loads a Llama decoder (zoo:NAME or a .gguf file), rounds the linears of its
-blocks group-wise (`lowbit.quantizer.weight_only`: RTN, or GPTQ's sequential walk on calibration text), rounds the
-token embedding (tied to the LM head in SmolLM2) to `EMBEDDING_FORMAT`, and measures perplexity before and after
-on the first windows of each evaluation text. `DecoderArtifact.save(DIR)` writes, atomically:
+`quantize_decoder_model(model, config)` loads a Llama decoder (zoo:NAME or a .gguf file); `quantize_decoder`
+rounds the linears of its blocks group-wise (`lowbit.quantizer.weight_only`: RTN, or GPTQ's sequential walk on
+calibration text) and the token embedding (tied to the LM head in SmolLM2) to `EMBEDDING_FORMAT`, and measures
+perplexity before and after on the first windows of each evaluation text.
+`DecoderArtifact.save(DIR)` writes, atomically:
 
 - ``config.json``: the `LlamaConfig`;
 - ``weights.safetensors``: every group-wise weight as `GroupWiseWeights.to_tensors` stores it, under
