@@ -27,7 +27,7 @@ DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
 # Options of the integer pipeline that mean nothing for a weight-only decoder (TVM decode kernels: not yet wired).
 DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_drop", "calib_method",
-                   "output_aware_ranges", "smooth", "target", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
+                   "output_aware_ranges", "target", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
                    "onnx_weights", "allow_mismatch")
 
 
@@ -77,7 +77,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
                    "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
                    "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
                    "reported, not applied. default: auto for transformers (graphs that read an attention "
-                   "mask), none for CNNs.")
+                   "mask), none for CNNs. Decoder LLMs: auto or none (SmoothQuant+ before the weight rounding, "
+                   "alpha per group of linears by the rounding's output error).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -111,7 +112,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     if is_decoder(model):
         check_output_dir(output, force)
-        config = decoder_config(weight_format, group, rounding)
+        config = decoder_config(weight_format, group, rounding, smooth)
         _refuse_encoder_options(click.get_current_context(), config.describe())
         quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
         return
@@ -140,16 +141,22 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
 
-def decoder_config(weight_format: str | None, group: int | None, rounding: str) -> WeightOnlyConfig:
+def decoder_config(weight_format: str | None, group: int | None, rounding: str,
+                   smooth: str = DEFAULTS.smooth) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
-    the best setting measured there (GPTQ with act-order)."""
+    the best setting measured there. --smooth: auto searches alpha per fold, none turns smoothing off; not given,
+    `WeightOnlyConfig`'s default."""
     bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
     group = DEFAULT_DECODER_GROUP if group is None else group
+    if smooth not in (DEFAULTS.smooth, "auto", "none"):
+        raise LowbitError(f"--smooth {smooth}: a decoder's smoothing searches alpha per group of linears; give "
+                          "auto or none")
+    smoothing = {} if smooth == DEFAULTS.smooth else {"smooth": smooth == "auto"}
     if rounding == "auto":
-        return WeightOnlyConfig(bits=bits, group=group)
+        return WeightOnlyConfig(bits=bits, group=group, **smoothing)
     return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
-                            act_order=rounding == "gptq")
+                            act_order=rounding == "gptq", **smoothing)
 
 
 def _refuse_encoder_options(ctx: click.Context, what: str) -> None:
