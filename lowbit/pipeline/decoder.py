@@ -269,13 +269,21 @@ def quantize_decoder_model(model: str, config: WeightOnlyConfig, calib: Path | N
     zoo = _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM)
     if Path(model).is_dir():
         raise LowbitError(f"{model}: is a folder; quantize a zoo decoder or a {GGUF_SUFFIX} file")
-    calibration = zoo.calibration() if calib is None else read_text(calib, "calibration")
+    calibration = calibration_text(model, calib)
     with progress.stage("load"):
         progress.echo("load", f"loading {model}")
         loaded = load_decoder(model)
         evaluation = {name: text() for name, text in zoo.evaluation.items()}
     return quantize_decoder(loaded, config, calibration, evaluation, model_name=model,
                             report_windows=report_windows, progress=progress)
+
+
+def calibration_text(model: str, calib: Path | None) -> str:
+    """The text a decoder is calibrated on: the file `calib`, else the zoo's calibration text (for a .gguf, that of
+    DEFAULT_TEXTS_FROM)."""
+    if calib is not None:
+        return read_text(calib, "calibration")
+    return _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM).calibration()
 
 
 def _zoo_decoder(model: str) -> ZooDecoder:

@@ -59,6 +59,8 @@ class WeightOnlyConfig:
     # searched per fold; needs calibration data and the model's folds (e.g. `llama.smoothing_folds`).
     smooth: bool = False
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
+    # A mixed plan: (linear name, bits) pairs overriding `bits` for those linears (`search.decoder_search`).
+    plan: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
@@ -71,8 +73,15 @@ class WeightOnlyConfig:
             raise LowbitError(f"--rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
         if not 0.0 < self.damp < 1.0:
             raise LowbitError(f"GPTQ damping {self.damp}: expected a fraction of the mean Hessian diagonal in (0, 1)")
+        bad = [f"{name}: {bits}" for name, bits in self.plan if bits not in GroupWiseWeights.SUPPORTED_BITS]
+        if bad:
+            raise LowbitError(f"the plan gives unsupported bit-widths ({', '.join(bad[:3])}); group-wise weights "
+                              f"have {', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
         if isinstance(self.skip, str):
             raise LowbitError(f"skip={self.skip!r}: give a tuple of name patterns, not one string")
+
+    def bits_for(self, name: str) -> int:
+        return dict(self.plan).get(name, self.bits)
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group == 0 else self.group
@@ -83,10 +92,19 @@ class WeightOnlyConfig:
         extras = [e for e, on in (("smoothed", self.smooth), ("act-order", gptq and self.act_order),
                                   ("clip search", self.clip_search),
                                   ("true-sequential", gptq and self.true_sequential)) if on]
-        return f"int{self.bits} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
+        if self.plan:
+            counts = {b: sum(1 for _, pb in self.plan if pb == b) for b in sorted({b for _, b in self.plan})}
+            width = "mixed (" + ", ".join(f"{n} linears int{b}" for b, n in counts.items()) + ")"
+        else:
+            width = f"int{self.bits}"
+        return f"{width} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
 
     def with_rounding(self, rounding: str) -> WeightOnlyConfig:
         return dataclasses.replace(self, rounding=rounding)
+
+    def for_linear(self, name: str) -> WeightOnlyConfig:
+        """The uniform config that rounds linear `name` (its bits from the plan)."""
+        return dataclasses.replace(self, bits=self.bits_for(name), plan=()) if self.plan else self
 
     def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
         """One weight [out, in] (stacked rows of linears that share `h`), by this config's rounding."""
@@ -115,12 +133,17 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
         raise LowbitError("smoothing needs the model's folds (where each linear's input scale is undone); pass "
                           "folds=, e.g. lowbit.models.llama.smoothing_folds, or turn smoothing off")
     linears = _block_linears(model, blocks, config.skip)
+    unknown = sorted(set(dict(config.plan)) - {name for named in linears for name, _ in named})
+    if unknown:
+        raise LowbitError(f"the plan names {len(unknown)} linear(s) that are not block linears of this model "
+                          f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); was it searched for "
+                          "another model?")
     result: dict[str, GroupWiseWeights] = {}
     if config.rounding == "rtn" and not config.smooth:
         for b, named in enumerate(linears):
             log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
             for name, linear in named:
-                result[name] = _write(linear, config.round(linear.weight.detach(), None))
+                result[name] = _write(linear, config.for_linear(name).round(linear.weight.detach(), None))
         return result
     with torch.no_grad():
         inputs = _capture_block_inputs(model, blocks[0], calibration, forward or _default_forward)
@@ -179,10 +202,16 @@ def _smooth_block(config: WeightOnlyConfig, modules: dict[str, nn.Linear],
 
 def _round_stack(config: WeightOnlyConfig, modules: dict[str, nn.Linear], names: tuple[str, ...],
                  hessian: torch.Tensor) -> dict[str, GroupWiseWeights]:
-    """Round the linears `names` (that share `hessian`) as one stack of rows; write each one's weights in place."""
-    stacked = torch.cat([modules[n].weight.detach() for n in names])
-    parts = _split_rows(config.round(stacked, hessian), [modules[n].out_features for n in names])
-    return {name: _write(modules[name], part) for name, part in zip(names, parts, strict=True)}
+    """Round the linears `names` (that share `hessian`) as one stack of rows per bit-width; write each one's weights
+    in place."""
+    result = {}
+    for bits in dict.fromkeys(config.bits_for(n) for n in names):
+        same = [n for n in names if config.bits_for(n) == bits]
+        stacked = torch.cat([modules[n].weight.detach() for n in same])
+        rounded = config.for_linear(same[0]).round(stacked, hessian)
+        parts = _split_rows(rounded, [modules[n].out_features for n in same])
+        result.update({name: _write(modules[name], part) for name, part in zip(same, parts, strict=True)})
+    return {name: result[name] for name in names}
 
 
 def _default_forward(model: nn.Module, sample: Any) -> object:
