@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.numpy import load_file
 from test_llama import tiny_vocabulary, write_gguf  # pytest puts tests/ on the path (no package there)
 
 from lowbit.cli.main import lowbit
@@ -133,6 +134,22 @@ def test_numpy_runtime_matches_the_torch_model(artifact: Path) -> None:
     cache = runtime.new_cache()
     steps = [runtime.logits(ids[:5], cache)] + [runtime.logits(ids[i:i + 1], cache) for i in range(5, len(ids))]
     np.testing.assert_allclose(np.concatenate(steps), got, rtol=0, atol=1e-4 * np.abs(got).max())
+
+
+def test_float_minimum_artifact_runs_in_the_runtime(tiny_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fmin"
+    result = CliRunner().invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(out), "--weights", "int4", "--group",
+                                         "16", "--rounding", "nearest", "--zero-point", "float"])
+    assert result.exit_code == 0, result.output
+    arrays = load_file(str(out / WEIGHTS_FILE))
+    assert "layers.0.mlp.up_proj.weight.mins" in arrays and "layers.0.mlp.up_proj.weight.qzeros" not in arrays
+    assert "float min" in json.loads((out / "report.json").read_text())["weights"]
+    model, tokenizer = load_decoder_artifact(out)
+    ids = tokenizer.encode("the theme of the thin thing")
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(ids[None, :]))[0].numpy()
+    got = load(out).logits(ids)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 def test_generate(artifact: Path) -> None:

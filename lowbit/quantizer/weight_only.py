@@ -52,6 +52,9 @@ class WeightOnlyConfig:
     # Per group, the clipping ratio (`CLIP_RATIOS`) of least squared weight error. Off: on SmolLM2 int4 g128 RTN
     # it raised perplexity (Lee 42.87 -> 47.80, enwiki 29.67 -> 32.23; it does lower Gaussian weights' error).
     clip_search: bool = False
+    # Per group a float minimum and scale (float16, as GGUF's Q4_1) instead of an integer zero point and float32
+    # scale (`GroupWiseWeights`).
+    float_minimum: bool = False
     # GPTQ: within a block, each set of linears reading one input gets its Hessian after the sets before it are
     # quantized (q/k/v, then o on their quantized attention, ...), as GPTQ's LLaMA script; one forward per set.
     true_sequential: bool = False
@@ -89,7 +92,8 @@ class WeightOnlyConfig:
     def describe(self) -> str:
         group = "per channel" if self.group == 0 else f"g{self.group}"
         gptq = self.rounding == "gptq"  # act-order and true-sequential are GPTQ's; RTN ignores them
-        extras = [e for e, on in (("smoothed", self.smooth), ("act-order", gptq and self.act_order),
+        extras = [e for e, on in (("float min", self.float_minimum), ("smoothed", self.smooth),
+                                  ("act-order", gptq and self.act_order),
                                   ("clip search", self.clip_search),
                                   ("true-sequential", gptq and self.true_sequential)) if on]
         if self.plan:
@@ -111,9 +115,10 @@ class WeightOnlyConfig:
         group = self.group_for(w.shape[1])
         ratios = CLIP_RATIOS if self.clip_search else (1.0,)
         if self.rounding == "rtn":
-            return rtn_groupwise(w, self.bits, group, ratios, h if self.clip_search else None)
+            return rtn_groupwise(w, self.bits, group, ratios, h if self.clip_search else None, self.float_minimum)
         assert h is not None, "GPTQ needs the linear's input Hessian"
-        return gptq_groupwise(w, h, self.bits, group, self.damp, act_order=self.act_order, clip_ratios=ratios)
+        return gptq_groupwise(w, h, self.bits, group, self.damp, act_order=self.act_order, clip_ratios=ratios,
+                              float_minimum=self.float_minimum)
 
 
 def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: WeightOnlyConfig,
@@ -327,8 +332,9 @@ def _split_rows(weights: GroupWiseWeights, rows: list[int]) -> list[GroupWiseWei
     parts, start = [], 0
     for n in rows:
         s = slice(start, start + n)
-        parts.append(GroupWiseWeights(weights.values[s], weights.scale[s], weights.zero[s], weights.bits,
-                                      weights.group))
+        parts.append(GroupWiseWeights(weights.values[s], weights.scale[s],
+                                      None if weights.zero is None else weights.zero[s], weights.bits,
+                                      weights.group, None if weights.minimum is None else weights.minimum[s]))
         start += n
     return parts
 

@@ -56,6 +56,10 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--group", type=click.IntRange(min=0),
               help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
                    "Default 128.")
+@click.option("--zero-point", type=click.Choice(("int", "float")),
+              help="Decoder LLMs: per group an integer zero point with a float32 scale (int, the default), or a "
+                   "float16 minimum and scale as GGUF's Q4_1 (float; lossless at --group 32 on SmolLM2, whose "
+                   "released weights are Q4_1, but worse than int at group 128: BENCHMARKS.md smollm2_weights).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
@@ -98,7 +102,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
                      factory: str | None, bits: int, weight_format: str | None, group: int | None,
-                     plan_path: Path | None, max_drop: str | None,
+                     zero_point: str | None, plan_path: Path | None, max_drop: str | None,
                      calib_method: str, rounding: str, output_aware_ranges: bool, smooth: str, seed: int,
                      target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
@@ -113,13 +117,13 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     if is_decoder(model):
         check_output_dir(output, force)
-        config = decoder_config(weight_format, group, rounding, smooth, plan_path)
+        config = decoder_config(weight_format, group, rounding, smooth, plan_path, zero_point == "float")
         _refuse_encoder_options(click.get_current_context(), config.describe())
         quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
         return
-    if weight_format is not None or group is not None:
-        raise LowbitError(f"--weights and --group are for decoder LLMs (zoo:smollm2_135m, a .gguf file); {model} "
-                          "is quantized to integers by --bits / --plan")
+    if weight_format is not None or group is not None or zero_point is not None:
+        raise LowbitError(f"--weights, --group and --zero-point are for decoder LLMs (zoo:smollm2_135m, a .gguf "
+                          f"file); {model} is quantized to integers by --bits / --plan")
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
                          output_aware_ranges=output_aware_ranges, smooth=smooth, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
@@ -143,7 +147,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
 
 
 def decoder_config(weight_format: str | None, group: int | None, rounding: str,
-                   smooth: str = DEFAULTS.smooth, plan_path: Path | None = None) -> WeightOnlyConfig:
+                   smooth: str = DEFAULTS.smooth, plan_path: Path | None = None,
+                   float_minimum: bool = False) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
     the best setting measured there. --smooth: auto searches alpha per fold, none turns smoothing off; not given,
@@ -162,6 +167,7 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
                           "auto or none")
     extra: dict = {} if smooth == DEFAULTS.smooth else {"smooth": smooth == "auto"}
     extra["plan"] = tuple(plan.items())
+    extra["float_minimum"] = float_minimum
     if rounding == "auto":
         return WeightOnlyConfig(bits=bits, group=group, **extra)
     return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
