@@ -58,14 +58,15 @@ def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> No
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["kind"] == "decoder" and manifest["weights"]["bits"] == 4 and manifest["weights"]["group"] == 16
     assert manifest["weights"]["rounding"] == "gptq" and manifest["weights"]["act_order"]
+    assert manifest["weights"]["smooth"]  # the decoder default
     report = json.loads((artifact / "report.json").read_text())
     assert set(report["perplexity"]) == {"lee", "enwiki"}
+    assert len(report["smoothing"]["folds"]) == 4 * 2  # four folds per block, two blocks
     assert all(np.isfinite(p["ratio"]) for p in report["perplexity"].values())
     # The same rounding applied here gives the same model the artifact loads, logits bit for bit.
     model, tokenizer = load_llama_gguf(tiny_gguf)
-    weights = round_decoder(model, tokenizer, WeightOnlyConfig(bits=4, group=16, rounding="gptq", act_order=True),
-                            CALIBRATION,
-                            window=model.config.context_length)
+    config = WeightOnlyConfig(bits=4, group=16, rounding="gptq", act_order=True, smooth=True)
+    weights = round_decoder(model, tokenizer, config, CALIBRATION, window=model.config.context_length)
     loaded, loaded_tokenizer = load_decoder_artifact(artifact)
     ids = torch.from_numpy(tokenizer.encode("the cat sat on the mat, then the dog")[None, :])
     with torch.inference_mode():
@@ -109,6 +110,10 @@ def test_bad_options_are_refused(tiny_gguf: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "decoder LLMs" in result.output
     result = runner.invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(tmp_path / "c"), "--weights", "int5"])
     assert result.exit_code != 0
+    result = runner.invoke(lowbit, ["quantize", str(tiny_gguf), "-o", str(tmp_path / "d"), "--smooth", "0.5"])
+    assert result.exit_code != 0 and "auto or none" in result.output
+    result = runner.invoke(lowbit, ["quantize", "zoo:small_cnn", "-o", str(tmp_path / "e"), "--zero-point", "float"])
+    assert result.exit_code != 0 and "decoder LLMs" in result.output
     assert not any(tmp_path.iterdir())  # nothing written half-way
 
 

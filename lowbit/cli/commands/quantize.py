@@ -82,8 +82,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
                    "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
                    "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
                    "reported, not applied. default: auto for transformers (graphs that read an attention "
-                   "mask), none for CNNs. Decoder LLMs: auto or none (SmoothQuant+ before the weight rounding, "
-                   "alpha per group of linears by the rounding's output error).")
+                   "mask), none for CNNs. Decoder LLMs: auto (default) or none: SmoothQuant+ before the weight "
+                   "rounding, alpha per group of linears by the rounding's output error.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -151,8 +151,8 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
                    float_minimum: bool = False) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
-    the best setting measured there. --smooth: auto searches alpha per fold, none turns smoothing off; not given,
-    `WeightOnlyConfig`'s default."""
+    the best setting measured there. --smooth: auto (the default) searches alpha per fold, none turns smoothing
+    off."""
     bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
     plan: dict[str, int] = {}
     if plan_path is not None:  # a mixed plan from `lowbit search`; --weights sets the linears it does not name
@@ -165,7 +165,7 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
     if smooth not in (DEFAULTS.smooth, "auto", "none"):
         raise LowbitError(f"--smooth {smooth}: a decoder's smoothing searches alpha per group of linears; give "
                           "auto or none")
-    extra: dict = {} if smooth == DEFAULTS.smooth else {"smooth": smooth == "auto"}
+    extra: dict = {"smooth": smooth != "none"}  # on by default: it lowered INT4 perplexity (smollm2_weights)
     extra["plan"] = tuple(plan.items())
     extra["float_minimum"] = float_minimum
     if rounding == "auto":
