@@ -105,7 +105,7 @@ class TvmDecoder:
         self._cache = [(tvm.runtime.empty(cache_shape, "float32"), tvm.runtime.empty(cache_shape, "float32"))
                        for _ in self._layers]
         self._buffers = {m: self._activations(m) for m in sorted({1, self.chunk})}
-        self._logits = tvm.runtime.empty((1, int(s["vocab"])), "float32")
+        self._logits = tvm.runtime.empty((1, -(-int(s["vocab"]) // LANES) * LANES), "float32")  # padded rows
         self._last = tvm.runtime.empty((1, int(s["hidden"])), "float32")
         self.position = 0
 
@@ -148,7 +148,7 @@ class TvmDecoder:
             done += m
         self._fn[f"final_norm_{m}"](self._buffers[m]["x"], self._final_norm, self._last, m - 1)
         self._fn["lm_head"](self._last, *self._head, self._logits)
-        return self._logits.numpy()[0]
+        return self._logits.numpy()[0, :vocab]
 
     def _forward(self, ids: np.ndarray, m: int) -> None:
         b, f, pos = self._buffers[m], self._fn, self.position

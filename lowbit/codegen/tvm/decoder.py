@@ -61,6 +61,11 @@ class DecoderShapes:
         return self.hidden // self.heads
 
     @property
+    def vocab_padded(self) -> int:
+        """LM head rows as the int8 GEMV computes them: the vocabulary padded to whole vectors of 8."""
+        return -(-self.vocab // 8) * 8
+
+    @property
     def qkv(self) -> int:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
@@ -93,7 +98,7 @@ def decoder_shapes(config: dict[str, Any], group: int, embedding_group: int, thr
 
 def decoder_module(s: DecoderShapes) -> tvm.IRModule:
     """Every kernel of a decode step (M = 1) and a prefill chunk (M = s.chunk), named `<kernel>_<M>`."""
-    funcs = {"lm_head": gemv_int8_func(Int8GemvPlan.of(1, s.hidden, s.vocab, s.embedding_group, s.threads))}
+    funcs = {"lm_head": gemv_int8_func(Int8GemvPlan.of(1, s.hidden, s.vocab_padded, s.embedding_group, s.threads))}
     for m in sorted({1, s.chunk}):
         def int4(k: int, n: int, accumulate: bool = False, m: int = m) -> Any:
             return gemv_int4_func(Int4GemvPlan.of(m, k, n, s.group, s.threads, accumulate=accumulate))
@@ -133,7 +138,8 @@ def pack_decoder(config: dict[str, Any], weights: dict[str, GroupWiseWeights],
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             out[f"layers.{i}.{norm}"] = tensors[f"layers.{i}.{norm}"]
     e = weights["embed_tokens.weight"]
-    head = pack_int8_gemv(e.values, e.scale, e.zero, e.group)
+    pad = ((0, -len(e.values) % 8), (0, 0))  # zero rows (scale 0): logits the runtime drops
+    head = pack_int8_gemv(np.pad(e.values, pad), np.pad(e.scale, pad), np.pad(e.zero, pad), e.group)
     out.update({"lm_head.w": head.w, "lm_head.scale": head.scale, "lm_head.neg_zs": head.neg_zs,
                 "norm.weight": tensors["norm.weight"]})
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

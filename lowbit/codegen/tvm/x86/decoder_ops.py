@@ -85,7 +85,7 @@ def rope_cache_func(m: int, heads: int, kv_heads: int, head_dim: int, context: i
 @functools.cache
 def attention_func(m: int, heads: int, kv_heads: int, head_dim: int, context: int,
                    num_threads: int) -> tirx.PrimFunc:
-    """(Q [m, heads head_dim], KC, VC [kv_heads, context, head_dim], S [m heads, context] (scratch), O [m, heads
+    """(Q [m, heads head_dim], KC, VC [kv_heads, context, head_dim], S [m heads, context] (scratch), OUT [m, heads
     head_dim], pos): row r of query head h attends to cache positions 0 .. pos + r of KV head h // (heads /
     kv_heads), softmax(q k^T / sqrt(head_dim)) v. Parallel over (row, head) pairs; three passes over the keys
     (scores and their max, exponentials and their sum, the weighted values)."""
@@ -95,7 +95,7 @@ def attention_func(m: int, heads: int, kv_heads: int, head_dim: int, context: in
     @T.prim_func(private=True)
     def func(Q: T.Buffer((m, heads * head_dim), "float32"), KC: T.Buffer((kv_heads, context, head_dim), "float32"),
              VC: T.Buffer((kv_heads, context, head_dim), "float32"), S: T.Buffer((m * heads, context), "float32"),
-             O: T.Buffer((m, heads * head_dim), "float32"), pos: T.int32):
+             OUT: T.Buffer((m, heads * head_dim), "float32"), pos: T.int32):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(m * heads):
             acc = T.alloc_buffer((LANES,), "float32", scope="local")
@@ -124,7 +124,7 @@ def attention_func(m: int, heads: int, kv_heads: int, head_dim: int, context: in
                     out[T.ramp(v * LANES, 1, LANES)] = out[T.ramp(v * LANES, 1, LANES)] + (
                         T.broadcast(S[t, j], LANES) * VC[kv, j, T.ramp(v * LANES, 1, LANES)])
             for v in T.unroll(vecs):
-                O[r, T.ramp(h * head_dim + v * LANES, 1, LANES)] = (
+                OUT[r, T.ramp(h * head_dim + v * LANES, 1, LANES)] = (
                     out[T.ramp(v * LANES, 1, LANES)] * T.broadcast(T.float32(1) / total[0], LANES))
 
     return func
