@@ -100,19 +100,20 @@ def _rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(("m", "pos"), [(1, 0), (1, 13), (4, 9)])
+@pytest.mark.parametrize(("m", "pos"), [(1, 0), (1, 40), (4, 29)])
 def test_rope_cache_and_attention(m: int, pos: int) -> None:
     """m rows at positions pos .. pos + m - 1 after `pos` cached ones: causal grouped-query attention (6 query
     heads on 2 KV heads of 16) against float64 numpy."""
-    heads, kv_heads, d, context = 6, 2, 16, 24
+    heads, kv_heads, d, context = 6, 2, 16, 64  # 41 and 33 keys: a full block of 32 and a masked one
     rng = np.random.default_rng(m + pos)
     qkv = rng.standard_normal((m, (heads + 2 * kv_heads) * d)).astype(np.float32)
     angles = np.arange(context)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    keys = rng.standard_normal((kv_heads, context, d)).astype(np.float32)  # positions < pos: the cache so far
+    keys = rng.standard_normal((kv_heads, d, context)).astype(np.float32)  # positions < pos: the cache so far
     values = rng.standard_normal((kv_heads, context, d)).astype(np.float32)
-    _, _, _, keys_out, values_out, q = _call(rope_cache_func(m, heads, kv_heads, d, context), qkv, cos, sin,
-                                             keys.copy(), values.copy(), np.zeros((m, heads * d), np.float32), pos)
+    _, _, _, keys_t, values_out, q = _call(rope_cache_func(m, heads, kv_heads, d, context), qkv, cos, sin,
+                                           keys.copy(), values.copy(), np.zeros((m, heads * d), np.float32), pos)
+    keys_out = keys_t.transpose(0, 2, 1)  # [kv, position, d]
     positions = np.arange(pos, pos + m).astype(np.float64)
     q64 = _rope(qkv[:, :heads * d].reshape(m, heads, d).astype(np.float64), positions, 10000.0)
     k64 = _rope(qkv[:, heads * d:(heads + kv_heads) * d].reshape(m, kv_heads, d).astype(np.float64), positions,
@@ -121,9 +122,9 @@ def test_rope_cache_and_attention(m: int, pos: int) -> None:
     np.testing.assert_allclose(q, q64.reshape(m, -1), rtol=0, atol=1e-5)
     np.testing.assert_allclose(keys_out[:, pos:pos + m], k64.transpose(1, 0, 2), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(values_out[:, pos:pos + m], v64.transpose(1, 0, 2))
-    np.testing.assert_array_equal(keys_out[:, :pos], keys[:, :pos])  # the cache before pos is kept
+    np.testing.assert_array_equal(keys_t[:, :, :pos], keys[:, :, :pos])  # the cache before pos is kept
 
-    out = _call(attention_func(m, heads, kv_heads, d, context, 2), q, keys_out, values_out,
+    out = _call(attention_func(m, heads, kv_heads, d, context, 2), q, keys_t, values_out,
                 np.zeros((m * heads, context), np.float32), np.zeros((m, heads * d), np.float32), pos)[-1]
     k_all, v_all = keys_out.astype(np.float64), values_out.astype(np.float64)
     for r in range(m):

@@ -2,7 +2,8 @@
 
 The artifact's ``decoder.so`` (built at quantize time by `lowbit.codegen.tvm.decoder`, which documents the
 kernels) and ``decoder_tvm.safetensors`` (the weights in the kernels' layouts) are loaded with the TVM runtime
-alone (no torch, no compiler). Activations, the KV cache ([kv_heads, context, head_dim] per layer) and the
+alone (no torch, no compiler). Activations, the KV cache (per layer: keys [kv_heads, head_dim, context], values
+[kv_heads, context, head_dim]) and the
 scratch of attention are allocated once; Python calls the kernels layer by layer (9 calls per layer), which
 costs a few microseconds per call. The embedding lookup dequantizes the token's row of the tied int8 LM head in
 numpy. Logits agree with the numpy runtime (`DecoderModel`) to float32 rounding: the kernels sum in other orders
@@ -101,9 +102,9 @@ class TvmDecoder:
             -np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         angles = np.arange(self.context, dtype=np.float64)[:, None] * inv_freq[None, :]
         self._cos, self._sin = t(np.cos(angles).astype(np.float32)), t(np.sin(angles).astype(np.float32))
-        cache_shape = (int(s["kv_heads"]), self.context, head_dim)
-        self._cache = [(tvm.runtime.empty(cache_shape, "float32"), tvm.runtime.empty(cache_shape, "float32"))
-                       for _ in self._layers]
+        kv = int(s["kv_heads"])  # keys transposed [kv, head_dim, context]: attention scores contiguous keys
+        self._cache = [(tvm.runtime.empty((kv, head_dim, self.context), "float32"),
+                        tvm.runtime.empty((kv, self.context, head_dim), "float32")) for _ in self._layers]
         self._buffers = {m: self._activations(m) for m in sorted({1, self.chunk})}
         self._logits = tvm.runtime.empty((1, -(-int(s["vocab"]) // LANES) * LANES), "float32")  # padded rows
         self._last = tvm.runtime.empty((1, int(s["hidden"])), "float32")

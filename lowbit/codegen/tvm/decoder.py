@@ -29,7 +29,7 @@ from ...io import write_json
 from ...ir.groupwise_weights import GroupWiseWeights
 from ...runtime.decoder_tvm import LIBRARY, META, PACKED, TVM_DECODER_FORMAT
 from .target import parse_target, required_features, target_string
-from .x86.decoder_ops import attention_func, rmsnorm_func, rope_cache_func, silu_mul_func
+from .x86.decoder_ops import KEYS, attention_func, rmsnorm_func, rope_cache_func, silu_mul_func
 from .x86.gemv_int4 import Int4GemvPlan, gemv_int4_func
 from .x86.gemv_int8 import Int8GemvPlan, gemv_int8_func, pack_int8_gemv
 from .x86.int4_groups import pack_int4_gemv
@@ -86,6 +86,8 @@ def supports(config: dict[str, Any], weights: dict[str, GroupWiseWeights]) -> st
     if hidden % 8 or int(config["intermediate_size"]) % 8 or hidden % heads or (hidden // heads) % 8 \
             or heads % int(config["num_kv_heads"]) or next(iter(formats))[1] % 8:
         return "the TVM kernels need hidden, intermediate and head sizes and the group in multiples of 8"
+    if int(config["context_length"]) % KEYS:
+        return f"the TVM attention kernel needs a context length that is a multiple of {KEYS}"
     return None
 
 

@@ -49,16 +49,17 @@ def rmsnorm_func(m_in: int, m_out: int, dim: int, eps: float) -> tirx.PrimFunc:
 
 @functools.cache
 def rope_cache_func(m: int, heads: int, kv_heads: int, head_dim: int, context: int) -> tirx.PrimFunc:
-    """(QKV [m, (heads + 2 kv_heads) head_dim], COS, SIN [context, head_dim / 2], KC, VC [kv_heads, context,
-    head_dim], Q [m, heads head_dim], pos): rotate adjacent pairs of q and k by position pos + row (llama.cpp's
-    layout), write q to Q and k, v into the caches at pos + row."""
+    """(QKV [m, (heads + 2 kv_heads) head_dim], COS, SIN [context, head_dim / 2], KT [kv_heads, head_dim,
+    context], V [kv_heads, context, head_dim], Q [m, heads head_dim], pos): rotate adjacent pairs of q and k by
+    position pos + row (llama.cpp's layout), write q to Q and k, v into the caches at pos + row (keys transposed:
+    attention scores contiguous keys)."""
     half, rotated = head_dim // 2, heads + kv_heads
     width = (heads + 2 * kv_heads) * head_dim
 
     @T.prim_func(private=True)
     def func(QKV: T.Buffer((m, width), "float32"), COS: T.Buffer((context, half), "float32"),
-             SIN: T.Buffer((context, half), "float32"), KC: T.Buffer((kv_heads, context, head_dim), "float32"),
-             VC: T.Buffer((kv_heads, context, head_dim), "float32"), Q: T.Buffer((m, heads * head_dim), "float32"),
+             SIN: T.Buffer((context, half), "float32"), KT: T.Buffer((kv_heads, head_dim, context), "float32"),
+             V: T.Buffer((kv_heads, context, head_dim), "float32"), Q: T.Buffer((m, heads * head_dim), "float32"),
              pos: T.int32):
         T.func_attr({"tirx.noalias": True})
         for r in T.serial(m):
@@ -72,60 +73,96 @@ def rope_cache_func(m: int, heads: int, kv_heads: int, head_dim: int, context: i
                         Q[r, h * head_dim + 2 * i] = x0 * c - x1 * s
                         Q[r, h * head_dim + 2 * i + 1] = x0 * s + x1 * c
                     else:
-                        KC[h - heads, pos + r, 2 * i] = x0 * c - x1 * s
-                        KC[h - heads, pos + r, 2 * i + 1] = x0 * s + x1 * c
+                        KT[h - heads, 2 * i, pos + r] = x0 * c - x1 * s
+                        KT[h - heads, 2 * i + 1, pos + r] = x0 * s + x1 * c
             for kv in T.serial(kv_heads):
                 for d in T.serial(head_dim // LANES):
-                    VC[kv, pos + r, T.ramp(d * LANES, 1, LANES)] = QKV[r, T.ramp(
+                    V[kv, pos + r, T.ramp(d * LANES, 1, LANES)] = QKV[r, T.ramp(
                         (rotated + kv) * head_dim + d * LANES, 1, LANES)]
 
     return func
 
 
+KEYS = 4 * LANES  # keys scored per block of the attention kernel (the cache's context must be a multiple)
+
+
+def _exp8(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """exp of float32x8 x <= 0 (softmax's x - max): 2^n * p(r), r = x - n ln 2 in two parts (Cody-Waite), p
+    Cephes' degree-6 expf polynomial (relative error about 1e-7); below -87 it flushes to about 1e-38."""
+    x = T.max(x, T.broadcast(T.float32(-87.0), LANES))
+    n = T.floor(x * T.broadcast(T.float32(1.44269504), LANES) + T.broadcast(T.float32(0.5), LANES))
+    r = x - n * T.broadcast(T.float32(0.693359375), LANES) + n * T.broadcast(T.float32(2.12194440e-4), LANES)
+    p = T.broadcast(T.float32(1.9875691500e-4), LANES)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + T.broadcast(T.float32(c), LANES)
+    y = p * r * r + r + T.broadcast(T.float32(1), LANES)
+    two_n = T.reinterpret("float32x8", T.shift_left(T.Cast("int32x8", n) + T.broadcast(T.int32(127), LANES),
+                                                    T.broadcast(T.int32(23), LANES)))
+    return y * two_n
+
+
 @functools.cache
 def attention_func(m: int, heads: int, kv_heads: int, head_dim: int, context: int,
                    num_threads: int) -> tirx.PrimFunc:
-    """(Q [m, heads head_dim], KC, VC [kv_heads, context, head_dim], S [m heads, context] (scratch), OUT [m, heads
-    head_dim], pos): row r of query head h attends to cache positions 0 .. pos + r of KV head h // (heads /
-    kv_heads), softmax(q k^T / sqrt(head_dim)) v. Parallel over (row, head) pairs; three passes over the keys
-    (scores and their max, exponentials and their sum, the weighted values)."""
-    vecs, group = head_dim // LANES, heads // kv_heads
+    """(Q [m, heads head_dim], KT [kv_heads, head_dim, context] (keys transposed), V [kv_heads, context,
+    head_dim], S [m heads, context] (scratch), OUT [m, heads head_dim], pos): row r of query head h attends to
+    cache positions 0 .. pos + r of KV head h // (heads / kv_heads), softmax(q k^T / sqrt(head_dim)) v.
+
+    Parallel over (row, head) pairs, three passes: scores of KEYS keys at a time (keys are contiguous in KT, so
+    a score vector is head_dim FMAs, no horizontal sums; positions past the row's last are masked), exponentials
+    (vectorized, `_exp8`) and their sum, then the values weighted one key at a time."""
+    vecs, group, blocks = head_dim // LANES, heads // kv_heads, KEYS // LANES
     scale = float(head_dim) ** -0.5
+    lowest = T.min_value("float32")
 
     @T.prim_func(private=True)
-    def func(Q: T.Buffer((m, heads * head_dim), "float32"), KC: T.Buffer((kv_heads, context, head_dim), "float32"),
-             VC: T.Buffer((kv_heads, context, head_dim), "float32"), S: T.Buffer((m * heads, context), "float32"),
+    def func(Q: T.Buffer((m, heads * head_dim), "float32"), KT: T.Buffer((kv_heads, head_dim, context), "float32"),
+             V: T.Buffer((kv_heads, context, head_dim), "float32"), S: T.Buffer((m * heads, context), "float32"),
              OUT: T.Buffer((m, heads * head_dim), "float32"), pos: T.int32):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(m * heads):
-            acc = T.alloc_buffer((LANES,), "float32", scope="local")
+            acc = T.alloc_buffer((KEYS,), "float32", scope="local")
+            top = T.alloc_buffer((LANES,), "float32", scope="local")
             out = T.alloc_buffer((head_dim,), "float32", scope="local")
-            mx = T.alloc_buffer((1,), "float32", scope="local")
-            total = T.alloc_buffer((1,), "float32", scope="local")
             r = T.meta_var(t // heads)
             h = T.meta_var(t % heads)
             kv = T.meta_var(t % heads // group)
-            mx[0] = T.min_value("float32")
-            for j in T.serial(pos + r + 1):
-                acc[T.ramp(0, 1, LANES)] = Q[r, T.ramp(h * head_dim, 1, LANES)] * KC[kv, j, T.ramp(0, 1, LANES)]
-                for v in T.unroll(1, vecs):
-                    acc[T.ramp(0, 1, LANES)] = acc[T.ramp(0, 1, LANES)] + (
-                        Q[r, T.ramp(h * head_dim + v * LANES, 1, LANES)] * KC[kv, j, T.ramp(v * LANES, 1, LANES)])
-                S[t, j] = _hsum(acc) * T.float32(scale)
-                mx[0] = T.max(mx[0], S[t, j])
-            total[0] = T.float32(0)
-            for j in T.serial(pos + r + 1):
-                S[t, j] = T.exp(S[t, j] - mx[0])
-                total[0] = total[0] + S[t, j]
+            length = T.meta_var(pos + r + 1)
+            top[T.ramp(0, 1, LANES)] = T.broadcast(lowest, LANES)
+            for b in T.serial((length + KEYS - 1) // KEYS):
+                for a in T.unroll(blocks):
+                    acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                for d in T.unroll(head_dim):
+                    for a in T.unroll(blocks):
+                        acc[T.ramp(a * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "float32x8", "llvm.fma.v8f32", T.broadcast(Q[r, h * head_dim + d], LANES),
+                            KT[kv, d, T.ramp(b * KEYS + a * LANES, 1, LANES)], acc[T.ramp(a * LANES, 1, LANES)])
+                for a in T.unroll(blocks):
+                    S[t, T.ramp(b * KEYS + a * LANES, 1, LANES)] = T.Select(
+                        T.ramp(b * KEYS + a * LANES, 1, LANES) < T.broadcast(length, LANES),
+                        acc[T.ramp(a * LANES, 1, LANES)] * T.broadcast(T.float32(scale), LANES),
+                        T.broadcast(lowest, LANES))
+                    top[T.ramp(0, 1, LANES)] = T.max(top[T.ramp(0, 1, LANES)],
+                                                     S[t, T.ramp(b * KEYS + a * LANES, 1, LANES)])
+            top[0] = T.max(T.max(T.max(top[0], top[4]), T.max(top[1], top[5])),
+                           T.max(T.max(top[2], top[6]), T.max(top[3], top[7])))
+            acc[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+            for b in T.serial((length + LANES - 1) // LANES):
+                S[t, T.ramp(b * LANES, 1, LANES)] = T.Select(
+                    T.ramp(b * LANES, 1, LANES) < T.broadcast(length, LANES),
+                    _exp8(S[t, T.ramp(b * LANES, 1, LANES)] - T.broadcast(top[0], LANES)),
+                    T.broadcast(T.float32(0), LANES))
+                acc[T.ramp(0, 1, LANES)] = acc[T.ramp(0, 1, LANES)] + S[t, T.ramp(b * LANES, 1, LANES)]
             for v in T.unroll(vecs):
                 out[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-            for j in T.serial(pos + r + 1):
+            for j in T.serial(length):
                 for v in T.unroll(vecs):
-                    out[T.ramp(v * LANES, 1, LANES)] = out[T.ramp(v * LANES, 1, LANES)] + (
-                        T.broadcast(S[t, j], LANES) * VC[kv, j, T.ramp(v * LANES, 1, LANES)])
+                    out[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                        "float32x8", "llvm.fma.v8f32", T.broadcast(S[t, j], LANES),
+                        V[kv, j, T.ramp(v * LANES, 1, LANES)], out[T.ramp(v * LANES, 1, LANES)])
             for v in T.unroll(vecs):
                 OUT[r, T.ramp(h * head_dim + v * LANES, 1, LANES)] = (
-                    out[T.ramp(v * LANES, 1, LANES)] * T.broadcast(T.float32(1) / total[0], LANES))
+                    out[T.ramp(v * LANES, 1, LANES)] * T.broadcast(T.float32(1) / _hsum(acc), LANES))
 
     return func
 

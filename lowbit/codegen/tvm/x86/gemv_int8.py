@@ -2,7 +2,8 @@
 
 The sibling of `gemv_int4` for 8-bit values: y[m, o] = sum_i x[m, i] * (q[o, i] - z[o, g(i)]) * s[o, g(i)],
 x and y float32, q and z in [0, 255]. Per group the kernel accumulates sum_i q * x in float32 lanes (8 output
-channels per vector), the bytes unpacked in registers (shift, mask, int -> float), and folds the group into the
+channels per vector), the bytes unpacked in registers (one mask or shift, int -> float: byte j is read in place
+as q * 256^j against x prescaled by 256^-j, as `gemv_int4` does with nibbles), and folds the group into the
 output with two FMAs: + s * dot and + (-z * s) * sum_i x.
 
 Layout (`pack_int8_gemv`, numpy only): `w` int32 [N / 8, K / 4, 8], the word for step k4 and lane c holds
@@ -106,9 +107,12 @@ class Int8GemvPlan:
 
 
 def _bytes(word: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Byte j of every lane of the int32x8 `word` as float32x8 (a logical shift, so the top byte stays >= 0)."""
-    shifted = T.shift_right(T.reinterpret("uint32x8", word), T.broadcast(T.Cast("uint32", 8 * j), LANES))
-    return T.Cast("float32x8", T.bitwise_and(T.reinterpret("int32x8", shifted), T.broadcast(T.int32(255), LANES)))
+    """Byte j of every lane of the int32x8 `word` as float32x8, times 256^j for j < 3 (one mask; x is prescaled
+    by 256^-j), the top byte by a logical shift (masking would make it negative)."""
+    mask = T.Select(j == 1, T.int32(255 << 8), T.Select(j == 2, T.int32(255 << 16), T.int32(255)))
+    masked = T.bitwise_and(word, T.broadcast(mask, LANES))
+    top = T.reinterpret("int32x8", T.shift_right(T.reinterpret("uint32x8", word), T.broadcast(T.uint32(24), LANES)))
+    return T.Cast("float32x8", T.Select(j == BYTES - 1, top, masked))
 
 
 @functools.cache
@@ -127,6 +131,11 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
     ):
         T.func_attr({"tirx.noalias": True})
         SX = T.alloc_buffer((p.M, p.NG), "float32")
+        XS = T.alloc_buffer((p.M, p.K), "float32")
+        for m in T.serial(p.M):  # x[k] * 256^-(k % 4) (exact: a power of two), but k % 4 = 3 as is
+            for k in T.serial(p.K):
+                XS[m, k] = X[m, k] * T.Select(k % BYTES == 1, T.float32(2.0 ** -8), T.Select(
+                    k % BYTES == 2, T.float32(2.0 ** -16), T.float32(1)))
         for m in T.serial(p.M):
             for g in T.serial(p.NG):
                 SX[m, g] = T.float32(0)
@@ -150,7 +159,7 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
                                         gacc[T.ramp((v * 2 + j % 2) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
                                             "float32x8", FMA, _bytes(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)],
                                                                      j),
-                                            T.broadcast(X[m, g * p.group + kq * BYTES + j], LANES),
+                                            T.broadcast(XS[m, g * p.group + kq * BYTES + j], LANES),
                                             gacc[T.ramp((v * 2 + j % 2) * LANES, 1, LANES)])
                             for v in T.unroll(NV):
                                 acc[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
