@@ -100,10 +100,16 @@ def main() -> None:
         del runner
     print(f"\n{args.threads} threads, prompt {args.prompt} tokens, {args.steps} decode steps, {args.repeats} repeats"
           f" (`{' '.join(sys.argv)}`)\n")
-    print("| engine | load s | prefill ms (median) | decode tokens/s (median) | all repeats | max |logit diff| vs first |")
+    print("| engine | load s | prefill ms (median) | decode tokens/s (median) | all repeats "
+          "| max |logit diff| vs first |")
     print("|---|---:|---:|---:|---|---:|")
     for name, load_s, pre, tok, every, diff in rows:
         print(f"| {name} | {load_s:.1f} | {pre:.0f} | {tok:.1f} | {', '.join(f'{v:.1f}' for v in every)} | {diff} |")
+    if "tvm" in args.engines.split(","):
+        runner = tvm_decode_runner(args.directory)
+        calls, call_us = runner.calls_per_token, runner.call_us()
+        print(f"\nTVM kernel calls per token: {calls}; one call of the one-row RMSNorm (Python loop, FFI and the "
+              f"kernel): {call_us:.2f} us, so at most {calls * call_us / 1e3:.2f} ms per token is call overhead")
     base = {name: tok for name, _, _, tok, _, _ in rows}
     if "tvm" in base:
         print("\n" + ", ".join(f"tvm / {k}: {base['tvm'] / v:.2f}x tokens/s" for k, v in base.items() if k != "tvm"))

@@ -151,6 +151,22 @@ class TvmDecoder:
         self._fn["lm_head"](self._last, *self._head, self._logits)
         return self._logits.numpy()[0, :vocab]
 
+    @property
+    def calls_per_token(self) -> int:
+        """Kernel calls of one decode step: 9 per layer, the final norm and the LM head."""
+        return 9 * len(self._layers) + 2
+
+    def call_us(self, repeats: int = 10000) -> float:
+        """Microseconds per call of the cheapest kernel (a one-row RMSNorm): nearly all of it the Python loop's
+        and the FFI's own cost, which `calls_per_token` multiplies."""
+        import time
+
+        b, layer, norm = self._buffers[1], self._layers[0], self._fn["norm_1"]
+        start = time.perf_counter()
+        for _ in range(repeats):
+            norm(b["x"], layer["in_norm"], b["h"], 0)
+        return (time.perf_counter() - start) / repeats * 1e6
+
     def _forward(self, ids: np.ndarray, m: int) -> None:
         b, f, pos = self._buffers[m], self._fn, self.position
         norm, qkv, rope, attention = f[f"norm_{m}"], f[f"qkv_{m}"], f[f"rope_cache_{m}"], f[f"attention_{m}"]

@@ -81,7 +81,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
-                               'installed); "none" skips compiling.')
+                               'installed); "none" skips compiling. Decoder LLMs: the decode kernels (int4 linears).')
 @tuning_options
 @rpc_options
 @click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
