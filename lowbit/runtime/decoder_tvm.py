@@ -62,14 +62,16 @@ class TvmDecoder:
     """The compiled decode step and prefill of DIR: `prefill(ids)` starts a sequence, `step(token)` extends it;
     both return the float32 logits [vocab] of the last position."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+        """Load DIR's kernels; `threads` sizes TVM's pool (default: the cores the kernels were compiled for, which
+        is also how many tasks each parallel kernel splits into)."""
         import tvm
         from safetensors.numpy import load_file
 
         directory = Path(directory)
         meta = read_tvm_meta(directory)
         self.shapes = s = meta["shapes"]
-        use_threads(int(s["threads"]))
+        use_threads(threads or int(s["threads"]))
         try:
             library = tvm.runtime.load_module(str(directory / LIBRARY))
             arrays = load_file(str(directory / PACKED))
@@ -123,8 +125,12 @@ class TvmDecoder:
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         """Start a new sequence with token ids [t]; the logits after its last token."""
-        self.position = 0
+        self.reset()
         return self.extend(ids)
+
+    def reset(self) -> None:
+        """Forget the sequence (the next `extend` starts at position 0; `prefill` does this itself)."""
+        self.position = 0
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token after the sequence so far; the logits after it."""
