@@ -131,17 +131,17 @@ def check_tvm_decoder(directory: Path, tolerance: float = TVM_TOLERANCE) -> dict
     more, then decode steps) and raise LowbitError unless their logits agree: max |tvm - numpy| <= tolerance *
     max |numpy logits| at every position checked. Returns the largest differences."""
     from ..runtime.decoder import DecoderModel
+    from ..runtime.decoder_tvm import TvmDecoder
 
-    numpy_model = DecoderModel(directory, backend="numpy")
-    tvm_model = DecoderModel(directory, backend="tvm")
-    assert tvm_model.tvm is not None
+    numpy_model = DecoderModel(directory, backend="numpy")  # checks the files against the manifest
+    runner = TvmDecoder(directory)
     vocab = int(numpy_model.config["vocab_size"])
-    length = min(tvm_model.tvm.chunk + 5, numpy_model.context - 3)
+    length = min(runner.chunk + 5, numpy_model.context - 3)
     ids = np.random.default_rng(0).integers(0, vocab, length)
     cache = numpy_model.new_cache()
-    pairs = [(tvm_model.tvm.prefill(ids), numpy_model.logits(ids, cache)[-1])]
+    pairs = [(runner.prefill(ids), numpy_model.logits(ids, cache)[-1])]
     for token in ids[:3]:
-        pairs.append((tvm_model.tvm.step(int(token)), numpy_model.logits(np.array([token]), cache)[-1]))
+        pairs.append((runner.step(int(token)), numpy_model.logits(np.array([token]), cache)[-1]))
     diff = max(float(np.abs(a - b).max()) for a, b in pairs)
     scale = max(float(np.abs(b).max()) for _, b in pairs)
     if not diff <= tolerance * scale:  # also refuses NaN
