@@ -32,10 +32,11 @@ import torch
 from ..errors import LowbitError
 from ..io import atomic_directory, write_json
 from ..ir.groupwise_weights import GroupWiseWeights
-from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf
+from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf, smoothing_folds
 from ..models.llama_config import LlamaConfig
 from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
 from ..quantizer.weight_only import WeightOnlyConfig, quantize_weights
+from ..quantizer.weight_smoothing import SmoothChoice, smoothing_summary
 from ..runtime.bpe_tokenizer import BpeTokenizer, Vocabulary
 from ..runtime.decoder import (
     CONFIG_FILE,
@@ -195,13 +196,16 @@ def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibratio
     with progress.stage("perplexity (float)"), progress.steps_of("perplexity (float)") as log:
         before = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                   for name, ids in texts.items()}
+    smoothing: dict[str, SmoothChoice] = {}
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
-        weights = round_decoder(model, tokenizer, config, calibration_text, window, log)
+        weights = round_decoder(model, tokenizer, config, calibration_text, window, log, smoothing)
     with progress.stage("perplexity (quantized)"), progress.steps_of("perplexity (quantized)") as log:
         after = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                  for name, ids in texts.items()}
     tensors = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name not in weights}
     report = decoder_report(model_name, config, weights, tensors, before, after, progress)
+    if smoothing:
+        report["smoothing"] = smoothing_summary(smoothing)
     return DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, config, report)
 
 
@@ -220,13 +224,15 @@ def leading_tokens(tokenizer: BpeTokenizer, text: str, n: int) -> np.ndarray:
 
 def round_decoder(model: LlamaDecoder, tokenizer: BpeTokenizer, config: WeightOnlyConfig, calibration_text: str,
                   window: int = DEFAULT_WINDOW, log: Callable[[str], object] = lambda _: None,
-                  ) -> dict[str, GroupWiseWeights]:
+                  smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, GroupWiseWeights]:
     """Round the block linears by `config` (GPTQ calibrated on `calibration_text`) and the embedding by
     `EMBEDDING_FORMAT`, writing the dequantized weights into `model`; parameter name -> its stored weights."""
-    samples = [] if config.rounding == "rtn" else calibration_windows(tokenizer, calibration_text, window=window)
+    calibrated = config.rounding != "rtn" or config.smooth
+    samples = calibration_windows(tokenizer, calibration_text, window=window) if calibrated else []
     if samples:
         log(f"calibration: {len(samples)} windows, {sum(s.shape[1] for s in samples)} tokens")
-    linears = quantize_weights(model, list(model.layers), config, samples, log=log)
+    linears = quantize_weights(model, list(model.layers), config, samples, log=log, folds=smoothing_folds,
+                               smoothing=smoothing)
     weights = {f"{name}.weight": w for name, w in linears.items()}
     embedding = EMBEDDING_FORMAT.round(model.embed_tokens.weight.detach(), None)
     with torch.no_grad():  # tied: the LM head reads the same (now rounded) table
@@ -328,13 +334,21 @@ def quantize_decoder_model(model: str, config: WeightOnlyConfig, calib: Path | N
     zoo = _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM)
     if Path(model).is_dir():
         raise LowbitError(f"{model}: is a folder; quantize a zoo decoder or a {GGUF_SUFFIX} file")
-    calibration = zoo.calibration() if calib is None else read_text(calib, "calibration")
+    calibration = calibration_text(model, calib)
     with progress.stage("load"):
         progress.echo("load", f"loading {model}")
         loaded = load_decoder(model)
         evaluation = {name: text() for name, text in zoo.evaluation.items()}
     return quantize_decoder(loaded, config, calibration, evaluation, model_name=model,
                             report_windows=report_windows, progress=progress)
+
+
+def calibration_text(model: str, calib: Path | None) -> str:
+    """The text a decoder is calibrated on: the file `calib`, else the zoo's calibration text (for a .gguf, that of
+    DEFAULT_TEXTS_FROM)."""
+    if calib is not None:
+        return read_text(calib, "calibration")
+    return _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM).calibration()
 
 
 def _zoo_decoder(model: str) -> ZooDecoder:

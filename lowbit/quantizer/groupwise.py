@@ -32,10 +32,11 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _TINY = float(np.finfo(np.float32).tiny)  # smallest scale: a normal float32
 
 
-def find_params(w: torch.Tensor, bits: int,
-                clip_ratios: Sequence[float] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, bits: int, clip_ratios: Sequence[float] = (1.0,),
+                h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (float64 [rows], the scale float32-representable) of each row of `w` [rows, cols],
-    the clipping ratio chosen per row by the squared rounding error."""
+    the clipping ratio chosen per row by the squared rounding error, weighted by the columns' input Hessian `h`
+    [cols, cols] when given (the row's output error on those inputs, as AWQ's clip search)."""
     w = w.double()
     qmax = (1 << bits) - 1
     lo0 = torch.clamp(w.amin(1), max=0.0)
@@ -48,7 +49,8 @@ def find_params(w: torch.Tensor, bits: int,
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         if len(clip_ratios) == 1:
             return scale, zero
-        err = ((dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w) ** 2).sum(1)
+        d = dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w
+        err = (d * d).sum(1) if h is None else ((d @ h.double()) * d).sum(1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
@@ -82,9 +84,10 @@ def _check(w: torch.Tensor, bits: int, group: int) -> None:
                          f"{GroupWiseWeights.SUPPORTED_BITS} and the group positive")
 
 
-def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int,
-                  clip_ratios: Sequence[float] = (1.0,)) -> GroupWiseWeights:
-    """Round-to-nearest of `w` [out, in] in groups of `group` columns (`group >= in`: per output channel)."""
+def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int, clip_ratios: Sequence[float] = (1.0,),
+                  h: torch.Tensor | None = None) -> GroupWiseWeights:
+    """Round-to-nearest of `w` [out, in] in groups of `group` columns (`group >= in`: per output channel); `h`:
+    the inputs' Hessian [in, in], which weights the clip search (else plain weight error)."""
     w = torch.as_tensor(w).double()
     _check(w, bits, group)
     qmax = (1 << bits) - 1
@@ -96,7 +99,7 @@ def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int,
     zero = torch.empty_like(scale)
     for j in range(g):
         cols = slice(j * group, min((j + 1) * group, k))
-        scale[:, j], zero[:, j] = find_params(w[:, cols], bits, clip_ratios)
+        scale[:, j], zero[:, j] = find_params(w[:, cols], bits, clip_ratios, None if h is None else h[cols, cols])
         q[:, cols] = quantize_cols(w[:, cols], scale[:, j], zero[:, j], qmax)
     return _as_weights(q, scale, zero, bits, group)
 
@@ -129,7 +132,7 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
         original[:, perm] = work[0]
         for j in range(g):
             cols = slice(j * group, min((j + 1) * group, k))
-            scale[:, j], zero[:, j] = find_params(original[:, cols], bits, clip_ratios)
+            scale[:, j], zero[:, j] = find_params(original[:, cols], bits, clip_ratios, h[cols, cols])
     else:  # blocks of whole groups: the group being entered has all its updates when its grid is fixed
         block = -(-block // group) * group if group < k else block
     # Columns as contiguous rows [in, out]: each step reads one and updates the rest of its block in one addr_.
@@ -142,7 +145,8 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
         for i in range(start, stop):
             gi = int(col_group[i])
             if not static and i % group == 0:
-                scale[:, gi], zero[:, gi] = find_params(work[i:i + group].T, bits, clip_ratios)
+                cols = slice(i, i + group)  # not act-order: loop order is storage order
+                scale[:, gi], zero[:, gi] = find_params(work[cols].T, bits, clip_ratios, h[cols, cols])
                 grid_scale[gi], grid_zero[gi] = scale[:, gi], zero[:, gi]
             s, z, col = grid_scale[gi], grid_zero[gi], work[i]
             q[i] = torch.clamp(torch.round(col / s) + z, 0, qmax)

@@ -14,6 +14,7 @@ from ...errors import LowbitError
 from ...io import check_output_dir
 from ...pipeline.checks import tvm_available
 from ...pipeline.decoder import is_decoder, quantize_decoder_model
+from ...pipeline.decoder_search import read_decoder_plan
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
@@ -26,8 +27,8 @@ DEFAULTS = QuantConfig()
 DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
 # Options of the integer pipeline that mean nothing for a weight-only decoder (--target builds its decode kernels).
-DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_drop", "calib_method",
-                   "output_aware_ranges", "smooth", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
+DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib_method",
+                   "output_aware_ranges", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
                    "onnx_weights", "allow_mismatch")
 
 
@@ -77,7 +78,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
                    "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
                    "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
                    "reported, not applied. default: auto for transformers (graphs that read an attention "
-                   "mask), none for CNNs.")
+                   "mask), none for CNNs. Decoder LLMs: auto or none (SmoothQuant+ before the weight rounding, "
+                   "alpha per group of linears by the rounding's output error).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
@@ -111,7 +113,7 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     if is_decoder(model):
         check_output_dir(output, force)
-        config = decoder_config(weight_format, group, rounding)
+        config = decoder_config(weight_format, group, rounding, smooth, plan_path)
         _refuse_encoder_options(click.get_current_context(), config.describe())
         target = resolve_target(target)  # TVM decode kernels, checked against the numpy runtime
         progress = Progress()
@@ -142,16 +144,30 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
 
-def decoder_config(weight_format: str | None, group: int | None, rounding: str) -> WeightOnlyConfig:
+def decoder_config(weight_format: str | None, group: int | None, rounding: str,
+                   smooth: str = DEFAULTS.smooth, plan_path: Path | None = None) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
-    the best setting measured there (GPTQ with act-order)."""
+    the best setting measured there. --smooth: auto searches alpha per fold, none turns smoothing off; not given,
+    `WeightOnlyConfig`'s default."""
     bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
+    plan: dict[str, int] = {}
+    if plan_path is not None:  # a mixed plan from `lowbit search`; --weights sets the linears it does not name
+        searched = read_decoder_plan(plan_path)
+        if group is not None and group != searched.group:
+            raise LowbitError(f"--group {group}: {plan_path} was searched for group {searched.group}; drop --group "
+                              "or search again with it")
+        group, plan = searched.group, searched.bits
     group = DEFAULT_DECODER_GROUP if group is None else group
+    if smooth not in (DEFAULTS.smooth, "auto", "none"):
+        raise LowbitError(f"--smooth {smooth}: a decoder's smoothing searches alpha per group of linears; give "
+                          "auto or none")
+    extra: dict = {} if smooth == DEFAULTS.smooth else {"smooth": smooth == "auto"}
+    extra["plan"] = tuple(plan.items())
     if rounding == "auto":
-        return WeightOnlyConfig(bits=bits, group=group)
+        return WeightOnlyConfig(bits=bits, group=group, **extra)
     return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
-                            act_order=rounding == "gptq")
+                            act_order=rounding == "gptq", **extra)
 
 
 def _refuse_encoder_options(ctx: click.Context, what: str) -> None:
