@@ -1,4 +1,8 @@
-"""A weight-quantized decoder artifact, run with numpy: `load(DIR).generate(prompt, max_new_tokens=N)`.
+"""A weight-quantized decoder artifact, run: `load(DIR).generate(prompt, max_new_tokens=N)`.
+
+Generation runs on the artifact's TVM kernels where it has them (`decoder_tvm`, built at quantize time) and TVM
+runs here; otherwise, or with backend="numpy", on the numpy decoder below, which is also the reference the TVM
+kernels are checked against.
 
 No torch here (the runtime's rule): the artifact's group-wise weights are dequantized once at load, and a float32
 numpy Llama (RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention over a KV cache,
