@@ -34,6 +34,12 @@ from lowbit.runtime import DecoderModel, load
 from lowbit.runtime.bpe_tokenizer import BpeTokenizer
 
 CALIBRATION = "The quick brown fox jumps over the lazy dog. " * 40
+try:
+    import tvm  # noqa: F401
+
+    TVM = True
+except ImportError:
+    TVM = False
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +133,7 @@ def test_calibration_windows() -> None:
 
 
 def test_numpy_runtime_matches_the_torch_model(artifact: Path) -> None:
-    runtime = load(artifact)
+    runtime = load(artifact, backend="numpy")
     assert isinstance(runtime, DecoderModel)
     model, tokenizer = load_decoder_artifact(artifact)
     ids = tokenizer.encode("the theme of the thin thing")
@@ -159,12 +165,14 @@ def test_float_minimum_artifact_runs_in_the_runtime(tiny_gguf: Path, tmp_path: P
 
 def test_generate(artifact: Path) -> None:
     runtime = load(artifact)
+    assert runtime.backend == ("tvm" if TVM else "numpy")  # the artifact has TVM kernels where TVM is installed
     pieces: list[str] = []
     greedy = runtime.generate("the", max_new_tokens=8, stream=pieces.append)
     assert "".join(pieces) == greedy.text and 1 <= len(greedy.token_ids) <= 8
     assert greedy.token_ids == runtime.generate("the", max_new_tokens=8).token_ids
     # Greedy continues with the argmax of the logits after the prompt.
-    assert greedy.token_ids[0] == int(np.argmax(runtime.logits(runtime.tokenizer.encode("the"))[-1]))
+    numpy_runtime = load(artifact, backend="numpy")
+    assert greedy.token_ids[0] == int(np.argmax(numpy_runtime.logits(runtime.tokenizer.encode("the"))[-1]))
     a = runtime.generate("the", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     assert a.token_ids == runtime.generate("the", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3).token_ids
     with pytest.raises(LowbitError, match="exceeds the context length"):
@@ -181,3 +189,48 @@ def test_leading_tokens_are_those_of_the_whole_text() -> None:
     for n in (1, 50, 700):
         assert leading_tokens(tokenizer, text, n).tolist() == whole[:n].tolist()
     assert leading_tokens(tokenizer, text, 10**6).tolist() == whole.tolist()
+
+
+@pytest.mark.skipif(not TVM, reason="the TVM decode kernels need apache-tvm")
+def test_tvm_runtime_matches_the_numpy_runtime(artifact: Path) -> None:
+    """A prefill of one 32-row chunk and 6 single rows, then decode steps: the TVM logits against numpy's at
+    every position fed (tolerance: the build-time check's, relative to the largest |logit|)."""
+    from lowbit.pipeline.decoder import TVM_TOLERANCE
+    from lowbit.runtime.decoder_tvm import tvm_decode_runner
+
+    report = json.loads((artifact / "report.json").read_text())
+    assert report["tvm"]["check"]["relative"] <= TVM_TOLERANCE and report["tvm"]["chunk"] == 32
+    runner = tvm_decode_runner(artifact)
+    numpy_runtime = load(artifact, backend="numpy")
+    ids = np.random.default_rng(1).integers(0, numpy_runtime.config["vocab_size"], 50)
+    expected = numpy_runtime.logits(ids)
+    got = [runner.prefill(ids[:38])] + [runner.step(int(t)) for t in ids[38:]]
+    np.testing.assert_allclose(np.stack(got), expected[37:], rtol=0, atol=TVM_TOLERANCE * np.abs(expected).max())
+    again = runner.prefill(ids[:5])  # a new sequence overwrites the cache
+    np.testing.assert_allclose(again, expected[4], rtol=0, atol=TVM_TOLERANCE * np.abs(expected).max())
+    with pytest.raises(LowbitError, match="exceed the context length"):
+        runner.prefill(np.zeros(65, np.int64))
+
+
+@pytest.mark.skipif(not TVM, reason="the TVM decode kernels need apache-tvm")
+def test_tvm_check_refuses_wrong_kernels(artifact: Path, tmp_path: Path) -> None:
+    """The build-time check catches kernels that compute something else (here: one layer's packed q/k/v scales
+    doubled, the manifest rehashed so that only the check can notice)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from lowbit.pipeline.artifact import file_hashes
+    from lowbit.pipeline.decoder import check_tvm_decoder
+    from lowbit.runtime.decoder_tvm import PACKED
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    arrays = load_file(str(copy / PACKED))
+    arrays["layers.1.qkv.scale"] = arrays["layers.1.qkv.scale"] * 2
+    save_file(arrays, str(copy / PACKED))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"] = file_hashes(copy)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LowbitError, match="disagree with the numpy runtime"):
+        check_tvm_decoder(copy)

@@ -26,9 +26,9 @@ from ..options import fraction, rpc_options, rpc_target, tuning_options, user_er
 DEFAULTS = QuantConfig()
 DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
-# Options of the integer pipeline that mean nothing for a weight-only decoder (TVM decode kernels: not yet wired).
+# Options of the integer pipeline that mean nothing for a weight-only decoder (--target builds its decode kernels).
 DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib_method",
-                   "output_aware_ranges", "target", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
+                   "output_aware_ranges", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
                    "onnx_weights", "allow_mismatch")
 
 
@@ -87,7 +87,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
-                               'installed); "none" skips compiling.')
+                               'installed); "none" skips compiling. Decoder LLMs: the decode kernels (int4 linears).')
 @tuning_options
 @rpc_options
 @click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
@@ -119,7 +119,9 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
         check_output_dir(output, force)
         config = decoder_config(weight_format, group, rounding, smooth, plan_path, zero_point == "float")
         _refuse_encoder_options(click.get_current_context(), config.describe())
-        quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
+        target = resolve_target(target)  # TVM decode kernels, checked against the numpy runtime
+        progress = Progress()
+        quantize_decoder_model(model, config, calib, progress=progress).save(output, force, target, progress)
         return
     if weight_format is not None or group is not None or zero_point is not None:
         raise LowbitError(f"--weights, --group and --zero-point are for decoder LLMs (zoo:smollm2_135m, a .gguf "
