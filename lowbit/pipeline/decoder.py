@@ -10,9 +10,11 @@ perplexity before and after on the first windows of each evaluation text.
 - ``weights.safetensors``: every group-wise weight as `GroupWiseWeights.to_tensors` stores it, under
   ``<parameter name>.``, and the float tensors (the RMSNorm gains) under their parameter names;
 - ``vocabulary.json``: the tokenizer's `Vocabulary`, from which the runtime rebuilds the tokenizer;
+- ``decoder.onnx``: the same model for ONNX Runtime, group-wise linears as com.microsoft MatMulNBits
+  (`lowbit.pipeline.decoder_onnx`), checked against the numpy runtime before anything is published;
 - ``report.json`` and ``report.md``: sizes (bits per weight counted with scales and zero points), perplexity with
   intervals, stage times;
-- ``manifest.json``: format, version, what the weights are, and each file's sha256.
+- ``manifest.json``: format, version, what the weights are, each file's sha256, and the ONNX check's figures.
 
 `load_decoder_artifact(DIR)` checks the manifest and the tensors and rebuilds the float model with the dequantized
 weights: the reference the kernels are checked against, and what `lowbit eval DIR` scores.
@@ -49,6 +51,7 @@ from ..runtime.decoder import (
 from ..text.files import read_text
 from ..text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 from .artifact import ARTIFACT_FORMAT, MANIFEST, file_hashes
+from .decoder_onnx import add_checked_onnx
 from .progress import Progress
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -73,8 +76,9 @@ class DecoderArtifact:
     quant: WeightOnlyConfig
     report: dict[str, Any]
 
-    def save(self, directory: str | Path, force: bool = False) -> Path:
-        """Write the artifact directory (nothing is left behind on failure); returns its path."""
+    def save(self, directory: str | Path, force: bool = False, onnx: bool = True) -> Path:
+        """Write the artifact directory (nothing is left behind on failure); returns its path. With `onnx`, also
+        `decoder.onnx`, refused (LowbitError, nothing written) unless ONNX Runtime agrees with the numpy runtime."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
@@ -89,6 +93,8 @@ class DecoderArtifact:
             (tmp / REPORT_MD).write_text(report_markdown(self.report))
             write_json(tmp / MANIFEST, {"format": ARTIFACT_FORMAT, "version": DECODER_VERSION, "kind": DECODER_KIND,
                                         "weights": dataclasses.asdict(self.quant), "files": file_hashes(tmp)})
+            if onnx:
+                add_checked_onnx(tmp)
         return directory
 
 
