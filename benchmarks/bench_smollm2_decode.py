@@ -231,9 +231,12 @@ def _export_fp32(path: Path) -> None:
 
 
 def _ort_quantize(fp32: Path, path: Path, accuracy_level: int) -> None:
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=128, is_symmetric=False,
                                      accuracy_level=accuracy_level)
     quantizer.process()
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="32-token prompt, 8 steps, 1 repeat (no BENCHMARKS.md)")
-    parser.add_argument("--lock", type=Path, default=Path("/work/logs/TIMING"), help="'' for no lock")
+    parser.add_argument("--lock", default="/work/logs/TIMING", help="the CPU-timing lock file; '' for none")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     results: dict[str, dict[str, Any]] = {}
-    with TimingLock(Path(args.lock) if str(args.lock) else None):
+    with TimingLock(Path(args.lock) if args.lock else None):
         for name in names:
             log(f"running {name}")
             results[name] = run_runner(name, spec_path, args.threads)
