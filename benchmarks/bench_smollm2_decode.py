@@ -3,7 +3,7 @@
 Every runner gets the same token ids: a prefill of `--prompt-tokens` tokens of the Lee news text, then
 `--new-tokens` one-token steps through its KV cache fed the text's next tokens (teacher forcing, so that every
 runner does the same work whatever it would have generated). Each runner is its own subprocess (so its peak RSS,
-`ru_maxrss`, loading included, is its own) on `--threads` threads. Prefill: the median of `--repeats` prefills from
+VmHWM, loading included, is its own) on `--threads` threads. Prefill: the median of `--repeats` prefills from
 an empty cache; decode: the fastest of `--repeats` runs of all steps, each after a fresh prefill. Agreement: the
 share of positions (the prefill's last and every step) where the runner's argmax is FP32 torch's.
 
@@ -155,9 +155,16 @@ def make_runner(name: str, spec: dict[str, Any]) -> Runner:
     return CacheRunner(OrtDecoder(spec["onnx"][name], threads=spec["threads"]))
 
 
-def run_child(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent through
+    fork and exec, so every runner would report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
+
+def run_child(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     runner = make_runner(name, spec)
     load_s = time.perf_counter() - t0
@@ -178,7 +185,7 @@ def run_child(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             argmax.append(int(np.argmax(runner.step(token))))
         decode_s.append(time.perf_counter() - t)
     return {"load_s": load_s, "prefill_ms": prefill_ms, "decode_s": decode_s, "steps": len(forced),
-            "argmax": argmax, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "argmax": argmax, "peak_rss_mb": peak_rss_mb()}
 
 
 # -- preparation and the parent ------------------------------------------------------------------------------------
@@ -188,11 +195,12 @@ def prepare(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     from lowbit.models.smollm2 import smollm2_135m_path
     from lowbit.models.zoo import get_zoo_entry
     from lowbit.pipeline.decoder import leading_tokens
-    from lowbit.runtime.decoder import DecoderModel
+    from lowbit.runtime.bpe_tokenizer import BpeTokenizer
+    from lowbit.runtime.decoder import read_decoder_artifact
 
     zoo = get_zoo_entry("zoo:smollm2_135m").decoder
-    runtime = DecoderModel(args.artifact)
-    ids = leading_tokens(runtime.tokenizer, zoo.evaluation["lee"](), args.prompt_tokens + args.new_tokens)
+    tokenizer = BpeTokenizer(read_decoder_artifact(args.artifact).vocabulary)
+    ids = leading_tokens(tokenizer, zoo.evaluation["lee"](), args.prompt_tokens + args.new_tokens)
     args.work.mkdir(parents=True, exist_ok=True)
     fp32 = args.work / "fp32.onnx"
     onnx: dict[str, str] = {"ORT FP32": str(fp32)}
