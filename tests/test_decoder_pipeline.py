@@ -57,6 +57,7 @@ def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> No
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["kind"] == "decoder" and manifest["weights"]["bits"] == 4 and manifest["weights"]["group"] == 16
     assert manifest["weights"]["rounding"] == "gptq" and manifest["weights"]["act_order"]
+    assert "decoder.onnx" in manifest["files"] and manifest["onnx"]["file"] == "decoder.onnx"  # checked in ORT
     report = json.loads((artifact / "report.json").read_text())
     assert set(report["perplexity"]) == {"lee", "enwiki"}
     assert all(np.isfinite(p["ratio"]) for p in report["perplexity"].values())

@@ -76,7 +76,8 @@ class DecoderArtifact:
     quant: WeightOnlyConfig
     report: dict[str, Any]
 
-    def save(self, directory: str | Path, force: bool = False, onnx: bool = True) -> Path:
+    def save(self, directory: str | Path, force: bool = False, onnx: bool = True,
+             progress: Progress | None = None) -> Path:
         """Write the artifact directory (nothing is left behind on failure); returns its path. With `onnx`, also
         `decoder.onnx`, refused (LowbitError, nothing written) unless ONNX Runtime agrees with the numpy runtime."""
         from safetensors.numpy import save_file
@@ -94,7 +95,12 @@ class DecoderArtifact:
             write_json(tmp / MANIFEST, {"format": ARTIFACT_FORMAT, "version": DECODER_VERSION, "kind": DECODER_KIND,
                                         "weights": dataclasses.asdict(self.quant), "files": file_hashes(tmp)})
             if onnx:
-                add_checked_onnx(tmp)
+                progress = progress or Progress()
+                with progress.stage("onnx"):
+                    check = add_checked_onnx(tmp)["check_against_numpy_runtime"]
+                progress.echo("onnx", f"decoder.onnx: ONNX Runtime's logits within {check['max_abs_diff']:.2g} of the "
+                              f"numpy runtime's on {check['tokens']} tokens (largest |logit| "
+                              f"{check['max_abs_logit']:.3g}; {progress.timings['onnx']:.1f}s)")
         return directory
 
 

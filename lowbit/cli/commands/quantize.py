@@ -113,7 +113,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
         check_output_dir(output, force)
         config = decoder_config(weight_format, group, rounding)
         _refuse_encoder_options(click.get_current_context(), config.describe())
-        quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
+        progress = Progress()
+        quantize_decoder_model(model, config, calib, progress=progress).save(output, force, progress=progress)
         return
     if weight_format is not None or group is not None:
         raise LowbitError(f"--weights and --group are for decoder LLMs (zoo:smollm2_135m, a .gguf file); {model} "
