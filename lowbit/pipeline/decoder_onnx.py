@@ -60,7 +60,8 @@ def describe_linears(weights: dict[str, Weight]) -> dict[str, int]:
     for w in weights.values():
         if isinstance(w, GroupWiseWeights):
             key = (f"MatMulNBits bits {w.bits} block_size {w.group}" if fits_matmul_nbits(w)
-                   else f"float MatMul (dequantized {w.name}: MatMulNBits takes {NBITS} bits, power-of-two blocks)")
+                   else f"float MatMul (dequantized {w.name}: MatMulNBits takes {NBITS} bits, power-of-two blocks, "
+                        "8 bits only at accuracy_level 4)")
             kinds[key] = kinds.get(key, 0) + 1
     return kinds
 

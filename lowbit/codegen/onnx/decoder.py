@@ -8,15 +8,18 @@ Interface, batch 1, with Hugging Face optimum's decoder-with-past names:
 Token j of the call sits at position past + j (read from the cache's shape), so there is no position input.
 
 Weights: a group-wise weight of 2, 4 or 8 bits whose group is a power of two >= 16 becomes one com.microsoft
-`MatMulNBits` (block_size = the group, uint8 zero points), whose layout is `GroupWiseWeights`' own: values packed
-low bits first, one row after another, zero points packed the same way, float32 scales [out, groups]. The one
-difference is that MatMulNBits stores whole blocks, so a row whose last group is a shorter tail group (576 columns
-in groups of 128) gets zero bytes appended up to the block boundary; the kernel reads only K columns. Any other
-weight (3 bits, ORT accepts 2, 4 and 8 only; another group; a float array) is a plain float32 MatMul with the
-dequantized weight. The token embedding gathers the rows of the same packed table as the (tied) LM head's
-MatMulNBits and dequantizes those t rows in the graph. The rest (RMSNorm, rotary, grouped-query attention, SiLU)
-is standard opset-21 ops in float32, as in `lowbit.runtime.decoder`, which this graph is checked against
-(`check_decoder_onnx`).
+`MatMulNBits` (block_size = the group, uint8 zero points; 8 bits only at accuracy_level 4, see
+`fits_matmul_nbits`), whose layout is `GroupWiseWeights`' own: values packed low bits first, one row after another,
+zero points packed the same way, float32 scales [out, groups]. The one difference is that MatMulNBits stores whole
+blocks, so a row whose last group is a shorter tail group (576 columns in groups of 128) gets zero bytes appended
+up to the block boundary; the kernel reads only K columns. Any other weight (3 bits: ORT accepts 2, 4 and 8 only;
+another group; a float array) is a plain float32 MatMul with the dequantized weight. The token embedding gathers
+the rows of the same packed table as the (tied) LM head's MatMulNBits and dequantizes those t rows in the graph,
+or, when the tied LM head is a float MatMul, the columns of its [hidden, vocab] table. The rest (RMSNorm, rotary,
+grouped-query attention, SiLU) is standard opset-21 ops in float32, as in `lowbit.runtime.decoder`, which this
+graph is checked against (`check_decoder_onnx`). `accuracy_level` 0 (the artifact's decoder.onnx) keeps float32
+arithmetic, so the check holds to 1e-4; 4 quantizes activations to int8 inside MatMulNBits, about 2.5x faster
+on 4-bit weights, but measured 6.5% of the largest |logit| away from the float model on SmolLM2.
 """
 
 from __future__ import annotations
@@ -47,10 +50,14 @@ EMBEDDING = "embed_tokens.weight"
 Weight = GroupWiseWeights | np.ndarray
 
 
-def fits_matmul_nbits(w: Weight) -> bool:
-    """Whether MatMulNBits can hold `w` as stored (else it is exported dequantized)."""
+def fits_matmul_nbits(w: Weight, accuracy_level: int = 0) -> bool:
+    """Whether `w` goes to MatMulNBits as stored (else it is exported dequantized, as a float MatMul).
+
+    Not 8 bits at accuracy_level 0: ORT 1.32 has no float-arithmetic kernel for 8-bit MatMulNBits and falls back
+    to something about 35x slower than a float MatMul (measured on SmolLM2's LM head, [576 -> 49152], 2 threads:
+    1.5 s against 65 ms); at accuracy_level 4 (int8 activations) it is fast."""
     return (isinstance(w, GroupWiseWeights) and w.bits in NBITS and w.group >= 16
-            and w.group & (w.group - 1) == 0)
+            and w.group & (w.group - 1) == 0 and (w.bits != 8 or accuracy_level >= 4))
 
 
 def matmul_nbits_tensors(w: GroupWiseWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,7 +124,11 @@ def decoder_onnx(config: Mapping[str, Any], weights: Mapping[str, Weight], accur
     future = g.node("Greater", [key_index, query_pos], "future")
     attention = _Attention(g, heads, kv_heads, head_dim, hidden, cos, sin, future)
 
-    x = _embedding(g, weights[EMBEDDING], hidden)
+    head = EMBEDDING if c["tie_embeddings"] else "lm_head.weight"
+    if c["tie_embeddings"] and not fits_matmul_nbits(weights[head], accuracy_level):
+        x = _float_tied_embedding(g, weights[head])
+    else:
+        x = _embedding(g, weights[EMBEDDING], hidden, accuracy_level)
     for i in range(layers):
         p = f"layers.{i}."
         h = _rms_norm(g, f"{p}input_layernorm", x, weights[f"{p}input_layernorm.weight"], eps)
@@ -130,8 +141,7 @@ def decoder_onnx(config: Mapping[str, Any], weights: Mapping[str, Weight], accur
                        weights, f"{p}mlp.down_proj.weight", accuracy_level)
         x = g.node("Add", [x, down], f"{p}mlp_residual")
     x = _rms_norm(g, "norm", x, weights["norm.weight"], eps)
-    _linear(g, "lm_head", x, weights, EMBEDDING if c["tie_embeddings"] else "lm_head.weight", accuracy_level,
-            output="logits")
+    _linear(g, "lm_head", x, weights, head, accuracy_level, output="logits")
 
     cache = ["batch", kv_heads, "past", head_dim]
     present = ["batch", kv_heads, "total", head_dim]
@@ -175,19 +185,32 @@ def _linear(g: _Graph, name: str, x: str, weights: Mapping[str, Weight], param: 
     MatMul."""
     w = weights[param]
     out = output or f"{name}.out"
-    if fits_matmul_nbits(w):
+    if fits_matmul_nbits(w, accuracy_level):
         assert isinstance(w, GroupWiseWeights)
         n, k = w.shape
         return g.node("MatMulNBits", [x, *_packed(g, param, w)], out, domain=MS_DOMAIN, K=k, N=n, bits=w.bits,
                       block_size=w.group, accuracy_level=accuracy_level)
     # A separate [K, N] initializer (for the tied LM head a transposed copy of the table), so that ORT's own
     # MatMulNBitsQuantizer, which quantizes MatMuls with an initializer B, can quantize every linear.
-    return g.node("MatMul", [x, g.const(f"{name}.weight_t", np.ascontiguousarray(_float(w).T))], out)
+    table = f"{name}.weight_t"
+    if table not in g._names:  # (the tied embedding may have made it already)
+        g.const(table, np.ascontiguousarray(_float(w).T))
+    return g.node("MatMul", [x, table], out)
 
 
-def _embedding(g: _Graph, w: Weight, hidden: int) -> str:
+def _float_tied_embedding(g: _Graph, w: Weight) -> str:
+    """Rows of a tied embedding whose LM head is a float MatMul: columns of that MatMul's [hidden, vocab] table,
+    so the table is stored once."""
+    table = g.const("lm_head.weight_t", np.ascontiguousarray(_float(w).T))
+    columns = g.node("Gather", [table, g.node("Squeeze", ["input_ids", g.i64("batch_axis", 0)], "ids")],
+                     "embed/columns", axis=1)  # [hidden, t]
+    return g.node("Unsqueeze", [g.node("Transpose", [columns], "embed/rows", perm=[1, 0]), g.i64("embed/batch", 0)],
+                  "embedded")
+
+
+def _embedding(g: _Graph, w: Weight, hidden: int, accuracy_level: int) -> str:
     """Rows of the embedding for input_ids, [1, t, hidden] float32."""
-    if not fits_matmul_nbits(w):
+    if not fits_matmul_nbits(w, accuracy_level):
         return g.node("Gather", [g.const("embed_tokens.table", _float(w)), "input_ids"], "embedded")
     assert isinstance(w, GroupWiseWeights)
     b, scales, zeros = _packed(g, EMBEDDING, w)
