@@ -13,8 +13,8 @@ Runners (`--runners` picks some):
 - ORT FP32: `decoder_onnx` of the FP32 model (float MatMuls), in ONNX Runtime;
 - ORT MatMulNBits RTN acc0 / acc4: that FP32 model through onnxruntime's own `MatMulNBitsQuantizer` (4 bits, block
   128, asymmetric, every MatMul including the LM head; accuracy_level 0 = float32 arithmetic, 4 = int8 activations);
-- lowbit ONNX acc0 / acc4: the artifact's own GPTQ weights as MatMulNBits (`decoder.onnx`; the acc4 file is the
-  same export with accuracy_level 4);
+- lowbit ONNX acc0 / acc4: the artifact's own GPTQ weights as MatMulNBits (acc0: its checked `decoder.onnx`,
+  whose int8 LM head is a float MatMul; acc4: the same export at accuracy_level 4, the LM head 8-bit MatMulNBits);
 - llama.cpp: `llama-cpp-python` on the original GGUF (Q4_1 linears, Q8_0 embedding), if it is installed;
 - lowbit TVM: the hook for the TVM decode executable (branch tvmdec), see `_tvm_runner`.
 
@@ -47,8 +47,8 @@ WEIGHTS = {
     "ORT FP32": "FP32 (dequantized GGUF)",
     "ORT MatMulNBits RTN acc0": "ORT RTN int4 g128 asym, all MatMuls (LM head too), FP32 embedding",
     "ORT MatMulNBits RTN acc4": "ORT RTN int4 g128 asym, all MatMuls (LM head too), FP32 embedding",
-    "lowbit ONNX acc0": "artifact: GPTQ int4 g128 linears, int8 g32 embedding / LM head (MatMulNBits)",
-    "lowbit ONNX acc4": "artifact: GPTQ int4 g128 linears, int8 g32 embedding / LM head (MatMulNBits)",
+    "lowbit ONNX acc0": "artifact's decoder.onnx: GPTQ int4 g128 MatMulNBits, int8 g32 LM head as float MatMul",
+    "lowbit ONNX acc4": "artifact: GPTQ int4 g128 and int8 g32 LM head, all MatMulNBits",
     "llama.cpp": "original GGUF: Q4_1 linears, Q8_0 embedding",
     "lowbit TVM": "artifact",
 }
