@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="32-token prompt, 8 steps, 1 repeat (no BENCHMARKS.md)")
+    parser.add_argument("--prepare-only", action="store_true", help="make the ONNX files, time nothing")
     parser.add_argument("--lock", default="/work/logs/TIMING", help="the CPU-timing lock file; '' for none")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -350,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = prepare(args, names)
     spec_path = args.work / "spec.json"
     spec_path.write_text(json.dumps(spec))
+    if args.prepare_only:
+        return
     results: dict[str, dict[str, Any]] = {}
     with TimingLock(Path(args.lock) if args.lock else None):
         for name in names:
