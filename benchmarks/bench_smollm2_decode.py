@@ -117,7 +117,9 @@ class LlamaCppRunner:
         self.llm.reset()  # the next eval drops the cache past n_tokens = 0
 
     def _last(self) -> np.ndarray:
-        return np.array(self.llm.scores[self.llm.n_tokens - 1])
+        # The context's logits of the batch's last token: llama-cpp-python 0.3.36 no longer copies them into
+        # `scores` unless logits_all (which would compute every prompt position).
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.llm.eval([int(i) for i in ids])  # logits of the last token only (the others compute all t)
