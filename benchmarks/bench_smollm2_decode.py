@@ -304,6 +304,9 @@ def write_report(args: argparse.Namespace, results: dict[str, dict[str, Any]], s
              f"{args.repeats}; decode tokens/s: the fastest of {args.repeats} runs of all steps. Peak RSS: the "
              "runner's own process, loading included. Agreement: argmax equal to FP32 torch's, over the prefill's "
              "last position and every step.",
+             f"- Load average (1 min) when timing began: {args.load_before:.1f}, when it ended: "
+             f"{os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs. Other work that ignores the timing lock (a job "
+             "started before it) shows here; above about 2 the figures are contended, their ratios rough.",
              f"- lowbit's artifact: `{args.artifact}`. Every runner but llama.cpp computes the logits of all "
              "prompt positions in prefill (llama.cpp only the last).", "",
              "| runner | weights | prefill ms | decode tok/s | × torch FP32 | × ORT RTN acc4 | peak RSS MB | "
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     results: dict[str, dict[str, Any]] = {}
     with TimingLock(Path(args.lock) if args.lock else None):
+        args.load_before = os.getloadavg()[0]
         for name in names:
             log(f"running {name}")
             results[name] = run_runner(name, spec_path, args.threads)
