@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = {name: leading_tokens(tokenizer, text(), args.windows * DEFAULT_WINDOW)
              for name, text in zoo.evaluation.items()}
     results: dict[str, dict[str, PerplexityResult]] = {}
-    for name, path in files.items():
+    for name, path in files.items():  # the section is rewritten after each model: a cut-short run keeps its rows
         runner = OrtDecoder(path, threads=args.threads)
 
         def logits(ids: np.ndarray, r: OrtDecoder = runner) -> np.ndarray:
@@ -89,8 +89,12 @@ def main(argv: list[str] | None = None) -> None:
 
         results[name] = {t: perplexity(logits, ids, max_windows=args.windows) for t, ids in texts.items()}
         log(f"{name}: " + ", ".join(f"{t} {r.perplexity:.3f}" for t, r in results[name].items()))
+        write_table(args, argv, results, list(texts), started)
+
+
+def write_table(args: argparse.Namespace, argv: list[str], results: dict[str, dict[str, PerplexityResult]],
+                names: list[str], started: float) -> None:
     reference = next(iter(results.values()))
-    names = list(texts)
     lines = ["## SmolLM2-135M in ONNX Runtime: onnxruntime's 4-bit quantizers against lowbit's export (issue #14)", "",
              f"- Command: `python benchmarks/bench_smollm2_ort_quality.py {' '.join(argv)}`",
              f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
@@ -110,7 +114,6 @@ def main(argv: list[str] | None = None) -> None:
             cells += [f"{r.perplexity:.3f}", "1" if by_text is reference else f"{ratio:.4f} [{low:.4f}, {high:.4f}]"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     write_section(args.out, "smollm2_ort_quality", "\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()
