@@ -65,6 +65,7 @@ def test_artifact_holds_the_rounded_model(tiny_gguf: Path, artifact: Path) -> No
     assert manifest["kind"] == "decoder" and manifest["weights"]["bits"] == 4 and manifest["weights"]["group"] == 16
     assert manifest["weights"]["rounding"] == "gptq" and manifest["weights"]["act_order"]
     assert manifest["weights"]["smooth"]  # the decoder default
+    assert "decoder.onnx" in manifest["files"] and manifest["onnx"]["file"] == "decoder.onnx"  # checked in ORT
     report = json.loads((artifact / "report.json").read_text())
     assert set(report["perplexity"]) == {"lee", "enwiki"}
     assert len(report["smoothing"]["folds"]) == 4 * 2  # four folds per block, two blocks

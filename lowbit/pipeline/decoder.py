@@ -10,9 +10,11 @@ perplexity before and after on the first windows of each evaluation text.
 - ``weights.safetensors``: every group-wise weight as `GroupWiseWeights.to_tensors` stores it, under
   ``<parameter name>.``, and the float tensors (the RMSNorm gains) under their parameter names;
 - ``vocabulary.json``: the tokenizer's `Vocabulary`, from which the runtime rebuilds the tokenizer;
+- ``decoder.onnx``: the same model for ONNX Runtime, group-wise linears as com.microsoft MatMulNBits
+  (`lowbit.pipeline.decoder_onnx`), checked against the numpy runtime before anything is published;
 - ``report.json`` and ``report.md``: sizes (bits per weight counted with scales and zero points), perplexity with
   intervals, stage times;
-- ``manifest.json``: format, version, what the weights are, and each file's sha256.
+- ``manifest.json``: format, version, what the weights are, each file's sha256, and the ONNX check's figures.
 
 `load_decoder_artifact(DIR)` checks the manifest and the tensors and rebuilds the float model with the dequantized
 weights: the reference the kernels are checked against, and what `lowbit eval DIR` scores.
@@ -50,6 +52,7 @@ from ..runtime.decoder import (
 from ..text.files import read_text
 from ..text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 from .artifact import ARTIFACT_FORMAT, MANIFEST, file_hashes
+from .decoder_onnx import add_checked_onnx
 from .progress import Progress
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -77,11 +80,11 @@ class DecoderArtifact:
     quant: WeightOnlyConfig
     report: dict[str, Any]
 
-    def save(self, directory: str | Path, force: bool = False, target: str | None = None,
+    def save(self, directory: str | Path, force: bool = False, target: str | None = None, onnx: bool = True,
              progress: Progress | None = None) -> Path:
         """Write the artifact directory (nothing is left behind on failure); returns its path. With a TVM
-        `target` (e.g. "llvm -mcpu=native"), also the decode kernels (`decoder_tvm`), checked against the numpy
-        runtime before anything is written."""
+        `target` (e.g. "llvm -mcpu=native"), also the decode kernels (`decoder_tvm`), and with `onnx`, also
+        `decoder.onnx`: each refused (LowbitError, nothing written) unless it agrees with the numpy runtime."""
         from safetensors.numpy import save_file
 
         progress = progress or Progress()
@@ -107,6 +110,12 @@ class DecoderArtifact:
             write_json(tmp / REPORT_JSON, report)
             (tmp / REPORT_MD).write_text(report_markdown(report))
             self._write_manifest(tmp)
+            if onnx:
+                with progress.stage("onnx"):
+                    check = add_checked_onnx(tmp)["check_against_numpy_runtime"]
+                progress.echo("onnx", f"decoder.onnx: ONNX Runtime's logits within {check['max_abs_diff']:.2g} of the "
+                              f"numpy runtime's on {check['tokens']} tokens (largest |logit| "
+                              f"{check['max_abs_logit']:.3g}; {progress.timings['onnx']:.1f}s)")
         return directory
 
     def _write_manifest(self, directory: Path) -> None:

@@ -121,7 +121,8 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
         _refuse_encoder_options(click.get_current_context(), config.describe())
         target = resolve_target(target)  # TVM decode kernels, checked against the numpy runtime
         progress = Progress()
-        quantize_decoder_model(model, config, calib, progress=progress).save(output, force, target, progress)
+        quantize_decoder_model(model, config, calib, progress=progress).save(output, force, target,
+                                                                             progress=progress)
         return
     if weight_format is not None or group is not None or zero_point is not None:
         raise LowbitError(f"--weights, --group and --zero-point are for decoder LLMs (zoo:smollm2_135m, a .gguf "
