@@ -23,13 +23,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import LowbitError
 from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.weight_formats import QuantizedWeights
 from .groupwise import CLIP_RATIOS, gptq_groupwise, rtn_groupwise
 from .rounding import DAMPING, HessianAccumulator
+from .vq import VQSpec, vq_quantize
 
 ROUNDINGS = ("rtn", "gptq")
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "kv_cache")
@@ -54,8 +57,15 @@ class WeightOnlyConfig:
     # quantized (q/k/v, then o on their quantized attention, ...), as GPTQ's LLaMA script; one forward per set.
     true_sequential: bool = False
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
+    # Vector quantization (`VQWeights`, e.g. `vq.VQ_PRESETS["vq2"]`) instead of group-wise integers: `bits`,
+    # `group` and `clip_search` are then unused. rtn: unweighted k-means codebooks and nearest codewords; gptq:
+    # codebooks weighted by the Hessian diagonal and GPTQ's error feedback (with act_order: whole vectors by
+    # decreasing Hessian diagonal).
+    vq: VQSpec | None = None
 
     def __post_init__(self) -> None:
+        if self.vq is not None and not isinstance(self.vq, VQSpec):
+            raise LowbitError(f"vq={self.vq!r}: give a VQSpec (lowbit.quantizer.vq.VQ_PRESETS has vq2 and vq3)")
         if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
             raise LowbitError(f"--weights int{self.bits}: group-wise weights have "
                               f"{', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
@@ -75,12 +85,19 @@ class WeightOnlyConfig:
     def describe(self) -> str:
         group = "per channel" if self.group == 0 else f"g{self.group}"
         gptq = self.rounding == "gptq"  # act-order and true-sequential are GPTQ's; RTN ignores them
-        extras = [e for e, on in (("act-order", gptq and self.act_order), ("clip search", self.clip_search),
+        extras = [e for e, on in (("act-order", gptq and self.act_order),
+                                  ("clip search", self.clip_search and self.vq is None),
                                   ("true-sequential", gptq and self.true_sequential)) if on]
-        return f"int{self.bits} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
+        what = f"int{self.bits} {group}" if self.vq is None else f"vq {self.vq.describe()}"
+        return f"{what} {self.rounding}" + "".join(f", {e}" for e in extras)
 
-    def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
+    def round(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantizedWeights:
         """One weight [out, in] (stacked rows of linears that share `h`), by this config's rounding."""
+        if self.vq is not None:
+            if self.rounding == "rtn":
+                return vq_quantize(w, self.vq)
+            assert h is not None, "GPTQ needs the linear's input Hessian"
+            return vq_quantize(w, self.vq, h, damp=self.damp, act_order=self.act_order)
         group = self.group_for(w.shape[1])
         ratios = CLIP_RATIOS if self.clip_search else (1.0,)
         if self.rounding == "rtn":
@@ -91,15 +108,16 @@ class WeightOnlyConfig:
 
 def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: WeightOnlyConfig,
                      calibration: Iterable[Any] = (), forward: Callable[[nn.Module, Any], object] | None = None,
-                     log: Callable[[str], object] = lambda _: None) -> dict[str, GroupWiseWeights]:
-    """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its GroupWiseWeights.
+                     log: Callable[[str], object] = lambda _: None) -> dict[str, QuantizedWeights]:
+    """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its weights
+    (GroupWiseWeights, or VQWeights with `config.vq`).
 
     `forward(model, sample)` runs the model on one calibration sample (default: `model(**sample)` for a
     mapping, else `model(sample)`); GPTQ needs at least one sample, round-to-nearest none. `log` gets a line per
     block and step (a `Progress.steps_of` log, as the pipeline's other stages).
     """
     linears = _block_linears(model, blocks, config.skip)
-    result: dict[str, GroupWiseWeights] = {}
+    result: dict[str, QuantizedWeights] = {}
     if config.rounding == "rtn":
         for b, named in enumerate(linears):
             log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
@@ -133,7 +151,7 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
 
 
 def _round_stack(config: WeightOnlyConfig, modules: dict[str, nn.Linear], names: tuple[str, ...],
-                 hessian: torch.Tensor) -> dict[str, GroupWiseWeights]:
+                 hessian: torch.Tensor) -> dict[str, QuantizedWeights]:
     """Round the linears `names` (that share `hessian`) as one stack of rows; write each one's weights in place."""
     stacked = torch.cat([modules[n].weight.detach() for n in names])
     parts = _split_rows(config.round(stacked, hessian), [modules[n].out_features for n in names])
@@ -248,18 +266,14 @@ def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs
     return [(names, acc.result()[0]) for names, acc in zip(groups, accumulators, strict=True)]
 
 
-def _split_rows(weights: GroupWiseWeights, rows: list[int]) -> list[GroupWiseWeights]:
-    """The stacked linears' own GroupWiseWeights (GPTQ rounds rows independently given H)."""
-    parts, start = [], 0
-    for n in rows:
-        s = slice(start, start + n)
-        parts.append(GroupWiseWeights(weights.values[s], weights.scale[s], weights.zero[s], weights.bits,
-                                      weights.group))
-        start += n
-    return parts
+def _split_rows(weights: QuantizedWeights, rows: list[int]) -> list[QuantizedWeights]:
+    """The stacked linears' own weights (GPTQ rounds rows independently given H; VQ: each linear stores a copy of
+    the stack's codebooks, counted in its size)."""
+    starts = np.cumsum([0, *rows])
+    return [weights.take_rows(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def _write(linear: nn.Linear, weights: GroupWiseWeights) -> GroupWiseWeights:
+def _write(linear: nn.Linear, weights: QuantizedWeights) -> QuantizedWeights:
     """Put the dequantized weights into the model, so the same module evaluates the quantized layer."""
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(weights.dequantize()))

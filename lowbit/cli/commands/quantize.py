@@ -17,13 +17,14 @@ from ...pipeline.decoder import is_decoder, quantize_decoder_model
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
+from ...quantizer.vq import VQ_PRESETS
 from ...quantizer.weight_only import WeightOnlyConfig
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
-DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
+DECODER_WEIGHTS = ("int8", "int4", "int3", "int2", *VQ_PRESETS)
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
 # Options of the integer pipeline that mean nothing for a weight-only decoder (TVM decode kernels: not yet wired).
 DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_drop", "calib_method",
@@ -51,7 +52,9 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
               help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
 @click.option("--weights", "weight_format", type=click.Choice(DECODER_WEIGHTS),
               help="Decoder LLMs: group-wise weight-only integers of this width (asymmetric, one scale and zero "
-                   "point per group; default int4). Activations stay float32.")
+                   "point per group; default int4), or vector quantization at about 3 or 2 bits per weight (vq3: "
+                   "vectors of 4 weights, a 256-entry codebook and a 16-entry residual one; vq2: no residual). "
+                   "Activations stay float32.")
 @click.option("--group", type=click.IntRange(min=0),
               help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
                    "Default 128.")
@@ -144,7 +147,16 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str) 
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
     the best setting measured there (GPTQ with act-order)."""
-    bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
+    weight_format = weight_format or DEFAULT_DECODER_WEIGHTS
+    if weight_format in VQ_PRESETS:
+        if group is not None:
+            raise LowbitError(f"--group is for group-wise integer weights; --weights {weight_format} has codebooks "
+                              "instead of groups: leave --group out")
+        if rounding == "auto":
+            return WeightOnlyConfig(vq=VQ_PRESETS[weight_format])
+        return WeightOnlyConfig(vq=VQ_PRESETS[weight_format], rounding="rtn" if rounding == "nearest" else "gptq",
+                                act_order=rounding == "gptq")
+    bits = int(weight_format.removeprefix("int"))
     group = DEFAULT_DECODER_GROUP if group is None else group
     if rounding == "auto":
         return WeightOnlyConfig(bits=bits, group=group)
