@@ -5,7 +5,8 @@ weights) and is rounded by `lowbit.pipeline.decoder.round_decoder`, as `lowbit q
 group-wise by the setting, the tied embedding / LM head to int8 g32. Perplexity on the first `--windows`
 non-overlapping 512-token windows of each evaluation text (gensim's Lee news, the enwiki sample), with the paired
 ratio to FP32 and its 95% bootstrap interval over windows. Sizes count packed values, zero points and float32
-scales. Writes the smollm2_weights section of BENCHMARKS.md.
+scales, and for VQ packed indices, int8 codebooks and their scales. Writes the smollm2_weights section of
+BENCHMARKS.md.
 
     python benchmarks/bench_smollm2_weights.py [--windows 8] [--out BENCHMARKS.md]
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from sections import cpu_info, lowbit_revision, write_section
 
+from lowbit.ir.weight_formats import n_weights
 from lowbit.models.llama import decoder_logits_fn
 from lowbit.models.zoo import get_zoo_entry
 from lowbit.pipeline.decoder import (
@@ -32,6 +34,7 @@ from lowbit.pipeline.decoder import (
     paired_ratio,
     round_decoder,
 )
+from lowbit.quantizer.vq import VQ_PRESETS
 from lowbit.quantizer.weight_only import WeightOnlyConfig
 from lowbit.text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 
@@ -45,6 +48,12 @@ SETTINGS: dict[str, WeightOnlyConfig | None] = {
     "INT3 g128 GPTQ act-order": WeightOnlyConfig(bits=3, group=128, rounding="gptq", act_order=True),
     "INT4 g128 GPTQ": WeightOnlyConfig(bits=4, group=128, rounding="gptq"),
     "W8 g128 GPTQ act-order": WeightOnlyConfig(bits=8, group=128, rounding="gptq", act_order=True),
+    # Issue #14's VQ bar: vq2 against INT2 (RTN, GPTQ) at the same or a larger size, vq3 against INT3.
+    "VQ2 (v4 k256) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq2"], rounding="gptq", act_order=True),
+    "VQ3 (v4 k256 + residual k16) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq3"], rounding="gptq",
+                                                                   act_order=True),
+    "INT2 g128 RTN": WeightOnlyConfig(bits=2, group=128, rounding="rtn"),
+    "INT2 g128 GPTQ act-order": WeightOnlyConfig(bits=2, group=128, rounding="gptq", act_order=True),
 }
 
 
@@ -70,8 +79,9 @@ def write_table(args: argparse.Namespace, rows: list, reference: dict[str, Perpl
         f"quantized row also rounds the tied embedding / LM head to {EMBEDDING_FORMAT.describe()}. GPTQ: calibrated "
         f"on {args.calibration_windows} windows of 512 tokens of lee.cor + pang_lee_polarity.cor (all there is; "
         "never evaluated on), sequential over blocks.",
-        "- Bits per weight: the block linears, packed values + zero points + float32 scales. Size: the whole "
-        "model as the artifact stores it (embedding and RMSNorm gains included).",
+        "- Bits per weight: the block linears, packed values + zero points + float32 scales (VQ: packed indices + "
+        "int8 codebooks, one copy per linear + float32 codebook and row scales). Size: the whole model as the "
+        "artifact stores it (embedding and RMSNorm gains included).",
         "",
         "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
         "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             model = copy.deepcopy(base)
             weights = round_decoder(model, tokenizer, config, calibration, log=lambda m, n=name: log(f"{n}: {m}"))
             linears = [w for k, w in weights.items() if k != EMBEDDING]
-            bpw = 8 * sum(w.nbytes for w in linears) / sum(w.values.size for w in linears)
+            bpw = 8 * sum(w.nbytes for w in linears) / sum(n_weights(w) for w in linears)
             size = sum(w.nbytes for w in weights.values()) + 4 * sum(
                 p.numel() for k, p in model.named_parameters() if k not in weights)
         rounding_s = time.perf_counter() - t0
