@@ -70,12 +70,15 @@ VQ_PRESETS = {"vq2": VQSpec(vector=4, index_bits=8), "vq3": VQSpec(vector=4, ind
 def assign(x: torch.Tensor, weights: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
     """Index [n] of the codeword [k, d] nearest each point of `x` [n, d] under the per-element (or, [d], per-dim)
     `weights`: argmin_c sum_t w_t (x_t - c_t)^2 = argmin_c sum_t w_t c_t^2 - 2 w_t x_t c_t."""
+    if weights.ndim == 1:  # one weight per dimension (GPTQ's loop): one addmm against a [d, k] table
+        return torch.argmin(torch.addmm(((codewords * codewords) @ weights)[None, :], x,
+                                        (-2 * weights[:, None]) * codewords.T), dim=1)
     out = torch.empty(x.shape[0], dtype=torch.long)
     # One matmul per chunk: [w, -2 w x] [n, 2d] @ [c^2, c]^T [2d, k], contiguous for the argmin.
     table = torch.cat([codewords * codewords, codewords], 1).T.contiguous()
     for start in range(0, x.shape[0], _ASSIGN_CHUNK):
         rows = slice(start, start + _ASSIGN_CHUNK)
-        w = (weights if weights.ndim == 1 else weights[rows]).expand_as(x[rows])
+        w = weights[rows]
         out[rows] = torch.argmin(torch.cat([w, -2 * w * x[rows]], 1) @ table, dim=1)
     return out
 
@@ -137,14 +140,17 @@ def vq_quantize(w: torch.Tensor | np.ndarray, spec: VQSpec, h: torch.Tensor | No
     diag = diag.clamp(min=1e-8 * float(diag.mean()) + _TINY)
     element_weights = (row_scale[:, None] ** 2 * diag[None, :]).reshape(-1, v)
     vectors = wn.reshape(-1, v)
-    stages, codewords, target = [], [], vectors
+    # Every stage's k-means runs on one random sample of the vectors (the residual stage on what the first
+    # codebook leaves of the same sample), so no stage needs a pass over all of them.
+    pick = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:spec.kmeans_points]
+    target, sample_weights = vectors[pick].float(), element_weights[pick].float()
+    stages, codewords = [], []
     for s, bits in enumerate(b for b in (spec.index_bits, spec.residual_bits) if b):
-        centers = weighted_kmeans(target, 1 << bits, element_weights, spec.kmeans_iters, spec.kmeans_points,
-                                  seed + s)
+        centers = weighted_kmeans(target, 1 << bits, sample_weights, spec.kmeans_iters, spec.kmeans_points, seed + s)
         cb, scale = int8_codebook(centers)
         stages.append((cb, scale))
         codewords.append(torch.from_numpy(cb).float() * float(scale))
-        target = target - codewords[-1][assign(target.float(), element_weights.float(), codewords[-1])].double()
+        target = target - codewords[-1][assign(target, sample_weights, codewords[-1])]
     if h is None or not feedback:
         indices = _nearest(vectors.float(), element_weights.float(), codewords)
         indices = [i.reshape(out, k // v) for i in indices]
