@@ -1,12 +1,13 @@
-"""Weight-only group-wise quantization of a torch model's linears: GPTQ's sequential walk over its blocks.
+"""Weight-only quantization of a torch model's linears (group-wise or VQ): GPTQ's sequential walk over its blocks.
 
 Generic over models: the caller names the blocks (nn.Modules the model runs in sequence, e.g. decoder layers,
 each taking the hidden states as its first argument or as `hidden_states=`) and gives calibration samples with a
 `forward(model, sample)` that runs the model on one. The walk (Frantar et al. 2022, as their opt.py/llama.py):
 1. a forward pre-hook on block 0 catches each sample's block inputs (args and kwargs) and stops the model there;
 2. per block: hooks on its nn.Linear modules accumulate each one's input Hessian over all samples (one product
-   per distinct input tensor: q/k/v read the same one), every linear is rounded (`groupwise.py`; linears that
-   read the same input are rounded together, as one stack of rows), its dequantized weights are written in
+   per distinct input tensor: q/k/v read the same one), every linear is rounded (`groupwise.py`, or `vq.py`
+   with `config.vq`; linears that read the same input are rounded together, as one stack of rows, so they share
+   one VQ codebook), its dequantized weights are written in
    place, and the block reruns on its inputs with the quantized weights to give the next block's inputs, so
    each block is calibrated on what the quantized blocks before it really produce.
 Only the blocks' linears are quantized: an embedding or lm_head outside them stays as it is (`skip` leaves
