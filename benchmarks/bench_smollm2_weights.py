@@ -34,6 +34,7 @@ from lowbit.pipeline.decoder import (
     paired_ratio,
     round_decoder,
 )
+from lowbit.pipeline.decoder_search import read_decoder_plan
 from lowbit.quantizer.vq import VQ_PRESETS
 from lowbit.quantizer.weight_only import WeightOnlyConfig
 from lowbit.text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
@@ -48,6 +49,12 @@ SETTINGS: dict[str, WeightOnlyConfig | None] = {
     "INT3 g128 GPTQ act-order": WeightOnlyConfig(bits=3, group=128, rounding="gptq", act_order=True),
     "INT4 g128 GPTQ": WeightOnlyConfig(bits=4, group=128, rounding="gptq"),
     "W8 g128 GPTQ act-order": WeightOnlyConfig(bits=8, group=128, rounding="gptq", act_order=True),
+    "INT4 g128 GPTQ act-order + smoothing": WeightOnlyConfig(bits=4, group=128, smooth=True),
+    "INT4 g128 RTN + smoothing": WeightOnlyConfig(bits=4, group=128, rounding="rtn", smooth=True),
+    "INT4 g32 float-min RTN": WeightOnlyConfig(bits=4, group=32, rounding="rtn", float_minimum=True),
+    "INT4 g128 float-min RTN": WeightOnlyConfig(bits=4, group=128, rounding="rtn", float_minimum=True),
+    "INT4 g32 RTN": WeightOnlyConfig(bits=4, group=32, rounding="rtn"),
+    "INT3 g128 GPTQ act-order + smoothing": WeightOnlyConfig(bits=3, group=128, smooth=True),
     # Issue #14's VQ bar: vq2 against INT2 (RTN, GPTQ) at the same or a larger size, vq3 against INT3.
     "VQ2 (v4 k256) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq2"], rounding="gptq", act_order=True),
     "VQ3 (v4 k256 + residual k16) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq3"], rounding="gptq",
@@ -55,6 +62,7 @@ SETTINGS: dict[str, WeightOnlyConfig | None] = {
     "INT2 g128 RTN": WeightOnlyConfig(bits=2, group=128, rounding="rtn"),
     "INT2 g128 GPTQ act-order": WeightOnlyConfig(bits=2, group=128, rounding="gptq", act_order=True),
 }
+PLAN_SETTING = "mixed {name} GPTQ act-order + smoothing"  # one row per --plan (a `lowbit search` plan.json)
 
 
 def log(message: str) -> None:
@@ -68,7 +76,7 @@ def write_table(args: argparse.Namespace, rows: list, reference: dict[str, Perpl
     lines = [
         "## SmolLM2-135M: weight-only quantization, perplexity and size (issue #14)",
         "",
-        f"- Command: `python benchmarks/bench_smollm2_weights.py --windows {args.windows}`",
+        f"- Command: `python benchmarks/bench_smollm2_weights.py {' '.join(sys.argv[1:])}`",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
         f"{lowbit_revision()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{time.perf_counter() - started:.0f} s",
@@ -79,9 +87,10 @@ def write_table(args: argparse.Namespace, rows: list, reference: dict[str, Perpl
         f"quantized row also rounds the tied embedding / LM head to {EMBEDDING_FORMAT.describe()}. GPTQ: calibrated "
         f"on {args.calibration_windows} windows of 512 tokens of lee.cor + pang_lee_polarity.cor (all there is; "
         "never evaluated on), sequential over blocks.",
-        "- Bits per weight: the block linears, packed values + zero points + float32 scales (VQ: packed indices + "
-        "int8 codebooks, one copy per linear + float32 codebook and row scales). Size: the whole model as the "
-        "artifact stores it (embedding and RMSNorm gains included).",
+        "- Bits per weight: the block linears, packed values + zero points + float32 scales (float-min: float16 "
+        "minimums + float16 scales; VQ: packed indices + int8 codebooks, one copy per linear + float32 codebook and "
+        "row scales). Size: the whole model as the artifact stores it (embedding and RMSNorm gains included). Mixed "
+        "rows: bits per linear from `lowbit search zoo:smollm2_135m --size S` (int3/4/8).",
         "",
         "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
         "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
@@ -94,7 +103,7 @@ def write_table(args: argparse.Namespace, rows: list, reference: dict[str, Perpl
             cells += [f"{r.perplexity:.3f} [{r.interval[0]:.2f}, {r.interval[1]:.2f}]",
                       "1" if r is reference[t] else f"{ratio:.4f} [{low:.4f}, {high:.4f}]"]
         lines.append(f"| {name} | {bpw:.2f} | {size / 1e6:.1f} | " + " | ".join(cells) + f" | {rounding_s:.0f} |")
-    write_section(args.out, "smollm2_weights", "\n".join(lines) + "\n")
+    write_section(args.out, args.section, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--windows", type=int, default=8, help="512-token windows per evaluation text")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
+    parser.add_argument("--plan", type=Path, action="append", default=[],
+                        help="a decoder plan.json from `lowbit search`: adds a mixed-precision row (after --settings)")
+    parser.add_argument("--section", default="smollm2_weights", help="the BENCHMARKS.md section to (re)write")
     args = parser.parse_args(argv)
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
+    for path in args.plan:
+        plan = read_decoder_plan(path)
+        settings[PLAN_SETTING.format(name=f"{plan.model_bytes / 1e6:.0f} MB")] = WeightOnlyConfig(
+            group=plan.group, smooth=True, plan=tuple(plan.bits.items()))
     started = time.perf_counter()
     zoo = get_zoo_entry("zoo:smollm2_135m").decoder
     base, tokenizer = zoo.load()
@@ -112,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
              for name, text in zoo.evaluation.items()}
     params = sum(p.numel() for p in base.parameters())
     rows, reference = [], {}
-    for name in args.settings.split(","):
-        config = SETTINGS[name]
+    for name, config in settings.items():
         t0 = time.perf_counter()
         model, size, bpw = base, 4 * params, 32.0
         if config is not None:

@@ -124,3 +124,15 @@ def test_gemv_int4_plan_rejects_bad_tiles() -> None:
         Int4GemvPlan.of(1, 64, 24, 32, 2, nv=2)
     with pytest.raises(LowbitError, match="group"):
         Int4GemvPlan.of(1, 64, 24, 0, 2)
+
+
+def test_gemv_int4_accumulates_into_y() -> None:
+    """accumulate=True (the decoder's residual adds): Y + x W^T, Y's old value kept."""
+    q, scale, zero = _weights(64, 136, 32, 4)
+    x = np.random.default_rng(6).standard_normal((3, 136)).astype(np.float32)
+    y0 = np.random.default_rng(8).standard_normal((3, 64)).astype(np.float32)
+    plan = Int4GemvPlan.of(3, 136, 64, 32, num_threads=2, accumulate=True)
+    lib = tvm.compile(tvm.IRModule({"main": gemv_int4_func(plan).with_attr("global_symbol", "main")}), target=TARGET)
+    args = [tvm.runtime.tensor(a) for a in (x, *pack_int4_gemv(q, scale, zero, 32).arrays(), y0)]
+    lib["main"](*args)
+    _check(args[-1].numpy() - y0, x, q, scale, zero, 32)

@@ -167,3 +167,52 @@ def test_float32_column_loop_keeps_the_float64_loss() -> None:
     losses = [hessian_loss(w, gptq_groupwise(w, h, 3, 64, dtype=dtype).dequantize(), h)
               for dtype in (torch.float32, torch.float64)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def _q4_1_weights(out: int, k: int, seed: int = 0) -> np.ndarray:
+    """Weights exactly on GGUF Q4_1's grid: per 32 columns q * d + m, d and m float16, each block spanning 0..15."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (out, k))
+    q[:, ::32], q[:, 1::32] = 0, 15
+    d = np.repeat(rng.uniform(0.001, 0.01, (out, k // 32)).astype(np.float16).astype(np.float32), 32, 1)
+    m = np.repeat(rng.uniform(-0.08, 0.02, (out, k // 32)).astype(np.float16).astype(np.float32), 32, 1)
+    return (q * d + m).astype(np.float32)
+
+
+def test_float_minimums_reproduce_a_q4_1_grid_where_integer_zero_points_cannot() -> None:
+    w = _q4_1_weights(16, 128)
+    exact = rtn_groupwise(w, 4, 32, float_minimum=True)
+    assert exact.float_minimum and exact.scale.dtype == np.float16 and exact.minimum.dtype == np.float16
+    assert np.allclose(exact.dequantize(), w, rtol=0, atol=1e-6)
+    step = np.abs(np.diff(np.sort(w[0, :32]))).max()
+    assert np.abs(rtn_groupwise(w, 4, 32).dequantize() - w).max() > 0.1 * step  # a second rounding
+    h = _hessian(_correlated(256, 128))
+    gptq = gptq_groupwise(w, h, 4, 32, act_order=True, float_minimum=True)
+    assert np.allclose(gptq.dequantize(), w, rtol=0, atol=1e-6)  # nothing to feed back
+
+
+def test_float_minimum_format_size_serialization_and_checks() -> None:
+    w = _q4_1_weights(8, 576, seed=1)[:, :576]
+    q = rtn_groupwise(w, 4, 128, float_minimum=True)
+    assert q.nbytes == 8 * (288 + 5 * (2 + 2)) == GroupWiseWeights.bytes_for((8, 576), 4, 128, float_minimum=True)
+    assert q.bits_per_weight < GroupWiseWeights.bytes_for((8, 576), 4, 128) * 8 / w.size
+    tensors = q.to_tensors("x.")
+    assert set(tensors) == {"x.qweight", "x.mins", "x.scales", "x.layout"}
+    again = GroupWiseWeights.from_tensors(tensors, "x.")
+    assert np.array_equal(again.dequantize(), q.dequantize())
+    assert np.allclose(q.offset, q.minimum.astype(np.float32))
+    with pytest.raises(LowbitError, match="x.mins"):
+        GroupWiseWeights.from_tensors({**tensors, "x.mins": tensors["x.mins"].astype(np.float64)}, "x.")
+    with pytest.raises(ValueError, match="either"):
+        GroupWiseWeights(q.values, q.scale, None, 4, 128)
+    tiny = rtn_groupwise(w * 1e-6, 4, 128, float_minimum=True)  # steps below float16's normal range
+    assert tiny.scale.dtype == np.float32 and np.abs(tiny.dequantize() - w * 1e-6).max() < 1e-7
+
+
+def test_float_minimum_rounding_error_within_half_a_step() -> None:
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3)) + 0.5  # groups not centred on 0
+    q = rtn_groupwise(w, 4, 64, float_minimum=True)
+    step = np.repeat(q.scale.astype(np.float32), 64, 1)
+    assert np.all(np.abs(q.dequantize() - w.numpy()) <= 0.5 * step * (1 + 1e-2) + 1e-6)
+    plain = rtn_groupwise(w, 4, 64)
+    assert np.abs(q.dequantize() - w.numpy()).mean() < np.abs(plain.dequantize() - w.numpy()).mean()

@@ -135,7 +135,7 @@ def test_config_and_walk_errors_are_clear() -> None:
         WeightOnlyConfig(group=-1)
     assert WeightOnlyConfig(group=0).group_for(576) == 576
     model = _model()
-    with pytest.raises(LowbitError, match="needs calibration samples"):
+    with pytest.raises(LowbitError, match="need calibration samples"):
         quantize_weights(model, model.layers, WeightOnlyConfig(rounding="gptq"))
     with pytest.raises(LowbitError, match="not a submodule"):
         quantize_weights(model, [Block()], WeightOnlyConfig(), _samples(1, 1))

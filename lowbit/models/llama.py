@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import LowbitError
+from ..quantizer.weight_smoothing import SmoothFold, gqa_channels
 from ..runtime.bpe_tokenizer import BpeTokenizer
 from .gguf_file import GgufCheckpoint, read_gguf
 from .llama_config import LlamaConfig
@@ -178,6 +179,21 @@ class LlamaDecoder(nn.Module):
         if cache is not None:
             cache.length = past + t
         return self.lm_head(self.norm(x))
+
+
+def smoothing_folds(block: nn.Module) -> list[SmoothFold]:
+    """Where a block's linears can be smoothed before rounding (`quantizer.weight_smoothing`): q/k/v's inputs
+    into the attention RMSNorm, o_proj's into v_proj's rows (one scale per KV channel, shared by the query heads
+    that read it), gate/up's into the MLP RMSNorm, down_proj's into up_proj's rows (silu(gate) * up is linear in
+    up). Not q/k's outputs: RoPE mixes channel pairs, so a per-channel scale would not commute with it."""
+    if not isinstance(block, LlamaBlock):
+        raise LowbitError(f"smoothing_folds: a LlamaBlock was expected, got {type(block).__name__}")
+    a, m, i = block.self_attn, block.mlp, block.self_attn.index
+    return [SmoothFold(f"layers.{i}.attn_in", (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm),
+            SmoothFold(f"layers.{i}.attn_out", (a.o_proj,), a.v_proj,
+                       gqa_channels(a.num_heads, a.num_kv_heads, a.head_dim)),
+            SmoothFold(f"layers.{i}.mlp_in", (m.gate_proj, m.up_proj), block.post_attention_layernorm),
+            SmoothFold(f"layers.{i}.mlp_out", (m.down_proj,), m.up_proj)]
 
 
 def _block_names(i: int) -> dict[str, str]:

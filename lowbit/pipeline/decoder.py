@@ -34,10 +34,11 @@ import torch
 from ..errors import LowbitError
 from ..io import atomic_directory, write_json
 from ..ir.weight_formats import QuantizedWeights, n_weights
-from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf
+from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf, smoothing_folds
 from ..models.llama_config import LlamaConfig
 from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
 from ..quantizer.weight_only import WeightOnlyConfig, quantize_weights
+from ..quantizer.weight_smoothing import SmoothChoice, smoothing_summary
 from ..runtime.bpe_tokenizer import BpeTokenizer, Vocabulary
 from ..runtime.decoder import (
     CONFIG_FILE,
@@ -60,6 +61,9 @@ EMBEDDING = "embed_tokens.weight"
 CALIBRATION_WINDOWS = 32  # of DEFAULT_WINDOW tokens: ~16k tokens, as GPTQ's 128 x 2048 scaled to 2 cores
 REPORT_WINDOWS = 8  # per evaluation text in the report; `lowbit eval` or the benchmark scores whole texts
 PAIRED_SAMPLES = 2000
+# TVM logits against the numpy runtime, relative to the largest |logit|: both are float32 with sums in other
+# orders; measured on SmolLM2-135M int4 (38 positions): 2e-6. Tiny random models land near 1e-6.
+TVM_TOLERANCE = 1e-4
 GGUF_SUFFIX = ".gguf"
 DEFAULT_TEXTS_FROM = "zoo:smollm2_135m"  # a user's .gguf is calibrated and reported on this zoo model's texts
 
@@ -75,23 +79,79 @@ class DecoderArtifact:
     quant: WeightOnlyConfig
     report: dict[str, Any]
 
-    def save(self, directory: str | Path, force: bool = False) -> Path:
-        """Write the artifact directory (nothing is left behind on failure); returns its path."""
+    def save(self, directory: str | Path, force: bool = False, target: str | None = None,
+             progress: Progress | None = None) -> Path:
+        """Write the artifact directory (nothing is left behind on failure); returns its path. With a TVM
+        `target` (e.g. "llvm -mcpu=native"), also the decode kernels (`decoder_tvm`), checked against the numpy
+        runtime before anything is written."""
         from safetensors.numpy import save_file
 
+        progress = progress or Progress()
         directory = Path(directory)
         with atomic_directory(directory, force) as tmp:
-            write_json(tmp / CONFIG_FILE, dataclasses.asdict(self.config))
+            config = dataclasses.asdict(self.config)
+            write_json(tmp / CONFIG_FILE, config)
             write_json(tmp / VOCABULARY_FILE, dataclasses.asdict(self.vocabulary))
             arrays = {name: np.ascontiguousarray(t, np.float32) for name, t in self.tensors.items()}
             for name, weights in self.weights.items():
                 arrays.update(weights.to_tensors(f"{name}."))
             save_file(arrays, str(tmp / WEIGHTS_FILE))
-            write_json(tmp / REPORT_JSON, self.report)
-            (tmp / REPORT_MD).write_text(report_markdown(self.report))
-            write_json(tmp / MANIFEST, {"format": ARTIFACT_FORMAT, "version": DECODER_VERSION, "kind": DECODER_KIND,
-                                        "weights": dataclasses.asdict(self.quant), "files": file_hashes(tmp)})
+            report = dict(self.report)
+            tvm = target is not None and self._build_tvm(tmp, config, target, progress)
+            if tvm:  # the check loads the artifact, which needs a manifest: written again after the report
+                self._write_manifest(tmp)
+                with progress.stage("tvm check"):
+                    progress.echo("tvm check", "TVM logits against the numpy runtime")
+                    tvm["check"] = check_tvm_decoder(tmp)
+                    progress.echo("tvm check", f"max |difference| {tvm['check']['max_abs_diff']:.2e}, "
+                                  f"{tvm['check']['relative']:.2e} of max |logit|")
+                report["tvm"] = tvm
+            write_json(tmp / REPORT_JSON, report)
+            (tmp / REPORT_MD).write_text(report_markdown(report))
+            self._write_manifest(tmp)
         return directory
+
+    def _write_manifest(self, directory: Path) -> None:
+        write_json(directory / MANIFEST, {"format": ARTIFACT_FORMAT, "version": DECODER_VERSION, "kind": DECODER_KIND,
+                                          "weights": dataclasses.asdict(self.quant), "files": file_hashes(directory)})
+
+    def _build_tvm(self, tmp: Path, config: dict[str, Any], target: str, progress: Progress) -> dict[str, Any]:
+        """Compile the decode kernels into `tmp` if the formats have them; what the report records ({} if not)."""
+        from ..codegen.tvm.decoder import build_decoder_library, supports
+
+        why = supports(config, self.weights)
+        if why:
+            progress.echo("tvm", f"no TVM decode kernels: {why}; the artifact runs on the numpy runtime")
+            return {}
+        with progress.stage("tvm"):
+            progress.echo("tvm", f"compiling the decode and prefill kernels for {target}")
+            meta = build_decoder_library(tmp, config, self.weights, self.tensors, target)
+        return {"target": meta["target_string"], "compile_s": meta["compile_s"], "chunk": meta["shapes"]["chunk"]}
+
+
+def check_tvm_decoder(directory: Path, tolerance: float = TVM_TOLERANCE) -> dict[str, float]:
+    """Run the artifact's TVM kernels and its numpy runtime on the same tokens (a prefill of one chunk and a few
+    more, then decode steps) and raise LowbitError unless their logits agree: max |tvm - numpy| <= tolerance *
+    max |numpy logits| at every position checked. Returns the largest differences."""
+    from ..runtime.decoder import DecoderModel
+    from ..runtime.decoder_tvm import TvmDecoder
+
+    numpy_model = DecoderModel(directory, backend="numpy")  # checks the files against the manifest
+    runner = TvmDecoder(directory)
+    vocab = int(numpy_model.config["vocab_size"])
+    length = min(runner.chunk + 5, numpy_model.context - 3)
+    ids = np.random.default_rng(0).integers(0, vocab, length)
+    cache = numpy_model.new_cache()
+    pairs = [(runner.prefill(ids), numpy_model.logits(ids, cache)[-1])]
+    for token in ids[:3]:
+        pairs.append((runner.step(int(token)), numpy_model.logits(np.array([token]), cache)[-1]))
+    diff = max(float(np.abs(a - b).max()) for a, b in pairs)
+    scale = max(float(np.abs(b).max()) for _, b in pairs)
+    if not diff <= tolerance * scale:  # also refuses NaN
+        raise LowbitError(f"{directory}: the TVM decode kernels disagree with the numpy runtime: max |difference| "
+                          f"{diff:.3g} against max |logit| {scale:.3g} (tolerance {tolerance:g} of it); the artifact "
+                          "was not written; `--target none` writes it without the TVM kernels (numpy runtime)")
+    return {"max_abs_diff": diff, "relative": diff / scale, "tolerance": tolerance, "tokens": length + 3}
 
 
 def load_decoder_artifact(directory: str | Path) -> LoadedDecoder:
@@ -138,13 +198,16 @@ def quantize_decoder(loaded: LoadedDecoder, config: WeightOnlyConfig, calibratio
     with progress.stage("perplexity (float)"), progress.steps_of("perplexity (float)") as log:
         before = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                   for name, ids in texts.items()}
+    smoothing: dict[str, SmoothChoice] = {}
     with progress.stage("quantize"), progress.steps_of("quantize") as log:
-        weights = round_decoder(model, tokenizer, config, calibration_text, window, log)
+        weights = round_decoder(model, tokenizer, config, calibration_text, window, log, smoothing)
     with progress.stage("perplexity (quantized)"), progress.steps_of("perplexity (quantized)") as log:
         after = {name: perplexity(decoder_logits_fn(model), ids, window, report_windows, log=log)
                  for name, ids in texts.items()}
     tensors = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name not in weights}
     report = decoder_report(model_name, config, weights, tensors, before, after, progress)
+    if smoothing:
+        report["smoothing"] = smoothing_summary(smoothing)
     return DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, config, report)
 
 
@@ -163,13 +226,15 @@ def leading_tokens(tokenizer: BpeTokenizer, text: str, n: int) -> np.ndarray:
 
 def round_decoder(model: LlamaDecoder, tokenizer: BpeTokenizer, config: WeightOnlyConfig, calibration_text: str,
                   window: int = DEFAULT_WINDOW, log: Callable[[str], object] = lambda _: None,
-                  ) -> dict[str, QuantizedWeights]:
+                  smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, QuantizedWeights]:
     """Round the block linears by `config` (GPTQ calibrated on `calibration_text`) and the embedding by
     `EMBEDDING_FORMAT`, writing the dequantized weights into `model`; parameter name -> its stored weights."""
-    samples = [] if config.rounding == "rtn" else calibration_windows(tokenizer, calibration_text, window=window)
+    calibrated = config.rounding != "rtn" or config.smooth
+    samples = calibration_windows(tokenizer, calibration_text, window=window) if calibrated else []
     if samples:
         log(f"calibration: {len(samples)} windows, {sum(s.shape[1] for s in samples)} tokens")
-    linears = quantize_weights(model, list(model.layers), config, samples, log=log)
+    linears = quantize_weights(model, list(model.layers), config, samples, log=log, folds=smoothing_folds,
+                               smoothing=smoothing)
     weights = {f"{name}.weight": w for name, w in linears.items()}
     embedding = EMBEDDING_FORMAT.round(model.embed_tokens.weight.detach(), None)
     with torch.no_grad():  # tied: the LM head reads the same (now rounded) table
@@ -229,6 +294,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         low, high = p["ratio_interval"]
         lines.append(f"| {name} | {f['windows']} | {f['tokens']} | {f['perplexity']:.3f} | {q['perplexity']:.3f} | "
                      f"{p['ratio']:.4f} [{low:.4f}, {high:.4f}] |")
+    if "tvm" in report:
+        t = report["tvm"]
+        lines += ["", f"TVM decode kernels for `{t['target']}`: compiled in {t['compile_s']:.0f} s, prefill in "
+                  f"chunks of {t['chunk']} tokens; logits within {t['check']['relative']:.1e} of the numpy runtime's "
+                  f"(relative to max |logit|, {t['check']['tokens']} positions; refused above "
+                  f"{t['check']['tolerance']:g})."]
     lines += ["", "Perplexity on the first windows of each text only; `lowbit eval DIR --text FILE` scores a "
               "whole text.", "", "Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                           report["timings_s"].items()), ""]
@@ -265,13 +336,21 @@ def quantize_decoder_model(model: str, config: WeightOnlyConfig, calib: Path | N
     zoo = _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM)
     if Path(model).is_dir():
         raise LowbitError(f"{model}: is a folder; quantize a zoo decoder or a {GGUF_SUFFIX} file")
-    calibration = zoo.calibration() if calib is None else read_text(calib, "calibration")
+    calibration = calibration_text(model, calib)
     with progress.stage("load"):
         progress.echo("load", f"loading {model}")
         loaded = load_decoder(model)
         evaluation = {name: text() for name, text in zoo.evaluation.items()}
     return quantize_decoder(loaded, config, calibration, evaluation, model_name=model,
                             report_windows=report_windows, progress=progress)
+
+
+def calibration_text(model: str, calib: Path | None) -> str:
+    """The text a decoder is calibrated on: the file `calib`, else the zoo's calibration text (for a .gguf, that of
+    DEFAULT_TEXTS_FROM)."""
+    if calib is not None:
+        return read_text(calib, "calibration")
+    return _zoo_decoder(model if model.startswith(ZOO_PREFIX) else DEFAULT_TEXTS_FROM).calibration()
 
 
 def _zoo_decoder(model: str) -> ZooDecoder:

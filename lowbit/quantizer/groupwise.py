@@ -29,26 +29,37 @@ from .rounding import BLOCK, DAMPING, gptq_setup
 
 # Clipping ratios tried per (row, group) by the clip search (1.0: plain min-max).
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-_TINY = float(np.finfo(np.float32).tiny)  # smallest scale: a normal float32
 
 
-def find_params(w: torch.Tensor, bits: int,
-                clip_ratios: Sequence[float] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float64 [rows], the scale float32-representable) of each row of `w` [rows, cols],
-    the clipping ratio chosen per row by the squared rounding error."""
+def find_params(w: torch.Tensor, bits: int, clip_ratios: Sequence[float] = (1.0,), h: torch.Tensor | None = None,
+                minimum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float64 [rows]) of each row of `w` [rows, cols], the clipping ratio chosen per row by
+    the squared rounding error, weighted by the columns' input Hessian `h` [cols, cols] when given (the row's output
+    error on those inputs, as AWQ's clip search).
+
+    Integer zero points (`minimum_dtype` None): the range includes 0, the scale is float32-representable and the
+    zero point an integer. Float minimums: the range is the row's own [min, max], scale and minimum m are
+    representable in `minimum_dtype`, and the zero point is the fraction -m / scale (so (q - z) * s = q * s + m)."""
     w = w.double()
     qmax = (1 << bits) - 1
-    lo0 = torch.clamp(w.amin(1), max=0.0)
-    hi0 = torch.clamp(w.amax(1), min=0.0)
+    lo0, hi0 = w.amin(1), w.amax(1)
+    if minimum_dtype is None:
+        lo0, hi0 = lo0.clamp(max=0.0), hi0.clamp(min=0.0)
+    stored = torch.float32 if minimum_dtype is None else minimum_dtype
+    tiny = float(torch.finfo(stored).tiny)
     best_scale = best_zero = best_err = None
     for ratio in clip_ratios:
         lo, hi = lo0 * ratio, hi0 * ratio
-        # The scale the format stores (float32); an all-zero row gets 1 (any scale is exact there).
-        scale = torch.where(hi > lo, (hi - lo) / qmax, 1.0).clamp(min=_TINY).float().double()
-        zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+        # The scale the format stores; a constant row gets 1 (any scale is exact there).
+        scale = torch.where(hi > lo, (hi - lo) / qmax, 1.0).clamp(min=tiny).to(stored).double()
+        if minimum_dtype is None:
+            zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+        else:
+            zero = -lo.to(stored).double() / scale
         if len(clip_ratios) == 1:
             return scale, zero
-        err = ((dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w) ** 2).sum(1)
+        d = dequantize_cols(quantize_cols(w, scale, zero, qmax), scale, zero) - w
+        err = (d * d).sum(1) if h is None else ((d @ h.double()) * d).sum(1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
@@ -61,17 +72,34 @@ def find_params(w: torch.Tensor, bits: int,
 
 
 def quantize_cols(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer values (as floats) of `w` [rows, cols] on each row's grid (`scale`, `zero`: [rows])."""
-    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax)
+    """Integer values (as floats) of `w` [rows, cols] on each row's grid (`scale`, `zero`: [rows]; a fractional
+    zero point for float minimums)."""
+    return torch.clamp(torch.round(w / scale[:, None] + zero[:, None]), 0, qmax)
 
 
 def dequantize_cols(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q - zero[:, None]) * scale[:, None]
 
 
-def _as_weights(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> GroupWiseWeights:
-    return GroupWiseWeights(q.numpy().astype(np.uint8), scale.numpy().astype(np.float32),
-                            zero.numpy().astype(np.uint8), bits, group)
+def _as_weights(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                minimum_dtype: torch.dtype | None) -> GroupWiseWeights:
+    values = q.numpy().astype(np.uint8)
+    if minimum_dtype is None:
+        return GroupWiseWeights(values, scale.numpy().astype(np.float32), zero.numpy().astype(np.uint8), bits, group)
+    return GroupWiseWeights(values, scale.to(minimum_dtype).numpy(), None, bits, group,
+                            minimum=(-zero * scale).to(minimum_dtype).numpy())
+
+
+def minimum_dtype_for(w: torch.Tensor, bits: int, group: int, float_minimum: bool) -> torch.dtype | None:
+    """None for integer zero points; for float minimums float16 (as GGUF's Q4_1) where it holds every weight and
+    every non-constant group's step as a normal number, else float32 (a weight of tiny or huge values)."""
+    if not float_minimum:
+        return None
+    fp16 = torch.finfo(torch.float16)
+    steps = torch.cat([(w[:, j:j + group].amax(1) - w[:, j:j + group].amin(1)) for j in range(0, w.shape[1], group)])
+    steps = steps[steps > 0] / ((1 << bits) - 1)
+    fits = float(w.abs().max()) < fp16.max / 2 and (not len(steps) or float(steps.min()) > fp16.tiny)
+    return torch.float16 if fits else torch.float32
 
 
 def _check(w: torch.Tensor, bits: int, group: int) -> None:
@@ -82,9 +110,11 @@ def _check(w: torch.Tensor, bits: int, group: int) -> None:
                          f"{GroupWiseWeights.SUPPORTED_BITS} and the group positive")
 
 
-def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int,
-                  clip_ratios: Sequence[float] = (1.0,)) -> GroupWiseWeights:
-    """Round-to-nearest of `w` [out, in] in groups of `group` columns (`group >= in`: per output channel)."""
+def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int, clip_ratios: Sequence[float] = (1.0,),
+                  h: torch.Tensor | None = None, float_minimum: bool = False) -> GroupWiseWeights:
+    """Round-to-nearest of `w` [out, in] in groups of `group` columns (`group >= in`: per output channel); `h`:
+    the inputs' Hessian [in, in], which weights the clip search (else plain weight error); `float_minimum`: a
+    float minimum per group instead of an integer zero point."""
     w = torch.as_tensor(w).double()
     _check(w, bits, group)
     qmax = (1 << bits) - 1
@@ -94,16 +124,18 @@ def rtn_groupwise(w: torch.Tensor | np.ndarray, bits: int, group: int,
     q = torch.empty_like(w)
     scale = torch.empty(w.shape[0], g, dtype=torch.float64)
     zero = torch.empty_like(scale)
+    stored = minimum_dtype_for(w, bits, group, float_minimum)
     for j in range(g):
         cols = slice(j * group, min((j + 1) * group, k))
-        scale[:, j], zero[:, j] = find_params(w[:, cols], bits, clip_ratios)
+        scale[:, j], zero[:, j] = find_params(w[:, cols], bits, clip_ratios, None if h is None else h[cols, cols],
+                                              stored)
         q[:, cols] = quantize_cols(w[:, cols], scale[:, j], zero[:, j], qmax)
-    return _as_weights(q, scale, zero, bits, group)
+    return _as_weights(q, scale, zero, bits, group, stored)
 
 
 def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, group: int, damp: float = DAMPING,
                    block: int = BLOCK, act_order: bool = False, clip_ratios: Sequence[float] = (1.0,),
-                   dtype: torch.dtype = torch.float32) -> GroupWiseWeights:
+                   dtype: torch.dtype = torch.float32, float_minimum: bool = False) -> GroupWiseWeights:
     """GPTQ of `w` [out, in] given its inputs' Hessian `h` [in, in] (e.g. `HessianAccumulator`), in groups of
     `group` columns; `damp`: fraction of the mean Hessian diagonal added to it; `block`: columns per lazy update.
 
@@ -119,6 +151,7 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
     g = n_groups(k, group)
     scale = torch.empty(w.shape[0], g, dtype=torch.float64)
     zero = torch.empty_like(scale)
+    stored = minimum_dtype_for(w, bits, group, float_minimum)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     work, hinv = gptq_setup(w[:, perm][None], h[perm][:, perm][None], damp)
     hinv = hinv[0].to(dtype)
@@ -129,7 +162,7 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
         original[:, perm] = work[0]
         for j in range(g):
             cols = slice(j * group, min((j + 1) * group, k))
-            scale[:, j], zero[:, j] = find_params(original[:, cols], bits, clip_ratios)
+            scale[:, j], zero[:, j] = find_params(original[:, cols], bits, clip_ratios, h[cols, cols], stored)
     else:  # blocks of whole groups: the group being entered has all its updates when its grid is fixed
         block = -(-block // group) * group if group < k else block
     # Columns as contiguous rows [in, out]: each step reads one and updates the rest of its block in one addr_.
@@ -142,10 +175,11 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
         for i in range(start, stop):
             gi = int(col_group[i])
             if not static and i % group == 0:
-                scale[:, gi], zero[:, gi] = find_params(work[i:i + group].T, bits, clip_ratios)
+                cols = slice(i, i + group)  # not act-order: loop order is storage order
+                scale[:, gi], zero[:, gi] = find_params(work[cols].T, bits, clip_ratios, h[cols, cols], stored)
                 grid_scale[gi], grid_zero[gi] = scale[:, gi], zero[:, gi]
             s, z, col = grid_scale[gi], grid_zero[gi], work[i]
-            q[i] = torch.clamp(torch.round(col / s) + z, 0, qmax)
+            q[i] = torch.clamp(torch.round(col / s + z), 0, qmax)
             err = errors[i - start]
             torch.div(col - (q[i] - z) * s, hinv[i, i], out=err)
             work[i + 1:stop].addr_(hinv[i, i + 1:stop], err, alpha=-1)
@@ -153,7 +187,7 @@ def gptq_groupwise(w: torch.Tensor | np.ndarray, h: torch.Tensor, bits: int, gro
             work[stop:].addmm_(hinv[start:stop, stop:].T, errors, alpha=-1)
     values = torch.empty(q.shape[1], k, dtype=torch.float64)
     values[:, perm] = q.T.double()
-    return _as_weights(values, scale, zero, bits, group)
+    return _as_weights(values, scale, zero, bits, group, stored)
 
 
 def hessian_loss(w: torch.Tensor | np.ndarray, dq: torch.Tensor | np.ndarray, h: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ The calibration forward must not fill a KV cache: each block reruns on its store
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ..ir.weight_formats import QuantizedWeights
 from .groupwise import CLIP_RATIOS, gptq_groupwise, rtn_groupwise
 from .rounding import DAMPING, HessianAccumulator
 from .vq import VQSpec, vq_quantize
+from .weight_smoothing import SmoothChoice, SmoothFold, apply_scale, choose_scale
 
 ROUNDINGS = ("rtn", "gptq")
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "kv_cache")
@@ -54,10 +56,18 @@ class WeightOnlyConfig:
     # Per group, the clipping ratio (`CLIP_RATIOS`) of least squared weight error. Off: on SmolLM2 int4 g128 RTN
     # it raised perplexity (Lee 42.87 -> 47.80, enwiki 29.67 -> 32.23; it does lower Gaussian weights' error).
     clip_search: bool = False
+    # Per group a float minimum and scale (float16, as GGUF's Q4_1) instead of an integer zero point and float32
+    # scale (`GroupWiseWeights`).
+    float_minimum: bool = False
     # GPTQ: within a block, each set of linears reading one input gets its Hessian after the sets before it are
     # quantized (q/k/v, then o on their quantized attention, ...), as GPTQ's LLaMA script; one forward per set.
     true_sequential: bool = False
+    # SmoothQuant+/AWQ scaling of each linear's input channels before rounding (`weight_smoothing.py`), alpha
+    # searched per fold; needs calibration data and the model's folds (e.g. `llama.smoothing_folds`).
+    smooth: bool = False
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
+    # A mixed plan: (linear name, bits) pairs overriding `bits` for those linears (`search.decoder_search`).
+    plan: tuple[tuple[str, int], ...] = ()
     # Vector quantization (`VQWeights`, e.g. `vq.VQ_PRESETS["vq2"]`) instead of group-wise integers: `bits`,
     # `group` and `clip_search` are then unused. rtn: unweighted k-means codebooks and nearest codewords; gptq:
     # codebooks weighted by the Hessian diagonal and GPTQ's error feedback (with act_order: whole vectors by
@@ -67,6 +77,9 @@ class WeightOnlyConfig:
     def __post_init__(self) -> None:
         if self.vq is not None and not isinstance(self.vq, VQSpec):
             raise LowbitError(f"vq={self.vq!r}: give a VQSpec (lowbit.quantizer.vq.VQ_PRESETS has vq2 and vq3)")
+        if self.vq is not None and (self.smooth or self.plan or self.float_minimum):
+            raise LowbitError("VQ weights with smoothing, a mixed plan or float minimums: not supported (those are "
+                              "options of group-wise integer weights); turn them off for vq2/vq3")
         if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
             raise LowbitError(f"--weights int{self.bits}: group-wise weights have "
                               f"{', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
@@ -77,8 +90,15 @@ class WeightOnlyConfig:
             raise LowbitError(f"--rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
         if not 0.0 < self.damp < 1.0:
             raise LowbitError(f"GPTQ damping {self.damp}: expected a fraction of the mean Hessian diagonal in (0, 1)")
+        bad = [f"{name}: {bits}" for name, bits in self.plan if bits not in GroupWiseWeights.SUPPORTED_BITS]
+        if bad:
+            raise LowbitError(f"the plan gives unsupported bit-widths ({', '.join(bad[:3])}); group-wise weights "
+                              f"have {', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
         if isinstance(self.skip, str):
             raise LowbitError(f"skip={self.skip!r}: give a tuple of name patterns, not one string")
+
+    def bits_for(self, name: str) -> int:
+        return dict(self.plan).get(name, self.bits)
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group == 0 else self.group
@@ -86,11 +106,25 @@ class WeightOnlyConfig:
     def describe(self) -> str:
         group = "per channel" if self.group == 0 else f"g{self.group}"
         gptq = self.rounding == "gptq"  # act-order and true-sequential are GPTQ's; RTN ignores them
-        extras = [e for e, on in (("act-order", gptq and self.act_order),
+        extras = [e for e, on in (("float min", self.float_minimum), ("smoothed", self.smooth),
+                                  ("act-order", gptq and self.act_order),
                                   ("clip search", self.clip_search and self.vq is None),
                                   ("true-sequential", gptq and self.true_sequential)) if on]
-        what = f"int{self.bits} {group}" if self.vq is None else f"vq {self.vq.describe()}"
-        return f"{what} {self.rounding}" + "".join(f", {e}" for e in extras)
+        if self.vq is not None:
+            width, group = "vq", self.vq.describe()
+        elif self.plan:
+            counts = {b: sum(1 for _, pb in self.plan if pb == b) for b in sorted({b for _, b in self.plan})}
+            width = "mixed (" + ", ".join(f"{n} linears int{b}" for b, n in counts.items()) + ")"
+        else:
+            width = f"int{self.bits}"
+        return f"{width} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
+
+    def with_rounding(self, rounding: str) -> WeightOnlyConfig:
+        return dataclasses.replace(self, rounding=rounding)
+
+    def for_linear(self, name: str) -> WeightOnlyConfig:
+        """The uniform config that rounds linear `name` (its bits from the plan)."""
+        return dataclasses.replace(self, bits=self.bits_for(name), plan=()) if self.plan else self
 
     def round(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantizedWeights:
         """One weight [out, in] (stacked rows of linears that share `h`), by this config's rounding."""
@@ -102,34 +136,53 @@ class WeightOnlyConfig:
         group = self.group_for(w.shape[1])
         ratios = CLIP_RATIOS if self.clip_search else (1.0,)
         if self.rounding == "rtn":
-            return rtn_groupwise(w, self.bits, group, ratios)
+            return rtn_groupwise(w, self.bits, group, ratios, h if self.clip_search else None, self.float_minimum)
         assert h is not None, "GPTQ needs the linear's input Hessian"
-        return gptq_groupwise(w, h, self.bits, group, self.damp, act_order=self.act_order, clip_ratios=ratios)
+        return gptq_groupwise(w, h, self.bits, group, self.damp, act_order=self.act_order, clip_ratios=ratios,
+                              float_minimum=self.float_minimum)
 
 
 def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: WeightOnlyConfig,
                      calibration: Iterable[Any] = (), forward: Callable[[nn.Module, Any], object] | None = None,
-                     log: Callable[[str], object] = lambda _: None) -> dict[str, QuantizedWeights]:
+                     log: Callable[[str], object] = lambda _: None,
+                     folds: Callable[[nn.Module], Sequence[SmoothFold]] | None = None,
+                     smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, QuantizedWeights]:
     """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its weights
     (GroupWiseWeights, or VQWeights with `config.vq`).
 
     `forward(model, sample)` runs the model on one calibration sample (default: `model(**sample)` for a
-    mapping, else `model(sample)`); GPTQ needs at least one sample, round-to-nearest none. `log` gets a line per
-    block and step (a `Progress.steps_of` log, as the pipeline's other stages).
+    mapping, else `model(sample)`); GPTQ and smoothing need at least one sample, round-to-nearest alone none.
+    `log` gets a line per block and step (a `Progress.steps_of` log, as the pipeline's other stages).
+    `folds(block)` says where a block's linears can be smoothed (needed with `config.smooth`); `smoothing`, if
+    given, receives each fold's chosen scale.
     """
+    if config.smooth and folds is None:
+        raise LowbitError("smoothing needs the model's folds (where each linear's input scale is undone); pass "
+                          "folds=, e.g. lowbit.models.llama.smoothing_folds, or turn smoothing off")
     linears = _block_linears(model, blocks, config.skip)
+    unknown = sorted(set(dict(config.plan)) - {name for named in linears for name, _ in named})
+    if unknown:
+        raise LowbitError(f"the plan names {len(unknown)} linear(s) that are not block linears of this model "
+                          f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); was it searched for "
+                          "another model?")
     result: dict[str, QuantizedWeights] = {}
-    if config.rounding == "rtn":
+    if config.rounding == "rtn" and not config.smooth:
         for b, named in enumerate(linears):
             log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
             for name, linear in named:
-                result[name] = _write(linear, config.round(linear.weight.detach(), None))
+                result[name] = _write(linear, config.for_linear(name).round(linear.weight.detach(), None))
         return result
     with torch.no_grad():
         inputs = _capture_block_inputs(model, blocks[0], calibration, forward or _default_forward)
         for b, (block, named) in enumerate(zip(blocks, linears, strict=True)):
             step = f"block {b + 1}/{len(blocks)}"
             modules = dict(named)
+            shared = None
+            if config.smooth:
+                assert folds is not None
+                log(f"{step}: Hessians of {len(named)} linears on {len(inputs)} samples (smoothing)")
+                shared = _block_hessians(block, named, inputs, f"block {b}")
+                shared = _smooth_block(config, modules, shared, folds(block), smoothing, log, step)
             if config.true_sequential:
                 pending = named
                 while pending:
@@ -139,8 +192,9 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
                     result.update(_round_stack(config, modules, names, hessian))
                     pending = [(n, m) for n, m in pending if n not in names]
             else:
-                log(f"{step}: Hessians of {len(named)} linears on {len(inputs)} samples")
-                shared = _block_hessians(block, named, inputs, f"block {b}")
+                if shared is None:
+                    log(f"{step}: Hessians of {len(named)} linears on {len(inputs)} samples")
+                    shared = _block_hessians(block, named, inputs, f"block {b}")
                 log(f"{step}: {config.describe()} of {len(named)} linears")
                 for names, hessian in shared:
                     result.update(_round_stack(config, modules, names, hessian))
@@ -151,12 +205,40 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
     return {name: result[name] for named in linears for name, _ in named}  # in definition order
 
 
+def _smooth_block(config: WeightOnlyConfig, modules: dict[str, nn.Linear],
+                  shared: list[tuple[tuple[str, ...], torch.Tensor]], folds: Sequence[SmoothFold],
+                  record: dict[str, SmoothChoice] | None, log: Callable[[str], object],
+                  step: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """Smooth each set of linears that share an input and have a fold (in execution order, so a fold into an
+    earlier set's rows lands before that set is rounded); returns the sets with their smoothed Hessians."""
+    by_linears = {frozenset(id(lin) for lin in fold.linears): fold for fold in folds}
+    out = []
+    for names, hessian in shared:
+        fold = by_linears.get(frozenset(id(modules[n]) for n in names))
+        if fold is not None:
+            stacked = torch.cat([modules[n].weight.detach() for n in names])
+            choice = choose_scale(stacked, hessian, fold, config.with_rounding("rtn").round)
+            hessian = apply_scale(fold, choice.scale, hessian)
+            ratio = choice.loss / max(choice.loss_unsmoothed, 1e-30)
+            log(f"{step}: smoothed {fold.name} (alpha {choice.alpha}, proxy output error x{ratio:.3f})")
+            if record is not None:
+                record[fold.name] = choice
+        out.append((names, hessian))
+    return out
+
+
 def _round_stack(config: WeightOnlyConfig, modules: dict[str, nn.Linear], names: tuple[str, ...],
                  hessian: torch.Tensor) -> dict[str, QuantizedWeights]:
-    """Round the linears `names` (that share `hessian`) as one stack of rows; write each one's weights in place."""
-    stacked = torch.cat([modules[n].weight.detach() for n in names])
-    parts = _split_rows(config.round(stacked, hessian), [modules[n].out_features for n in names])
-    return {name: _write(modules[name], part) for name, part in zip(names, parts, strict=True)}
+    """Round the linears `names` (that share `hessian`) as one stack of rows per bit-width; write each one's weights
+    in place."""
+    result = {}
+    for bits in dict.fromkeys(config.bits_for(n) for n in names):
+        same = [n for n in names if config.bits_for(n) == bits]
+        stacked = torch.cat([modules[n].weight.detach() for n in same])
+        rounded = config.for_linear(same[0]).round(stacked, hessian)
+        parts = _split_rows(rounded, [modules[n].out_features for n in same])
+        result.update({name: _write(modules[name], part) for name, part in zip(same, parts, strict=True)})
+    return {name: result[name] for name in names}
 
 
 def _default_forward(model: nn.Module, sample: Any) -> object:
@@ -212,7 +294,7 @@ def _capture_block_inputs(model: nn.Module, first: nn.Module, calibration: Itera
     finally:
         handle.remove()
     if not captured:
-        raise LowbitError("GPTQ needs calibration samples (got none); or use rounding='rtn', which needs none")
+        raise LowbitError("GPTQ and smoothing need calibration samples (got none); round-to-nearest alone needs none")
     return captured
 
 

@@ -1,4 +1,8 @@
-"""A weight-quantized decoder artifact, run with numpy: `load(DIR).generate(prompt, max_new_tokens=N)`.
+"""A weight-quantized decoder artifact, run: `load(DIR).generate(prompt, max_new_tokens=N)`.
+
+Generation runs on the artifact's TVM kernels where it has them (`decoder_tvm`, built at quantize time) and TVM
+runs here; otherwise, or with backend="numpy", on the numpy decoder below, which is also the reference the TVM
+kernels are checked against.
 
 No torch here (the runtime's rule): the artifact's quantized weights (group-wise or VQ) are dequantized once at
 load, and a float32 numpy Llama (RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention
@@ -48,12 +52,8 @@ def is_decoder_artifact(directory: Path) -> bool:
         return False
 
 
-def read_decoder_artifact(directory: str | Path) -> DecoderFiles:
-    """Check a decoder artifact's files against its manifest, then read them; a LowbitError says what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    directory = Path(directory)
+def verify_decoder_files(directory: Path) -> None:
+    """Raise LowbitError unless DIR is a decoder artifact whose files match its manifest."""
     if not is_decoder_artifact(directory):
         raise LowbitError(f"{directory}: not a decoder artifact (no {MANIFEST} of kind {DECODER_KIND!r}); write one "
                           "with `lowbit quantize zoo:smollm2_135m -o DIR`")
@@ -64,11 +64,21 @@ def read_decoder_artifact(directory: str | Path) -> DecoderFiles:
     if version != DECODER_VERSION:
         raise LowbitError(f"{directory}: decoder artifact version {version!r}; this lowbit reads version "
                           f"{DECODER_VERSION}: quantize the model again")
+
+
+def read_decoder_artifact(directory: str | Path, weights: bool = True) -> DecoderFiles:
+    """Check a decoder artifact's files against its manifest, then read them (the parameters only if `weights`);
+    a LowbitError says what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    verify_decoder_files(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
         vocabulary = Vocabulary(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in json.loads((directory / VOCABULARY_FILE).read_text()).items()})
-        arrays = load_file(str(directory / WEIGHTS_FILE))
+        arrays = load_file(str(directory / WEIGHTS_FILE)) if weights else {}
     except (OSError, TypeError, ValueError, SafetensorError) as e:
         raise LowbitError(f"{directory}: cannot read the artifact: {e}") from e
     missing = [k for k in _CONFIG_KEYS if k not in config]
@@ -100,18 +110,38 @@ class Generation:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-class DecoderModel:
-    """A loaded decoder artifact: `generate(prompt, ...)` and `logits(ids)` with numpy."""
+BACKENDS = ("auto", "tvm", "numpy")
 
-    def __init__(self, directory: str | Path) -> None:
-        files = read_decoder_artifact(directory)
+
+class DecoderModel:
+    """A loaded decoder artifact: `generate(prompt, ...)`, and `logits(ids)` with numpy.
+
+    `backend` "tvm" runs generation on the artifact's compiled kernels (`decoder_tvm`), "numpy" on float32
+    weights dequantized at load, "auto" (the default) on TVM where the artifact has its library and TVM imports."""
+
+    def __init__(self, directory: str | Path, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise LowbitError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.directory = Path(directory)
+        if backend == "auto":
+            backend = "tvm" if _tvm_usable(self.directory) else "numpy"
+        self.backend = backend
+        files = read_decoder_artifact(directory, weights=backend == "numpy")
         self.config = files.config
         self.tokenizer = BpeTokenizer(files.vocabulary)
         c = self.config
         self.heads, self.kv_heads = int(c["num_heads"]), int(c["num_kv_heads"])
         self.head_dim = int(c["hidden_size"]) // self.heads
         self.eps, self.context = float(c["rms_norm_eps"]), int(c["context_length"])
+        if backend == "tvm":
+            from .decoder_tvm import LIBRARY, TvmDecoder, has_tvm_library
+
+            if not has_tvm_library(self.directory):
+                raise LowbitError(f"{self.directory}: no {LIBRARY} (TVM decode kernels); quantize with TVM "
+                                  "installed, or use backend='numpy'")
+            self.tvm: TvmDecoder | None = TvmDecoder(self.directory)
+            return
+        self.tvm = None
         p = files.parameters
         try:
             self.embedding = p["embed_tokens.weight"]
@@ -137,6 +167,7 @@ class DecoderModel:
 
     def logits(self, ids: np.ndarray, cache: list[list[np.ndarray]] | None = None) -> np.ndarray:
         """float32 logits [t, vocab] of token ids [t], after the `cache`'s tokens (which it extends)."""
+        self._need_numpy()
         ids = np.asarray(ids, np.int64).reshape(-1)
         cache = self.new_cache() if cache is None else cache
         past = cache[0][0].shape[1]
@@ -166,9 +197,9 @@ class DecoderModel:
             raise LowbitError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new ones that exceeds the "
                               f"context length {self.context}: shorten the prompt or lower --max-new-tokens")
         rng = np.random.default_rng(seed)
-        cache = self.new_cache()
+        session = self.tvm or _NumpySession(self)
         t0 = time.perf_counter()
-        logits = self.logits(ids, cache)[-1]
+        logits = session.prefill(ids)
         prefill_s = time.perf_counter() - t0
         out: list[int] = []
         shown, steps = "", 0
@@ -185,13 +216,17 @@ class DecoderModel:
                     shown = text
             if len(out) == max_new_tokens:
                 break
-            logits = self.logits(np.array([token]), cache)[-1]
+            logits = session.step(token)
             steps += 1
         decode_s = time.perf_counter() - t1
         text = self.tokenizer.decode(out, skip_special=True)
         if stream is not None and text != shown:
             stream(text[len(shown):])
         return Generation(text, tuple(out), len(ids), prefill_s, steps, decode_s)
+
+    def _need_numpy(self) -> None:
+        if self.tvm is not None:
+            raise LowbitError("logits() runs the numpy runtime; load the model with backend='numpy'")
 
     def _norm(self, x: np.ndarray, gain: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * gain
@@ -211,6 +246,35 @@ class DecoderModel:
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         attended = (scores / scores.sum(-1, keepdims=True)) @ values
         return attended.transpose(1, 0, 2).reshape(t, -1) @ layer["self_attn.o_proj.weight"]
+
+
+class _NumpySession:
+    """`DecoderModel.logits` with its cache, behind the interface of `TvmDecoder` (prefill, then steps)."""
+
+    def __init__(self, model: DecoderModel) -> None:
+        self.model, self.cache = model, model.new_cache()
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        self.cache = self.model.new_cache()
+        return self.model.logits(ids, self.cache)[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.model.logits(np.array([token]), self.cache)[-1]
+
+
+def _tvm_usable(directory: Path) -> bool:
+    """Whether DIR has TVM kernels that this machine can run (TVM importable, the CPU's features)."""
+    from .decoder_tvm import has_tvm_library, read_tvm_meta
+
+    if not has_tvm_library(directory):
+        return False
+    try:
+        import tvm  # noqa: F401
+
+        read_tvm_meta(directory)
+    except (ImportError, LowbitError):
+        return False
+    return True
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

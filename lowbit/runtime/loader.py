@@ -358,16 +358,17 @@ def read_verified_meta(directory: str | Path, verify: bool = True) -> dict[str, 
     return meta
 
 
-def load(directory: str | Path, verify: bool = True) -> CompiledModel | DecoderModel:
+def load(directory: str | Path, verify: bool = True, backend: str = "auto") -> CompiledModel | DecoderModel:
     """Load DIR (a `lowbit quantize`/`lowbit compile` output) for running; checks hashes and the CPU first.
 
     A decoder LLM's artifact gives a `DecoderModel` (`.generate(prompt, max_new_tokens=N)`), whose files are
-    always checked against the manifest."""
+    always checked against the manifest; `backend` picks its engine: "tvm" (the artifact's compiled kernels),
+    "numpy", or "auto" (tvm where the artifact has its library and TVM runs here)."""
     directory = Path(directory)
     if read_manifest(directory).get("kind") == DECODER_KIND:
         from .decoder import DecoderModel  # on use: a CNN's deployment needs only this file
 
-        return DecoderModel(directory)
+        return DecoderModel(directory, backend)
     meta = read_verified_meta(directory, verify)
     _check_device(meta)
     return CompiledModel(directory / TVM_DIR, meta)

@@ -14,6 +14,7 @@ from ...errors import LowbitError
 from ...io import check_output_dir
 from ...pipeline.checks import tvm_available
 from ...pipeline.decoder import is_decoder, quantize_decoder_model
+from ...pipeline.decoder_search import read_decoder_plan
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
@@ -26,9 +27,9 @@ from ..options import fraction, rpc_options, rpc_target, tuning_options, user_er
 DEFAULTS = QuantConfig()
 DECODER_WEIGHTS = ("int8", "int4", "int3", "int2", *VQ_PRESETS)
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
-# Options of the integer pipeline that mean nothing for a weight-only decoder (TVM decode kernels: not yet wired).
-DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_drop", "calib_method",
-                   "output_aware_ranges", "smooth", "target", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
+# Options of the integer pipeline that mean nothing for a weight-only decoder (--target builds its decode kernels).
+DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib_method",
+                   "output_aware_ranges", "tune_trials", "tuning_cache", "rpc_tracker", "rpc_key",
                    "onnx_weights", "allow_mismatch")
 
 
@@ -58,6 +59,10 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
 @click.option("--group", type=click.IntRange(min=0),
               help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
                    "Default 128.")
+@click.option("--zero-point", type=click.Choice(("int", "float")),
+              help="Decoder LLMs: per group an integer zero point with a float32 scale (int, the default), or a "
+                   "float16 minimum and scale as GGUF's Q4_1 (float; lossless at --group 32 on SmolLM2, whose "
+                   "released weights are Q4_1, but worse than int at group 128: BENCHMARKS.md smollm2_weights).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="A bit plan (plan.json from `lowbit search`): weight bits per layer.")
 @click.option("--max-drop", help="Keep activation tensors at 16 bits where they pay: the plan with the fewest extra "
@@ -80,11 +85,12 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
                    "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
                    "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
                    "reported, not applied. default: auto for transformers (graphs that read an attention "
-                   "mask), none for CNNs.")
+                   "mask), none for CNNs. Decoder LLMs: auto (default) or none: SmoothQuant+ before the weight "
+                   "rounding, alpha per group of linears by the rounding's output error.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
-                               'installed); "none" skips compiling.')
+                               'installed); "none" skips compiling. Decoder LLMs: the decode kernels (int4 linears).')
 @tuning_options
 @rpc_options
 @click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
@@ -99,7 +105,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "plan_path", "max_
 @user_errors
 def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, seq_len: int | None,
                      factory: str | None, bits: int, weight_format: str | None, group: int | None,
-                     plan_path: Path | None, max_drop: str | None,
+                     zero_point: str | None, plan_path: Path | None, max_drop: str | None,
                      calib_method: str, rounding: str, output_aware_ranges: bool, smooth: str, seed: int,
                      target: str | None,
                      tune_trials: int | None, tuning_cache: Path | None, rpc_tracker: str | None,
@@ -114,13 +120,15 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
     """
     if is_decoder(model):
         check_output_dir(output, force)
-        config = decoder_config(weight_format, group, rounding)
+        config = decoder_config(weight_format, group, rounding, smooth, plan_path, zero_point == "float")
         _refuse_encoder_options(click.get_current_context(), config.describe())
-        quantize_decoder_model(model, config, calib, progress=Progress()).save(output, force)
+        target = resolve_target(target)  # TVM decode kernels, checked against the numpy runtime
+        progress = Progress()
+        quantize_decoder_model(model, config, calib, progress=progress).save(output, force, target, progress)
         return
-    if weight_format is not None or group is not None:
-        raise LowbitError(f"--weights and --group are for decoder LLMs (zoo:smollm2_135m, a .gguf file); {model} "
-                          "is quantized to integers by --bits / --plan")
+    if weight_format is not None or group is not None or zero_point is not None:
+        raise LowbitError(f"--weights, --group and --zero-point are for decoder LLMs (zoo:smollm2_135m, a .gguf "
+                          f"file); {model} is quantized to integers by --bits / --plan")
     config = QuantConfig(bits=bits, calib_method=calib_method, rounding=rounding,
                          output_aware_ranges=output_aware_ranges, smooth=smooth, seed=seed)
     drop = fraction(max_drop, "--max-drop") if max_drop is not None else None
@@ -143,25 +151,41 @@ def quantize_command(model: str, output: Path, calib: Path | None, eval_path: Pa
                   onnx_weights=onnx_weights, force=force, allow_mismatch=allow_mismatch, progress=progress, rpc=rpc)
 
 
-def decoder_config(weight_format: str | None, group: int | None, rounding: str) -> WeightOnlyConfig:
+def decoder_config(weight_format: str | None, group: int | None, rounding: str,
+                   smooth: str = DEFAULTS.smooth, plan_path: Path | None = None,
+                   float_minimum: bool = False) -> WeightOnlyConfig:
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
-    the best setting measured there (GPTQ with act-order)."""
+    the best setting measured there. --smooth: auto (the default) searches alpha per fold, none turns smoothing
+    off (VQ: smoothing is not applied, it was not measured with codebooks)."""
     weight_format = weight_format or DEFAULT_DECODER_WEIGHTS
     if weight_format in VQ_PRESETS:
-        if group is not None:
-            raise LowbitError(f"--group is for group-wise integer weights; --weights {weight_format} has codebooks "
-                              "instead of groups: leave --group out")
+        if group is not None or plan_path is not None or float_minimum:
+            raise LowbitError(f"--group, --plan and --zero-point are for group-wise integer weights; --weights "
+                              f"{weight_format} has codebooks instead of groups: leave them out")
         if rounding == "auto":
             return WeightOnlyConfig(vq=VQ_PRESETS[weight_format])
         return WeightOnlyConfig(vq=VQ_PRESETS[weight_format], rounding="rtn" if rounding == "nearest" else "gptq",
                                 act_order=rounding == "gptq")
     bits = int(weight_format.removeprefix("int"))
+    plan: dict[str, int] = {}
+    if plan_path is not None:  # a mixed plan from `lowbit search`; --weights sets the linears it does not name
+        searched = read_decoder_plan(plan_path)
+        if group is not None and group != searched.group:
+            raise LowbitError(f"--group {group}: {plan_path} was searched for group {searched.group}; drop --group "
+                              "or search again with it")
+        group, plan = searched.group, searched.bits
     group = DEFAULT_DECODER_GROUP if group is None else group
+    if smooth not in (DEFAULTS.smooth, "auto", "none"):
+        raise LowbitError(f"--smooth {smooth}: a decoder's smoothing searches alpha per group of linears; give "
+                          "auto or none")
+    extra: dict = {"smooth": smooth != "none"}  # on by default: it lowered INT4 perplexity (smollm2_weights)
+    extra["plan"] = tuple(plan.items())
+    extra["float_minimum"] = float_minimum
     if rounding == "auto":
-        return WeightOnlyConfig(bits=bits, group=group)
+        return WeightOnlyConfig(bits=bits, group=group, **extra)
     return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
-                            act_order=rounding == "gptq")
+                            act_order=rounding == "gptq", **extra)
 
 
 def _refuse_encoder_options(ctx: click.Context, what: str) -> None:

@@ -6,16 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ...errors import LowbitError
 from ...io import check_output_dir
+from ...ir.groupwise_weights import GroupWiseWeights
+from ...pipeline.decoder import is_decoder
+from ...pipeline.decoder_search import search_decoder_model
 from ...pipeline.prepare import Source
 from ...pipeline.progress import Progress
 from ...pipeline.search import LATENCY_SOURCES, SearchOptions, search, text_model_defaults
 from ...quantizer.config import SUPPORTED_WEIGHT_BITS
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
+from ...search.decoder_search import DECODER_BITS
 from ...search.ilp import DEFAULT_OBJECTIVE, OBJECTIVES
 from ..options import bit_list, fraction, model_and_data_options, rpc_options, rpc_target, user_errors
+
+DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "bit_set")
 
 
 @click.command("search")
@@ -69,7 +76,22 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                    sensitivity_dir: Path | None, objective: str, wide_activations: bool | None, no_ties: bool,
                    frontier_points: int,
                    bisect_steps: int) -> None:
-    """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band."""
+    """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band.
+
+    A decoder LLM (zoo:smollm2_135m, a Llama .gguf) takes --size only (the whole model, e.g. 80MB or 0.6x of
+    every block linear at the widest of --bits, default 3,4,8) and writes DIR/plan.json for `lowbit quantize
+    MODEL --plan DIR/plan.json`."""
+    if is_decoder(model):
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ctx.params if n not in DECODER_SEARCH_OPTIONS
+                 and ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+        if given or size_budget is None:
+            raise LowbitError(f"a decoder LLM is searched under --size only (with --bits, --calib); "
+                              f"{'drop ' + ', '.join(given) if given else 'give --size, e.g. 80MB or 0.6x'}")
+        check_output_dir(output, force)
+        bits = bit_list(bit_set, "--bits", GroupWiseWeights.SUPPORTED_BITS) if bit_set else DECODER_BITS
+        search_decoder_model(model, size_budget, bits, calib=calib, progress=Progress()).save(output, force)
+        return
     defaults = text_model_defaults(model)
     bits = bit_list(bit_set, "--bits", SUPPORTED_WEIGHT_BITS) if bit_set else defaults.get("bits", (4, 8))
     wide = defaults.get("wide_activations", False) if wide_activations is None else wide_activations

@@ -46,10 +46,11 @@ class Int4GemvPlan:
     num_threads: int
     unpack: str = "mask"
     KS: int = 2
+    accumulate: bool = False  # Y += x W^T (a residual add fused into the store) instead of Y = x W^T
 
     @classmethod
     def of(cls, M: int, K: int, N: int, group: int, num_threads: int, nv: int | None = None,
-           mr: int | None = None) -> Int4GemvPlan:
+           mr: int | None = None, accumulate: bool = False) -> Int4GemvPlan:
         """The default tiles: MR = min(M, 4) rows; NV the largest of 4, 2, 1 that divides the output vectors with
         MR * NV <= 8 accumulators; KS = 2 partial sums per accumulator where they fit in 8 registers (the chain of
         dependent FMAs per accumulator is what limits one row; for 4 rows, 16 accumulators spill: KS = 1)."""
@@ -63,7 +64,8 @@ class Int4GemvPlan:
             nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0 and mr * v <= REGISTERS // 2 or v == 1)
         if (N // LANES) % nv:
             raise ValueError(f"int4 GEMV: NV = {nv} does not divide {N // LANES} output vectors")
-        return cls(M, K, N, group, nv, mr, num_threads, KS=2 if mr * nv * 2 <= REGISTERS // 2 else 1)
+        return cls(M, K, N, group, nv, mr, num_threads, KS=2 if mr * nv * 2 <= REGISTERS // 2 else 1,
+                   accumulate=accumulate)
 
     @property
     def OB(self) -> int:
@@ -161,7 +163,11 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
         fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, p.NG - 1)
         for r in T.unroll(mr):
             for v in T.unroll(NV):
-                Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1, LANES)]
+                if p.accumulate:
+                    Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = (
+                        Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] + acc[T.ramp((r * NV + v) * LANES, 1, LANES)])
+                else:
+                    Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1, LANES)]
 
     @T.prim_func(private=True)
     def func(
