@@ -172,4 +172,4 @@ def test_vq2_artifact_round_trips(tmp_path: Path) -> None:
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     result = runner.invoke(lowbit, ["quantize", str(gguf), "-o", str(tmp_path / "b"), "--weights", "vq3",
                                     "--group", "32"])
-    assert result.exit_code != 0 and "--group is for group-wise" in result.output
+    assert result.exit_code != 0 and "are for group-wise integer weights" in result.output
