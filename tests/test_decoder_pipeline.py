@@ -154,12 +154,17 @@ def test_float_minimum_artifact_runs_in_the_runtime(tiny_gguf: Path, tmp_path: P
     assert result.exit_code == 0, result.output
     arrays = load_file(str(out / WEIGHTS_FILE))
     assert "layers.0.mlp.up_proj.weight.mins" in arrays and "layers.0.mlp.up_proj.weight.qzeros" not in arrays
-    assert "float min" in json.loads((out / "report.json").read_text())["weights"]
+    report = json.loads((out / "report.json").read_text())
+    assert "float min" in report["weights"]
+    if TVM:  # the int4 kernel takes the float minimums as its per-group offsets; checked at build time
+        from lowbit.pipeline.decoder import TVM_TOLERANCE
+
+        assert report["tvm"]["check"]["relative"] <= TVM_TOLERANCE
     model, tokenizer = load_decoder_artifact(out)
     ids = tokenizer.encode("the theme of the thin thing")
     with torch.inference_mode():
         expected = model(torch.from_numpy(ids[None, :]))[0].numpy()
-    got = load(out).logits(ids)
+    got = load(out, backend="numpy").logits(ids)
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 

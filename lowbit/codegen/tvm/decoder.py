@@ -124,8 +124,12 @@ def decoder_module(s: DecoderShapes) -> tvm.IRModule:
 
 def _rows(*weights: GroupWiseWeights) -> dict[str, np.ndarray]:
     """The int4 kernel's operands for the weights' rows stacked (one GEMV computes them all)."""
-    packed = pack_int4_gemv(np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights]),
-                            np.concatenate([w.zero for w in weights]), weights[0].group)
+    values, scale = np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights])
+    if any(w.float_minimum for w in weights):
+        offset = np.concatenate([w.offset for w in weights])
+        packed = pack_int4_gemv(values, scale, None, weights[0].group, offset=offset)
+    else:
+        packed = pack_int4_gemv(values, scale, np.concatenate([w.zero for w in weights]), weights[0].group)
     return {"w": packed.w, "scale": packed.scale, "neg_zs": packed.neg_zs}
 
 

@@ -63,9 +63,11 @@ def check_int4_shape(out_features: int, in_features: int, group: int, where: str
                           f"so pad the weight's columns (and x) with zeros to a multiple of {NIBBLES}")
 
 
-def pack_int4_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> Int4Packed:
+def pack_int4_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, group: int,
+                   offset: np.ndarray | None = None) -> Int4Packed:
     """Pack q (uint8 [out, in], values 0..15), scale (float32 [out, ceil(in / group)]) and zero (uint8, same
-    shape as scale, values 0..15) into the `gemv_int4` kernel's layout (module docstring)."""
+    shape as scale, values 0..15) into the `gemv_int4` kernel's layout (module docstring). A grid with a float
+    minimum per group gives `offset` (the minimum, w = q * s + offset) instead of `zero`."""
     q = np.asarray(q)
     if q.ndim != 2:
         raise LowbitError(f"pack_int4_gemv: q must be 2-D [out, in], got shape {q.shape}")
@@ -73,7 +75,9 @@ def pack_int4_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: in
     check_int4_shape(out_f, in_f, group, "pack_int4_gemv")
     groups = cdiv(in_f, group)
     scale = np.asarray(scale, np.float32)
-    zero = np.asarray(zero)
+    if (zero is None) == (offset is None):
+        raise LowbitError("pack_int4_gemv: give either integer zero points or float offsets")
+    zero = np.zeros(scale.shape, np.uint8) if zero is None else np.asarray(zero)
     for name, a in (("scale", scale), ("zero", zero)):
         if a.shape != (out_f, groups):
             raise LowbitError(f"pack_int4_gemv: {name} has shape {a.shape}, expected {(out_f, groups)} "
@@ -91,7 +95,8 @@ def pack_int4_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: in
     def tiled(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.astype(np.float32).reshape(ob, LANES, groups).transpose(0, 2, 1))
 
-    neg_zs = -(zero.astype(np.float32) * scale)  # rounded once to float32, as the kernel's FMA operand
+    # -z * s rounded once to float32, as the kernel's FMA operand (or the float minimum itself)
+    neg_zs = -(zero.astype(np.float32) * scale) if offset is None else np.asarray(offset, np.float32)
     return Int4Packed(w, tiled(scale), tiled(neg_zs), out_f, in_f, group)
 
 
