@@ -5,7 +5,8 @@ weights) and is rounded by `lowbit.pipeline.decoder.round_decoder`, as `lowbit q
 group-wise by the setting, the tied embedding / LM head to int8 g32. Perplexity on the first `--windows`
 non-overlapping 512-token windows of each evaluation text (gensim's Lee news, the enwiki sample), with the paired
 ratio to FP32 and its 95% bootstrap interval over windows. Sizes count packed values, zero points and float32
-scales. Writes the smollm2_weights section of BENCHMARKS.md.
+scales, and for VQ packed indices, int8 codebooks and their scales. Writes the smollm2_weights section of
+BENCHMARKS.md.
 
     python benchmarks/bench_smollm2_weights.py [--windows 8] [--out BENCHMARKS.md]
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from sections import cpu_info, lowbit_revision, write_section
 
+from lowbit.ir.weight_formats import n_weights
 from lowbit.models.llama import decoder_logits_fn
 from lowbit.models.zoo import get_zoo_entry
 from lowbit.pipeline.decoder import (
@@ -33,6 +35,7 @@ from lowbit.pipeline.decoder import (
     round_decoder,
 )
 from lowbit.pipeline.decoder_search import read_decoder_plan
+from lowbit.quantizer.vq import VQ_PRESETS
 from lowbit.quantizer.weight_only import WeightOnlyConfig
 from lowbit.text.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 
@@ -52,6 +55,12 @@ SETTINGS: dict[str, WeightOnlyConfig | None] = {
     "INT4 g128 float-min RTN": WeightOnlyConfig(bits=4, group=128, rounding="rtn", float_minimum=True),
     "INT4 g32 RTN": WeightOnlyConfig(bits=4, group=32, rounding="rtn"),
     "INT3 g128 GPTQ act-order + smoothing": WeightOnlyConfig(bits=3, group=128, smooth=True),
+    # Issue #14's VQ bar: vq2 against INT2 (RTN, GPTQ) at the same or a larger size, vq3 against INT3.
+    "VQ2 (v4 k256) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq2"], rounding="gptq", act_order=True),
+    "VQ3 (v4 k256 + residual k16) GPTQ act-order": WeightOnlyConfig(vq=VQ_PRESETS["vq3"], rounding="gptq",
+                                                                   act_order=True),
+    "INT2 g128 RTN": WeightOnlyConfig(bits=2, group=128, rounding="rtn"),
+    "INT2 g128 GPTQ act-order": WeightOnlyConfig(bits=2, group=128, rounding="gptq", act_order=True),
 }
 PLAN_SETTING = "mixed {name} GPTQ act-order + smoothing"  # one row per --plan (a `lowbit search` plan.json)
 
@@ -79,8 +88,9 @@ def write_table(args: argparse.Namespace, rows: list, reference: dict[str, Perpl
         f"on {args.calibration_windows} windows of 512 tokens of lee.cor + pang_lee_polarity.cor (all there is; "
         "never evaluated on), sequential over blocks.",
         "- Bits per weight: the block linears, packed values + zero points + float32 scales (float-min: float16 "
-        "minimums + float16 scales). Size: the whole model as the artifact stores it (embedding and RMSNorm gains "
-        "included). Mixed rows: bits per linear from `lowbit search zoo:smollm2_135m --size S` (int3/4/8).",
+        "minimums + float16 scales; VQ: packed indices + int8 codebooks, one copy per linear + float32 codebook and "
+        "row scales). Size: the whole model as the artifact stores it (embedding and RMSNorm gains included). Mixed "
+        "rows: bits per linear from `lowbit search zoo:smollm2_135m --size S` (int3/4/8).",
         "",
         "| setting | bits/weight | size MB | " + " | ".join(f"{t} PPL | {t} ratio" for t in names) + " | rounding s |",
         "|---|---:|---:|" + "---:|---:|" * len(names) + "---:|",
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             model = copy.deepcopy(base)
             weights = round_decoder(model, tokenizer, config, calibration, log=lambda m, n=name: log(f"{n}: {m}"))
             linears = [w for k, w in weights.items() if k != EMBEDDING]
-            bpw = 8 * sum(w.nbytes for w in linears) / sum(w.values.size for w in linears)
+            bpw = 8 * sum(w.nbytes for w in linears) / sum(n_weights(w) for w in linears)
             size = sum(w.nbytes for w in weights.values()) + 4 * sum(
                 p.numel() for k, p in model.named_parameters() if k not in weights)
         rounding_s = time.perf_counter() - t0

@@ -188,6 +188,12 @@ class GroupWiseWeights:
         """Stored bits per weight, scales and zero points included (int4 g128 on 576 columns: about 4.33)."""
         return 8 * self.nbytes / self.values.size
 
+    def take_rows(self, start: int, stop: int) -> GroupWiseWeights:
+        """Rows [start, stop) as their own weights (linears rounded as one stack of rows, split again)."""
+        rows = slice(start, stop)
+        return GroupWiseWeights(self.values[rows], self.scale[rows], None if self.zero is None else self.zero[rows],
+                                self.bits, self.group, None if self.minimum is None else self.minimum[rows])
+
     def to_tensors(self, prefix: str = "") -> dict[str, np.ndarray]:
         """The arrays to write into a safetensors file, named `prefix + qweight|qzeros|scales|layout`."""
         out, k = self.shape

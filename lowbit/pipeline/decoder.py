@@ -1,19 +1,20 @@
 """Weight-only quantization of a decoder LLM, and the artifact directory it writes.
 
 `quantize_decoder_model(model, config)` loads a Llama decoder (zoo:NAME or a .gguf file); `quantize_decoder`
-rounds the linears of its blocks group-wise (`lowbit.quantizer.weight_only`: RTN, or GPTQ's sequential walk on
-calibration text) and the token embedding (tied to the LM head in SmolLM2) to `EMBEDDING_FORMAT`, and measures
-perplexity before and after on the first windows of each evaluation text.
+rounds the linears of its blocks group-wise or by vector quantization (`lowbit.quantizer.weight_only`: RTN, or
+GPTQ's sequential walk on calibration text) and the token embedding (tied to the LM head in SmolLM2) to
+`EMBEDDING_FORMAT`, and measures perplexity before and after on the first windows of each evaluation text.
 `DecoderArtifact.save(DIR)` writes, atomically:
 
 - ``config.json``: the `LlamaConfig`;
-- ``weights.safetensors``: every group-wise weight as `GroupWiseWeights.to_tensors` stores it, under
-  ``<parameter name>.``, and the float tensors (the RMSNorm gains) under their parameter names;
+- ``weights.safetensors``: every quantized weight as its format's `to_tensors` stores it (`GroupWiseWeights`,
+  or `VQWeights` for vq2/vq3), under ``<parameter name>.``, and the float tensors (the RMSNorm gains) under
+  their parameter names;
 - ``vocabulary.json``: the tokenizer's `Vocabulary`, from which the runtime rebuilds the tokenizer;
 - ``decoder.onnx``: the same model for ONNX Runtime, group-wise linears as com.microsoft MatMulNBits
   (`lowbit.pipeline.decoder_onnx`), checked against the numpy runtime before anything is published;
-- ``report.json`` and ``report.md``: sizes (bits per weight counted with scales and zero points), perplexity with
-  intervals, stage times;
+- ``report.json`` and ``report.md``: sizes (bits per weight counted with scales, zero points and codebooks),
+  perplexity with intervals, stage times;
 - ``manifest.json``: format, version, what the weights are, each file's sha256, and the ONNX check's figures.
 
 `load_decoder_artifact(DIR)` checks the manifest and the tensors and rebuilds the float model with the dequantized
@@ -33,7 +34,7 @@ import torch
 
 from ..errors import LowbitError
 from ..io import atomic_directory, write_json
-from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.weight_formats import QuantizedWeights, n_weights
 from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf, smoothing_folds
 from ..models.llama_config import LlamaConfig
 from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
@@ -71,11 +72,11 @@ DEFAULT_TEXTS_FROM = "zoo:smollm2_135m"  # a user's .gguf is calibrated and repo
 
 @dataclass(frozen=True)
 class DecoderArtifact:
-    """A weight-quantized decoder: its config, tokenizer vocabulary, group-wise weights, float tensors, report."""
+    """A weight-quantized decoder: its config, tokenizer vocabulary, quantized weights, float tensors, report."""
 
     config: LlamaConfig
     vocabulary: Vocabulary
-    weights: dict[str, GroupWiseWeights]  # parameter name (e.g. "layers.0.mlp.up_proj.weight") -> format
+    weights: dict[str, QuantizedWeights]  # parameter name (e.g. "layers.0.mlp.up_proj.weight") -> format
     tensors: dict[str, np.ndarray]  # the parameters kept in float32
     quant: WeightOnlyConfig
     report: dict[str, Any]
@@ -233,7 +234,7 @@ def leading_tokens(tokenizer: BpeTokenizer, text: str, n: int) -> np.ndarray:
 
 def round_decoder(model: LlamaDecoder, tokenizer: BpeTokenizer, config: WeightOnlyConfig, calibration_text: str,
                   window: int = DEFAULT_WINDOW, log: Callable[[str], object] = lambda _: None,
-                  smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, GroupWiseWeights]:
+                  smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, QuantizedWeights]:
     """Round the block linears by `config` (GPTQ calibrated on `calibration_text`) and the embedding by
     `EMBEDDING_FORMAT`, writing the dequantized weights into `model`; parameter name -> its stored weights."""
     calibrated = config.rounding != "rtn" or config.smooth
@@ -264,10 +265,10 @@ def paired_ratio(before: PerplexityResult, after: PerplexityResult, samples: int
     return ratio, (float(low), float(high))
 
 
-def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str, GroupWiseWeights],
+def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str, QuantizedWeights],
                    tensors: dict[str, np.ndarray], before: dict[str, PerplexityResult],
                    after: dict[str, PerplexityResult], progress: Progress) -> dict[str, Any]:
-    linear_values = sum(w.values.size for name, w in weights.items() if name != EMBEDDING)
+    linear_values = sum(n_weights(w) for name, w in weights.items() if name != EMBEDDING)
     linear_bytes = sum(w.nbytes for name, w in weights.items() if name != EMBEDDING)
     float_bytes = sum(4 * t.size for t in tensors.values())
     total = sum(w.nbytes for w in weights.values()) + float_bytes
@@ -290,8 +291,8 @@ def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str,
 
 def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# {report['model']}: weight-only {report['weights']}", "",
-             f"- block linears: {report['linear_bits_per_weight']:.3f} bits per weight (scales and zero points "
-             "included)",
+             f"- block linears: {report['linear_bits_per_weight']:.3f} bits per weight (scales, zero points and "
+             "codebooks included)",
              f"- token embedding: {report['embedding']}",
              f"- model size: {report['model_bytes'] / 1e6:.1f} MB ({report['float_bytes'] / 1e3:.0f} kB float32)",
              "", "| text | windows | tokens | float PPL | quantized PPL | ratio (paired 95% interval) |",

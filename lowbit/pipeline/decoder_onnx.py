@@ -26,6 +26,7 @@ from ..codegen.onnx.decoder import (
 from ..errors import LowbitError
 from ..io import write_json
 from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.weight_formats import quantized_prefixes, weights_from_tensors
 from ..runtime.decoder import CONFIG_FILE, WEIGHTS_FILE
 from ..runtime.loader import MANIFEST
 
@@ -37,7 +38,7 @@ CHECK_TOKENS = 16
 
 
 def artifact_weights(directory: Path) -> tuple[dict[str, Any], dict[str, Weight]]:
-    """An artifact's config and its weights as stored: group-wise ones as `GroupWiseWeights`, the rest float32."""
+    """An artifact's config and its weights as stored: quantized ones in their format, the rest float32."""
     from safetensors.numpy import load_file
 
     try:
@@ -46,11 +47,9 @@ def artifact_weights(directory: Path) -> tuple[dict[str, Any], dict[str, Weight]
     except (OSError, ValueError) as e:
         raise LowbitError(f"{directory}: cannot read the artifact's config and weights: {e}") from e
     where = str(directory / WEIGHTS_FILE)
-    grouped = sorted({k[: -len(".layout")] for k in arrays if k.endswith(".layout")})
-    weights: dict[str, Weight] = {n: GroupWiseWeights.from_tensors(arrays, f"{n}.", where) for n in grouped}
-    suffixes = tuple(f".{t}" for t in GroupWiseWeights.TENSORS)
-    weights.update({k: np.asarray(v, np.float32) for k, v in arrays.items()
-                    if not (k.endswith(suffixes) and k.rsplit(".", 1)[0] in weights)})
+    weights: dict[str, Weight] = {p[:-1]: weights_from_tensors(arrays, p, where) for p in quantized_prefixes(arrays)}
+    # The rest are float tensors; a quantized weight's own tensors are "<its name>.<tensor>".
+    weights.update({k: np.asarray(v, np.float32) for k, v in arrays.items() if k.rsplit(".", 1)[0] not in weights})
     return config, weights
 
 
@@ -62,7 +61,11 @@ def describe_linears(weights: dict[str, Weight]) -> dict[str, int]:
             key = (f"MatMulNBits bits {w.bits} block_size {w.group}" if fits_matmul_nbits(w)
                    else f"float MatMul (dequantized {w.name}: MatMulNBits takes {NBITS} bits, power-of-two blocks, "
                         "8 bits only at accuracy_level 4)")
-            kinds[key] = kinds.get(key, 0) + 1
+        elif not isinstance(w, np.ndarray):
+            key = f"float MatMul (dequantized {w.name}: ORT has no codebook MatMul)"
+        else:
+            continue
+        kinds[key] = kinds.get(key, 0) + 1
     return kinds
 
 

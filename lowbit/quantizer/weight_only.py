@@ -1,12 +1,13 @@
-"""Weight-only group-wise quantization of a torch model's linears: GPTQ's sequential walk over its blocks.
+"""Weight-only quantization of a torch model's linears (group-wise or VQ): GPTQ's sequential walk over its blocks.
 
 Generic over models: the caller names the blocks (nn.Modules the model runs in sequence, e.g. decoder layers,
 each taking the hidden states as its first argument or as `hidden_states=`) and gives calibration samples with a
 `forward(model, sample)` that runs the model on one. The walk (Frantar et al. 2022, as their opt.py/llama.py):
 1. a forward pre-hook on block 0 catches each sample's block inputs (args and kwargs) and stops the model there;
 2. per block: hooks on its nn.Linear modules accumulate each one's input Hessian over all samples (one product
-   per distinct input tensor: q/k/v read the same one), every linear is rounded (`groupwise.py`; linears that
-   read the same input are rounded together, as one stack of rows), its dequantized weights are written in
+   per distinct input tensor: q/k/v read the same one), every linear is rounded (`groupwise.py`, or `vq.py`
+   with `config.vq`; linears that read the same input are rounded together, as one stack of rows, so they share
+   one VQ codebook), its dequantized weights are written in
    place, and the block reruns on its inputs with the quantized weights to give the next block's inputs, so
    each block is calibrated on what the quantized blocks before it really produce.
 Only the blocks' linears are quantized: an embedding or lm_head outside them stays as it is (`skip` leaves
@@ -24,13 +25,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import LowbitError
 from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.weight_formats import QuantizedWeights
 from .groupwise import CLIP_RATIOS, gptq_groupwise, rtn_groupwise
 from .rounding import DAMPING, HessianAccumulator
+from .vq import VQSpec, vq_quantize
 from .weight_smoothing import SmoothChoice, SmoothFold, apply_scale, choose_scale
 
 ROUNDINGS = ("rtn", "gptq")
@@ -64,8 +68,18 @@ class WeightOnlyConfig:
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names (as in model.named_modules) kept in float
     # A mixed plan: (linear name, bits) pairs overriding `bits` for those linears (`search.decoder_search`).
     plan: tuple[tuple[str, int], ...] = ()
+    # Vector quantization (`VQWeights`, e.g. `vq.VQ_PRESETS["vq2"]`) instead of group-wise integers: `bits`,
+    # `group` and `clip_search` are then unused. rtn: unweighted k-means codebooks and nearest codewords; gptq:
+    # codebooks weighted by the Hessian diagonal and GPTQ's error feedback (with act_order: whole vectors by
+    # decreasing Hessian diagonal).
+    vq: VQSpec | None = None
 
     def __post_init__(self) -> None:
+        if self.vq is not None and not isinstance(self.vq, VQSpec):
+            raise LowbitError(f"vq={self.vq!r}: give a VQSpec (lowbit.quantizer.vq.VQ_PRESETS has vq2 and vq3)")
+        if self.vq is not None and (self.smooth or self.plan or self.float_minimum):
+            raise LowbitError("VQ weights with smoothing, a mixed plan or float minimums: not supported (those are "
+                              "options of group-wise integer weights); turn them off for vq2/vq3")
         if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
             raise LowbitError(f"--weights int{self.bits}: group-wise weights have "
                               f"{', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
@@ -94,9 +108,11 @@ class WeightOnlyConfig:
         gptq = self.rounding == "gptq"  # act-order and true-sequential are GPTQ's; RTN ignores them
         extras = [e for e, on in (("float min", self.float_minimum), ("smoothed", self.smooth),
                                   ("act-order", gptq and self.act_order),
-                                  ("clip search", self.clip_search),
+                                  ("clip search", self.clip_search and self.vq is None),
                                   ("true-sequential", gptq and self.true_sequential)) if on]
-        if self.plan:
+        if self.vq is not None:
+            width, group = "vq", self.vq.describe()
+        elif self.plan:
             counts = {b: sum(1 for _, pb in self.plan if pb == b) for b in sorted({b for _, b in self.plan})}
             width = "mixed (" + ", ".join(f"{n} linears int{b}" for b, n in counts.items()) + ")"
         else:
@@ -110,8 +126,13 @@ class WeightOnlyConfig:
         """The uniform config that rounds linear `name` (its bits from the plan)."""
         return dataclasses.replace(self, bits=self.bits_for(name), plan=()) if self.plan else self
 
-    def round(self, w: torch.Tensor, h: torch.Tensor | None) -> GroupWiseWeights:
+    def round(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantizedWeights:
         """One weight [out, in] (stacked rows of linears that share `h`), by this config's rounding."""
+        if self.vq is not None:
+            if self.rounding == "rtn":
+                return vq_quantize(w, self.vq)
+            assert h is not None, "GPTQ needs the linear's input Hessian"
+            return vq_quantize(w, self.vq, h, damp=self.damp, act_order=self.act_order)
         group = self.group_for(w.shape[1])
         ratios = CLIP_RATIOS if self.clip_search else (1.0,)
         if self.rounding == "rtn":
@@ -125,8 +146,9 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
                      calibration: Iterable[Any] = (), forward: Callable[[nn.Module, Any], object] | None = None,
                      log: Callable[[str], object] = lambda _: None,
                      folds: Callable[[nn.Module], Sequence[SmoothFold]] | None = None,
-                     smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, GroupWiseWeights]:
-    """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its GroupWiseWeights.
+                     smoothing: dict[str, SmoothChoice] | None = None) -> dict[str, QuantizedWeights]:
+    """Quantize the linears of `blocks` (in `model`) in place; returns linear name -> its weights
+    (GroupWiseWeights, or VQWeights with `config.vq`).
 
     `forward(model, sample)` runs the model on one calibration sample (default: `model(**sample)` for a
     mapping, else `model(sample)`); GPTQ and smoothing need at least one sample, round-to-nearest alone none.
@@ -143,7 +165,7 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
         raise LowbitError(f"the plan names {len(unknown)} linear(s) that are not block linears of this model "
                           f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); was it searched for "
                           "another model?")
-    result: dict[str, GroupWiseWeights] = {}
+    result: dict[str, QuantizedWeights] = {}
     if config.rounding == "rtn" and not config.smooth:
         for b, named in enumerate(linears):
             log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
@@ -206,7 +228,7 @@ def _smooth_block(config: WeightOnlyConfig, modules: dict[str, nn.Linear],
 
 
 def _round_stack(config: WeightOnlyConfig, modules: dict[str, nn.Linear], names: tuple[str, ...],
-                 hessian: torch.Tensor) -> dict[str, GroupWiseWeights]:
+                 hessian: torch.Tensor) -> dict[str, QuantizedWeights]:
     """Round the linears `names` (that share `hessian`) as one stack of rows per bit-width; write each one's weights
     in place."""
     result = {}
@@ -327,19 +349,14 @@ def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs
     return [(names, acc.result()[0]) for names, acc in zip(groups, accumulators, strict=True)]
 
 
-def _split_rows(weights: GroupWiseWeights, rows: list[int]) -> list[GroupWiseWeights]:
-    """The stacked linears' own GroupWiseWeights (GPTQ rounds rows independently given H)."""
-    parts, start = [], 0
-    for n in rows:
-        s = slice(start, start + n)
-        parts.append(GroupWiseWeights(weights.values[s], weights.scale[s],
-                                      None if weights.zero is None else weights.zero[s], weights.bits,
-                                      weights.group, None if weights.minimum is None else weights.minimum[s]))
-        start += n
-    return parts
+def _split_rows(weights: QuantizedWeights, rows: list[int]) -> list[QuantizedWeights]:
+    """The stacked linears' own weights (GPTQ rounds rows independently given H; VQ: each linear stores a copy of
+    the stack's codebooks, counted in its size)."""
+    starts = np.cumsum([0, *rows])
+    return [weights.take_rows(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def _write(linear: nn.Linear, weights: GroupWiseWeights) -> GroupWiseWeights:
+def _write(linear: nn.Linear, weights: QuantizedWeights) -> QuantizedWeights:
     """Put the dequantized weights into the model, so the same module evaluates the quantized layer."""
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(weights.dequantize()))

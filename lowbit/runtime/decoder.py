@@ -4,10 +4,10 @@ Generation runs on the artifact's TVM kernels where it has them (`decoder_tvm`, 
 runs here; otherwise, or with backend="numpy", on the numpy decoder below, which is also the reference the TVM
 kernels are checked against.
 
-No torch here (the runtime's rule): the artifact's group-wise weights are dequantized once at load, and a float32
-numpy Llama (RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention over a KV cache,
-SiLU-gated MLP, tied LM head) prefills the prompt and decodes one token at a time. It computes what
-`lowbit.models.llama.LlamaDecoder` computes with the same weights, to float32 rounding (tests check).
+No torch here (the runtime's rule): the artifact's quantized weights (group-wise or VQ) are dequantized once at
+load, and a float32 numpy Llama (RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention
+over a KV cache, SiLU-gated MLP, tied LM head) prefills the prompt and decodes one token at a time. It computes
+what `lowbit.models.llama.LlamaDecoder` computes with the same weights, to float32 rounding (tests check).
 `lowbit quantize` writes the artifact (`lowbit.pipeline.decoder`, which documents its files).
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LowbitError
-from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.weight_formats import quantized_prefixes, weights_from_tensors
 from .bpe_tokenizer import BpeTokenizer, Vocabulary
 from .loader import DECODER_KIND, MANIFEST, read_manifest, verify_manifest
 
@@ -38,7 +38,7 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 @dataclass(frozen=True)
 class DecoderFiles:
     """What a decoder artifact holds: its config (LlamaConfig's fields), vocabulary, and float32 parameters
-    (parameter name -> array; group-wise weights dequantized)."""
+    (parameter name -> array; quantized weights dequantized)."""
 
     config: dict[str, Any]
     vocabulary: Vocabulary
@@ -85,11 +85,11 @@ def read_decoder_artifact(directory: str | Path, weights: bool = True) -> Decode
     if missing:
         raise LowbitError(f"{directory / CONFIG_FILE}: lacks {', '.join(missing)}")
     where = str(directory / WEIGHTS_FILE)
-    grouped = sorted({k[: -len(".layout")] for k in arrays if k.endswith(".layout")})
-    parameters = {name: GroupWiseWeights.from_tensors(arrays, f"{name}.", where).dequantize() for name in grouped}
-    suffixes = tuple(f".{t}" for t in GroupWiseWeights.TENSORS)
+    prefixes = quantized_prefixes(arrays)
+    parameters = {p[:-1]: weights_from_tensors(arrays, p, where).dequantize() for p in prefixes}
+    # The rest are float tensors; a quantized weight's own tensors are "<its name>.<tensor>".
     parameters.update({k: np.asarray(v, np.float32) for k, v in arrays.items()
-                       if not (k.endswith(suffixes) and k.rsplit(".", 1)[0] in parameters)})
+                       if k.rsplit(".", 1)[0] not in parameters})
     return DecoderFiles(config, vocabulary, parameters)
 
 

@@ -18,13 +18,14 @@ from ...pipeline.decoder_search import read_decoder_plan
 from ...pipeline.progress import Progress
 from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
+from ...quantizer.vq import VQ_PRESETS
 from ...quantizer.weight_only import WeightOnlyConfig
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
-DECODER_WEIGHTS = ("int8", "int4", "int3", "int2")
+DECODER_WEIGHTS = ("int8", "int4", "int3", "int2", *VQ_PRESETS)
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
 # Options of the integer pipeline that mean nothing for a weight-only decoder (--target builds its decode kernels).
 DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib_method",
@@ -52,7 +53,9 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
               help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
 @click.option("--weights", "weight_format", type=click.Choice(DECODER_WEIGHTS),
               help="Decoder LLMs: group-wise weight-only integers of this width (asymmetric, one scale and zero "
-                   "point per group; default int4). Activations stay float32.")
+                   "point per group; default int4), or vector quantization at about 3 or 2 bits per weight (vq3: "
+                   "vectors of 4 weights, a 256-entry codebook and a 16-entry residual one; vq2: no residual). "
+                   "Activations stay float32.")
 @click.option("--group", type=click.IntRange(min=0),
               help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
                    "Default 128.")
@@ -155,8 +158,17 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
     """The weight-only config of a decoder from the CLI's options. GPTQ runs with act-order: plain GPTQ measured
     worse than round-to-nearest on SmolLM2 (BENCHMARKS.md smollm2_weights); auto is `WeightOnlyConfig`'s default,
     the best setting measured there. --smooth: auto (the default) searches alpha per fold, none turns smoothing
-    off."""
-    bits = int((weight_format or DEFAULT_DECODER_WEIGHTS).removeprefix("int"))
+    off (VQ: smoothing is not applied, it was not measured with codebooks)."""
+    weight_format = weight_format or DEFAULT_DECODER_WEIGHTS
+    if weight_format in VQ_PRESETS:
+        if group is not None or plan_path is not None or float_minimum:
+            raise LowbitError(f"--group, --plan and --zero-point are for group-wise integer weights; --weights "
+                              f"{weight_format} has codebooks instead of groups: leave them out")
+        if rounding == "auto":
+            return WeightOnlyConfig(vq=VQ_PRESETS[weight_format])
+        return WeightOnlyConfig(vq=VQ_PRESETS[weight_format], rounding="rtn" if rounding == "nearest" else "gptq",
+                                act_order=rounding == "gptq")
+    bits = int(weight_format.removeprefix("int"))
     plan: dict[str, int] = {}
     if plan_path is not None:  # a mixed plan from `lowbit search`; --weights sets the linears it does not name
         searched = read_decoder_plan(plan_path)

@@ -36,6 +36,7 @@ from ... import __version__
 from ...errors import LowbitError
 from ...io import atomic_file
 from ...ir.groupwise_weights import GroupWiseWeights, n_groups, pack_bits, packed_bytes
+from ...ir.weight_formats import QuantizedWeights
 from .builder import ONNX_IR_VERSION, OPSET, Builder
 
 MS_DOMAIN = "com.microsoft"
@@ -47,7 +48,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 EMBEDDING = "embed_tokens.weight"
 
-Weight = GroupWiseWeights | np.ndarray
+Weight = QuantizedWeights | np.ndarray  # VQ weights are exported dequantized
 
 
 def fits_matmul_nbits(w: Weight, accuracy_level: int = 0) -> bool:
@@ -171,7 +172,7 @@ def _parameter_names(layers: int, tied: bool) -> list[str]:
 
 
 def _float(w: Weight) -> np.ndarray:
-    return w.dequantize() if isinstance(w, GroupWiseWeights) else np.asarray(w, np.float32)
+    return np.asarray(w, np.float32) if isinstance(w, np.ndarray) else w.dequantize()
 
 
 def _packed(g: _Graph, key: str, w: GroupWiseWeights) -> tuple[str, str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,14 @@ class DecoderShapes:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
 
-def supports(config: dict[str, Any], weights: dict[str, GroupWiseWeights]) -> str | None:
+def supports(config: dict[str, Any], weights: Mapping[str, object]) -> str | None:
     """Why the decoder has no TVM kernels (None when it has): the formats and shapes they cover."""
     layers = int(config["num_layers"])
     linears = [weights.get(f"layers.{i}.{p}.weight") for i in range(layers) for p in PROJECTIONS]
     if any(w is None for w in linears):
         return "some block linears are not group-wise integers"
+    if not all(isinstance(w, GroupWiseWeights) for w in linears):
+        return "the block linears are vector-quantized (no TVM VQ kernels yet)"
     embedding = weights.get("embed_tokens.weight")
     if embedding is None or embedding.bits != EMBEDDING_BITS or not config["tie_embeddings"]:
         return f"the TVM path needs a tied {EMBEDDING_BITS}-bit group-wise embedding / LM head"
