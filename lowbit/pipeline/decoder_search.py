@@ -92,8 +92,12 @@ def search_decoder_model(model: str, size: str, bits: tuple[int, ...] = DECODER_
         sensitivity = measure_sensitivity(net, linears, samples, log)
     with progress.stage("options"):
         options = decoder_options(linears, sensitivity, group, bits)
-    widest = fixed + options.nbytes[:, -1].sum() if list(bits) == sorted(bits) else fixed + options.nbytes.max(1).sum()
-    budget = parse_budget("size", size, widest)
+    budget = parse_budget("size", size, fixed + options.nbytes.max(1).sum())  # "0.6x": of the widest plan
+    smallest = fixed + options.nbytes.min(1).sum()
+    if budget < smallest:
+        raise LowbitError(f"--size {size}: {budget / 1e6:.2f} MB is below the smallest plan, {smallest / 1e6:.2f} MB "
+                          f"(every linear at int{min(options.bits)}; the embedding and float tensors alone take "
+                          f"{fixed / 1e6:.2f} MB)")
     with progress.stage("ILP"):
         plan = solve_plan(options, budget - fixed)
     names = {n: i for i, n in enumerate(options.names)}
