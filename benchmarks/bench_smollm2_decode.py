@@ -16,7 +16,7 @@ Runners (`--runners` picks some):
 - lowbit ONNX acc0 / acc4: the artifact's own GPTQ weights as MatMulNBits (acc0: its checked `decoder.onnx`,
   whose int8 LM head is a float MatMul; acc4: the same export at accuracy_level 4, the LM head 8-bit MatMulNBits);
 - llama.cpp: `llama-cpp-python` on the original GGUF (Q4_1 linears, Q8_0 embedding), if it is installed;
-- lowbit TVM: the hook for the TVM decode executable (branch tvmdec), see `_tvm_runner`.
+- lowbit TVM: the artifact's TVM decode kernels (int4 GEMV/GEMM, int8 LM head), `lowbit.runtime.decoder_tvm`.
 
 Timing runs under /work/logs/TIMING-style locking (`--lock`): waits while the lock file exists, holds it while
 timing. Writes the smollm2_decode section of BENCHMARKS.md.
@@ -50,7 +50,7 @@ WEIGHTS = {
     "lowbit ONNX acc0": "artifact's decoder.onnx: GPTQ int4 g128 MatMulNBits, int8 g32 LM head as float MatMul",
     "lowbit ONNX acc4": "artifact: GPTQ int4 g128 and int8 g32 LM head, all MatMulNBits",
     "llama.cpp": "original GGUF: Q4_1 linears, Q8_0 embedding",
-    "lowbit TVM": "artifact",
+    "lowbit TVM": "artifact: int4 g128 linears and int8 g32 LM head through lowbit's TVM kernels",
 }
 
 
@@ -131,14 +131,11 @@ class LlamaCppRunner:
 
 
 def _tvm_runner(spec: dict[str, Any]) -> Runner:
-    """HOOK for the lowbit TVM decode executable (branch tvmdec, not merged when this was written): once it lands,
-    return an object with reset() / prefill(ids) -> last logits / step(token) -> logits over the artifact's TVM
-    build here. Until then this runner is reported as not available."""
-    try:
-        from lowbit.runtime.decoder_tvm import TvmDecoder  # type: ignore[import-not-found]  # the expected module
-    except ImportError as e:
-        raise RuntimeError("lowbit's TVM decode executable is not in this checkout (branch tvmdec)") from e
-    return TvmDecoder(spec["artifact"], threads=spec["threads"])  # expected: prefill(ids), step(token), reset()
+    """The artifact's TVM decode kernels (`lowbit.runtime.decoder_tvm`; the artifact must have been quantized with
+    TVM installed and not `--target none`)."""
+    from lowbit.runtime.decoder_tvm import TvmDecoder
+
+    return TvmDecoder(spec["artifact"], threads=spec["threads"])
 
 
 def make_runner(name: str, spec: dict[str, Any]) -> Runner:
