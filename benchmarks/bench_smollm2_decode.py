@@ -47,8 +47,8 @@ WEIGHTS = {
     "ORT FP32": "FP32 (dequantized GGUF)",
     "ORT MatMulNBits RTN acc0": "ORT RTN int4 g128 asym, all MatMuls (LM head too), FP32 embedding",
     "ORT MatMulNBits RTN acc4": "ORT RTN int4 g128 asym, all MatMuls (LM head too), FP32 embedding",
-    "lowbit ONNX acc0": "artifact's decoder.onnx: GPTQ int4 g128 MatMulNBits, int8 g32 LM head as float MatMul",
-    "lowbit ONNX acc4": "artifact: GPTQ int4 g128 and int8 g32 LM head, all MatMulNBits",
+    "lowbit ONNX acc0": "artifact's decoder.onnx: its int4 g128 as MatMulNBits, int8 g32 LM head as float MatMul",
+    "lowbit ONNX acc4": "artifact: its int4 g128 and int8 g32 LM head, all MatMulNBits",
     "llama.cpp": "original GGUF: Q4_1 linears, Q8_0 embedding",
     "lowbit TVM": "artifact: int4 g128 linears and int8 g32 LM head through lowbit's TVM kernels",
 }
