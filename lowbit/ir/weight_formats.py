@@ -27,6 +27,15 @@ def quantized_prefixes(tensors: dict[str, np.ndarray]) -> list[str]:
     return sorted(k[: -len(LAYOUT)] for k in tensors if k.endswith("." + LAYOUT))
 
 
+def stored_weights(tensors: dict[str, np.ndarray], where: str = "") -> dict[str, QuantizedWeights | np.ndarray]:
+    """Every parameter of a tensor file as stored: quantized ones in their format (by name, without the prefix's
+    dot), the rest as float32 arrays (a quantized weight's own tensors are "<its name>.<tensor>")."""
+    weights: dict[str, QuantizedWeights | np.ndarray] = {
+        p[:-1]: weights_from_tensors(tensors, p, where) for p in quantized_prefixes(tensors)}
+    weights.update({k: np.asarray(v, np.float32) for k, v in tensors.items() if k.rsplit(".", 1)[0] not in weights})
+    return weights
+
+
 def n_weights(weights: QuantizedWeights) -> int:
     out, k = weights.shape
     return out * k

@@ -26,7 +26,7 @@ from ..codegen.onnx.decoder import (
 from ..errors import LowbitError
 from ..io import write_json
 from ..ir.groupwise_weights import GroupWiseWeights
-from ..ir.weight_formats import quantized_prefixes, weights_from_tensors
+from ..ir.weight_formats import stored_weights
 from ..runtime.decoder import CONFIG_FILE, WEIGHTS_FILE
 from ..runtime.loader import MANIFEST
 
@@ -46,11 +46,7 @@ def artifact_weights(directory: Path) -> tuple[dict[str, Any], dict[str, Weight]
         arrays = load_file(str(directory / WEIGHTS_FILE))
     except (OSError, ValueError) as e:
         raise LowbitError(f"{directory}: cannot read the artifact's config and weights: {e}") from e
-    where = str(directory / WEIGHTS_FILE)
-    weights: dict[str, Weight] = {p[:-1]: weights_from_tensors(arrays, p, where) for p in quantized_prefixes(arrays)}
-    # The rest are float tensors; a quantized weight's own tensors are "<its name>.<tensor>".
-    weights.update({k: np.asarray(v, np.float32) for k, v in arrays.items() if k.rsplit(".", 1)[0] not in weights})
-    return config, weights
+    return config, stored_weights(arrays, str(directory / WEIGHTS_FILE))
 
 
 def describe_linears(weights: dict[str, Weight]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LowbitError
-from ..ir.weight_formats import quantized_prefixes, weights_from_tensors
+from ..ir.weight_formats import stored_weights
 from .bpe_tokenizer import BpeTokenizer, Vocabulary
 from .loader import DECODER_KIND, MANIFEST, read_manifest, verify_manifest
 
@@ -84,12 +84,8 @@ def read_decoder_artifact(directory: str | Path, weights: bool = True) -> Decode
     missing = [k for k in _CONFIG_KEYS if k not in config]
     if missing:
         raise LowbitError(f"{directory / CONFIG_FILE}: lacks {', '.join(missing)}")
-    where = str(directory / WEIGHTS_FILE)
-    prefixes = quantized_prefixes(arrays)
-    parameters = {p[:-1]: weights_from_tensors(arrays, p, where).dequantize() for p in prefixes}
-    # The rest are float tensors; a quantized weight's own tensors are "<its name>.<tensor>".
-    parameters.update({k: np.asarray(v, np.float32) for k, v in arrays.items()
-                       if k.rsplit(".", 1)[0] not in parameters})
+    parameters = {name: w if isinstance(w, np.ndarray) else w.dequantize()
+                  for name, w in stored_weights(arrays, str(directory / WEIGHTS_FILE)).items()}
     return DecoderFiles(config, vocabulary, parameters)
 
 
