@@ -61,6 +61,12 @@ SETTINGS: dict[str, WeightOnlyConfig | None] = {
                                                                    act_order=True),
     "INT2 g128 RTN": WeightOnlyConfig(bits=2, group=128, rounding="rtn"),
     "INT2 g128 GPTQ act-order": WeightOnlyConfig(bits=2, group=128, rounding="gptq", act_order=True),
+    # Issue #14's W8A8 mode against weight-only with the same weights (ZeroQuant-V2: activations are the sensitive
+    # part): int8 per output channel, activations int8 per token at run time.
+    "W8 per-channel RTN": WeightOnlyConfig(bits=8, group=0, rounding="rtn"),
+    "W8A8 per-channel RTN": WeightOnlyConfig(bits=8, group=0, rounding="rtn", activation_bits=8),
+    "W8A8 per-channel RTN + SmoothQuant": WeightOnlyConfig(bits=8, group=0, rounding="rtn", smooth=True,
+                                                          activation_bits=8),
 }
 PLAN_SETTING = "mixed {name} GPTQ act-order + smoothing"  # one row per --plan (a `lowbit search` plan.json)
 

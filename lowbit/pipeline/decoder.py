@@ -38,6 +38,7 @@ from ..ir.weight_formats import QuantizedWeights, n_weights
 from ..models.llama import LlamaDecoder, LoadedDecoder, decoder_logits_fn, load_llama_gguf, smoothing_folds
 from ..models.llama_config import LlamaConfig
 from ..models.zoo import ZOO_PREFIX, ZooDecoder, get_zoo_entry, zoo_names
+from ..quantizer.activation_quant import quantize_linear_inputs
 from ..quantizer.weight_only import WeightOnlyConfig, quantize_weights
 from ..quantizer.weight_smoothing import SmoothChoice, smoothing_summary
 from ..runtime.bpe_tokenizer import BpeTokenizer, Vocabulary
@@ -111,7 +112,10 @@ class DecoderArtifact:
             write_json(tmp / REPORT_JSON, report)
             (tmp / REPORT_MD).write_text(report_markdown(report))
             self._write_manifest(tmp)
-            if onnx:
+            if onnx and self.quant.activation_bits:
+                progress.echo("onnx", "decoder.onnx is not written for W8A8: the export has no per-token int8 "
+                              "activations (the artifact runs on the numpy runtime)")
+            elif onnx:
                 with progress.stage("onnx"):
                     check = add_checked_onnx(tmp)["check_against_numpy_runtime"]
                 progress.echo("onnx", f"decoder.onnx: ONNX Runtime's logits within {check['max_abs_diff']:.2g} of the "
@@ -127,7 +131,8 @@ class DecoderArtifact:
         """Compile the decode kernels into `tmp` if the formats have them; what the report records ({} if not)."""
         from ..codegen.tvm.decoder import build_decoder_library, supports
 
-        why = supports(config, self.weights)
+        why = "W8A8 has no TVM kernels (per-token int8 activations)" if self.quant.activation_bits else \
+            supports(config, self.weights)
         if why:
             progress.echo("tvm", f"no TVM decode kernels: {why}; the artifact runs on the numpy runtime")
             return {}
@@ -171,6 +176,9 @@ def load_decoder_artifact(directory: str | Path) -> LoadedDecoder:
     except TypeError as e:
         raise LowbitError(f"{Path(directory) / CONFIG_FILE}: not a Llama config: {e}") from e
     model = LlamaDecoder(config)
+    if files.activation_bits:  # W8A8: the linears quantize their inputs per token, as the runtime's do
+        quantize_linear_inputs(model, [name.removesuffix(".weight") for name, w in files.weights.items()
+                                       if name != EMBEDDING and not isinstance(w, np.ndarray)])
     with torch.no_grad():
         for name, param in model.named_parameters():
             value = files.parameters.get(name)
@@ -290,7 +298,8 @@ def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str,
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# {report['model']}: weight-only {report['weights']}", "",
+    kind = "" if report["weights"].startswith("W8A8") else "weight-only "
+    lines = [f"# {report['model']}: {kind}{report['weights']}", "",
              f"- block linears: {report['linear_bits_per_weight']:.3f} bits per weight (scales, zero points and "
              "codebooks included)",
              f"- token embedding: {report['embedding']}",

@@ -31,13 +31,16 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.token_int8 import ACTIVATION_BITS
 from ..ir.weight_formats import QuantizedWeights
+from .activation_quant import quantize_linear_inputs
 from .groupwise import CLIP_RATIOS, gptq_groupwise, rtn_groupwise
 from .rounding import DAMPING, HessianAccumulator
 from .vq import VQSpec, vq_quantize
-from .weight_smoothing import SmoothChoice, SmoothFold, apply_scale, choose_scale
+from .weight_smoothing import SmoothChoice, SmoothFold, apply_scale, choose_scale, choose_smoothquant_scale
 
 ROUNDINGS = ("rtn", "gptq")
+SMOOTHQUANT_ROWS = 2048  # calibration rows (tokens) per linear input on which W8A8 smoothing picks alpha
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "kv_cache")
 
 
@@ -73,6 +76,10 @@ class WeightOnlyConfig:
     # codebooks weighted by the Hessian diagonal and GPTQ's error feedback (with act_order: whole vectors by
     # decreasing Hessian diagonal).
     vq: VQSpec | None = None
+    # 0: activations stay float (weight-only). 8: W8A8, every quantized linear's input quantized per token to int8
+    # at run time (`lowbit.ir.token_int8`); needs 8-bit weights with integer zero points, and `smooth` then uses
+    # SmoothQuant's migration (`weight_smoothing.choose_smoothquant_scale`).
+    activation_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.vq is not None and not isinstance(self.vq, VQSpec):
@@ -80,6 +87,12 @@ class WeightOnlyConfig:
         if self.vq is not None and (self.smooth or self.plan or self.float_minimum):
             raise LowbitError("VQ weights with smoothing, a mixed plan or float minimums: not supported (those are "
                               "options of group-wise integer weights); turn them off for vq2/vq3")
+        if self.activation_bits not in (0, ACTIVATION_BITS):
+            raise LowbitError(f"activation_bits={self.activation_bits}: 0 (float activations) or {ACTIVATION_BITS} "
+                              "(per-token int8, W8A8)")
+        if self.activation_bits and (self.bits != 8 or self.vq is not None or self.float_minimum or self.plan):
+            raise LowbitError("W8A8 (int8 activations) needs uniform 8-bit group-wise weights with integer zero "
+                              "points: no VQ, mixed plan or float minimums")
         if self.bits not in GroupWiseWeights.SUPPORTED_BITS:
             raise LowbitError(f"--weights int{self.bits}: group-wise weights have "
                               f"{', '.join(map(str, GroupWiseWeights.SUPPORTED_BITS))} bits")
@@ -116,7 +129,7 @@ class WeightOnlyConfig:
             counts = {b: sum(1 for _, pb in self.plan if pb == b) for b in sorted({b for _, b in self.plan})}
             width = "mixed (" + ", ".join(f"{n} linears int{b}" for b, n in counts.items()) + ")"
         else:
-            width = f"int{self.bits}"
+            width = "W8A8 (int8 per-token activations)" if self.activation_bits else f"int{self.bits}"
         return f"{width} {group} {self.rounding}" + "".join(f", {e}" for e in extras)
 
     def with_rounding(self, rounding: str) -> WeightOnlyConfig:
@@ -171,6 +184,8 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
             log(f"block {b + 1}/{len(blocks)}: {config.describe()} of {len(named)} linears")
             for name, linear in named:
                 result[name] = _write(linear, config.for_linear(name).round(linear.weight.detach(), None))
+            if config.activation_bits:
+                quantize_linear_inputs(model, [name for name, _ in named])
         return result
     with torch.no_grad():
         inputs = _capture_block_inputs(model, blocks[0], calibration, forward or _default_forward)
@@ -182,7 +197,9 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
                 assert folds is not None
                 log(f"{step}: Hessians of {len(named)} linears on {len(inputs)} samples (smoothing)")
                 shared = _block_hessians(block, named, inputs, f"block {b}")
-                shared = _smooth_block(config, modules, shared, folds(block), smoothing, log, step)
+                rows = _block_input_rows(block, modules, [names for names, _ in shared], inputs) \
+                    if config.activation_bits else None
+                shared = _smooth_block(config, modules, shared, folds(block), smoothing, log, step, rows)
             if config.true_sequential:
                 pending = named
                 while pending:
@@ -199,6 +216,8 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
                 for names, hessian in shared:
                     result.update(_round_stack(config, modules, names, hessian))
                 del shared
+            if config.activation_bits:  # the next block's inputs as the W8A8 model computes them
+                quantize_linear_inputs(model, [name for name, _ in named])
             log(f"{step}: rerun with quantized weights")
             for n, (args, kwargs) in enumerate(inputs):
                 inputs[n] = _with_hidden(args, kwargs, _hidden_of(block(*args, **kwargs)))
@@ -207,17 +226,21 @@ def quantize_weights(model: nn.Module, blocks: Sequence[nn.Module], config: Weig
 
 def _smooth_block(config: WeightOnlyConfig, modules: dict[str, nn.Linear],
                   shared: list[tuple[tuple[str, ...], torch.Tensor]], folds: Sequence[SmoothFold],
-                  record: dict[str, SmoothChoice] | None, log: Callable[[str], object],
-                  step: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+                  record: dict[str, SmoothChoice] | None, log: Callable[[str], object], step: str,
+                  rows: dict[tuple[str, ...], torch.Tensor] | None = None,
+                  ) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """Smooth each set of linears that share an input and have a fold (in execution order, so a fold into an
-    earlier set's rows lands before that set is rounded); returns the sets with their smoothed Hessians."""
+    earlier set's rows lands before that set is rounded); returns the sets with their smoothed Hessians. With
+    `rows` (W8A8: each set's calibration input rows), SmoothQuant's migration chosen on them."""
     by_linears = {frozenset(id(lin) for lin in fold.linears): fold for fold in folds}
     out = []
     for names, hessian in shared:
         fold = by_linears.get(frozenset(id(modules[n]) for n in names))
         if fold is not None:
             stacked = torch.cat([modules[n].weight.detach() for n in names])
-            choice = choose_scale(stacked, hessian, fold, config.with_rounding("rtn").round)
+            rtn = config.with_rounding("rtn").round
+            choice = choose_scale(stacked, hessian, fold, rtn) if rows is None else \
+                choose_smoothquant_scale(stacked, rows[names], fold, rtn)
             hessian = apply_scale(fold, choice.scale, hessian)
             ratio = choice.loss / max(choice.loss_unsmoothed, 1e-30)
             log(f"{step}: smoothed {fold.name} (alpha {choice.alpha}, proxy output error x{ratio:.3f})")
@@ -347,6 +370,30 @@ def _block_hessians(block: nn.Module, named: list[tuple[str, nn.Linear]], inputs
             handle.remove()
         calls.clear()
     return [(names, acc.result()[0]) for names, acc in zip(groups, accumulators, strict=True)]
+
+
+def _block_input_rows(block: nn.Module, modules: dict[str, nn.Linear], groups: list[tuple[str, ...]],
+                      inputs: list[tuple[tuple, dict]], total: int = SMOOTHQUANT_ROWS) -> dict[tuple[str, ...],
+                                                                                             torch.Tensor]:
+    """Per set of linears sharing an input (`groups`), up to `total` rows of that input, spread evenly over the
+    samples and over each sample's tokens: [rows, in]."""
+    per_sample = max(1, total // len(inputs))
+    got: dict[tuple[str, ...], list[torch.Tensor]] = {names: [] for names in groups}
+
+    def record(names: tuple[str, ...]) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            got[names].append(x[torch.linspace(0, len(x) - 1, min(per_sample, len(x))).long()].clone())
+        return hook
+
+    handles = [modules[names[0]].register_forward_pre_hook(record(names)) for names in groups]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {names: torch.cat(xs) for names, xs in got.items()}
 
 
 def _split_rows(weights: QuantizedWeights, rows: list[int]) -> list[QuantizedWeights]:

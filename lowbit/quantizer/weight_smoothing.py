@@ -11,6 +11,11 @@ rounding's output error on calibration data: tr(D H Dᵀ), D = round(W diag(s)) 
 Hessian (mean x xᵀ), which is also what GPTQ minimises. alpha = 0 (no smoothing) is on the grid, so the chosen s
 never has a larger proxy error than none. The Hessian of the smoothed input is diag(1/s) H diag(1/s).
 
+For W8A8 (per-token int8 activations as well, `choose_smoothquant_scale`), SmoothQuant's own migration instead:
+s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (Xiao et al. 2023), alpha chosen by the output error of quantizing
+both, ||Q(X diag(1/s)) R(diag(s) W^T) - X W^T||^2 on calibration rows: the activation error depends on each
+token's largest entry, which a Hessian does not hold. No smoothing (s = 1) is a candidate too.
+
 Where a linear's input channels are copies of fewer source channels (grouped-query attention: o_proj reads each
 KV head's values once per query head that uses it), one scale per source channel is shared by its copies.
 """
@@ -28,6 +33,7 @@ from ..errors import LowbitError
 from ..ir.groupwise_weights import GroupWiseWeights
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+SMOOTHQUANT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.5 is SmoothQuant's default
 _TINY = 1e-12
 
 
@@ -60,7 +66,7 @@ class SmoothChoice:
     """The scale chosen for one fold: per source channel, its alpha, and the proxy errors with and without it."""
 
     scale: torch.Tensor
-    alpha: float
+    alpha: float | None  # None: no smoothing won (SmoothQuant's alpha = 0 is still a scaling)
     loss: float
     loss_unsmoothed: float
 
@@ -80,8 +86,7 @@ def choose_scale(w: torch.Tensor, h: torch.Tensor, fold: SmoothFold,
         raise LowbitError("the smoothing grid must hold alpha = 0 (no smoothing), so smoothing never adds error")
     w, h = w.float(), h.float()
     rms = torch.diagonal(h).clamp(min=_TINY).sqrt()
-    source_rms = rms if fold.channels is None else torch.zeros(fold.source.weight.shape[0]).scatter_reduce(
-        0, fold.channels, rms, "amax", include_self=False)
+    source_rms = _per_source(rms, fold)
     best: SmoothChoice | None = None
     unsmoothed = 0.0
     for alpha in grid:
@@ -97,6 +102,44 @@ def choose_scale(w: torch.Tensor, h: torch.Tensor, fold: SmoothFold,
             best = SmoothChoice(s, float(alpha), loss, 0.0)
     assert best is not None
     return SmoothChoice(best.scale, best.alpha, best.loss, unsmoothed)
+
+
+def choose_smoothquant_scale(w: torch.Tensor, x: torch.Tensor, fold: SmoothFold,
+                             rounding: Callable[[torch.Tensor, torch.Tensor | None], GroupWiseWeights],
+                             grid: Sequence[float] = SMOOTHQUANT_GRID) -> SmoothChoice:
+    """W8A8: SmoothQuant's scale for the alpha of `grid`, or none, whichever gives the fold's linears (w: stacked
+    [out, in]) the least output error on the calibration rows x [n, in] with their inputs per-token int8
+    (`fake_quantize_tokens`) and their weights `rounding(w diag(s), None)` (round-to-nearest)."""
+    from .activation_quant import fake_quantize_tokens
+
+    w, x = w.float(), x.float()
+    reference = x @ w.T
+    x_max, w_max = _per_source(x.abs().amax(0), fold), _per_source(w.abs().amax(0), fold)
+    best: SmoothChoice | None = None
+    unsmoothed = 0.0
+    for alpha in (None, *grid):
+        if alpha is None:
+            s = torch.ones_like(x_max)
+        else:
+            s = x_max.clamp(min=_TINY) ** alpha / w_max.clamp(min=_TINY) ** (1 - alpha)
+            s = s / torch.sqrt(s.max() * s.min())
+        e = s if fold.channels is None else s[fold.channels]
+        dq = torch.from_numpy(rounding(w * e, None).dequantize()).float()
+        loss = float(((fake_quantize_tokens(x / e) @ dq.T - reference) ** 2).sum())
+        if alpha is None:
+            unsmoothed = loss
+        if best is None or loss < best.loss:
+            best = SmoothChoice(s, alpha, loss, 0.0)
+    assert best is not None
+    return SmoothChoice(best.scale, best.alpha, best.loss, unsmoothed)
+
+
+def _per_source(per_input: torch.Tensor, fold: SmoothFold) -> torch.Tensor:
+    """Per-input-channel maxima [in] -> per source channel (the largest of its copies)."""
+    if fold.channels is None:
+        return per_input
+    return torch.zeros(fold.source.weight.shape[0]).scatter_reduce(0, fold.channels, per_input, "amax",
+                                                                   include_self=False)
 
 
 def apply_scale(fold: SmoothFold, scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

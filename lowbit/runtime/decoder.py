@@ -5,9 +5,10 @@ runs here; otherwise, or with backend="numpy", on the numpy decoder below, which
 kernels are checked against.
 
 No torch here (the runtime's rule): the artifact's quantized weights (group-wise or VQ) are dequantized once at
-load, and a float32 numpy Llama (RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention
-over a KV cache, SiLU-gated MLP, tied LM head) prefills the prompt and decodes one token at a time. It computes
-what `lowbit.models.llama.LlamaDecoder` computes with the same weights, to float32 rounding (tests check).
+load (a W8A8 artifact's linears instead run `lowbit.ir.token_int8`'s integer product), and a float32 numpy Llama
+(RMSNorm, adjacent-pair RoPE as llama.cpp's layout needs, grouped-query attention over a KV cache, SiLU-gated
+MLP, tied LM head) prefills the prompt and decodes one token at a time. It computes what
+`lowbit.models.llama.LlamaDecoder` computes with the same weights, to float32 rounding (tests check).
 `lowbit quantize` writes the artifact (`lowbit.pipeline.decoder`, which documents its files).
 """
 
@@ -23,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LowbitError
-from ..ir.weight_formats import stored_weights
+from ..ir.groupwise_weights import GroupWiseWeights
+from ..ir.token_int8 import Int8TokenLinear
+from ..ir.weight_formats import QuantizedWeights, stored_weights
 from .bpe_tokenizer import BpeTokenizer, Vocabulary
 from .loader import DECODER_KIND, MANIFEST, read_manifest, verify_manifest
 
@@ -37,12 +40,18 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 
 @dataclass(frozen=True)
 class DecoderFiles:
-    """What a decoder artifact holds: its config (LlamaConfig's fields), vocabulary, and float32 parameters
-    (parameter name -> array; quantized weights dequantized)."""
+    """What a decoder artifact holds: its config (LlamaConfig's fields), vocabulary, weights (parameter name ->
+    its stored format, or a float32 array) and the bits of its linears' activations (0: float; 8: W8A8)."""
 
     config: dict[str, Any]
     vocabulary: Vocabulary
-    parameters: dict[str, np.ndarray]
+    weights: dict[str, QuantizedWeights | np.ndarray]
+    activation_bits: int = 0
+
+    @property
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Every parameter in float32, quantized weights dequantized."""
+        return {name: w if isinstance(w, np.ndarray) else w.dequantize() for name, w in self.weights.items()}
 
 
 def is_decoder_artifact(directory: Path) -> bool:
@@ -84,9 +93,10 @@ def read_decoder_artifact(directory: str | Path, weights: bool = True) -> Decode
     missing = [k for k in _CONFIG_KEYS if k not in config]
     if missing:
         raise LowbitError(f"{directory / CONFIG_FILE}: lacks {', '.join(missing)}")
-    parameters = {name: w if isinstance(w, np.ndarray) else w.dequantize()
-                  for name, w in stored_weights(arrays, str(directory / WEIGHTS_FILE)).items()}
-    return DecoderFiles(config, vocabulary, parameters)
+    activation_bits = read_manifest(directory).get("weights", {}).get("activation_bits", 0)
+    if activation_bits not in (0, 8):
+        raise LowbitError(f"{directory / MANIFEST}: activation_bits {activation_bits!r}; this lowbit runs 0 or 8")
+    return DecoderFiles(config, vocabulary, stored_weights(arrays, str(directory / WEIGHTS_FILE)), activation_bits)
 
 
 @dataclass(frozen=True)
@@ -138,13 +148,27 @@ class DecoderModel:
             self.tvm: TvmDecoder | None = TvmDecoder(self.directory)
             return
         self.tvm = None
-        p = files.parameters
+        self.activation_bits = files.activation_bits
+        stored = files.weights
+
+        def tensor(name: str) -> np.ndarray:
+            w = stored[name]
+            return w if isinstance(w, np.ndarray) else w.dequantize()
+
+        def linear(name: str) -> Callable[[np.ndarray], np.ndarray]:
+            w = stored[name]
+            if self.activation_bits:
+                if not isinstance(w, GroupWiseWeights):
+                    raise LowbitError(f"{self.directory / WEIGHTS_FILE}: {name} of a W8A8 artifact is not int8")
+                return Int8TokenLinear(w)
+            transposed = tensor(name).T.copy()  # [in, out] once: x @ w reads it row by row
+            return lambda x: x @ transposed
+
         try:
-            self.embedding = p["embed_tokens.weight"]
-            self.lm_head = p["embed_tokens.weight"] if c["tie_embeddings"] else p["lm_head.weight"]
-            self.final_norm = p["norm.weight"]
-            # Weights transposed once to [in, out]: x @ w reads them row by row.
-            self.layers = [{name: (p[f"layers.{i}.{name}"].T.copy() if "proj" in name else p[f"layers.{i}.{name}"])
+            self.embedding = tensor("embed_tokens.weight")
+            self.lm_head = self.embedding if c["tie_embeddings"] else tensor("lm_head.weight")
+            self.final_norm = tensor("norm.weight")
+            self.layers = [{name: (linear if "proj" in name else tensor)(f"layers.{i}.{name}")
                             for name in ("input_layernorm.weight", "self_attn.q_proj.weight",
                                          "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                                          "self_attn.o_proj.weight", "post_attention_layernorm.weight",
@@ -174,8 +198,8 @@ class DecoderModel:
         for layer, kv in zip(self.layers, cache, strict=True):
             x = x + self._attention(self._norm(x, layer["input_layernorm.weight"]), layer, kv, cos, sin, past)
             h = self._norm(x, layer["post_attention_layernorm.weight"])
-            gate = h @ layer["mlp.gate_proj.weight"]
-            x = x + (gate / (1 + np.exp(-gate)) * (h @ layer["mlp.up_proj.weight"])) @ layer["mlp.down_proj.weight"]
+            gate = layer["mlp.gate_proj.weight"](h)
+            x = x + layer["mlp.down_proj.weight"](gate / (1 + np.exp(-gate)) * layer["mlp.up_proj.weight"](h))
         return self._norm(x, self.final_norm) @ self.lm_head.T
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -230,9 +254,9 @@ class DecoderModel:
     def _attention(self, x: np.ndarray, layer: dict[str, np.ndarray], kv: list[np.ndarray], cos: np.ndarray,
                    sin: np.ndarray, past: int) -> np.ndarray:
         t, d = len(x), self.head_dim
-        q = _rope((x @ layer["self_attn.q_proj.weight"]).reshape(t, self.heads, d).transpose(1, 0, 2), cos, sin)
-        k = _rope((x @ layer["self_attn.k_proj.weight"]).reshape(t, self.kv_heads, d).transpose(1, 0, 2), cos, sin)
-        v = (x @ layer["self_attn.v_proj.weight"]).reshape(t, self.kv_heads, d).transpose(1, 0, 2)
+        q = _rope(layer["self_attn.q_proj.weight"](x).reshape(t, self.heads, d).transpose(1, 0, 2), cos, sin)
+        k = _rope(layer["self_attn.k_proj.weight"](x).reshape(t, self.kv_heads, d).transpose(1, 0, 2), cos, sin)
+        v = layer["self_attn.v_proj.weight"](x).reshape(t, self.kv_heads, d).transpose(1, 0, 2)
         kv[0], kv[1] = np.concatenate([kv[0], k], axis=1), np.concatenate([kv[1], v], axis=1)
         group = self.heads // self.kv_heads  # query head h reads KV head h // group
         keys, values = np.repeat(kv[0], group, axis=0), np.repeat(kv[1], group, axis=0)
@@ -241,7 +265,7 @@ class DecoderModel:
         scores = np.where(future, -np.inf, scores)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         attended = (scores / scores.sum(-1, keepdims=True)) @ values
-        return attended.transpose(1, 0, 2).reshape(t, -1) @ layer["self_attn.o_proj.weight"]
+        return layer["self_attn.o_proj.weight"](attended.transpose(1, 0, 2).reshape(t, -1))
 
 
 class _NumpySession:

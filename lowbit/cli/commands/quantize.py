@@ -25,7 +25,8 @@ from ..options import fraction, rpc_options, rpc_target, tuning_options, user_er
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
-DECODER_WEIGHTS = ("int8", "int4", "int3", "int2", *VQ_PRESETS)
+W8A8 = "w8a8"
+DECODER_WEIGHTS = ("int8", "int4", "int3", "int2", *VQ_PRESETS, W8A8)
 DEFAULT_DECODER_WEIGHTS, DEFAULT_DECODER_GROUP = "int4", 128
 # Options of the integer pipeline that mean nothing for a weight-only decoder (--target builds its decode kernels).
 DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib_method",
@@ -54,8 +55,9 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--weights", "weight_format", type=click.Choice(DECODER_WEIGHTS),
               help="Decoder LLMs: group-wise weight-only integers of this width (asymmetric, one scale and zero "
                    "point per group; default int4), or vector quantization at about 3 or 2 bits per weight (vq3: "
-                   "vectors of 4 weights, a 256-entry codebook and a 16-entry residual one; vq2: no residual). "
-                   "Activations stay float32.")
+                   "vectors of 4 weights, a 256-entry codebook and a 16-entry residual one; vq2: no residual): "
+                   "activations stay float32. w8a8: int8 weights (per output channel unless --group) and int8 "
+                   "activations quantized per token at run time, SmoothQuant-smoothed (--smooth).")
 @click.option("--group", type=click.IntRange(min=0),
               help="Decoder LLMs: input columns per scale and zero point (32, 64, 128; 0: one per output channel). "
                    "Default 128.")
@@ -168,7 +170,11 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
             return WeightOnlyConfig(vq=VQ_PRESETS[weight_format])
         return WeightOnlyConfig(vq=VQ_PRESETS[weight_format], rounding="rtn" if rounding == "nearest" else "gptq",
                                 act_order=rounding == "gptq")
-    bits = int(weight_format.removeprefix("int"))
+    w8a8 = weight_format == W8A8
+    if w8a8 and (plan_path is not None or float_minimum):
+        raise LowbitError("--weights w8a8 has uniform int8 weights with integer zero points: leave out --plan and "
+                          "--zero-point float")
+    bits = 8 if w8a8 else int(weight_format.removeprefix("int"))
     plan: dict[str, int] = {}
     if plan_path is not None:  # a mixed plan from `lowbit search`; --weights sets the linears it does not name
         searched = read_decoder_plan(plan_path)
@@ -176,13 +182,14 @@ def decoder_config(weight_format: str | None, group: int | None, rounding: str,
             raise LowbitError(f"--group {group}: {plan_path} was searched for group {searched.group}; drop --group "
                               "or search again with it")
         group, plan = searched.group, searched.bits
-    group = DEFAULT_DECODER_GROUP if group is None else group
+    group = (0 if w8a8 else DEFAULT_DECODER_GROUP) if group is None else group
     if smooth not in (DEFAULTS.smooth, "auto", "none"):
         raise LowbitError(f"--smooth {smooth}: a decoder's smoothing searches alpha per group of linears; give "
                           "auto or none")
     extra: dict = {"smooth": smooth != "none"}  # on by default: it lowered INT4 perplexity (smollm2_weights)
     extra["plan"] = tuple(plan.items())
     extra["float_minimum"] = float_minimum
+    extra["activation_bits"] = 8 if w8a8 else 0
     if rounding == "auto":
         return WeightOnlyConfig(bits=bits, group=group, **extra)
     return WeightOnlyConfig(bits=bits, group=group, rounding="rtn" if rounding == "nearest" else "gptq",
