@@ -123,7 +123,8 @@ def test_w8a8_artifact(w8a8_artifact: Path) -> None:
     assert report["weights"].startswith("W8A8") and "smoothing" in report
     assert json.loads((out / "manifest.json").read_text())["weights"]["activation_bits"] == 8
     assert not (out / "decoder.onnx").exists() and "tvm" not in report  # neither has per-token int8 activations
-    assert "W8A8" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "W8A8" in markdown and "Computed in float32" in markdown and "per-token activation scale" in markdown
 
 
 def test_w8a8_runtime_matches_the_torch_model(w8a8_artifact: Path) -> None:

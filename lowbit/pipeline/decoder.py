@@ -293,8 +293,18 @@ def decoder_report(model_name: str, config: WeightOnlyConfig, weights: dict[str,
         "model_bytes": total,
         "float_bytes": float_bytes,
         "perplexity": perplexities,
+        "float_ops": float_ops(config),
         "timings_s": dict(progress.timings),
     }
+
+
+def float_ops(config: WeightOnlyConfig) -> str:
+    """Which ops of the quantized decoder compute in float (the report says so; issue #14)."""
+    common = "RMSNorm, rotary embedding, attention over the KV cache (Q K^T, softmax, A V), SiLU and the residual adds"
+    if config.activation_bits:
+        return (f"{common}, the LM head (float activations against its int8 g32 table), and each block linear's "
+                "per-token activation scale and per-group weight scales applied to its exact integer sums")
+    return f"{common}, and every linear's activations (weights dequantized from their stored integers or codebooks)"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -317,6 +327,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"chunks of {t['chunk']} tokens; logits within {t['check']['relative']:.1e} of the numpy runtime's "
                   f"(relative to max |logit|, {t['check']['tokens']} positions; refused above "
                   f"{t['check']['tolerance']:g})."]
+    if "float_ops" in report:
+        lines += ["", f"Computed in float32: {report['float_ops']}."]
     lines += ["", "Perplexity on the first windows of each text only; `lowbit eval DIR --text FILE` scores a "
               "whole text.", "", "Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                           report["timings_s"].items()), ""]
