@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,7 +16,7 @@ from lowbit.cli.main import lowbit
 from lowbit.errors import LowbitError
 from lowbit.ir.groupwise_weights import GroupWiseWeights
 from lowbit.quantizer.weight_only import WeightOnlyConfig, quantize_weights
-from lowbit.search.decoder_search import decoder_options, measure_sensitivity, solve_plan
+from lowbit.search.decoder_search import decoder_options, measure_sensitivity, plan_totals, solve_plan
 
 CALIBRATION = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -96,3 +97,51 @@ def test_search_then_quantize_with_the_plan(tmp_path: Path) -> None:
     arrays = load_file(str(out / "weights.safetensors"))
     for name, bits in plan["bits"].items():
         assert GroupWiseWeights.from_tensors(arrays, f"{name}.weight.", "test").bits == bits
+
+
+def test_a_latency_budget_trades_int8_for_int4_where_the_loss_is_least(options) -> None:
+    """Latency per option (int3 runs on the int4 kernel: the same time), budgets of latency alone and of both."""
+    k = options.nbytes[:, 1:2]
+    latency = np.hstack([k, k, 1.6 * k]) * 1e-9  # int8 reads twice the bytes of int4; int3 unpacks as int4
+    timed = options.with_latency(latency)
+    fast, slow = latency[:, 1].sum(), latency[:, 2].sum()
+    plan = solve_plan(timed, {"latency": fast + 0.5 * (slow - fast)})
+    totals = plan_totals(timed, plan)
+    assert totals["latency_s"] <= fast + 0.5 * (slow - fast) + 1e-15
+    assert 3 not in plan.values()  # int3 saves no time over int4 and predicts more loss
+    assert {4, 8} <= set(plan.values())
+    both = solve_plan(timed, {"latency": slow, "size": options.nbytes[:, 1].sum()})
+    assert plan_totals(timed, both)["bytes"] <= options.nbytes[:, 1].sum()
+    with pytest.raises(LowbitError, match="latency budget .* below the smallest plan"):
+        solve_plan(timed, {"latency": 0.5 * fast})
+    with pytest.raises(LowbitError, match="no latency"):
+        solve_plan(options, {"latency": slow})
+    with pytest.raises(LowbitError, match="latency table"):
+        options.with_latency(latency[:, :2])
+
+
+def test_latency_search_writes_a_measured_frontier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's --latency path with a stand-in latency table (the real one times TVM kernels: test_linear_latency)."""
+    import lowbit.pipeline.decoder_search as pipeline
+
+    def fake_table(linears, bits, group, target, log):
+        per_weight = {3: 1.0, 4: 1.0, 8: 1.7}
+        return np.array([[lin.weight.numel() * per_weight[b] * 1e-10 for b in bits] for lin in linears.values()])
+
+    monkeypatch.setattr(pipeline, "linear_latency_table", fake_table)
+    monkeypatch.setattr(pipeline, "tvm_available", lambda: True, raising=False)
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIBRATION)
+    out = tmp_path / "s"
+    result = CliRunner().invoke(lowbit, ["search", str(gguf), "-o", str(out), "--latency", "0.8x",
+                                         "--calib", str(calib)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["latency_s"] <= plan["budget_latency_s"] * (1 + 1e-9)
+    frontier = json.loads((out / "frontier.json").read_text())["points"]
+    assert len(frontier) >= 2 and sum(p["chosen"] for p in frontier) == 1
+    latencies = [p["latency_s"] for p in frontier]
+    assert latencies == sorted(latencies) and all(p["perplexity"] for p in frontier)
+    assert (out / "frontier.png").stat().st_size > 0 and "Frontier" in (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""Mixed precision for a weight-only decoder: a bit-width per block linear under a size budget (issue #14).
+"""Mixed precision for a weight-only decoder: a bit-width per block linear under size and latency budgets (#14).
 
 The predicted loss increase of rounding one linear y = W x to b bits (a second-order model, as HAWQ/GPTQ):
     ΔL_l(b) ≈ ½ Σ_o f_o · d_o H d_oᵀ,    d = round_b(W) - W,
@@ -11,12 +11,15 @@ left out (a separable objective); the measured perplexity of the plan is the che
 the configured rounding (GPTQ by default), which lowers every option's error by a similar factor.
 
 The ILP (`ilp.solve`, HiGHS): one option per linear, minimise Σ ΔL under Σ bytes <= budget, bytes counted by the
-weight format (values, zero points and scales).
+weight format (values, zero points and scales), and/or Σ latency <= budget, each linear's latency its decode
+GEMV's (M = 1) as measured on the target (`DecoderOptions.latency`; a decode step runs its linears one after
+another, so their times add).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,10 +94,24 @@ class DecoderOptions:
     bits: tuple[int, ...]
     loss: np.ndarray  # [linears, options]
     nbytes: np.ndarray  # [linears, options]
+    latency: np.ndarray | None = None  # [linears, options]: seconds per decode step, where measured
 
-    def problem(self, budget_bytes: float) -> Problem:
+    def metric(self, name: str) -> np.ndarray:
+        if name == "size":
+            return self.nbytes
+        if name == "latency" and self.latency is not None:
+            return self.latency
+        raise LowbitError(f"the decoder search has no {name} per option (size, and latency once measured)")
+
+    def problem(self, budgets: Mapping[str, float]) -> Problem:
         return Problem(groups=[[n] for n in self.names], bits=list(self.bits), cost=self.loss,
-                       metrics={"size": self.nbytes}, budgets={"size": float(budget_bytes)})
+                       metrics={m: self.metric(m) for m in budgets}, budgets={m: float(b) for m, b in budgets.items()})
+
+    def with_latency(self, latency: np.ndarray) -> DecoderOptions:
+        if latency.shape != self.loss.shape or not (latency > 0).all():
+            raise LowbitError(f"a latency table of shape {latency.shape} for {self.loss.shape} options, or with a "
+                              "non-positive entry")
+        return dataclasses.replace(self, latency=latency)
 
 
 def decoder_options(linears: dict[str, nn.Linear], sensitivity: LinearSensitivity, group: int,
@@ -113,11 +130,32 @@ def decoder_options(linears: dict[str, nn.Linear], sensitivity: LinearSensitivit
     return DecoderOptions(names, tuple(bits), loss, nbytes)
 
 
-def solve_plan(options: DecoderOptions, budget_bytes: float, log: Callable[[str], None] = lambda _: None) -> Plan:
-    """The bits per linear that minimise the predicted loss with the linears' bytes within `budget_bytes`."""
-    low, high = options.nbytes.min(1).sum(), options.nbytes.max(1).sum()
-    if budget_bytes < low:
-        raise LowbitError(f"a size budget of {budget_bytes / 1e6:.2f} MB for the block linears is below the smallest "
-                          f"plan ({low / 1e6:.2f} MB, every linear at {min(options.bits)} bits)")
-    problem = options.problem(min(budget_bytes, high))
-    return problem.plan(solve(problem, {"size": lambda v: f"{v / 1e6:.2f} MB"}, log=log))
+UNITS: dict[str, Callable[[float], str]] = {"size": lambda v: f"{v / 1e6:.2f} MB",
+                                            "latency": lambda v: f"{v * 1e3:.3f} ms"}
+
+
+def solve_plan(options: DecoderOptions, budgets: float | Mapping[str, float],
+               log: Callable[[str], None] = lambda _: None) -> Plan:
+    """The bits per linear that minimise the predicted loss with the linears' summed bytes (a number: bytes) and/or
+    latency within `budgets` (metric -> bound)."""
+    budgets = {"size": budgets} if isinstance(budgets, (int, float)) else dict(budgets)
+    for m, budget in budgets.items():
+        low = options.metric(m).min(1).sum()
+        if budget < low:
+            cheapest = options.bits[int(np.argmin(options.metric(m).sum(0)))]
+            raise LowbitError(f"a {m} budget of {UNITS[m](budget)} for the block linears is below the smallest plan "
+                              f"({UNITS[m](low)}, about every linear at {cheapest} bits)")
+        budgets[m] = min(budget, options.metric(m).max(1).sum())
+    problem = options.problem(budgets)
+    return problem.plan(solve(problem, UNITS, log=log))
+
+
+def plan_totals(options: DecoderOptions, plan: Mapping[str, int]) -> dict[str, float]:
+    """A plan's predicted loss and its linears' summed bytes (and latency, where measured)."""
+    index = {n: i for i, n in enumerate(options.names)}
+    chosen = [(index[n], options.bits.index(b)) for n, b in plan.items()]
+    totals = {"predicted_loss": float(sum(options.loss[i, j] for i, j in chosen)),
+              "bytes": float(sum(options.nbytes[i, j] for i, j in chosen))}
+    if options.latency is not None:
+        totals["latency_s"] = float(sum(options.latency[i, j] for i, j in chosen))
+    return totals

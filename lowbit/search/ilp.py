@@ -133,8 +133,11 @@ def solve(problem: Problem, units: Mapping[str, Callable[[float], str]] | None =
     one_per_row = np.kron(np.eye(n_rows), np.ones(n_options))
     constraints = [LinearConstraint(np.hstack([one_per_row, np.zeros((n_rows, n_y))]), 1, 1)]
     for m, budget in problem.budgets.items():
-        row = np.concatenate([problem.metrics[m].reshape(-1), np.zeros(n_y)])
-        constraints.append(LinearConstraint(row.reshape(1, -1), -np.inf, budget))
+        # As a fraction of the budget: HiGHS' feasibility tolerance is absolute (1e-7), which a budget in seconds
+        # (a decoder's GEMVs: ~1e-5 s each) would pass through unchecked.
+        unit = abs(budget) if budget else 1.0
+        row = np.concatenate([problem.metrics[m].reshape(-1), np.zeros(n_y)]) / unit
+        constraints.append(LinearConstraint(row.reshape(1, -1), -np.inf, budget / unit))
     if pair_rows is not None:
         constraints.append(LinearConstraint(pair_rows, 0, 0))
     result = milp(np.concatenate([problem.cost.reshape(-1), pair_cost]), constraints=constraints,

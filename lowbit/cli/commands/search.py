@@ -11,6 +11,7 @@ from click.core import ParameterSource
 from ...errors import LowbitError
 from ...io import check_output_dir
 from ...ir.groupwise_weights import GroupWiseWeights
+from ...pipeline.checks import tvm_available
 from ...pipeline.decoder import is_decoder
 from ...pipeline.decoder_search import search_decoder_model
 from ...pipeline.prepare import Source
@@ -22,7 +23,7 @@ from ...search.decoder_search import DECODER_BITS
 from ...search.ilp import DEFAULT_OBJECTIVE, OBJECTIVES
 from ..options import bit_list, fraction, model_and_data_options, rpc_options, rpc_target, user_errors
 
-DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "bit_set")
+DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "latency_budget", "target", "bit_set")
 
 
 @click.command("search")
@@ -78,19 +79,25 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                    bisect_steps: int) -> None:
     """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band.
 
-    A decoder LLM (zoo:smollm2_135m, a Llama .gguf) takes --size only (the whole model, e.g. 80MB or 0.6x of
-    every block linear at the widest of --bits, default 3,4,8) and writes DIR/plan.json for `lowbit quantize
-    MODEL --plan DIR/plan.json`."""
+    A decoder LLM (zoo:smollm2_135m, a Llama .gguf) takes --size (the whole model, e.g. 80MB or 0.6x of
+    every block linear at the widest of --bits, default 3,4,8) and/or --latency (the block linears' decode
+    GEMVs per token as TVM runs them on --target, e.g. 0.8x or 2ms; also writes a measured frontier) and writes
+    DIR/plan.json for `lowbit quantize MODEL --plan DIR/plan.json`."""
     if is_decoder(model):
         ctx = click.get_current_context()
         given = [f"--{n.replace('_', '-')}" for n in ctx.params if n not in DECODER_SEARCH_OPTIONS
                  and ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
-        if given or size_budget is None:
-            raise LowbitError(f"a decoder LLM is searched under --size only (with --bits, --calib); "
-                              f"{'drop ' + ', '.join(given) if given else 'give --size, e.g. 80MB or 0.6x'}")
+        if given or (size_budget is None and latency_budget is None):
+            raise LowbitError("a decoder LLM is searched under --size and/or --latency (with --bits, --calib, "
+                              "--target); " + ("drop " + ", ".join(given) if given else
+                                               "give --size (e.g. 80MB or 0.6x) or --latency (e.g. 0.8x or 2ms)"))
+        if latency_budget is not None and not tvm_available():
+            raise LowbitError("--latency for a decoder times its TVM decode kernels: install TVM (pip install "
+                              "'lowbit[tvm]'), or search under --size")
         check_output_dir(output, force)
         bits = bit_list(bit_set, "--bits", GroupWiseWeights.SUPPORTED_BITS) if bit_set else DECODER_BITS
-        search_decoder_model(model, size_budget, bits, calib=calib, progress=Progress()).save(output, force)
+        search_decoder_model(model, size_budget, bits, calib=calib, progress=Progress(), latency=latency_budget,
+                             target=target or "llvm -mcpu=native").save(output, force)
         return
     defaults = text_model_defaults(model)
     bits = bit_list(bit_set, "--bits", SUPPORTED_WEIGHT_BITS) if bit_set else defaults.get("bits", (4, 8))
