@@ -4,9 +4,10 @@ For each SmolLM2-135M linear shape [in -> out], random VQ weights (int8 codebook
 for vq3 a residual codebook of 16; random indices and row scales) and random INT4 weights (group 128) feed the
 kernels; each output is checked against a float64 evaluation of the dequantized weight before timing. The
 contenders are timed in interleaved rounds from one Python loop each (so each includes its call overhead), on
-`--threads` threads (TVM's pool and the plans). `cold` cycles through enough copies of the weights to miss the
-cache (64 MB, past the 8 MB L3), as decode does when the whole model's weights stream through once per token.
-GB/s counts the bytes of weights a call reads (`VQPacked.nbytes`, `Int4Packed.nbytes`).
+`--threads` threads (TVM's pool and the plans), by the process's CPU time: the machine is shared, and wall time
+then counts the time slices other jobs take (the cache they evict still counts). `cold` cycles through enough
+copies of the weights to miss the cache (64 MB, past the 8 MB L3), as decode does when the whole model's weights
+stream through once per token. GB/s counts the bytes of weights a call reads (`VQPacked.nbytes`, `Int4Packed.nbytes`).
 
     python benchmarks/bench_gemv_vq.py [--rows 1] [--rounds 5] [--threads 1] [--methods direct,lut] [--cold]
 """
@@ -24,8 +25,11 @@ ap.add_argument("--rows", default="1", help="comma-separated M values (1 = decod
 ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--min-ms", type=float, default=20.0, help="time per contender per round")
 ap.add_argument("--threads", type=int, default=1)
-ap.add_argument("--methods", default="direct,lut")
+ap.add_argument("--methods", default="direct,lut",
+                help="comma-separated schedules, each a method and optional plan arguments: direct:nr=4:ks=2")
 ap.add_argument("--shapes", default="576x576,576x192,576x1536,1536x576", help="in x out, comma-separated")
+ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                help="cpu: the process's CPU time (robust to other jobs taking the cores; the default), wall: elapsed")
 ap.add_argument("--cold", action="store_true", help="also time each kernel on cache-cold weights")
 args = ap.parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
@@ -52,14 +56,15 @@ def random_vq(n: int, k: int, bits: tuple[int, ...], rng: np.random.Generator) -
 
 
 def per_call_us(fn: Callable[[], object], min_ms: float) -> float:
-    """Microseconds per call over a loop of at least `min_ms`."""
+    """CPU microseconds per call over a loop of at least `min_ms` (`--clock`)."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     fn()
     n = 1
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
-        t = time.perf_counter() - t0
+        t = clock() - t0
         if t * 1e3 >= min_ms:
             return t / n * 1e6
         n *= 2
@@ -90,7 +95,8 @@ def contenders_of(name: str, lib: tvm.runtime.Module, x: np.ndarray, weights: li
 def main() -> None:
     target = tvm.target.Target(parse_target("llvm -mcpu=native", threads=args.threads))
     rng = np.random.default_rng(0)
-    print(f"# {target}  threads {args.threads}  tvm {tvm.__version__}  load average {os.getloadavg()}", flush=True)
+    print(f"# {target}  threads {args.threads}  clock {args.clock}  tvm {tvm.__version__}  "
+          f"load average {os.getloadavg()}", flush=True)
     header = "| M | in -> out | contender | us/call (median) | fastest | GB/s (median) | max err / max abs y |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -102,9 +108,13 @@ def main() -> None:
             for preset, bits in PRESETS.items():
                 w = random_vq(n, k, bits, rng)
                 packed = pack_vq_gemv(w)
-                for method in args.methods.split(","):
-                    plan = VQGemvPlan.of(rows, k, n, len(bits), 4, bits, args.threads, method=method)
-                    contenders.update(contenders_of(f"{preset} {method}", compile_main(gemv_vq_func(plan), target),
+                for spec in args.methods.split(","):
+                    method, *opts = spec.split(":")
+                    kw = {key: int(val) for key, val in (o.split("=") for o in opts)}
+                    if preset == "vq2" and "combine" in kw:
+                        continue  # one stage: nothing to combine
+                    plan = VQGemvPlan.of(rows, k, n, len(bits), 4, bits, args.threads, method=method, **kw)
+                    contenders.update(contenders_of(f"{preset} {spec}", compile_main(gemv_vq_func(plan), target),
                                                     x, packed.arrays(), n, w.dequantize().astype(np.float64)))
             group = 128
             q = rng.integers(0, 16, (n, k)).astype(np.uint8)

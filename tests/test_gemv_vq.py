@@ -10,8 +10,6 @@ magnitude times a slowly growing factor of the sum's length; measured here: unde
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -78,13 +76,11 @@ from lowbit.codegen.tvm import parse_target  # noqa: E402
 TARGET = tvm.target.Target(parse_target("llvm -mcpu=native", threads=2))
 
 
-def _run(x: np.ndarray, w: VQWeights, y0: np.ndarray | None = None, KS: int | None = None,
-         **plan: object) -> np.ndarray:
+def _run(x: np.ndarray, w: VQWeights, y0: np.ndarray | None = None, **plan: object) -> np.ndarray:
     """Y = x W^T, or with `y0` Y = y0 + x W^T (accumulate)."""
     bits = tuple(s.bits for s in w.stages)
     p = VQGemvPlan.of(x.shape[0], w.in_features, w.shape[0], len(bits), w.stages[0].vector, bits, num_threads=2,
                       accumulate=y0 is not None, **plan)
-    p = dataclasses.replace(p, KS=KS or p.KS)
     lib = tvm.compile(tvm.IRModule({"main": gemv_vq_func(p).with_attr("global_symbol", "main")}), target=TARGET)
     y = np.zeros((x.shape[0], w.shape[0]), np.float32) if y0 is None else y0.copy()
     args = [tvm.runtime.tensor(a) for a in (x, *pack_vq_gemv(w).arrays(), y)]
@@ -122,7 +118,7 @@ def test_gemv_vq_decode_smollm2_shapes(preset: str, in_f: int, out_f: int) -> No
     _check(_run(x, w), x, w)
 
 
-@pytest.mark.parametrize("plan", [dict(mr=2), dict(nr=4, mr=3), dict(method="lut", KS=1)])
+@pytest.mark.parametrize("plan", [dict(mr=2), dict(nr=4, mr=3), dict(method="lut", ks=1), dict(ks=2, combine=True)])
 def test_gemv_vq_tails(plan: dict[str, object]) -> None:
     """Row tails (M = 5 in tiles of 2 or 3), outputs not a multiple of 8 (36), other index widths and v = 8."""
     for bits, v in (((8, 4), 4), ((2,), 8), ((4, 1), 4)):

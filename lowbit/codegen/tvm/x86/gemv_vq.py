@@ -119,13 +119,14 @@ class VQGemvPlan:
     NR: int
     MR: int
     method: str = DEFAULT_METHOD
-    KS: int = 2  # partial sums per output in "lut" (the add chain's latency limits one output)
+    KS: int = 1  # partial sums per output (the FMA or add chain's latency limits one output)
+    combine: bool = False  # "direct" with 2 stages: one table of summed codewords (k0 * k1 of them) per call
     accumulate: bool = False  # Y += x W^T instead of Y = x W^T
 
     @classmethod
     def of(cls, M: int, K: int, N: int, stages: int, v: int, bits: int | Sequence[int], num_threads: int,
            accumulate: bool = False, method: str = DEFAULT_METHOD, nr: int | None = None,
-           mr: int | None = None) -> VQGemvPlan:
+           mr: int | None = None, ks: int | None = None, combine: bool = False) -> VQGemvPlan:
         """Default tiles: MR = min(M, 2) rows, NR the largest of 8, 4, 2, 1 dividing N with MR * NR <= 8
         accumulators (plus NR codewords and x: 16 registers)."""
         bits = (bits,) * stages if isinstance(bits, int) else tuple(int(b) for b in bits)
@@ -141,7 +142,11 @@ class VQGemvPlan:
             nr = next(r for r in (8, 4, 2, 1) if N % r == 0 and mr * r <= REGISTERS // 2 or r == 1)
         if N % nr:
             raise LowbitError(f"VQ GEMV: NR = {nr} does not divide {N} outputs")
-        return cls(M, K, N, v, bits, num_threads, nr, mr, method, accumulate=accumulate)
+        if ks is None:
+            ks = 2 if method == "lut" else max(1, REGISTERS // 2 // (mr * nr))
+        if ks < 1 or LANES % ks:
+            raise LowbitError(f"VQ GEMV: KS = {ks} partial sums; expected 1, 2, 4 or 8")
+        return cls(M, K, N, v, bits, num_threads, nr, mr, method, ks, bool(combine), bool(accumulate))
 
     @property
     def stages(self) -> int:
@@ -179,46 +184,56 @@ def _index(p: VQGemvPlan, s: int, IDX: tirx.Buffer, o: tirx.PrimExpr, st: tirx.P
 
 
 def _direct(p: VQGemvPlan) -> tirx.PrimFunc:
-    v, NR, MR, S = p.v, p.NR, p.MR, p.S
+    v, NR, MR, S, KS = p.v, p.NR, p.MR, p.S, p.KS
     vec, fma = f"float32x{v}", f"llvm.fma.v{v}f32"
     rb, mt = p.M // MR, p.M % MR
-    two = p.stages == 2
+    two, comb = p.stages == 2, p.stages == 2 and p.combine
+    k0, k1 = 1 << p.bits[0], 1 << p.bits[-1]
 
     @T.macro
-    def tile(X, RS, CB0, CB1, IDX0, IDX1, Y, acc, cw, m0, mr, o0):
-        for a in T.unroll(mr * NR):
+    def tile(X, RS, CB0, CB1, IDX0, IDX1, TAB, Y, acc, cw, m0, mr, o0):
+        for a in T.unroll(mr * NR * KS):
             acc[T.ramp(a * v, 1, v)] = T.broadcast(T.float32(0), v)
         for st in T.serial(p.J // S):
             for b in T.unroll(S):
                 for r in T.unroll(NR):
-                    if two:
+                    if comb:
+                        cw[T.ramp(r * v, 1, v)] = TAB[_index(p, 0, IDX0, o0 + r, st, b) * k1
+                                                      + _index(p, 1, IDX1, o0 + r, st, b), T.ramp(0, 1, v)]
+                    elif two:
                         cw[T.ramp(r * v, 1, v)] = (CB0[_index(p, 0, IDX0, o0 + r, st, b), T.ramp(0, 1, v)]
                                                    + CB1[_index(p, 1, IDX1, o0 + r, st, b), T.ramp(0, 1, v)])
                     else:
                         cw[T.ramp(r * v, 1, v)] = CB0[_index(p, 0, IDX0, o0 + r, st, b), T.ramp(0, 1, v)]
                 for mm in T.unroll(mr):
                     for r in T.unroll(NR):
-                        acc[T.ramp((mm * NR + r) * v, 1, v)] = T.call_llvm_pure_intrin(
+                        acc[T.ramp(((mm * NR + r) * KS + b % KS) * v, 1, v)] = T.call_llvm_pure_intrin(
                             vec, fma, cw[T.ramp(r * v, 1, v)], X[m0 + mm, T.ramp((st * S + b) * v, 1, v)],
-                            acc[T.ramp((mm * NR + r) * v, 1, v)])
+                            acc[T.ramp(((mm * NR + r) * KS + b % KS) * v, 1, v)])
         for mm in T.unroll(mr):
             for r in T.unroll(NR):
                 if p.accumulate:
-                    Y[m0 + mm, o0 + r] = Y[m0 + mm, o0 + r] + RS[o0 + r] * _hsum(acc, (mm * NR + r) * v, v)
+                    Y[m0 + mm, o0 + r] = Y[m0 + mm, o0 + r] + RS[o0 + r] * _hsum(acc, (mm * NR + r) * KS * v, KS * v)
                 else:
-                    Y[m0 + mm, o0 + r] = RS[o0 + r] * _hsum(acc, (mm * NR + r) * v, v)
+                    Y[m0 + mm, o0 + r] = RS[o0 + r] * _hsum(acc, (mm * NR + r) * KS * v, KS * v)
 
     @T.macro
     def body(X, RS, CB0, CB1, IDX0, IDX1, Y):
+        # vq3 with `combine`: every sum of a codeword and a residual codeword, once per call (k0 * k1 vectors)
+        TAB = T.alloc_buffer((k0 * k1 if comb else 1, v), "float32")
+        if comb:
+            for i in T.serial(k0):
+                for i1 in T.serial(k1):
+                    TAB[i * k1 + i1, T.ramp(0, 1, v)] = CB0[i, T.ramp(0, 1, v)] + CB1[i1, T.ramp(0, 1, v)]
         for tid in T.parallel(p.num_threads):
-            acc = T.alloc_buffer((MR * NR * v,), "float32", scope="local")
+            acc = T.alloc_buffer((MR * NR * KS * v,), "float32", scope="local")
             cw = T.alloc_buffer((NR * v,), "float32", scope="local")
             for ti in T.serial(p.CH):
                 if tid * p.CH + ti < p.tiles:
                     for mb in T.serial(rb):
-                        tile(X, RS, CB0, CB1, IDX0, IDX1, Y, acc, cw, mb * MR, MR, (tid * p.CH + ti) * NR)
+                        tile(X, RS, CB0, CB1, IDX0, IDX1, TAB, Y, acc, cw, mb * MR, MR, (tid * p.CH + ti) * NR)
                     if mt > 0:
-                        tile(X, RS, CB0, CB1, IDX0, IDX1, Y, acc, cw, rb * MR, mt, (tid * p.CH + ti) * NR)
+                        tile(X, RS, CB0, CB1, IDX0, IDX1, TAB, Y, acc, cw, rb * MR, mt, (tid * p.CH + ti) * NR)
 
     return _signature(p, body)
 
