@@ -127,8 +127,9 @@ class VQGemvPlan:
     def of(cls, M: int, K: int, N: int, stages: int, v: int, bits: int | Sequence[int], num_threads: int,
            accumulate: bool = False, method: str = DEFAULT_METHOD, nr: int | None = None,
            mr: int | None = None, ks: int | None = None, combine: bool = False) -> VQGemvPlan:
-        """Default tiles: MR = min(M, 2) rows, NR the largest of 8, 4, 2, 1 dividing N with MR * NR <= 8
-        accumulators (plus NR codewords and x: 16 registers)."""
+        """Default tiles (measured, module docstring): at M = 1, NR = 8 outputs for one stage, NR = 4 with KS = 2
+        partial sums for two (their index words and codeword sums need the registers); at M > 1, MR = 6 rows of x
+        by NR = 2 outputs. NR falls to the largest power of two dividing N."""
         bits = (bits,) * stages if isinstance(bits, int) else tuple(int(b) for b in bits)
         if len(bits) != stages:
             raise LowbitError(f"VQ GEMV: {stages} stages but index bits {bits}")
@@ -137,12 +138,14 @@ class VQGemvPlan:
             raise LowbitError(f"VQ GEMV: method {method!r}; expected one of {METHODS}")
         if num_threads <= 0:
             raise LowbitError(f"VQ GEMV: num_threads = {num_threads}")
-        mr = mr or min(M, 2)
+        mr = mr or (1 if M == 1 else min(M, 6))
         if nr is None:
-            nr = next(r for r in (8, 4, 2, 1) if N % r == 0 and mr * r <= REGISTERS // 2 or r == 1)
+            nr = (8 if stages == 1 else 4) if mr == 1 else 2
+            while N % nr:
+                nr //= 2
         if N % nr:
             raise LowbitError(f"VQ GEMV: NR = {nr} does not divide {N} outputs")
-        if ks is None:
+        if ks is None:  # up to 8 accumulators in all
             ks = 2 if method == "lut" else max(1, REGISTERS // 2 // (mr * nr))
         if ks < 1 or LANES % ks:
             raise LowbitError(f"VQ GEMV: KS = {ks} partial sums; expected 1, 2, 4 or 8")
