@@ -1,4 +1,4 @@
-"""Microbenchmark: lowbit's TVM VQ GEMV (`x86.gemv_vq`, vq2 and vq3, each schedule) beside its INT4 g128 GEMV.
+"""Microbenchmark: lowbit's TVM VQ GEMV (`x86.gemv_vq`, vq2 and vq3, each tiling) beside its INT4 g128 GEMV.
 
 For each SmolLM2-135M linear shape [in -> out], random VQ weights (int8 codebooks of 256 entries of 4 columns, and
 for vq3 a residual codebook of 16; random indices and row scales) and random INT4 weights (group 128) feed the
@@ -9,7 +9,7 @@ then counts the time slices other jobs take (the cache they evict still counts).
 copies of the weights to miss the cache (64 MB, past the 8 MB L3), as decode does when the whole model's weights
 stream through once per token. GB/s counts the bytes of weights a call reads (`VQPacked.nbytes`, `Int4Packed.nbytes`).
 
-    python benchmarks/bench_gemv_vq.py [--rows 1] [--rounds 5] [--threads 1] [--methods direct,lut] [--cold]
+    python benchmarks/bench_gemv_vq.py [--rows 1] [--rounds 5] [--threads 1] [--tiles default,nr=8:ks=1] [--cold]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ ap.add_argument("--rows", default="1", help="comma-separated M values (1 = decod
 ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--min-ms", type=float, default=20.0, help="time per contender per round")
 ap.add_argument("--threads", type=int, default=1)
-ap.add_argument("--methods", default="direct,lut",
-                help="comma-separated schedules, each a method and optional plan arguments: direct:nr=4:ks=2")
+ap.add_argument("--tiles", default="default",
+                help="comma-separated tilings: 'default' (the plan's) or VQGemvPlan.of arguments, e.g. nr=4:ks=2:mr=1")
 ap.add_argument("--shapes", default="576x576,576x192,576x1536,1536x576", help="in x out, comma-separated")
 ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                 help="cpu: the process's CPU time (robust to other jobs taking the cores; the default), wall: elapsed")
@@ -40,8 +40,9 @@ import tvm  # noqa: E402
 
 from lowbit.codegen.tvm import parse_target  # noqa: E402
 from lowbit.codegen.tvm.x86.gemv_int4 import Int4GemvPlan, gemv_int4_func  # noqa: E402
-from lowbit.codegen.tvm.x86.gemv_vq import VQGemvPlan, gemv_vq_func, pack_vq_gemv  # noqa: E402
+from lowbit.codegen.tvm.x86.gemv_vq import VQGemvPlan, gemv_vq_func  # noqa: E402
 from lowbit.codegen.tvm.x86.int4_groups import dequantize_int4, pack_int4_gemv  # noqa: E402
+from lowbit.codegen.tvm.x86.vq_layout import pack_vq_gemv  # noqa: E402
 from lowbit.ir.vq_weights import VQStage, VQWeights  # noqa: E402
 
 COLD_BYTES = 64 << 20
@@ -108,12 +109,10 @@ def main() -> None:
             for preset, bits in PRESETS.items():
                 w = random_vq(n, k, bits, rng)
                 packed = pack_vq_gemv(w)
-                for spec in args.methods.split(","):
-                    method, *opts = spec.split(":")
-                    kw = {key: int(val) for key, val in (o.split("=") for o in opts)}
-                    if preset == "vq2" and "combine" in kw:
-                        continue  # one stage: nothing to combine
-                    plan = VQGemvPlan.of(rows, k, n, len(bits), 4, bits, args.threads, method=method, **kw)
+                for spec in args.tiles.split(","):
+                    kw = {} if spec == "default" else {key: int(val) for key, val in
+                                                       (o.split("=") for o in spec.split(":"))}
+                    plan = VQGemvPlan.of(rows, k, n, len(bits), 4, bits, args.threads, **kw)
                     contenders.update(contenders_of(f"{preset} {spec}", compile_main(gemv_vq_func(plan), target),
                                                     x, packed.arrays(), n, w.dequantize().astype(np.float64)))
             group = 128
