@@ -9,8 +9,9 @@ residual) and FMAs it against x's v columns into a v-lane accumulator per (row o
 lanes at the end and scaled once by the row scale. A tile of NR outputs shares each x load; MR rows of x share
 each codeword (prefill); KS partial sums per output shorten the FMA chains.
 
-Measured (benchmarks/bench_gemv_vq.py, 1 thread, CPU time per call, AVX2 znver1 shared with other jobs: load
-average 5 on 2 cores; medians of 5 rounds), SmolLM2-135M's shapes [in -> out], us per call at M = 1:
+Measured (benchmarks/bench_gemv_vq.py at commit 4408992, every schedule in one run; 1 thread, CPU time per call,
+AVX2 znver1 shared with other jobs: load average 5 on 2 cores; medians of 5 rounds), SmolLM2-135M's shapes
+[in -> out], us per call at M = 1:
 
 | schedule | 576 -> 576 | 576 -> 192 | 576 -> 1536 | 1536 -> 576 |
 |---|---|---|---|---|
@@ -24,13 +25,16 @@ average 5 on 2 cores; medians of 5 rounds), SmolLM2-135M's shapes [in -> out], u
 - The LUT schedule built, per row of x, LUT[j, c] = x[v*j : v*j + v] . codeword c (K / v x 256 floats, 147 KB at
   K = 576) and then summed y[o] = sum_j LUT[j, idx[o, j]] with scalar loads and adds: 2-3x slower here. The
   table build (K * 256 multiply-adds, as many as 256 outputs of this kernel) and the L2-resident table cost more
-  than the FMAs it saves; both schedules are bound by the integer work per index (shift, mask, address), which is
-  the same. It also rebuilds the table per row of x (10x slower at M = 32).
+  than the FMAs it saves, and both are bound by the same integer work per index. At M = 32 it rebuilds the table
+  per row of x: 3-5x slower than this kernel.
 - vq3 as one table of the 256 x 16 summed codewords (64 KB, built per call; one load per vector instead of two
-  and an add): no faster (85 against 73 us on 576 -> 576; 205 against 183 on 576 -> 1536), the table misses L1.
-- Both removed after measuring (commit 4408992 has them). At M = 32, MR 6 x NR 2 ran 682 us (vq2) and 792 us
-  (vq3) on 576 -> 576 (MR 4 x NR 2: 776 / 894; MR 8 x NR 1: 783 / 849; MR 4 x NR 3 or 4: 980-1250, spilling),
-  INT4 g128 835 us.
+  and an add): no faster (85 against 73 us on 576 -> 576; 205 against 183 on 576 -> 1536): the table misses L1.
+- Both removed after measuring (commit 4408992 has them).
+- What bounds this kernel: the instructions per (output, vector): a word of indices serves 4 vectors, and each
+  index costs a copy, a shift and a mask (the codeword load folds into the FMA), about 3.75 instructions per 4
+  multiply-adds. A rotate (BMI2 rorx, no copy) written as llvm.fshr is turned back into shift + mask by LLVM.
+- At M = 32, MR 6 x NR 2 ran 682 us (vq2) and 792 us (vq3) on 576 -> 576 (MR 4 x NR 2: 776 / 894; MR 8 x NR 1:
+  783 / 849; MR 4 x NR 3 or 4: 980-1250, spilling), INT4 g128 835 us.
 """
 
 from __future__ import annotations
