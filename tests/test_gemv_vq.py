@@ -74,6 +74,12 @@ from lowbit.codegen.tvm import parse_target  # noqa: E402
 from lowbit.codegen.tvm.x86.gemv_vq import VQGemvPlan, gemv_vq_func  # noqa: E402
 
 
+def test_plan_for_packed_reads_the_operands() -> None:
+    packed = pack_vq_gemv([_weights(16, 64, (8, 4), 0), _weights(32, 64, (8, 4), 1)])
+    p = VQGemvPlan.for_packed(packed, 3, 2, accumulate=True)
+    assert (p.M, p.K, p.N, p.v, p.bits, p.segments, p.accumulate) == (3, 64, 48, 4, (8, 4), (16, 32), True)
+
+
 def test_plan_rejects_bad_arguments() -> None:
     with pytest.raises(LowbitError, match="2 stages"):
         VQGemvPlan.of(1, 64, 8, 2, 4, (8,), 1)
@@ -87,13 +93,13 @@ def test_plan_rejects_bad_arguments() -> None:
 TARGET = tvm.target.Target(parse_target("llvm -mcpu=native", threads=2))
 
 
-def _run(x: np.ndarray, w: VQWeights | list[VQWeights], y0: np.ndarray | None = None, **plan: object) -> np.ndarray:
+def _run(x: np.ndarray, w: VQWeights | list[VQWeights], y0: np.ndarray | None = None, **tiles: object) -> np.ndarray:
     """Y = x W^T, or with `y0` Y = y0 + x W^T (accumulate); a list of weights is stacked (one segment each)."""
     packed = pack_vq_gemv(w)
-    first = w if isinstance(w, VQWeights) else w[0]
-    bits = tuple(s.bits for s in first.stages)
-    p = VQGemvPlan.of(x.shape[0], first.in_features, sum(packed.segments), len(bits), first.stages[0].vector, bits,
-                      num_threads=2, accumulate=y0 is not None, segments=packed.segments, **plan)
+    p = VQGemvPlan.for_packed(packed, x.shape[0], num_threads=2, accumulate=y0 is not None)
+    if tiles:  # the same shapes with other tiles
+        p = VQGemvPlan.of(p.M, p.K, p.N, p.stages, p.v, p.bits, p.num_threads, p.accumulate, segments=p.segments,
+                          **tiles)
     lib = tvm.compile(tvm.IRModule({"main": gemv_vq_func(p).with_attr("global_symbol", "main")}), target=TARGET)
     y = np.zeros((x.shape[0], p.N), np.float32) if y0 is None else y0.copy()
     args = [tvm.runtime.tensor(a) for a in (x, *packed.arrays(), y)]

@@ -50,7 +50,7 @@ from tvm.script import tirx as T
 
 from ....errors import LowbitError
 from .int4_groups import cdiv
-from .vq_layout import WORD_BITS, check_vq_shape
+from .vq_layout import WORD_BITS, VQPacked, check_vq_shape
 
 REGISTERS = 16  # xmm/ymm registers on AVX2
 MAX_KS = 8
@@ -103,6 +103,15 @@ class VQGemvPlan:
         if not 1 <= ks <= MAX_KS:
             raise LowbitError(f"VQ GEMV: KS = {ks} partial sums; expected 1 to {MAX_KS}")
         return cls(M, K, N, v, bits, num_threads, nr, mr, ks, segments, bool(accumulate))
+
+    @classmethod
+    def for_packed(cls, packed: VQPacked, M: int, num_threads: int, accumulate: bool = False) -> VQGemvPlan:
+        """The default plan for `pack_vq_gemv`'s operands (shapes, index widths and segments read from them)."""
+        v = packed.codebooks[0].shape[2]
+        bits = tuple(int(cb.shape[1]).bit_length() - 1 for cb in packed.codebooks)
+        K = packed.indices[0].shape[1] * (WORD_BITS // bits[0]) * v
+        return cls.of(M, K, len(packed.row_scale), len(bits), v, bits, num_threads, accumulate,
+                      segments=packed.segments)
 
     @property
     def stages(self) -> int:
