@@ -1,14 +1,16 @@
-"""Float-activation GEMV with group-wise asymmetric INT8 weights (a decoder's LM head): AVX2 + FMA.
+"""Float-activation GEMV with group-wise asymmetric INT8 weights (a decoder's LM head and int8 linears): AVX2 + FMA.
 
 The sibling of `gemv_int4` for 8-bit values: y[m, o] = sum_i x[m, i] * (q[o, i] - z[o, g(i)]) * s[o, g(i)],
 x and y float32, q and z in [0, 255]. Per group the kernel accumulates sum_i q * x in float32 lanes (8 output
 channels per vector), the bytes unpacked in registers (one mask or shift, int -> float: byte j is read in place
 as q * 256^j against x prescaled by 256^-j, as `gemv_int4` does with nibbles), and folds the group into the
-output with two FMAs: + s * dot and + (-z * s) * sum_i x.
+output with two FMAs: + s * dot and + (-z * s) * sum_i x. As in `gemv_int4`: `accumulate` adds into Y (a residual),
+and with `out_width` Y is [M, out_width] and a last int32 argument `col` places the N columns written.
 
 Layout (`pack_int8_gemv`, numpy only): `w` int32 [N / 8, K / 4, 8], the word for step k4 and lane c holds
 q[8 * ob + c, 4 * k4 + j] in bits 8j..8j+7 (so a lane's words, read as little-endian bytes, are its row of q);
-`scale` and `neg_zs` float32 [N / 8, groups, 8] as in `int4_groups`.
+`scale` and `neg_zs` float32 [N / 8, groups, 8] as in `int4_groups` (`neg_zs` is a float minimum's offset for a
+grid with float minimums).
 """
 
 from __future__ import annotations
@@ -39,24 +41,29 @@ class Int8Packed:
         return [self.w, self.scale, self.neg_zs]
 
 
-def pack_int8_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> Int8Packed:
+def pack_int8_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, group: int,
+                   offset: np.ndarray | None = None) -> Int8Packed:
     """Pack q (uint8 [out, in]), scale (float32 [out, ceil(in / group)]) and zero (uint8, same shape) into the
-    kernel's layout (module docstring)."""
+    kernel's layout (module docstring); a grid with float minimums gives `offset` (w = q * s + offset) instead."""
     q = np.asarray(q, np.uint8)
     out_f, in_f = q.shape
     if group <= 0 or group % BYTES or out_f % LANES or in_f % BYTES:
         raise LowbitError(f"int8 GEMV: weight [{out_f}, {in_f}] in groups of {group}: the kernel needs out a "
                           f"multiple of {LANES}, in and group multiples of {BYTES}")
     groups = cdiv(in_f, group)
-    if scale.shape != (out_f, groups) or zero.shape != (out_f, groups):
-        raise LowbitError(f"int8 GEMV: scale {scale.shape} / zero {zero.shape}, expected {(out_f, groups)}")
+    if (zero is None) == (offset is None):
+        raise LowbitError("int8 GEMV: give either integer zero points or float offsets")
+    per_group = zero if offset is None else offset
+    if scale.shape != (out_f, groups) or per_group.shape != (out_f, groups):
+        raise LowbitError(f"int8 GEMV: scale {scale.shape} / zero or offset {per_group.shape}, expected "
+                          f"{(out_f, groups)}")
     ob = out_f // LANES
     rows = np.ascontiguousarray(q.reshape(ob, LANES, in_f)).view(np.int32)  # [ob, lane, k4]: 4 bytes per word
 
     def tiled(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.astype(np.float32).reshape(ob, LANES, groups).transpose(0, 2, 1))
 
-    neg_zs = -(zero.astype(np.float32) * scale.astype(np.float32))
+    neg_zs = -(zero.astype(np.float32) * scale.astype(np.float32)) if offset is None else offset
     return Int8Packed(np.ascontiguousarray(rows.transpose(0, 2, 1)), tiled(scale), tiled(neg_zs))
 
 
@@ -81,13 +88,22 @@ class Int8GemvPlan:
     group: int
     NV: int
     num_threads: int
+    accumulate: bool = False  # Y += x W^T instead of Y = x W^T
+    out_width: int | None = None  # Y's row length when the call writes a slice of it (module docstring)
 
     @classmethod
-    def of(cls, M: int, K: int, N: int, group: int, num_threads: int) -> Int8GemvPlan:
-        if N % LANES or K % BYTES or group % BYTES or M <= 0 or num_threads <= 0:
-            raise LowbitError(f"int8 GEMV: M {M}, K {K}, N {N}, group {group}, {num_threads} threads")
+    def of(cls, M: int, K: int, N: int, group: int, num_threads: int, accumulate: bool = False,
+           out_width: int | None = None) -> Int8GemvPlan:
+        if N % LANES or K % BYTES or group % BYTES or M <= 0 or num_threads <= 0 or (out_width or N) < N:
+            raise LowbitError(f"int8 GEMV: M {M}, K {K}, N {N}, group {group}, {num_threads} threads, output rows "
+                              f"of {out_width or N}")
         nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0)
-        return cls(M, K, N, group, nv, num_threads)
+        return cls(M, K, N, group, nv, num_threads, accumulate, out_width)
+
+    @property
+    def YW(self) -> int:
+        """Y's row length."""
+        return self.N if self.out_width is None else self.out_width
 
     @property
     def NG(self) -> int:
@@ -117,8 +133,8 @@ def _bytes(word: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
 
 @functools.cache
 def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
-    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p`; rows one at a time (the LM head runs
-    at M = 1: only the last position's logits are wanted)."""
+    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (with `p.out_width`: Y [M, out_width],
+    then col); rows one at a time."""
     NV, GW = p.NV, p.GW
 
     @T.prim_func(private=True)
@@ -127,7 +143,8 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
         W: T.Buffer((p.N // LANES, p.K // BYTES, LANES), "int32"),
         SCALE: T.Buffer((p.N // LANES, p.NG, LANES), "float32"),
         NEG_ZS: T.Buffer((p.N // LANES, p.NG, LANES), "float32"),
-        Y: T.Buffer((p.M, p.N), "float32"),
+        Y: T.Buffer((p.M, p.YW), "float32"),
+        col: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         SX = T.alloc_buffer((p.M, p.NG), "float32")
@@ -171,6 +188,11 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
                                         + gacc[T.ramp((v * 2 + 1) * LANES, 1, LANES)],
                                         acc[T.ramp(v * LANES, 1, LANES)]))
                         for v in T.unroll(NV):
-                            Y[m, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)]
+                            if p.accumulate:
+                                Y[m, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = (
+                                    Y[m, T.ramp(col + (t * NV + v) * LANES, 1, LANES)]
+                                    + acc[T.ramp(v * LANES, 1, LANES)])
+                            else:
+                                Y[m, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)]
 
-    return func
+    return func if p.out_width is not None else func.specialize({func.params[-1]: 0})
