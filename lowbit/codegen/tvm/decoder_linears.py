@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tvm import tirx
 
+from ...errors import LowbitError
 from ...ir.groupwise_weights import GroupWiseWeights
 from ...runtime.decoder_tvm import LINEAR_SLOTS
 from .x86.gemv_int4 import Int4GemvPlan, gemv_int4_func
@@ -62,8 +63,10 @@ def _pack_int8(weights: list[GroupWiseWeights]) -> list[np.ndarray]:
 @dataclass(frozen=True)
 class KernelFormat:
     """A GEMV kernel for one family of weight formats: which weights it runs, their packing into its operands (w,
-    scale, neg_zs: the runtime passes them in that order after x) and its PrimFunc for a `LinearFunc` at M rows."""
+    scale, neg_zs: the runtime passes them in that order after x) and its PrimFunc for a `LinearFunc` at M rows.
+    `bits`: the group-wise integer bit-widths it runs (none for a kernel of another family)."""
 
+    bits: tuple[int, ...]
     runs: Callable[[object], bool]
     pack: Callable[[list[Any]], list[np.ndarray]]
     func: Callable[[LinearFunc, int, int], tirx.PrimFunc]
@@ -82,15 +85,28 @@ def _int8_func(f: LinearFunc, m: int, threads: int) -> tirx.PrimFunc:
                                           out_width=f.out_width))
 
 
+def _groupwise(bits: tuple[int, ...]) -> Callable[[object], bool]:
+    return lambda w: isinstance(w, GroupWiseWeights) and w.bits in bits
+
+
 KERNELS: dict[str, KernelFormat] = {
-    "int4": KernelFormat(lambda w: isinstance(w, GroupWiseWeights) and w.bits <= 4, _pack_int4, _int4_func),
-    "int8": KernelFormat(lambda w: isinstance(w, GroupWiseWeights) and w.bits == 8, _pack_int8, _int8_func),
+    "int4": KernelFormat((2, 3, 4), _groupwise((2, 3, 4)), _pack_int4, _int4_func),
+    "int8": KernelFormat((8,), _groupwise((8,)), _pack_int8, _int8_func),
 }
 
 
 def kernel_of(weights: object) -> str | None:
     """The kernel format that runs these weights (`KERNELS`), None if none does."""
     return next((name for name, k in KERNELS.items() if k.runs(weights)), None)
+
+
+def kernel_for_bits(bits: int) -> str:
+    """The kernel format of group-wise weights of `bits` bits."""
+    name = next((name for name, k in KERNELS.items() if bits in k.bits), None)
+    if name is None:
+        raise LowbitError(f"no TVM decoder kernel for int{bits} group-wise weights; "
+                          f"kernels: {'; '.join(f'{n} for bits {list(k.bits)}' for n, k in KERNELS.items())}")
+    return name
 
 
 @dataclass(frozen=True)
