@@ -53,7 +53,7 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) 
     return (q.astype(np.float64) - np.repeat(zero, group, 1)) * np.repeat(scale.astype(np.float64), group, 1)
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 6])  # 6: a 4-row register tile and a 2-row rest
 def test_gemv_int8(m: int) -> None:
     q, scale, zero = _int8_weights(96, 576, 32, m)
     x = np.random.default_rng(m).standard_normal((m, 576)).astype(np.float32)
