@@ -49,15 +49,17 @@ def _operands(f: LinearFunc, bits: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def measure_linear_latency(shapes: list[tuple[int, int]], formats: list[tuple[int, int]],
-                           target: str = DEFAULT_TARGET, threads: int = 1, repeats: int = 20,
+                           target: str = DEFAULT_TARGET, threads: int | None = None, repeats: int = 20,
                            min_repeat_ms: float = 20.0) -> dict[tuple[int, int, int, int], float]:
     """Seconds per call of the decoder's M = 1 GEMV for each linear shape (K inputs, N outputs) and group-wise
     format (bits, group): {(K, N, bits, group): median over `repeats` timed runs}, on this machine with `threads`
-    threads (the kernel's parallel tasks and TVM's pool). Each distinct kernel is compiled once per process, so
-    int2/int3/int4 of one shape share one compile and one timing."""
+    threads (the kernel's parallel tasks and TVM's pool; default: the target's -num-cores, else every available
+    CPU, as the decoder library is compiled). Each distinct kernel is compiled once per process, so int2/int3/int4
+    of one shape share one compile and one timing."""
+    spec = parse_target(target, threads)
+    threads = int(spec["num-cores"]) if threads is None else threads
     if threads < 1 or repeats < 1:
         raise LowbitError(f"measure_linear_latency: threads {threads} and repeats {repeats} must be positive")
-    spec = parse_target(target, threads)
     spec["num-cores"] = threads
     use_threads(threads)
     timed: dict[LinearFunc, float] = {}
