@@ -24,7 +24,12 @@ from lowbit.codegen.tvm.x86.decoder_ops import (  # noqa: E402
     silu_mul_func,
 )
 from lowbit.codegen.tvm.x86.gemv_int4 import Int4GemvPlan, gemv_int4_func  # noqa: E402
-from lowbit.codegen.tvm.x86.gemv_int8 import Int8GemvPlan, gemv_int8_func, pack_int8_gemv  # noqa: E402
+from lowbit.codegen.tvm.x86.gemv_int8 import (  # noqa: E402
+    Int8GemvPlan,
+    gemv_int8_func,
+    pack_int8_gemv,
+    unpack_int8_rows,
+)
 from lowbit.codegen.tvm.x86.int4_groups import pack_int4_gemv  # noqa: E402
 from lowbit.runtime.decoder_tvm import embedding_rows  # noqa: E402
 
@@ -100,6 +105,19 @@ def test_embedding_rows_read_the_gemv_layout() -> None:
     rows = np.array([0, 5, 8, 23])
     got = embedding_rows(*packed.arrays(), rows, 32)
     np.testing.assert_allclose(got, _dequantize(q, scale, zero, 32)[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_pack_int8_gemv_takes_float_offsets() -> None:
+    """A grid with float minimums (w = q * s + m): the packed rows dequantize to it; zero points and offsets are
+    exclusive."""
+    q, scale, _ = _int8_weights(16, 64, 32, 3)
+    offset = np.random.default_rng(3).standard_normal(scale.shape).astype(np.float32)
+    packed = pack_int8_gemv(q, scale, None, 32, offset=offset)
+    rows = np.arange(16)
+    expected = q * np.repeat(scale, 32, 1) + np.repeat(offset, 32, 1)
+    np.testing.assert_allclose(unpack_int8_rows(packed, rows, 32), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(LowbitError, match="either"):
+        pack_int8_gemv(q, scale, None, 32)
 
 
 def test_pack_int8_gemv_rejects_bad_shapes() -> None:
