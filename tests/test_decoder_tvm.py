@@ -1,6 +1,7 @@
-"""The TVM decoder's kernels against numpy: the int8 GEMV (LM head) and its row lookup (the embedding), RMSNorm,
-RoPE with the KV-cache write, attention over the cache and SiLU * up. Whole-model logits against the numpy
-runtime: tests/test_decoder_pipeline.py.
+"""The TVM decoder's kernels against numpy: the int8 GEMV (LM head, int8 linears) and its row lookup (the
+embedding), both GEMVs writing column slices (linears of one fused group in different formats), RMSNorm, RoPE
+with the KV-cache write, attention over the cache and SiLU * up. Whole-model logits against the numpy runtime:
+tests/test_decoder_pipeline.py (int4) and tests/test_decoder_tvm_mixed.py (a mixed plan).
 
 Tolerances: float32 kernels against float64 numpy, relative to the magnitude of the terms summed (sum |x * w|
 for a GEMV, max |v| for attention): a few float32 ulps times a slowly growing factor of the sums' lengths.
@@ -22,7 +23,14 @@ from lowbit.codegen.tvm.x86.decoder_ops import (  # noqa: E402
     rope_cache_func,
     silu_mul_func,
 )
-from lowbit.codegen.tvm.x86.gemv_int8 import Int8GemvPlan, gemv_int8_func, pack_int8_gemv  # noqa: E402
+from lowbit.codegen.tvm.x86.gemv_int4 import Int4GemvPlan, gemv_int4_func  # noqa: E402
+from lowbit.codegen.tvm.x86.gemv_int8 import (  # noqa: E402
+    Int8GemvPlan,
+    gemv_int8_func,
+    pack_int8_gemv,
+    unpack_int8_rows,
+)
+from lowbit.codegen.tvm.x86.int4_groups import pack_int4_gemv  # noqa: E402
 from lowbit.runtime.decoder_tvm import embedding_rows  # noqa: E402
 
 TARGET = tvm.target.Target(parse_target("llvm -mcpu=native", threads=2))
@@ -50,7 +58,7 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) 
     return (q.astype(np.float64) - np.repeat(zero, group, 1)) * np.repeat(scale.astype(np.float64), group, 1)
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 6])  # 6: a 4-row register tile and a 2-row rest
 def test_gemv_int8(m: int) -> None:
     q, scale, zero = _int8_weights(96, 576, 32, m)
     x = np.random.default_rng(m).standard_normal((m, 576)).astype(np.float32)
@@ -61,12 +69,55 @@ def test_gemv_int8(m: int) -> None:
     assert err.max() <= RTOL, f"max error {err.max():.2e} of sum |x * w|"
 
 
+@pytest.mark.parametrize(("kernel", "accumulate"), [("int8", True), ("int8", False), ("int4", True)])
+def test_gemv_writes_a_column_slice(kernel: str, accumulate: bool) -> None:
+    """32 rows (a prefill chunk) into columns 40..63 of a 96-column buffer: those columns are x W^T (added to what
+    they held with `accumulate`), the others untouched. A short last group (K = 80, group 32)."""
+    m, k, n, width, col, group = 32, 80, 24, 96, 40, 32
+    rng = np.random.default_rng(5)
+    qmax, groups = (255 if kernel == "int8" else 15), -(-k // group)
+    q = rng.integers(0, qmax + 1, (n, k)).astype(np.uint8)
+    zero = rng.integers(0, qmax + 1, (n, groups)).astype(np.uint8)
+    scale = (rng.random((n, groups)) * 0.01 + 1e-4).astype(np.float32)
+    q[0], zero[0] = qmax, 0  # the top bits of every word and the extremes
+    if kernel == "int8":
+        func = gemv_int8_func(Int8GemvPlan.of(m, k, n, group, 2, accumulate=accumulate, out_width=width))
+        packed = pack_int8_gemv(q, scale, zero, group).arrays()
+    else:
+        func = gemv_int4_func(Int4GemvPlan.of(m, k, n, group, 2, accumulate=accumulate, out_width=width))
+        packed = pack_int4_gemv(q, scale, zero, group).arrays()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y0 = rng.standard_normal((m, width)).astype(np.float32)
+    y = _call(func, x, *packed, y0.copy(), col)[-1]
+    cols = np.arange(k) // group
+    w = (q.astype(np.float64) - zero[:, cols]) * scale.astype(np.float64)[:, cols]
+    expected = x.astype(np.float64) @ w.T + (y0[:, col:col + n] if accumulate else 0)
+    err = np.abs(y[:, col:col + n] - expected) / (np.abs(x.astype(np.float64)) @ np.abs(w).T
+                                                   + (np.abs(y0[:, col:col + n]) if accumulate else 0))
+    assert err.max() <= RTOL, f"max error {err.max():.2e}"
+    np.testing.assert_array_equal(np.delete(y, np.s_[col:col + n], 1), np.delete(y0, np.s_[col:col + n], 1))
+
+
 def test_embedding_rows_read_the_gemv_layout() -> None:
     q, scale, zero = _int8_weights(24, 64, 32, 7)
     packed = pack_int8_gemv(q, scale, zero, 32)
     rows = np.array([0, 5, 8, 23])
     got = embedding_rows(*packed.arrays(), rows, 32)
     np.testing.assert_allclose(got, _dequantize(q, scale, zero, 32)[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_pack_int8_gemv_takes_float_offsets() -> None:
+    """A grid with float minimums (w = q * s + m): the packed rows dequantize to it; zero points and offsets are
+    exclusive."""
+    q, scale, _ = _int8_weights(16, 64, 32, 3)
+    offset = np.random.default_rng(3).standard_normal(scale.shape).astype(np.float32)
+    packed = pack_int8_gemv(q, scale, None, 32, offset=offset)
+    rows = np.arange(16)
+    expected = q * np.repeat(scale, 32, 1) + np.repeat(offset, 32, 1)
+    np.testing.assert_allclose(unpack_int8_rows(packed, rows, 32), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(LowbitError, match="either"):
+        pack_int8_gemv(q, scale, None, 32)
 
 
 def test_pack_int8_gemv_rejects_bad_shapes() -> None:

@@ -4,8 +4,10 @@ The artifact's ``decoder.so`` (built at quantize time by `lowbit.codegen.tvm.dec
 kernels) and ``decoder_tvm.safetensors`` (the weights in the kernels' layouts) are loaded with the TVM runtime
 alone (no torch, no compiler). Activations, the KV cache (per layer: keys [kv_heads, head_dim, context], values
 [kv_heads, context, head_dim]) and the
-scratch of attention are allocated once; Python calls the kernels layer by layer (9 calls per layer), which
-costs a few microseconds per call. The embedding lookup dequantizes the token's row of the tied int8 LM head in
+scratch of attention are allocated once; Python calls the kernels layer by layer (5 calls per layer and one per
+linear call: 4 when q|k|v and gate|up are fused, up to 7 for a mixed plan), which costs a few microseconds per
+call. Which function each layer's linears call, on which packed operands and into which columns, META says
+(`lowbit.codegen.tvm.decoder_linears`). The embedding lookup dequantizes the token's row of the tied int8 LM head in
 numpy. Logits agree with the numpy runtime (`DecoderModel`) to float32 rounding: the kernels sum in other orders
 and fold zero points as q * s + (-z * s).
 """
@@ -24,8 +26,9 @@ from .loader import host_features, use_threads
 LIBRARY = "decoder.so"
 PACKED = "decoder_tvm.safetensors"
 META = "decoder_tvm.json"
-TVM_DECODER_FORMAT = "lowbit-tvm-decoder-v1"
+TVM_DECODER_FORMAT = "lowbit-tvm-decoder-v2"  # v2: per-linear functions and calls listed in META
 LANES = 8
+LINEAR_SLOTS = ("qkv", "o", "gate_up", "down")  # a block's linears in the order they run, by output buffer
 
 
 def has_tvm_library(directory: Path) -> bool:
@@ -78,9 +81,14 @@ class TvmDecoder:
         except Exception as e:  # TVM and safetensors raise several types for a damaged file
             raise LowbitError(f"{directory}: cannot load the TVM decoder ({LIBRARY}, {PACKED}): {e}") from e
         self.context, self.chunk = int(s["context"]), int(s["chunk"])
-        self._fn = {name: library[name] for name in (
-            "lm_head", *(f"{k}_{m}" for m in sorted({1, self.chunk}) for k in (
-                "norm", "final_norm", "qkv", "rope_cache", "attention", "o", "gate_up", "silu", "down")))}
+        rows = sorted({1, self.chunk})
+        try:
+            self._fn = {name: library[name] for name in (
+                "lm_head", *(f"{k}_{m}" for m in rows for k in ("norm", "final_norm", "rope_cache", "attention",
+                                                                  "silu")),
+                *(f"{f}_{m}" for m in rows for f in meta["functions"]))}
+        except (AttributeError, KeyError) as e:  # TVM raises AttributeError for a missing function
+            raise LowbitError(f"{directory / LIBRARY} lacks a function {META} names ({e}); quantize again") from e
 
         def t(a: np.ndarray) -> Any:
             return tvm.runtime.tensor(np.ascontiguousarray(a))
@@ -89,13 +97,15 @@ class TvmDecoder:
             return [t(arrays[f"{prefix}.{k}"]) for k in ("w", "scale", "neg_zs")]
 
         self._layers = []
-        i = 0
-        while f"layers.{i}.qkv.w" in arrays:
+        for i, spec in enumerate(meta["layers"]):
             p = f"layers.{i}"
+            packed = {c["operands"]: operands(c["operands"]) for slot in LINEAR_SLOTS for c in spec[slot]}
+            # per row count, per slot: (function, operands, () or (first output column,)) of each call
+            calls = {m: {slot: [(self._fn[f"{c['function']}_{m}"], packed[c["operands"]],
+                                 () if c["col"] is None else (int(c["col"]),)) for c in spec[slot]]
+                         for slot in LINEAR_SLOTS} for m in rows}
             self._layers.append({"in_norm": t(arrays[f"{p}.input_layernorm.weight"]),
-                                 "post_norm": t(arrays[f"{p}.post_attention_layernorm.weight"]),
-                                 **{k: operands(f"{p}.{k}") for k in ("qkv", "o", "gate_up", "down")}})
-            i += 1
+                                 "post_norm": t(arrays[f"{p}.post_attention_layernorm.weight"]), "calls": calls})
         self._head = operands("lm_head")
         self._final_norm = t(arrays["norm.weight"])
         self._embedding = [arrays[f"lm_head.{k}"] for k in ("w", "scale", "neg_zs")]
@@ -159,8 +169,8 @@ class TvmDecoder:
 
     @property
     def calls_per_token(self) -> int:
-        """Kernel calls of one decode step: 9 per layer, the final norm and the LM head."""
-        return 9 * len(self._layers) + 2
+        """Kernel calls of one decode step: 5 per layer and its linears' calls, the final norm and the LM head."""
+        return sum(5 + sum(len(c) for c in layer["calls"][1].values()) for layer in self._layers) + 2
 
     def call_us(self, repeats: int = 10000) -> float:
         """Microseconds per call of the cheapest kernel (a one-row RMSNorm): nearly all of it the Python loop's
@@ -175,20 +185,24 @@ class TvmDecoder:
 
     def _forward(self, ids: np.ndarray, m: int) -> None:
         b, f, pos = self._buffers[m], self._fn, self.position
-        norm, qkv, rope, attention = f[f"norm_{m}"], f[f"qkv_{m}"], f[f"rope_cache_{m}"], f[f"attention_{m}"]
-        o, gate_up, silu, down = f[f"o_{m}"], f[f"gate_up_{m}"], f[f"silu_{m}"], f[f"down_{m}"]
+        norm, rope, attention, silu = f[f"norm_{m}"], f[f"rope_cache_{m}"], f[f"attention_{m}"], f[f"silu_{m}"]
         x, h = b["x"], b["h"]
         x.copyfrom(embedding_rows(*self._embedding, ids, int(self.shapes["embedding_group"])))
         for layer, (keys, values) in zip(self._layers, self._cache, strict=True):
+            calls = layer["calls"][m]
             norm(x, layer["in_norm"], h, 0)
-            qkv(h, *layer["qkv"], b["qkv"])
+            for fn, w, col in calls["qkv"]:
+                fn(h, *w, b["qkv"], *col)
             rope(b["qkv"], self._cos, self._sin, keys, values, b["q"], pos)
             attention(b["q"], keys, values, b["scores"], b["att"], pos)
-            o(b["att"], *layer["o"], x)
+            for fn, w, col in calls["o"]:
+                fn(b["att"], *w, x, *col)
             norm(x, layer["post_norm"], h, 0)
-            gate_up(h, *layer["gate_up"], b["gu"])
+            for fn, w, col in calls["gate_up"]:
+                fn(h, *w, b["gu"], *col)
             silu(b["gu"], b["act"])
-            down(b["act"], *layer["down"], x)
+            for fn, w, col in calls["down"]:
+                fn(b["act"], *w, x, *col)
         self.position += m
 
 

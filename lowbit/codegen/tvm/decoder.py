@@ -2,15 +2,17 @@
 compiled into ``decoder.so``, and its weights packed into the kernels' layouts (``decoder_tvm.safetensors``).
 
 `lowbit.runtime.decoder_tvm.TvmDecoder` calls the kernels layer by layer (a Python loop over preallocated
-buffers, 9 calls per layer; see there). Per layer at M rows:
+buffers; see there). Per layer at M rows:
 
-    norm -> qkv (int4 GEMV, q|k|v fused, N = (heads + 2 kv_heads) head_dim) -> rope_cache (q to Q, k and v into
-    the cache) -> attention -> o (int4, adds into the residual) -> norm -> gate_up (int4, N = 2 intermediate)
-    -> silu -> down (int4, adds into the residual)
+    norm -> qkv (q|k|v: one GEMV, N = (heads + 2 kv_heads) head_dim, or one per format) -> rope_cache (q to Q, k
+    and v into the cache) -> attention -> o (adds into the residual) -> norm -> gate_up (gate|up: one GEMV,
+    N = 2 intermediate, or one per format) -> silu -> down (adds into the residual)
 
 then the final norm of the last row and the LM head (int8 group-wise GEMV, the tied embedding's format).
-Functions are named `<kernel>_<M>`. Only int4 block linears and an int8 embedding have kernels here; other
-formats run on the numpy runtime (`supports` says which).
+Each block linear runs on the kernel of its own format (`decoder_linears`: int2/3/4 on the int4 GEMV, int8 on
+the int8 GEMV), so mixed-precision plans run here too. The linears' functions are named after their kernel and
+shapes (`decoder_linears.LinearFunc`), the others `<kernel>_<M>`; META records which function each layer calls.
+`supports` says which artifacts have kernels (not vector-quantized linears yet).
 """
 
 from __future__ import annotations
@@ -27,23 +29,19 @@ import tvm
 
 from ...errors import LowbitError
 from ...io import write_json
-from ...ir.groupwise_weights import GroupWiseWeights
 from ...runtime.decoder_tvm import LIBRARY, META, PACKED, TVM_DECODER_FORMAT
+from .decoder_linears import PROJECTIONS, LinearCall, kernel_of, layer_calls, linear_functions, pack_calls
 from .target import parse_target, required_features, target_string
 from .x86.decoder_ops import KEYS, attention_func, rmsnorm_func, rope_cache_func, silu_mul_func
-from .x86.gemv_int4 import Int4GemvPlan, gemv_int4_func
 from .x86.gemv_int8 import Int8GemvPlan, gemv_int8_func, pack_int8_gemv
-from .x86.int4_groups import pack_int4_gemv
 
 CHUNK = 32  # prefill rows per call: a multiple of the GEMM's 4-row register tile
-LINEAR_BITS, EMBEDDING_BITS = 4, 8
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
+EMBEDDING_BITS = 8
 
 
 @dataclass(frozen=True)
 class DecoderShapes:
-    """What the kernels are compiled for: the model's dimensions, the linears' group, rows per prefill call."""
+    """What the kernels are compiled for: the model's dimensions, the LM head's group, rows per prefill call."""
 
     hidden: int
     intermediate: int
@@ -52,7 +50,6 @@ class DecoderShapes:
     vocab: int
     context: int
     eps: float
-    group: int
     embedding_group: int
     chunk: int
     threads: int
@@ -74,76 +71,59 @@ class DecoderShapes:
 def supports(config: dict[str, Any], weights: Mapping[str, object]) -> str | None:
     """Why the decoder has no TVM kernels (None when it has): the formats and shapes they cover."""
     layers = int(config["num_layers"])
-    linears = [weights.get(f"layers.{i}.{p}.weight") for i in range(layers) for p in PROJECTIONS]
-    if any(w is None for w in linears):
-        return "some block linears are not group-wise integers"
-    if not all(isinstance(w, GroupWiseWeights) for w in linears):
-        return "the block linears are vector-quantized (no TVM VQ kernels yet)"
+    names = [f"layers.{i}.{p}.weight" for i in range(layers) for p in PROJECTIONS]
+    missing = [n for n in names if weights.get(n) is None]
+    if missing:
+        return f"some block linears are not quantized ({missing[0]}, ...)"
+    no_kernel = [n for n in names if kernel_of(weights[n]) is None]
+    if no_kernel:
+        w = weights[no_kernel[0]]
+        return (f"{len(no_kernel)} block linears have no TVM kernel for their format ({no_kernel[0]}: "
+                f"{getattr(w, 'name', type(w).__name__)}; vector-quantized linears have none yet)")
     embedding = weights.get("embed_tokens.weight")
     if embedding is None or embedding.bits != EMBEDDING_BITS or not config["tie_embeddings"]:
         return f"the TVM path needs a tied {EMBEDDING_BITS}-bit group-wise embedding / LM head"
-    formats = {(w.bits, w.group) for w in linears}
-    if len(formats) != 1 or next(iter(formats))[0] != LINEAR_BITS:
-        return f"the TVM kernels cover int{LINEAR_BITS} block linears of one group size, not {sorted(formats)}"
+    groups = sorted({weights[n].group for n in names})
     hidden, heads = int(config["hidden_size"]), int(config["num_heads"])
     if hidden % 8 or int(config["intermediate_size"]) % 8 or hidden % heads or (hidden // heads) % 8 \
-            or heads % int(config["num_kv_heads"]) or next(iter(formats))[1] % 8:
-        return "the TVM kernels need hidden, intermediate and head sizes and the group in multiples of 8"
+            or heads % int(config["num_kv_heads"]) or any(g % 8 for g in groups):
+        return (f"the TVM kernels need hidden, intermediate and head sizes and the groups ({groups}) in multiples "
+                "of 8")
     if int(config["context_length"]) % KEYS:
         return f"the TVM attention kernel needs a context length that is a multiple of {KEYS}"
     return None
 
 
-def decoder_shapes(config: dict[str, Any], group: int, embedding_group: int, threads: int,
-                   chunk: int = CHUNK) -> DecoderShapes:
+def decoder_shapes(config: dict[str, Any], embedding_group: int, threads: int, chunk: int = CHUNK) -> DecoderShapes:
     return DecoderShapes(int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_heads"]),
                          int(config["num_kv_heads"]), int(config["vocab_size"]), int(config["context_length"]),
-                         float(config["rms_norm_eps"]), group, embedding_group, chunk, threads)
+                         float(config["rms_norm_eps"]), embedding_group, chunk, threads)
 
 
-def decoder_module(s: DecoderShapes) -> tvm.IRModule:
-    """Every kernel of a decode step (M = 1) and a prefill chunk (M = s.chunk), named `<kernel>_<M>`."""
+def decoder_module(s: DecoderShapes, calls: list[dict[str, list[LinearCall]]]) -> tvm.IRModule:
+    """Every kernel of a decode step (M = 1) and a prefill chunk (M = s.chunk): the layers' linear functions
+    (`calls`, each distinct one once) named `<LinearFunc.name>_<M>`, the others `<kernel>_<M>`."""
     funcs = {"lm_head": gemv_int8_func(Int8GemvPlan.of(1, s.hidden, s.vocab_padded, s.embedding_group, s.threads))}
+    linears = {c.function for layer in calls for slot in layer.values() for c in slot}
     for m in sorted({1, s.chunk}):
-        def int4(k: int, n: int, accumulate: bool = False, m: int = m) -> Any:
-            return gemv_int4_func(Int4GemvPlan.of(m, k, n, s.group, s.threads, accumulate=accumulate))
-
         funcs.update({
             f"norm_{m}": rmsnorm_func(m, m, s.hidden, s.eps),
             f"final_norm_{m}": rmsnorm_func(m, 1, s.hidden, s.eps),
-            f"qkv_{m}": int4(s.hidden, s.qkv),
             f"rope_cache_{m}": rope_cache_func(m, s.heads, s.kv_heads, s.head_dim, s.context),
             f"attention_{m}": attention_func(m, s.heads, s.kv_heads, s.head_dim, s.context, s.threads),
-            f"o_{m}": int4(s.hidden, s.hidden, accumulate=True),
-            f"gate_up_{m}": int4(s.hidden, 2 * s.intermediate),
             f"silu_{m}": silu_mul_func(m, s.intermediate),
-            f"down_{m}": int4(s.intermediate, s.hidden, accumulate=True),
         })
+        funcs.update({f"{f.name}_{m}": f.func(m, s.threads) for f in linears})
     return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
 
 
-def _rows(*weights: GroupWiseWeights) -> dict[str, np.ndarray]:
-    """The int4 kernel's operands for the weights' rows stacked (one GEMV computes them all)."""
-    values, scale = np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights])
-    if any(w.float_minimum for w in weights):
-        offset = np.concatenate([w.offset for w in weights])
-        packed = pack_int4_gemv(values, scale, None, weights[0].group, offset=offset)
-    else:
-        packed = pack_int4_gemv(values, scale, np.concatenate([w.zero for w in weights]), weights[0].group)
-    return {"w": packed.w, "scale": packed.scale, "neg_zs": packed.neg_zs}
-
-
-def pack_decoder(config: dict[str, Any], weights: dict[str, GroupWiseWeights],
-                 tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The packed arrays the runtime feeds the kernels, named `layers.<i>.<qkv|o|gate_up|down>.<operand>`,
+def pack_decoder(config: dict[str, Any], weights: Mapping[str, Any], tensors: dict[str, np.ndarray],
+                 calls: list[dict[str, list[LinearCall]]]) -> dict[str, np.ndarray]:
+    """The packed arrays the runtime feeds the kernels: each layer's calls' operands (`decoder_linears.pack_calls`),
     `lm_head.<operand>` and the RMSNorm gains under their parameter names."""
     out: dict[str, np.ndarray] = {}
-    for i in range(int(config["num_layers"])):
-        w = {p: weights[f"layers.{i}.{p}.weight"] for p in PROJECTIONS}
-        groups = {"qkv": _rows(w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]),
-                  "o": _rows(w["self_attn.o_proj"]), "gate_up": _rows(w["mlp.gate_proj"], w["mlp.up_proj"]),
-                  "down": _rows(w["mlp.down_proj"])}
-        out.update({f"layers.{i}.{name}.{k}": a for name, ops in groups.items() for k, a in ops.items()})
+    for i, layer in enumerate(calls):
+        out.update(pack_calls(i, layer, weights))
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             out[f"layers.{i}.{norm}"] = tensors[f"layers.{i}.{norm}"]
     e = weights["embed_tokens.weight"]
@@ -154,7 +134,7 @@ def pack_decoder(config: dict[str, Any], weights: dict[str, GroupWiseWeights],
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def build_decoder_library(directory: Path, config: dict[str, Any], weights: dict[str, GroupWiseWeights],
+def build_decoder_library(directory: Path, config: dict[str, Any], weights: Mapping[str, Any],
                           tensors: dict[str, np.ndarray], target_spec: str = "llvm -mcpu=native",
                           chunk: int = CHUNK) -> dict[str, Any]:
     """Compile the kernels for `target_spec` and pack the weights into `directory` (LIBRARY, PACKED, META);
@@ -165,15 +145,18 @@ def build_decoder_library(directory: Path, config: dict[str, Any], weights: dict
     if why:
         raise LowbitError(f"no TVM decode kernels for this decoder: {why}; run it with the numpy runtime")
     target = parse_target(target_spec)
-    linear = weights["layers.0.self_attn.q_proj.weight"]
-    shapes = decoder_shapes(config, linear.group, weights["embed_tokens.weight"].group, int(target["num-cores"]),
-                            chunk)
+    shapes = decoder_shapes(config, weights["embed_tokens.weight"].group, int(target["num-cores"]), chunk)
+    calls = [layer_calls(i, weights) for i in range(int(config["num_layers"]))]
     start = time.perf_counter()
-    tvm.compile(decoder_module(shapes), target=tvm.target.Target(target)).export_library(str(directory / LIBRARY))
+    tvm.compile(decoder_module(shapes, calls), target=tvm.target.Target(target)).export_library(
+        str(directory / LIBRARY))
     compile_s = time.perf_counter() - start
-    save_file(pack_decoder(config, weights, tensors), str(directory / PACKED))
+    save_file(pack_decoder(config, weights, tensors, calls), str(directory / PACKED))
     meta = {"format": TVM_DECODER_FORMAT, "tvm_version": tvm.__version__, "target": target,
             "target_string": target_string(target), "required_features": required_features(target),
-            "shapes": dataclasses.asdict(shapes), "compile_s": round(compile_s, 1)}
+            "shapes": dataclasses.asdict(shapes), "compile_s": round(compile_s, 1),
+            "functions": linear_functions(calls),
+            "layers": [{slot: [c.meta() for c in slot_calls] for slot, slot_calls in layer.items()}
+                       for layer in calls]}
     write_json(directory / META, meta)
     return meta

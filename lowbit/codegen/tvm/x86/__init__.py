@@ -29,11 +29,11 @@ Modules
   the encoder; `matmul_nt` a @ b^T with VNNI, not wired yet;
 - `gemv_int4` + `int4_groups`: float32 activations times group-wise asymmetric INT4 weights (decoder linears:
   GEMV at batch 1, a row-tiled GEMM for prefill), its layout and numpy packer `pack_int4_gemv`; `gemv_int8`: its
-  8-bit sibling (a tied LM head); `decoder_ops`: RMSNorm, RoPE + KV-cache write, attention over the cache, SiLU *
-  up. Wired into a decoder artifact's ``decoder.so`` by `lowbit.codegen.tvm.decoder`;
+  8-bit sibling (a tied LM head, int8 linears); `decoder_ops`: RMSNorm, RoPE + KV-cache write, attention over
+  the cache, SiLU * up. Wired into a decoder artifact's ``decoder.so`` by `lowbit.codegen.tvm.decoder`;
 - `gemv_vq` + `vq_layout`: float32 activations times vector-quantized weights (`VQWeights`, vq2 / vq3: a codeword
   gathered per vector and FMA'd against x; stacked linears with a codebook each), its layout and numpy packer
-  `pack_vq_gemv`. Not wired into the decoder yet.
+  `pack_vq_gemv`.
 
 Importing this package does not import TVM: `packing`, `requant` and the names below that come from them load
 alone; `conv2d_nhwc`, `dense`, `matmul_pairs` and `matmul_nt` import the TIR builders when first used.

@@ -16,6 +16,10 @@ than ORT MatMulNBits with float32 activations (accuracy_level 0) on every SmolLM
 memory-bound: about 3 GB/s of INT4 weights per core against an 11.6 GB/s single-thread read bound, at 3 vector
 instructions (mask, int -> float, FMA) per 8 multiply-adds. The unpack variants ("shift": shift + mask; "mask":
 mask only, x prescaled) and tiles NV 2/4/8, KS 1/2 all ran within noise of each other at M = 1.
+
+With `out_width`, Y is [M, out_width] and the function takes a last int32 argument `col`: it writes (or adds
+into) columns col .. col + N - 1 only, so linears fused at run time (q|k|v, gate|up) can be computed by separate
+calls of different formats into one buffer.
 """
 
 from __future__ import annotations
@@ -47,10 +51,11 @@ class Int4GemvPlan:
     unpack: str = "mask"
     KS: int = 2
     accumulate: bool = False  # Y += x W^T (a residual add fused into the store) instead of Y = x W^T
+    out_width: int | None = None  # Y's row length when the call writes a slice of it (module docstring)
 
     @classmethod
     def of(cls, M: int, K: int, N: int, group: int, num_threads: int, nv: int | None = None,
-           mr: int | None = None, accumulate: bool = False) -> Int4GemvPlan:
+           mr: int | None = None, accumulate: bool = False, out_width: int | None = None) -> Int4GemvPlan:
         """The default tiles: MR = min(M, 4) rows; NV the largest of 4, 2, 1 that divides the output vectors with
         MR * NV <= 8 accumulators; KS = 2 partial sums per accumulator where they fit in 8 registers (the chain of
         dependent FMAs per accumulator is what limits one row; for 4 rows, 16 accumulators spill: KS = 1)."""
@@ -64,8 +69,15 @@ class Int4GemvPlan:
             nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0 and mr * v <= REGISTERS // 2 or v == 1)
         if (N // LANES) % nv:
             raise ValueError(f"int4 GEMV: NV = {nv} does not divide {N // LANES} output vectors")
+        if out_width is not None and out_width < N:
+            raise ValueError(f"int4 GEMV: output rows of {out_width} cannot hold a slice of {N} columns")
         return cls(M, K, N, group, nv, mr, num_threads, KS=2 if mr * nv * 2 <= REGISTERS // 2 else 1,
-                   accumulate=accumulate)
+                   accumulate=accumulate, out_width=out_width)
+
+    @property
+    def YW(self) -> int:
+        """Y's row length."""
+        return self.N if self.out_width is None else self.out_width
 
     @property
     def OB(self) -> int:
@@ -120,7 +132,8 @@ def _prescale() -> tirx.PrimExpr:
 
 @functools.cache  # one parse per distinct plan
 def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
-    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (all float32 but W, int32)."""
+    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (all float32 but W, int32); with
+    `p.out_width`, (X, W, SCALE, NEG_ZS, Y [M, out_width], col)."""
     NV, MR, GW, KS = p.NV, p.MR, p.GW, p.KS
     rb, mt = p.M // MR, p.M % MR
 
@@ -152,7 +165,7 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
                                             acc[T.ramp((r * NV + v) * LANES, 1, LANES)]))
 
     @T.macro
-    def tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, m0, mr, t):
+    def tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, m0, mr, t, col):
         for r in T.unroll(mr):
             for v in T.unroll(NV):
                 acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
@@ -164,10 +177,12 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
         for r in T.unroll(mr):
             for v in T.unroll(NV):
                 if p.accumulate:
-                    Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = (
-                        Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] + acc[T.ramp((r * NV + v) * LANES, 1, LANES)])
+                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = (
+                        Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)]
+                        + acc[T.ramp((r * NV + v) * LANES, 1, LANES)])
                 else:
-                    Y[m0 + r, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1, LANES)]
+                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1,
+                                                                                         LANES)]
 
     @T.prim_func(private=True)
     def func(
@@ -175,7 +190,8 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
         W: T.Buffer((p.OB, p.K // NIBBLES, LANES), "int32"),
         SCALE: T.Buffer((p.OB, p.NG, LANES), "float32"),
         NEG_ZS: T.Buffer((p.OB, p.NG, LANES), "float32"),
-        Y: T.Buffer((p.M, p.N), "float32"),
+        Y: T.Buffer((p.M, p.YW), "float32"),
+        col: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         # per-(row, group) sums of x: 8 lanes of partial sums, then the lanes added
@@ -200,8 +216,8 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
             for ti in T.serial(p.CH):
                 if tid * p.CH + ti < p.tiles:
                     for b in T.serial(rb):
-                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, b * MR, MR, tid * p.CH + ti)
+                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, b * MR, MR, tid * p.CH + ti, col)
                     if mt > 0:
-                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, rb * MR, mt, tid * p.CH + ti)
+                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, rb * MR, mt, tid * p.CH + ti, col)
 
-    return func
+    return func if p.out_width is not None else func.specialize({func.params[-1]: 0})

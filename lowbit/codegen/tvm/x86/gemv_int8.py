@@ -1,14 +1,17 @@
-"""Float-activation GEMV with group-wise asymmetric INT8 weights (a decoder's LM head): AVX2 + FMA.
+"""Float-activation GEMV with group-wise asymmetric INT8 weights (a decoder's LM head and int8 linears): AVX2 + FMA.
 
 The sibling of `gemv_int4` for 8-bit values: y[m, o] = sum_i x[m, i] * (q[o, i] - z[o, g(i)]) * s[o, g(i)],
 x and y float32, q and z in [0, 255]. Per group the kernel accumulates sum_i q * x in float32 lanes (8 output
 channels per vector), the bytes unpacked in registers (one mask or shift, int -> float: byte j is read in place
 as q * 256^j against x prescaled by 256^-j, as `gemv_int4` does with nibbles), and folds the group into the
-output with two FMAs: + s * dot and + (-z * s) * sum_i x.
+output with two FMAs: + s * dot and + (-z * s) * sum_i x. As in `gemv_int4`: register tiles of up to 4 rows
+reuse each unpacked weight vector (prefill chunks), `accumulate` adds into Y (a residual), and with `out_width`
+Y is [M, out_width] and a last int32 argument `col` places the N columns written.
 
 Layout (`pack_int8_gemv`, numpy only): `w` int32 [N / 8, K / 4, 8], the word for step k4 and lane c holds
 q[8 * ob + c, 4 * k4 + j] in bits 8j..8j+7 (so a lane's words, read as little-endian bytes, are its row of q);
-`scale` and `neg_zs` float32 [N / 8, groups, 8] as in `int4_groups`.
+`scale` and `neg_zs` float32 [N / 8, groups, 8] as in `int4_groups` (`neg_zs` is a float minimum's offset for a
+grid with float minimums).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .int4_groups import LANES, cdiv
 
 FMA = "llvm.fma.v8f32"
 BYTES = 4  # 8-bit values per int32 word: input columns per step
+REGISTERS = 16  # ymm registers on AVX2
 
 
 @dataclass(frozen=True)
@@ -39,24 +43,29 @@ class Int8Packed:
         return [self.w, self.scale, self.neg_zs]
 
 
-def pack_int8_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> Int8Packed:
+def pack_int8_gemv(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, group: int,
+                   offset: np.ndarray | None = None) -> Int8Packed:
     """Pack q (uint8 [out, in]), scale (float32 [out, ceil(in / group)]) and zero (uint8, same shape) into the
-    kernel's layout (module docstring)."""
+    kernel's layout (module docstring); a grid with float minimums gives `offset` (w = q * s + offset) instead."""
     q = np.asarray(q, np.uint8)
     out_f, in_f = q.shape
     if group <= 0 or group % BYTES or out_f % LANES or in_f % BYTES:
         raise LowbitError(f"int8 GEMV: weight [{out_f}, {in_f}] in groups of {group}: the kernel needs out a "
                           f"multiple of {LANES}, in and group multiples of {BYTES}")
     groups = cdiv(in_f, group)
-    if scale.shape != (out_f, groups) or zero.shape != (out_f, groups):
-        raise LowbitError(f"int8 GEMV: scale {scale.shape} / zero {zero.shape}, expected {(out_f, groups)}")
+    if (zero is None) == (offset is None):
+        raise LowbitError("int8 GEMV: give either integer zero points or float offsets")
+    per_group = zero if offset is None else offset
+    if scale.shape != (out_f, groups) or per_group.shape != (out_f, groups):
+        raise LowbitError(f"int8 GEMV: scale {scale.shape} / zero or offset {per_group.shape}, expected "
+                          f"{(out_f, groups)}")
     ob = out_f // LANES
     rows = np.ascontiguousarray(q.reshape(ob, LANES, in_f)).view(np.int32)  # [ob, lane, k4]: 4 bytes per word
 
     def tiled(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.astype(np.float32).reshape(ob, LANES, groups).transpose(0, 2, 1))
 
-    neg_zs = -(zero.astype(np.float32) * scale.astype(np.float32))
+    neg_zs = -(zero.astype(np.float32) * scale.astype(np.float32)) if offset is None else offset
     return Int8Packed(np.ascontiguousarray(rows.transpose(0, 2, 1)), tiled(scale), tiled(neg_zs))
 
 
@@ -73,7 +82,8 @@ def unpack_int8_rows(packed: Int8Packed, rows: np.ndarray, group: int) -> np.nda
 
 @dataclass(frozen=True)
 class Int8GemvPlan:
-    """x [M, K], weight [N, K] in groups of `group`; NV output vectors per tile, parallel over `num_threads`."""
+    """x [M, K], weight [N, K] in groups of `group`; register tiles of MR rows x NV output vectors with KS partial
+    sums per accumulator (as `gemv_int4`), parallel over `num_threads` tasks."""
 
     M: int
     K: int
@@ -81,13 +91,28 @@ class Int8GemvPlan:
     group: int
     NV: int
     num_threads: int
+    accumulate: bool = False  # Y += x W^T instead of Y = x W^T
+    out_width: int | None = None  # Y's row length when the call writes a slice of it (module docstring)
+    MR: int = 1
+    KS: int = 2
 
     @classmethod
-    def of(cls, M: int, K: int, N: int, group: int, num_threads: int) -> Int8GemvPlan:
-        if N % LANES or K % BYTES or group % BYTES or M <= 0 or num_threads <= 0:
-            raise LowbitError(f"int8 GEMV: M {M}, K {K}, N {N}, group {group}, {num_threads} threads")
-        nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0)
-        return cls(M, K, N, group, nv, num_threads)
+    def of(cls, M: int, K: int, N: int, group: int, num_threads: int, accumulate: bool = False,
+           out_width: int | None = None) -> Int8GemvPlan:
+        """`gemv_int4`'s default tiles: MR = min(M, 4) rows (each unpacked weight vector serves MR rows), NV the
+        largest of 4, 2, 1 dividing the output vectors with MR * NV <= 8 accumulators, KS = 2 where they fit."""
+        if N % LANES or K % BYTES or group % BYTES or M <= 0 or num_threads <= 0 or (out_width or N) < N:
+            raise LowbitError(f"int8 GEMV: M {M}, K {K}, N {N}, group {group}, {num_threads} threads, output rows "
+                              f"of {out_width or N}")
+        mr = min(M, 4)
+        nv = next(v for v in (4, 2, 1) if (N // LANES) % v == 0 and mr * v <= REGISTERS // 2 or v == 1)
+        return cls(M, K, N, group, nv, num_threads, accumulate, out_width, mr,
+                   2 if mr * nv * 2 <= REGISTERS // 2 else 1)
+
+    @property
+    def YW(self) -> int:
+        """Y's row length."""
+        return self.N if self.out_width is None else self.out_width
 
     @property
     def NG(self) -> int:
@@ -95,7 +120,13 @@ class Int8GemvPlan:
 
     @property
     def GW(self) -> int:
+        """Words (of 4 input columns) per full group."""
         return self.group // BYTES
+
+    @property
+    def LW(self) -> int:
+        """Words in the last group (short where group does not divide K)."""
+        return (self.K - (self.NG - 1) * self.group) // BYTES
 
     @property
     def tiles(self) -> int:
@@ -117,9 +148,57 @@ def _bytes(word: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
 
 @functools.cache
 def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
-    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p`; rows one at a time (the LM head runs
-    at M = 1: only the last position's logits are wanted)."""
-    NV, GW = p.NV, p.GW
+    """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (with `p.out_width`: Y [M, out_width],
+    then col)."""
+    NV, MR, GW, KS = p.NV, p.MR, p.GW, p.KS
+    rb, mt = p.M // MR, p.M % MR
+
+    @T.macro
+    def group_dot(XS, W, gacc, m0, mr, t, g, nw):
+        for a in T.unroll(mr * NV * KS):
+            gacc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+        for kq in T.serial(nw):
+            for j in T.unroll(BYTES):
+                for v in T.unroll(NV):
+                    for r in T.unroll(mr):
+                        gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "float32x8", FMA, _bytes(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)], j),
+                            T.broadcast(XS[m0 + r, g * p.group + kq * BYTES + j], LANES),
+                            gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)])
+
+    @T.macro
+    def fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g):
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                for h in T.unroll(1, KS):
+                    gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)] = (
+                        gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)]
+                        + gacc[T.ramp(((r * NV + v) * KS + h) * LANES, 1, LANES)])
+                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                    "float32x8", FMA, NEG_ZS[t * NV + v, g, T.ramp(0, 1, LANES)], T.broadcast(SX[m0 + r, g], LANES),
+                    T.call_llvm_pure_intrin("float32x8", FMA, SCALE[t * NV + v, g, T.ramp(0, 1, LANES)],
+                                            gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)],
+                                            acc[T.ramp((r * NV + v) * LANES, 1, LANES)]))
+
+    @T.macro
+    def tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, m0, mr, t, col):
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+        for g in T.serial(p.NG - 1):
+            group_dot(XS, W, gacc, m0, mr, t, g, GW)
+            fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g)
+        group_dot(XS, W, gacc, m0, mr, t, p.NG - 1, p.LW)
+        fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, p.NG - 1)
+        for r in T.unroll(mr):
+            for v in T.unroll(NV):
+                if p.accumulate:
+                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = (
+                        Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)]
+                        + acc[T.ramp((r * NV + v) * LANES, 1, LANES)])
+                else:
+                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1,
+                                                                                         LANES)]
 
     @T.prim_func(private=True)
     def func(
@@ -127,7 +206,8 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
         W: T.Buffer((p.N // LANES, p.K // BYTES, LANES), "int32"),
         SCALE: T.Buffer((p.N // LANES, p.NG, LANES), "float32"),
         NEG_ZS: T.Buffer((p.N // LANES, p.NG, LANES), "float32"),
-        Y: T.Buffer((p.M, p.N), "float32"),
+        Y: T.Buffer((p.M, p.YW), "float32"),
+        col: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         SX = T.alloc_buffer((p.M, p.NG), "float32")
@@ -142,35 +222,13 @@ def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
                 for k in T.serial(T.min(p.group, p.K - g * p.group)):
                     SX[m, g] = SX[m, g] + X[m, g * p.group + k]
         for tid in T.parallel(p.num_threads):
-            gacc = T.alloc_buffer((NV * 2 * LANES,), "float32", scope="local")
-            acc = T.alloc_buffer((NV * LANES,), "float32", scope="local")
+            gacc = T.alloc_buffer((MR * NV * KS * LANES,), "float32", scope="local")
+            acc = T.alloc_buffer((MR * NV * LANES,), "float32", scope="local")
             for ti in T.serial(p.CH):
                 if tid * p.CH + ti < p.tiles:
-                    for m in T.serial(p.M):
-                        t = T.meta_var(tid * p.CH + ti)
-                        for v in T.unroll(NV):
-                            acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                        for g in T.serial(p.NG):
-                            for a in T.unroll(NV * 2):
-                                gacc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                            for kq in T.serial(T.min(GW, p.K // BYTES - g * GW)):
-                                for j in T.unroll(BYTES):
-                                    for v in T.unroll(NV):
-                                        gacc[T.ramp((v * 2 + j % 2) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                            "float32x8", FMA, _bytes(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)],
-                                                                     j),
-                                            T.broadcast(XS[m, g * p.group + kq * BYTES + j], LANES),
-                                            gacc[T.ramp((v * 2 + j % 2) * LANES, 1, LANES)])
-                            for v in T.unroll(NV):
-                                acc[T.ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                    "float32x8", FMA, NEG_ZS[t * NV + v, g, T.ramp(0, 1, LANES)],
-                                    T.broadcast(SX[m, g], LANES),
-                                    T.call_llvm_pure_intrin(
-                                        "float32x8", FMA, SCALE[t * NV + v, g, T.ramp(0, 1, LANES)],
-                                        gacc[T.ramp(v * 2 * LANES, 1, LANES)]
-                                        + gacc[T.ramp((v * 2 + 1) * LANES, 1, LANES)],
-                                        acc[T.ramp(v * LANES, 1, LANES)]))
-                        for v in T.unroll(NV):
-                            Y[m, T.ramp((t * NV + v) * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)]
+                    for b in T.serial(rb):
+                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, b * MR, MR, tid * p.CH + ti, col)
+                    if mt > 0:
+                        tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, rb * MR, mt, tid * p.CH + ti, col)
 
-    return func
+    return func if p.out_width is not None else func.specialize({func.params[-1]: 0})
