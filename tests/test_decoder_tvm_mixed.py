@@ -54,7 +54,7 @@ def test_meta_lists_the_calls_of_each_format(mixed: tuple[Path, dict]) -> None:
     assert [c["col"] for c in first["qkv"]] == [0, 32, 48]
     assert [c["function"] for c in first["gate_up"]] == ["int8_k32_n64_g16_of128", "int4_k32_n64_g16_of128"]
     assert first["o"] == [{"function": "int8_k32_n32_g16_acc", "operands": "layers.0.o", "col": None,
-                           "members": ["self_attn.o_proj"]}]
+                           "members": ["self_attn.o_proj"], "operand_names": ["w", "scale", "neg_zs"]}]
     assert [(c["function"], c["col"]) for c in second["qkv"]] == [("int8_k32_n64_g16", None)]
     assert [(c["function"], c["col"]) for c in second["gate_up"]] == [("int4_k32_n128_g16", None)]
     assert second["down"][0]["function"] == "int8_k64_n32_g16_acc"
@@ -80,16 +80,44 @@ def test_mixed_plan_logits_match_the_numpy_runtime(mixed: tuple[Path, dict]) -> 
 
 
 def test_supports_refuses_linears_without_a_kernel(mixed: tuple[Path, dict]) -> None:
-    from lowbit.quantizer.vq import VQ_PRESETS, vq_quantize
+    from lowbit.quantizer.vq import VQ_PRESETS, VQSpec, vq_quantize
 
     _, weights = mixed
     config = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
               "tie_embeddings": True, "context_length": 64}
     assert supports(config, weights) is None
-    broken = dict(weights)  # a vector-quantized linear: no TVM kernel for it (yet)
-    broken["layers.1.mlp.up_proj.weight"] = vq_quantize(np.random.default_rng(0).standard_normal((64, 32)),
-                                                        VQ_PRESETS["vq2"])
+    broken = dict(weights)  # a VQ linear beside an int one: the VQ kernel writes no column slices
+    up = np.random.default_rng(0).standard_normal((64, 32))
+    broken["layers.1.mlp.up_proj.weight"] = vq_quantize(up, VQ_PRESETS["vq2"])
+    assert kernel_of(broken["layers.1.mlp.up_proj.weight"]) == "vq"
+    assert "cannot write a column slice" in supports(config, broken)
+    # 3-bit indices: no kernel packs them
+    broken["layers.1.mlp.up_proj.weight"] = vq_quantize(up, VQSpec(vector=4, index_bits=3, kmeans_points=64))
     assert "1 block linears have no TVM kernel" in supports(config, broken)
     assert kernel_of(broken["layers.1.mlp.up_proj.weight"]) is None
     del broken["layers.1.mlp.up_proj.weight"]
     assert "not quantized (layers.1.mlp.up_proj.weight" in supports(config, broken)
+
+
+@pytest.mark.parametrize("preset", ["vq2", "vq3"])
+def test_vq_artifact_runs_on_the_vq_kernel(preset: str, tmp_path: Path) -> None:
+    """Every block linear vector-quantized: q|k|v and gate|up each one call (a codebook per member), logits
+    against the numpy runtime."""
+    from lowbit.quantizer.vq import VQ_PRESETS
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf)
+    artifact = quantize_decoder(load_llama_gguf(gguf), WeightOnlyConfig(vq=VQ_PRESETS[preset], rounding="rtn"),
+                                TEXT, {"text": TEXT}, model_name="tiny", report_windows=1)
+    out = tmp_path / preset
+    artifact.save(out, target="llvm -mcpu=native", onnx=False)  # refused unless it matches the numpy runtime
+    meta = json.loads((out / META).read_text())
+    qkv = meta["layers"][0]["qkv"]
+    assert len(qkv) == 1 and qkv[0]["function"].startswith("vq_k32_n64_v4") and qkv[0]["function"].endswith(
+        "_s32-16-16")
+    assert qkv[0]["operand_names"][:2] == ["row_scale", "codebook0"]
+    runner, numpy_runtime = TvmDecoder(out), DecoderModel(out, backend="numpy")
+    ids = np.random.default_rng(3).integers(0, numpy_runtime.config["vocab_size"], 40)
+    expected = numpy_runtime.logits(ids)
+    got = [runner.prefill(ids[:34])] + [runner.step(int(t)) for t in ids[34:]]
+    np.testing.assert_allclose(np.stack(got), expected[33:], rtol=0, atol=TVM_TOLERANCE * np.abs(expected).max())

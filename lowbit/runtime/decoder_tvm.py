@@ -93,13 +93,14 @@ class TvmDecoder:
         def t(a: np.ndarray) -> Any:
             return tvm.runtime.tensor(np.ascontiguousarray(a))
 
-        def operands(prefix: str) -> list[Any]:
-            return [t(arrays[f"{prefix}.{k}"]) for k in ("w", "scale", "neg_zs")]
+        def operands(prefix: str, names: list[str] = ["w", "scale", "neg_zs"]) -> list[Any]:  # noqa: B006
+            return [t(arrays[f"{prefix}.{k}"]) for k in names]
 
         self._layers = []
         for i, spec in enumerate(meta["layers"]):
             p = f"layers.{i}"
-            packed = {c["operands"]: operands(c["operands"]) for slot in LINEAR_SLOTS for c in spec[slot]}
+            packed = {c["operands"]: operands(c["operands"], c["operand_names"]) for slot in LINEAR_SLOTS
+                      for c in spec[slot]}
             # per row count, per slot: (function, operands, () or (first output column,)) of each call
             calls = {m: {slot: [(self._fn[f"{c['function']}_{m}"], packed[c["operands"]],
                                  () if c["col"] is None else (int(c["col"]),)) for c in spec[slot]]

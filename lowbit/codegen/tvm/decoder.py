@@ -10,9 +10,9 @@ buffers; see there). Per layer at M rows:
 
 then the final norm of the last row and the LM head (int8 group-wise GEMV, the tied embedding's format).
 Each block linear runs on the kernel of its own format (`decoder_linears`: int2/3/4 on the int4 GEMV, int8 on
-the int8 GEMV), so mixed-precision plans run here too. The linears' functions are named after their kernel and
-shapes (`decoder_linears.LinearFunc`), the others `<kernel>_<M>`; META records which function each layer calls.
-`supports` says which artifacts have kernels (not vector-quantized linears yet).
+the int8 GEMV, vq2/vq3 on the VQ GEMV), so mixed-precision plans and VQ artifacts run here too. The linears'
+functions are named after their kernel and shapes (`decoder_linears.LinearFunc`), the others `<kernel>_<M>`;
+META records which function each layer calls and on which operands. `supports` says which artifacts have kernels.
 """
 
 from __future__ import annotations
@@ -29,8 +29,19 @@ import tvm
 
 from ...errors import LowbitError
 from ...io import write_json
+from ...ir.groupwise_weights import GroupWiseWeights
 from ...runtime.decoder_tvm import LIBRARY, META, PACKED, TVM_DECODER_FORMAT
-from .decoder_linears import PROJECTIONS, LinearCall, kernel_of, layer_calls, linear_functions, pack_calls
+from .decoder_linears import (
+    KERNELS,
+    PROJECTIONS,
+    SLOT_MEMBERS,
+    LinearCall,
+    grid_of,
+    kernel_of,
+    layer_calls,
+    linear_functions,
+    pack_calls,
+)
 from .target import parse_target, required_features, target_string
 from .x86.decoder_ops import KEYS, attention_func, rmsnorm_func, rope_cache_func, silu_mul_func
 from .x86.gemv_int8 import Int8GemvPlan, gemv_int8_func, pack_int8_gemv
@@ -79,11 +90,19 @@ def supports(config: dict[str, Any], weights: Mapping[str, object]) -> str | Non
     if no_kernel:
         w = weights[no_kernel[0]]
         return (f"{len(no_kernel)} block linears have no TVM kernel for their format ({no_kernel[0]}: "
-                f"{getattr(w, 'name', type(w).__name__)}; vector-quantized linears have none yet)")
+                f"{getattr(w, 'name', type(w).__name__)}; the kernels run group-wise int2/3/4/8, and VQ with 1, 2, "
+                "4 or 8-bit indices and vectors of 4 or 8)")
+    for i in range(layers):
+        for slot, members in SLOT_MEMBERS.items():
+            ws = [weights[f"layers.{i}.{p}.weight"] for p in members]
+            kinds = {(kernel_of(w), grid_of(w)) for w in ws}
+            if len(kinds) > 1 and not all(KERNELS[k].slices for k, _ in kinds):
+                return (f"layers.{i} {slot}: its linears differ in format ({', '.join(sorted(k for k, _ in kinds))}) "
+                        "and the VQ kernel cannot write a column slice")
     embedding = weights.get("embed_tokens.weight")
     if embedding is None or embedding.bits != EMBEDDING_BITS or not config["tie_embeddings"]:
         return f"the TVM path needs a tied {EMBEDDING_BITS}-bit group-wise embedding / LM head"
-    groups = sorted({weights[n].group for n in names})
+    groups = sorted({weights[n].group for n in names if isinstance(weights[n], GroupWiseWeights)})
     hidden, heads = int(config["hidden_size"]), int(config["num_heads"])
     if hidden % 8 or int(config["intermediate_size"]) % 8 or hidden % heads or (hidden // heads) % 8 \
             or heads % int(config["num_kv_heads"]) or any(g % 8 for g in groups):
