@@ -45,7 +45,7 @@ def _operands(f: LinearFunc, bits: int, seed: int = 0) -> list[np.ndarray]:
                          (rng.random((f.N, groups)) * 0.01 + 1e-3).astype(np.float32),
                          rng.integers(0, 1 << bits, (f.N, groups)).astype(np.uint8), bits, f.group)
     x = rng.standard_normal((1, f.K)).astype(np.float32)
-    return [x, *KERNELS[f.kernel].pack([w]), np.zeros((1, f.N), np.float32)]
+    return [x, *KERNELS[f.kernel].pack([w]).values(), np.zeros((1, f.N), np.float32)]
 
 
 def measure_linear_latency(shapes: list[tuple[int, int]], formats: list[tuple[int, int]],
