@@ -163,3 +163,26 @@ def test_packed_embedding_gather(artifact: Path, tmp_path: Path, bits: int, accu
     # int8 activations (accuracy_level 4) move the logits; float arithmetic only rounds differently.
     tolerance = 0.1 if accuracy_level else 1e-5
     np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("preset", ["vq2", "vq3"])
+def test_vq_exports_its_indices_not_a_float_table(tail_gguf: Path, tmp_path: Path, preset: str) -> None:
+    """VQ linears (and the int8 LM head) go to ONNX as their indices / integers, dequantized in the graph; the
+    artifact's check (ORT against the numpy runtime) passes and the file holds no float table of a linear."""
+    from lowbit.quantizer.vq import VQ_PRESETS
+
+    model, tokenizer = load_llama_gguf(tail_gguf)
+    quant = WeightOnlyConfig(vq=VQ_PRESETS[preset], rounding="rtn")
+    weights = round_decoder(model, tokenizer, quant, "")
+    tensors = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n not in weights}
+    report = {"model": "tiny", "weights": quant.describe(), "linear_bits_per_weight": 2.0, "embedding": "int8 g32",
+              "model_bytes": 0, "float_bytes": 0, "perplexity": {}, "timings_s": {}}
+    out = DecoderArtifact(model.config, tokenizer.vocab, weights, tensors, quant, report).save(tmp_path / preset)
+    check = json.loads((out / MANIFEST).read_text())["onnx"]["check_against_numpy_runtime"]
+    assert check["max_abs_diff"] <= check["tolerance"] * check["max_abs_logit"]
+    graph = onnx.load(str(out / ONNX_FILE)).graph
+    floats = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+    smallest_linear = TAIL.hidden_size * TAIL.kv_dim
+    big = [n for n, i in floats.items() if int(np.prod(i.dims)) >= smallest_linear]
+    assert all("rope" in n or "codewords" in n for n in big), big  # rotary tables and 256 x 4 codebooks only
+    assert any(n.endswith("/indices0") for n in (i.name for i in graph.initializer))

@@ -13,9 +13,14 @@ Weights: a group-wise weight of 2, 4 or 8 bits whose group is a power of two >= 
 zero points packed the same way, float32 scales [out, groups]. The one difference is that MatMulNBits stores whole
 blocks, so a row whose last group is a shorter tail group (576 columns in groups of 128) gets zero bytes appended
 up to the block boundary; the kernel reads only K columns. Any other weight (3 bits: ORT accepts 2, 4 and 8 only;
-another group; a float array) is a plain float32 MatMul with the dequantized weight. The token embedding gathers
-the rows of the same packed table as the (tied) LM head's MatMulNBits and dequantizes those t rows in the graph,
-or, when the tied LM head is a float MatMul, the columns of its [hidden, vocab] table. The rest (RMSNorm, rotary,
+8 bits at accuracy_level 0; another group; VQ) is a plain float32 MatMul whose [K, N] table the graph computes
+from the stored integers (one byte per value, zero points and scales) or VQ indices (one byte per vector and
+stage, codewords and row scales), the artifact's own dequantization: every input of that computation is a
+constant, so ONNX Runtime folds it into a float table when the session is created. The file keeps the compact
+weights (SmolLM2 vq2: 66 MB, not 540), the run gets a float MatMul. A float array stays a float initializer (so
+that ORT's MatMulNBitsQuantizer can quantize an FP32 export). The token embedding gathers the rows of the same
+packed table as the (tied) LM head's MatMulNBits and dequantizes those t rows in the graph, or, when the tied LM
+head is a float MatMul, the columns of its [hidden, vocab] table. The rest (RMSNorm, rotary,
 grouped-query attention, SiLU) is standard opset-21 ops in float32, as in `lowbit.runtime.decoder`, which this
 graph is checked against (`check_decoder_onnx`). `accuracy_level` 0 (the artifact's decoder.onnx) keeps float32
 arithmetic, so the check holds to 1e-4; 4 quantizes activations to int8 inside MatMulNBits, about 2.5x faster
@@ -36,6 +41,7 @@ from ... import __version__
 from ...errors import LowbitError
 from ...io import atomic_file
 from ...ir.groupwise_weights import GroupWiseWeights, n_groups, pack_bits, packed_bytes
+from ...ir.vq_weights import VQWeights
 from ...ir.weight_formats import QuantizedWeights
 from .builder import ONNX_IR_VERSION, OPSET, Builder
 
@@ -48,7 +54,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 EMBEDDING = "embed_tokens.weight"
 
-Weight = QuantizedWeights | np.ndarray  # VQ weights are exported dequantized
+Weight = QuantizedWeights | np.ndarray
 
 
 def fits_matmul_nbits(w: Weight, accuracy_level: int = 0) -> bool:
@@ -195,18 +201,52 @@ def _linear(g: _Graph, name: str, x: str, weights: Mapping[str, Weight], param: 
         n, k = w.shape
         return g.node("MatMulNBits", [x, *_packed(g, param, w)], out, domain=MS_DOMAIN, K=k, N=n, bits=w.bits,
                       block_size=w.group, accuracy_level=accuracy_level)
-    # A separate [K, N] initializer (for the tied LM head a transposed copy of the table), so that ORT's own
-    # MatMulNBitsQuantizer, which quantizes MatMuls with an initializer B, can quantize every linear.
-    table = f"{name}.weight_t"
-    if table not in g._names:  # (the tied embedding may have made it already)
-        g.const(table, np.ascontiguousarray(_float(w).T))
-    return g.node("MatMul", [x, table], out)
+    return g.node("MatMul", [x, _float_table(g, param, w)], out)
+
+
+def _float_table(g: _Graph, param: str, w: Weight) -> str:
+    """The float32 [K, N] table of weight w [N, K], made once per parameter (the tied embedding reads the LM
+    head's): a float array as an initializer, quantized weights dequantized in the graph (module docstring)."""
+    name = f"{param}/weight_t"
+    if name in g._names:
+        return name
+    if isinstance(w, np.ndarray):
+        return g.const(name, np.ascontiguousarray(np.asarray(w, np.float32).T))
+    n, k = w.shape
+    if isinstance(w, VQWeights):
+        rows = None
+        for s, stage in enumerate(w.stages):  # the sum of the stages' codewords, as VQWeights.dequantize
+            dtype = np.uint8 if stage.bits <= 8 else np.uint16
+            index = g.node("Cast", [g.const(f"{param}/indices{s}", stage.indices.astype(dtype))], f"{param}/idx{s}",
+                           to=TensorProto.INT64)
+            words = g.node("Gather", [g.const(f"{param}/codewords{s}", stage.codewords()), index], f"{param}/cw{s}")
+            rows = words if rows is None else g.node("Add", [rows, words], f"{param}/sum{s}")
+        flat = g.node("Reshape", [rows, g.i64(f"{param}/shape", n, k)], f"{param}/unscaled")
+        table = g.node("Mul", [flat, g.const(f"{param}/row_scale", w.row_scale[:, None])], f"{param}/table")
+        return g.node("Transpose", [table], name, perm=[1, 0])
+    assert isinstance(w, GroupWiseWeights)
+    groups = n_groups(k, w.group)
+    values = np.zeros((n, groups * w.group), np.uint8)  # whole groups: the tail group padded, sliced off below
+    values[:, :k] = w.values
+    v = g.node("Reshape", [g.node("Cast", [g.const(f"{param}/values", values)], f"{param}/v", to=TensorProto.FLOAT),
+                           g.i64(f"{param}/grouped", n, groups, w.group)], f"{param}/v_grouped")
+    scale = g.const(f"{param}/scales", w.scale.astype(np.float32)[:, :, None])
+    if w.minimum is not None:  # as GroupWiseWeights.dequantize: v * s + m, or (v - z) * s
+        table = g.node("Add", [g.node("Mul", [v, scale], f"{param}/scaled"),
+                               g.const(f"{param}/mins", w.minimum.astype(np.float32)[:, :, None])], f"{param}/table")
+    else:
+        zero = g.node("Cast", [g.const(f"{param}/zeros", w.zero[:, :, None])], f"{param}/z", to=TensorProto.FLOAT)
+        table = g.node("Mul", [g.node("Sub", [v, zero], f"{param}/centered"), scale], f"{param}/table")
+    flat = g.node("Reshape", [table, g.i64(f"{param}/padded", n, groups * w.group)], f"{param}/flat")
+    used = g.node("Slice", [flat, g.i64(f"{param}/from", 0), g.i64(f"{param}/to", k), g.i64(f"{param}/axis", 1)],
+                  f"{param}/used")
+    return g.node("Transpose", [used], name, perm=[1, 0])
 
 
 def _float_tied_embedding(g: _Graph, w: Weight) -> str:
     """Rows of a tied embedding whose LM head is a float MatMul: columns of that MatMul's [hidden, vocab] table,
     so the table is stored once."""
-    table = g.const("lm_head.weight_t", np.ascontiguousarray(_float(w).T))
+    table = _float_table(g, EMBEDDING, w)
     columns = g.node("Gather", [table, g.node("Squeeze", ["input_ids", g.i64("batch_axis", 0)], "ids")],
                      "embed/columns", axis=1)  # [hidden, t]
     return g.node("Unsqueeze", [g.node("Transpose", [columns], "embed/rows", perm=[1, 0]), g.i64("embed/batch", 0)],
