@@ -48,24 +48,16 @@ PROJECTIONS = tuple(p for slot in LINEAR_SLOTS for p in SLOT_MEMBERS[slot])
 OPERANDS = ("w", "scale", "neg_zs")  # the int kernels' operands after x
 
 
-def _pack_int4(weights: list[GroupWiseWeights]) -> dict[str, np.ndarray]:
-    values, scale = np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights])
-    if any(w.float_minimum for w in weights):
-        packed = pack_int4_gemv(values, scale, None, weights[0].group,
-                                offset=np.concatenate([w.offset for w in weights]))
-    else:
-        packed = pack_int4_gemv(values, scale, np.concatenate([w.zero for w in weights]), weights[0].group)
-    return dict(zip(OPERANDS, packed.arrays(), strict=True))
-
-
-def _pack_int8(weights: list[GroupWiseWeights]) -> dict[str, np.ndarray]:
-    values, scale = np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights])
-    if any(w.float_minimum for w in weights):
-        packed = pack_int8_gemv(values, scale, None, weights[0].group,
-                                offset=np.concatenate([w.offset for w in weights]))
-    else:
-        packed = pack_int8_gemv(values, scale, np.concatenate([w.zero for w in weights]), weights[0].group)
-    return dict(zip(OPERANDS, packed.arrays(), strict=True))
+def _groupwise_packer(pack: Callable[..., Any]) -> Callable[[list[GroupWiseWeights]], dict[str, np.ndarray]]:
+    """The packer of a group-wise kernel (`pack_int4_gemv`, `pack_int8_gemv`): stacked rows, zero points or offsets."""
+    def packed(weights: list[GroupWiseWeights]) -> dict[str, np.ndarray]:
+        values, scale = np.concatenate([w.values for w in weights]), np.concatenate([w.scale for w in weights])
+        if any(w.float_minimum for w in weights):
+            result = pack(values, scale, None, weights[0].group, offset=np.concatenate([w.offset for w in weights]))
+        else:
+            result = pack(values, scale, np.concatenate([w.zero for w in weights]), weights[0].group)
+        return dict(zip(OPERANDS, result.arrays(), strict=True))
+    return packed
 
 
 def _vq_operands(weights: VQWeights) -> tuple[str, ...]:
@@ -124,8 +116,8 @@ def _vq_runs(w: object) -> bool:
 
 
 KERNELS: dict[str, KernelFormat] = {
-    "int4": KernelFormat((2, 3, 4), _groupwise((2, 3, 4)), _pack_int4, _int4_func),
-    "int8": KernelFormat((8,), _groupwise((8,)), _pack_int8, _int8_func),
+    "int4": KernelFormat((2, 3, 4), _groupwise((2, 3, 4)), _groupwise_packer(pack_int4_gemv), _int4_func),
+    "int8": KernelFormat((8,), _groupwise((8,)), _groupwise_packer(pack_int8_gemv), _int8_func),
     "vq": KernelFormat((), _vq_runs, _pack_vq, _vq_func, _vq_operands, slices=False),
 }
 

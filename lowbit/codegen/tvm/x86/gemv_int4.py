@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .group_tiles import FMA, group_tile
 from .int4_groups import LANES, NIBBLES, cdiv, check_int4_shape
 
-FMA = "llvm.fma.v8f32"
 REGISTERS = 16  # ymm registers on AVX2
 
 
@@ -150,39 +150,7 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
                             T.broadcast(XS[m0 + r, g * p.group + kq * NIBBLES + j], LANES),
                             gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)])
 
-    @T.macro
-    def fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g):
-        for r in T.unroll(mr):
-            for v in T.unroll(NV):
-                for h in T.unroll(1, KS):
-                    gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)] = (
-                        gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)]
-                        + gacc[T.ramp(((r * NV + v) * KS + h) * LANES, 1, LANES)])
-                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                    "float32x8", FMA, NEG_ZS[t * NV + v, g, T.ramp(0, 1, LANES)], T.broadcast(SX[m0 + r, g], LANES),
-                    T.call_llvm_pure_intrin("float32x8", FMA, SCALE[t * NV + v, g, T.ramp(0, 1, LANES)],
-                                            gacc[T.ramp((r * NV + v) * KS * LANES, 1, LANES)],
-                                            acc[T.ramp((r * NV + v) * LANES, 1, LANES)]))
-
-    @T.macro
-    def tile(XS, W, SCALE, NEG_ZS, SX, Y, gacc, acc, m0, mr, t, col):
-        for r in T.unroll(mr):
-            for v in T.unroll(NV):
-                acc[T.ramp((r * NV + v) * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-        for g in T.serial(p.NG - 1):
-            group_dot(XS, W, gacc, m0, mr, t, g, GW)
-            fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, g)
-        group_dot(XS, W, gacc, m0, mr, t, p.NG - 1, p.LW)
-        fold(SCALE, NEG_ZS, SX, gacc, acc, m0, mr, t, p.NG - 1)
-        for r in T.unroll(mr):
-            for v in T.unroll(NV):
-                if p.accumulate:
-                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = (
-                        Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)]
-                        + acc[T.ramp((r * NV + v) * LANES, 1, LANES)])
-                else:
-                    Y[m0 + r, T.ramp(col + (t * NV + v) * LANES, 1, LANES)] = acc[T.ramp((r * NV + v) * LANES, 1,
-                                                                                         LANES)]
+    tile = group_tile(p, group_dot)
 
     @T.prim_func(private=True)
     def func(
