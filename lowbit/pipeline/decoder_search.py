@@ -153,7 +153,8 @@ def search_decoder_model(model: str, size: str | None = None, bits: tuple[int, .
     if latency is not None:
         with progress.stage("latency"), progress.steps_of("latency") as log:
             options = options.with_latency(linear_latency_table(linears, options.bits, group, target, log))
-        budgets["latency"] = parse_budget("latency", latency, options.latency.max(1).sum())
+        widest = options.latency[:, options.bits.index(max(options.bits))].sum()  # "0.8x": of every linear there
+        budgets["latency"] = parse_budget("latency", latency, widest)
     with progress.stage("ILP"):
         plan = solve_plan(options, budgets)
     totals = plan_totals(options, plan)
@@ -192,10 +193,14 @@ def measure_frontier(loaded: LoadedDecoder, options: DecoderOptions, budgets: di
     window = min(DEFAULT_WINDOW, net.config.context_length)
     texts = {name: leading_tokens(tokenizer, text(), FRONTIER_WINDOWS * window) for name, text in zoo_texts.items()}
     others = {m: b for m, b in budgets.items() if m != "latency"}
-    fastest = plan_totals(options, solve_plan(options, {**others, "latency": 1e9}))  # least loss within the others
+    slowest = plan_totals(options, solve_plan(options, {**others, "latency": 1e9}))  # least loss within the others
     low = options.latency.min(1).sum()
-    plans = [solve_plan(options, {**others, "latency": low + f * (fastest["latency_s"] - low)})
-             for f in np.linspace(0, 1, FRONTIER_POINTS)] + [chosen]
+    plans = [chosen]
+    for f in np.linspace(0, 1, FRONTIER_POINTS):
+        try:
+            plans.append(solve_plan(options, {**others, "latency": low + f * (slowest["latency_s"] - low)}))
+        except LowbitError:  # the fastest budgets may not fit the other budgets together
+            log(f"frontier: no plan at {100 * f:.0f}% of the latency range within the other budgets")
     points: list[dict] = []
     for n, plan in enumerate(plans):
         if any(p["bits"] == plan for p in points):
