@@ -93,7 +93,7 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '
                                'installed); "none" skips compiling. Decoder LLMs: the decode kernels (int2/3/4/8 '
-                               'linears; VQ ones run on numpy).')
+                               'and VQ linears; W8A8 runs on numpy).')
 @tuning_options
 @rpc_options
 @click.option("--onnx-weights", type=click.Choice(ONNX_WEIGHTS), default="auto", show_default=True,
