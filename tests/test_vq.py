@@ -146,6 +146,14 @@ def test_error_feedback_lowers_the_hessian_loss() -> None:
 # -- the decoder artifact -----------------------------------------------------------------
 
 
+try:
+    import tvm  # noqa: F401
+
+    TVM = True
+except ImportError:
+    TVM = False
+
+
 def test_vq2_artifact_round_trips(tmp_path: Path) -> None:
     gguf = tmp_path / "tiny.gguf"
     write_gguf(gguf)
@@ -168,8 +176,9 @@ def test_vq2_artifact_round_trips(tmp_path: Path) -> None:
     ids = tokenizer.encode("the theme of the thin thing")
     with torch.inference_mode():
         expected = model(torch.from_numpy(ids[None, :]))[0].numpy()
-    got = load(out).logits(ids)
+    got = load(out, backend="numpy").logits(ids)
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert "tvm" in report or not TVM  # with TVM, the VQ GEMV's build is checked against this runtime at save
     result = runner.invoke(lowbit, ["quantize", str(gguf), "-o", str(tmp_path / "b"), "--weights", "vq3",
                                     "--group", "32"])
     assert result.exit_code != 0 and "are for group-wise integer weights" in result.output
