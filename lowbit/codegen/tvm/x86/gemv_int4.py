@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .group_tiles import FMA, group_tile
+from .group_tiles import group_tile
 from .int4_groups import LANES, NIBBLES, cdiv, check_int4_shape
 
 REGISTERS = 16  # ymm registers on AVX2
@@ -137,20 +137,7 @@ def gemv_int4_func(p: Int4GemvPlan) -> tirx.PrimFunc:
     NV, MR, GW, KS = p.NV, p.MR, p.GW, p.KS
     rb, mt = p.M // MR, p.M % MR
 
-    @T.macro
-    def group_dot(XS, W, gacc, m0, mr, t, g, nw):
-        for a in T.unroll(mr * NV * KS):
-            gacc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-        for kq in T.serial(nw):
-            for j in T.unroll(NIBBLES):
-                for v in T.unroll(NV):
-                    for r in T.unroll(mr):
-                        gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                            "float32x8", FMA, _nibbles(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)], j, p.unpack),
-                            T.broadcast(XS[m0 + r, g * p.group + kq * NIBBLES + j], LANES),
-                            gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)])
-
-    tile = group_tile(p, group_dot)
+    tile = group_tile(p, NIBBLES, lambda word, j: _nibbles(word, j, p.unpack))
 
     @T.prim_func(private=True)
     def func(

@@ -24,7 +24,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ....errors import LowbitError
-from .group_tiles import FMA, group_tile
+from .group_tiles import group_tile
 from .int4_groups import LANES, cdiv
 
 BYTES = 4  # 8-bit values per int32 word: input columns per step
@@ -150,23 +150,10 @@ def _bytes(word: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
 def gemv_int8_func(p: Int8GemvPlan) -> tirx.PrimFunc:
     """The PrimFunc (X [M, K], W, SCALE, NEG_ZS, Y [M, N]) of plan `p` (with `p.out_width`: Y [M, out_width],
     then col)."""
-    NV, MR, GW, KS = p.NV, p.MR, p.GW, p.KS
+    NV, MR, KS = p.NV, p.MR, p.KS
     rb, mt = p.M // MR, p.M % MR
 
-    @T.macro
-    def group_dot(XS, W, gacc, m0, mr, t, g, nw):
-        for a in T.unroll(mr * NV * KS):
-            gacc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-        for kq in T.serial(nw):
-            for j in T.unroll(BYTES):
-                for v in T.unroll(NV):
-                    for r in T.unroll(mr):
-                        gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                            "float32x8", FMA, _bytes(W[t * NV + v, g * GW + kq, T.ramp(0, 1, LANES)], j),
-                            T.broadcast(XS[m0 + r, g * p.group + kq * BYTES + j], LANES),
-                            gacc[T.ramp(((r * NV + v) * KS + j % KS) * LANES, 1, LANES)])
-
-    tile = group_tile(p, group_dot)
+    tile = group_tile(p, BYTES, _bytes)
 
     @T.prim_func(private=True)
     def func(
