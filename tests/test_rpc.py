@@ -188,8 +188,9 @@ def test_16_bit_inputs_are_timed_on_the_devices(cluster: Cluster) -> None:
     extra = wide_input_extra(narrow, wide_input, parse_target(TARGET), repeats=2, min_ms=2, log=messages.append,
                              rpc=cluster.rpc)
     readers = {layer for t in wide for layer in integer_readers(graph, t)}
+    # Only that each reader got a finite time: its sign is a timing, noise on a shared CI machine with two
+    # device servers on 2 cores (CI once measured -0.45 ms in all).
     assert set(extra) == readers and readers and all(np.isfinite(v) for v in extra.values())
-    assert sum(extra.values()) > 0  # two 8-bit passes and a combine cost more than one pass
     assert any(re.search(r"16-bit input, layer \d+/\d+ \(\S+\) on 127\.0\.0\.1:\d+", m) for m in messages)
 
 

@@ -53,7 +53,7 @@ def test_gemm_weights_read_back(shape: tuple[int, ...], kind: str) -> None:
     G, OCg, ICg, KH, KW = shape
     wbits = 4 if kind.startswith("int4") else 8
     lay = GemmLayout(G, OCg, KH, KW, ICg, word_rows=kind.endswith("word-rows"), wbits=wbits,
-                     vnni=kind.startswith("vnni"))
+                     byte_words=kind.startswith("vnni"))
     weight = _weights(np.random.default_rng(sum(shape)), (G * OCg, ICg, KH, KW), wbits)
     words = pack_gemm_weight(weight, lay)
     assert words.dtype == np.int32 and words.shape == (G, lay.OCB, lay.WK, VEC)
@@ -77,11 +77,11 @@ def test_gemm_weights_read_back(shape: tuple[int, ...], kind: str) -> None:
 
 
 def test_gemm_layout_sizes() -> None:
-    lay = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=True, wbits=8, vnni=True)
+    lay = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=True, wbits=8, byte_words=True)
     assert (lay.KWIC, lay.KROW, lay.K, lay.KB, lay.OCB, lay.OCBP) == (9, 12, 36, 36, 2, 16)
-    lay4 = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=False, wbits=4, vnni=False)
+    lay4 = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=False, wbits=4, byte_words=False)
     assert (lay4.KROW, lay4.K, lay4.KB, lay4.WK) == (9, 27, 32, 4)
-    avx2 = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=False, wbits=8, vnni=False)
+    avx2 = GemmLayout(G=1, OCg=13, KH=3, KW=3, ICg=3, word_rows=False, wbits=8, byte_words=False)
     assert (avx2.KWICp, avx2.KPr, avx2.KP, avx2.WK, avx2.byte_x) == (10, 5, 15, 15, False)
 
 

@@ -29,6 +29,19 @@ def weight_range(bits: int) -> tuple[int, int]:
     return -q, q
 
 
+# x86 without VNNI sums u8 x s8 products in pairs with vpmaddubsw, which saturates at int16. For uint8 x (int8
+# activations + 128 included) and |w| <= 64 a pair sum is at most 2 * 255 * 64 = 32640 <= 32767: exact. 7-bit
+# weights ([-63, 63]) always meet it; int8 ones reach 127. ORT's kernels (model.onnx) and lowbit's AVX2 GEMMs
+# both use it to pick the fast instruction only where it is exact.
+U8S8_EXACT_WEIGHT_MAX = 64
+assert 2 * 255 * U8S8_EXACT_WEIGHT_MAX < 2 ** 15
+
+
+def u8s8_pairs_exact(weight: np.ndarray) -> bool:
+    """Whether every u8 x s8 pair sum with these integer weights fits int16 (`U8S8_EXACT_WEIGHT_MAX`)."""
+    return int(np.abs(np.asarray(weight).astype(np.int64)).max(initial=0)) <= U8S8_EXACT_WEIGHT_MAX
+
+
 def pack_int4(values: np.ndarray) -> np.ndarray:
     """Signed 4-bit values (in [-8, 7]) -> bytes, two per byte, the first in the low nibble; odd sizes pad a 0."""
     flat = values.astype(np.int8).reshape(-1)
@@ -58,7 +71,7 @@ class PerChannelWeights:
     scale: np.ndarray  # float32 [out]
     bits: int
 
-    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (4, 8)
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (4, 7, 8)  # 7: int8 storage, values in [-63, 63]
 
     def __post_init__(self) -> None:
         if self.bits not in self.SUPPORTED_BITS:
@@ -80,10 +93,9 @@ class PerChannelWeights:
 
     @staticmethod
     def bytes_for(shape: tuple[int, ...], bits: int) -> float:
-        """Size of a layer with weights of `shape` at `bits` bits: bits/8 per weight plus its int32 bias.
-
-        Fractional for odd int4 counts; totals over a model are rounded once."""
-        return float(np.prod(shape)) * bits / 8 + BIAS_BYTES * shape[0]
+        """Size of a layer with weights of `shape` at `bits` bits as stored: half a byte per int4 weight, one per
+        int7/int8 weight, plus its int32 bias. Fractional for odd int4 counts; totals over a model are rounded once."""
+        return float(np.prod(shape)) * (0.5 if bits == 4 else 1.0) + BIAS_BYTES * shape[0]
 
     def stored(self) -> np.ndarray:
         """The array written to the IR's tensors (int4 packed two per byte)."""

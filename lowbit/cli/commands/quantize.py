@@ -51,7 +51,9 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,
-              help="Weight bit-width of every layer (4 or 8), unless --plan gives one per layer.")
+              help="Weight bit-width of every layer, unless --plan gives one per layer: 8, 4, or 7 (int8 on the "
+                   "7-bit grid [-63, 63]: on CPUs without VNNI, TVM's GEMMs then run the exact u8 x s8 byte-pair "
+                   "instruction, faster than int8's int16 pairs).")
 @click.option("--weights", "weight_format", type=click.Choice(DECODER_WEIGHTS),
               help="Decoder LLMs: group-wise weight-only integers of this width (asymmetric, one scale and zero "
                    "point per group; default int4), or vector quantization at about 3 or 2 bits per weight (vq3: "

@@ -26,6 +26,7 @@ from ...ir.dtypes import qrange
 from ...ir.ops import add, lut
 from ...ir.ops.layer_norm import LN_H, LN_P
 from ...ir.ops.layer_norm import constants_of as layer_norm_constants
+from ...ir.weights import u8s8_pairs_exact
 from .builder import (
     Builder,
     build,
@@ -41,8 +42,6 @@ from .builder import (
     value_info,
 )
 
-# Largest |w| for which u8 x s8 pair sums fit int16: 2 * 255 * 64 = 32640 <= 32767.
-_U8S8_SAFE_WEIGHT = 64
 # How model.onnx stores weights: "int8" (ORT's fast u8 x s8 kernels; exact on CPUs with VNNI and on ARM),
 # "safe" (uint8 where |w| > 64: exact on every CPU, slower), "auto" (int8 if this machine's CPU computes it exactly).
 ONNX_WEIGHTS = ("auto", "int8", "safe")
@@ -125,7 +124,7 @@ def _weight_dq(b: _QdqBuilder, op: Op, weight: np.ndarray, axis: int) -> str:
     point 128 instead (the same real values).
     """
     scale = np.asarray(op.attrs["weight_scale"], np.float32)
-    if b.saturation_safe and np.abs(weight.astype(np.int16)).max(initial=0) > _U8S8_SAFE_WEIGHT:
+    if b.saturation_safe and not u8s8_pairs_exact(weight):
         w = b.const(f"{op.name}/weight", (weight.astype(np.int16) + 128).astype(np.uint8))
         z = b.const(f"{op.name}/weight_zero_point", np.full(scale.shape, 128, np.uint8))
     else:

@@ -3,7 +3,9 @@
 Activations are packed (`im2col`) into int32 words, the weights are prepacked (`packing`) into the matching
 words `[G, OC/8, words, 8]`, and a register-blocked micro-kernel broadcasts one activation word and multiplies
 it into 8 output channels per vector:
-- AVX2, int8 weights: int16 pairs, `vpmaddwd` (exact int16*int16 pair sums into int32);
+- AVX2, int8 weights: int16 pairs, `vpmaddwd` (exact int16*int16 pair sums into int32); weights on the 7-bit
+  grid (`ir.weights.u8s8_pairs_exact`): bytes x' as below, `vpmaddubsw` (cannot saturate for them) and `vpmaddwd` with
+  ones, 32 products per two instructions instead of 16 per one, measured 1.3x faster;
 - VNNI, int8 weights: bytes x' (uint8 x; int8 x+128, with -128*sum_k w folded into the bias), `vpdpbusd` (u8*s8
   quads summed exactly into int32);
 - int4 weights, unpacked in the kernel: per 8 K values `(v & 0x0F0F0F0F) - 8` and `((v >> 4) & ...) - 8` (int8
@@ -36,6 +38,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ....ir.weights import u8s8_pairs_exact
 from ..kernel_api import Lut, Residual
 from .epilogue import lut_vec, requantize_vec, residual_vec
 from .im2col import View4, activation_macros
@@ -79,16 +82,24 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
         return residual_vec(y, T.Cast("float64x8", R[7][m, T.ramp(col, 1, VEC)]), R[8][T.ramp(ch, 1, VEC)],
                             R[9][T.ramp(ch, 1, VEC)], ep.residual, p.isa.avx512)
 
-    def x_word(XP32, g, m, q):
-        """Activation word q of row m as the u8 operand: bytes x' (see the plan's x_flip)."""
+    def x_bytes(XP32, g, m, q):
+        """Activation word q of row m, broadcast to every lane as the u8 operand: bytes x' (see the plan's x_flip)."""
         word = XP32[g, m, q]
-        return T.bitwise_xor(word, T.int32(-0x7F7F7F80)) if p.x_flip else word  # 0x80808080: +128 per byte
+        if p.x_flip:
+            word = T.bitwise_xor(word, T.int32(-0x7F7F7F80))  # 0x80808080: +128 per byte
+        return T.reinterpret("int8x32", T.broadcast(word, VEC))
 
-    def dpbusd(accv, x_word, w_bytes):
+    def dpbusd(accv, x, w_bytes):
         """accv + the sums of 4 u8*s8 products per int32 lane, exact (vpdpbusd)."""
-        return T.call_llvm_pure_intrin(
-            "int32x8", VPDPBUSD, accv, T.reinterpret("int8x32", T.broadcast(x_word, VEC)), w_bytes
-        )
+        return T.call_llvm_pure_intrin("int32x8", VPDPBUSD, accv, x, w_bytes)
+
+    def quad_sums(accv, x, w_bytes):
+        """accv + the sums of 4 u8*s8 products per int32 lane, exact: vpdpbusd, or on AVX2 (`byte_pairs`,
+        weights that cannot saturate) PMADDUBSW's pair sums, then PMADDWD with ones."""
+        if p.isa.vnni:
+            return dpbusd(accv, x, w_bytes)
+        pairs = T.call_llvm_pure_intrin("int16x16", PMADDUBSW, x, w_bytes)
+        return accv + T.call_llvm_pure_intrin("int32x8", PMADDWD, pairs, T.broadcast(T.int16(1), 16))
 
     @T.macro
     def kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q):
@@ -97,10 +108,10 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                 acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
                     dpbusd(
                         acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
-                        x_word(XP32, g, m0 + r, 2 * q),
+                        x_bytes(XP32, g, m0 + r, 2 * q),
                         nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
                     ),
-                    x_word(XP32, g, m0 + r, 2 * q + 1),
+                    x_bytes(XP32, g, m0 + r, 2 * q + 1),
                     nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
                 )
 
@@ -116,13 +127,13 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                     T.call_llvm_pure_intrin(
                         "int16x16",
                         PMADDUBSW,
-                        T.reinterpret("int8x32", T.broadcast(x_word(XP32, g, m0 + r, 2 * q), VEC)),
+                        x_bytes(XP32, g, m0 + r, 2 * q),
                         nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 0),
                     )
                     + T.call_llvm_pure_intrin(
                         "int16x16",
                         PMADDUBSW,
-                        T.reinterpret("int8x32", T.broadcast(x_word(XP32, g, m0 + r, 2 * q + 1), VEC)),
+                        x_bytes(XP32, g, m0 + r, 2 * q + 1),
                         nib8(W32[g, cv0 + v, q, T.ramp(0, 1, VEC)], 1),
                     ),
                     T.broadcast(T.int16(1), 16),
@@ -175,13 +186,13 @@ def gemm_func(p: GemmPlan) -> tirx.PrimFunc:
                     kstep4_vnni(XP32, W32, acc, g, m0, cv0, mr, nv, q)
                 else:
                     kstep4(XP32, W32, acc, g, m0, cv0, mr, nv, q)
-        elif p.isa.vnni:
+        elif p.byte_words:
             for q in T.serial(kc * p.KCW, T.min((kc + 1) * p.KCW, lay.KQ)):
                 for r in T.unroll(mr):
                     for v in T.unroll(nv):
-                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = dpbusd(
+                        acc[T.ramp((r * nv + v) * VEC, 1, VEC)] = quad_sums(
                             acc[T.ramp((r * nv + v) * VEC, 1, VEC)],
-                            x_word(XP32, g, m0 + r, q),
+                            x_bytes(XP32, g, m0 + r, q),
                             T.reinterpret("int8x32", W32[g, cv0 + v, q, T.ramp(0, 1, VEC)]),
                         )
         else:
@@ -349,11 +360,13 @@ def gemm_conv(x_shape: tuple[int, ...], x_dtype: str, weight: np.ndarray, stride
         return None
     if lut is not None and not (whole and residual is None and lut_fits(lut[0], geo.OC, int(qmin), int(qmax))):
         return None
+    isa = isa or Isa()
     plan = GemmPlan(geo=geo, G=G, x_dtype=x_dtype, x_buf_shape=tuple(x_buf_shape or (geo.N, geo.H, geo.W, geo.C)),
                     out_shape=tuple(out_shape or (geo.N, geo.OH, geo.OW, geo.OC)),
                     epilogue=Epilogue(requant, int(qmin), int(qmax), lut[0].dtype if lut else out_dtype, f64,
-                                      residual, lut[0] if lut else None), isa=isa or Isa(),
-                    wbits=wbits, num_threads=num_threads)
+                                      residual, lut[0] if lut else None), isa=isa,
+                    wbits=wbits, num_threads=num_threads,
+                    byte_pairs=wbits == 8 and not isa.vnni and u8s8_pairs_exact(weight))
     func = gemm_func(plan)
     lay = plan.layout
     w32 = pack_gemm_weight(weight, lay)

@@ -40,7 +40,7 @@ class GemmLayout:
     ICg: int
     word_rows: bool  # kh rows zero-padded to whole 4-byte words
     wbits: int
-    vnni: bool
+    byte_words: bool  # int8 weights as bytes, 4 K values per word (VNNI's layout), not int16 pairs
 
     @property
     def KWIC(self) -> int:
@@ -89,12 +89,12 @@ class GemmLayout:
     @property
     def byte_x(self) -> bool:
         """Activations packed as bytes x' (4 per int32 word), not int16 pairs."""
-        return self.wbits == 4 or self.vnni
+        return self.wbits == 4 or self.byte_words
 
     @property
     def WK(self) -> int:
         """Weight words per output channel."""
-        return self.KQ2 if self.wbits == 4 else self.KQ if self.vnni else self.KP
+        return self.KQ2 if self.wbits == 4 else self.KQ if self.byte_words else self.KP
 
     @property
     def XW(self) -> int:
@@ -175,7 +175,7 @@ def pack_gemm_weight(weight: np.ndarray, lay: GemmLayout) -> np.ndarray:
     """The GEMM weights in the words the micro-kernel of `lay` reads."""
     if lay.wbits == 4:
         return pack_gemm_weight_int4(weight, lay)
-    if lay.vnni:
+    if lay.byte_words:
         return pack_gemm_weight_vnni(weight, lay)
     return pack_gemm_weight_pairs(weight, lay)
 

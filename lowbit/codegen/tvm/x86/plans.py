@@ -87,7 +87,7 @@ class Epilogue:
         return f"{self.out_dtype}x{VEC}"
 
 
-def choose_tile(M: int, OCB: int, wbits: int = 8, registers: int = 16) -> tuple[int, int]:
+def choose_tile(M: int, OCB: int, wbits: int = 8, registers: int = 16, byte_pairs: bool = False) -> tuple[int, int]:
     """(MR rows, NV int32x8 column vectors) of the register tile; AVX-512 has 32 vector registers, not 16."""
     if registers == 32 and wbits == 8 and M > 2 and OCB > 1:
         if OCB % 4 == 0:
@@ -95,7 +95,9 @@ def choose_tile(M: int, OCB: int, wbits: int = 8, registers: int = 16) -> tuple[
         if OCB % 3 == 0:
             return 8, 3
         return 12, 2
-    if wbits == 4 and M > 2 and OCB > 1:
+    if byte_pairs and M > 2 and OCB % 3 == 0:
+        return 3, 3  # 9 accumulators + 3 weight vectors + broadcast, product, ones: 2-3% over 4x2 on MiniLM
+    if (wbits == 4 or byte_pairs) and M > 2 and OCB > 1:
         return 4, 2  # 8 accumulators + 4 unpacked weight vectors + broadcasts fit the 16 ymm registers
     if M <= 2:
         return max(M, 1), max(1, min(OCB, 4))
@@ -120,6 +122,14 @@ class GemmPlan:
     isa: Isa
     wbits: int = 8
     num_threads: int = NUM_THREADS
+    # AVX2, int8 weights within `ir.weights.U8S8_EXACT_WEIGHT_MAX`: bytes x' * w by PMADDUBSW (exact for them) and
+    # PMADDWD with ones, 32 products per pair of instructions, on the VNNI layout; else int16 pairs, 16 each
+    byte_pairs: bool = False
+
+    @property
+    def byte_words(self) -> bool:
+        """int8 weights as bytes, 4 K values per word (VNNI, or `byte_pairs`)."""
+        return self.wbits == 8 and (self.isa.vnni or self.byte_pairs)
 
     @property
     def OCg(self) -> int:
@@ -139,12 +149,12 @@ class GemmPlan:
     @property
     def layout(self) -> GemmLayout:
         g = self.geo
-        byte_x = self.wbits == 4 or self.isa.vnni
+        byte_x = self.wbits == 4 or self.byte_words
         # im2col by whole words where a kh row's K values come 4 bytes at a time from the input: its (kw, ic) run
         # is contiguous (one group, no dilation) or channels come in fours. Rows are then zero-padded (zero
         # weights) to whole words; a word may read up to 3 bytes past its row, which the zero weights cancel.
         word_rows = byte_x and not self.is_pointwise and ((self.G == 1 and g.dw == 1) or g.ICg % 4 == 0)
-        return GemmLayout(self.G, self.OCg, g.KH, g.KW, g.ICg, word_rows, self.wbits, self.isa.vnni)
+        return GemmLayout(self.G, self.OCg, g.KH, g.KW, g.ICg, word_rows, self.wbits, self.byte_words)
 
     # -- im2col by words -------------------------------------------------------------------------------------
 
@@ -172,7 +182,7 @@ class GemmPlan:
 
     @property
     def tile(self) -> tuple[int, int]:
-        return choose_tile(self.M, self.layout.OCB, self.wbits, self.isa.registers)
+        return choose_tile(self.M, self.layout.OCB, self.wbits, self.isa.registers, self.byte_pairs)
 
     @property
     def MR(self) -> int:
@@ -289,10 +299,12 @@ class GemmPlan:
     @property
     def x_direct(self) -> bool:
         """Pointwise convs read the input's words in place (no packing pass); int8 ones flip each word to x + 128,
-        two more instructions per word and row: below 64 channels the packing pass costs less (measured)."""
+        two more instructions per word and row: below 64 channels the packing pass costs less (measured). Not
+        for `byte_pairs`: with two multiplies per product word, the flip in the loop cost MiniLM's FFN-up 20%
+        against packing (AVX2, measured)."""
         C = self.geo.C
         return self.layout.byte_x and self.is_pointwise and C == self.layout.KB and (
-            self.x_dtype == "uint8" or C >= 64)
+            self.x_dtype == "uint8" or (C >= 64 and not self.byte_pairs))
 
     @property
     def x_flip(self) -> bool:
