@@ -262,6 +262,16 @@ def test_int4_plan_gives_int4_weights(graph: Graph, data) -> None:
     assert qg.weight_bytes() < quantize(graph, data[0][:16]).weight_bytes()
 
 
+def test_7_bit_weights_are_int8_on_the_narrow_grid(graph: Graph, data) -> None:
+    # --bits 7: int8 values in [-63, 63] (the u8 x s8 byte pairs' exact grid), each stored in a byte
+    qg = quantize(graph, data[0][:16], QuantConfig(bits=7), BitPlan.uniform(graph, 7))
+    weights = [op.arrays["weight"] for op in qg.layers]
+    assert all(w.dtype == np.int8 and np.abs(w).max() == 63 for w in weights)
+    assert qg.weight_bytes() == quantize(graph, data[0][:16]).weight_bytes()
+    with pytest.raises(LowbitError, match="--bits 6"):
+        QuantConfig(bits=6)
+
+
 def test_quantize_is_deterministic(graph: Graph, data) -> None:
     a = quantize(graph, data[0][:16])
     b = quantize(graph, data[0][:16])
