@@ -13,7 +13,7 @@ from click.testing import CliRunner
 tvm = pytest.importorskip("tvm", reason="TVM backend tests need apache-tvm (pip install 'lowbit[tvm]')")
 
 from lowbit.cli.main import lowbit  # noqa: E402
-from lowbit.codegen.tvm import lower, parse_target  # noqa: E402
+from lowbit.codegen.tvm import compile_to, lower, parse_target  # noqa: E402
 from lowbit.codegen.tvm.compile import layer_kernels, x86_layer_kernels  # noqa: E402
 from lowbit.codegen.tvm.latency import measure_layers  # noqa: E402
 from lowbit.codegen.tvm.x86.isa import PMADDUBSW  # noqa: E402
@@ -276,6 +276,20 @@ def test_small_cnn_mixed_int4_int8_is_bit_exact_on_100_inputs(small_cnn: tuple) 
     assert sorted(set(qgraph.bit_plan().values())) == [4, 8]
     x = smooth_noise(100, 8)
     np.testing.assert_array_equal(_run_compiled(qgraph, x), run_reference(qgraph, x)[qgraph.outputs[0]])
+
+
+def test_an_avx2_build_points_int8_layers_to_7_bit_weights(small_cnn: tuple, tmp_path: Path) -> None:
+    # Haswell: AVX2 without VNNI, whatever CPU builds it. Its int8 layers get a note, 7-bit ones (byte pairs) none.
+    graph, calib = small_cnn
+    notes: list[str] = []
+    for bits in (8, 7):
+        qgraph = quantize(graph, calib, QuantConfig(rounding="nearest", bits=bits), BitPlan.uniform(graph, bits))
+        (tmp_path / str(bits)).mkdir()
+        messages: list[str] = []
+        meta = compile_to(qgraph, tmp_path / str(bits), "llvm -mcpu=haswell", log=messages.append)
+        assert meta["kernels"] == "x86-avx2"
+        notes.append(" ".join(m for m in messages if m.startswith("note: no VNNI")))
+    assert "--bits 7" in notes[0] and not notes[1]
 
 
 def test_unsupported_ops_are_listed_at_once(small_cnn: tuple) -> None:
