@@ -150,11 +150,11 @@ def compile_to(qgraph: QuantizedGraph, directory: Path, target_spec: str, log: L
     }
     write_json(out / TVM_META, meta)
     log(f"compiled with {kernel_set} kernels in {compile_s:.1f}s")
-    if kernel_set == "x86-avx2":
-        wide = [op.name for op in qgraph.layers
-                if op.attrs["weight_bits"] == 8 and not u8s8_pairs_exact(op.arrays["weight"])]
-        if wide:
-            log(f"note: no VNNI on this target, so {len(wide)} int8 layers multiply in int16 pairs; --bits 7 (int8 "
-                "on [-63, 63]) lets their GEMMs use exact u8 x s8 byte pairs, which run faster (BENCHMARKS.md, MiniLM)")
+    if kernel_set == "x86-avx2":  # GEMM layers: linears and convs with more than one input channel per group
+        pairs = [op.name for op in qgraph.layers if op.attrs["weight_bits"] == 8 and op.arrays["weight"].shape[1] > 1
+                 and not u8s8_pairs_exact(op.arrays["weight"])]
+        if pairs:
+            log(f"note: no VNNI on this target, so {len(pairs)} int8 GEMM layers multiply in int16 pairs; --bits 7 "
+                "(int8 on [-63, 63]) lets them use exact u8 x s8 byte pairs, which run faster (BENCHMARKS.md)")
     return meta
 
