@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     quantize_dynamic(str(fp32_path), str(folder / "dynamic.onnx"), weight_type=QuantType.QInt8)
     contenders.append(Contender("ORT quantize_dynamic (INT8 weights, dynamic activations)",
                                 _ort_embed(folder / "dynamic.onnx", args.threads), time.perf_counter() - start))
-    # reduce_range: 7-bit weights, on which ORT's u8 x s8 kernels cannot saturate (the grid of lowbit's --bits 7)
+    # reduce_range: 7-bit weights, on which ORT's u8 x s8 kernels cannot saturate (per tensor here; lowbit's
+    # --bits 7 is per channel)
     start = time.perf_counter()
     quantize_dynamic(str(fp32_path), str(folder / "dynamic7.onnx"), weight_type=QuantType.QInt8, reduce_range=True)
     contenders.append(Contender("ORT quantize_dynamic reduce_range (7-bit weights, dynamic activations)",
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     smoothed, _ = smooth(graph, {k: torch.from_numpy(v) for k, v in calib.items()}, "auto")
     smooth_s = time.perf_counter() - start
     # (graph, its smoothing seconds, weight bits, timed in TVM). --bits 7: int8 on the 7-bit grid, which lets an
-    # AVX2 CPU without VNNI run the exact u8 x s8 byte-pair GEMM (ORT's reduce_range grid).
+    # AVX2 CPU without VNNI run the exact u8 x s8 byte-pair GEMM (7 bits, as ORT's reduce_range).
     graphs = {"lowbit W8A8 integer-only, SmoothQuant auto (the default)": (smoothed, smooth_s, 8, True),
               "lowbit W7A8 integer-only (--bits 7), SmoothQuant auto": (smoothed, smooth_s, 7, True),
               "lowbit W8A8 integer-only, --smooth none": (graph, 0.0, 8, False)}

@@ -12,8 +12,8 @@ from .calibrate import METHODS
 from .graph import Graph
 from .smooth import parse_smooth
 
-# 7: int8 storage on the 7-bit grid [-63, 63] (ORT's reduce_range), so that AVX2 CPUs without VNNI run the exact
-# u8 x s8 byte-pair GEMM on it (`ir.weights.u8s8_pairs_exact`)
+# 7: int8 storage on the 7-bit grid [-63, 63] (7 bits, as ORT's reduce_range), so that AVX2 CPUs without VNNI
+# run the exact u8 x s8 byte-pair GEMM on it (`ir.weights.u8s8_pairs_exact`)
 SUPPORTED_WEIGHT_BITS = (4, 7, 8)
 SUPPORTED_ACTIVATION_BITS = (8, 16)
 PLAN_FORMAT = "lowbit-bitplan-v1"
