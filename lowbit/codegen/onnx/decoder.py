@@ -17,7 +17,7 @@ up to the block boundary; the kernel reads only K columns. Any other weight (3 b
 from the stored integers (one byte per value, zero points and scales) or VQ indices (one byte per vector and
 stage, codewords and row scales), the artifact's own dequantization: every input of that computation is a
 constant, so ONNX Runtime folds it into a float table when the session is created. The file keeps the compact
-weights (SmolLM2 vq2: 66 MB, not 540), the run gets a float MatMul. A float array stays a float initializer (so
+weights (SmolLM2 vq2: 64 MB, not 540), the run gets a float MatMul. A float array stays a float initializer (so
 that ORT's MatMulNBitsQuantizer can quantize an FP32 export). The token embedding gathers the rows of the same
 packed table as the (tied) LM head's MatMulNBits and dequantizes those t rows in the graph, or, when the tied LM
 head is a float MatMul, the columns of its [hidden, vocab] table. The rest (RMSNorm, rotary,

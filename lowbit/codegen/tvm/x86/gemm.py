@@ -6,7 +6,7 @@ it into 8 output channels per vector:
 - AVX2, int8 weights: int16 pairs, `vpmaddwd` (exact int16*int16 pair sums into int32); weights within |w| <= 64
   (`ir.weights.u8s8_pairs_exact`, all of them at `--bits 7`): bytes x' as for VNNI, `vpmaddubsw` (which cannot
   saturate on them) and `vpmaddwd` with ones, 32 products per two instructions rather than 16 per one (`byte_pairs`,
-  measured 1.26x on MiniLM's FFN GEMM);
+  1.2-1.25x on MiniLM's FFN GEMMs: `benchmarks/bench_byte_pairs.py`);
 - VNNI, int8 weights: bytes x' (uint8 x; int8 x+128, with -128*sum_k w folded into the bias), `vpdpbusd` (u8*s8
   quads summed exactly into int32);
 - int4 weights, unpacked in the kernel: per 8 K values `(v & 0x0F0F0F0F) - 8` and `((v >> 4) & ...) - 8` (int8
