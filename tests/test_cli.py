@@ -114,7 +114,7 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
     assert confident["gap"] == 1.0 and 0 < confident["samples"] < 64 and confident["agree"] <= confident["samples"]
     markdown = (out / "report.md").read_text()
     low, high = 100 * top1["low"], 100 * top1["high"]
-    assert (f"| top-1 agreement FP32 vs INT8 | {100 * fidelity['top1_agreement']:.1f}% [{low:.1f}, {high:.1f}] "
+    assert (f"| top-1 agreement FP32 vs quantized | {100 * fidelity['top1_agreement']:.1f}% [{low:.1f}, {high:.1f}] "
             f"({top1['agree']}/64 samples, grouping unknown) |") in markdown
     assert "| … on confident inputs (FP32 gap > 1.0) |" in markdown
     # Every backend gives the reference's integers on held-out, random and saturating inputs.
@@ -132,7 +132,7 @@ def test_zoo_run_writes_a_complete_verified_artifact(artifact: tuple[Path, Resul
 
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# lowbit quantization report: small_cnn")
-    assert "top-1 agreement FP32 vs INT8" in markdown and "| `fc2` | linear |" in markdown
+    assert "top-1 agreement FP32 vs quantized" in markdown and "| `fc2` | linear |" in markdown
     assert "bit-exact vs the reference on 80 inputs (64 held-out, 8 random, 8 saturating)" in markdown
     assert "allow-mismatch" not in markdown
 

@@ -470,5 +470,5 @@ def test_quantize_a_text_model_with_smoothing(bert_dir: Path, tmp_path: Path) ->
     groups = report["smoothing"]["groups"]
     assert groups and {"tensor", "outliers_before", "outliers_after", "applied"} <= set(groups[0])
     markdown = (out / "report.md").read_text()
-    assert "embedding cosine FP32 vs INT8" in markdown and "## SmoothQuant" in markdown
+    assert "embedding cosine FP32 vs quantized" in markdown and "## SmoothQuant" in markdown
     assert (out / "tokenizer.json").is_file()

@@ -26,8 +26,9 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
     progress.echo("evaluate", f"FP32 and per-layer fake-quant on {samples(len(heldout), 'held-out sample')}")
     with progress.stage("evaluate: fp32 + per-layer"):
         fp32, layer_sqnr = reports.float_outputs_and_layer_sqnr(graph, qgraph, heldout.data)
-    progress.echo("evaluate", f"INT8 reference executor on {samples(len(heldout), 'held-out sample')}")
-    with progress.stage("evaluate: int8 reference"):
+    progress.echo("evaluate",
+                  f"the quantized model in the reference executor on {samples(len(heldout), 'held-out sample')}")
+    with progress.stage("evaluate: reference"):
         int8, int8_integers = run_reference_batches(qgraph, heldout.data)
     per_output = {o: output_fidelity(fp32[o], int8[o], heldout.photos, graph.is_embedding(o)) for o in graph.outputs}
     fidelity = {"output": graph.outputs[0], **per_output[graph.outputs[0]], "per_output": per_output}
@@ -35,10 +36,10 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
     agreement = reports.fmt_agreement(fidelity)
     if fidelity.get("cosine"):
         agreement = None
-        progress.echo("evaluate", f"embedding cosine FP32 vs INT8 {reports.fmt_cosine(fidelity['cosine'])}")
+        progress.echo("evaluate", f"embedding cosine FP32 vs quantized {reports.fmt_cosine(fidelity['cosine'])}")
     progress.echo("evaluate", f"{'top-1 agreement ' + agreement + ', ' if agreement else ''}output SQNR "
                               f"{reports.fmt_db(fidelity['sqnr_db'])} (FP32 {t['evaluate: fp32 + per-layer']:.1f}s, "
-                              f"reference {t['evaluate: int8 reference']:.1f}s)")
+                              f"reference {t['evaluate: reference']:.1f}s)")
 
     notes = []
     labelled = None
@@ -51,8 +52,8 @@ def evaluate(prepared: Prepared, qgraph: QuantizedGraph, config: QuantConfig,
             else:
                 labelled = reports.labelled_scores(graph, qgraph, x, labels, f"{ZOO_PREFIX}{entry.name} labelled set")
         if labelled:
-            progress.echo("evaluate", f"labelled top-1: FP32 {reports.fmt_pct(labelled['top1_fp32'])}, "
-                                      f"INT8 {reports.fmt_pct(labelled['top1_int8'])} ({labelled['samples']} images)")
+            progress.echo("evaluate", f"labelled top-1: FP32 {reports.fmt_pct(labelled['top1_fp32'])}, quantized "
+                                      f"{reports.fmt_pct(labelled['top1_int8'])} ({labelled['samples']} images)")
 
     report = {
         "lowbit_version": __version__,

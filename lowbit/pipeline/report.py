@@ -1,8 +1,8 @@
 """Fidelity of the quantized model on held-out inputs, and the report files (report.json, report.md).
 
-FP32 is the captured float `Graph`; INT8 is the reference executor on the integer
-IR, the ground truth every backend must match. Per-layer SQNR uses the fake-quant
-simulation (float ops on the integer grid), which is much cheaper than running
+FP32 is the captured float `Graph`; "quantized" is the reference executor on the integer IR (of whatever
+widths: the weights / activations row gives them), the ground truth every backend must match. Per-layer
+SQNR uses the fake-quant simulation (float ops on the integer grid), which is much cheaper than running
 the reference layer by layer and differs from it only in requantization rounding.
 """
 
@@ -105,8 +105,8 @@ def float_outputs_and_layer_sqnr(graph: Graph, qgraph: QuantizedGraph, x: ModelD
 
 def labelled_scores(graph: Graph, qgraph: QuantizedGraph, x: np.ndarray, labels: np.ndarray,
                     source: str) -> dict[str, Any]:
-    """Top-1 accuracy of FP32 and INT8 against true labels (one image per photo), with bootstrap 95% intervals,
-    and the interval of INT8 minus FP32 (paired: both scored on the same images)."""
+    """Top-1 accuracy of FP32 and the quantized model against true labels (one image per photo), with bootstrap
+    95% intervals, and the interval of quantized minus FP32 (paired: both scored on the same images)."""
     output = graph.outputs[0]
     fp32 = torch.cat([run_graph(graph, torch.from_numpy(x[i:i + EVAL_BATCH]))[output]
                       for i in range(0, len(x), EVAL_BATCH)]).numpy()
@@ -232,18 +232,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("recipe", _recipe(report)),
         ("held-out", f"{samples_text(report['heldout'])}: {report['heldout']['source']}"),
         *_agreement_rows(fid),
-        ("mean KL(FP32 ‖ INT8)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
+        ("mean KL(FP32 ‖ quantized)", "n/a" if fid["mean_kl"] is None else f"{fid['mean_kl']:.5f}"),
         ("output SQNR", fmt_db(fid["sqnr_db"])),
     ]
     lab = report.get("labelled")
     if lab:
         if "top1_fp32_interval" in lab:
             d = lab["int8_minus_fp32"]
-            text = (f"FP32 {fmt_interval(lab['top1_fp32'], lab['top1_fp32_interval'])}, INT8 "
-                    f"{fmt_interval(lab['top1_int8'], lab['top1_int8_interval'])}; INT8 − FP32 "
+            text = (f"FP32 {fmt_interval(lab['top1_fp32'], lab['top1_fp32_interval'])}, quantized "
+                    f"{fmt_interval(lab['top1_int8'], lab['top1_int8_interval'])}; quantized − FP32 "
                     f"{100 * d['value']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
         else:
-            text = f"FP32 {fmt_pct(lab['top1_fp32'])}, INT8 {fmt_pct(lab['top1_int8'])}"
+            text = f"FP32 {fmt_pct(lab['top1_fp32'])}, quantized {fmt_pct(lab['top1_int8'])}"
         rows.append((f"labelled top-1 ({lab['samples']} images)", text))
     compression = f" ({size['compression']:.2f}x smaller)" if size["compression"] else ""
     rows.append(("layer weights + biases",
@@ -366,12 +366,12 @@ def fmt_cosine(cosine: dict[str, Any]) -> str:
 def _agreement_rows(fid: dict[str, Any]) -> list[tuple[str, str]]:
     """The embedding cosine row, or the top-1 agreement row and the one on confident inputs."""
     if fid.get("cosine"):
-        return [("embedding cosine FP32 vs INT8", fmt_cosine(fid["cosine"]))]
+        return [("embedding cosine FP32 vs quantized", fmt_cosine(fid["cosine"]))]
     summary = fid.get("agreement")
     if summary is None:
-        return [("top-1 agreement FP32 vs INT8", fmt_pct(fid["top1_agreement"]))]
+        return [("top-1 agreement FP32 vs quantized", fmt_pct(fid["top1_agreement"]))]
     confident = summary["confident"]
-    return [("top-1 agreement FP32 vs INT8", Agreement.from_json(summary["top1"]).describe()),
+    return [("top-1 agreement FP32 vs quantized", Agreement.from_json(summary["top1"]).describe()),
             (f"… on confident inputs (FP32 gap > {float(confident['gap'])})",
              Agreement.from_json(confident).describe())]
 
