@@ -286,6 +286,29 @@ def test_sensitivity_search_and_plan_end_to_end(tmp_path: Path) -> None:
     assert run_reference(qgraph, x)[qgraph.outputs[0]].shape[0] == 1
 
 
+def test_search_trades_7_against_8_bits_by_bops_not_by_size(tmp_path: Path) -> None:
+    """--bits 7,8: int8 storage on the 7-bit grid (AVX2's exact byte-pair GEMM). A BOPs budget below uniform 8-bit
+    mixes the two widths and the plan quantizes to 7-bit weights within [-63, 63], bit-exact in ORT; a size budget
+    cannot trade them (both a byte per weight) and says so, writing nothing."""
+    search_dir, out = tmp_path / "s", tmp_path / "q"
+    r = _invoke("search", "zoo:small_cnn", "--bits", "7,8", "--bops", "0.95x", "--frontier-points", 0,
+                "-o", search_dir)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((search_dir / "plan.json").read_text())
+    assert set(plan["bits"].values()) == {7, 8}
+    assert plan["costs"]["bops"] <= plan["budgets"]["bops"] * (1 + 1e-9)
+    r = _invoke("quantize", "zoo:small_cnn", "--plan", search_dir / "plan.json", "--target", "none", "-o", out)
+    assert r.exit_code == 0, r.output
+    qgraph = QuantizedGraph.load(out / "ir")
+    for name, bits in plan["bits"].items():
+        weight = np.abs(qgraph.op(name).arrays["weight"].astype(np.int64))
+        assert weight.max() <= (63 if bits == 7 else 127) and (bits == 7 or weight.max() > 63)
+    assert json.loads((out / "report.json").read_text())["onnxruntime"]["model.int.onnx"]["bit_exact"]
+    r = _invoke("search", "zoo:small_cnn", "--bits", "7,8", "--size", "0.95x", "-o", tmp_path / "size")
+    assert r.exit_code == 2 and "7-bit weights are stored a byte each" in r.output
+    assert not (tmp_path / "size").exists()
+
+
 def test_search_refuses_bad_requests(tmp_path: Path) -> None:
     r = _invoke("search", "zoo:small_cnn", "-o", tmp_path / "s")
     assert r.exit_code == 2 and "give a budget" in r.output

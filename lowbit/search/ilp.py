@@ -184,9 +184,13 @@ def _check_budgets(problem: Problem, units: Mapping[str, Callable[[float], str]]
         smallest = problem.metric_range(m)[0]
         if budget < smallest * (1 - 1e-9):
             fmt = units.get(m, lambda v: f"{v:.6g}")
+            same_bytes = ""
+            if m == "size" and 7 in problem.bits:
+                same_bytes = (" (7-bit weights are stored a byte each, as 8-bit ones: a size budget cannot trade "
+                              "one for the other; a --bops or --latency budget can)")
             raise LowbitError(f"{m} budget {fmt(budget)} is infeasible: the smallest {m} any plan reaches is "
-                              f"{fmt(smallest)} (every layer at its cheapest bit-width); raise the budget to at "
-                              f"least that")
+                              f"{fmt(smallest)} (every layer at its cheapest bit-width){same_bytes}; raise the budget "
+                              f"to at least that")
 
 
 def _describe(budgets: Mapping[str, float], units: Mapping[str, Callable[[float], str]]) -> str:
