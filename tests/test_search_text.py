@@ -115,7 +115,7 @@ def test_search_a_text_model_within_the_cosine_band(outlier_text: tuple[Path, Pa
     result = CliRunner().invoke(lowbit, ["search", str(model), "--calib", str(calib), "--eval", str(heldout),
                                          "--seq-len", str(SEQ_LEN), "--max-drop", f"{100 * max_drop:g}%",
                                          "--bisect", "bops", "--frontier-points", "2", "--bisect-steps", "3",
-                                         "-o", str(out)])
+                                         "--smooth", "none", "-o", str(out)])  # the outliers stay, on purpose
     assert result.exit_code == 0, result.output
     frontier = json.loads((out / "frontier.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
@@ -140,6 +140,27 @@ def test_search_a_text_model_within_the_cosine_band(outlier_text: tuple[Path, Pa
     report = (out / "report.md").read_text()
     assert "| embedding cosine | worst 1% / min cosine | drop vs baseline |" in report
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_and_sensitivity_smooth_as_quantize_does(tiny_text: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A text model's search measures its plans on the SmoothQuant-smoothed graph, as `quantize --plan` builds it
+    (--smooth default: auto for a transformer), and refuses a sensitivity measured with another --smooth."""
+    model, calib, heldout = tiny_text
+    data = ["--calib", str(calib), "--eval", str(heldout)]  # `lowbit sensitivity` has no --seq-len: the default
+    sens = tmp_path / "sens"
+    result = CliRunner().invoke(lowbit, ["sensitivity", str(model), *data, "--samples", "4", "--check-configs", "0",
+                                         "--max-trace-seconds", "1", "--smooth", "none", "-o", str(sens)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((sens / "sensitivity.json").read_text())["smooth"] == "none"
+    search = ["search", str(model), *data, "--bops", "0.9x", "--frontier-points", "0"]
+    result = CliRunner().invoke(lowbit, [*search, "--sensitivity", str(sens), "-o", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "measured with --smooth none, but this search smooths with auto" in result.output
+    assert not (tmp_path / "refused").exists()
+    result = CliRunner().invoke(lowbit, [*search, "-o", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "SmoothQuant (alpha auto)" in result.output
+    assert json.loads((tmp_path / "s" / "frontier.json").read_text())["smooth"] == "auto"
+    assert json.loads((tmp_path / "s" / "sensitivity" / "sensitivity.json").read_text())["smooth"] == "auto"
 
 
 def test_layers_of_one_signature_share_one_timed_kernel(prepared: Prepared) -> None:

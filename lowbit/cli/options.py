@@ -45,6 +45,19 @@ def tuning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "in the cache); each layer keeps the faster of its tuned and hand-written kernels.")(fn)
 
 
+SMOOTH_HELP = ("SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), auto (alpha per group of "
+               "linears, chosen by the W8A8 error on held-back calibration data). 1/s folds into the producer (a "
+               "linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual add reading the "
+               "same tensor multiplies it back per channel; groups where it cannot fold are reported, not applied. "
+               "default: auto for transformers (graphs that read an attention mask), none for CNNs.")
+
+
+def smooth_option(extra: str = "") -> Callable[[F], F]:
+    """--smooth, shared by `quantize`, `search` and `sensitivity`, so that a plan is searched on the graph that
+    quantize builds; `extra` adds what one command does beyond that."""
+    return click.option("--smooth", default="default", show_default=True, help=SMOOTH_HELP + extra)
+
+
 def rpc_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--rpc-tracker and --rpc-key, shared by `compile`, `bench`, `search` and `quantize`: run or time on the devices
     a TVM RPC tracker knows under a key (`rpc_target` turns them into an `RpcTarget`)."""

@@ -12,7 +12,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from ..errors import LowbitError
 from ..models.zoo import ZOO_PREFIX, ZooEntry, entry_is_not_a_decoder, get_zoo_entry
 from ..quantizer.graph import Graph
+from ..quantizer.smooth import SmoothReport, parse_smooth, resolve_smooth, smooth
 from ..runtime.text import EMBEDDING as TEXT_OUTPUT
 from . import report as reports
 from .data import (
@@ -63,6 +64,24 @@ class Prepared:
     heldout: Inputs
     entry: ZooEntry | None
     text: TextModel | None = None  # a text model's tokenizer and sequence length, which its artifact carries
+    smooth: str = "none"  # the SmoothQuant setting `graph` was smoothed with (`smooth_prepared`)
+
+
+def smooth_prepared(prepared: Prepared, setting: str, progress: Progress) -> tuple[Prepared, SmoothReport | None]:
+    """SmoothQuant on the prepared graph, as `setting` (--smooth: none, auto, an alpha, or default, resolved
+    per graph) asks; the returned Prepared records the resolved setting. quantize, search and sensitivity all
+    start from it, so a plan is searched (and its sensitivity measured) on the graph that quantize builds."""
+    setting = resolve_smooth(setting, prepared.graph)
+    alpha = parse_smooth(setting)
+    if alpha is None:
+        return replace(prepared, smooth=setting), None
+    with progress.stage("smooth"):
+        inputs = {k: torch.from_numpy(v) for k, v in prepared.calib.feed(list(prepared.graph.inputs)).items()}
+        smoothed, report = smooth(prepared.graph, inputs, alpha)
+    applied = sum(g.applied for g in report.groups)
+    progress.echo("smooth", f"SmoothQuant (alpha {alpha}): {applied}/{len(report.groups)} groups of linears "
+                            f"smoothed ({progress.timings['smooth']:.1f}s)")
+    return replace(prepared, graph=smoothed, smooth=setting), report
 
 
 def seed_everything(seed: int) -> None:

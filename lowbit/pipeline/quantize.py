@@ -19,8 +19,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import __version__
 from ..errors import LowbitError
 from ..io import atomic_directory, write_json
@@ -28,14 +26,14 @@ from ..ir import QuantizedGraph
 from ..models.zoo import ZOO_PREFIX
 from ..quantizer.config import BitPlan, QuantConfig
 from ..quantizer.recipe import Recipe, choose_recipe
-from ..quantizer.smooth import SmoothReport, parse_smooth, resolve_smooth, smooth
+from ..quantizer.smooth import SmoothReport
 from ..runtime.tokenizer import TOKENIZER_FILE
 from . import checks
 from . import report as reports
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, file_hashes, sha256_file
 from .data import Inputs
 from .evaluate import evaluate
-from .prepare import Data, Prepared, Source, prepare
+from .prepare import Data, Prepared, Source, prepare, smooth_prepared
 from .progress import Progress
 from .search import SearchOptions, SearchResult, run_search, write_search
 
@@ -118,17 +116,8 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
             bit_plan.validate(prepared.graph)
         except LowbitError as e:
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
-    smoothing = None
-    config = replace(config, smooth=resolve_smooth(config.smooth, prepared.graph))  # the report names what ran
-    alpha = parse_smooth(config.smooth)
-    if alpha is not None:
-        with progress.stage("smooth"):
-            inputs = {k: torch.from_numpy(v) for k, v in prepared.calib.feed(list(prepared.graph.inputs)).items()}
-            smoothed, smoothing = smooth(prepared.graph, inputs, alpha)
-        prepared = replace(prepared, graph=smoothed)
-        applied = sum(g.applied for g in smoothing.groups)
-        progress.echo("smooth", f"SmoothQuant (alpha {alpha}): {applied}/{len(smoothing.groups)} groups of linears "
-                                f"smoothed ({progress.timings['smooth']:.1f}s)")
+    prepared, smoothing = smooth_prepared(prepared, config.smooth, progress)
+    config = replace(config, smooth=prepared.smooth)  # the report names what ran
     graph, calib = prepared.graph, prepared.calib.data  # one array, or a text model's arrays by input name
     found = None
     if max_drop is not None:

@@ -15,7 +15,7 @@ from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
 from . import report as reports
-from .prepare import Prepared, Source, prepare
+from .prepare import Prepared, Source, prepare, smooth_prepared
 from .progress import Progress
 from .sensitivity import run_sensitivity, write_sensitivity
 
@@ -90,13 +90,16 @@ class SearchResult:
 
 
 def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
-           progress: Progress | None = None) -> dict[str, Any]:
+           progress: Progress | None = None, smooth: str = "default") -> dict[str, Any]:
     """The whole `lowbit search`: writes plan.json, frontier.json/.png and report.md to `output` (atomically).
+    `smooth` is quantize's --smooth: the plans are measured on the graph `lowbit quantize --plan` will build.
 
     Returns the summary that frontier.json holds, without its points."""
     progress = progress or Progress()
     _check_options(o)
-    result = run_search(prepare(source, progress), o, progress)
+    prepared, _ = smooth_prepared(prepare(source, progress), smooth, progress)
+    result = run_search(prepared, o, progress)
+    result.summary["smooth"] = prepared.smooth
     result.summary["seconds"] = progress.elapsed()
     with atomic_directory(output, force) as tmp:
         write_search(tmp, result)
@@ -145,6 +148,10 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     graph = prepared.graph
     if sens is not None and sorted(layer.name for layer in sens.layers) != sorted(n.name for n in graph.layers):
         raise LowbitError(f"{sensitivity_dir}: measured on a different model ({sens.model}); its layers do not match")
+    if sens is not None and sens.smooth != prepared.smooth:
+        raise LowbitError(f"{sensitivity_dir}: measured with --smooth {sens.smooth}, but this search smooths with "
+                          f"{prepared.smooth}; pass --smooth {sens.smooth}, or measure the sensitivity again with "
+                          f"--smooth {prepared.smooth}")
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
         stats = calibrate(graph, prepared.calib.data, log)
     evaluator = s.PlanEvaluator(graph, prepared.calib.data, prepared.heldout.data, config, stats,

@@ -14,7 +14,7 @@ from ..quantizer.inputs import CalibData
 from ..sensitivity.analyze import SensitivityConfig
 from ..sensitivity.artifact import Sensitivity
 from . import plots
-from .prepare import Prepared, Source, prepare
+from .prepare import Prepared, Source, prepare, smooth_prepared
 from .progress import Progress
 
 
@@ -58,6 +58,7 @@ def run_sensitivity(prepared: Prepared, stats: dict, config: SensitivityConfig, 
     narrow, wide = activation_grids(prepared.graph, x, stats, quant or QuantConfig())
     with progress.stage("sensitivity"), progress.steps_of("sensitivity") as log:
         sens = compute_sensitivity(prepared.graph, x, narrow, config, labels, log, wide_quantizers=wide)
+    sens.smooth = prepared.smooth
     widest = max(layer.trace_half_width / layer.trace for layer in sens.layers if layer.trace > 0)
     progress.echo("sensitivity", f"{len(sens.layers)} layers, {sens.trace_draws} Hutchinson draws (widest 95% "
                                  f"interval ±{100 * widest:.1f}%), {len(sens.keys)} exact quadratic terms "
@@ -114,12 +115,14 @@ def sensitivity_markdown(sens: Sensitivity) -> str:
 
 
 def measure_sensitivity(source: Source, config: SensitivityConfig, labels: Path | None, check_configs: int,
-                        output: Path, force: bool = False, progress: Progress | None = None) -> Sensitivity:
-    """The whole `lowbit sensitivity`: measure on `source`'s calibration data, write `output` atomically."""
+                        output: Path, force: bool = False, progress: Progress | None = None,
+                        smooth: str = "default") -> Sensitivity:
+    """The whole `lowbit sensitivity`: measure on `source`'s calibration data, after quantize's smoothing
+    (`smooth`, its --smooth), write `output` atomically."""
     from ..quantizer.quantize import calibrate
 
     progress = progress or Progress()
-    prepared = prepare(source, progress)
+    prepared, _ = smooth_prepared(prepare(source, progress), smooth, progress)
     label_array = load_labels(labels, min(config.samples, len(prepared.calib)))
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
         stats = calibrate(prepared.graph, prepared.calib.data, log)

@@ -66,6 +66,7 @@ class Sensitivity:
     timings: dict[str, float] = field(default_factory=dict)
     # Measured vs predicted loss on random plans (see `analyze.check_predictions`).
     check: dict[str, Any] = field(default_factory=dict)
+    smooth: str = "none"  # the SmoothQuant setting of the graph it was measured on (older artifacts: none)
 
     def layer(self, name: str) -> LayerSensitivity:
         return next(layer for layer in self.layers if layer.name == name)

@@ -21,7 +21,7 @@ from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
 from ...quantizer.vq import VQ_PRESETS
 from ...quantizer.weight_only import WeightOnlyConfig
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
-from ..options import fraction, rpc_options, rpc_target, tuning_options, user_errors
+from ..options import fraction, rpc_options, rpc_target, smooth_option, tuning_options, user_errors
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
@@ -83,14 +83,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--output-aware-ranges", is_flag=True,
               help="With --calib-method auto: refine each 8-bit activation's range by the error at the network "
                    "output, kept only if the validation split agrees (slow: minutes on MobileNetV2).")
-@click.option("--smooth", default=DEFAULTS.smooth, show_default=True,
-              help="SmoothQuant before quantizing: none, an alpha in [0, 1] (0.5 is the paper's), auto (alpha "
-                   "per group of linears, chosen by the W8A8 error on held-back calibration data). 1/s folds into the "
-                   "producer (a linear's rows, LayerNorm's gamma/beta, a per-channel GELU table), and a residual "
-                   "add reading the same tensor multiplies it back per channel; groups where it cannot fold are "
-                   "reported, not applied. default: auto for transformers (graphs that read an attention "
-                   "mask), none for CNNs. Decoder LLMs: auto (default) or none: SmoothQuant+ before the weight "
-                   "rounding, alpha per group of linears by the rounding's output error.")
+@smooth_option(" Decoder LLMs: auto (default) or none: SmoothQuant+ before the weight rounding, alpha per group "
+               "of linears by the rounding's output error.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds numpy/torch and the zoo data; the same seed gives the same model.int.onnx.")
 @click.option("--target", help='Compile with TVM for this target, e.g. "llvm -mcpu=native" (the default when TVM is '

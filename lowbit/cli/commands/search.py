@@ -18,10 +18,19 @@ from ...pipeline.prepare import Source
 from ...pipeline.progress import Progress
 from ...pipeline.search import LATENCY_SOURCES, SearchOptions, search, text_model_defaults
 from ...quantizer.config import SUPPORTED_WEIGHT_BITS
+from ...quantizer.smooth import parse_smooth
 from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ...search.decoder_search import DECODER_BITS
 from ...search.ilp import DEFAULT_OBJECTIVE, OBJECTIVES
-from ..options import bit_list, fraction, model_and_data_options, rpc_options, rpc_target, user_errors
+from ..options import (
+    bit_list,
+    fraction,
+    model_and_data_options,
+    rpc_options,
+    rpc_target,
+    smooth_option,
+    user_errors,
+)
 
 DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "latency_budget", "target", "bit_set")
 
@@ -64,6 +73,8 @@ DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "l
               help="Let the search keep activation tensors at 16 bits where the accuracy they buy is worth the time "
                    "(needs a --latency or --bops budget, or --max-drop; each such tensor runs its readers as two "
                    "8-bit passes). Default: on for a text model, off otherwise.")
+@smooth_option(" The plans are measured on the smoothed graph, as `lowbit quantize --plan` will build it: give "
+               "both the same --smooth.")
 @click.option("--no-ties", is_flag=True, help="Let the layers feeding one residual add take different bit-widths.")
 @click.option("--frontier-points", type=int, default=3, show_default=True,
               help="Budgets measured for the frontier, evenly spaced from the cheapest plan (plus the uniform plan).")
@@ -74,9 +85,8 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
                    latency_budget: str | None, latency_table: Path | None, latency_source: str,
                    target: str | None, rpc_tracker: str | None, rpc_key: str | None,
                    max_drop: str | None, bisect: str | None, bit_set: str | None, seq_len: int | None,
-                   sensitivity_dir: Path | None, objective: str, wide_activations: bool | None, no_ties: bool,
-                   frontier_points: int,
-                   bisect_steps: int) -> None:
+                   sensitivity_dir: Path | None, objective: str, wide_activations: bool | None, smooth: str,
+                   no_ties: bool, frontier_points: int, bisect_steps: int) -> None:
     """Search per-layer bit-widths for MODEL under size/BOPs/latency budgets, or within an accuracy band.
 
     A decoder LLM (zoo:smollm2_135m, a Llama .gguf) takes --size (the whole model, e.g. 80MB or 0.6x of
@@ -112,5 +122,6 @@ def search_command(model: str, output: Path, calib: Path | None, eval_path: Path
     options = SearchOptions(bits, budgets, drop, latency_table, latency_source, sensitivity_dir, objective,
                             not no_ties, frontier_points, bisect_steps, target, rpc_target(rpc_tracker, rpc_key),
                             wide, bisect, defaults.get("budgets_of_widest", False) and wide)
+    parse_smooth(smooth)
     check_output_dir(output, force)  # fail before the slow part, not after it
-    search(Source(model, calib, eval_path, factory, seed, seq_len), options, output, force, Progress())
+    search(Source(model, calib, eval_path, factory, seed, seq_len), options, output, force, Progress(), smooth)

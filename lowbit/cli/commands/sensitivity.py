@@ -11,8 +11,9 @@ from ...io import check_output_dir
 from ...pipeline.prepare import Source
 from ...pipeline.progress import Progress
 from ...pipeline.sensitivity import measure_sensitivity
+from ...quantizer.smooth import parse_smooth
 from ...sensitivity.analyze import SensitivityConfig
-from ..options import bit_list, model_and_data_options, user_errors
+from ..options import bit_list, model_and_data_options, smooth_option, user_errors
 
 
 def _sensitivity_config(samples: int, head_classes: int, tolerance: float, max_trace_seconds: float, bits: str,
@@ -40,12 +41,16 @@ def _sensitivity_config(samples: int, head_classes: int, tolerance: float, max_t
               help="Time limit for Hutchinson sampling (the report gives the intervals reached).")
 @click.option("--check-configs", type=int, default=30, show_default=True,
               help="Random plans on which predicted and measured loss increases are compared (0: skip).")
+@smooth_option(" Measured on the smoothed graph, as quantize builds it; `lowbit search --sensitivity` refuses "
+               "one measured with another --smooth.")
 @user_errors
 def sensitivity_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                         seed: int, force: bool, labels: Path | None, samples: int, bits: str, pair_bits: str,
-                        head_classes: int, tolerance: float, max_trace_seconds: float, check_configs: int) -> None:
+                        head_classes: int, tolerance: float, max_trace_seconds: float, check_configs: int,
+                        smooth: str) -> None:
     """Measure how sensitive each layer of MODEL is to quantization (Hessian traces and inter-layer terms)."""
     config = _sensitivity_config(samples, head_classes, tolerance, max_trace_seconds, bits, pair_bits, seed)
+    parse_smooth(smooth)
     check_output_dir(output, force)  # fail before the slow part, not after it
     measure_sensitivity(Source(model, calib, eval_path, factory, seed), config, labels, check_configs, output, force,
-                        Progress())
+                        Progress(), smooth)
