@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50, help="timed calls per contender and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plan", type=Path, action="append", default=[],
+                        help="a plan.json from `lowbit search zoo:minilm_l6` (its default smoothing): one more lowbit "
+                             "contender, quantized with it as `lowbit quantize --plan` does (repeatable)")
     parser.add_argument("--no-latency", action="store_true", help="accuracy only (no quiet machine needed)")
     parser.add_argument("--latency-only", action="store_true",
                         help="latency only, of the default lowbit plan: section minilm_latency")
@@ -273,10 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.latency_only:
         graphs = {name: g for name, g in graphs.items() if g[3]}
     executor = ""
+    for path in args.plan:
+        plan = BitPlan.load(path)
+        widths = "/".join(f"W{b}" for b in sorted(set(plan.bits.values()), reverse=True))
+        graphs[f"lowbit {widths}A8 plan {path.parent.name}/{path.name}, SmoothQuant auto"] = (smoothed, smooth_s, plan,
+                                                                                              True)
     for name, (graph, smooth_s, bits, timed) in graphs.items():
-        plan = BitPlan.uniform(graph, bits)
+        plan = bits if isinstance(bits, BitPlan) else BitPlan.uniform(graph, bits)
         start = time.perf_counter() - smooth_s
-        qgraph = quantize(graph, calib, QuantConfig(bits=bits), plan, log=lambda m: None)
+        qgraph = quantize(graph, calib, QuantConfig(bits=max(plan.bits.values())), plan, log=lambda m: None)
         built = time.perf_counter() - start
         log(f"{name}: quantized in {built:.0f}s; {len(wide_tensors(graph)) + len(plan.activation_bits)} int16 tensors")
         embed, executor = lowbit_embed(graph, qgraph, check, args.threads, folder)

@@ -35,7 +35,7 @@ from sections import cpu_info, lowbit_revision, write_section
 
 from lowbit.ir import QuantizedGraph
 from lowbit.metrics import bootstrap_interval, paired_difference
-from lowbit.pipeline.prepare import Source, prepare
+from lowbit.pipeline.prepare import Source, prepare, smooth_prepared
 from lowbit.pipeline.progress import Progress
 from lowbit.pipeline.sensitivity import activation_grids
 from lowbit.quantizer.config import BitPlan, QuantConfig
@@ -57,11 +57,11 @@ def tvm_embed(qgraph: QuantizedGraph, check: dict[str, np.ndarray]) -> tuple[Emb
     return bench_minilm.tvm_embed(qgraph, check, batch), batch
 
 
-def run_search(directory: Path, max_drop: str, calib: Path | None) -> float:
+def run_search(directory: Path, max_drop: str, calib: Path | None, smooth: str) -> float:
     """`lowbit search zoo:minilm_l6 --max-drop X -o DIR` as a user runs it; its wall seconds."""
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from lowbit.cli.main import main; main()", "search", "zoo:minilm_l6",
-                    "--max-drop", max_drop, "-o", str(directory), "--force",
+                    "--max-drop", max_drop, "--smooth", smooth, "-o", str(directory), "--force",
                     *(["--calib", str(calib)] if calib else [])], check=True)
     return time.perf_counter() - start
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-drop", default="1%")
     parser.add_argument("--calib", type=Path, help="the calibration sentences the search was given (--calib); "
                                                    "default: the zoo's")
+    parser.add_argument("--smooth", default="default", help="the search's --smooth (default: auto, as quantize)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument("--threads", type=int, default=2)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     directory = args.search_dir or Path(tempfile.mkdtemp(prefix="bench_search_minilm.")) / "search"
     if args.search_dir is None:
         log(f"running lowbit search zoo:minilm_l6 --max-drop {args.max_drop} -o {directory}")
-        run_search(directory, args.max_drop, args.calib)
+        run_search(directory, args.max_drop, args.calib, args.smooth)
     if args.search_only:
         frontier = json.loads((directory / "frontier.json").read_text())
         lines = search_only_lines(frontier, argv, args)
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     prepared = prepare(Source("zoo:minilm_l6", args.calib), Progress(write=lambda _: None))
+    float_graph = prepared.graph
+    # the plans are quantized from the graph the search measured them on: smoothed as quantize smooths it
+    prepared, _ = smooth_prepared(prepared, args.smooth, Progress(write=lambda _: None))
     graph, calib = prepared.graph, prepared.calib.data
     ids, mask = prepared.heldout.arrays["input_ids"], prepared.heldout.arrays["attention_mask"]
     stats = calibrate(graph, calib)
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     plans = {"uniform INT8 (residual stream int16)": uniform,
              "all-16-bit (every activation that may be 16-bit)": BitPlan(uniform.bits, dict.fromkeys(wide, 16))}
     with torch.inference_mode():
-        fp32 = np.concatenate([run_graph(graph, {"input_ids": torch.from_numpy(ids[i:i + 32]),
+        fp32 = np.concatenate([run_graph(float_graph, {"input_ids": torch.from_numpy(ids[i:i + 32]),
                                                  "attention_mask": torch.from_numpy(mask[i:i + 32])})[
                                    graph.outputs[0]].numpy() for i in range(0, len(ids), 32)])
     check = {"input_ids": ids[:8], "attention_mask": mask[:8]}
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         log(f"waiting for the search to finish ({directory})")
         time.sleep(30)
     frontier = json.loads((directory / "frontier.json").read_text())
+    if frontier.get("smooth", "none") != prepared.smooth:  # searches before --smooth existed did not smooth
+        raise SystemExit(f"{directory}: searched with --smooth {frontier.get('smooth', 'none')}; give --smooth "
+                         "the same")
     if sorted(frontier["activation_choices"]) != sorted(wide):
         raise SystemExit(f"{directory}: the search chose among other tensors than {wide}")
     chosen = BitPlan.load(directory / "plan.json")
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
              f"threads; lowbit {lowbit_revision()}; batch {batch} (the batch lowbit captures a text encoder at, and "
              f"the search's latency table was timed at), seq {SEQ_LEN}",
              f"- The search: `lowbit search zoo:minilm_l6 --max-drop {args.max_drop}` with the text-model defaults "
-             "(8-bit weights; each activation tensor that may be 16-bit is an 8/16 choice; per-layer latency "
+             f"(SmoothQuant {prepared.smooth}, as quantize; "
+             "8-bit weights; each activation tensor that may be 16-bit is an 8/16 choice; per-layer latency "
              f"measured in TVM; bisection on latency), calibrated on {len(prepared.calib)} sentences "
              f"({prepared.calib.source})"
              + (f", {search_s / 60:.1f} min wall on this machine" if search_s else "") + ". It measured "
@@ -191,8 +199,9 @@ def search_only_lines(frontier: dict, argv: list[str] | None, args: argparse.Nam
              "search measured; whole models not built and timed here)",
              f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_info()[0]}; lowbit "
              f"{lowbit_revision()}; seq {SEQ_LEN}, batch {frontier['latency_table']['meta'].get('batch')}",
-             "- The search: `lowbit search zoo:minilm_l6 --max-drop 1%` with the text-model defaults (8-bit weights; "
-             f"each of the {len(frontier['activation_choices'])} activation tensors that may be 16-bit an 8/16 "
+             "- The search: `lowbit search zoo:minilm_l6 --max-drop 1%` with the text-model defaults (SmoothQuant "
+             f"{frontier.get('smooth', 'none')}; 8-bit weights; each of the {len(frontier['activation_choices'])} "
+             "activation tensors that may be 16-bit an 8/16 "
              "choice; per-layer latency measured in TVM; bisection on latency)"
              + (f", {search_s / 60:.1f} min wall" if search_s else "")
              + f"; fidelity on {frontier['heldout']['samples']} held-out sentences, fake-quant executor: mean "

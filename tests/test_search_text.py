@@ -161,6 +161,11 @@ def test_search_and_sensitivity_smooth_as_quantize_does(tiny_text: tuple[Path, P
     assert "SmoothQuant (alpha auto)" in result.output
     assert json.loads((tmp_path / "s" / "frontier.json").read_text())["smooth"] == "auto"
     assert json.loads((tmp_path / "s" / "sensitivity" / "sensitivity.json").read_text())["smooth"] == "auto"
+    assert json.loads((tmp_path / "s" / "plan.json").read_text())["smooth"] == "auto"
+    result = CliRunner().invoke(lowbit, ["quantize", str(model), *data, "--plan", str(tmp_path / "s" / "plan.json"),
+                                         "--smooth", "none", "--target", "none", "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert "was searched with --smooth auto, this model is smoothed with none" in result.output
 
 
 def test_layers_of_one_signature_share_one_timed_kernel(prepared: Prepared) -> None:

@@ -11,6 +11,7 @@ it raises LowbitError naming the first difference, and leaves nothing behind, un
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 from dataclasses import dataclass, replace
@@ -118,6 +119,10 @@ def quantize(model: str | Path, calib: Data | None = None, config: QuantConfig |
             raise LowbitError(f"{plan_file or 'plan'}: {e}") from None
     prepared, smoothing = smooth_prepared(prepared, config.smooth, progress)
     config = replace(config, smooth=prepared.smooth)  # the report names what ran
+    searched_with = json.loads(plan_file.read_text()).get("smooth") if plan_file else None  # read by BitPlan.load
+    if searched_with is not None and searched_with != prepared.smooth:
+        progress.echo("plan", f"warning: {plan_file} was searched with --smooth {searched_with}, this model is "
+                              f"smoothed with {prepared.smooth}: its measured fidelity does not apply here")
     graph, calib = prepared.graph, prepared.calib.data  # one array, or a text model's arrays by input name
     found = None
     if max_drop is not None:

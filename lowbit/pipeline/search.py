@@ -99,7 +99,6 @@ def search(source: Source, o: SearchOptions, output: Path, force: bool = False,
     _check_options(o)
     prepared, _ = smooth_prepared(prepare(source, progress), smooth, progress)
     result = run_search(prepared, o, progress)
-    result.summary["smooth"] = prepared.smooth
     result.summary["seconds"] = progress.elapsed()
     with atomic_directory(output, force) as tmp:
         write_search(tmp, result)
@@ -245,7 +244,7 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
     frontier = [{**p.to_json(), "chosen": p.plan == chosen.plan,
                  "drop_vs_baseline": evaluator.drop(baseline.plan, p.plan)} for p in unique.values()]
     activation_costs = wide_activation_costs(chosen.plan, sens, costs)
-    summary = {"model": graph.name, "bits": list(bits), "metric": metric, "budgets": budgets,
+    summary = {"model": graph.name, "smooth": prepared.smooth, "bits": list(bits), "metric": metric, "budgets": budgets,
                "fidelity": fidelity.key, "baseline_plan": highest,
                "budgets_of": f"uniform {max(bits)}-bit" + (", activations 16-bit where they may be" if widest else ""),
                "heldout": reports.data_summary(prepared.heldout),
@@ -260,7 +259,8 @@ def write_search(directory: Path, result: SearchResult) -> None:
     """plan.json, frontier.json/.png, report.md (and the sensitivity, if measured) into `directory`."""
     summary, chosen = result.summary, result.chosen
     chosen.plan.save(directory / "plan.json", model=summary["model"], budgets=summary["budgets"],
-                     max_drop=summary["max_drop"], predicted_loss=chosen.predicted_loss, measured=chosen.measured,
+                     smooth=summary["smooth"], max_drop=summary["max_drop"], predicted_loss=chosen.predicted_loss,
+                     measured=chosen.measured,
                      costs=chosen.costs, activation_costs=result.activation_costs)
     write_json(directory / "frontier.json", {**summary, "points": result.frontier})
     metric = summary["metric"]
