@@ -144,18 +144,24 @@ def test_search_a_text_model_within_the_cosine_band(outlier_text: tuple[Path, Pa
 
 def test_search_and_sensitivity_smooth_as_quantize_does(tiny_text: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """A text model's search measures its plans on the SmoothQuant-smoothed graph, as `quantize --plan` builds it
-    (--smooth default: auto for a transformer), and refuses a sensitivity measured with another --smooth."""
+    (--smooth default: auto for a transformer), and refuses a sensitivity measured with another --smooth or at
+    another sequence length."""
     model, calib, heldout = tiny_text
-    data = ["--calib", str(calib), "--eval", str(heldout)]  # `lowbit sensitivity` has no --seq-len: the default
+    data = ["--calib", str(calib), "--eval", str(heldout), "--seq-len", str(SEQ_LEN)]
     sens = tmp_path / "sens"
     result = CliRunner().invoke(lowbit, ["sensitivity", str(model), *data, "--samples", "4", "--check-configs", "0",
                                          "--max-trace-seconds", "1", "--smooth", "none", "-o", str(sens)])
     assert result.exit_code == 0, result.output
     assert json.loads((sens / "sensitivity.json").read_text())["smooth"] == "none"
+    assert json.loads((sens / "sensitivity.json").read_text())["seq_len"] == SEQ_LEN
     search = ["search", str(model), *data, "--bops", "0.9x", "--frontier-points", "0"]
     result = CliRunner().invoke(lowbit, [*search, "--sensitivity", str(sens), "-o", str(tmp_path / "refused")])
     assert result.exit_code == 2 and "measured with --smooth none, but this search smooths with auto" in result.output
     assert not (tmp_path / "refused").exists()
+    at_another_length = [a if a != str(SEQ_LEN) else str(SEQ_LEN // 2) for a in search]
+    result = CliRunner().invoke(lowbit, [*at_another_length, "--smooth", "none", "--sensitivity", str(sens),
+                                         "-o", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and f"measured at sequence length {SEQ_LEN}, but this search runs at" in result.output
     result = CliRunner().invoke(lowbit, [*search, "-o", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     assert "SmoothQuant (alpha auto)" in result.output

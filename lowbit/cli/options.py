@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import LowbitError
+from ..runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -56,6 +57,13 @@ def smooth_option(extra: str = "") -> Callable[[F], F]:
     """--smooth, shared by `quantize`, `search` and `sensitivity`, so that a plan is searched on the graph that
     quantize builds; `extra` adds what one command does beyond that."""
     return click.option("--smooth", default="default", show_default=True, help=SMOOTH_HELP + extra)
+
+
+def seq_len_option(extra: str = "") -> Callable[[F], F]:
+    """--seq-len, shared by `quantize`, `search` and `sensitivity`; `extra` adds what one command does with it."""
+    return click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
+                         help=f"Text models: the sequence length (default {DEFAULT_SEQ_LEN}, or the model's maximum "
+                              f"if smaller).{extra}")
 
 
 def rpc_options(fn: Callable[..., Any]) -> Callable[..., Any]:

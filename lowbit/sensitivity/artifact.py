@@ -67,6 +67,7 @@ class Sensitivity:
     # Measured vs predicted loss on random plans (see `analyze.check_predictions`).
     check: dict[str, Any] = field(default_factory=dict)
     smooth: str = "none"  # the SmoothQuant setting of the graph it was measured on (older artifacts: none)
+    seq_len: int | None = None  # a text model's sequence length (None: not a text model, or an older artifact)
 
     def layer(self, name: str) -> LayerSensitivity:
         return next(layer for layer in self.layers if layer.name == name)

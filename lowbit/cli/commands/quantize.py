@@ -20,8 +20,15 @@ from ...pipeline.quantize import quantize
 from ...quantizer.config import CALIB_METHODS, ROUNDINGS, QuantConfig
 from ...quantizer.vq import VQ_PRESETS
 from ...quantizer.weight_only import WeightOnlyConfig
-from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
-from ..options import fraction, rpc_options, rpc_target, smooth_option, tuning_options, user_errors
+from ..options import (
+    fraction,
+    rpc_options,
+    rpc_target,
+    seq_len_option,
+    smooth_option,
+    tuning_options,
+    user_errors,
+)
 
 # Option defaults follow the quantizer's own, so the CLI never silently overrides them.
 DEFAULTS = QuantConfig()
@@ -44,10 +51,8 @@ DECODER_IGNORES = ("eval_path", "seq_len", "factory", "bits", "max_drop", "calib
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
               help="Held-out data for the report (same formats). Default: the zoo's held-out set, "
                    "else the last 20% of the calibration data.")
-@click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
-              help=f"Text models: the sequence length, static per artifact (inputs are [batch, SEQ_LEN]; longer "
-                   f"sentences are truncated with a warning). Default {DEFAULT_SEQ_LEN}, or the model's maximum if "
-                   "smaller.")
+@seq_len_option(" Static per artifact: inputs are [batch, SEQ_LEN], and longer sentences are truncated with a "
+                "warning.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the model for a state-dict MODEL (.safetensors/.pt).")
 @click.option("--bits", type=int, default=DEFAULTS.bits, show_default=True,

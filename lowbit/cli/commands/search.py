@@ -19,7 +19,6 @@ from ...pipeline.progress import Progress
 from ...pipeline.search import LATENCY_SOURCES, SearchOptions, search, text_model_defaults
 from ...quantizer.config import SUPPORTED_WEIGHT_BITS
 from ...quantizer.smooth import parse_smooth
-from ...runtime.tokenizer import DEFAULT_SEQ_LEN, MIN_SEQ_LEN
 from ...search.decoder_search import DECODER_BITS
 from ...search.ilp import DEFAULT_OBJECTIVE, OBJECTIVES
 from ..options import (
@@ -28,6 +27,7 @@ from ..options import (
     model_and_data_options,
     rpc_options,
     rpc_target,
+    seq_len_option,
     smooth_option,
     user_errors,
 )
@@ -61,9 +61,7 @@ DECODER_SEARCH_OPTIONS = ("model", "output", "calib", "force", "size_budget", "l
                    "--wide-activations, else size.")
 @click.option("--bits", "bit_set", help="Bit-widths a layer may take. Default 4,8; for a text model 8 (a 4-bit "
                                         "weight makes no GEMM faster on a CPU; its activations' width does).")
-@click.option("--seq-len", type=click.IntRange(min=MIN_SEQ_LEN),
-              help=f"Text models: the sequence length (default {DEFAULT_SEQ_LEN}, or the model's maximum if "
-                   "smaller).")
+@seq_len_option(" `--sensitivity` must have been measured at the same length.")
 @click.option("--sensitivity", "sensitivity_dir", type=click.Path(path_type=Path),
               help="Reuse a `lowbit sensitivity` output instead of measuring again.")
 @click.option("--objective", type=click.Choice(list(OBJECTIVES)), default=DEFAULT_OBJECTIVE, show_default=True,

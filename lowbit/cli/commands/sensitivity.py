@@ -13,7 +13,7 @@ from ...pipeline.progress import Progress
 from ...pipeline.sensitivity import measure_sensitivity
 from ...quantizer.smooth import parse_smooth
 from ...sensitivity.analyze import SensitivityConfig
-from ..options import bit_list, model_and_data_options, smooth_option, user_errors
+from ..options import bit_list, model_and_data_options, seq_len_option, smooth_option, user_errors
 
 
 def _sensitivity_config(samples: int, head_classes: int, tolerance: float, max_trace_seconds: float, bits: str,
@@ -43,14 +43,15 @@ def _sensitivity_config(samples: int, head_classes: int, tolerance: float, max_t
               help="Random plans on which predicted and measured loss increases are compared (0: skip).")
 @smooth_option(" Measured on the smoothed graph, as quantize builds it; `lowbit search --sensitivity` refuses "
                "one measured with another --smooth.")
+@seq_len_option(" `lowbit search --sensitivity` refuses one measured at another length.")
 @user_errors
 def sensitivity_command(model: str, output: Path, calib: Path | None, eval_path: Path | None, factory: str | None,
                         seed: int, force: bool, labels: Path | None, samples: int, bits: str, pair_bits: str,
                         head_classes: int, tolerance: float, max_trace_seconds: float, check_configs: int,
-                        smooth: str) -> None:
+                        smooth: str, seq_len: int | None) -> None:
     """Measure how sensitive each layer of MODEL is to quantization (Hessian traces and inter-layer terms)."""
     config = _sensitivity_config(samples, head_classes, tolerance, max_trace_seconds, bits, pair_bits, seed)
     parse_smooth(smooth)
     check_output_dir(output, force)  # fail before the slow part, not after it
-    measure_sensitivity(Source(model, calib, eval_path, factory, seed), config, labels, check_configs, output, force,
-                        Progress(), smooth)
+    measure_sensitivity(Source(model, calib, eval_path, factory, seed, seq_len), config, labels, check_configs,
+                        output, force, Progress(), smooth)
