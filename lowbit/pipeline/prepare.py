@@ -66,6 +66,11 @@ class Prepared:
     text: TextModel | None = None  # a text model's tokenizer and sequence length, which its artifact carries
     smooth: str = "none"  # the SmoothQuant setting `graph` was smoothed with (`smooth_prepared`)
 
+    @property
+    def seq_len(self) -> int | None:
+        """A text model's static sequence length; None for other models."""
+        return self.text.seq_len if self.text else None
+
 
 def smooth_prepared(prepared: Prepared, setting: str, progress: Progress) -> tuple[Prepared, SmoothReport | None]:
     """SmoothQuant on the prepared graph, as `setting` (--smooth: none, auto, an alpha, or default, resolved

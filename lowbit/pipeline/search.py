@@ -151,10 +151,10 @@ def run_search(prepared: Prepared, o: SearchOptions, progress: Progress,
         raise LowbitError(f"{sensitivity_dir}: measured with --smooth {sens.smooth}, but this search smooths with "
                           f"{prepared.smooth}; pass --smooth {sens.smooth}, or measure the sensitivity again with "
                           f"--smooth {prepared.smooth}")
-    seq_len = prepared.text.seq_len if prepared.text else None
-    if sens is not None and sens.seq_len is not None and sens.seq_len != seq_len:
+    if sens is not None and sens.seq_len is not None and sens.seq_len != prepared.seq_len:
         raise LowbitError(f"{sensitivity_dir}: measured at sequence length {sens.seq_len}, but this search runs at "
-                          f"{seq_len}; pass --seq-len {sens.seq_len}, or measure the sensitivity again at {seq_len}")
+                          f"{prepared.seq_len}; pass --seq-len {sens.seq_len}, or measure the sensitivity again at "
+                          f"{prepared.seq_len}")
     with progress.stage("calibrate"), progress.steps_of("calibrate") as log:
         stats = calibrate(graph, prepared.calib.data, log)
     evaluator = s.PlanEvaluator(graph, prepared.calib.data, prepared.heldout.data, config, stats,

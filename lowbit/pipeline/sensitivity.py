@@ -58,7 +58,7 @@ def run_sensitivity(prepared: Prepared, stats: dict, config: SensitivityConfig, 
     narrow, wide = activation_grids(prepared.graph, x, stats, quant or QuantConfig())
     with progress.stage("sensitivity"), progress.steps_of("sensitivity") as log:
         sens = compute_sensitivity(prepared.graph, x, narrow, config, labels, log, wide_quantizers=wide)
-    sens.smooth, sens.seq_len = prepared.smooth, prepared.text.seq_len if prepared.text else None
+    sens.smooth, sens.seq_len = prepared.smooth, prepared.seq_len
     widest = max(layer.trace_half_width / layer.trace for layer in sens.layers if layer.trace > 0)
     progress.echo("sensitivity", f"{len(sens.layers)} layers, {sens.trace_draws} Hutchinson draws (widest 95% "
                                  f"interval ±{100 * widest:.1f}%), {len(sens.keys)} exact quadratic terms "
